@@ -1,0 +1,194 @@
+//! The broker's configuration file (`serve --config FILE`), read and validated
+//! before anything starts.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::vault::{VaultAuth, VaultSettings};
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {detail}")]
+pub struct ConfigError {
+    /// The file.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub detail: String,
+}
+
+/// The validated broker configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address the gRPC server listens on (used by `main`; tests pass their own listener).
+    pub listen: SocketAddr,
+    /// PEM certificate chain served to clients.
+    pub tls_cert: PathBuf,
+    /// PEM private key of the serving certificate.
+    pub tls_key: PathBuf,
+    /// Required token issuer.
+    pub issuer: String,
+    /// The broker's audience: tokens must be minted for it.
+    pub audience: String,
+    /// JWKS with the cluster's service-account signing keys.
+    pub jwks_file: PathBuf,
+    /// Clock skew tolerated on token times.
+    pub leeway: Duration,
+    /// The access policy file.
+    pub policy_file: PathBuf,
+    /// Vault connection.
+    pub vault: VaultSettings,
+    /// How often a watched KV secret's version is checked.
+    pub kv_poll_interval: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct File {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    tls: TlsFile,
+    identity: IdentityFile,
+    policy_file: PathBuf,
+    vault: VaultFile,
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    shutdown_grace: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IdentityFile {
+    issuer: String,
+    audience: String,
+    jwks_file: PathBuf,
+    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    leeway: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VaultFile {
+    address: String,
+    ca_cert_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    app_role: Option<AppRoleFile>,
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    #[serde(default = "default_poll", deserialize_with = "duration")]
+    kv_poll_interval: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AppRoleFile {
+    #[serde(default = "default_approle_mount")]
+    mount: String,
+    role_id: String,
+    secret_id_file: PathBuf,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_approle_mount() -> String {
+    "approle".to_owned()
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!("`{text}` is not a duration like 30s or 5m: {e}"))
+    })
+}
+
+impl Config {
+    /// Reads and validates a configuration file. Relative paths in it are
+    /// resolved against the file's directory.
+    ///
+    /// # Errors
+    /// When the file cannot be read, does not parse, or is inconsistent.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let error = |detail: String| ConfigError {
+            path: path.display().to_string(),
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        let file: File = serde_saphyr::from_str(&text).map_err(|e| error(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        let auth = match (file.vault.token_file, file.vault.app_role) {
+            (Some(token_file), None) => VaultAuth::TokenFile(resolve(token_file)),
+            (None, Some(role)) => VaultAuth::AppRole {
+                mount: role.mount,
+                role_id: role.role_id,
+                secret_id_file: resolve(role.secret_id_file),
+            },
+            _ => {
+                return Err(error(
+                    "vault: set exactly one of `tokenFile` or `appRole`".to_owned(),
+                ));
+            }
+        };
+        if !file.vault.address.starts_with("http://") && !file.vault.address.starts_with("https://")
+        {
+            return Err(error(format!(
+                "vault.address `{}` must start with http:// or https://",
+                file.vault.address
+            )));
+        }
+        if file.identity.issuer.is_empty() || file.identity.audience.is_empty() {
+            return Err(error(
+                "identity: `issuer` and `audience` must not be empty".to_owned(),
+            ));
+        }
+        if file.vault.kv_poll_interval < Duration::from_millis(100) {
+            return Err(error(
+                "vault.kvPollInterval must be at least 100ms".to_owned(),
+            ));
+        }
+        Ok(Self {
+            listen: file.listen,
+            tls_cert: resolve(file.tls.cert_file),
+            tls_key: resolve(file.tls.key_file),
+            issuer: file.identity.issuer,
+            audience: file.identity.audience,
+            jwks_file: resolve(file.identity.jwks_file),
+            leeway: file.identity.leeway,
+            policy_file: resolve(file.policy_file),
+            vault: VaultSettings {
+                address: file.vault.address,
+                ca_cert: file.vault.ca_cert_file.map(resolve),
+                auth,
+                timeout: file.vault.timeout,
+            },
+            kv_poll_interval: file.vault.kv_poll_interval,
+            shutdown_grace: file.shutdown_grace,
+        })
+    }
+}

@@ -1,0 +1,65 @@
+//! The broker's request errors and the gRPC status each one becomes.
+
+use tonic::{Code, Status};
+
+use crate::{identity::TokenError, vault::VaultError};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable `authorization: Bearer` metadata.
+    #[error("{0}")]
+    MissingToken(&'static str),
+    /// The token did not verify.
+    #[error("service-account token rejected: {0}")]
+    Token(#[from] TokenError),
+    /// The policy does not grant the binding to the caller (or it does not exist).
+    #[error("binding `{binding}` is not granted to {namespace}/{service_account}")]
+    Denied {
+        /// The binding asked for.
+        binding: String,
+        /// Caller's namespace.
+        namespace: String,
+        /// Caller's service account.
+        service_account: String,
+    },
+    /// The request itself is malformed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Vault failed for a binding.
+    #[error("binding `{binding}`: {source}")]
+    Vault {
+        /// The binding being served.
+        binding: String,
+        /// What Vault said.
+        source: VaultError,
+    },
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = match &error {
+            Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
+            Error::Denied { .. } => Code::PermissionDenied,
+            Error::InvalidRequest(_) => Code::InvalidArgument,
+            Error::Vault { source, .. } => match source {
+                VaultError::Unavailable(_) | VaultError::Login(_) => Code::Unavailable,
+                VaultError::Denied(_) | VaultError::NotFound(_) | VaultError::Unexpected { .. } => {
+                    Code::FailedPrecondition
+                }
+            },
+        };
+        let message = match &error {
+            // The client learns Vault is down, not Vault's internal detail;
+            // the broker logs the detail.
+            Error::Vault { binding, source } => match code {
+                Code::Unavailable => {
+                    format!("binding `{binding}`: Vault is unavailable, retry with backoff")
+                }
+                _ => format!("binding `{binding}`: broker cannot read its source: {source}"),
+            },
+            other => other.to_string(),
+        };
+        Status::new(code, message)
+    }
+}

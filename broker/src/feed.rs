@@ -1,0 +1,104 @@
+//! Change feeds: one poller per KV v2 secret, shared by every `Watch` stream
+//! that needs it, so a thousand watching pods cost Vault one metadata read per
+//! interval instead of a thousand.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    policy::Kv2Source,
+    vault::{KvSecret, Vault},
+};
+
+/// The latest version a feed has seen.
+pub type Latest = Option<Arc<KvSecret>>;
+
+/// Starts and shares one poller per source; a poller stops when its last
+/// subscriber is gone.
+pub struct Feeds {
+    vault: Arc<Vault>,
+    interval: Duration,
+    shutdown: CancellationToken,
+    senders: Arc<Mutex<HashMap<Kv2Source, watch::Sender<Latest>>>>,
+}
+
+impl Feeds {
+    /// Feeds that poll Vault every `interval` until `shutdown`.
+    pub fn new(vault: Arc<Vault>, interval: Duration, shutdown: CancellationToken) -> Self {
+        Self {
+            vault,
+            interval,
+            shutdown,
+            senders: Arc::default(),
+        }
+    }
+
+    /// Subscribes to changes of `source`. The receiver's value starts as
+    /// `None` until the poller's first successful read.
+    pub fn subscribe(&self, source: &Kv2Source) -> watch::Receiver<Latest> {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = senders.get(source) {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = watch::channel(None);
+        senders.insert(source.clone(), sender.clone());
+        tokio::spawn(poll(
+            self.vault.clone(),
+            source.clone(),
+            sender,
+            self.interval,
+            self.shutdown.clone(),
+            self.senders.clone(),
+        ));
+        receiver
+    }
+}
+
+async fn poll(
+    vault: Arc<Vault>,
+    source: Kv2Source,
+    sender: watch::Sender<Latest>,
+    interval: Duration,
+    shutdown: CancellationToken,
+    senders: Arc<Mutex<HashMap<Kv2Source, watch::Sender<Latest>>>>,
+) {
+    let mut known: Option<u64> = None;
+    loop {
+        // Stop when nobody listens; decided under the lock that subscribe takes,
+        // so a new subscriber either finds this sender or starts a new poller.
+        {
+            let mut map = senders.lock().unwrap_or_else(|p| p.into_inner());
+            if sender.receiver_count() == 0 || shutdown.is_cancelled() {
+                map.remove(&source);
+                return;
+            }
+        }
+        match vault.kv2_version(&source).await {
+            Ok(version) if known != Some(version) => match vault.read_kv2(&source).await {
+                Ok(secret) => {
+                    tracing::debug!(mount = %source.mount, path = %source.path, version = secret.version, "KV secret changed");
+                    known = Some(secret.version);
+                    sender.send_replace(Some(Arc::new(secret)));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading a changed KV secret failed; will retry")
+                }
+            },
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "polling a KV secret's version failed; will retry")
+            }
+        }
+        let jitter = interval.mul_f64(fastrand::f64() * 0.1);
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(interval + jitter) => {}
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Tessera broker: verifies a pod's projected service-account token, looks the
+//! identity up in the access policy (deny by default) and serves the granted
+//! credentials from Vault over gRPC (`tessera.v1.Broker`), with TLS 1.3.
+//!
+//! [`run`] serves on a listener it is given until a cancellation token fires,
+//! so tests start a real broker in-process or as a process alike.
+
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod feed;
+pub mod identity;
+pub mod policy;
+pub mod secret;
+pub mod service;
+pub mod tls;
+pub mod vault;
+
+use std::sync::Arc;
+
+use tessera_proto::v1::broker_server::BrokerServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    feed::Feeds,
+    identity::{Expectations, JwksFile, Verifier},
+    policy::Policy,
+    service::BrokerService,
+    vault::Vault,
+};
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The JWKS could not be loaded.
+    #[error(transparent)]
+    Jwks(#[from] identity::JwksError),
+    /// The policy could not be loaded.
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    /// The serving certificate could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The Vault client could not be built.
+    #[error(transparent)]
+    Vault(#[from] vault::VaultError),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Everything `serve` needs, loaded and checked before a port is opened.
+pub struct Prepared {
+    config: Config,
+    tls: Arc<rustls::ServerConfig>,
+    service: BrokerService,
+}
+
+/// Loads the JWKS, policy, TLS identity and Vault client named by `config`.
+/// The ring rustls provider must be installed as the process default first.
+///
+/// # Errors
+/// A [`StartError`] naming the file or setting at fault.
+pub fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared, StartError> {
+    let jwks = JwksFile::load(&config.jwks_file)?;
+    let verifier = Verifier::new(
+        jwks,
+        Expectations {
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            leeway: config.leeway,
+        },
+    );
+    let policy = Policy::load(&config.policy_file)?;
+    tracing::info!(bindings = policy.bindings.len(), path = %config.policy_file.display(), "policy loaded");
+    let tls = tls::server_config(&config.tls_cert, &config.tls_key)?;
+    let vault = Arc::new(Vault::new(config.vault.clone())?);
+    let feeds = Arc::new(Feeds::new(
+        vault.clone(),
+        config.kv_poll_interval,
+        shutdown.clone(),
+    ));
+    let service = BrokerService::new(
+        Arc::new(verifier),
+        Arc::new(policy),
+        vault,
+        feeds,
+        shutdown.clone(),
+    );
+    Ok(Prepared {
+        config,
+        tls,
+        service,
+    })
+}
+
+/// Serves gRPC (Broker, health, reflection) on `listener` until `shutdown`.
+///
+/// # Errors
+/// When the server fails.
+pub async fn run(
+    prepared: Prepared,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BrokerServer<BrokerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            tracing::error!(error = %e, "reflection descriptor is invalid");
+            e
+        })
+        .ok();
+    tracing::info!(
+        address = %listener.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()),
+        audience = %prepared.config.audience,
+        "broker listening (TLS 1.3)"
+    );
+    let incoming = tls::incoming(listener, prepared.tls, shutdown.clone());
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_optional_service(reflection)
+        .add_service(BrokerServer::new(prepared.service))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// Installs ring as the process-wide rustls provider (idempotent). Call it
+/// before building any TLS client or server, including the Vault client.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

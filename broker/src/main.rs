@@ -1,0 +1,215 @@
+//! `tessera-broker`: the credential broker's command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tessera_broker::{config::Config, dev};
+use tokio_util::sync::CancellationToken;
+
+/// EX_USAGE: invalid configuration or arguments.
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "tessera-broker", version, about = "Tessera credential broker")]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API.
+    Serve {
+        /// Configuration file (YAML).
+        #[arg(long, env = "TESSERA_CONFIG")]
+        config: PathBuf,
+        /// Listen address, overriding the file's `listen`.
+        #[arg(long, env = "TESSERA_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// DEVELOPMENT ONLY: keys, certificates and tokens for a local demo.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Create a token signing key, its JWKS, and a CA + serving certificate.
+    Init {
+        /// Directory to write into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names and IPs for the serving certificate.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
+        hosts: Vec<String>,
+    },
+    /// Mint a token shaped like a projected service-account token.
+    Token {
+        /// Signing key written by `dev init`.
+        #[arg(long)]
+        key: PathBuf,
+        /// `kubernetes.io.namespace`.
+        #[arg(long)]
+        namespace: String,
+        /// `kubernetes.io.serviceaccount.name`.
+        #[arg(long)]
+        service_account: String,
+        /// Pod name (default `<service-account>-0`).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Node name.
+        #[arg(long, default_value = "dev-node")]
+        node: String,
+        /// Lifetime, e.g. `10m`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// `iss`.
+        #[arg(long, default_value = dev::DEFAULT_ISSUER)]
+        issuer: String,
+        /// `aud`.
+        #[arg(long, default_value = dev::DEFAULT_AUDIENCE)]
+        audience: String,
+        /// Write the token to this file (mode 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    tessera_broker::install_crypto_provider();
+    let result = match cli.command {
+        Command::Serve { config, listen } => serve(&config, listen),
+        Command::Dev(command) => run_dev(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
+    let mut config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!("{error}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let grace = config.shutdown_grace;
+        let listen = config.listen;
+        let prepared = match tessera_broker::prepare(config, &shutdown) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                tracing::error!("{error}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let server = tokio::spawn(tessera_broker::run(prepared, listener, shutdown.clone()));
+        wait_for_signal().await;
+        tracing::info!(grace = ?grace, "shutting down");
+        shutdown.cancel();
+        match tokio::time::timeout(grace, server).await {
+            Ok(Ok(Ok(()))) => Ok(ExitCode::SUCCESS),
+            Ok(Ok(Err(error))) => Err(error.into()),
+            Ok(Err(join)) => Err(anyhow::anyhow!("server task failed: {join}")),
+            Err(_) => {
+                tracing::warn!("grace period over; aborting open connections");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the broker");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn run_dev(command: DevCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DevCommand::Init { dir, hosts } => {
+            dev::init(&dir, &hosts)?;
+            eprintln!(
+                "DEVELOPMENT ONLY: wrote signing key, JWKS and TLS files to {}",
+                dir.display()
+            );
+        }
+        DevCommand::Token {
+            key,
+            namespace,
+            service_account,
+            pod,
+            node,
+            ttl,
+            issuer,
+            audience,
+            out,
+        } => {
+            let pem = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+            let signer = dev::SigningKey::from_pem(&pem)?;
+            let mut spec = dev::TokenSpec::new(&namespace, &service_account);
+            spec.pod = Some(pod.unwrap_or_else(|| format!("{service_account}-0")));
+            spec.node = Some(node);
+            spec.ttl = ttl;
+            spec.issuer = issuer;
+            spec.audience = audience;
+            let token = zeroize::Zeroizing::new(signer.mint(&spec));
+            match out {
+                Some(path) => dev::write_secret_file(&path, token.as_bytes())?,
+                None => println!("{}", token.as_str()),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

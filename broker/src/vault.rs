@@ -1,0 +1,353 @@
+//! Vault (or OpenBao) access: authentication that follows its token source, and
+//! KV v2 reads that keep the version metadata vaultrs' helpers drop.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::Mutex;
+use vaultrs::{
+    api::{self, kv2::requests::ReadSecretMetadataRequest, kv2::requests::ReadSecretRequest},
+    client::{VaultClient, VaultClientSettingsBuilder},
+    error::ClientError,
+};
+
+use crate::{policy::Kv2Source, secret::Secret};
+
+/// How the broker logs in to Vault.
+#[derive(Clone, Debug)]
+pub enum VaultAuth {
+    /// A token in a file, re-read whenever the file changes (e.g. written by a
+    /// Vault Agent or a rotated Kubernetes Secret).
+    TokenFile(PathBuf),
+    /// AppRole login; the token is renewed by logging in again at 2/3 of its TTL.
+    AppRole {
+        /// Auth mount, usually `approle`.
+        mount: String,
+        /// The role id (not secret).
+        role_id: String,
+        /// File holding the secret id.
+        secret_id_file: PathBuf,
+    },
+}
+
+/// Where and how to reach Vault.
+#[derive(Clone, Debug)]
+pub struct VaultSettings {
+    /// Base address, e.g. `https://vault.vault.svc:8200`.
+    pub address: String,
+    /// CA bundle for Vault's certificate; the system roots when absent.
+    pub ca_cert: Option<PathBuf>,
+    /// Login method.
+    pub auth: VaultAuth,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// Errors talking to Vault, sorted by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// Vault could not be reached or answered 5xx: retry later.
+    #[error("Vault is unavailable: {0}")]
+    Unavailable(String),
+    /// Vault refused the broker's token (403): the broker's Vault policy is missing access.
+    #[error("Vault denied the broker access to {0} (grant the broker's Vault policy read on it)")]
+    Denied(String),
+    /// The secret does not exist (404).
+    #[error("no secret at {0} in Vault")]
+    NotFound(String),
+    /// The broker's own Vault credentials could not be loaded or used.
+    #[error("Vault login failed: {0}")]
+    Login(String),
+    /// The answer was not what the API promises.
+    #[error("unexpected answer from Vault for {what}: {detail}")]
+    Unexpected {
+        /// The request.
+        what: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl VaultError {
+    fn from_client(what: &str, error: ClientError) -> Self {
+        match error {
+            ClientError::APIError { code: 403, .. } => Self::Denied(what.to_owned()),
+            ClientError::APIError { code: 404, .. } => Self::NotFound(what.to_owned()),
+            ClientError::APIError { code, errors } if code >= 500 || code == 429 => {
+                Self::Unavailable(format!("{what}: status {code}: {}", errors.join("; ")))
+            }
+            ClientError::RestClientError { .. } => {
+                Self::Unavailable(format!("{what}: {}", error_chain(&error)))
+            }
+            other => Self::Unexpected {
+                what: what.to_owned(),
+                detail: error_chain(&other),
+            },
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// One version of a KV v2 secret.
+#[derive(Debug)]
+pub struct KvSecret {
+    /// The KV version number.
+    pub version: u64,
+    /// When this version was written.
+    pub created: Option<SystemTime>,
+    /// Key to value. Strings are delivered as their bytes, other JSON values
+    /// as compact JSON.
+    pub fields: BTreeMap<String, Secret>,
+}
+
+struct Login {
+    /// Identifies the token source: the token file's (mtime, len), or the
+    /// AppRole login time.
+    stamp: Option<(SystemTime, u64)>,
+    renew_at: Option<Instant>,
+}
+
+/// A Vault client shared by all requests.
+pub struct Vault {
+    settings: VaultSettings,
+    client: RwLock<Arc<VaultClient>>,
+    login: Mutex<Login>,
+}
+
+impl Vault {
+    /// Builds the client; the first request logs in.
+    ///
+    /// The process-wide rustls provider must be installed first (vaultrs is
+    /// built without one so that only ring is linked).
+    ///
+    /// # Errors
+    /// When the address or CA bundle is unusable.
+    pub fn new(settings: VaultSettings) -> Result<Self, VaultError> {
+        let client = Self::client(&settings, &Secret::default())?;
+        Ok(Self {
+            settings,
+            client: RwLock::new(Arc::new(client)),
+            login: Mutex::new(Login {
+                stamp: None,
+                renew_at: None,
+            }),
+        })
+    }
+
+    fn client(settings: &VaultSettings, token: &Secret) -> Result<VaultClient, VaultError> {
+        let mut builder = VaultClientSettingsBuilder::default();
+        builder
+            .address(&settings.address)
+            .token(token.expose_str().unwrap_or_default())
+            .timeout(Some(settings.timeout))
+            .verify(true)
+            .ca_certs(
+                settings
+                    .ca_cert
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+            );
+        // Never format the settings: their Debug prints the token.
+        let built = builder.build().map_err(|e| {
+            VaultError::Login(format!(
+                "invalid Vault settings (address `{}`): {e}",
+                settings.address
+            ))
+        })?;
+        VaultClient::new(built).map_err(|e| VaultError::Login(error_chain(&e)))
+    }
+
+    /// Makes sure the client holds a current token, then returns it.
+    async fn authed(&self) -> Result<Arc<VaultClient>, VaultError> {
+        let mut login = self.login.lock().await;
+        match &self.settings.auth {
+            VaultAuth::TokenFile(path) => {
+                let meta = std::fs::metadata(path).map_err(|e| {
+                    VaultError::Login(format!("cannot read token file {}: {e}", path.display()))
+                })?;
+                let stamp = (
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    meta.len(),
+                );
+                if login.stamp != Some(stamp) {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        VaultError::Login(format!("cannot read token file {}: {e}", path.display()))
+                    })?;
+                    let token = Secret::from(text.trim().to_owned());
+                    drop(zeroize::Zeroizing::new(text));
+                    if token.is_empty() {
+                        return Err(VaultError::Login(format!(
+                            "token file {} is empty",
+                            path.display()
+                        )));
+                    }
+                    self.swap_client(&token)?;
+                    login.stamp = Some(stamp);
+                    tracing::info!(path = %path.display(), "loaded Vault token from file");
+                }
+            }
+            VaultAuth::AppRole {
+                mount,
+                role_id,
+                secret_id_file,
+            } => {
+                if login.renew_at.is_none_or(|at| Instant::now() >= at) {
+                    let secret_id = std::fs::read_to_string(secret_id_file).map_err(|e| {
+                        VaultError::Login(format!(
+                            "cannot read AppRole secret id file {}: {e}",
+                            secret_id_file.display()
+                        ))
+                    })?;
+                    let secret_id = zeroize::Zeroizing::new(secret_id);
+                    let anonymous = Self::client(&self.settings, &Secret::default())?;
+                    let auth =
+                        vaultrs::auth::approle::login(&anonymous, mount, role_id, secret_id.trim())
+                            .await
+                            .map_err(|e| match VaultError::from_client("AppRole login", e) {
+                                unavailable @ VaultError::Unavailable(_) => unavailable,
+                                other => VaultError::Login(other.to_string()),
+                            })?;
+                    let token = Secret::from(auth.client_token);
+                    self.swap_client(&token)?;
+                    let ttl = Duration::from_secs(auth.lease_duration.max(3));
+                    login.renew_at = Some(Instant::now() + ttl * 2 / 3);
+                    tracing::info!(mount, ttl = ?ttl, "logged in to Vault with AppRole");
+                }
+            }
+        }
+        Ok(self
+            .client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+    }
+
+    fn swap_client(&self, token: &Secret) -> Result<(), VaultError> {
+        let client = Arc::new(Self::client(&self.settings, token)?);
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+        Ok(())
+    }
+
+    /// Forgets the login so the next request logs in again (after a 403).
+    async fn invalidate(&self) {
+        let mut login = self.login.lock().await;
+        login.stamp = None;
+        login.renew_at = None;
+    }
+
+    /// Reads the current version of a KV v2 secret, keeping only `keys` when
+    /// the source names them.
+    ///
+    /// # Errors
+    /// A [`VaultError`]; a key named by the source but missing from the secret
+    /// is [`VaultError::Unexpected`].
+    pub async fn read_kv2(&self, source: &Kv2Source) -> Result<KvSecret, VaultError> {
+        let what = format!("{}/data/{}", source.mount, source.path);
+        let endpoint = ReadSecretRequest::builder()
+            .mount(&source.mount)
+            .path(&source.path)
+            .build()
+            .map_err(|e| VaultError::Unexpected {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+        let client = self.authed().await?;
+        let response = match api::exec_with_result(client.as_ref(), endpoint).await {
+            Ok(response) => response,
+            Err(e) => {
+                let error = VaultError::from_client(&what, e);
+                if matches!(error, VaultError::Denied(_)) {
+                    self.invalidate().await;
+                }
+                return Err(error);
+            }
+        };
+        let serde_json::Value::Object(data) = response.data else {
+            return Err(VaultError::Unexpected {
+                what,
+                detail: "`data` is not an object (is this a KV version 2 mount?)".to_owned(),
+            });
+        };
+        let mut fields = BTreeMap::new();
+        for (key, value) in data {
+            if source
+                .keys
+                .as_ref()
+                .is_some_and(|keys| !keys.contains(&key))
+            {
+                continue;
+            }
+            let bytes = match value {
+                serde_json::Value::String(s) => s.into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            fields.insert(key, Secret::new(bytes));
+        }
+        if let Some(missing) = source
+            .keys
+            .iter()
+            .flatten()
+            .find(|k| !fields.contains_key(*k))
+        {
+            return Err(VaultError::Unexpected {
+                what,
+                detail: format!("key `{missing}` is not in the secret (fix the binding's keys)"),
+            });
+        }
+        Ok(KvSecret {
+            version: response.metadata.version,
+            created: humantime::parse_rfc3339_weak(
+                response
+                    .metadata
+                    .created_time
+                    .split('.')
+                    .next()
+                    .unwrap_or_default(),
+            )
+            .ok(),
+            fields,
+        })
+    }
+
+    /// The current version number of a KV v2 secret (a metadata read, no values).
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn kv2_version(&self, source: &Kv2Source) -> Result<u64, VaultError> {
+        let what = format!("{}/metadata/{}", source.mount, source.path);
+        let endpoint = ReadSecretMetadataRequest::builder()
+            .mount(&source.mount)
+            .path(&source.path)
+            .build()
+            .map_err(|e| VaultError::Unexpected {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+        let client = self.authed().await?;
+        match api::exec_with_result(client.as_ref(), endpoint).await {
+            Ok(meta) => Ok(meta.current_version),
+            Err(e) => {
+                let error = VaultError::from_client(&what, e);
+                if matches!(error, VaultError::Denied(_)) {
+                    self.invalidate().await;
+                }
+                Err(error)
+            }
+        }
+    }
+}

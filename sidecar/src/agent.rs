@@ -1,0 +1,197 @@
+//! The two modes: `once` (fetch, write, exit) and `run` (write, then follow
+//! `Watch`, reconnecting with capped, jittered backoff and keeping the files
+//! it has).
+
+use std::time::Duration;
+
+use tessera_proto::v1::{Credential, FetchRequest, WatchRequest};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use zeroize::Zeroizing;
+
+use crate::{
+    client::{BrokerTarget, ClientError},
+    writer::{Fields, WriteError, Writer},
+};
+
+/// Why a fetch or a watch ended.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The call could not be prepared (token, CA, address).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The broker answered with an error status or could not be reached.
+    #[error("broker: {}: {}", .0.code(), .0.message())]
+    Broker(#[from] tonic::Status),
+    /// The broker answered without a binding that was asked for.
+    #[error("broker's answer lacks binding `{0}`")]
+    Incomplete(String),
+    /// Writing the files failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl AgentError {
+    /// Whether retrying can help: not for denials or local mistakes.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AgentError::Broker(status) => !matches!(
+                status.code(),
+                Code::PermissionDenied | Code::InvalidArgument | Code::FailedPrecondition
+            ),
+            AgentError::Client(ClientError::Token { .. } | ClientError::BadToken(_)) => true,
+            AgentError::Client(_) | AgentError::Write(_) => false,
+            AgentError::Incomplete(_) => true,
+        }
+    }
+}
+
+/// What to fetch and where to write it.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The broker.
+    pub target: BrokerTarget,
+    /// Bindings to fetch.
+    pub bindings: Vec<String>,
+    /// The volume writer.
+    pub writer: Writer,
+}
+
+fn write_credential(writer: &Writer, credential: Credential) -> Result<(), AgentError> {
+    let fields: Fields = credential
+        .fields
+        .into_iter()
+        .map(|(name, value)| (name, Zeroizing::new(value)))
+        .collect();
+    if writer.write(&credential.binding, &fields)? {
+        tracing::info!(binding = %credential.binding, version = %credential.version, fields = fields.len(), "credential written");
+    }
+    Ok(())
+}
+
+/// Fetches every binding and writes them; all or nothing from the broker.
+///
+/// # Errors
+/// An [`AgentError`]; files already written stay.
+pub async fn once(job: &Job) -> Result<(), AgentError> {
+    let mut client = job.target.client()?;
+    let request = job.target.request(FetchRequest {
+        bindings: job.bindings.clone(),
+    })?;
+    let response = client.fetch(request).await?.into_inner();
+    for name in &job.bindings {
+        if !response.credentials.iter().any(|c| &c.binding == name) {
+            return Err(AgentError::Incomplete(name.clone()));
+        }
+    }
+    for credential in response.credentials {
+        write_credential(&job.writer, credential)?;
+    }
+    Ok(())
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starts at `base`, never waits longer than `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait: uniformly random in [0, min(max, base * 2^attempt)].
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(fastrand::f64())
+    }
+
+    /// Back to the first step, after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Follows `Watch` until `shutdown`, rewriting files on every change. Errors
+/// are logged and retried; the files on disk are never removed.
+///
+/// # Errors
+/// Only errors retrying cannot fix (denied, invalid request, unusable volume).
+pub async fn run(
+    job: &Job,
+    backoff_max: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), backoff_max);
+    loop {
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            result = watch_once(job, &mut backoff) => result,
+        };
+        let delay = match result {
+            Ok(()) => {
+                tracing::info!("watch stream ended; reconnecting");
+                backoff.next_delay()
+            }
+            Err(AgentError::Broker(status))
+                if status.code() == Code::Unauthenticated
+                    && status.message().contains("expired") =>
+            {
+                tracing::info!("token expired on the stream; reconnecting with the current token");
+                Duration::ZERO
+            }
+            Err(error) if error.is_retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "keeping current files; will retry");
+                delay
+            }
+            Err(error) => return Err(error),
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn watch_once(job: &Job, backoff: &mut Backoff) -> Result<(), AgentError> {
+    let mut client = job.target.client()?;
+    let request = job.target.request(WatchRequest {
+        bindings: job.bindings.clone(),
+    })?;
+    let mut stream = client.watch(request).await?.into_inner();
+    while let Some(message) = stream.message().await? {
+        if let Some(credential) = message.credential {
+            write_credential(&job.writer, credential)?;
+            backoff.reset();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for _ in 0..40 {
+            assert!(backoff.next_delay() <= Duration::from_secs(2));
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,149 @@
+//! Command-line arguments, parsed into a validated [`Settings`].
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{agent::Job, client::BrokerTarget, writer::Writer};
+
+/// `tessera-sidecar` arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tessera-sidecar",
+    version,
+    about = "Tessera sidecar: writes a pod's credentials to tmpfs"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Mode,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The sidecar's modes.
+#[derive(Debug, Subcommand)]
+pub enum Mode {
+    /// Fetch, write and exit 0 (init containers, Jobs).
+    Once(Common),
+    /// Write, then follow changes until SIGTERM.
+    Run {
+        /// Shared options.
+        #[command(flatten)]
+        common: Common,
+        /// Longest wait between reconnection attempts.
+        #[arg(long, env = "TESSERA_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+        backoff_max: Duration,
+    },
+}
+
+/// Options shared by both modes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Broker address, `https://host:port`.
+    #[arg(long, env = "TESSERA_BROKER")]
+    pub broker: String,
+    /// CA bundle that signed the broker's certificate.
+    #[arg(long, env = "TESSERA_CA_FILE")]
+    pub ca_file: PathBuf,
+    /// TLS name to verify when it differs from the broker address's host.
+    #[arg(long, env = "TESSERA_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Projected service-account token file (re-read for every call).
+    #[arg(
+        long,
+        env = "TESSERA_TOKEN_FILE",
+        default_value = "/var/run/secrets/tessera/serviceaccount/token"
+    )]
+    pub token_file: PathBuf,
+    /// Output directory: a tmpfs (`emptyDir` with `medium: Memory`).
+    #[arg(long, env = "TESSERA_OUT", default_value = "/var/run/secrets/tessera")]
+    pub out: PathBuf,
+    /// Bindings to fetch (repeat, or separate with commas).
+    #[arg(
+        long = "binding",
+        env = "TESSERA_BINDINGS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub bindings: Vec<String>,
+    /// Group id for files (0440) and directories (0550); owner-only (0400/0500) without it.
+    #[arg(long, env = "TESSERA_GROUP")]
+    pub group: Option<u32>,
+    /// Allow an output directory that is not tmpfs/ramfs (local development only).
+    #[arg(long, env = "TESSERA_ALLOW_NON_TMPFS")]
+    pub allow_non_tmpfs: bool,
+    /// Connect timeout.
+    #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+/// Invalid arguments, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+impl Common {
+    /// Validates the options into a [`Job`]; checks that the output directory
+    /// exists and is tmpfs unless allowed otherwise.
+    ///
+    /// # Errors
+    /// A [`UsageError`] naming the bad option.
+    pub fn job(&self) -> Result<Job, UsageError> {
+        if !self.broker.starts_with("https://") {
+            return Err(UsageError(format!(
+                "--broker `{}` must start with https:// (credentials only travel over TLS)",
+                self.broker
+            )));
+        }
+        let mut bindings = self.bindings.clone();
+        bindings.retain(|b| !b.trim().is_empty());
+        if bindings.is_empty() {
+            return Err(UsageError(
+                "--binding: name at least one binding".to_owned(),
+            ));
+        }
+        if let Some(bad) = bindings.iter().find(|b| !tessera_proto::is_safe_name(b)) {
+            return Err(UsageError(format!(
+                "--binding `{bad}` is not a safe directory name"
+            )));
+        }
+        if !self.out.is_dir() {
+            return Err(UsageError(format!(
+                "--out {} is not a directory (mount the volume first)",
+                self.out.display()
+            )));
+        }
+        if self.allow_non_tmpfs {
+            tracing::warn!(out = %self.out.display(), "--allow-non-tmpfs: secrets may reach disk");
+        } else {
+            crate::writer::ensure_tmpfs(&self.out).map_err(|e| UsageError(e.to_string()))?;
+        }
+        Ok(Job {
+            target: BrokerTarget {
+                uri: self.broker.clone(),
+                ca_file: self.ca_file.clone(),
+                server_name: self.server_name.clone(),
+                token_file: self.token_file.clone(),
+                connect_timeout: self.connect_timeout,
+            },
+            bindings,
+            writer: Writer::new(self.out.clone(), self.group),
+        })
+    }
+}

@@ -1,0 +1,10 @@
+//! Tessera sidecar: presents the pod's service-account token to the broker and
+//! writes the credentials it receives into a tmpfs volume, laid out like a
+//! Kubernetes Secret volume, so applications only read files.
+//!
+//! It knows little on purpose: no Vault client, no Kubernetes client.
+
+pub mod agent;
+pub mod cli;
+pub mod client;
+pub mod writer;

@@ -1,0 +1,101 @@
+//! `tessera-sidecar`: `once` for init containers and Jobs, `run` for the sidecar.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tessera_sidecar::{
+    agent::{self, AgentError},
+    cli::{Cli, LogFormat, Mode},
+};
+use tokio_util::sync::CancellationToken;
+
+/// EX_USAGE: invalid arguments or output directory.
+const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE: the broker could not be reached or failed.
+const EXIT_UNAVAILABLE: u8 = 69;
+/// EX_NOPERM: the broker denied a binding.
+const EXIT_DENIED: u8 = 77;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let (common, backoff_max) = match &cli.command {
+            Mode::Once(common) => (common, None),
+            Mode::Run {
+                common,
+                backoff_max,
+            } => (common, Some(*backoff_max)),
+        };
+        let job = match common.job() {
+            Ok(job) => job,
+            Err(error) => {
+                tracing::error!("{error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let result = match backoff_max {
+            None => agent::once(&job).await,
+            Some(backoff_max) => {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                agent::run(&job, backoff_max, shutdown).await
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!("{error}");
+                ExitCode::from(exit_code(&error))
+            }
+        }
+    })
+}
+
+fn exit_code(error: &AgentError) -> u8 {
+    match error {
+        AgentError::Broker(status) if status.code() == tonic::Code::PermissionDenied => EXIT_DENIED,
+        AgentError::Broker(_) | AgentError::Incomplete(_) => EXIT_UNAVAILABLE,
+        AgentError::Client(_) | AgentError::Write(_) => 1,
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stopping; files stay in place");
+    shutdown.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

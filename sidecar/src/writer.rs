@@ -1,0 +1,256 @@
+//! Writes a binding's fields into the pod's tmpfs volume the way the kubelet
+//! writes a Secret volume (`atomic_writer.go`), so readers never see half a
+//! rotation:
+//!
+//! ```text
+//! <out>/<binding>/..2026_11_25_06_05_55.123456789_ab12/<field>   files 0400 (0440 with a group)
+//! <out>/<binding>/..data -> ..2026_11_25_06_05_55.123456789_ab12 swapped by rename
+//! <out>/<binding>/<field> -> ..data/<field>                      stable names for the app
+//! ```
+//!
+//! Directories are 0500 (0550 with a group) at rest; the writer opens its own
+//! write bit only for the moment of a swap.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::DirBuilderExt,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use tessera_proto::is_safe_name;
+use zeroize::Zeroizing;
+
+/// `statfs` magic of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `statfs` magic of ramfs.
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+/// The symlink naming the current timestamped directory.
+const DATA_LINK: &str = "..data";
+/// The symlink created next to `..data` and renamed over it.
+const DATA_TMP_LINK: &str = "..data_tmp";
+
+/// A binding's fields: name to value, zeroed on drop.
+pub type Fields = BTreeMap<String, Zeroizing<Vec<u8>>>;
+
+/// Errors writing the volume.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The output directory is on a disk-backed filesystem.
+    #[error(
+        "{0} is not on tmpfs or ramfs: secrets would reach disk (mount an emptyDir with medium: Memory, or pass --allow-non-tmpfs for local development)"
+    )]
+    NotTmpfs(PathBuf),
+    /// A binding or field name could escape its directory or clash with the writer's entries.
+    #[error("refusing unsafe name `{0}` (no `/`, not `.` or `..`, no leading `..`)")]
+    UnsafeName(String),
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WriteError {
+    move |source| WriteError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Checks that `dir` is on tmpfs or ramfs.
+///
+/// # Errors
+/// [`WriteError::NotTmpfs`] when it is not; `Io` when it cannot be examined.
+pub fn ensure_tmpfs(dir: &Path) -> Result<(), WriteError> {
+    let stat = rustix::fs::statfs(dir).map_err(|e| WriteError::Io {
+        op: "statfs",
+        path: dir.to_owned(),
+        source: e.into(),
+    })?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let kind = i64::from(stat.f_type as i64);
+    if kind == TMPFS_MAGIC || kind == RAMFS_MAGIC {
+        Ok(())
+    } else {
+        Err(WriteError::NotTmpfs(dir.to_owned()))
+    }
+}
+
+/// Writes bindings under one output directory.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    out: PathBuf,
+    group: Option<u32>,
+}
+
+impl Writer {
+    /// A writer into `out`; with `group`, files are 0440 and directories 0550
+    /// owned by that group, so a non-root app in the group can read them.
+    pub fn new(out: PathBuf, group: Option<u32>) -> Self {
+        Self { out, group }
+    }
+
+    fn file_mode(&self) -> u32 {
+        if self.group.is_some() { 0o440 } else { 0o400 }
+    }
+
+    fn dir_mode(&self) -> u32 {
+        if self.group.is_some() { 0o550 } else { 0o500 }
+    }
+
+    fn set_mode(path: &Path, mode: u32) -> Result<(), WriteError> {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+    }
+
+    /// Whether the binding's current files hold exactly `fields`.
+    fn unchanged(dir: &Path, fields: &Fields) -> bool {
+        let data = dir.join(DATA_LINK);
+        let Ok(entries) = fs::read_dir(&data) else {
+            return false;
+        };
+        let count = entries.filter_map(Result::ok).count();
+        count == fields.len()
+            && fields.iter().all(|(name, value)| {
+                fs::read(data.join(name))
+                    .map(Zeroizing::new)
+                    .is_ok_and(|on_disk| on_disk.as_slice() == value.as_slice())
+            })
+    }
+
+    /// Atomically replaces the files of `binding` with `fields`. Returns
+    /// `false` when the files already held these values (nothing written).
+    ///
+    /// # Errors
+    /// On an unsafe name or a filesystem failure; the previous files then stay
+    /// in place and readable.
+    pub fn write(&self, binding: &str, fields: &Fields) -> Result<bool, WriteError> {
+        if !is_safe_name(binding) {
+            return Err(WriteError::UnsafeName(binding.to_owned()));
+        }
+        if let Some(bad) = fields.keys().find(|name| !is_safe_name(name)) {
+            return Err(WriteError::UnsafeName(bad.clone()));
+        }
+        let dir = self.out.join(binding);
+        if Self::unchanged(&dir, fields) {
+            return Ok(false);
+        }
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("mkdir", &dir)(e)),
+        }
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(&dir, None, Some(gid)).map_err(io_err("chown", &dir))?;
+        }
+        // Owner write only for the swap; restored below, also on failure.
+        Self::set_mode(&dir, self.dir_mode() | 0o200)?;
+        let result = self.swap(&dir, fields);
+        let restored = Self::set_mode(&dir, self.dir_mode());
+        result?;
+        restored?;
+        Ok(true)
+    }
+
+    fn swap(&self, dir: &Path, fields: &Fields) -> Result<(), WriteError> {
+        let (ts_name, ts_dir) = create_timestamped_dir(dir)?;
+        for (name, value) in fields {
+            self.write_file(&ts_dir.join(name), value)?;
+        }
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(&ts_dir, None, Some(gid)).map_err(io_err("chown", &ts_dir))?;
+        }
+        Self::set_mode(&ts_dir, self.dir_mode())?;
+        sync_dir(&ts_dir)?;
+
+        let tmp_link = dir.join(DATA_TMP_LINK);
+        let _ = fs::remove_file(&tmp_link);
+        symlink(&ts_name, &tmp_link).map_err(io_err("symlink", &tmp_link))?;
+        fs::rename(&tmp_link, dir.join(DATA_LINK)).map_err(io_err("rename", &tmp_link))?;
+
+        // Stable user-visible names: add new ones, drop ones no longer present.
+        for name in fields.keys() {
+            let link = dir.join(name);
+            if fs::symlink_metadata(&link).is_err() {
+                symlink(Path::new(DATA_LINK).join(name), &link)
+                    .map_err(io_err("symlink", &link))?;
+            }
+        }
+        for entry in fs::read_dir(dir).map_err(io_err("readdir", dir))?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !name.starts_with("..") && !fields.contains_key(name.as_ref()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        sync_dir(dir)?;
+
+        // Remove the previous directory and any left by an interrupted write.
+        for entry in fs::read_dir(dir).map_err(io_err("readdir", dir))?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let is_ts_dir = name.starts_with("..") && name != DATA_LINK && name != DATA_TMP_LINK;
+            if is_ts_dir && *name != *ts_name && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let path = entry.path();
+                let _ = Self::set_mode(&path, 0o700);
+                if let Err(error) = fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), %error, "could not remove an old version directory");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_file(&self, path: &Path, value: &[u8]) -> Result<(), WriteError> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("create", path))?;
+        file.write_all(value).map_err(io_err("write", path))?;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::fchown(&file, None, Some(gid)).map_err(io_err("chown", path))?;
+        }
+        // Explicit mode: the umask must not decide who reads a secret.
+        file.set_permissions(fs::Permissions::from_mode(self.file_mode()))
+            .map_err(io_err("chmod", path))?;
+        file.sync_all().map_err(io_err("fsync", path))
+    }
+}
+
+fn create_timestamped_dir(parent: &Path) -> Result<(String, PathBuf), WriteError> {
+    let now = SystemTime::now();
+    let stamp = humantime::format_rfc3339_nanos(now)
+        .to_string()
+        .replace(['-', ':', 'T'], "_")
+        .trim_end_matches('Z')
+        .to_owned();
+    loop {
+        let name = format!("..{stamp}_{:04x}", fastrand::u16(..));
+        let path = parent.join(&name);
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok((name, path)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err("mkdir", &path)(e)),
+        }
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<(), WriteError> {
+    fs::File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io_err("fsync", path))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,496 @@
+//! Harness for Tessera's integration tests: starts a real OpenBao dev server, a
+//! real broker process and sidecar processes on ephemeral loopback ports, and
+//! stops every one by PID when the guard is dropped, also when a test fails.
+//! Nothing here fakes Vault.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use tessera_broker::dev::{self, SigningKey, TokenSpec};
+use tessera_proto::v1::broker_client::BrokerClient;
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Path of a workspace binary, building the binaries once if they are missing.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let path = target.join("debug").join(name);
+    BUILT.get_or_init(|| {
+        if !target.join("debug/tessera-broker").exists()
+            || !target.join("debug/tessera-sidecar").exists()
+        {
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--bins",
+                    "-p",
+                    "tessera-broker",
+                    "-p",
+                    "tessera-sidecar",
+                ])
+                .current_dir(workspace_root())
+                .status()
+                .expect("running cargo build");
+            assert!(status.success(), "building the binaries failed");
+        }
+    });
+    path
+}
+
+/// The OpenBao binary: `$TESSERA_BAO`, `.tools/bin/bao` (scripts/test installs
+/// it there), or `bao` on PATH.
+pub fn bao_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TESSERA_BAO") {
+        return path.into();
+    }
+    let local = workspace_root().join(".tools/bin/bao");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("bao")
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A random alphanumeric string, for secret values the tests can search for.
+pub fn random_string(len: usize) -> String {
+    std::iter::repeat_with(fastrand::alphanumeric)
+        .take(len)
+        .collect()
+}
+
+/// Waits up to `timeout` for `check` to return `Some`.
+pub async fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed by PID when dropped; its output goes to a log file.
+pub struct Proc {
+    child: Child,
+    name: String,
+    /// Where stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `command` with output to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Self {
+        let file = fs::File::create(&log).unwrap();
+        command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
+        Self {
+            child,
+            name: name.to_owned(),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// Sends SIGTERM and waits up to 10 s for exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} output ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.output()
+            );
+        }
+    }
+}
+
+/// A real OpenBao dev server.
+pub struct OpenBao {
+    /// The server process.
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT`.
+    pub address: String,
+    /// The dev root token.
+    pub root_token: String,
+}
+
+impl OpenBao {
+    /// Starts `bao server -dev` on a free port and waits until it answers.
+    pub async fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let root_token = random_string(24);
+        let mut command = Command::new(bao_binary());
+        command
+            .arg("server")
+            .arg("-dev")
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .arg(format!("-dev-root-token-id={root_token}"))
+            .arg("-dev-no-store-token")
+            .env_remove("BAO_ADDR")
+            .env_remove("VAULT_ADDR");
+        let proc = Proc::spawn("openbao", command, dir.join("openbao.log"));
+        let bao = Self {
+            proc,
+            address: format!("http://127.0.0.1:{port}"),
+            root_token,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if vaultrs::token::lookup_self(&bao.client()).await.is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not become ready:\n{}",
+                bao.proc.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bao
+    }
+
+    /// A root client.
+    pub fn client(&self) -> VaultClient {
+        VaultClient::new(
+            VaultClientSettingsBuilder::default()
+                .address(&self.address)
+                .token(&self.root_token)
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Writes a new version of a KV v2 secret under the dev `secret/` mount.
+    pub async fn put(&self, path: &str, data: &Value) {
+        vaultrs::kv2::set(&self.client(), "secret", path, data)
+            .await
+            .unwrap();
+    }
+}
+
+/// Options for [`Env::start_with`].
+#[derive(Clone, Debug)]
+pub struct EnvOptions {
+    /// `RUST_LOG` for the broker and sidecars.
+    pub rust_log: String,
+    /// The broker's KV poll interval.
+    pub poll: &'static str,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self {
+            rust_log: "info,tessera_broker=debug,tessera_sidecar=debug".to_owned(),
+            poll: "200ms",
+        }
+    }
+}
+
+/// OpenBao plus a broker process with a dev signing key, TLS and a policy.
+pub struct Env {
+    /// Scratch directory (config, keys, logs).
+    pub dir: tempfile::TempDir,
+    /// The OpenBao server.
+    pub bao: OpenBao,
+    /// The broker process.
+    pub broker: Proc,
+    /// `https://127.0.0.1:PORT`.
+    pub broker_uri: String,
+    /// The dev ES256 signing key the broker trusts.
+    pub signer: SigningKey,
+    /// An RS256 key the broker also trusts.
+    pub rsa_signer: SigningKey,
+    options: EnvOptions,
+}
+
+static RUSTLS: Mutex<bool> = Mutex::new(false);
+
+impl Env {
+    /// Starts OpenBao and a broker with `policy` (YAML) and default options.
+    pub async fn start(policy: &str) -> Self {
+        Self::start_with(policy, EnvOptions::default()).await
+    }
+
+    /// Starts OpenBao and a broker with `policy` (YAML).
+    pub async fn start_with(policy: &str, options: EnvOptions) -> Self {
+        {
+            let mut installed = RUSTLS.lock().unwrap();
+            if !*installed {
+                tessera_broker::install_crypto_provider();
+                *installed = true;
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-test-")
+            .tempdir()
+            .unwrap();
+        let bao = OpenBao::start(dir.path()).await;
+
+        let devdir = dir.path().join("dev");
+        let status = Command::new(binary("tessera-broker"))
+            .args(["dev", "init", "--dir"])
+            .arg(&devdir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "tessera-broker dev init failed");
+        let signer =
+            SigningKey::from_pem(&fs::read(devdir.join(dev::files::SIGNING_KEY)).unwrap()).unwrap();
+        let rsa_signer = SigningKey::from_pem(
+            &fs::read(workspace_root().join("broker/testdata/rsa-test-key.pem")).unwrap(),
+        )
+        .unwrap();
+        let mut keys = signer.jwks()["keys"].as_array().unwrap().clone();
+        keys.extend(
+            rsa_signer.jwks()["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned(),
+        );
+        fs::write(
+            devdir.join(dev::files::JWKS),
+            json!({ "keys": keys }).to_string(),
+        )
+        .unwrap();
+
+        fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+        fs::write(dir.path().join("vault-token"), &bao.root_token).unwrap();
+        let port = free_port();
+        let config = format!(
+            "listen: 127.0.0.1:{port}
+tls:
+  certFile: dev/tls.crt
+  keyFile: dev/tls.key
+identity:
+  issuer: {issuer}
+  audience: {audience}
+  jwksFile: dev/jwks.json
+  leeway: 5s
+policyFile: policy.yaml
+vault:
+  address: {address}
+  tokenFile: vault-token
+  kvPollInterval: {poll}
+shutdownGrace: 5s
+",
+            issuer = dev::DEFAULT_ISSUER,
+            audience = dev::DEFAULT_AUDIENCE,
+            address = bao.address,
+            poll = options.poll,
+        );
+        fs::write(dir.path().join("broker.yaml"), config).unwrap();
+        let mut command = Command::new(binary("tessera-broker"));
+        command
+            .args(["serve", "--config"])
+            .arg(dir.path().join("broker.yaml"))
+            .env("RUST_LOG", &options.rust_log)
+            .env("NO_COLOR", "1");
+        let mut broker = Proc::spawn("broker", command, dir.path().join("broker.log"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(!broker.exited(), "broker exited:\n{}", broker.output());
+            assert!(
+                Instant::now() < deadline,
+                "broker did not listen:\n{}",
+                broker.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            dir,
+            bao,
+            broker,
+            broker_uri: format!("https://127.0.0.1:{port}"),
+            signer,
+            rsa_signer,
+            options,
+        }
+    }
+
+    /// A well-formed ES256 token for `namespace`/`service_account`.
+    pub fn token(&self, namespace: &str, service_account: &str) -> String {
+        self.signer
+            .mint(&TokenSpec::new(namespace, service_account))
+    }
+
+    /// Writes a token file for the identity and returns its path.
+    pub fn token_file(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("token-{namespace}-{service_account}"));
+        fs::write(&path, self.token(namespace, service_account)).unwrap();
+        path
+    }
+
+    /// A gRPC client for the broker over TLS.
+    pub async fn client(&self) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel().await)
+    }
+
+    /// A TLS channel to the broker that trusts the dev CA.
+    pub async fn channel(&self) -> Channel {
+        let ca = fs::read(self.dir.path().join("dev").join(dev::files::CA)).unwrap();
+        Endpoint::from_shared(self.broker_uri.clone())
+            .unwrap()
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A fresh tmpfs output directory under /dev/shm, removed on drop.
+    pub fn tmpfs_out(&self) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("tessera-out-")
+            .tempdir_in("/dev/shm")
+            .unwrap()
+    }
+
+    fn sidecar_command(
+        &self,
+        mode: &str,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+    ) -> Command {
+        let mut command = Command::new(binary("tessera-sidecar"));
+        command
+            .arg(mode)
+            .args(["--broker", &self.broker_uri, "--ca-file"])
+            .arg(self.dir.path().join("dev").join(dev::files::CA))
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--out")
+            .arg(out)
+            .arg("--binding")
+            .arg(bindings.join(","))
+            .env("RUST_LOG", &self.options.rust_log)
+            .env("NO_COLOR", "1");
+        command
+    }
+
+    /// Runs `tessera-sidecar once` to completion.
+    pub fn sidecar_once(
+        &self,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+        extra: &[&str],
+    ) -> Output {
+        self.sidecar_command("once", token_file, out, bindings)
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `tessera-sidecar run`.
+    pub fn sidecar_run(&self, token_file: &Path, out: &Path, bindings: &[&str]) -> Proc {
+        let command = self.sidecar_command("run", token_file, out, bindings);
+        let log = self
+            .dir
+            .path()
+            .join(format!("sidecar-{}.log", random_string(6)));
+        Proc::spawn("sidecar", command, log)
+    }
+}
+
+/// Wraps `message` with `authorization: Bearer <token>`.
+pub fn with_token<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    let mut value = MetadataValue::try_from(format!("Bearer {token}")).unwrap();
+    value.set_sensitive(true);
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// A policy granting `binding` (all keys of `secret/<path>`) to `namespace`/`service_account`.
+pub fn simple_policy(binding: &str, namespace: &str, service_account: &str, path: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: {binding}
+    subjects:
+      - namespace: {namespace}
+        serviceAccount: {service_account}
+    source:
+      kv2:
+        mount: secret
+        path: {path}
+"
+    )
+}

@@ -1,0 +1,206 @@
+//! Credentials go from OpenBao through the broker into the pod's files.
+
+use std::{fs, time::Duration};
+
+use serde_json::json;
+use tessera_proto::v1::{FetchRequest, WhoAmIRequest};
+use tessera_tests::{Env, random_string, simple_policy, wait_for, with_token};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_equal_the_kv_secret_and_follow_updates_through_watch() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let (user, pass1) = (random_string(12), random_string(24));
+    env.bao
+        .put(
+            "shop/orders",
+            &json!({ "username": user, "password": pass1 }),
+        )
+        .await;
+
+    let out = env.tmpfs_out();
+    let token = env.token_file("shop", "orders");
+    let mut sidecar = env.sidecar_run(&token, out.path(), &["app"]);
+    let dir = out.path().join("app");
+    wait_for(Duration::from_secs(20), "first delivery", || {
+        fs::read_to_string(dir.join("password"))
+            .ok()
+            .filter(|p| *p == pass1)
+    })
+    .await;
+    assert_eq!(fs::read_to_string(dir.join("username")).unwrap(), user);
+
+    let pass2 = random_string(24);
+    env.bao
+        .put(
+            "shop/orders",
+            &json!({ "username": user, "password": pass2 }),
+        )
+        .await;
+    wait_for(
+        Duration::from_secs(20),
+        "the update to reach the files",
+        || {
+            fs::read_to_string(dir.join("password"))
+                .ok()
+                .filter(|p| *p == pass2)
+        },
+    )
+    .await;
+    assert_eq!(fs::read_to_string(dir.join("username")).unwrap(), user);
+    assert!(!sidecar.exited(), "the sidecar keeps running");
+    assert_eq!(
+        sidecar.terminate(),
+        Some(0),
+        "SIGTERM stops the sidecar cleanly"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("password")).unwrap(),
+        pass2,
+        "stopping leaves the delivered files in place"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_writes_and_exits_zero() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let pass = random_string(24);
+    env.bao
+        .put("shop/orders", &json!({ "password": pass }))
+        .await;
+    let out = env.tmpfs_out();
+    let output = env.sidecar_once(&env.token_file("shop", "orders"), out.path(), &["app"], &[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(out.path().join("app/password")).unwrap(),
+        pass
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chosen_keys_only_are_delivered() {
+    let policy =
+        simple_policy("app", "shop", "orders", "shop/orders") + "        keys: [username]\n";
+    let env = Env::start(&policy).await;
+    env.bao
+        .put("shop/orders", &json!({ "username": "u", "password": "p" }))
+        .await;
+    let response = env
+        .client()
+        .await
+        .fetch(with_token(
+            &env.token("shop", "orders"),
+            FetchRequest {
+                bindings: vec!["app".into()],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let credential = &response.credentials[0];
+    assert_eq!(credential.fields.keys().collect::<Vec<_>>(), ["username"]);
+    assert_eq!(credential.version, "1");
+    assert!(credential.issued_at.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn who_am_i_reports_the_verified_identity_and_its_grants() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let response = env
+        .client()
+        .await
+        .who_am_i(with_token(&env.token("shop", "orders"), WhoAmIRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let identity = response.identity.unwrap();
+    assert_eq!(
+        (
+            identity.namespace.as_str(),
+            identity.service_account.as_str()
+        ),
+        ("shop", "orders")
+    );
+    assert_eq!(identity.pod_name, "orders-0");
+    assert_eq!(identity.node_name, "dev-node");
+    assert!(!identity.pod_uid.is_empty());
+    assert_eq!(response.bindings, ["app"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_the_policy_does_not_name_is_denied_and_gets_no_files() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "p" }))
+        .await;
+
+    let status = env
+        .client()
+        .await
+        .fetch(with_token(
+            &env.token("shop", "billing"),
+            FetchRequest {
+                bindings: vec!["app".into()],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    let out = env.tmpfs_out();
+    let output = env.sidecar_once(
+        &env.token_file("shop", "billing"),
+        out.path(),
+        &["app"],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(77), "EX_NOPERM for a denial");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not granted"), "{stderr}");
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "no files written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_granted_and_a_denied_binding_together_deliver_nothing() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "p" }))
+        .await;
+    let status = env
+        .client()
+        .await
+        .fetch(with_token(
+            &env.token("shop", "orders"),
+            FetchRequest {
+                bindings: vec!["app".into(), "other".into()],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_serving() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(env.channel().await);
+    let response = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tessera.v1.Broker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}

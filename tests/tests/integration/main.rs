@@ -1,0 +1,8 @@
+//! Integration tests: a real OpenBao dev server, the real broker binary and the
+//! real sidecar binary, all on ephemeral loopback ports (see `tessera_tests`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod auth;
+mod delivery;
+mod secrecy;
+mod sidecar;

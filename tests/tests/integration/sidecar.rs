@@ -1,0 +1,140 @@
+//! The sidecar's volume contract: tmpfs only, clear failures, consistent snapshots.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+use tessera_tests::{Env, free_port, random_string, simple_policy, wait_for};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_tmpfs_output_dir_is_refused() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "p" }))
+        .await;
+    let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let output = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        disk.path(),
+        &["app"],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(64), "EX_USAGE");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not on tmpfs"), "{stderr}");
+    assert_eq!(fs::read_dir(disk.path()).unwrap().count(), 0);
+
+    let allowed = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        disk.path(),
+        &["app"],
+        &["--allow-non-tmpfs"],
+    );
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_fails_clearly_when_the_broker_is_unreachable() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let out = env.tmpfs_out();
+    let token = env.token_file("shop", "orders");
+    let closed = format!("https://127.0.0.1:{}", free_port());
+    let output = std::process::Command::new(tessera_tests::binary("tessera-sidecar"))
+        .args(["once", "--broker", &closed, "--ca-file"])
+        .arg(env.dir.path().join("dev/ca.pem"))
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--out")
+        .arg(out.path())
+        .args(["--binding", "app"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69), "EX_UNAVAILABLE");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Unavailable") || stderr.contains("unavailable"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
+}
+
+/// Reads every field of one snapshot: resolve `..data` once, then read the
+/// files inside that directory (what a careful reader of a Secret volume does).
+fn read_snapshot(dir: &Path) -> Option<Vec<String>> {
+    let target = fs::read_link(dir.join("..data")).ok()?;
+    let snapshot = dir.join(target);
+    ["a", "b", "c"]
+        .iter()
+        .map(|f| fs::read_to_string(snapshot.join(f)).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_never_sees_fields_from_two_versions() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "a": "v0", "b": "v0", "c": "v0" }))
+        .await;
+    let out = env.tmpfs_out();
+    let _sidecar = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["app"]);
+    let dir = out.path().join("app");
+    wait_for(Duration::from_secs(20), "first delivery", || {
+        read_snapshot(&dir)
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = BTreeSet::new();
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // A read that races the removal of an old snapshot finds
+                // nothing; it never finds a mix.
+                if let Some(values) = read_snapshot(&dir) {
+                    assert!(
+                        values.iter().all(|v| *v == values[0]),
+                        "mixed versions in one snapshot: {values:?}"
+                    );
+                    seen.insert(values[0].clone());
+                    reads += 1;
+                }
+            }
+            (seen, reads)
+        })
+    };
+    for version in 1..=30 {
+        let v = format!("v{version}-{}", random_string(8));
+        env.bao
+            .put("shop/orders", &json!({ "a": v, "b": v, "c": v }))
+            .await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let last = format!("v31-{}", random_string(8));
+    env.bao
+        .put("shop/orders", &json!({ "a": last, "b": last, "c": last }))
+        .await;
+    wait_for(Duration::from_secs(20), "the last version", || {
+        read_snapshot(&dir).filter(|v| v[0] == last)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (seen, reads) = reader.join().unwrap();
+    assert!(
+        seen.len() >= 3,
+        "the reader saw several rotations ({seen:?}, {reads} reads)"
+    );
+}
