@@ -109,6 +109,7 @@ pub async fn run(
     health.set_serving::<BrokerServer<BrokerService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| {
             tracing::error!(error = %e, "reflection descriptor is invalid");

@@ -232,6 +232,63 @@ impl OpenBao {
         .unwrap()
     }
 
+    /// Runs the `bao` CLI as root against this server and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new(bao_binary())
+            .args(args)
+            .env("BAO_ADDR", &self.address)
+            .env("BAO_TOKEN", &self.root_token)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "bao {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Writes the broker's least-privilege Vault policy: read KV v2 data and
+    /// metadata under `secret/`, nothing else.
+    pub fn write_broker_policy(&self) {
+        let policy = r#"
+path "secret/data/*" { capabilities = ["read"] }
+path "secret/metadata/*" { capabilities = ["read"] }
+"#;
+        let path = std::env::temp_dir().join(format!("tessera-policy-{}.hcl", random_string(8)));
+        fs::write(&path, policy).unwrap();
+        self.cli(&["policy", "write", "tessera-broker", path.to_str().unwrap()]);
+        let _ = fs::remove_file(path);
+    }
+
+    /// A new token holding only the broker policy.
+    pub fn broker_token(&self) -> String {
+        self.cli(&["token", "create", "-policy=tessera-broker", "-field=token"])
+    }
+
+    /// Enables AppRole with a role for the broker; returns (role id, secret id).
+    pub fn broker_approle(&self) -> (String, String) {
+        self.cli(&["auth", "enable", "approle"]);
+        self.cli(&[
+            "write",
+            "auth/approle/role/tessera-broker",
+            "token_policies=tessera-broker",
+            "token_ttl=1h",
+        ]);
+        let role_id = self.cli(&[
+            "read",
+            "-field=role_id",
+            "auth/approle/role/tessera-broker/role-id",
+        ]);
+        let secret_id = self.cli(&[
+            "write",
+            "-f",
+            "-field=secret_id",
+            "auth/approle/role/tessera-broker/secret-id",
+        ]);
+        (role_id, secret_id)
+    }
+
     /// Writes a new version of a KV v2 secret under the dev `secret/` mount.
     pub async fn put(&self, path: &str, data: &Value) {
         vaultrs::kv2::set(&self.client(), "secret", path, data)
@@ -240,9 +297,20 @@ impl OpenBao {
     }
 }
 
+/// How the broker logs in to OpenBao in a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerLogin {
+    /// A least-privilege token in a file.
+    TokenFile,
+    /// AppRole with a least-privilege role.
+    AppRole,
+}
+
 /// Options for [`Env::start_with`].
 #[derive(Clone, Debug)]
 pub struct EnvOptions {
+    /// The broker's Vault login.
+    pub login: BrokerLogin,
     /// `RUST_LOG` for the broker and sidecars.
     pub rust_log: String,
     /// The broker's KV poll interval.
@@ -252,6 +320,7 @@ pub struct EnvOptions {
 impl Default for EnvOptions {
     fn default() -> Self {
         Self {
+            login: BrokerLogin::TokenFile,
             rust_log: "info,tessera_broker=debug,tessera_sidecar=debug".to_owned(),
             poll: "200ms",
         }
@@ -326,7 +395,18 @@ impl Env {
         .unwrap();
 
         fs::write(dir.path().join("policy.yaml"), policy).unwrap();
-        fs::write(dir.path().join("vault-token"), &bao.root_token).unwrap();
+        bao.write_broker_policy();
+        let login = match options.login {
+            BrokerLogin::TokenFile => {
+                fs::write(dir.path().join("vault-token"), bao.broker_token()).unwrap();
+                "tokenFile: vault-token".to_owned()
+            }
+            BrokerLogin::AppRole => {
+                let (role_id, secret_id) = bao.broker_approle();
+                fs::write(dir.path().join("secret-id"), secret_id).unwrap();
+                format!("appRole: {{ roleId: {role_id}, secretIdFile: secret-id }}")
+            }
+        };
         let port = free_port();
         let config = format!(
             "listen: 127.0.0.1:{port}
@@ -341,7 +421,7 @@ identity:
 policyFile: policy.yaml
 vault:
   address: {address}
-  tokenFile: vault-token
+  {login}
   kvPollInterval: {poll}
 shutdownGrace: 5s
 ",

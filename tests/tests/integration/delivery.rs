@@ -4,7 +4,9 @@ use std::{fs, time::Duration};
 
 use serde_json::json;
 use tessera_proto::v1::{FetchRequest, WhoAmIRequest};
-use tessera_tests::{Env, random_string, simple_policy, wait_for, with_token};
+use tessera_tests::{
+    BrokerLogin, Env, EnvOptions, random_string, simple_policy, wait_for, with_token,
+};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -203,4 +205,97 @@ async fn health_reports_serving() {
         response.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_broker_logs_in_with_approle() {
+    let options = EnvOptions {
+        login: BrokerLogin::AppRole,
+        ..EnvOptions::default()
+    };
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        options,
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "from-approle" }))
+        .await;
+    let response = env
+        .client()
+        .await
+        .fetch(with_token(
+            &env.token("shop", "orders"),
+            FetchRequest {
+                bindings: vec!["app".into()],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.credentials[0].fields["password"], b"from-approle");
+    assert!(
+        env.broker
+            .output()
+            .contains("logged in to Vault with AppRole")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_vault_token_file_is_picked_up() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "p" }))
+        .await;
+    let fetch = || async {
+        env.client()
+            .await
+            .fetch(with_token(
+                &env.token("shop", "orders"),
+                FetchRequest {
+                    bindings: vec!["app".into()],
+                },
+            ))
+            .await
+    };
+    fetch().await.unwrap();
+
+    // Rotate: write a new token to the file, then revoke the old one.
+    let token_path = env.dir.path().join("vault-token");
+    let old = fs::read_to_string(&token_path).unwrap();
+    let new = env.bao.broker_token();
+    fs::write(&token_path, &new).unwrap();
+    env.bao.cli(&["token", "revoke", &old]);
+    fetch().await.expect("the broker re-read its token file");
+
+    // An unusable token in the file fails closed with a precise code.
+    fs::write(&token_path, "not-a-token").unwrap();
+    let status = fetch().await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_reflection_lists_the_broker_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let mut client = ServerReflectionClient::new(env.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tonic::codegen::tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"tessera.v1.Broker"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 }
