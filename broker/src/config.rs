@@ -38,8 +38,10 @@ pub struct Config {
     pub jwks_file: PathBuf,
     /// Clock skew tolerated on token times.
     pub leeway: Duration,
-    /// The access policy file.
-    pub policy_file: PathBuf,
+    /// The access policy: files and/or directories.
+    pub policy_paths: Vec<PathBuf>,
+    /// How often the policy files are checked for changes.
+    pub policy_reload_interval: Duration,
     /// Vault connection.
     pub vault: VaultSettings,
     /// How often a watched KV secret's version is checked.
@@ -55,10 +57,18 @@ struct File {
     listen: SocketAddr,
     tls: TlsFile,
     identity: IdentityFile,
-    policy_file: PathBuf,
+    policy: PolicyFile,
     vault: VaultFile,
     #[serde(default = "default_grace", deserialize_with = "duration")]
     shutdown_grace: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PolicyFile {
+    paths: Vec<PathBuf>,
+    #[serde(default = "default_reload", deserialize_with = "duration")]
+    reload_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +125,9 @@ fn default_timeout() -> Duration {
 fn default_poll() -> Duration {
     Duration::from_secs(15)
 }
+fn default_reload() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_approle_mount() -> String {
     "approle".to_owned()
 }
@@ -167,6 +180,11 @@ impl Config {
                 "identity: `issuer` and `audience` must not be empty".to_owned(),
             ));
         }
+        if file.policy.paths.is_empty() {
+            return Err(error(
+                "policy.paths is empty (name the policy file or directory)".to_owned(),
+            ));
+        }
         if file.vault.kv_poll_interval < Duration::from_millis(100) {
             return Err(error(
                 "vault.kvPollInterval must be at least 100ms".to_owned(),
@@ -180,7 +198,8 @@ impl Config {
             audience: file.identity.audience,
             jwks_file: resolve(file.identity.jwks_file),
             leeway: file.identity.leeway,
-            policy_file: resolve(file.policy_file),
+            policy_paths: file.policy.paths.into_iter().map(resolve).collect(),
+            policy_reload_interval: file.policy.reload_interval,
             vault: VaultSettings {
                 address: file.vault.address,
                 ca_cert: file.vault.ca_cert_file.map(resolve),

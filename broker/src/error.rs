@@ -26,6 +26,16 @@ pub enum Error {
     /// The request itself is malformed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A template needs a field the source did not provide.
+    #[error(
+        "binding `{binding}`: a template uses `{field}`, which the source does not have (fix the policy's template or the secret)"
+    )]
+    Render {
+        /// The binding being served.
+        binding: String,
+        /// The missing field.
+        field: String,
+    },
     /// Vault failed for a binding.
     #[error("binding `{binding}`: {source}")]
     Vault {
@@ -42,6 +52,7 @@ impl From<Error> for Status {
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
             Error::Denied { .. } => Code::PermissionDenied,
             Error::InvalidRequest(_) => Code::InvalidArgument,
+            Error::Render { .. } => Code::FailedPrecondition,
             Error::Vault { source, .. } => match source {
                 VaultError::Unavailable(_) | VaultError::Login(_) => Code::Unavailable,
                 VaultError::Denied(_) | VaultError::NotFound(_) | VaultError::Unexpected { .. } => {

@@ -7,6 +7,7 @@
 //! CVE-2026-25537 and 10+ offers only aws-lc or RustCrypto backends.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -36,6 +37,9 @@ pub struct Identity {
     pub pod: Option<ObjectRef>,
     /// Node name and UID, when the token carries them.
     pub node: Option<ObjectRef>,
+    /// The pod's labels, when the broker looked the pod up (TokenReview or pod
+    /// lookup); `None` from a JWKS check alone.
+    pub pod_labels: Option<BTreeMap<String, String>>,
     /// When the token expires (seconds since the Unix epoch).
     pub expires_at: u64,
 }
@@ -480,6 +484,7 @@ impl Verifier {
             service_account_uid: k8s.serviceaccount.uid,
             pod: k8s.pod,
             node: k8s.node,
+            pod_labels: None,
             expires_at: claims.exp,
         })
     }

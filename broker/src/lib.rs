@@ -26,7 +26,7 @@ use crate::{
     config::Config,
     feed::Feeds,
     identity::{Expectations, JwksFile, Verifier},
-    policy::Policy,
+    policy::store::PolicyStore,
     service::BrokerService,
     vault::Vault,
 };
@@ -73,8 +73,18 @@ pub fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared,
             leeway: config.leeway,
         },
     );
-    let policy = Policy::load(&config.policy_file)?;
-    tracing::info!(bindings = policy.bindings.len(), path = %config.policy_file.display(), "policy loaded");
+    let policy = Arc::new(PolicyStore::load(config.policy_paths.clone())?);
+    let loaded = policy.current();
+    tracing::info!(
+        bindings = loaded.policy.bindings.len(),
+        files = loaded.policy.files.len(),
+        "policy loaded"
+    );
+    tokio::spawn(
+        policy
+            .clone()
+            .follow(config.policy_reload_interval, shutdown.clone()),
+    );
     let tls = tls::server_config(&config.tls_cert, &config.tls_key)?;
     let vault = Arc::new(Vault::new(config.vault.clone())?);
     let feeds = Arc::new(Feeds::new(
@@ -82,13 +92,7 @@ pub fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared,
         config.kv_poll_interval,
         shutdown.clone(),
     ));
-    let service = BrokerService::new(
-        Arc::new(verifier),
-        Arc::new(policy),
-        vault,
-        feeds,
-        shutdown.clone(),
-    );
+    let service = BrokerService::new(Arc::new(verifier), policy, vault, feeds, shutdown.clone());
     Ok(Prepared {
         config,
         tls,

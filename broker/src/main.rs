@@ -4,7 +4,12 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tessera_broker::{config::Config, dev};
+use tessera_broker::{
+    config::Config,
+    dev,
+    identity::Identity,
+    policy::{Policy, report},
+};
 use tokio_util::sync::CancellationToken;
 
 /// EX_USAGE: invalid configuration or arguments.
@@ -42,9 +47,53 @@ enum Command {
         #[arg(long, env = "TESSERA_LISTEN")]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Check, explain and diff access policies (for review and CI).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// DEVELOPMENT ONLY: keys, certificates and tokens for a local demo.
     #[command(subcommand)]
     Dev(DevCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files or directories; lists every problem as file:line:column.
+    Check {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print what an identity gets and why.
+    Explain {
+        /// Namespace of the identity.
+        #[arg(long)]
+        namespace: String,
+        /// Service account of the identity.
+        #[arg(long)]
+        service_account: String,
+        /// A pod label `key=value` (repeat), as pod lookup would report it.
+        #[arg(long = "pod-label", value_parser = parse_label)]
+        pod_labels: Vec<(String, String)>,
+        /// Policy files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print the access a change grants and removes.
+    Diff {
+        /// The policy before (file or directory).
+        old: PathBuf,
+        /// The policy after (file or directory).
+        new: PathBuf,
+        /// Exit 1 when anything changed (for CI gates).
+        #[arg(long)]
+        exit_code: bool,
+    },
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{text}` is not key=value"))
 }
 
 #[derive(Subcommand)]
@@ -96,6 +145,7 @@ fn main() -> ExitCode {
     tessera_broker::install_crypto_provider();
     let result = match cli.command {
         Command::Serve { config, listen } => serve(&config, listen),
+        Command::Policy(command) => run_policy(command),
         Command::Dev(command) => run_dev(command),
     };
     match result {
@@ -173,6 +223,82 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn load_or_report(paths: &[PathBuf]) -> Result<Policy, ExitCode> {
+    Policy::load(paths).map_err(|error| {
+        for problem in &error.problems {
+            println!("{problem}");
+        }
+        println!(
+            "{} problem{} found",
+            error.problems.len(),
+            if error.problems.len() == 1 { "" } else { "s" }
+        );
+        ExitCode::FAILURE
+    })
+}
+
+fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { paths } => Ok(match load_or_report(&paths) {
+            Ok(policy) => {
+                println!(
+                    "ok: {} binding{} in {} file{}",
+                    policy.bindings.len(),
+                    if policy.bindings.len() == 1 { "" } else { "s" },
+                    policy.files.len(),
+                    if policy.files.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        }),
+        PolicyCommand::Explain {
+            namespace,
+            service_account,
+            pod_labels,
+            paths,
+        } => {
+            let policy = match load_or_report(&paths) {
+                Ok(policy) => policy,
+                Err(code) => return Ok(code),
+            };
+            let identity = Identity {
+                namespace,
+                service_account,
+                service_account_uid: String::new(),
+                pod: None,
+                node: None,
+                pod_labels: (!pod_labels.is_empty()).then(|| pod_labels.into_iter().collect()),
+                expires_at: 0,
+            };
+            print!("{}", report::explain(&policy, &identity));
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Diff {
+            old,
+            new,
+            exit_code,
+        } => {
+            let (old, new) = match (load_or_report(&[old]), load_or_report(&[new])) {
+                (Ok(old), Ok(new)) => (old, new),
+                (Err(code), _) | (_, Err(code)) => return Ok(code),
+            };
+            let lines = report::diff(&old, &new);
+            if lines.is_empty() {
+                println!("no change in access");
+            }
+            for line in &lines {
+                println!("{line}");
+            }
+            Ok(if exit_code && !lines.is_empty() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
     }
 }
 

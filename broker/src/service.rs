@@ -23,7 +23,7 @@ use crate::{
     error::Error,
     feed::Feeds,
     identity::{Identity, Verifier},
-    policy::{Binding, Policy, Source},
+    policy::{Binding, Source, store::PolicyStore},
     secret::Secret,
     vault::{KvSecret, Vault},
 };
@@ -35,7 +35,7 @@ const MAX_BINDINGS_PER_REQUEST: usize = 64;
 #[derive(Clone)]
 pub struct BrokerService {
     verifier: Arc<Verifier>,
-    policy: Arc<Policy>,
+    policy: Arc<PolicyStore>,
     vault: Arc<Vault>,
     feeds: Arc<Feeds>,
     shutdown: CancellationToken,
@@ -45,7 +45,7 @@ impl BrokerService {
     /// A service over its parts.
     pub fn new(
         verifier: Arc<Verifier>,
-        policy: Arc<Policy>,
+        policy: Arc<PolicyStore>,
         vault: Arc<Vault>,
         feeds: Arc<Feeds>,
         shutdown: CancellationToken,
@@ -88,8 +88,10 @@ impl BrokerService {
         Ok(identity)
     }
 
-    /// The bindings named in a request, each granted to `identity`.
+    /// The bindings named in a request, each granted to `identity`, all from
+    /// one policy generation.
     fn authorize(&self, identity: &Identity, names: &[String]) -> Result<Vec<Binding>, Error> {
+        let loaded = self.policy.current();
         if names.is_empty() {
             return Err(Error::InvalidRequest(
                 "name at least one binding".to_owned(),
@@ -110,7 +112,8 @@ impl BrokerService {
                         "binding `{name}` is named twice"
                     )));
                 }
-                self.policy
+                loaded
+                    .policy
                     .lookup(identity, name)
                     .cloned()
                     .ok_or_else(|| Error::Denied {
@@ -132,7 +135,7 @@ impl BrokerService {
                 binding: binding.name.clone(),
                 source,
             })?;
-        Ok(credential(&binding.name, &secret))
+        credential(binding, &secret)
     }
 
     async fn issue_all(&self, bindings: &[Binding]) -> Result<Vec<Credential>, Error> {
@@ -144,12 +147,18 @@ impl BrokerService {
     }
 }
 
-/// Builds the wire credential for one KV version.
-fn credential(binding: &str, secret: &KvSecret) -> Credential {
-    Credential {
-        binding: binding.to_owned(),
-        fields: secret
-            .fields
+/// Builds the wire credential for one KV version: the binding's files
+/// (renamed fields and rendered templates) and its file mode and group.
+fn credential(binding: &Binding, secret: &KvSecret) -> Result<Credential, Error> {
+    let files = binding
+        .render(&secret.fields)
+        .map_err(|missing| Error::Render {
+            binding: binding.name.clone(),
+            field: missing,
+        })?;
+    Ok(Credential {
+        binding: binding.name.clone(),
+        fields: files
             .iter()
             .map(|(k, v)| (k.clone(), v.expose_secret().to_vec()))
             .collect(),
@@ -157,7 +166,9 @@ fn credential(binding: &str, secret: &KvSecret) -> Credential {
         issued_at: secret.created.map(Into::into),
         not_after: None,
         renewable: false,
-    }
+        file_mode: binding.output.mode.unwrap_or(0),
+        group_id: binding.output.group,
+    })
 }
 
 fn log_failure(error: Error) -> Status {
@@ -178,7 +189,8 @@ impl Broker for BrokerService {
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
         let identity = self.authenticate(&request).map_err(log_failure)?;
-        let mut bindings: Vec<String> = self
+        let loaded = self.policy.current();
+        let mut bindings: Vec<String> = loaded
             .policy
             .granted(&identity)
             .map(|b| b.name.clone())
@@ -230,8 +242,9 @@ impl Broker for BrokerService {
         }
         let mut changes = futures::stream::select_all(bindings.iter().map(|binding| {
             let Source::Kv2(source) = &binding.source;
-            let name = binding.name.clone();
-            WatchStream::new(self.feeds.subscribe(source)).map(move |latest| (name.clone(), latest))
+            let binding = Arc::new(binding.clone());
+            WatchStream::new(self.feeds.subscribe(source))
+                .map(move |latest| (binding.clone(), latest))
         }));
         let expires_in = Duration::from_secs(identity.expires_at).saturating_sub(
             SystemTime::now()
@@ -256,14 +269,20 @@ impl Broker for BrokerService {
                         change = changes.next() => match change {
                             Some((binding, Some(secret))) => {
                                 let version = secret.version.to_string();
-                                if sent.get(&binding) == Some(&version) {
+                                if sent.get(&binding.name) == Some(&version) {
                                     continue;
                                 }
-                                tracing::info!(%binding, %version, "credential changed; pushing");
-                                sent.insert(binding.clone(), version);
-                                let message = WatchResponse {
-                                    credential: Some(credential(&binding, &secret)),
+                                let credential = match credential(&binding, &secret) {
+                                    Ok(credential) => credential,
+                                    Err(error) => {
+                                        // The pod keeps its current files.
+                                        tracing::warn!(%error, "cannot render a changed credential");
+                                        continue;
+                                    }
                                 };
+                                tracing::info!(binding = %binding.name, %version, "credential changed; pushing");
+                                sent.insert(binding.name.clone(), version);
+                                let message = WatchResponse { credential: Some(credential) };
                                 if tx.send(Ok(message)).await.is_err() {
                                     return;
                                 }
@@ -292,7 +311,9 @@ impl Broker for BrokerService {
         // KV secrets carry no lease: releasing them is an acknowledgement.
         // Leased sources (database, PKI) revoke in Vault here.
         let revoked = if names.is_empty() {
-            self.policy
+            let loaded = self.policy.current();
+            loaded
+                .policy
                 .granted(&identity)
                 .map(|b| b.name.clone())
                 .collect()

@@ -63,7 +63,8 @@ fn write_credential(writer: &Writer, credential: Credential) -> Result<(), Agent
         .into_iter()
         .map(|(name, value)| (name, Zeroizing::new(value)))
         .collect();
-    if writer.write(&credential.binding, &fields)? {
+    let access = writer.access(credential.file_mode, credential.group_id)?;
+    if writer.write(&credential.binding, &fields, access)? {
         tracing::info!(binding = %credential.binding, version = %credential.version, fields = fields.len(), "credential written");
     }
     Ok(())

@@ -47,6 +47,9 @@ pub enum WriteError {
     /// A binding or field name could escape its directory or clash with the writer's entries.
     #[error("refusing unsafe name `{0}` (no `/`, not `.` or `..`, no leading `..`)")]
     UnsafeName(String),
+    /// The broker asked for a file mode other than 0400 or 0440.
+    #[error("refusing file mode {0:o} from the broker (only 0400 and 0440 are written)")]
+    UnsafeMode(u32),
     /// A filesystem operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -86,6 +89,25 @@ pub fn ensure_tmpfs(dir: &Path) -> Result<(), WriteError> {
     }
 }
 
+/// Who may read one binding's files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// 0o400 or 0o440.
+    pub file_mode: u32,
+    /// Group to own files and directories.
+    pub group: Option<u32>,
+}
+
+impl Access {
+    fn dir_mode(self) -> u32 {
+        if self.file_mode == 0o440 {
+            0o550
+        } else {
+            0o500
+        }
+    }
+}
+
 /// Writes bindings under one output directory.
 #[derive(Clone, Debug)]
 pub struct Writer {
@@ -94,18 +116,31 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// A writer into `out`; with `group`, files are 0440 and directories 0550
-    /// owned by that group, so a non-root app in the group can read them.
+    /// A writer into `out`. `group` is the default owner group: with it, files
+    /// are 0440 and directories 0550, so a non-root app in the group can read
+    /// them; without it 0400 and 0500.
     pub fn new(out: PathBuf, group: Option<u32>) -> Self {
         Self { out, group }
     }
 
-    fn file_mode(&self) -> u32 {
-        if self.group.is_some() { 0o440 } else { 0o400 }
-    }
-
-    fn dir_mode(&self) -> u32 {
-        if self.group.is_some() { 0o550 } else { 0o500 }
+    /// The access for a binding: the policy's mode and group (from the broker)
+    /// where given, this writer's defaults otherwise.
+    ///
+    /// # Errors
+    /// [`WriteError::UnsafeMode`] for a mode other than 0400 or 0440.
+    pub fn access(
+        &self,
+        policy_mode: u32,
+        policy_group: Option<u32>,
+    ) -> Result<Access, WriteError> {
+        let group = policy_group.or(self.group);
+        let file_mode = match policy_mode {
+            0 if group.is_some() => 0o440,
+            0 => 0o400,
+            0o400 | 0o440 => policy_mode,
+            other => return Err(WriteError::UnsafeMode(other)),
+        };
+        Ok(Access { file_mode, group })
     }
 
     fn set_mode(path: &Path, mode: u32) -> Result<(), WriteError> {
@@ -133,7 +168,12 @@ impl Writer {
     /// # Errors
     /// On an unsafe name or a filesystem failure; the previous files then stay
     /// in place and readable.
-    pub fn write(&self, binding: &str, fields: &Fields) -> Result<bool, WriteError> {
+    pub fn write(
+        &self,
+        binding: &str,
+        fields: &Fields,
+        access: Access,
+    ) -> Result<bool, WriteError> {
         if !is_safe_name(binding) {
             return Err(WriteError::UnsafeName(binding.to_owned()));
         }
@@ -149,27 +189,27 @@ impl Writer {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("mkdir", &dir)(e)),
         }
-        if let Some(gid) = self.group {
+        if let Some(gid) = access.group {
             std::os::unix::fs::chown(&dir, None, Some(gid)).map_err(io_err("chown", &dir))?;
         }
         // Owner write only for the swap; restored below, also on failure.
-        Self::set_mode(&dir, self.dir_mode() | 0o200)?;
-        let result = self.swap(&dir, fields);
-        let restored = Self::set_mode(&dir, self.dir_mode());
+        Self::set_mode(&dir, access.dir_mode() | 0o200)?;
+        let result = Self::swap(&dir, fields, access);
+        let restored = Self::set_mode(&dir, access.dir_mode());
         result?;
         restored?;
         Ok(true)
     }
 
-    fn swap(&self, dir: &Path, fields: &Fields) -> Result<(), WriteError> {
+    fn swap(dir: &Path, fields: &Fields, access: Access) -> Result<(), WriteError> {
         let (ts_name, ts_dir) = create_timestamped_dir(dir)?;
         for (name, value) in fields {
-            self.write_file(&ts_dir.join(name), value)?;
+            Self::write_file(&ts_dir.join(name), value, access)?;
         }
-        if let Some(gid) = self.group {
+        if let Some(gid) = access.group {
             std::os::unix::fs::chown(&ts_dir, None, Some(gid)).map_err(io_err("chown", &ts_dir))?;
         }
-        Self::set_mode(&ts_dir, self.dir_mode())?;
+        Self::set_mode(&ts_dir, access.dir_mode())?;
         sync_dir(&ts_dir)?;
 
         let tmp_link = dir.join(DATA_TMP_LINK);
@@ -210,7 +250,7 @@ impl Writer {
         Ok(())
     }
 
-    fn write_file(&self, path: &Path, value: &[u8]) -> Result<(), WriteError> {
+    fn write_file(path: &Path, value: &[u8], access: Access) -> Result<(), WriteError> {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -218,11 +258,11 @@ impl Writer {
             .open(path)
             .map_err(io_err("create", path))?;
         file.write_all(value).map_err(io_err("write", path))?;
-        if let Some(gid) = self.group {
+        if let Some(gid) = access.group {
             std::os::unix::fs::fchown(&file, None, Some(gid)).map_err(io_err("chown", path))?;
         }
         // Explicit mode: the umask must not decide who reads a secret.
-        file.set_permissions(fs::Permissions::from_mode(self.file_mode()))
+        file.set_permissions(fs::Permissions::from_mode(access.file_mode))
             .map_err(io_err("chmod", path))?;
         file.sync_all().map_err(io_err("fsync", path))
     }

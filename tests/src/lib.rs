@@ -418,7 +418,9 @@ identity:
   audience: {audience}
   jwksFile: dev/jwks.json
   leeway: 5s
-policyFile: policy.yaml
+policy:
+  paths: [policy.yaml]
+  reloadInterval: 100ms
 vault:
   address: {address}
   {login}

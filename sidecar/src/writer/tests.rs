@@ -2,6 +2,13 @@ use std::os::unix::fs::MetadataExt;
 
 use super::*;
 
+fn owner() -> Access {
+    Access {
+        file_mode: 0o400,
+        group: None,
+    }
+}
+
 fn fields(pairs: &[(&str, &str)]) -> Fields {
     pairs
         .iter()
@@ -22,7 +29,7 @@ fn writes_kubelet_layout_with_private_modes() {
     let writer = Writer::new(out.path().to_owned(), None);
     assert!(
         writer
-            .write("db", &fields(&[("user", "u1"), ("pass", "p1")]))
+            .write("db", &fields(&[("user", "u1"), ("pass", "p1")]), owner())
             .unwrap()
     );
 
@@ -48,11 +55,11 @@ fn rotation_replaces_everything_and_drops_old_names() {
     let out = tmpfs_dir();
     let writer = Writer::new(out.path().to_owned(), None);
     writer
-        .write("db", &fields(&[("user", "u1"), ("old", "x")]))
+        .write("db", &fields(&[("user", "u1"), ("old", "x")]), owner())
         .unwrap();
     let first = fs::read_link(out.path().join("db").join(DATA_LINK)).unwrap();
     writer
-        .write("db", &fields(&[("user", "u2"), ("pass", "p2")]))
+        .write("db", &fields(&[("user", "u2"), ("pass", "p2")]), owner())
         .unwrap();
 
     let dir = out.path().join("db");
@@ -75,8 +82,16 @@ fn rotation_replaces_everything_and_drops_old_names() {
 fn identical_values_are_not_rewritten() {
     let out = tmpfs_dir();
     let writer = Writer::new(out.path().to_owned(), None);
-    assert!(writer.write("db", &fields(&[("user", "u1")])).unwrap());
-    assert!(!writer.write("db", &fields(&[("user", "u1")])).unwrap());
+    assert!(
+        writer
+            .write("db", &fields(&[("user", "u1")]), owner())
+            .unwrap()
+    );
+    assert!(
+        !writer
+            .write("db", &fields(&[("user", "u1")]), owner())
+            .unwrap()
+    );
 }
 
 #[test]
@@ -84,7 +99,10 @@ fn group_mode_is_0440_and_0550() {
     let out = tmpfs_dir();
     let gid = fs::metadata(out.path()).unwrap().gid();
     let writer = Writer::new(out.path().to_owned(), Some(gid));
-    writer.write("db", &fields(&[("user", "u1")])).unwrap();
+    let access = writer.access(0, None).unwrap();
+    writer
+        .write("db", &fields(&[("user", "u1")]), access)
+        .unwrap();
     let dir = out.path().join("db");
     assert_eq!(
         fs::metadata(dir.join("user")).unwrap().mode() & 0o777,
@@ -98,9 +116,13 @@ fn unsafe_names_are_refused_and_nothing_is_written() {
     let out = tmpfs_dir();
     let writer = Writer::new(out.path().to_owned(), None);
     for bad in ["../x", "a/b", "..data", ".", ""] {
-        let err = writer.write("db", &fields(&[(bad, "v")])).unwrap_err();
+        let err = writer
+            .write("db", &fields(&[(bad, "v")]), owner())
+            .unwrap_err();
         assert!(matches!(err, WriteError::UnsafeName(_)), "{bad}");
-        let err = writer.write(bad, &fields(&[("ok", "v")])).unwrap_err();
+        let err = writer
+            .write(bad, &fields(&[("ok", "v")]), owner())
+            .unwrap_err();
         assert!(matches!(err, WriteError::UnsafeName(_)), "{bad}");
     }
     assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0);
@@ -114,4 +136,42 @@ fn disk_directories_are_not_tmpfs() {
         Err(WriteError::NotTmpfs(_))
     ));
     assert!(ensure_tmpfs(Path::new("/dev/shm")).is_ok());
+}
+
+#[test]
+fn policy_mode_and_group_override_the_defaults() {
+    let writer = Writer::new(PathBuf::from("/nonexistent"), None);
+    assert_eq!(
+        owner(),
+        Access {
+            file_mode: 0o400,
+            group: None
+        }
+    );
+    assert_eq!(
+        writer.access(0, Some(7)).unwrap(),
+        Access {
+            file_mode: 0o440,
+            group: Some(7)
+        }
+    );
+    assert_eq!(
+        writer.access(0o400, Some(7)).unwrap(),
+        Access {
+            file_mode: 0o400,
+            group: Some(7)
+        }
+    );
+    let grouped = Writer::new(PathBuf::from("/nonexistent"), Some(5));
+    assert_eq!(
+        grouped.access(0, None).unwrap(),
+        Access {
+            file_mode: 0o440,
+            group: Some(5)
+        }
+    );
+    assert!(matches!(
+        writer.access(0o644, None),
+        Err(WriteError::UnsafeMode(0o644))
+    ));
 }

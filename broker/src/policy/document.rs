@@ -1,0 +1,582 @@
+//! The policy as written (YAML, with source positions) and its checks.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use serde::Deserialize;
+pub use serde_saphyr::Spanned;
+
+use super::{
+    BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Binding, Kv2Source, Limits, Origin, Output, Problem,
+    Source, Subject, at, glob, render::Template, safe,
+};
+
+/// The only policy `apiVersion` this broker reads.
+pub const API_VERSION: &str = "tessera.dev/v1alpha1";
+
+/// Source kinds this broker knows, as named in `limits.allowedSources`.
+const SOURCE_KINDS: &[&str] = &["kv2"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct Document {
+    api_version: Spanned<String>,
+    kind: Spanned<String>,
+    pub(super) limits: Option<Spanned<LimitsDoc>>,
+    pub(super) defaults: Option<Spanned<DefaultsDoc>>,
+    #[serde(default)]
+    pub(super) bindings: Vec<BindingDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct LimitsDoc {
+    max_ttl: Option<Spanned<String>>,
+    min_renew_fraction: Option<Spanned<f64>>,
+    max_renew_fraction: Option<Spanned<f64>>,
+    allowed_sources: Option<Spanned<Vec<String>>>,
+    allowed_mounts: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct DefaultsDoc {
+    ttl: Option<Spanned<String>>,
+    renew_fraction: Option<Spanned<f64>>,
+    mode: Option<Spanned<String>>,
+    group: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct BindingDoc {
+    pub(super) name: Spanned<String>,
+    #[serde(default)]
+    #[allow(dead_code)] // documentation for reviewers; not used by the broker
+    description: Option<String>,
+    subjects: Spanned<Vec<SubjectDoc>>,
+    source: Spanned<SourceDoc>,
+    ttl: Option<Spanned<String>>,
+    renew_fraction: Option<Spanned<f64>>,
+    output: Option<Spanned<OutputDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SubjectDoc {
+    namespace: Spanned<String>,
+    service_account: Spanned<String>,
+    #[serde(default)]
+    pod_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+enum SourceDoc {
+    Kv2(Kv2Doc),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Kv2Doc {
+    mount: String,
+    path: String,
+    keys: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OutputDoc {
+    #[serde(default)]
+    files: BTreeMap<String, String>,
+    #[serde(default)]
+    templates: BTreeMap<String, String>,
+    #[serde(default)]
+    templates_only: bool,
+    mode: Option<Spanned<String>>,
+    group: Option<u32>,
+}
+
+/// Defaults after their checks.
+pub(super) struct Defaults {
+    ttl: Option<Duration>,
+    renew_fraction: Option<f64>,
+    mode: Option<u32>,
+    group: Option<u32>,
+}
+
+/// Parses one document; a syntax error or unknown key is `(line, column, message)`.
+pub(super) fn parse(text: &str) -> Result<Document, (u64, u64, String)> {
+    let doc: Document = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        let text = e.without_snippet().to_string();
+        let message = text
+            .strip_prefix("error: ")
+            .unwrap_or(&text)
+            .split_once(": ")
+            .filter(|(prefix, _)| prefix.starts_with("line "))
+            .map_or(text.as_str(), |(_, rest)| rest)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        (line, column, message)
+    })?;
+    if doc.api_version.value != API_VERSION {
+        return Err((
+            doc.api_version.referenced.line(),
+            doc.api_version.referenced.column(),
+            format!(
+                "apiVersion `{}` is not supported (use `{API_VERSION}`)",
+                doc.api_version.value
+            ),
+        ));
+    }
+    if doc.kind.value != "Policy" {
+        return Err((
+            doc.kind.referenced.line(),
+            doc.kind.referenced.column(),
+            format!("kind `{}` is not `Policy`", doc.kind.value),
+        ));
+    }
+    Ok(doc)
+}
+
+fn duration(
+    file: &str,
+    text: &Spanned<String>,
+    what: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    match humantime::parse_duration(&text.value) {
+        Ok(d) if !d.is_zero() => Some(d),
+        _ => {
+            problems.push(at(
+                file,
+                text,
+                format!("{what} `{}` is not a duration like 15m or 1h", text.value),
+            ));
+            None
+        }
+    }
+}
+
+fn mode(file: &str, text: &Spanned<String>, problems: &mut Vec<Problem>) -> Option<u32> {
+    match text.value.as_str() {
+        "0400" => Some(0o400),
+        "0440" => Some(0o440),
+        other => {
+            problems.push(at(
+                file,
+                text,
+                format!("mode `{other}` is not allowed (use \"0400\", or \"0440\" with a group)"),
+            ));
+            None
+        }
+    }
+}
+
+fn show(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+/// Applies a `limits` block.
+pub(super) fn apply_limits(
+    file: &str,
+    doc: &Spanned<LimitsDoc>,
+    limits: &mut Limits,
+    problems: &mut Vec<Problem>,
+) {
+    let l = &doc.value;
+    if let Some(max) = l
+        .max_ttl
+        .as_ref()
+        .and_then(|t| duration(file, t, "limits.maxTtl", problems))
+    {
+        limits.max_ttl = max;
+    }
+    for (field, name, target) in [
+        (
+            &l.min_renew_fraction,
+            "minRenewFraction",
+            &mut limits.min_renew_fraction,
+        ),
+        (
+            &l.max_renew_fraction,
+            "maxRenewFraction",
+            &mut limits.max_renew_fraction,
+        ),
+    ] {
+        if let Some(value) = field {
+            if value.value > 0.0 && value.value < 1.0 {
+                *target = value.value;
+            } else {
+                problems.push(at(
+                    file,
+                    value,
+                    format!("limits.{name} {} must be between 0 and 1", value.value),
+                ));
+            }
+        }
+    }
+    if limits.min_renew_fraction > limits.max_renew_fraction {
+        problems.push(at(
+            file,
+            doc,
+            format!(
+                "limits.minRenewFraction {} exceeds limits.maxRenewFraction {}",
+                limits.min_renew_fraction, limits.max_renew_fraction
+            ),
+        ));
+    }
+    if let Some(kinds) = &l.allowed_sources {
+        if let Some(bad) = kinds
+            .value
+            .iter()
+            .find(|k| !SOURCE_KINDS.contains(&k.as_str()))
+        {
+            problems.push(at(
+                file,
+                kinds,
+                format!(
+                    "limits.allowedSources: unknown source kind `{bad}` (known: {})",
+                    SOURCE_KINDS.join(", ")
+                ),
+            ));
+        }
+        limits.allowed_sources = Some(kinds.value.iter().cloned().collect());
+    }
+    if let Some(mounts) = &l.allowed_mounts {
+        limits.allowed_mounts = Some(mounts.iter().cloned().collect::<BTreeSet<_>>());
+    }
+}
+
+fn check_ttl(
+    file: &str,
+    text: &Spanned<String>,
+    limits: &Limits,
+    what: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    let ttl = duration(file, text, what, problems)?;
+    if ttl > limits.max_ttl {
+        problems.push(at(
+            file,
+            text,
+            format!(
+                "{what} {} exceeds the cluster ceiling {} (lower {what} or raise limits.maxTtl)",
+                show(ttl),
+                show(limits.max_ttl)
+            ),
+        ));
+        return None;
+    }
+    Some(ttl)
+}
+
+fn check_fraction(
+    file: &str,
+    value: &Spanned<f64>,
+    limits: &Limits,
+    what: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<f64> {
+    if value.value < limits.min_renew_fraction || value.value > limits.max_renew_fraction {
+        problems.push(at(
+            file,
+            value,
+            format!(
+                "{what} {} is outside the cluster limits [{}, {}] (adjust it or limits.min/maxRenewFraction)",
+                value.value, limits.min_renew_fraction, limits.max_renew_fraction
+            ),
+        ));
+        return None;
+    }
+    Some(value.value)
+}
+
+/// Checks a `defaults` block against the limits.
+pub(super) fn check_defaults(
+    file: &str,
+    doc: &Spanned<DefaultsDoc>,
+    limits: &Limits,
+    problems: &mut Vec<Problem>,
+) -> Defaults {
+    let d = &doc.value;
+    Defaults {
+        ttl: d
+            .ttl
+            .as_ref()
+            .and_then(|t| check_ttl(file, t, limits, "defaults.ttl", problems)),
+        renew_fraction: d
+            .renew_fraction
+            .as_ref()
+            .and_then(|f| check_fraction(file, f, limits, "defaults.renewFraction", problems)),
+        mode: d.mode.as_ref().and_then(|m| mode(file, m, problems)),
+        group: d.group,
+    }
+}
+
+/// Checks one binding and applies the defaults; `None` when it has problems.
+pub(super) fn compile_binding(
+    file: &str,
+    raw: &BindingDoc,
+    limits: &Limits,
+    defaults: Option<&Defaults>,
+    problems: &mut Vec<Problem>,
+) -> Option<Binding> {
+    let before = problems.len();
+    let name = raw.name.value.clone();
+    if !safe(&name) {
+        problems.push(at(
+            file,
+            &raw.name,
+            format!("binding name `{name}` is not a safe directory name (no `/`, not `.`, no leading `..`)"),
+        ));
+    }
+    let here = |spanned_line: u64| format!("{file}:{spanned_line}");
+
+    if raw.subjects.value.is_empty() {
+        problems.push(at(
+            file,
+            &raw.subjects,
+            format!("binding `{name}`: `subjects` is empty (name at least one)"),
+        ));
+    }
+    let mut subjects = Vec::new();
+    for s in &raw.subjects.value {
+        for (field, value) in [
+            ("namespace", &s.namespace),
+            ("serviceAccount", &s.service_account),
+        ] {
+            if value.value.is_empty() {
+                problems.push(at(
+                    file,
+                    value,
+                    format!("binding `{name}`: subject {field} is empty"),
+                ));
+            } else if value.value == "*" && field == "namespace" {
+                // Allowed, but worth a reviewer's eye: `policy explain` shows it.
+            } else if glob::is_pattern(&value.value) && value.value.contains('/') {
+                problems.push(at(
+                    file,
+                    value,
+                    format!(
+                        "binding `{name}`: subject {field} `{}` contains `/`",
+                        value.value
+                    ),
+                ));
+            }
+        }
+        subjects.push(Subject {
+            namespace: s.namespace.value.clone(),
+            service_account: s.service_account.value.clone(),
+            pod_labels: s.pod_labels.clone(),
+        });
+    }
+
+    let source = match &raw.source.value {
+        SourceDoc::Kv2(kv) => {
+            if kv.mount.is_empty() || kv.path.is_empty() {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!("binding `{name}`: kv2 needs `mount` and `path`"),
+                ));
+            }
+            if kv.path.split('/').any(|seg| seg == ".." || seg == ".") {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!(
+                        "binding `{name}`: kv2 path `{}` has `.` or `..` segments",
+                        kv.path
+                    ),
+                ));
+            }
+            if let Some(keys) = &kv.keys {
+                if keys.is_empty() {
+                    problems.push(at(
+                        file,
+                        &raw.source,
+                        format!(
+                            "binding `{name}`: kv2 `keys` is empty (remove it to deliver all keys)"
+                        ),
+                    ));
+                }
+                if let Some(bad) = keys.iter().find(|k| !safe(k)) {
+                    problems.push(at(
+                        file,
+                        &raw.source,
+                        format!("binding `{name}`: key `{bad}` is not a safe file name"),
+                    ));
+                }
+            }
+            Source::Kv2(Kv2Source {
+                mount: kv.mount.clone(),
+                path: kv.path.clone(),
+                keys: kv.keys.clone(),
+            })
+        }
+    };
+    if let Some(allowed) = &limits.allowed_sources
+        && !allowed.contains(source.kind())
+    {
+        problems.push(at(
+            file,
+            &raw.source,
+            format!(
+                "binding `{name}`: source kind `{}` is not in limits.allowedSources",
+                source.kind()
+            ),
+        ));
+    }
+    if let Some(allowed) = &limits.allowed_mounts
+        && !allowed.contains(source.mount())
+    {
+        problems.push(at(
+            file,
+            &raw.source,
+            format!(
+                "binding `{name}`: mount `{}` is not in limits.allowedMounts",
+                source.mount()
+            ),
+        ));
+    }
+
+    let (ttl, ttl_origin) = match (&raw.ttl, defaults.and_then(|d| d.ttl)) {
+        (Some(t), _) => (
+            check_ttl(file, t, limits, "ttl", problems).unwrap_or(BUILT_IN_TTL),
+            Origin::Binding,
+        ),
+        (None, Some(d)) => (d, Origin::Default),
+        (None, None) => (BUILT_IN_TTL.min(limits.max_ttl), Origin::BuiltIn),
+    };
+    let (renew_fraction, renew_fraction_origin) =
+        match (&raw.renew_fraction, defaults.and_then(|d| d.renew_fraction)) {
+            (Some(f), _) => (
+                check_fraction(file, f, limits, "renewFraction", problems)
+                    .unwrap_or(BUILT_IN_RENEW_FRACTION),
+                Origin::Binding,
+            ),
+            (None, Some(d)) => (d, Origin::Default),
+            (None, None) => (
+                BUILT_IN_RENEW_FRACTION.clamp(limits.min_renew_fraction, limits.max_renew_fraction),
+                Origin::BuiltIn,
+            ),
+        };
+
+    let output = compile_output(file, raw, &name, &source, defaults, problems);
+    (problems.len() == before).then(|| Binding {
+        name,
+        subjects,
+        source,
+        ttl,
+        ttl_origin,
+        renew_fraction,
+        renew_fraction_origin,
+        output,
+        defined_at: here(raw.name.referenced.line()),
+    })
+}
+
+fn compile_output(
+    file: &str,
+    raw: &BindingDoc,
+    name: &str,
+    source: &Source,
+    defaults: Option<&Defaults>,
+    problems: &mut Vec<Problem>,
+) -> Output {
+    let mut output = Output {
+        files: BTreeMap::new(),
+        templates: BTreeMap::new(),
+        templates_only: false,
+        mode: defaults.and_then(|d| d.mode),
+        group: defaults.and_then(|d| d.group),
+    };
+    let Some(doc) = &raw.output else {
+        return output;
+    };
+    let o = &doc.value;
+    let Source::Kv2(kv) = source;
+    for (field, file_name) in &o.files {
+        if !safe(file_name) {
+            problems.push(at(
+                file,
+                doc,
+                format!("binding `{name}`: output file `{file_name}` is not a safe file name"),
+            ));
+        }
+        if let Some(keys) = &kv.keys
+            && !keys.contains(field)
+        {
+            problems.push(at(file, doc, format!("binding `{name}`: output.files renames `{field}`, which is not in the source's keys")));
+        }
+    }
+    output.files = o.files.clone();
+    for (file_name, text) in &o.templates {
+        if !safe(file_name) {
+            problems.push(at(
+                file,
+                doc,
+                format!("binding `{name}`: template file `{file_name}` is not a safe file name"),
+            ));
+        }
+        match Template::parse(text) {
+            Ok(template) => {
+                if let Some(keys) = &kv.keys
+                    && let Some(missing) = template.fields().find(|f| !keys.iter().any(|k| k == f))
+                {
+                    problems.push(at(
+                        file,
+                        doc,
+                        format!("binding `{name}`: template `{file_name}` uses `{missing}`, which is not in the source's keys"),
+                    ));
+                }
+                output.templates.insert(file_name.clone(), template);
+            }
+            Err(e) => problems.push(at(
+                file,
+                doc,
+                format!("binding `{name}`: template `{file_name}`: {e}"),
+            )),
+        }
+    }
+    output.templates_only = o.templates_only;
+    if o.templates_only && o.templates.is_empty() {
+        problems.push(at(
+            file,
+            doc,
+            format!("binding `{name}`: templatesOnly without templates would write nothing"),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let raw_names: Vec<&String> = if o.templates_only {
+        Vec::new()
+    } else {
+        kv.keys
+            .iter()
+            .flatten()
+            .map(|k| o.files.get(k).unwrap_or(k))
+            .collect()
+    };
+    for n in raw_names.into_iter().chain(o.templates.keys()) {
+        if !names.insert(n) {
+            problems.push(at(
+                file,
+                doc,
+                format!("binding `{name}`: two outputs are written to file `{n}`"),
+            ));
+        }
+    }
+    if let Some(m) = &o.mode {
+        output.mode = mode(file, m, problems).or(output.mode);
+    }
+    if o.group.is_some() {
+        output.group = o.group;
+    }
+    output
+}

@@ -1,0 +1,513 @@
+//! The access and rotation policy: which identities get which bindings, for how
+//! long, and how they are written. One reviewed file, or a directory of them
+//! (a mounted ConfigMap). Deny by default: an identity gets exactly the
+//! bindings whose subjects match it.
+//!
+//! Loading collects every problem with `file:line:column`, what is wrong and
+//! how to fix it, so `policy check` can list them all at once.
+
+mod document;
+pub mod glob;
+pub mod render;
+pub mod report;
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tessera_proto::is_safe_name;
+
+use crate::{identity::Identity, secret::Secret};
+pub use document::API_VERSION;
+use document::{Document, Spanned};
+use render::Template;
+
+/// One problem found in a policy, located in its file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The file.
+    pub file: String,
+    /// 1-based line, 0 when unknown.
+    pub line: u64,
+    /// 1-based column, 0 when unknown.
+    pub column: u64,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+/// A policy that could not be loaded: every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct PolicyError {
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "policy has {n} problem{}", if n == 1 { "" } else { "s" })?;
+        for problem in &self.problems {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a setting came from, for `policy explain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Set on the binding.
+    Binding,
+    /// Taken from `defaults`.
+    Default,
+    /// Built in (no default in the policy).
+    BuiltIn,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Binding => "set on the binding",
+            Origin::Default => "from defaults",
+            Origin::BuiltIn => "built-in default",
+        })
+    }
+}
+
+/// Cluster-wide ceilings that no binding or default may exceed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Longest TTL any binding may ask for.
+    pub max_ttl: Duration,
+    /// Lowest renew fraction (renewing earlier than this is refused).
+    pub min_renew_fraction: f64,
+    /// Highest renew fraction (renewing later than this is refused).
+    pub max_renew_fraction: f64,
+    /// Source kinds allowed; all when `None`.
+    pub allowed_sources: Option<BTreeSet<String>>,
+    /// Vault mounts allowed; all when `None`.
+    pub allowed_mounts: Option<BTreeSet<String>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_ttl: Duration::from_secs(24 * 3600),
+            min_renew_fraction: 0.5,
+            max_renew_fraction: 0.9,
+            allowed_sources: None,
+            allowed_mounts: None,
+        }
+    }
+}
+
+/// Who a binding is for. Namespace and service account are exact names or
+/// globs (`*`, `?`); pod labels, when given, must all be present on the pod
+/// (known only when the broker looks pods up; otherwise the subject never
+/// matches, which is the safe side).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    /// Namespace name or glob.
+    pub namespace: String,
+    /// Service-account name or glob.
+    pub service_account: String,
+    /// Labels the pod must carry.
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+impl Subject {
+    /// Whether `identity` is this subject.
+    pub fn matches(&self, identity: &Identity) -> bool {
+        glob::matches(&self.namespace, &identity.namespace)
+            && glob::matches(&self.service_account, &identity.service_account)
+            && (self.pod_labels.is_empty()
+                || identity.pod_labels.as_ref().is_some_and(|labels| {
+                    self.pod_labels
+                        .iter()
+                        .all(|(k, v)| labels.get(k) == Some(v))
+                }))
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)?;
+        for (k, v) in &self.pod_labels {
+            write!(f, " [{k}={v}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a binding's values come from. New kinds (database, PKI) are new variants.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// A Vault KV version 2 secret.
+    Kv2(Kv2Source),
+}
+
+impl Source {
+    /// The kind's name as written in the policy.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Kv2(_) => "kv2",
+        }
+    }
+
+    /// The Vault mount it reads from.
+    pub fn mount(&self) -> &str {
+        match self {
+            Source::Kv2(kv) => &kv.mount,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Kv2(kv) => {
+                write!(f, "kv2 {}/{}", kv.mount, kv.path)?;
+                if let Some(keys) = &kv.keys {
+                    write!(f, " keys [{}]", keys.join(", "))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A KV v2 secret: all its keys, or the chosen ones.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Kv2Source {
+    /// Mount path of the KV v2 engine, e.g. `secret`.
+    pub mount: String,
+    /// Secret path under the mount, e.g. `orders/db`.
+    pub path: String,
+    /// Keys to deliver; all keys when absent.
+    pub keys: Option<Vec<String>>,
+}
+
+/// How a binding's files are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// Field name to file name, for fields that are renamed.
+    pub files: BTreeMap<String, String>,
+    /// File name to template, for files rendered from several fields.
+    pub templates: BTreeMap<String, Template>,
+    /// Write only the templates, not the raw fields.
+    pub templates_only: bool,
+    /// File mode, 0o400 or 0o440; `None` lets the sidecar decide (0440 when
+    /// it runs with `--group`, else 0400).
+    pub mode: Option<u32>,
+    /// Group owning the files (with mode 0440).
+    pub group: Option<u32>,
+}
+
+/// A binding with its defaults applied and its limits checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Binding {
+    /// Name: the directory name in the pod and the name clients ask for.
+    pub name: String,
+    /// Who may have it.
+    pub subjects: Vec<Subject>,
+    /// Where the values come from.
+    pub source: Source,
+    /// Credential lifetime asked of Vault (leased sources).
+    pub ttl: Duration,
+    /// Where the TTL came from.
+    pub ttl_origin: Origin,
+    /// Fraction of the lifetime after which the credential is renewed.
+    pub renew_fraction: f64,
+    /// Where the renew fraction came from.
+    pub renew_fraction_origin: Origin,
+    /// How files are written.
+    pub output: Output,
+    /// `file:line` of the binding.
+    pub defined_at: String,
+}
+
+impl Binding {
+    /// Whether `identity` may have this binding.
+    pub fn grants(&self, identity: &Identity) -> bool {
+        self.subjects.iter().any(|s| s.matches(identity))
+    }
+
+    /// The first subject that matches `identity`.
+    pub fn matching_subject(&self, identity: &Identity) -> Option<&Subject> {
+        self.subjects.iter().find(|s| s.matches(identity))
+    }
+
+    /// The files to write for these source fields: renamed fields (unless
+    /// `templatesOnly`) plus rendered templates.
+    ///
+    /// # Errors
+    /// The name of a field a template needs that the source did not provide.
+    pub fn render(
+        &self,
+        fields: &BTreeMap<String, Secret>,
+    ) -> Result<BTreeMap<String, Secret>, String> {
+        let mut files = BTreeMap::new();
+        if !self.output.templates_only {
+            for (field, value) in fields {
+                let name = self.output.files.get(field).unwrap_or(field);
+                files.insert(name.clone(), value.clone());
+            }
+        }
+        for (file, template) in &self.output.templates {
+            files.insert(file.clone(), template.render(fields)?);
+        }
+        Ok(files)
+    }
+}
+
+/// A loaded, valid policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Cluster-wide limits.
+    pub limits: Limits,
+    /// The bindings, in file order.
+    pub bindings: Vec<Binding>,
+    /// The files it was read from.
+    pub files: Vec<PathBuf>,
+}
+
+impl Policy {
+    /// Loads a policy from files and directories (every `*.yaml`/`*.yml` in a
+    /// directory, skipping the `..`-prefixed entries of a ConfigMap volume).
+    ///
+    /// # Errors
+    /// A [`PolicyError`] listing every problem found.
+    pub fn load(paths: &[PathBuf]) -> Result<Self, PolicyError> {
+        let sources = read_sources(paths)?;
+        let mut policy = Self::parse_many(&sources.texts)?;
+        policy.files = sources.files;
+        Ok(policy)
+    }
+
+    /// Parses one policy document; `origin` names it in problems.
+    ///
+    /// # Errors
+    /// A [`PolicyError`] listing every problem found.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, PolicyError> {
+        Self::parse_many(&[(origin.to_owned(), text.to_owned())])
+    }
+
+    /// Parses several documents (file name, text) into one policy.
+    ///
+    /// # Errors
+    /// A [`PolicyError`] listing every problem found.
+    pub fn parse_many(texts: &[(String, String)]) -> Result<Self, PolicyError> {
+        let mut problems = Vec::new();
+        let mut documents = Vec::new();
+        for (file, text) in texts {
+            match document::parse(text) {
+                Ok(doc) => documents.push((file.clone(), doc)),
+                Err((line, column, message)) => problems.push(Problem {
+                    file: file.clone(),
+                    line,
+                    column,
+                    message,
+                }),
+            }
+        }
+        let policy = compile(&documents, &mut problems);
+        if problems.is_empty() {
+            Ok(policy)
+        } else {
+            Err(PolicyError { problems })
+        }
+    }
+
+    /// The bindings granted to `identity`, in policy order.
+    pub fn granted<'a>(&'a self, identity: &'a Identity) -> impl Iterator<Item = &'a Binding> {
+        self.bindings.iter().filter(move |b| b.grants(identity))
+    }
+
+    /// The binding `name` if `identity` is granted it. Unknown and not granted
+    /// look the same to the caller, so a pod cannot probe binding names.
+    pub fn lookup(&self, identity: &Identity, name: &str) -> Option<&Binding> {
+        self.bindings
+            .iter()
+            .find(|b| b.name == name && b.grants(identity))
+    }
+}
+
+/// The policy files found under some paths, and their text.
+pub struct Sources {
+    /// The files, in load order.
+    pub files: Vec<PathBuf>,
+    /// (file name, text) for each file.
+    pub texts: Vec<(String, String)>,
+}
+
+/// Reads every policy file under `paths`.
+///
+/// # Errors
+/// A [`PolicyError`] for paths that do not exist or cannot be read.
+pub fn read_sources(paths: &[PathBuf]) -> Result<Sources, PolicyError> {
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    for path in paths {
+        match policy_files(path) {
+            Ok(found) => files.extend(found),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    let mut texts = Vec::new();
+    for file in &files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => texts.push((file.display().to_string(), text)),
+            Err(e) => problems.push(Problem {
+                file: file.display().to_string(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    if problems.is_empty() {
+        Ok(Sources { files, texts })
+    } else {
+        Err(PolicyError { problems })
+    }
+}
+
+/// The policy files a path names: itself, or the YAML files of a directory.
+fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Problem> {
+    let problem = |message: String| Problem {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        message,
+    };
+    if !path.is_dir() {
+        return if path.exists() {
+            Ok(vec![path.to_owned()])
+        } else {
+            Err(problem("no such file or directory".to_owned()))
+        };
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| problem(format!("cannot list: {e}")))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            !name.starts_with("..")
+                && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(problem(
+            "directory holds no *.yaml or *.yml policy file".to_owned(),
+        ));
+    }
+    Ok(files)
+}
+
+const BUILT_IN_TTL: Duration = Duration::from_secs(3600);
+const BUILT_IN_RENEW_FRACTION: f64 = 0.7;
+
+fn at<T>(file: &str, spanned: &Spanned<T>, message: String) -> Problem {
+    Problem {
+        file: file.to_owned(),
+        line: spanned.referenced.line(),
+        column: spanned.referenced.column(),
+        message,
+    }
+}
+
+/// Checks the documents and builds the policy, pushing every problem found.
+fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Policy {
+    // Limits and defaults: at most one document may set each.
+    let mut limits = Limits::default();
+    let mut defaults = None;
+    let mut limits_file: Option<&str> = None;
+    for (file, doc) in documents {
+        if let Some(l) = &doc.limits {
+            if let Some(first) = limits_file {
+                problems.push(at(
+                    file,
+                    l,
+                    format!("`limits` is already set in {first} (keep one)"),
+                ));
+                continue;
+            }
+            limits_file = Some(file);
+            document::apply_limits(file, l, &mut limits, problems);
+        }
+        if let Some(d) = &doc.defaults {
+            if defaults.is_some() {
+                problems.push(at(
+                    file,
+                    d,
+                    "`defaults` is set in more than one file (keep one)".to_owned(),
+                ));
+            } else {
+                defaults = Some((file.as_str(), d));
+            }
+        }
+    }
+    let defaults = defaults.map(|(file, d)| document::check_defaults(file, d, &limits, problems));
+
+    let mut bindings: Vec<Binding> = Vec::new();
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for (file, doc) in documents {
+        for raw in &doc.bindings {
+            let Some(binding) =
+                document::compile_binding(file, raw, &limits, defaults.as_ref(), problems)
+            else {
+                continue;
+            };
+            if let Some(first) = seen.get(&binding.name) {
+                problems.push(at(
+                    file,
+                    &raw.name,
+                    format!(
+                        "binding `{}` is already defined at {first} (names must be unique)",
+                        binding.name
+                    ),
+                ));
+                continue;
+            }
+            seen.insert(binding.name.clone(), binding.defined_at.clone());
+            bindings.push(binding);
+        }
+    }
+    Policy {
+        limits,
+        bindings,
+        files: Vec::new(),
+    }
+}
+
+/// Whether `name` can be a binding or file name; re-exported for the documents.
+fn safe(name: &str) -> bool {
+    is_safe_name(name)
+}
+
+#[cfg(test)]
+mod tests;

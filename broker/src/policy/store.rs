@@ -1,0 +1,128 @@
+//! The live policy: swapped whole and atomically when its files change, so no
+//! request ever sees half a policy; an invalid change keeps the last good one.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use ring::digest;
+use tokio_util::sync::CancellationToken;
+
+use super::{Policy, PolicyError, read_sources};
+
+/// One loaded policy and its generation (1 for the first load, +1 per change).
+#[derive(Debug)]
+pub struct Loaded {
+    /// The policy.
+    pub policy: Policy,
+    /// Increases with every successful reload.
+    pub generation: u64,
+    fingerprint: Vec<u8>,
+}
+
+/// The current policy plus what the last reload said.
+pub struct PolicyStore {
+    paths: Vec<PathBuf>,
+    current: ArcSwap<Loaded>,
+    last_error: Mutex<Option<String>>,
+}
+
+fn fingerprint(texts: &[(String, String)]) -> Vec<u8> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for (name, text) in texts {
+        ctx.update(name.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(text.as_bytes());
+        ctx.update(&[0]);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+impl PolicyStore {
+    /// Loads the policy at `paths` (files or directories).
+    ///
+    /// # Errors
+    /// A [`PolicyError`] listing every problem.
+    pub fn load(paths: Vec<PathBuf>) -> Result<Self, PolicyError> {
+        let sources = read_sources(&paths)?;
+        let mut policy = Policy::parse_many(&sources.texts)?;
+        policy.files = sources.files;
+        Ok(Self {
+            paths,
+            current: ArcSwap::from_pointee(Loaded {
+                policy,
+                generation: 1,
+                fingerprint: fingerprint(&sources.texts),
+            }),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// The policy to use for one whole request.
+    pub fn current(&self) -> Arc<Loaded> {
+        self.current.load_full()
+    }
+
+    /// The error of the last reload attempt, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the files; swaps in the new policy when they changed and are
+    /// valid. Returns whether a new policy was swapped in.
+    ///
+    /// # Errors
+    /// A [`PolicyError`] when the changed files are invalid; the last good
+    /// policy stays in force.
+    pub fn reload(&self) -> Result<bool, PolicyError> {
+        let result = read_sources(&self.paths).and_then(|sources| {
+            let print = fingerprint(&sources.texts);
+            let current = self.current.load();
+            if print == current.fingerprint {
+                return Ok(false);
+            }
+            let mut policy = Policy::parse_many(&sources.texts)?;
+            policy.files = sources.files;
+            self.current.store(Arc::new(Loaded {
+                policy,
+                generation: current.generation + 1,
+                fingerprint: print,
+            }));
+            Ok(true)
+        });
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            result.as_ref().err().map(ToString::to_string);
+        result
+    }
+
+    /// Polls the files every `interval` until `shutdown`. Polling (not inotify)
+    /// follows a ConfigMap's `..data` symlink swap without special cases.
+    pub async fn follow(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            match self.reload() {
+                Ok(true) => {
+                    let loaded = self.current();
+                    tracing::info!(
+                        generation = loaded.generation,
+                        bindings = loaded.policy.bindings.len(),
+                        "policy reloaded"
+                    );
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(%error, generation = self.current().generation, "policy reload failed; keeping the last good policy");
+                }
+            }
+        }
+    }
+}

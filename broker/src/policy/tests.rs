@@ -1,0 +1,223 @@
+use super::*;
+
+const POLICY: &str = r#"apiVersion: tessera.dev/v1alpha1
+kind: Policy
+limits:
+  maxTtl: 24h
+  minRenewFraction: 0.5
+  maxRenewFraction: 0.9
+  allowedSources: [kv2]
+  allowedMounts: [secret]
+defaults:
+  ttl: 1h
+  renewFraction: 0.7
+bindings:
+  - name: orders-db
+    subjects:
+      - namespace: shop
+        serviceAccount: "orders-*"
+    source:
+      kv2:
+        mount: secret
+        path: shop/orders
+        keys: [username, password]
+    ttl: 2h
+    output:
+      files: { password: db-password }
+      templates:
+        dsn: "postgres://{{ username }}:{{ password }}@db/orders"
+      mode: "0440"
+      group: 2000
+  - name: labelled
+    subjects:
+      - namespace: shop
+        serviceAccount: orders-api
+        podLabels: { tier: gold }
+    source:
+      kv2: { mount: secret, path: shop/gold }
+"#;
+
+fn identity(ns: &str, sa: &str) -> Identity {
+    Identity {
+        namespace: ns.into(),
+        service_account: sa.into(),
+        service_account_uid: String::new(),
+        pod: None,
+        node: None,
+        pod_labels: None,
+        expires_at: 0,
+    }
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    Policy::parse(text, "p.yaml").unwrap_err().problems
+}
+
+#[test]
+fn grants_only_matching_subjects() {
+    let policy = Policy::parse(POLICY, "p.yaml").unwrap();
+    assert!(
+        policy
+            .lookup(&identity("shop", "orders-api"), "orders-db")
+            .is_some()
+    );
+    assert!(
+        policy
+            .lookup(&identity("shop", "billing"), "orders-db")
+            .is_none()
+    );
+    assert!(
+        policy
+            .lookup(&identity("other", "orders-api"), "orders-db")
+            .is_none()
+    );
+    assert!(
+        policy
+            .lookup(&identity("shop", "orders-api"), "missing")
+            .is_none()
+    );
+}
+
+#[test]
+fn pod_labels_match_only_when_known() {
+    let policy = Policy::parse(POLICY, "p.yaml").unwrap();
+    let mut id = identity("shop", "orders-api");
+    assert!(
+        policy.lookup(&id, "labelled").is_none(),
+        "unknown labels never match"
+    );
+    id.pod_labels = Some([("tier".to_owned(), "silver".to_owned())].into());
+    assert!(policy.lookup(&id, "labelled").is_none());
+    id.pod_labels = Some([("tier".to_owned(), "gold".to_owned())].into());
+    assert!(policy.lookup(&id, "labelled").is_some());
+}
+
+#[test]
+fn defaults_and_binding_settings_apply_with_their_origin() {
+    let policy = Policy::parse(POLICY, "p.yaml").unwrap();
+    let db = &policy.bindings[0];
+    assert_eq!(
+        (db.ttl, db.ttl_origin),
+        (Duration::from_secs(7200), Origin::Binding)
+    );
+    assert_eq!(
+        (db.renew_fraction, db.renew_fraction_origin),
+        (0.7, Origin::Default)
+    );
+    assert_eq!(db.output.mode, Some(0o440));
+    assert_eq!(db.defined_at, "p.yaml:13");
+    let labelled = &policy.bindings[1];
+    assert_eq!(
+        (labelled.ttl, labelled.ttl_origin),
+        (Duration::from_secs(3600), Origin::Default)
+    );
+}
+
+#[test]
+fn render_renames_fields_and_fills_templates() {
+    let policy = Policy::parse(POLICY, "p.yaml").unwrap();
+    let fields: BTreeMap<String, Secret> = [("username", "u"), ("password", "p")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Secret::from(v.to_owned())))
+        .collect();
+    let files = policy.bindings[0].render(&fields).unwrap();
+    let names: Vec<&str> = files.keys().map(String::as_str).collect();
+    assert_eq!(names, ["db-password", "dsn", "username"]);
+    assert_eq!(files["dsn"].expose_secret(), b"postgres://u:p@db/orders");
+}
+
+#[test]
+fn limits_are_ceilings_with_located_messages() {
+    let text = POLICY.replace("ttl: 2h", "ttl: 48h");
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].line, found[0].column), (22, 10));
+    assert_eq!(
+        found[0].to_string(),
+        "p.yaml:22:10: ttl 2days exceeds the cluster ceiling 1day (lower ttl or raise limits.maxTtl)"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = POLICY
+        .replace("ttl: 2h", "ttl: 48h")
+        .replace("mode: \"0440\"", "mode: \"0644\"")
+        .replace("renewFraction: 0.7", "renewFraction: 0.95");
+    let found = problems(&text);
+    assert_eq!(found.len(), 3, "{found:?}");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_position() {
+    let found = problems(&POLICY.replace("keys: [username", "kyes: [username"));
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].line, 21);
+    assert!(
+        found[0].message.contains("unknown field `kyes`"),
+        "{}",
+        found[0]
+    );
+}
+
+#[test]
+fn unsafe_names_duplicates_and_mounts_are_rejected() {
+    for bad in ["../etc", "a/b", "..data", "."] {
+        let found = problems(&POLICY.replace("name: orders-db", &format!("name: \"{bad}\"")));
+        assert!(
+            found[0].message.contains("not a safe directory name"),
+            "{bad}: {found:?}"
+        );
+    }
+    let found = problems(&POLICY.replace("name: labelled", "name: orders-db"));
+    assert!(
+        found[0].message.contains("already defined at p.yaml:13"),
+        "{found:?}"
+    );
+    let found = problems(&POLICY.replace("path: shop/gold", "path: shop/gold, keys: [\"..data\"]"));
+    assert!(
+        found[0].message.contains("not a safe file name"),
+        "{found:?}"
+    );
+    let found = problems(&POLICY.replace("kv2: { mount: secret", "kv2: { mount: other"));
+    assert!(
+        found[0].message.contains("not in limits.allowedMounts"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn templates_must_use_delivered_keys() {
+    let found = problems(&POLICY.replace("{{ username }}", "{{ host }}"));
+    assert!(found[0].message.contains("uses `host`"), "{found:?}");
+}
+
+#[test]
+fn wrong_api_version_and_kind_are_rejected() {
+    assert!(
+        problems(&POLICY.replace("v1alpha1", "v9"))[0]
+            .message
+            .contains("apiVersion")
+    );
+    assert!(
+        problems(&POLICY.replace("kind: Policy", "kind: Pod"))[0]
+            .message
+            .contains("kind")
+    );
+}
+
+#[test]
+fn garbage_never_panics() {
+    for text in [
+        "",
+        "{",
+        "- a\n- b",
+        "apiVersion: [",
+        "\u{0}",
+        "bindings: 5",
+        "*anchor",
+        "a: &x [*x]",
+    ] {
+        assert!(Policy::parse(text, "g.yaml").is_err(), "{text:?}");
+    }
+}
