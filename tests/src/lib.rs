@@ -394,7 +394,7 @@ impl Env {
         )
         .unwrap();
 
-        fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+        write_configmap(&dir.path().join("policy"), "policy.yaml", policy);
         bao.write_broker_policy();
         let login = match options.login {
             BrokerLogin::TokenFile => {
@@ -419,7 +419,7 @@ identity:
   jwksFile: dev/jwks.json
   leeway: 5s
 policy:
-  paths: [policy.yaml]
+  paths: [policy]
   reloadInterval: 100ms
 vault:
   address: {address}
@@ -459,6 +459,12 @@ shutdownGrace: 5s
             rsa_signer,
             options,
         }
+    }
+
+    /// Replaces the broker's policy the way the kubelet updates a ConfigMap
+    /// volume (a new hidden directory, then a `..data` symlink swap).
+    pub fn set_policy(&self, policy: &str) {
+        write_configmap(&self.dir.path().join("policy"), "policy.yaml", policy);
     }
 
     /// A well-formed ES256 token for `namespace`/`service_account`.
@@ -547,6 +553,24 @@ shutdownGrace: 5s
             .path()
             .join(format!("sidecar-{}.log", random_string(6)));
         Proc::spawn("sidecar", command, log)
+    }
+}
+
+/// Writes `name` into `dir` laid out like a ConfigMap volume:
+/// `..<n>/name`, `..data -> ..<n>`, `name -> ..data/name`, swapped atomically.
+pub fn write_configmap(dir: &Path, name: &str, text: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let version = format!("..{}", random_string(10));
+    fs::create_dir(dir.join(&version)).unwrap();
+    fs::write(dir.join(&version).join(name), text).unwrap();
+    let old = fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(&version, dir.join("..data_tmp")).unwrap();
+    fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    if fs::symlink_metadata(dir.join(name)).is_err() {
+        std::os::unix::fs::symlink(Path::new("..data").join(name), dir.join(name)).unwrap();
+    }
+    if let Some(old) = old {
+        fs::remove_dir_all(dir.join(old)).unwrap();
     }
 }
 

@@ -10,7 +10,7 @@ pub use serde_saphyr::Spanned;
 
 use super::{
     BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Binding, Kv2Source, Limits, Origin, Output, Problem,
-    Source, Subject, at, glob, render::Template, safe,
+    Source, Subject, at, format_duration, glob, render::Template, safe,
 };
 
 /// The only policy `apiVersion` this broker reads.
@@ -178,10 +178,6 @@ fn mode(file: &str, text: &Spanned<String>, problems: &mut Vec<Problem>) -> Opti
     }
 }
 
-fn show(d: Duration) -> humantime::FormattedDuration {
-    humantime::format_duration(d)
-}
-
 /// Applies a `limits` block.
 pub(super) fn apply_limits(
     file: &str,
@@ -267,8 +263,8 @@ fn check_ttl(
             text,
             format!(
                 "{what} {} exceeds the cluster ceiling {} (lower {what} or raise limits.maxTtl)",
-                show(ttl),
-                show(limits.max_ttl)
+                format_duration(ttl),
+                format_duration(limits.max_ttl)
             ),
         ));
         return None;

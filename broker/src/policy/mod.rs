@@ -428,6 +428,20 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Problem> {
     Ok(files)
 }
 
+/// Formats a duration the way policies write it: `48h`, `90m`, `45s`.
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        format!("{}ms", d.as_millis())
+    } else if secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
 const BUILT_IN_TTL: Duration = Duration::from_secs(3600);
 const BUILT_IN_RENEW_FRACTION: f64 = 0.7;
 
@@ -477,24 +491,26 @@ fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Pol
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     for (file, doc) in documents {
         for raw in &doc.bindings {
-            let Some(binding) =
-                document::compile_binding(file, raw, &limits, defaults.as_ref(), problems)
-            else {
-                continue;
-            };
-            if let Some(first) = seen.get(&binding.name) {
+            let name = &raw.name.value;
+            if let Some(first) = seen.get(name) {
                 problems.push(at(
                     file,
                     &raw.name,
                     format!(
-                        "binding `{}` is already defined at {first} (names must be unique)",
-                        binding.name
+                        "binding `{name}` is already defined at {first} (names must be unique)"
                     ),
                 ));
                 continue;
             }
-            seen.insert(binding.name.clone(), binding.defined_at.clone());
-            bindings.push(binding);
+            seen.insert(
+                name.clone(),
+                format!("{file}:{}", raw.name.referenced.line()),
+            );
+            if let Some(binding) =
+                document::compile_binding(file, raw, &limits, defaults.as_ref(), problems)
+            {
+                bindings.push(binding);
+            }
         }
     }
     Policy {

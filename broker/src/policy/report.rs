@@ -3,12 +3,8 @@
 
 use std::{collections::BTreeSet, fmt::Write};
 
-use super::{Binding, Policy};
+use super::{Binding, Policy, format_duration};
 use crate::identity::Identity;
-
-fn show_ttl(d: std::time::Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
 
 fn describe_output(binding: &Binding) -> String {
     let o = &binding.output;
@@ -71,9 +67,9 @@ pub fn explain(policy: &Policy, identity: &Identity) -> String {
         let _ = writeln!(
             out,
             "  ttl             {} ({}; ceiling limits.maxTtl {})",
-            show_ttl(binding.ttl),
+            format_duration(binding.ttl),
             binding.ttl_origin,
-            show_ttl(limits.max_ttl)
+            format_duration(limits.max_ttl)
         );
         let _ = writeln!(
             out,
@@ -130,7 +126,11 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
                 lines.push(format!("~ change  {name}: {what} {a} -> {b}"));
             }
         };
-        change("ttl", show_ttl(old_binding.ttl), show_ttl(new_binding.ttl));
+        change(
+            "ttl",
+            format_duration(old_binding.ttl),
+            format_duration(new_binding.ttl),
+        );
         change(
             "renewFraction",
             old_binding.renew_fraction.to_string(),
@@ -148,7 +148,11 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
             lines.push(format!("~ limits  {what} {x} -> {y}"));
         }
     };
-    limit("maxTtl", show_ttl(a.max_ttl), show_ttl(b.max_ttl));
+    limit(
+        "maxTtl",
+        format_duration(a.max_ttl),
+        format_duration(b.max_ttl),
+    );
     limit(
         "minRenewFraction",
         a.min_renew_fraction.to_string(),

@@ -134,7 +134,7 @@ fn limits_are_ceilings_with_located_messages() {
     assert_eq!((found[0].line, found[0].column), (22, 10));
     assert_eq!(
         found[0].to_string(),
-        "p.yaml:22:10: ttl 2days exceeds the cluster ceiling 1day (lower ttl or raise limits.maxTtl)"
+        "p.yaml:22:10: ttl 48h exceeds the cluster ceiling 24h (lower ttl or raise limits.maxTtl)"
     );
 }
 

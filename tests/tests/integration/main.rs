@@ -4,5 +4,6 @@
 
 mod auth;
 mod delivery;
+mod policy;
 mod secrecy;
 mod sidecar;
