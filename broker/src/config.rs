@@ -3,13 +3,18 @@
 
 use std::{
     net::SocketAddr,
+    num::NonZeroU32,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::{Deserialize, Deserializer};
 
-use crate::vault::{VaultAuth, VaultSettings};
+use crate::{
+    audit::AuditTarget,
+    ratelimit::RateLimit,
+    vault::{VaultAuth, VaultSettings},
+};
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,10 @@ pub struct Config {
     pub kv_poll_interval: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Where audit events go.
+    pub audit: AuditTarget,
+    /// Per-identity request limit.
+    pub rate_limit: RateLimit,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +70,44 @@ struct File {
     vault: VaultFile,
     #[serde(default = "default_grace", deserialize_with = "duration")]
     shutdown_grace: Duration,
+    #[serde(default)]
+    audit: AuditFile,
+    #[serde(default)]
+    rate_limit: RateLimitFile,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AuditFile {
+    /// `-` for standard output, else a file appended to.
+    #[serde(default = "default_audit_path")]
+    path: String,
+}
+
+impl Default for AuditFile {
+    fn default() -> Self {
+        Self {
+            path: default_audit_path(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RateLimitFile {
+    #[serde(default = "default_per_second")]
+    per_second: u32,
+    #[serde(default = "default_burst")]
+    burst: u32,
+}
+
+impl Default for RateLimitFile {
+    fn default() -> Self {
+        Self {
+            per_second: default_per_second(),
+            burst: default_burst(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -128,6 +175,15 @@ fn default_poll() -> Duration {
 fn default_reload() -> Duration {
     Duration::from_secs(5)
 }
+fn default_audit_path() -> String {
+    "-".to_owned()
+}
+fn default_per_second() -> u32 {
+    5
+}
+fn default_burst() -> u32 {
+    20
+}
 fn default_approle_mount() -> String {
     "approle".to_owned()
 }
@@ -190,7 +246,21 @@ impl Config {
                 "vault.kvPollInterval must be at least 100ms".to_owned(),
             ));
         }
+        let (Some(per_second), Some(burst)) = (
+            NonZeroU32::new(file.rate_limit.per_second),
+            NonZeroU32::new(file.rate_limit.burst),
+        ) else {
+            return Err(error(
+                "rateLimit.perSecond and rateLimit.burst must be at least 1".to_owned(),
+            ));
+        };
+        let audit = match file.audit.path.as_str() {
+            "-" => AuditTarget::Stdout,
+            path => AuditTarget::File(resolve(PathBuf::from(path))),
+        };
         Ok(Self {
+            audit,
+            rate_limit: RateLimit { per_second, burst },
             listen: file.listen,
             tls_cert: resolve(file.tls.cert_file),
             tls_key: resolve(file.tls.key_file),

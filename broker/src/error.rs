@@ -1,6 +1,9 @@
 //! The broker's request errors and the gRPC status each one becomes.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{identity::TokenError, vault::VaultError};
 
@@ -22,6 +25,12 @@ pub enum Error {
         namespace: String,
         /// Caller's service account.
         service_account: String,
+    },
+    /// The caller exceeded its rate limit.
+    #[error("rate limit exceeded; retry in {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// When a request would be allowed again.
+        retry_after: Duration,
     },
     /// The request itself is malformed.
     #[error("invalid request: {0}")]
@@ -52,6 +61,7 @@ impl From<Error> for Status {
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
             Error::Denied { .. } => Code::PermissionDenied,
             Error::InvalidRequest(_) => Code::InvalidArgument,
+            Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::Render { .. } => Code::FailedPrecondition,
             Error::Vault { source, .. } => match source {
                 VaultError::Unavailable(_) | VaultError::Login(_) => Code::Unavailable,
@@ -71,6 +81,18 @@ impl From<Error> for Status {
             },
             other => other.to_string(),
         };
-        Status::new(code, message)
+        let retry_after = match &error {
+            Error::RateLimited { retry_after } => Some(*retry_after),
+            _ if code == Code::Unavailable => Some(Duration::from_secs(1)),
+            _ => None,
+        };
+        match retry_after {
+            Some(delay) => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_retry_info(Some(delay)),
+            ),
+            None => Status::new(code, message),
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! CVE-2026-25537 and 10+ offers only aws-lc or RustCrypto backends.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -323,10 +323,17 @@ impl JwksFile {
     }
 }
 
-/// Verifies tokens: signature against a [`JwksFile`], then claims.
+/// Most verified tokens remembered; past it, expired entries are dropped and,
+/// if that is not enough, the cache starts over.
+const MAX_CACHED_TOKENS: usize = 100_000;
+
+/// Verifies tokens: signature against a [`JwksFile`], then claims. Verified
+/// tokens are remembered by SHA-256 digest until they expire, so the hot path
+/// does no signature work twice.
 pub struct Verifier {
     jwks: JwksFile,
     expect: Expectations,
+    cache: Mutex<HashMap<[u8; 32], Identity>>,
 }
 
 #[derive(Deserialize)]
@@ -365,10 +372,15 @@ struct KubernetesClaims {
 impl Verifier {
     /// A verifier over the given keys and expectations.
     pub fn new(jwks: JwksFile, expect: Expectations) -> Self {
-        Self { jwks, expect }
+        Self {
+            jwks,
+            expect,
+            cache: Mutex::default(),
+        }
     }
 
-    /// Verifies a token at the current time.
+    /// Verifies a token at the current time, from the cache when this exact
+    /// token was verified before and has not expired.
     ///
     /// # Errors
     /// A [`TokenError`] naming the first check that failed.
@@ -376,7 +388,29 @@ impl Verifier {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.verify_at(token, now)
+        let mut key = [0u8; 32];
+        key.copy_from_slice(
+            ring::digest::digest(&ring::digest::SHA256, token.expose_secret()).as_ref(),
+        );
+        let leeway = self.expect.leeway.as_secs();
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(identity) = cache.get(&key)
+                && identity.expires_at.saturating_add(leeway) > now
+            {
+                return Ok(identity.clone());
+            }
+        }
+        let identity = self.verify_at(token, now)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_TOKENS {
+            cache.retain(|_, id| id.expires_at.saturating_add(leeway) > now);
+            if cache.len() >= MAX_CACHED_TOKENS {
+                cache.clear();
+            }
+        }
+        cache.insert(key, identity.clone());
+        Ok(identity)
     }
 
     /// Verifies a token as of `now` (seconds since the Unix epoch).

@@ -5,12 +5,14 @@
 //! [`run`] serves on a listener it is given until a cancellation token fires,
 //! so tests start a real broker in-process or as a process alike.
 
+pub mod audit;
 pub mod config;
 pub mod dev;
 pub mod error;
 pub mod feed;
 pub mod identity;
 pub mod policy;
+pub mod ratelimit;
 pub mod secret;
 pub mod service;
 pub mod tls;
@@ -46,6 +48,14 @@ pub enum StartError {
     /// The Vault client could not be built.
     #[error(transparent)]
     Vault(#[from] vault::VaultError),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log {target}: {source}")]
+    Audit {
+        /// The configured target.
+        target: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -58,8 +68,9 @@ pub struct Prepared {
     service: BrokerService,
 }
 
-/// Loads the JWKS, policy, TLS identity and Vault client named by `config`.
-/// The ring rustls provider must be installed as the process default first.
+/// Loads the JWKS, policy, TLS identity, audit log and Vault client named by
+/// `config`, and starts the policy follower. Call it inside a Tokio runtime,
+/// after installing the ring rustls provider as the process default.
 ///
 /// # Errors
 /// A [`StartError`] naming the file or setting at fault.
@@ -92,7 +103,24 @@ pub fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared,
         config.kv_poll_interval,
         shutdown.clone(),
     ));
-    let service = BrokerService::new(Arc::new(verifier), policy, vault, feeds, shutdown.clone());
+    let audit =
+        Arc::new(
+            audit::Audit::open(&config.audit).map_err(|source| StartError::Audit {
+                target: format!("{:?}", config.audit),
+                source,
+            })?,
+        );
+    let limiter = Arc::new(ratelimit::Limiter::new(config.rate_limit));
+    tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
+    let service = BrokerService::new(service::Parts {
+        verifier: Arc::new(verifier),
+        policy,
+        vault,
+        feeds,
+        audit,
+        limiter,
+        shutdown: shutdown.clone(),
+    });
     Ok(Prepared {
         config,
         tls,
@@ -133,6 +161,16 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// Drops idle rate-limit buckets once a minute so memory follows the live fleet.
+async fn forget_idle_callers(limiter: Arc<ratelimit::Limiter>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => limiter.forget_idle(),
+        }
+    }
 }
 
 /// Installs ring as the process-wide rustls provider (idempotent). Call it

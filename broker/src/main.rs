@@ -12,6 +12,8 @@ use tessera_broker::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod audit_query;
+
 /// EX_USAGE: invalid configuration or arguments.
 const EXIT_USAGE: u8 = 64;
 
@@ -50,6 +52,27 @@ enum Command {
     /// Check, explain and diff access policies (for review and CI).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Answer "who got which binding when" from audit logs (JSON lines).
+    Audit {
+        /// Only this binding.
+        #[arg(long)]
+        binding: Option<String>,
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// From this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: Option<std::time::SystemTime>,
+        /// Until this time (RFC 3339).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        until: Option<std::time::SystemTime>,
+        /// Include denials and errors, not only deliveries.
+        #[arg(long)]
+        all: bool,
+        /// Audit log files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// DEVELOPMENT ONLY: keys, certificates and tokens for a local demo.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -146,6 +169,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, listen } => serve(&config, listen),
         Command::Policy(command) => run_policy(command),
+        Command::Audit {
+            binding,
+            namespace,
+            since,
+            until,
+            all,
+            files,
+        } => {
+            let query = audit_query::Query {
+                binding,
+                namespace,
+                since,
+                until,
+                all,
+            };
+            audit_query::run(&query, &files)
+        }
         Command::Dev(command) => run_dev(command),
     };
     match result {

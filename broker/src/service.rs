@@ -1,4 +1,5 @@
-//! The `tessera.v1.Broker` gRPC service: authenticate, authorize, fetch, stream.
+//! The `tessera.v1.Broker` gRPC service: authenticate, rate-limit, authorize,
+//! fetch, stream, and audit every decision.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -20,10 +21,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
+    audit::{Action, Audit, Event, Outcome},
     error::Error,
     feed::Feeds,
     identity::{Identity, Verifier},
     policy::{Binding, Source, store::PolicyStore},
+    ratelimit::Limiter,
     secret::Secret,
     vault::{KvSecret, Vault},
 };
@@ -31,103 +34,115 @@ use crate::{
 /// Most bindings one request may name.
 const MAX_BINDINGS_PER_REQUEST: usize = 64;
 
-/// The broker service state; cheap to clone.
+/// What the service is built from.
+pub struct Parts {
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// The live policy.
+    pub policy: Arc<PolicyStore>,
+    /// Vault access.
+    pub vault: Arc<Vault>,
+    /// Shared change feeds for `Watch`.
+    pub feeds: Arc<Feeds>,
+    /// The audit trail.
+    pub audit: Arc<Audit>,
+    /// Per-identity rate limits.
+    pub limiter: Arc<Limiter>,
+    /// Ends open streams on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// The broker service; cheap to clone.
 #[derive(Clone)]
 pub struct BrokerService {
-    verifier: Arc<Verifier>,
-    policy: Arc<PolicyStore>,
-    vault: Arc<Vault>,
-    feeds: Arc<Feeds>,
-    shutdown: CancellationToken,
+    parts: Arc<Parts>,
+}
+
+/// A request's verified identity and where it came from.
+struct Caller {
+    identity: Identity,
+    peer: Option<String>,
 }
 
 impl BrokerService {
     /// A service over its parts.
-    pub fn new(
-        verifier: Arc<Verifier>,
-        policy: Arc<PolicyStore>,
-        vault: Arc<Vault>,
-        feeds: Arc<Feeds>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
         Self {
-            verifier,
-            policy,
-            vault,
-            feeds,
-            shutdown,
+            parts: Arc::new(parts),
         }
     }
 
-    /// Verifies the bearer token and records the identity on the current span.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Identity, Error> {
-        let value = request
-            .metadata()
-            .get("authorization")
-            .ok_or(Error::MissingToken(
-                "missing `authorization: Bearer <service-account token>` metadata",
-            ))?;
-        let value = value
-            .to_str()
-            .map_err(|_| Error::MissingToken("`authorization` metadata is not ASCII"))?;
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => {
-                return Err(Error::MissingToken(
-                    "`authorization` metadata is not `Bearer <token>`",
-                ));
-            }
-        };
-        let identity = self.verifier.verify(&Secret::from(token.to_owned()))?;
+    fn audit(&self, event: Event) {
+        self.parts.audit.record(&event);
+    }
+
+    /// Verifies the bearer token, applies the rate limit, and records the
+    /// identity on the current span. Refusals are audited.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let identity = bearer(request)
+            .and_then(|token| Ok(self.parts.verifier.verify(&token)?))
+            .map_err(|error| {
+                let mut event = Event::new(Action::Authenticate, Outcome::Denied, None);
+                event.reason = Some(error.to_string());
+                event.peer = peer.clone();
+                self.audit(event);
+                log_failure(error)
+            })?;
         let span = tracing::Span::current();
         span.record("namespace", identity.namespace.as_str());
         span.record("service_account", identity.service_account.as_str());
         if let Some(pod) = &identity.pod {
             span.record("pod", pod.name.as_str());
         }
-        Ok(identity)
+        if let Err(retry_after) = self.parts.limiter.check(&identity) {
+            let error = Error::RateLimited { retry_after };
+            let mut event = Event::new(Action::Authenticate, Outcome::Denied, Some(&identity));
+            event.reason = Some(error.to_string());
+            event.peer = peer;
+            self.audit(event);
+            return Err(log_failure(error));
+        }
+        Ok(Caller { identity, peer })
     }
 
-    /// The bindings named in a request, each granted to `identity`, all from
-    /// one policy generation.
-    fn authorize(&self, identity: &Identity, names: &[String]) -> Result<Vec<Binding>, Error> {
-        let loaded = self.policy.current();
-        if names.is_empty() {
-            return Err(Error::InvalidRequest(
-                "name at least one binding".to_owned(),
-            ));
-        }
-        if names.len() > MAX_BINDINGS_PER_REQUEST {
-            return Err(Error::InvalidRequest(format!(
-                "{} bindings requested; at most {MAX_BINDINGS_PER_REQUEST} per request",
-                names.len()
-            )));
-        }
-        let mut seen = BTreeSet::new();
-        names
-            .iter()
-            .map(|name| {
-                if !seen.insert(name) {
-                    return Err(Error::InvalidRequest(format!(
-                        "binding `{name}` is named twice"
-                    )));
-                }
-                loaded
-                    .policy
-                    .lookup(identity, name)
-                    .cloned()
-                    .ok_or_else(|| Error::Denied {
-                        binding: name.chars().take(253).collect(),
-                        namespace: identity.namespace.clone(),
-                        service_account: identity.service_account.clone(),
-                    })
-            })
-            .collect()
+    /// The bindings named in a request, each granted to the caller, all from
+    /// one policy generation. A denial is audited.
+    fn authorize(&self, caller: &Caller, names: &[String]) -> Result<(u64, Vec<Binding>), Status> {
+        let loaded = self.parts.policy.current();
+        let result = check_names(names).and_then(|()| {
+            names
+                .iter()
+                .map(|name| {
+                    loaded
+                        .policy
+                        .lookup(&caller.identity, name)
+                        .cloned()
+                        .ok_or_else(|| Error::Denied {
+                            binding: name.chars().take(253).collect(),
+                            namespace: caller.identity.namespace.clone(),
+                            service_account: caller.identity.service_account.clone(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        result.map(|b| (loaded.generation, b)).map_err(|error| {
+            let mut event = Event::new(Action::Issue, Outcome::Denied, Some(&caller.identity));
+            if let Error::Denied { binding, .. } = &error {
+                event.binding = Some(binding.clone());
+            }
+            event.reason = Some(error.to_string());
+            event.peer = caller.peer.clone();
+            event.policy_generation = Some(loaded.generation);
+            self.audit(event);
+            log_failure(error)
+        })
     }
 
     async fn issue(&self, binding: &Binding) -> Result<Credential, Error> {
         let Source::Kv2(source) = &binding.source;
         let secret = self
+            .parts
             .vault
             .read_kv2(source)
             .await
@@ -138,13 +153,85 @@ impl BrokerService {
         credential(binding, &secret)
     }
 
-    async fn issue_all(&self, bindings: &[Binding]) -> Result<Vec<Credential>, Error> {
-        let credentials = try_join_all(bindings.iter().map(|b| self.issue(b))).await?;
-        for credential in &credentials {
-            tracing::info!(binding = %credential.binding, version = %credential.version, "credential issued");
+    /// Issues every binding (all or nothing) and audits the outcome.
+    async fn issue_all(
+        &self,
+        caller: &Caller,
+        generation: u64,
+        bindings: &[Binding],
+    ) -> Result<Vec<Credential>, Status> {
+        let result = try_join_all(bindings.iter().map(|b| self.issue(b))).await;
+        match result {
+            Ok(credentials) => {
+                for (binding, credential) in bindings.iter().zip(&credentials) {
+                    tracing::info!(binding = %binding.name, version = %credential.version, "credential issued");
+                    let mut event =
+                        Event::new(Action::Issue, Outcome::Success, Some(&caller.identity));
+                    event.binding = Some(binding.name.clone());
+                    event.source = Some(binding.source.to_string());
+                    event.version = Some(credential.version.clone());
+                    event.peer = caller.peer.clone();
+                    event.policy_generation = Some(generation);
+                    self.audit(event);
+                }
+                Ok(credentials)
+            }
+            Err(error) => {
+                let mut event = Event::new(Action::Issue, Outcome::Error, Some(&caller.identity));
+                if let Error::Vault { binding, .. } | Error::Render { binding, .. } = &error {
+                    event.binding = Some(binding.clone());
+                }
+                event.reason = Some(error.to_string());
+                event.peer = caller.peer.clone();
+                event.policy_generation = Some(generation);
+                self.audit(event);
+                Err(log_failure(error))
+            }
         }
-        Ok(credentials)
     }
+}
+
+/// The token from `authorization: Bearer <token>`.
+fn bearer<T>(request: &Request<T>) -> Result<Secret, Error> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or(Error::MissingToken(
+            "missing `authorization: Bearer <service-account token>` metadata",
+        ))?;
+    let value = value
+        .to_str()
+        .map_err(|_| Error::MissingToken("`authorization` metadata is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+            Ok(Secret::from(token.trim().to_owned()))
+        }
+        _ => Err(Error::MissingToken(
+            "`authorization` metadata is not `Bearer <token>`",
+        )),
+    }
+}
+
+fn check_names(names: &[String]) -> Result<(), Error> {
+    if names.is_empty() {
+        return Err(Error::InvalidRequest(
+            "name at least one binding".to_owned(),
+        ));
+    }
+    if names.len() > MAX_BINDINGS_PER_REQUEST {
+        return Err(Error::InvalidRequest(format!(
+            "{} bindings requested; at most {MAX_BINDINGS_PER_REQUEST} per request",
+            names.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    if let Some(twice) = names.iter().find(|n| !seen.insert(*n)) {
+        return Err(Error::InvalidRequest(format!(
+            "binding `{}` is named twice",
+            twice.chars().take(253).collect::<String>()
+        )));
+    }
+    Ok(())
 }
 
 /// Builds the wire credential for one KV version: the binding's files
@@ -188,17 +275,19 @@ impl Broker for BrokerService {
         &self,
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
-        let identity = self.authenticate(&request).map_err(log_failure)?;
-        let loaded = self.policy.current();
+        let caller = self.authenticate(&request)?;
+        let loaded = self.parts.policy.current();
         let mut bindings: Vec<String> = loaded
             .policy
-            .granted(&identity)
+            .granted(&caller.identity)
             .map(|b| b.name.clone())
             .collect();
         bindings.sort();
         Ok(Response::new(WhoAmIResponse {
-            token_expires_at: Some((UNIX_EPOCH + Duration::from_secs(identity.expires_at)).into()),
-            identity: Some(proto_identity(identity)),
+            token_expires_at: Some(
+                (UNIX_EPOCH + Duration::from_secs(caller.identity.expires_at)).into(),
+            ),
+            identity: Some(proto_identity(caller.identity)),
             bindings,
         }))
     }
@@ -208,11 +297,9 @@ impl Broker for BrokerService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
-        let identity = self.authenticate(&request).map_err(log_failure)?;
-        let bindings = self
-            .authorize(&identity, &request.get_ref().bindings)
-            .map_err(log_failure)?;
-        let credentials = self.issue_all(&bindings).await.map_err(log_failure)?;
+        let caller = self.authenticate(&request)?;
+        let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+        let credentials = self.issue_all(&caller, generation, &bindings).await?;
         Ok(Response::new(FetchResponse { credentials }))
     }
 
@@ -223,11 +310,9 @@ impl Broker for BrokerService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let identity = self.authenticate(&request).map_err(log_failure)?;
-        let bindings = self
-            .authorize(&identity, &request.get_ref().bindings)
-            .map_err(log_failure)?;
-        let initial = self.issue_all(&bindings).await.map_err(log_failure)?;
+        let caller = self.authenticate(&request)?;
+        let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+        let initial = self.issue_all(&caller, generation, &bindings).await?;
         let mut sent: HashMap<String, String> = initial
             .iter()
             .map(|c| (c.binding.clone(), c.version.clone()))
@@ -235,7 +320,7 @@ impl Broker for BrokerService {
 
         let (tx, rx) = mpsc::channel(bindings.len() + 4);
         for credential in initial {
-            // The channel holds every initial message.
+            // The channel has room for every initial message.
             let _ = tx.try_send(Ok(WatchResponse {
                 credential: Some(credential),
             }));
@@ -243,20 +328,21 @@ impl Broker for BrokerService {
         let mut changes = futures::stream::select_all(bindings.iter().map(|binding| {
             let Source::Kv2(source) = &binding.source;
             let binding = Arc::new(binding.clone());
-            WatchStream::new(self.feeds.subscribe(source))
+            WatchStream::new(self.parts.feeds.subscribe(source))
                 .map(move |latest| (binding.clone(), latest))
         }));
-        let expires_in = Duration::from_secs(identity.expires_at).saturating_sub(
+        let expires_in = Duration::from_secs(caller.identity.expires_at).saturating_sub(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default(),
         );
-        let shutdown = self.shutdown.clone();
+        let service = self.clone();
         let span = tracing::Span::current();
         tokio::spawn(
             async move {
                 let expiry = tokio::time::sleep(expires_in);
                 tokio::pin!(expiry);
+                let shutdown = service.parts.shutdown.clone();
                 loop {
                     let end = tokio::select! {
                         () = tx.closed() => return,
@@ -281,6 +367,12 @@ impl Broker for BrokerService {
                                     }
                                 };
                                 tracing::info!(binding = %binding.name, %version, "credential changed; pushing");
+                                let mut event = Event::new(Action::Rotate, Outcome::Success, Some(&caller.identity));
+                                event.binding = Some(binding.name.clone());
+                                event.source = Some(binding.source.to_string());
+                                event.version = Some(version.clone());
+                                event.peer = caller.peer.clone();
+                                service.audit(event);
                                 sent.insert(binding.name.clone(), version);
                                 let message = WatchResponse { credential: Some(credential) };
                                 if tx.send(Ok(message)).await.is_err() {
@@ -306,24 +398,24 @@ impl Broker for BrokerService {
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
-        let identity = self.authenticate(&request).map_err(log_failure)?;
+        let caller = self.authenticate(&request)?;
         let names = &request.get_ref().bindings;
         // KV secrets carry no lease: releasing them is an acknowledgement.
         // Leased sources (database, PKI) revoke in Vault here.
-        let revoked = if names.is_empty() {
-            let loaded = self.policy.current();
-            loaded
-                .policy
-                .granted(&identity)
-                .map(|b| b.name.clone())
-                .collect()
+        let revoked: Vec<Binding> = if names.is_empty() {
+            let loaded = self.parts.policy.current();
+            loaded.policy.granted(&caller.identity).cloned().collect()
         } else {
-            self.authorize(&identity, names)
-                .map_err(log_failure)?
-                .into_iter()
-                .map(|b| b.name)
-                .collect()
+            self.authorize(&caller, names)?.1
         };
+        for binding in &revoked {
+            let mut event = Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
+            event.binding = Some(binding.name.clone());
+            event.source = Some(binding.source.to_string());
+            event.peer = caller.peer.clone();
+            self.audit(event);
+        }
+        let revoked: Vec<String> = revoked.into_iter().map(|b| b.name).collect();
         tracing::info!(?revoked, "credentials released");
         Ok(Response::new(RevokeResponse { revoked }))
     }

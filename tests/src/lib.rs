@@ -315,6 +315,8 @@ pub struct EnvOptions {
     pub rust_log: String,
     /// The broker's KV poll interval.
     pub poll: &'static str,
+    /// Requests per second and burst per identity.
+    pub rate_limit: (u32, u32),
 }
 
 impl Default for EnvOptions {
@@ -323,6 +325,7 @@ impl Default for EnvOptions {
             login: BrokerLogin::TokenFile,
             rust_log: "info,tessera_broker=debug,tessera_sidecar=debug".to_owned(),
             poll: "200ms",
+            rate_limit: (10_000, 10_000),
         }
     }
 }
@@ -426,11 +429,18 @@ vault:
   {login}
   kvPollInterval: {poll}
 shutdownGrace: 5s
+audit:
+  path: audit.jsonl
+rateLimit:
+  perSecond: {per_second}
+  burst: {burst}
 ",
             issuer = dev::DEFAULT_ISSUER,
             audience = dev::DEFAULT_AUDIENCE,
             address = bao.address,
             poll = options.poll,
+            per_second = options.rate_limit.0,
+            burst = options.rate_limit.1,
         );
         fs::write(dir.path().join("broker.yaml"), config).unwrap();
         let mut command = Command::new(binary("tessera-broker"));
@@ -459,6 +469,15 @@ shutdownGrace: 5s
             rsa_signer,
             options,
         }
+    }
+
+    /// The broker's audit events so far.
+    pub fn audit_events(&self) -> Vec<Value> {
+        fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
+            .collect()
     }
 
     /// Replaces the broker's policy the way the kubelet updates a ConfigMap

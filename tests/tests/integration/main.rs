@@ -2,6 +2,7 @@
 //! real sidecar binary, all on ephemeral loopback ports (see `tessera_tests`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod auth;
 mod delivery;
 mod policy;

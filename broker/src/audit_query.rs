@@ -1,0 +1,97 @@
+//! `tessera-broker audit`: who got which binding, and when, from audit logs.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::ExitCode,
+    time::SystemTime,
+};
+
+use anyhow::Context;
+use serde_json::Value;
+
+/// What to select.
+pub struct Query {
+    /// Only this binding.
+    pub binding: Option<String>,
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// From this time.
+    pub since: Option<SystemTime>,
+    /// Until this time.
+    pub until: Option<SystemTime>,
+    /// Denials and errors too, not only deliveries.
+    pub all: bool,
+}
+
+fn text<'a>(event: &'a Value, key: &str) -> &'a str {
+    event.get(key).and_then(Value::as_str).unwrap_or("-")
+}
+
+impl Query {
+    fn selects(&self, event: &Value) -> bool {
+        let delivered = matches!(text(event, "action"), "issue" | "rotate")
+            && text(event, "outcome") == "success";
+        if !self.all && !delivered {
+            return false;
+        }
+        if self
+            .binding
+            .as_deref()
+            .is_some_and(|b| b != text(event, "binding"))
+            || self
+                .namespace
+                .as_deref()
+                .is_some_and(|n| n != text(event, "namespace"))
+        {
+            return false;
+        }
+        let Ok(time) = humantime::parse_rfc3339_weak(text(event, "time")) else {
+            return false;
+        };
+        self.since.is_none_or(|since| time >= since) && self.until.is_none_or(|until| time <= until)
+    }
+}
+
+/// Prints one line per selected event.
+///
+/// # Errors
+/// When a file cannot be read.
+pub fn run(query: &Query, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    println!(
+        "time\taction\toutcome\tnamespace/service-account\tpod (uid)\tnode\tbinding\tversion\treason"
+    );
+    for path in files {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        for (number, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.with_context(|| format!("reading {}", path.display()))?;
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                eprintln!(
+                    "{}:{}: not a JSON audit event; skipped",
+                    path.display(),
+                    number + 1
+                );
+                continue;
+            };
+            if !query.selects(&event) {
+                continue;
+            }
+            println!(
+                "{}\t{}\t{}\t{}/{}\t{} ({})\t{}\t{}\t{}\t{}",
+                text(&event, "time"),
+                text(&event, "action"),
+                text(&event, "outcome"),
+                text(&event, "namespace"),
+                text(&event, "service_account"),
+                text(&event, "pod_name"),
+                text(&event, "pod_uid"),
+                text(&event, "node"),
+                text(&event, "binding"),
+                text(&event, "version"),
+                text(&event, "reason"),
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
