@@ -21,6 +21,9 @@ use crate::secret::Secret;
 
 /// Longest token accepted; Kubernetes tokens are about 1 KiB.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest `exp - iat` accepted: a year and a day covers kube-apiserver's
+/// `--service-account-extend-token-expiration` (one year), nothing longer.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 366 * 24 * 3600;
 /// How often an unknown `kid` may trigger a re-read of the JWKS file.
 const JWKS_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -98,6 +101,10 @@ pub enum TokenError {
         /// The claim's value.
         at: u64,
     },
+    /// `exp - iat` is longer than any Kubernetes token lives (a forged or
+    /// legacy token).
+    #[error("token lifetime of {0} s exceeds the accepted maximum of one year")]
+    LifetimeTooLong(u64),
     /// `sub` does not match the `kubernetes.io` namespace and service account.
     #[error("token subject does not match its kubernetes.io claims")]
     SubjectMismatch,
@@ -356,7 +363,7 @@ struct Claims {
     aud: Audience,
     exp: u64,
     nbf: Option<u64>,
-    iat: Option<u64>,
+    iat: u64,
     #[serde(rename = "kubernetes.io")]
     kubernetes: KubernetesClaims,
 }
@@ -494,7 +501,11 @@ impl Verifier {
         if claims.exp.saturating_add(leeway) <= now {
             return Err(TokenError::Expired(claims.exp));
         }
-        for (claim, at) in [("nbf", claims.nbf), ("iat", claims.iat)] {
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if lifetime > MAX_TOKEN_LIFETIME_SECS {
+            return Err(TokenError::LifetimeTooLong(lifetime));
+        }
+        for (claim, at) in [("nbf", claims.nbf), ("iat", Some(claims.iat))] {
             if let Some(at) = at
                 && at > now.saturating_add(leeway)
             {

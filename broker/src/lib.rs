@@ -10,6 +10,8 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod feed;
+#[cfg(test)]
+mod fuzz;
 pub mod identity;
 pub mod policy;
 pub mod ratelimit;
