@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     audit::AuditTarget,
     ratelimit::RateLimit,
+    tls::TlsSettings,
     vault::{VaultAuth, VaultSettings},
 };
 
@@ -31,10 +32,10 @@ pub struct ConfigError {
 pub struct Config {
     /// Address the gRPC server listens on (used by `main`; tests pass their own listener).
     pub listen: SocketAddr,
-    /// PEM certificate chain served to clients.
-    pub tls_cert: PathBuf,
-    /// PEM private key of the serving certificate.
-    pub tls_key: PathBuf,
+    /// Serving certificate and optional client CA (mTLS).
+    pub tls: TlsSettings,
+    /// How often the certificate files are checked for changes.
+    pub tls_reload_interval: Duration,
     /// Required token issuer.
     pub issuer: String,
     /// The broker's audience: tokens must be minted for it.
@@ -123,6 +124,9 @@ struct PolicyFile {
 struct TlsFile {
     cert_file: PathBuf,
     key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+    #[serde(default = "default_reload", deserialize_with = "duration")]
+    reload_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -262,8 +266,12 @@ impl Config {
             audit,
             rate_limit: RateLimit { per_second, burst },
             listen: file.listen,
-            tls_cert: resolve(file.tls.cert_file),
-            tls_key: resolve(file.tls.key_file),
+            tls: TlsSettings {
+                cert: resolve(file.tls.cert_file),
+                key: resolve(file.tls.key_file),
+                client_ca: file.tls.client_ca_file.map(resolve),
+            },
+            tls_reload_interval: file.tls.reload_interval,
             issuer: file.identity.issuer,
             audience: file.identity.audience,
             jwks_file: resolve(file.identity.jwks_file),

@@ -40,6 +40,10 @@ pub mod files {
     pub const TLS_CERT: &str = "tls.crt";
     /// The broker's serving key (mode 0600).
     pub const TLS_KEY: &str = "tls.key";
+    /// A client certificate for mTLS, signed by the same CA.
+    pub const CLIENT_CERT: &str = "client.crt";
+    /// The client certificate's key (mode 0600).
+    pub const CLIENT_KEY: &str = "client.key";
 }
 
 /// Errors of the dev tooling.
@@ -319,7 +323,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DevError> {
 }
 
 /// Creates a dev directory: signing key + JWKS, and a CA with a serving
-/// certificate for `hosts` (DNS names or IP addresses).
+/// certificate for `hosts` (DNS names or IP addresses) and a client
+/// certificate for mTLS.
 ///
 /// # Errors
 /// When a file cannot be written or a certificate cannot be made.
@@ -358,7 +363,25 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<(), DevError> {
         .push(DnType::CommonName, "tessera-broker (dev)");
     let server_cert = server_params.signed_by(&server_key, &issuer)?;
 
+    let client_key = KeyPair::generate()?;
+    let mut client_params = CertificateParams::new(vec!["tessera-sidecar.dev".to_owned()])?;
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "tessera-sidecar (dev)");
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer)?;
+
     write_file(&dir.join(files::CA), ca_cert.pem().as_bytes(), 0o644)?;
+    write_file(
+        &dir.join(files::CLIENT_CERT),
+        client_cert.pem().as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &dir.join(files::CLIENT_KEY),
+        client_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_file(
         &dir.join(files::TLS_CERT),
         server_cert.pem().as_bytes(),

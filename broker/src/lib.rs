@@ -98,7 +98,8 @@ pub fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared,
             .clone()
             .follow(config.policy_reload_interval, shutdown.clone()),
     );
-    let tls = tls::server_config(&config.tls_cert, &config.tls_key)?;
+    let (tls, cert) = tls::server_config(&config.tls)?;
+    tokio::spawn(cert.follow(config.tls_reload_interval, shutdown.clone()));
     let vault = Arc::new(Vault::new(config.vault.clone())?);
     let feeds = Arc::new(Feeds::new(
         vault.clone(),

@@ -1,11 +1,20 @@
-//! The broker's TLS: TLS 1.3 only, ring provider, h2 ALPN, and an accept loop
+//! The broker's TLS: TLS 1.3 only, ring provider, h2 ALPN, a serving
+//! certificate reloaded without restart, optional mTLS, and an accept loop
 //! that handshakes concurrently so one slow client cannot stall the rest.
 
-use std::{io, path::Path, sync::Arc, time::Duration};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
+use arc_swap::ArcSwap;
 use rustls::{
-    ServerConfig,
+    RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
 };
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -39,11 +48,18 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// Builds a TLS 1.3-only server configuration offering `h2`.
-///
-/// # Errors
-/// When the files cannot be read or do not match.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// The serving certificate and, for mTLS, the client CA.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// CA bundle for client certificates; when set, clients must present one.
+    pub client_ca: Option<PathBuf>,
+}
+
+fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<_, _>>())
         .map_err(|e| TlsError::Cert {
@@ -56,17 +72,124 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
             detail: "no certificate found".to_owned(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
         detail: e.to_string(),
     })?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key_der)?;
+    let certified = CertifiedKey::new(certs, signing_key);
+    certified.keys_match()?;
+    Ok(certified)
+}
+
+/// The serving certificate, swapped in place when its files change, so a
+/// renewed certificate (cert-manager, a rotated Secret) needs no restart.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+    stamp: Mutex<Option<(SystemTime, SystemTime)>>,
+}
+
+fn stamp(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(cert)?, modified(key)?))
+}
+
+impl ReloadingCert {
+    fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let stamp_now = stamp(cert, key);
+        Ok(Self {
+            current: ArcSwap::from_pointee(load_certified_key(cert, key)?),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            stamp: Mutex::new(stamp_now),
+        })
+    }
+
+    /// Re-reads the files when their modification times changed; a bad pair
+    /// keeps the current certificate. Returns whether a new one is served.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let now = stamp(&self.cert, &self.key);
+        let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if now == *last {
+            return Ok(false);
+        }
+        let loaded = load_certified_key(&self.cert, &self.key)?;
+        self.current.store(Arc::new(loaded));
+        *last = now;
+        Ok(true)
+    }
+
+    /// Checks the files every `interval` until `shutdown`.
+    pub async fn follow(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            match self.reload() {
+                Ok(true) => {
+                    tracing::info!(cert = %self.cert.display(), "serving certificate reloaded")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "serving certificate reload failed; keeping the current one")
+                }
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Builds a TLS 1.3-only server configuration offering `h2`, with a reloading
+/// serving certificate and, when a client CA is set, required client
+/// certificates (mTLS).
+///
+/// # Errors
+/// When the files cannot be read or do not match.
+pub fn server_config(
+    settings: &TlsSettings,
+) -> Result<(Arc<ServerConfig>, Arc<ReloadingCert>), TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = Arc::new(ReloadingCert::load(&settings.cert, &settings.key)?);
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match &settings.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+                .and_then(|iter| iter.collect::<Result<_, _>>())
+                .map_err(|e| TlsError::Cert {
+                    path: ca.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(TlsError::Cert {
+                    path: ca.display().to_string(),
+                    detail: "no usable CA certificate for client authentication".to_owned(),
+                });
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Cert {
+                    path: ca.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), resolver))
 }
 
 /// Accepts TCP connections on `listener` and yields finished TLS streams until

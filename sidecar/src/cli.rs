@@ -82,6 +82,12 @@ pub struct Common {
         required = true
     )]
     pub bindings: Vec<String>,
+    /// Client certificate (PEM) for mTLS to the broker.
+    #[arg(long, env = "TESSERA_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client certificate key (PEM) for mTLS to the broker.
+    #[arg(long, env = "TESSERA_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Group id for files (0440) and directories (0550); owner-only (0400/0500) without it.
     #[arg(long, env = "TESSERA_GROUP")]
     pub group: Option<u32>,
@@ -140,6 +146,7 @@ impl Common {
                 ca_file: self.ca_file.clone(),
                 server_name: self.server_name.clone(),
                 token_file: self.token_file.clone(),
+                client_identity: self.client_cert.clone().zip(self.client_key.clone()),
                 connect_timeout: self.connect_timeout,
             },
             bindings,

@@ -7,7 +7,7 @@ use tessera_proto::v1::broker_client::BrokerClient;
 use tonic::{
     Request,
     metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use zeroize::Zeroizing;
 
@@ -25,8 +25,8 @@ pub enum ClientError {
     /// The token file holds something that cannot be a token.
     #[error("service-account token {0} is empty or not printable ASCII")]
     BadToken(PathBuf),
-    /// The CA file could not be read.
-    #[error("cannot read the broker CA {path}: {source}")]
+    /// A TLS file (CA, client certificate or key) could not be read.
+    #[error("cannot read {path}: {source}")]
     Ca {
         /// The CA file.
         path: PathBuf,
@@ -54,6 +54,9 @@ pub struct BrokerTarget {
     pub server_name: Option<String>,
     /// The projected service-account token.
     pub token_file: PathBuf,
+    /// Client certificate and key (PEM) for mTLS, read at every connection
+    /// so a renewed certificate is used without restart.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
     /// Connect timeout.
     pub connect_timeout: Duration,
 }
@@ -75,6 +78,16 @@ impl BrokerTarget {
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(name) = &self.server_name {
             tls = tls.domain_name(name.clone());
+        }
+        if let Some((cert, key)) = &self.client_identity {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| ClientError::Ca {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let key = Zeroizing::new(read(key)?);
+            tls = tls.identity(Identity::from_pem(read(cert)?, key.as_slice()));
         }
         let endpoint = Endpoint::from_shared(self.uri.clone())
             .map_err(|e| endpoint_error(e.to_string()))?

@@ -317,6 +317,8 @@ pub struct EnvOptions {
     pub poll: &'static str,
     /// Requests per second and burst per identity.
     pub rate_limit: (u32, u32),
+    /// Require client certificates (the dev CA's) from callers.
+    pub mtls: bool,
 }
 
 impl Default for EnvOptions {
@@ -326,6 +328,7 @@ impl Default for EnvOptions {
             rust_log: "info,tessera_broker=debug,tessera_sidecar=debug".to_owned(),
             poll: "200ms",
             rate_limit: (10_000, 10_000),
+            mtls: false,
         }
     }
 }
@@ -416,6 +419,8 @@ impl Env {
 tls:
   certFile: dev/tls.crt
   keyFile: dev/tls.key
+  reloadInterval: 100ms
+  {client_ca}
 identity:
   issuer: {issuer}
   audience: {audience}
@@ -439,6 +444,11 @@ rateLimit:
             audience = dev::DEFAULT_AUDIENCE,
             address = bao.address,
             poll = options.poll,
+            client_ca = if options.mtls {
+                "clientCaFile: dev/ca.pem"
+            } else {
+                ""
+            },
             per_second = options.rate_limit.0,
             burst = options.rate_limit.1,
         );
@@ -507,16 +517,36 @@ rateLimit:
         BrokerClient::new(self.channel().await)
     }
 
-    /// A TLS channel to the broker that trusts the dev CA.
+    /// A TLS channel to the broker that trusts the dev CA (and presents the
+    /// dev client certificate when the broker requires mTLS).
     pub async fn channel(&self) -> Channel {
-        let ca = fs::read(self.dir.path().join("dev").join(dev::files::CA)).unwrap();
+        let dev = self.dir.path().join("dev");
+        self.try_channel(&dev.join(dev::files::CA), self.options.mtls)
+            .await
+            .unwrap()
+    }
+
+    /// A TLS channel trusting `ca`, optionally presenting the dev client certificate.
+    pub async fn try_channel(
+        &self,
+        ca: &Path,
+        client_cert: bool,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let dev = self.dir.path().join("dev");
+        let mut tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(fs::read(ca).unwrap()));
+        if client_cert {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                fs::read(dev.join(dev::files::CLIENT_CERT)).unwrap(),
+                fs::read(dev.join(dev::files::CLIENT_KEY)).unwrap(),
+            ));
+        }
         Endpoint::from_shared(self.broker_uri.clone())
             .unwrap()
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .tls_config(tls)
             .unwrap()
             .connect()
             .await
-            .unwrap()
     }
 
     /// A fresh tmpfs output directory under /dev/shm, removed on drop.
@@ -547,6 +577,14 @@ rateLimit:
             .arg(bindings.join(","))
             .env("RUST_LOG", &self.options.rust_log)
             .env("NO_COLOR", "1");
+        if self.options.mtls {
+            let dev = self.dir.path().join("dev");
+            command
+                .arg("--client-cert")
+                .arg(dev.join(dev::files::CLIENT_CERT))
+                .arg("--client-key")
+                .arg(dev.join(dev::files::CLIENT_KEY));
+        }
         command
     }
 

@@ -8,3 +8,4 @@ mod delivery;
 mod policy;
 mod secrecy;
 mod sidecar;
+mod tls;
