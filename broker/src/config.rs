@@ -27,6 +27,42 @@ pub struct ConfigError {
     pub detail: String,
 }
 
+/// Where tokens are checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// A JWKS file with the cluster's signing keys.
+    JwksFile(PathBuf),
+    /// The API server's OIDC discovery (`/.well-known/openid-configuration`).
+    OidcDiscovery,
+    /// The API server's TokenReview.
+    TokenReview,
+}
+
+/// How callers are identified.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// Required token issuer (JWKS and OIDC sources).
+    pub issuer: String,
+    /// Audiences accepted: a token must be minted for one of them.
+    pub audiences: Vec<String>,
+    /// Clock skew tolerated on token times.
+    pub leeway: Duration,
+    /// Where tokens are checked.
+    pub source: IdentitySource,
+    /// Look each caller's pod up (labels; deleted pods refused at once).
+    pub pod_lookup: bool,
+    /// How long a verified token is remembered at most; until it expires when
+    /// absent (10s by default with TokenReview or pod lookup).
+    pub cache_ttl: Option<Duration>,
+}
+
+impl IdentityConfig {
+    /// Whether the Kubernetes API is needed.
+    pub fn needs_kubernetes(&self) -> bool {
+        self.pod_lookup || !matches!(self.source, IdentitySource::JwksFile(_))
+    }
+}
+
 /// The validated broker configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -36,14 +72,10 @@ pub struct Config {
     pub tls: TlsSettings,
     /// How often the certificate files are checked for changes.
     pub tls_reload_interval: Duration,
-    /// Required token issuer.
-    pub issuer: String,
-    /// The broker's audience: tokens must be minted for it.
-    pub audience: String,
-    /// JWKS with the cluster's service-account signing keys.
-    pub jwks_file: PathBuf,
-    /// Clock skew tolerated on token times.
-    pub leeway: Duration,
+    /// How callers are identified.
+    pub identity: IdentityConfig,
+    /// Kubeconfig for the Kubernetes API; in-cluster configuration when absent.
+    pub kubeconfig: Option<PathBuf>,
     /// The access policy: files and/or directories.
     pub policy_paths: Vec<PathBuf>,
     /// How often the policy files are checked for changes.
@@ -75,6 +107,8 @@ struct File {
     audit: AuditFile,
     #[serde(default)]
     rate_limit: RateLimitFile,
+    #[serde(default)]
+    kubernetes: KubernetesFile,
 }
 
 #[derive(Deserialize)]
@@ -133,10 +167,31 @@ struct TlsFile {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct IdentityFile {
     issuer: String,
-    audience: String,
-    jwks_file: PathBuf,
+    audiences: Vec<String>,
     #[serde(default = "default_leeway", deserialize_with = "duration")]
     leeway: Duration,
+    #[serde(default)]
+    source: SourceName,
+    jwks_file: Option<PathBuf>,
+    #[serde(default)]
+    pod_lookup: bool,
+    #[serde(default, deserialize_with = "optional_duration")]
+    cache_ttl: Option<Duration>,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+enum SourceName {
+    #[default]
+    JwksFile,
+    OidcDiscovery,
+    TokenReview,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KubernetesFile {
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +254,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 impl Config {
     /// Reads and validates a configuration file. Relative paths in it are
     /// resolved against the file's directory.
@@ -235,11 +294,34 @@ impl Config {
                 file.vault.address
             )));
         }
-        if file.identity.issuer.is_empty() || file.identity.audience.is_empty() {
+        let id = file.identity;
+        if id.issuer.is_empty() || id.audiences.is_empty() || id.audiences.iter().any(String::is_empty) {
             return Err(error(
-                "identity: `issuer` and `audience` must not be empty".to_owned(),
+                "identity: `issuer` and `audiences` must not be empty".to_owned(),
             ));
         }
+        let source = match (id.source, id.jwks_file) {
+            (SourceName::JwksFile, Some(path)) => IdentitySource::JwksFile(resolve(path)),
+            (SourceName::JwksFile, None) => {
+                return Err(error("identity.source jwksFile needs identity.jwksFile".to_owned()));
+            }
+            (SourceName::OidcDiscovery, None) => IdentitySource::OidcDiscovery,
+            (SourceName::TokenReview, None) => IdentitySource::TokenReview,
+            (_, Some(_)) => {
+                return Err(error(
+                    "identity.jwksFile is only used with identity.source: jwksFile (remove it)".to_owned(),
+                ));
+            }
+        };
+        let uses_api = id.pod_lookup || !matches!(source, IdentitySource::JwksFile(_));
+        let identity = IdentityConfig {
+            issuer: id.issuer,
+            audiences: id.audiences,
+            leeway: id.leeway,
+            cache_ttl: id.cache_ttl.or(uses_api.then_some(Duration::from_secs(10))),
+            source,
+            pod_lookup: id.pod_lookup,
+        };
         if file.policy.paths.is_empty() {
             return Err(error(
                 "policy.paths is empty (name the policy file or directory)".to_owned(),
@@ -272,10 +354,8 @@ impl Config {
                 client_ca: file.tls.client_ca_file.map(resolve),
             },
             tls_reload_interval: file.tls.reload_interval,
-            issuer: file.identity.issuer,
-            audience: file.identity.audience,
-            jwks_file: resolve(file.identity.jwks_file),
-            leeway: file.identity.leeway,
+            identity,
+            kubeconfig: file.kubernetes.kubeconfig.map(resolve),
             policy_paths: file.policy.paths.into_iter().map(resolve).collect(),
             policy_reload_interval: file.policy.reload_interval,
             vault: VaultSettings {

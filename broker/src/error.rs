@@ -58,6 +58,7 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
+            Error::Token(TokenError::Unavailable(_)) => Code::Unavailable,
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
             Error::Denied { .. } => Code::PermissionDenied,
             Error::InvalidRequest(_) => Code::InvalidArgument,

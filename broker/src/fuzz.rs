@@ -7,10 +7,19 @@ use proptest::prelude::*;
 
 use crate::{
     dev::{SigningKey, TokenSpec},
-    identity::{Expectations, JwksFile, Verifier},
+    identity::{Expectations, JwksFile, Source, Verifier},
     policy::Policy,
     secret::Secret,
 };
+
+/// Runs a future to completion on a fresh current-thread runtime.
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime")
+        .block_on(future)
+}
 
 const POLICY: &str = include_str!("../../tests/golden/policy/good.yaml");
 
@@ -20,10 +29,10 @@ fn verifier() -> (tempfile::TempDir, SigningKey, Verifier) {
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, signer.jwks().to_string()).unwrap();
     let verifier = Verifier::new(
-        JwksFile::load(&path).unwrap(),
+        Source::JwksFile(JwksFile::load(&path).unwrap()),
         Expectations {
             issuer: crate::dev::DEFAULT_ISSUER.into(),
-            audience: crate::dev::DEFAULT_AUDIENCE.into(),
+            audiences: vec![crate::dev::DEFAULT_AUDIENCE.into()],
             leeway: std::time::Duration::from_secs(30),
         },
     );
@@ -36,7 +45,7 @@ proptest! {
     #[test]
     fn tokens_of_arbitrary_text_are_refused(text in ".{0,600}") {
         let (_dir, _signer, verifier) = verifier();
-        prop_assert!(verifier.verify_at(&Secret::from(text), 1_800_000_000).is_err());
+        prop_assert!(block_on(verifier.verify_at(&Secret::from(text), 1_800_000_000)).is_err());
     }
 
     #[test]
@@ -47,7 +56,7 @@ proptest! {
     ) {
         let (_dir, _signer, verifier) = verifier();
         let token = format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims), URL_SAFE_NO_PAD.encode(sig));
-        prop_assert!(verifier.verify_at(&Secret::from(token), 1_800_000_000).is_err());
+        prop_assert!(block_on(verifier.verify_at(&Secret::from(token), 1_800_000_000)).is_err());
     }
 
     #[test]
@@ -60,7 +69,7 @@ proptest! {
         prop_assume!(token[i] != byte);
         token[i] = byte;
         let Ok(text) = String::from_utf8(token) else { return Ok(()); };
-        prop_assert!(verifier.verify_at(&Secret::from(text), 1_800_000_000).is_err());
+        prop_assert!(block_on(verifier.verify_at(&Secret::from(text), 1_800_000_000)).is_err());
     }
 
     #[test]

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     feed::Feeds,
-    identity::{Expectations, JwksFile, Verifier},
+    config::IdentitySource,
+    identity::{Expectations, JwksFile, OidcKeys, Verifier},
     policy::store::PolicyStore,
     service::BrokerService,
     vault::Vault,
@@ -58,6 +59,9 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The Kubernetes API client could not be configured.
+    #[error("Kubernetes API: {0}")]
+    Kubernetes(String),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -70,22 +74,55 @@ pub struct Prepared {
     service: BrokerService,
 }
 
-/// Loads the JWKS, policy, TLS identity, audit log and Vault client named by
-/// `config`, and starts the policy follower. Call it inside a Tokio runtime,
+/// Builds the Kubernetes client from the kubeconfig, or in-cluster.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, StartError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| StartError::Kubernetes(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| StartError::Kubernetes(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::incluster().map_err(|e| {
+            StartError::Kubernetes(format!("in-cluster configuration: {e} (set kubernetes.kubeconfig outside a cluster)"))
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| StartError::Kubernetes(e.to_string()))
+}
+
+/// Loads the identity source, policy, TLS identity, audit log and Vault client
+/// named by `config`, and starts the followers (policy, certificate). Call it
 /// after installing the ring rustls provider as the process default.
 ///
 /// # Errors
 /// A [`StartError`] naming the file or setting at fault.
-pub fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared, StartError> {
-    let jwks = JwksFile::load(&config.jwks_file)?;
-    let verifier = Verifier::new(
-        jwks,
+pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared, StartError> {
+    let id = &config.identity;
+    let kube = if id.needs_kubernetes() {
+        Some(kube_client(config.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
+    let source = match (&id.source, &kube) {
+        (IdentitySource::JwksFile(path), _) => identity::Source::JwksFile(JwksFile::load(path)?),
+        (IdentitySource::OidcDiscovery, Some(client)) => {
+            identity::Source::Oidc(OidcKeys::discover(client.clone(), &id.issuer).await?)
+        }
+        (IdentitySource::TokenReview, Some(client)) => identity::Source::TokenReview(client.clone()),
+        (_, None) => return Err(StartError::Kubernetes("no Kubernetes client".to_owned())),
+    };
+    let mut verifier = Verifier::new(
+        source,
         Expectations {
-            issuer: config.issuer.clone(),
-            audience: config.audience.clone(),
-            leeway: config.leeway,
+            issuer: id.issuer.clone(),
+            audiences: id.audiences.clone(),
+            leeway: id.leeway,
         },
-    );
+    )
+    .with_cache_ttl(id.cache_ttl);
+    if let (true, Some(client)) = (id.pod_lookup, &kube) {
+        verifier = verifier.with_pod_lookup(client.clone());
+    }
     let policy = Arc::new(PolicyStore::load(config.policy_paths.clone())?);
     let loaded = policy.current();
     tracing::info!(
@@ -153,7 +190,7 @@ pub async fn run(
         .ok();
     tracing::info!(
         address = %listener.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()),
-        audience = %prepared.config.audience,
+        audiences = ?prepared.config.identity.audiences,
         "broker listening (TLS 1.3)"
     );
     let incoming = tls::incoming(listener, prepared.tls, shutdown.clone());

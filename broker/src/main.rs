@@ -225,7 +225,7 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow
         let shutdown = CancellationToken::new();
         let grace = config.shutdown_grace;
         let listen = config.listen;
-        let prepared = match tessera_broker::prepare(config, &shutdown) {
+        let prepared = match tessera_broker::prepare(config, &shutdown).await {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::error!("{error}");

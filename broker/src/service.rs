@@ -78,10 +78,13 @@ impl BrokerService {
 
     /// Verifies the bearer token, applies the rate limit, and records the
     /// identity on the current span. Refusals are audited.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let peer = request.remote_addr().map(|a| a.to_string());
-        let identity = bearer(request)
-            .and_then(|token| Ok(self.parts.verifier.verify(&token)?))
+        let verified = match bearer(request) {
+            Ok(token) => self.parts.verifier.verify(&token).await.map_err(Error::from),
+            Err(error) => Err(error),
+        };
+        let identity = verified
             .map_err(|error| {
                 let mut event = Event::new(Action::Authenticate, Outcome::Denied, None);
                 event.reason = Some(error.to_string());
@@ -275,7 +278,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let loaded = self.parts.policy.current();
         let mut bindings: Vec<String> = loaded
             .policy
@@ -297,7 +300,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
         let credentials = self.issue_all(&caller, generation, &bindings).await?;
         Ok(Response::new(FetchResponse { credentials }))
@@ -310,7 +313,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
         let initial = self.issue_all(&caller, generation, &bindings).await?;
         let mut sent: HashMap<String, String> = initial
@@ -398,7 +401,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let names = &request.get_ref().bindings;
         // KV secrets carry no lease: releasing them is an acknowledgement.
         // Leased sources (database, PKI) revoke in Vault here.

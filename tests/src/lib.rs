@@ -319,6 +319,9 @@ pub struct EnvOptions {
     pub rate_limit: (u32, u32),
     /// Require client certificates (the dev CA's) from callers.
     pub mtls: bool,
+    /// YAML lines for the identity source and the Kubernetes API (indented
+    /// for the `identity:` block); the dev JWKS file by default.
+    pub identity_source: String,
 }
 
 impl Default for EnvOptions {
@@ -329,6 +332,7 @@ impl Default for EnvOptions {
             poll: "200ms",
             rate_limit: (10_000, 10_000),
             mtls: false,
+            identity_source: "jwksFile: dev/jwks.json".to_owned(),
         }
     }
 }
@@ -423,8 +427,8 @@ tls:
   {client_ca}
 identity:
   issuer: {issuer}
-  audience: {audience}
-  jwksFile: dev/jwks.json
+  audiences: [{audience}]
+  {identity_source}
   leeway: 5s
 policy:
   paths: [policy]
@@ -444,6 +448,7 @@ rateLimit:
             audience = dev::DEFAULT_AUDIENCE,
             address = bao.address,
             poll = options.poll,
+            identity_source = options.identity_source,
             client_ca = if options.mtls {
                 "clientCaFile: dev/ca.pem"
             } else {

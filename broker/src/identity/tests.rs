@@ -2,6 +2,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde_json::json;
 
 use super::*;
+use crate::fuzz::block_on;
 use crate::dev::{SigningKey, TokenSpec};
 
 const NOW: u64 = 1_800_000_000;
@@ -18,10 +19,10 @@ fn fixture() -> Fixture {
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, signer.jwks().to_string()).unwrap();
     let verifier = Verifier::new(
-        JwksFile::load(&path).unwrap(),
+        Source::JwksFile(JwksFile::load(&path).unwrap()),
         Expectations {
             issuer: crate::dev::DEFAULT_ISSUER.into(),
-            audience: crate::dev::DEFAULT_AUDIENCE.into(),
+            audiences: vec![crate::dev::DEFAULT_AUDIENCE.into()],
             leeway: Duration::from_secs(30),
         },
     );
@@ -39,7 +40,7 @@ fn spec() -> TokenSpec {
 }
 
 fn verify(f: &Fixture, token: String) -> Result<Identity, TokenError> {
-    f.verifier.verify_at(&Secret::from(token), NOW)
+    block_on(f.verifier.verify_at(&Secret::from(token), NOW))
 }
 
 #[test]
@@ -149,7 +150,7 @@ fn two_key_fixture() -> (Fixture, SigningKey) {
     keys.extend(rsa.jwks()["keys"].as_array().unwrap().iter().cloned());
     let path = f._dir.path().join("jwks.json");
     std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
-    let verifier = Verifier::new(JwksFile::load(&path).unwrap(), f.verifier.expect.clone());
+    let verifier = Verifier::new(Source::JwksFile(JwksFile::load(&path).unwrap()), f.verifier.expect.clone());
     (Fixture { verifier, ..f }, rsa)
 }
 
@@ -178,8 +179,8 @@ fn signed_raw_claims(f: &Fixture, claims: &str) -> String {
     let pkcs8 = f.signer.to_pem();
     let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(pkcs8.expose_secret()).unwrap();
     let rng = ring::rand::SystemRandom::new();
-    let pair = signature::EcdsaKeyPair::from_pkcs8(
-        &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
         der.secret_pkcs8_der(),
         &rng,
     )
