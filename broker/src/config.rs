@@ -54,6 +54,8 @@ pub struct IdentityConfig {
     /// How long a verified token is remembered at most; until it expires when
     /// absent (10s by default with TokenReview or pod lookup).
     pub cache_ttl: Option<Duration>,
+    /// Least time between two key refreshes caused by unknown key ids (OIDC).
+    pub key_refresh_interval: Duration,
 }
 
 impl IdentityConfig {
@@ -177,6 +179,12 @@ struct IdentityFile {
     pod_lookup: bool,
     #[serde(default, deserialize_with = "optional_duration")]
     cache_ttl: Option<Duration>,
+    #[serde(default = "default_key_refresh", deserialize_with = "duration")]
+    key_refresh_interval: Duration,
+}
+
+fn default_key_refresh() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Deserialize, Default, PartialEq, Eq)]
@@ -295,7 +303,10 @@ impl Config {
             )));
         }
         let id = file.identity;
-        if id.issuer.is_empty() || id.audiences.is_empty() || id.audiences.iter().any(String::is_empty) {
+        if id.issuer.is_empty()
+            || id.audiences.is_empty()
+            || id.audiences.iter().any(String::is_empty)
+        {
             return Err(error(
                 "identity: `issuer` and `audiences` must not be empty".to_owned(),
             ));
@@ -303,13 +314,16 @@ impl Config {
         let source = match (id.source, id.jwks_file) {
             (SourceName::JwksFile, Some(path)) => IdentitySource::JwksFile(resolve(path)),
             (SourceName::JwksFile, None) => {
-                return Err(error("identity.source jwksFile needs identity.jwksFile".to_owned()));
+                return Err(error(
+                    "identity.source jwksFile needs identity.jwksFile".to_owned(),
+                ));
             }
             (SourceName::OidcDiscovery, None) => IdentitySource::OidcDiscovery,
             (SourceName::TokenReview, None) => IdentitySource::TokenReview,
             (_, Some(_)) => {
                 return Err(error(
-                    "identity.jwksFile is only used with identity.source: jwksFile (remove it)".to_owned(),
+                    "identity.jwksFile is only used with identity.source: jwksFile (remove it)"
+                        .to_owned(),
                 ));
             }
         };
@@ -321,6 +335,7 @@ impl Config {
             cache_ttl: id.cache_ttl.or(uses_api.then_some(Duration::from_secs(10))),
             source,
             pod_lookup: id.pod_lookup,
+            key_refresh_interval: id.key_refresh_interval,
         };
         if file.policy.paths.is_empty() {
             return Err(error(

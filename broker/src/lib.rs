@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    feed::Feeds,
     config::IdentitySource,
+    feed::Feeds,
     identity::{Expectations, JwksFile, OidcKeys, Verifier},
     policy::store::PolicyStore,
     service::BrokerService,
@@ -78,13 +78,16 @@ pub struct Prepared {
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, StartError> {
     let config = match kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| StartError::Kubernetes(format!("{}: {e}", path.display())))?;
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| StartError::Kubernetes(format!("{}: {e}", path.display())))?;
             kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(|e| StartError::Kubernetes(format!("{}: {e}", path.display())))?
         }
         None => kube::Config::incluster().map_err(|e| {
-            StartError::Kubernetes(format!("in-cluster configuration: {e} (set kubernetes.kubeconfig outside a cluster)"))
+            StartError::Kubernetes(format!(
+                "in-cluster configuration: {e} (set kubernetes.kubeconfig outside a cluster)"
+            ))
         })?,
     };
     kube::Client::try_from(config).map_err(|e| StartError::Kubernetes(e.to_string()))
@@ -105,10 +108,12 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
     };
     let source = match (&id.source, &kube) {
         (IdentitySource::JwksFile(path), _) => identity::Source::JwksFile(JwksFile::load(path)?),
-        (IdentitySource::OidcDiscovery, Some(client)) => {
-            identity::Source::Oidc(OidcKeys::discover(client.clone(), &id.issuer).await?)
+        (IdentitySource::OidcDiscovery, Some(client)) => identity::Source::Oidc(
+            OidcKeys::discover(client.clone(), &id.issuer, id.key_refresh_interval).await?,
+        ),
+        (IdentitySource::TokenReview, Some(client)) => {
+            identity::Source::TokenReview(client.clone())
         }
-        (IdentitySource::TokenReview, Some(client)) => identity::Source::TokenReview(client.clone()),
         (_, None) => return Err(StartError::Kubernetes("no Kubernetes client".to_owned())),
     };
     let mut verifier = Verifier::new(

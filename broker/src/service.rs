@@ -81,17 +81,21 @@ impl BrokerService {
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let peer = request.remote_addr().map(|a| a.to_string());
         let verified = match bearer(request) {
-            Ok(token) => self.parts.verifier.verify(&token).await.map_err(Error::from),
+            Ok(token) => self
+                .parts
+                .verifier
+                .verify(&token)
+                .await
+                .map_err(Error::from),
             Err(error) => Err(error),
         };
-        let identity = verified
-            .map_err(|error| {
-                let mut event = Event::new(Action::Authenticate, Outcome::Denied, None);
-                event.reason = Some(error.to_string());
-                event.peer = peer.clone();
-                self.audit(event);
-                log_failure(error)
-            })?;
+        let identity = verified.map_err(|error| {
+            let mut event = Event::new(Action::Authenticate, Outcome::Denied, None);
+            event.reason = Some(error.to_string());
+            event.peer = peer.clone();
+            self.audit(event);
+            log_failure(error)
+        })?;
         let span = tracing::Span::current();
         span.record("namespace", identity.namespace.as_str());
         span.record("service_account", identity.service_account.as_str());

@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod kube_api;
+
 use serde_json::{Value, json};
 use tessera_broker::dev::{self, SigningKey, TokenSpec};
 use tessera_proto::v1::broker_client::BrokerClient;
@@ -319,9 +321,11 @@ pub struct EnvOptions {
     pub rate_limit: (u32, u32),
     /// Require client certificates (the dev CA's) from callers.
     pub mtls: bool,
-    /// YAML lines for the identity source and the Kubernetes API (indented
-    /// for the `identity:` block); the dev JWKS file by default.
+    /// YAML lines for the identity source (indented for the `identity:`
+    /// block); the dev JWKS file by default.
     pub identity_source: String,
+    /// Start an in-process Kubernetes API server and point the broker at it.
+    pub kube_api: bool,
 }
 
 impl Default for EnvOptions {
@@ -333,6 +337,7 @@ impl Default for EnvOptions {
             rate_limit: (10_000, 10_000),
             mtls: false,
             identity_source: "jwksFile: dev/jwks.json".to_owned(),
+            kube_api: false,
         }
     }
 }
@@ -351,6 +356,8 @@ pub struct Env {
     pub signer: SigningKey,
     /// An RS256 key the broker also trusts.
     pub rsa_signer: SigningKey,
+    /// The in-process Kubernetes API server, when asked for.
+    pub kube: Option<kube_api::FakeApiServer>,
     options: EnvOptions,
 }
 
@@ -417,6 +424,24 @@ impl Env {
                 format!("appRole: {{ roleId: {role_id}, secretIdFile: secret-id }}")
             }
         };
+        let kube = if options.kube_api {
+            Some(
+                kube_api::FakeApiServer::start(
+                    &devdir,
+                    &devdir.join(dev::files::JWKS),
+                    dev::DEFAULT_ISSUER,
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        let kubernetes = kube.as_ref().map_or_else(String::new, |api| {
+            format!(
+                "kubernetes:\n  kubeconfig: {}\n",
+                api.write_kubeconfig(dir.path()).display()
+            )
+        });
         let port = free_port();
         let config = format!(
             "listen: 127.0.0.1:{port}
@@ -443,7 +468,7 @@ audit:
 rateLimit:
   perSecond: {per_second}
   burst: {burst}
-",
+{kubernetes}",
             issuer = dev::DEFAULT_ISSUER,
             audience = dev::DEFAULT_AUDIENCE,
             address = bao.address,
@@ -482,6 +507,7 @@ rateLimit:
             broker_uri: format!("https://127.0.0.1:{port}"),
             signer,
             rsa_signer,
+            kube,
             options,
         }
     }

@@ -123,7 +123,9 @@ pub fn check_claims(
     let claims = claims(parsed)?;
     let leeway = expect.leeway.as_secs();
     if claims.iss != expect.issuer {
-        return Err(TokenError::WrongIssuer(claims.iss.chars().take(128).collect()));
+        return Err(TokenError::WrongIssuer(
+            claims.iss.chars().take(128).collect(),
+        ));
     }
     let audience_ok = match &claims.aud {
         Audience::One(aud) => expect.audiences.contains(aud),

@@ -12,7 +12,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde::Deserialize;
 
-/// How often an unknown `kid` may trigger a key refresh.
+/// How often an unknown `kid` may trigger a re-read of a JWKS file.
 const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Errors loading keys.
@@ -60,7 +60,10 @@ impl Alg {
 
 #[derive(Clone)]
 enum KeyMaterial {
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     /// Uncompressed SEC1 point (0x04 || x || y).
     P256(Vec<u8>),
 }
@@ -243,6 +246,7 @@ struct Discovery {
 /// refreshed (rate limited) when a token names an unknown `kid`.
 pub struct OidcKeys {
     client: kube::Client,
+    min_refresh: Duration,
     state: tokio::sync::Mutex<Cached>,
 }
 
@@ -252,13 +256,22 @@ impl OidcKeys {
     ///
     /// # Errors
     /// When discovery or the JWKS fetch fails.
-    pub async fn discover(client: kube::Client, issuer: &str) -> Result<Self, JwksError> {
+    pub async fn discover(
+        client: kube::Client,
+        issuer: &str,
+        min_refresh: Duration,
+    ) -> Result<Self, JwksError> {
         let (discovered, keys) = fetch(&client).await?;
         if discovered != issuer {
-            tracing::warn!(discovered, configured = issuer, "the cluster's issuer differs from identity.issuer");
+            tracing::warn!(
+                discovered,
+                configured = issuer,
+                "the cluster's issuer differs from identity.issuer"
+            );
         }
         Ok(Self {
             client,
+            min_refresh,
             state: tokio::sync::Mutex::new(Cached {
                 keys,
                 fetched_at: Instant::now(),
@@ -266,18 +279,21 @@ impl OidcKeys {
         })
     }
 
-    /// Candidate keys for a token header; refreshes once per interval when
-    /// none matches (the cluster rotated its signing key).
+    /// Candidate keys for a token header; refreshes at most once per
+    /// `min_refresh` when none matches (the cluster rotated its signing key).
     pub async fn keys_for(&self, kid: Option<&str>, alg: Alg) -> Vec<Key> {
         let mut state = self.state.lock().await;
         let found = select(&state.keys, kid, alg);
-        if !found.is_empty() || state.fetched_at.elapsed() < REFRESH_MIN_INTERVAL {
+        if !found.is_empty() || state.fetched_at.elapsed() < self.min_refresh {
             return found;
         }
         state.fetched_at = Instant::now();
         match fetch(&self.client).await {
             Ok((_, keys)) => {
-                tracing::info!(keys = keys.len(), "refreshed the cluster JWKS for an unknown key id");
+                tracing::info!(
+                    keys = keys.len(),
+                    "refreshed the cluster JWKS for an unknown key id"
+                );
                 state.keys = keys;
                 select(&state.keys, kid, alg)
             }
@@ -309,7 +325,9 @@ async fn fetch(client: &kube::Client) -> Result<(String, Vec<Key>), JwksError> {
         .jwks_uri
         .parse()
         .map_err(|e| JwksError::Discovery(format!("jwks_uri `{}`: {e}", discovery.jwks_uri)))?;
-    let path = uri.path_and_query().map_or("/openid/v1/jwks", |p| p.as_str());
+    let path = uri
+        .path_and_query()
+        .map_or("/openid/v1/jwks", |p| p.as_str());
     let jwks = get(client, path).await?;
     let keys = parse_jwks(jwks.as_bytes()).map_err(|detail| JwksError::Invalid {
         origin: discovery.jwks_uri.clone(),

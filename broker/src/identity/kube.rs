@@ -49,7 +49,9 @@ pub async fn review(
         .map_err(|e| unavailable("TokenReview", &e))?;
     let status = answer.status.unwrap_or_default();
     if status.authenticated != Some(true) {
-        let reason = status.error.unwrap_or_else(|| "not authenticated".to_owned());
+        let reason = status
+            .error
+            .unwrap_or_else(|| "not authenticated".to_owned());
         return Err(TokenError::Rejected(reason.chars().take(256).collect()));
     }
     let granted = status.audiences.unwrap_or_default();

@@ -210,7 +210,9 @@ impl Verifier {
             }
         }
         let identity = self.verify_at(token, now).await?;
-        let mut until = identity.expires_at.saturating_add(self.expect.leeway.as_secs());
+        let mut until = identity
+            .expires_at
+            .saturating_add(self.expect.leeway.as_secs());
         if let Some(ttl) = self.cache_ttl {
             until = until.min(now.saturating_add(ttl.as_secs()));
         }

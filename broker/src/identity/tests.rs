@@ -2,8 +2,8 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde_json::json;
 
 use super::*;
-use crate::fuzz::block_on;
 use crate::dev::{SigningKey, TokenSpec};
+use crate::fuzz::block_on;
 
 const NOW: u64 = 1_800_000_000;
 
@@ -150,7 +150,10 @@ fn two_key_fixture() -> (Fixture, SigningKey) {
     keys.extend(rsa.jwks()["keys"].as_array().unwrap().iter().cloned());
     let path = f._dir.path().join("jwks.json");
     std::fs::write(&path, json!({ "keys": keys }).to_string()).unwrap();
-    let verifier = Verifier::new(Source::JwksFile(JwksFile::load(&path).unwrap()), f.verifier.expect.clone());
+    let verifier = Verifier::new(
+        Source::JwksFile(JwksFile::load(&path).unwrap()),
+        f.verifier.expect.clone(),
+    );
     (Fixture { verifier, ..f }, rsa)
 }
 

@@ -5,6 +5,7 @@
 mod audit;
 mod auth;
 mod delivery;
+mod kubernetes;
 mod policy;
 mod secrecy;
 mod sidecar;
