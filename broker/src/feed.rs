@@ -80,7 +80,7 @@ async fn poll(
             }
         }
         match vault.kv2_version(&source).await {
-            Ok(version) if known != Some(version) => match vault.read_kv2(&source).await {
+            Ok(version) if known != Some(version) => match vault.read_kv2(&source, None).await {
                 Ok(secret) => {
                     tracing::debug!(mount = %source.mount, path = %source.path, version = secret.version, "KV secret changed");
                     known = Some(secret.version);

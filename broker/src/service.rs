@@ -64,6 +64,18 @@ struct Caller {
     peer: Option<String>,
 }
 
+impl Caller {
+    /// `namespace/service-account/pod/pod-uid`, stamped into Vault's audit log.
+    fn stamp(&self) -> String {
+        let id = &self.identity;
+        let (pod, uid) = id
+            .pod
+            .as_ref()
+            .map_or(("-", "-"), |p| (p.name.as_str(), p.uid.as_str()));
+        format!("{}/{}/{pod}/{uid}", id.namespace, id.service_account)
+    }
+}
+
 impl BrokerService {
     /// A service over its parts.
     pub fn new(parts: Parts) -> Self {
@@ -146,12 +158,12 @@ impl BrokerService {
         })
     }
 
-    async fn issue(&self, binding: &Binding) -> Result<Credential, Error> {
+    async fn issue(&self, binding: &Binding, caller: &str) -> Result<Credential, Error> {
         let Source::Kv2(source) = &binding.source;
         let secret = self
             .parts
             .vault
-            .read_kv2(source)
+            .read_kv2(source, Some(caller))
             .await
             .map_err(|source| Error::Vault {
                 binding: binding.name.clone(),
@@ -167,7 +179,8 @@ impl BrokerService {
         generation: u64,
         bindings: &[Binding],
     ) -> Result<Vec<Credential>, Status> {
-        let result = try_join_all(bindings.iter().map(|b| self.issue(b))).await;
+        let stamp = caller.stamp();
+        let result = try_join_all(bindings.iter().map(|b| self.issue(b, &stamp))).await;
         match result {
             Ok(credentials) => {
                 for (binding, credential) in bindings.iter().zip(&credentials) {

@@ -8,10 +8,17 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use rustify::{
+    endpoint::{Endpoint, MiddleWare},
+    errors::ClientError as RestClientError,
+};
 use tokio::sync::Mutex;
 use vaultrs::{
-    api::{self, kv2::requests::ReadSecretMetadataRequest, kv2::requests::ReadSecretRequest},
-    client::{VaultClient, VaultClientSettingsBuilder},
+    api::{
+        EndpointError, EndpointMiddleware, EndpointResult,
+        kv2::requests::{ReadSecretMetadataRequest, ReadSecretRequest},
+    },
+    client::{Client, VaultClient, VaultClientSettingsBuilder},
     error::ClientError,
 };
 
@@ -100,6 +107,56 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+/// The Vault request header that names the pod a request is made for. Vault's
+/// audit devices record it once it is listed in
+/// `sys/config/auditing/request-headers`, so Vault's own audit log says which
+/// pod got what.
+pub const CALLER_HEADER: &str = "x-tessera-caller";
+
+/// vaultrs' middleware (API version, token) plus the caller header.
+struct Stamped<'a> {
+    inner: &'a EndpointMiddleware,
+    caller: Option<http::HeaderValue>,
+}
+
+impl MiddleWare for Stamped<'_> {
+    fn request<E: Endpoint>(
+        &self,
+        endpoint: &E,
+        req: &mut http::Request<Vec<u8>>,
+    ) -> Result<(), RestClientError> {
+        self.inner.request(endpoint, req)?;
+        if let Some(caller) = &self.caller {
+            req.headers_mut().insert(CALLER_HEADER, caller.clone());
+        }
+        Ok(())
+    }
+
+    fn response<E: Endpoint>(
+        &self,
+        endpoint: &E,
+        resp: &mut http::Response<Vec<u8>>,
+    ) -> Result<(), RestClientError> {
+        self.inner.response(endpoint, resp)
+    }
+}
+
+/// Turns a REST error into vaultrs' error, with Vault's messages.
+fn api_error(error: RestClientError) -> ClientError {
+    if let RestClientError::ServerResponseError {
+        code,
+        content: Some(content),
+    } = &error
+        && let Ok(body) = serde_json::from_str::<EndpointError>(content)
+    {
+        return ClientError::APIError {
+            code: *code,
+            errors: body.errors,
+        };
+    }
+    ClientError::from(error)
 }
 
 /// One version of a KV v2 secret.
@@ -250,13 +307,56 @@ impl Vault {
         login.renew_at = None;
     }
 
+    /// Executes `endpoint` with the current token, stamping `caller` (e.g.
+    /// `namespace/service-account/pod/uid`) into the audited caller header,
+    /// and keeps Vault's whole answer (lease id, duration, renewability).
+    ///
+    /// # Errors
+    /// A [`VaultError`]; a 403 also forgets the login so the next request logs in again.
+    pub async fn exec<E: Endpoint>(
+        &self,
+        endpoint: E,
+        what: &str,
+        caller: Option<&str>,
+    ) -> Result<EndpointResult<E::Response>, VaultError> {
+        let client = self.authed().await?;
+        let stamped = Stamped {
+            inner: client.middle(),
+            caller: caller.and_then(|c| http::HeaderValue::from_str(c).ok()),
+        };
+        let result = endpoint
+            .with_middleware(&stamped)
+            .exec(client.http())
+            .await
+            .map_err(api_error)
+            .and_then(|response| {
+                response
+                    .wrap::<EndpointResult<E::Response>>()
+                    .map_err(ClientError::from)
+            });
+        match result {
+            Ok(result) => Ok(result),
+            Err(e) => {
+                let error = VaultError::from_client(what, e);
+                if matches!(error, VaultError::Denied(_)) {
+                    self.invalidate().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
     /// Reads the current version of a KV v2 secret, keeping only `keys` when
-    /// the source names them.
+    /// the source names them. `caller` is stamped into Vault's audit log.
     ///
     /// # Errors
     /// A [`VaultError`]; a key named by the source but missing from the secret
     /// is [`VaultError::Unexpected`].
-    pub async fn read_kv2(&self, source: &Kv2Source) -> Result<KvSecret, VaultError> {
+    pub async fn read_kv2(
+        &self,
+        source: &Kv2Source,
+        caller: Option<&str>,
+    ) -> Result<KvSecret, VaultError> {
         let what = format!("{}/data/{}", source.mount, source.path);
         let endpoint = ReadSecretRequest::builder()
             .mount(&source.mount)
@@ -266,17 +366,11 @@ impl Vault {
                 what: what.clone(),
                 detail: e.to_string(),
             })?;
-        let client = self.authed().await?;
-        let response = match api::exec_with_result(client.as_ref(), endpoint).await {
-            Ok(response) => response,
-            Err(e) => {
-                let error = VaultError::from_client(&what, e);
-                if matches!(error, VaultError::Denied(_)) {
-                    self.invalidate().await;
-                }
-                return Err(error);
-            }
-        };
+        let response = self
+            .exec(endpoint, &what, caller)
+            .await?
+            .data
+            .ok_or_else(|| VaultError::NotFound(what.clone()))?;
         let serde_json::Value::Object(data) = response.data else {
             return Err(VaultError::Unexpected {
                 what,
@@ -338,16 +432,11 @@ impl Vault {
                 what: what.clone(),
                 detail: e.to_string(),
             })?;
-        let client = self.authed().await?;
-        match api::exec_with_result(client.as_ref(), endpoint).await {
-            Ok(meta) => Ok(meta.current_version),
-            Err(e) => {
-                let error = VaultError::from_client(&what, e);
-                if matches!(error, VaultError::Denied(_)) {
-                    self.invalidate().await;
-                }
-                Err(error)
-            }
-        }
+        let meta = self
+            .exec(endpoint, &what, None)
+            .await?
+            .data
+            .ok_or_else(|| VaultError::NotFound(what.clone()))?;
+        Ok(meta.current_version)
     }
 }

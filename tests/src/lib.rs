@@ -185,6 +185,9 @@ pub struct OpenBao {
     pub address: String,
     /// The dev root token.
     pub root_token: String,
+    /// OpenBao's own file audit device (configured at start: OpenBao only
+    /// takes audit devices from its configuration).
+    pub audit_log: PathBuf,
 }
 
 impl OpenBao {
@@ -192,6 +195,16 @@ impl OpenBao {
     pub async fn start(dir: &Path) -> Self {
         let port = free_port();
         let root_token = random_string(24);
+        let audit_log = dir.join("openbao-audit.log");
+        let config = dir.join("openbao.hcl");
+        fs::write(
+            &config,
+            format!(
+                "audit \"file\" \"tessera-test\" {{\n  options = {{\n    file_path = \"{}\"\n  }}\n}}\n",
+                audit_log.display()
+            ),
+        )
+        .unwrap();
         let mut command = Command::new(bao_binary());
         command
             .arg("server")
@@ -199,6 +212,7 @@ impl OpenBao {
             .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
             .arg(format!("-dev-root-token-id={root_token}"))
             .arg("-dev-no-store-token")
+            .arg(format!("-config={}", config.display()))
             .env_remove("BAO_ADDR")
             .env_remove("VAULT_ADDR");
         let proc = Proc::spawn("openbao", command, dir.join("openbao.log"));
@@ -206,6 +220,7 @@ impl OpenBao {
             proc,
             address: format!("http://127.0.0.1:{port}"),
             root_token,
+            audit_log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -184,3 +184,51 @@ async fn rate_limited_callers_get_resource_exhausted_with_retry_info() {
         .expect("the limit is audited");
     assert_eq!(event["pod_name"], "orders-0");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vaults_own_audit_log_names_the_pod() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "p" }))
+        .await;
+    let log = env.bao.audit_log.clone();
+    env.bao.cli(&[
+        "write",
+        "sys/config/auditing/request-headers/x-tessera-caller",
+        "hmac=false",
+    ]);
+
+    env.client()
+        .await
+        .fetch(with_token(
+            &env.token("shop", "orders"),
+            FetchRequest {
+                bindings: vec!["app".into()],
+            },
+        ))
+        .await
+        .unwrap();
+
+    let pod_uid = env.audit_events()[0]["pod_uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let stamped: Vec<Value> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|entry| {
+            entry["type"] == "request"
+                && entry["request"]["operation"] == "read"
+                && entry["request"]["path"] == "secret/data/shop/orders"
+        })
+        .collect();
+    assert!(!stamped.is_empty(), "Vault audited the read:\n{text}");
+    let header = &stamped[0]["request"]["headers"]["x-tessera-caller"][0];
+    assert_eq!(
+        header.as_str(),
+        Some(format!("shop/orders/orders-0/{pod_uid}").as_str()),
+        "{}",
+        stamped[0]
+    );
+}
