@@ -71,7 +71,37 @@ pub enum StartError {
 pub struct Prepared {
     config: Config,
     tls: Arc<rustls::ServerConfig>,
+    policy: Arc<PolicyStore>,
     service: BrokerService,
+}
+
+/// Health service name that reports whether the last policy reload worked.
+pub const POLICY_HEALTH_SERVICE: &str = "tessera.v1.Broker/policy";
+
+/// Keeps the policy health status in step with the last reload's outcome.
+async fn report_policy_health(
+    policy: Arc<PolicyStore>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let status = if policy.last_error().is_some() {
+            tonic_health::ServingStatus::NotServing
+        } else {
+            tonic_health::ServingStatus::Serving
+        };
+        if last != Some(status) {
+            health
+                .set_service_status(POLICY_HEALTH_SERVICE, status)
+                .await;
+            last = Some(status);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 /// Builds the Kubernetes client from the kubeconfig, or in-cluster.
@@ -159,7 +189,7 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
     tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
     let service = BrokerService::new(service::Parts {
         verifier: Arc::new(verifier),
-        policy,
+        policy: policy.clone(),
         vault,
         feeds,
         audit,
@@ -169,6 +199,7 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
     Ok(Prepared {
         config,
         tls,
+        policy,
         service,
     })
 }
@@ -184,6 +215,11 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<BrokerService>>().await;
+    tokio::spawn(report_policy_health(
+        prepared.policy.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

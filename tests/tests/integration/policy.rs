@@ -15,6 +15,9 @@ use std::{
 use serde_json::json;
 use tessera_proto::v1::{FetchRequest, WhoAmIRequest};
 use tessera_tests::{Env, binary, simple_policy, wait_for, with_token, workspace_root};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn two_bindings(prefix: &str) -> String {
     format!(
@@ -78,6 +81,35 @@ async fn a_changed_policy_is_picked_up_and_a_broken_one_keeps_the_last_good() {
         ["app", "extra"],
         "the last good policy stays"
     );
+    wait_for_policy_health(&env, ServingStatus::NotServing).await;
+
+    env.set_policy(&simple_policy("app", "shop", "orders", "shop/orders"));
+    wait_for_policy_health(&env, ServingStatus::Serving).await;
+    assert_eq!(granted(&env).await, ["app"]);
+}
+
+/// Waits until the policy health service reports `expected`.
+async fn wait_for_policy_health(env: &Env, expected: ServingStatus) {
+    let mut health = HealthClient::new(env.channel().await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: tessera_broker::POLICY_HEALTH_SERVICE.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == expected as i32 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "policy health never became {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
