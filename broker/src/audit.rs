@@ -33,7 +33,10 @@ pub enum Action {
     Authenticate,
     /// Credentials were issued (Fetch, or the first message of Watch).
     Issue,
-    /// A changed credential was pushed on a Watch stream.
+    /// A lease was extended.
+    Renew,
+    /// A changed credential was pushed on a Watch stream (new KV version,
+    /// rotated lease, renewed certificate).
     Rotate,
     /// Credentials were given back.
     Revoke,

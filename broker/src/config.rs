@@ -92,6 +92,9 @@ pub struct Config {
     pub audit: AuditTarget,
     /// Per-identity request limit.
     pub rate_limit: RateLimit,
+    /// Key shared by the replicas to seal lease handles; a random per-process
+    /// key when absent (one replica, handles die with it).
+    pub handle_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +114,14 @@ struct File {
     rate_limit: RateLimitFile,
     #[serde(default)]
     kubernetes: KubernetesFile,
+    #[serde(default)]
+    leases: LeasesFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LeasesFile {
+    handle_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -371,6 +382,7 @@ impl Config {
             tls_reload_interval: file.tls.reload_interval,
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),
+            handle_key_file: file.leases.handle_key_file.map(resolve),
             policy_paths: file.policy.paths.into_iter().map(resolve).collect(),
             policy_reload_interval: file.policy.reload_interval,
             vault: VaultSettings {

@@ -44,6 +44,8 @@ pub mod files {
     pub const CLIENT_CERT: &str = "client.crt";
     /// The client certificate's key (mode 0600).
     pub const CLIENT_KEY: &str = "client.key";
+    /// The key that seals lease handles, shared by broker replicas (mode 0600).
+    pub const HANDLE_KEY: &str = "handle.key";
 }
 
 /// Errors of the dev tooling.
@@ -323,8 +325,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DevError> {
 }
 
 /// Creates a dev directory: signing key + JWKS, and a CA with a serving
-/// certificate for `hosts` (DNS names or IP addresses) and a client
-/// certificate for mTLS.
+/// certificate for `hosts` (DNS names or IP addresses), a client certificate
+/// for mTLS, and a lease handle key.
 ///
 /// # Errors
 /// When a file cannot be written or a certificate cannot be made.

@@ -32,6 +32,9 @@ pub enum Error {
         /// When a request would be allowed again.
         retry_after: Duration,
     },
+    /// A held lease handle was refused.
+    #[error(transparent)]
+    Handle(#[from] crate::handle::HandleError),
     /// The request itself is malformed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -62,13 +65,16 @@ impl From<Error> for Status {
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
             Error::Denied { .. } => Code::PermissionDenied,
             Error::InvalidRequest(_) => Code::InvalidArgument,
+            Error::Handle(crate::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
+            Error::Handle(crate::handle::HandleError::NotYours(_)) => Code::PermissionDenied,
             Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::Render { .. } => Code::FailedPrecondition,
             Error::Vault { source, .. } => match source {
                 VaultError::Unavailable(_) | VaultError::Login(_) => Code::Unavailable,
-                VaultError::Denied(_) | VaultError::NotFound(_) | VaultError::Unexpected { .. } => {
-                    Code::FailedPrecondition
-                }
+                VaultError::Denied(_)
+                | VaultError::NotFound(_)
+                | VaultError::Invalid(_)
+                | VaultError::Unexpected { .. } => Code::FailedPrecondition,
             },
         };
         let message = match &error {

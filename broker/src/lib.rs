@@ -12,7 +12,9 @@ pub mod error;
 pub mod feed;
 #[cfg(test)]
 mod fuzz;
+pub mod handle;
 pub mod identity;
+pub mod lifecycle;
 pub mod policy;
 pub mod ratelimit;
 pub mod secret;
@@ -59,6 +61,9 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The lease handle key could not be loaded.
+    #[error(transparent)]
+    HandleKey(#[from] handle::HandleKeyError),
     /// The Kubernetes API client could not be configured.
     #[error("Kubernetes API: {0}")]
     Kubernetes(String),
@@ -186,11 +191,20 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
             })?,
         );
     let limiter = Arc::new(ratelimit::Limiter::new(config.rate_limit));
+    let handle_key = Arc::new(match &config.handle_key_file {
+        Some(path) => handle::HandleKey::load(path)?,
+        None => {
+            tracing::warn!(
+                "leases.handleKeyFile is not set: lease handles are sealed with a per-process key, so they do not survive a broker restart or work across replicas"
+            );
+            handle::HandleKey::generate()?
+        }
+    });
     tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
     let service = BrokerService::new(service::Parts {
         verifier: Arc::new(verifier),
         policy: policy.clone(),
-        vault,
+        lifecycle: Arc::new(lifecycle::Lifecycle::new(vault, handle_key)),
         feeds,
         audit,
         limiter,

@@ -5,12 +5,12 @@ use std::{
     collections::{BTreeSet, HashMap},
     pin::Pin,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use futures::{Stream, StreamExt, future::try_join_all};
 use tessera_proto::v1::{
-    Credential, FetchRequest, FetchResponse, Identity as ProtoIdentity, RevokeRequest,
+    Credential, FetchRequest, FetchResponse, Held, Identity as ProtoIdentity, RevokeRequest,
     RevokeResponse, WatchRequest, WatchResponse, WhoAmIRequest, WhoAmIResponse,
     broker_server::Broker,
 };
@@ -23,12 +23,13 @@ use tracing::Instrument;
 use crate::{
     audit::{Action, Audit, Event, Outcome},
     error::Error,
-    feed::Feeds,
+    feed::{Feeds, Latest},
     identity::{Identity, Verifier},
+    lifecycle::{self, Lifecycle, Live, Step},
     policy::{Binding, Source, store::PolicyStore},
     ratelimit::Limiter,
     secret::Secret,
-    vault::{KvSecret, Vault},
+    vault::KvSecret,
 };
 
 /// Most bindings one request may name.
@@ -40,8 +41,8 @@ pub struct Parts {
     pub verifier: Arc<Verifier>,
     /// The live policy.
     pub policy: Arc<PolicyStore>,
-    /// Vault access.
-    pub vault: Arc<Vault>,
+    /// Issues, renews, rotates and revokes credentials.
+    pub lifecycle: Arc<Lifecycle>,
     /// Shared change feeds for `Watch`.
     pub feeds: Arc<Feeds>,
     /// The audit trail.
@@ -62,18 +63,6 @@ pub struct BrokerService {
 struct Caller {
     identity: Identity,
     peer: Option<String>,
-}
-
-impl Caller {
-    /// `namespace/service-account/pod/pod-uid`, stamped into Vault's audit log.
-    fn stamp(&self) -> String {
-        let id = &self.identity;
-        let (pod, uid) = id
-            .pod
-            .as_ref()
-            .map_or(("-", "-"), |p| (p.name.as_str(), p.uid.as_str()));
-        format!("{}/{}/{pod}/{uid}", id.namespace, id.service_account)
-    }
 }
 
 impl BrokerService {
@@ -127,7 +116,11 @@ impl BrokerService {
 
     /// The bindings named in a request, each granted to the caller, all from
     /// one policy generation. A denial is audited.
-    fn authorize(&self, caller: &Caller, names: &[String]) -> Result<(u64, Vec<Binding>), Status> {
+    fn authorize(
+        &self,
+        caller: &Caller,
+        names: &[String],
+    ) -> Result<(u64, Vec<Arc<Binding>>), Status> {
         let loaded = self.parts.policy.current();
         let result = check_names(names).and_then(|()| {
             names
@@ -136,7 +129,7 @@ impl BrokerService {
                     loaded
                         .policy
                         .lookup(&caller.identity, name)
-                        .cloned()
+                        .map(|b| Arc::new(b.clone()))
                         .ok_or_else(|| Error::Denied {
                             binding: name.chars().take(253).collect(),
                             namespace: caller.identity.namespace.clone(),
@@ -158,48 +151,79 @@ impl BrokerService {
         })
     }
 
-    async fn issue(&self, binding: &Binding, caller: &str) -> Result<Credential, Error> {
-        let Source::Kv2(source) = &binding.source;
-        let secret = self
-            .parts
-            .vault
-            .read_kv2(source, Some(caller))
-            .await
-            .map_err(|source| Error::Vault {
-                binding: binding.name.clone(),
-                source,
-            })?;
-        credential(binding, &secret)
+    fn audit_delivery(
+        &self,
+        caller: &Caller,
+        action: Action,
+        live: &Live,
+        generation: Option<u64>,
+    ) {
+        let mut event = Event::new(action, Outcome::Success, Some(&caller.identity));
+        event.binding = Some(live.binding.name.clone());
+        event.source = Some(live.binding.source.to_string());
+        event.version = Some(live.version.clone());
+        event.peer = caller.peer.clone();
+        event.policy_generation = generation;
+        if let (Source::Database(_), Some(lease)) = (&live.binding.source, &live.lease) {
+            event.lease_id_sha256 = Some(sha256_hex(lease));
+        }
+        if let Some(not_after) = live.not_after {
+            event.ttl_seconds = Some(
+                not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .as_secs(),
+            );
+        }
+        self.audit(event);
     }
 
-    /// Issues every binding (all or nothing) and audits the outcome.
-    async fn issue_all(
+    /// Resumes what the caller holds, or issues anew, for every binding (all
+    /// or nothing) and audits the outcome.
+    async fn deliver_all(
         &self,
         caller: &Caller,
         generation: u64,
-        bindings: &[Binding],
-    ) -> Result<Vec<Credential>, Status> {
-        let stamp = caller.stamp();
-        let result = try_join_all(bindings.iter().map(|b| self.issue(b, &stamp))).await;
-        match result {
-            Ok(credentials) => {
-                for (binding, credential) in bindings.iter().zip(&credentials) {
-                    tracing::info!(binding = %binding.name, version = %credential.version, "credential issued");
-                    let mut event =
-                        Event::new(Action::Issue, Outcome::Success, Some(&caller.identity));
-                    event.binding = Some(binding.name.clone());
-                    event.source = Some(binding.source.to_string());
-                    event.version = Some(credential.version.clone());
-                    event.peer = caller.peer.clone();
-                    event.policy_generation = Some(generation);
-                    self.audit(event);
-                }
-                Ok(credentials)
+        bindings: &[Arc<Binding>],
+        held: &[Held],
+    ) -> Result<Vec<(Live, Credential)>, Status> {
+        let lifecycle = &self.parts.lifecycle;
+        let result = try_join_all(bindings.iter().map(|binding| async move {
+            let handle = held.iter().find(|h| h.binding == binding.name);
+            if let Some(handle) = handle
+                && let Some((live, credential)) = lifecycle
+                    .resume(binding, &caller.identity, &handle.handle)
+                    .await?
+            {
+                return Ok::<_, Error>((live, credential, true));
             }
+            let (live, credential) = lifecycle.issue(binding, &caller.identity).await?;
+            Ok((live, credential, false))
+        }))
+        .await;
+        match result {
+            Ok(delivered) => Ok(delivered
+                .into_iter()
+                .map(|(live, credential, resumed)| {
+                    tracing::info!(
+                        binding = %live.binding.name,
+                        version = %live.version,
+                        resumed,
+                        "credential delivered"
+                    );
+                    if !resumed {
+                        self.audit_delivery(caller, Action::Issue, &live, Some(generation));
+                    }
+                    (live, credential)
+                })
+                .collect()),
             Err(error) => {
                 let mut event = Event::new(Action::Issue, Outcome::Error, Some(&caller.identity));
                 if let Error::Vault { binding, .. } | Error::Render { binding, .. } = &error {
                     event.binding = Some(binding.clone());
+                }
+                if let Error::Handle(_) = &error {
+                    event.outcome = Some(Outcome::Denied);
                 }
                 event.reason = Some(error.to_string());
                 event.peer = caller.peer.clone();
@@ -209,6 +233,14 @@ impl BrokerService {
             }
         }
     }
+}
+
+fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The token from `authorization: Bearer <token>`.
@@ -254,30 +286,6 @@ fn check_names(names: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Builds the wire credential for one KV version: the binding's files
-/// (renamed fields and rendered templates) and its file mode and group.
-fn credential(binding: &Binding, secret: &KvSecret) -> Result<Credential, Error> {
-    let files = binding
-        .render(&secret.fields)
-        .map_err(|missing| Error::Render {
-            binding: binding.name.clone(),
-            field: missing,
-        })?;
-    Ok(Credential {
-        binding: binding.name.clone(),
-        fields: files
-            .iter()
-            .map(|(k, v)| (k.clone(), v.expose_secret().to_vec()))
-            .collect(),
-        version: secret.version.to_string(),
-        issued_at: secret.created.map(Into::into),
-        not_after: None,
-        renewable: false,
-        file_mode: binding.output.mode.unwrap_or(0),
-        group_id: binding.output.group,
-    })
-}
-
 fn log_failure(error: Error) -> Status {
     match &error {
         Error::Vault { .. } => tracing::warn!(%error, "request failed"),
@@ -319,8 +327,12 @@ impl Broker for BrokerService {
     ) -> Result<Response<FetchResponse>, Status> {
         let caller = self.authenticate(&request).await?;
         let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-        let credentials = self.issue_all(&caller, generation, &bindings).await?;
-        Ok(Response::new(FetchResponse { credentials }))
+        let delivered = self
+            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+            .await?;
+        Ok(Response::new(FetchResponse {
+            credentials: delivered.into_iter().map(|(_, c)| c).collect(),
+        }))
     }
 
     type WatchStream = WatchStreamOut;
@@ -332,84 +344,42 @@ impl Broker for BrokerService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.authenticate(&request).await?;
         let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-        let initial = self.issue_all(&caller, generation, &bindings).await?;
-        let mut sent: HashMap<String, String> = initial
-            .iter()
-            .map(|c| (c.binding.clone(), c.version.clone()))
-            .collect();
+        let delivered = self
+            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+            .await?;
 
         let (tx, rx) = mpsc::channel(bindings.len() + 4);
-        for credential in initial {
+        let mut stream = OpenStream {
+            service: self.clone(),
+            caller,
+            tx,
+            kv_sent: HashMap::new(),
+            leased: HashMap::new(),
+        };
+        for (live, credential) in delivered {
+            if live.binding.source.is_leased() {
+                stream.schedule(live, 0);
+            } else {
+                stream
+                    .kv_sent
+                    .insert(live.binding.name.clone(), live.version.clone());
+            }
             // The channel has room for every initial message.
-            let _ = tx.try_send(Ok(WatchResponse {
+            let _ = stream.tx.try_send(Ok(WatchResponse {
                 credential: Some(credential),
             }));
         }
-        let mut changes = futures::stream::select_all(bindings.iter().map(|binding| {
-            let Source::Kv2(source) = &binding.source;
-            let binding = Arc::new(binding.clone());
-            WatchStream::new(self.parts.feeds.subscribe(source))
-                .map(move |latest| (binding.clone(), latest))
+        let changes = futures::stream::select_all(bindings.iter().filter_map(|binding| {
+            let Source::Kv2(source) = &binding.source else {
+                return None;
+            };
+            let binding = binding.clone();
+            Some(
+                WatchStream::new(self.parts.feeds.subscribe(source))
+                    .map(move |latest| (binding.clone(), latest)),
+            )
         }));
-        let expires_in = Duration::from_secs(caller.identity.expires_at).saturating_sub(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default(),
-        );
-        let service = self.clone();
-        let span = tracing::Span::current();
-        tokio::spawn(
-            async move {
-                let expiry = tokio::time::sleep(expires_in);
-                tokio::pin!(expiry);
-                let shutdown = service.parts.shutdown.clone();
-                loop {
-                    let end = tokio::select! {
-                        () = tx.closed() => return,
-                        () = &mut expiry => Status::unauthenticated(
-                            "service-account token expired; reconnect with the current token",
-                        ),
-                        () = shutdown.cancelled() => Status::unavailable(
-                            "broker is shutting down; reconnect",
-                        ),
-                        change = changes.next() => match change {
-                            Some((binding, Some(secret))) => {
-                                let version = secret.version.to_string();
-                                if sent.get(&binding.name) == Some(&version) {
-                                    continue;
-                                }
-                                let credential = match credential(&binding, &secret) {
-                                    Ok(credential) => credential,
-                                    Err(error) => {
-                                        // The pod keeps its current files.
-                                        tracing::warn!(%error, "cannot render a changed credential");
-                                        continue;
-                                    }
-                                };
-                                tracing::info!(binding = %binding.name, %version, "credential changed; pushing");
-                                let mut event = Event::new(Action::Rotate, Outcome::Success, Some(&caller.identity));
-                                event.binding = Some(binding.name.clone());
-                                event.source = Some(binding.source.to_string());
-                                event.version = Some(version.clone());
-                                event.peer = caller.peer.clone();
-                                service.audit(event);
-                                sent.insert(binding.name.clone(), version);
-                                let message = WatchResponse { credential: Some(credential) };
-                                if tx.send(Ok(message)).await.is_err() {
-                                    return;
-                                }
-                                continue;
-                            }
-                            Some((_, None)) => continue,
-                            None => return,
-                        },
-                    };
-                    let _ = tx.send(Err(end)).await;
-                    return;
-                }
-            }
-            .instrument(span),
-        );
+        tokio::spawn(stream.run(changes).instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -419,25 +389,302 @@ impl Broker for BrokerService {
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
         let caller = self.authenticate(&request).await?;
-        let names = &request.get_ref().bindings;
-        // KV secrets carry no lease: releasing them is an acknowledgement.
-        // Leased sources (database, PKI) revoke in Vault here.
-        let revoked: Vec<Binding> = if names.is_empty() {
-            let loaded = self.parts.policy.current();
-            loaded.policy.granted(&caller.identity).cloned().collect()
-        } else {
-            self.authorize(&caller, names)?.1
-        };
-        for binding in &revoked {
-            let mut event = Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
-            event.binding = Some(binding.name.clone());
-            event.source = Some(binding.source.to_string());
-            event.peer = caller.peer.clone();
-            self.audit(event);
+        let loaded = self.parts.policy.current();
+        let mut revoked = Vec::new();
+        for held in &request.get_ref().held {
+            let binding = loaded
+                .policy
+                .binding(&held.binding)
+                .map(|b| Arc::new(b.clone()))
+                .ok_or_else(|| {
+                    log_failure(Error::InvalidRequest(format!(
+                        "binding `{}` is not in the policy",
+                        held.binding.chars().take(253).collect::<String>()
+                    )))
+                })?;
+            let live = self
+                .parts
+                .lifecycle
+                .held(&binding, &caller.identity, &held.handle)
+                .map_err(log_failure)?;
+            self.parts
+                .lifecycle
+                .revoke(&live, &caller.identity)
+                .await
+                .map_err(log_failure)?;
+            self.audit_delivery(&caller, Action::Revoke, &live, Some(loaded.generation));
+            revoked.push(binding.name.clone());
         }
-        let revoked: Vec<String> = revoked.into_iter().map(|b| b.name).collect();
-        tracing::info!(?revoked, "credentials released");
+        // Static (KV) bindings carry no lease: releasing them is an acknowledgement.
+        for name in &request.get_ref().bindings {
+            if revoked.contains(name) {
+                continue;
+            }
+            if let Some(binding) = loaded.policy.lookup(&caller.identity, name)
+                && !binding.source.is_leased()
+            {
+                let mut event =
+                    Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
+                event.binding = Some(binding.name.clone());
+                event.source = Some(binding.source.to_string());
+                event.peer = caller.peer.clone();
+                self.audit(event);
+                revoked.push(binding.name.clone());
+            }
+        }
+        tracing::info!(?revoked, "credentials revoked or released");
         Ok(Response::new(RevokeResponse { revoked }))
+    }
+}
+
+/// Longest wait between retries of a failed renewal or rotation.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// One open `Watch` stream: pushes KV changes, and renews and rotates the
+/// caller's leases while it is open.
+struct OpenStream {
+    service: BrokerService,
+    caller: Caller,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    kv_sent: HashMap<String, String>,
+    /// Leased credentials: the live credential, when to act, failures so far.
+    leased: HashMap<String, (Live, Instant, u32)>,
+}
+
+impl OpenStream {
+    fn schedule(&mut self, live: Live, failures: u32) {
+        let due = if failures == 0 {
+            self.service
+                .parts
+                .lifecycle
+                .due_in(&live, fastrand::f64())
+                .unwrap_or(RETRY_MAX)
+        } else {
+            // Capped exponential backoff with full jitter.
+            let ceiling = Duration::from_secs(1u64 << failures.min(5)).min(RETRY_MAX);
+            ceiling.mul_f64(fastrand::f64().max(0.1))
+        };
+        self.leased.insert(
+            live.binding.name.clone(),
+            (live, Instant::now() + due, failures),
+        );
+    }
+
+    async fn send(&self, credential: Credential) -> bool {
+        self.tx
+            .send(Ok(WatchResponse {
+                credential: Some(credential),
+            }))
+            .await
+            .is_ok()
+    }
+
+    async fn run(mut self, mut changes: impl Stream<Item = (Arc<Binding>, Latest)> + Unpin) {
+        let expires_in = Duration::from_secs(self.caller.identity.expires_at).saturating_sub(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let expiry = tokio::time::sleep(expires_in);
+        tokio::pin!(expiry);
+        let shutdown = self.service.parts.shutdown.clone();
+        loop {
+            let next_due = self.leased.values().map(|(_, due, _)| *due).min();
+            let end = tokio::select! {
+                () = self.tx.closed() => {
+                    self.closed().await;
+                    return;
+                }
+                () = &mut expiry => Status::unauthenticated(
+                    "service-account token expired; reconnect with the current token",
+                ),
+                () = shutdown.cancelled() => Status::unavailable("broker is shutting down; reconnect"),
+                change = changes.next() => match change {
+                    Some((binding, Some(secret))) => {
+                        if !self.kv_changed(&binding, &secret).await {
+                            self.closed().await;
+                            return;
+                        }
+                        continue;
+                    }
+                    Some((_, None)) => continue,
+                    None => std::future::pending().await,
+                },
+                () = sleep_until(next_due) => {
+                    if !self.act_on_due().await {
+                        self.closed().await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let _ = self.tx.send(Err(end)).await;
+            return;
+        }
+    }
+
+    /// Pushes a new KV version; false when the caller is gone.
+    async fn kv_changed(&mut self, binding: &Arc<Binding>, secret: &KvSecret) -> bool {
+        let version = secret.version.to_string();
+        if self.kv_sent.get(&binding.name) == Some(&version) {
+            return true;
+        }
+        let live = Live {
+            binding: binding.clone(),
+            version: version.clone(),
+            issued_at: secret.created.unwrap_or_else(SystemTime::now),
+            not_after: None,
+            renewable: false,
+            lease: None,
+            handle: String::new(),
+        };
+        let credential = match lifecycle::credential(&live, Some(&secret.fields)) {
+            Ok(credential) => credential,
+            Err(error) => {
+                // The pod keeps its current files.
+                tracing::warn!(%error, "cannot render a changed credential");
+                return true;
+            }
+        };
+        tracing::info!(binding = %binding.name, %version, "credential changed; pushing");
+        self.service
+            .audit_delivery(&self.caller, Action::Rotate, &live, None);
+        self.kv_sent.insert(binding.name.clone(), version);
+        self.send(credential).await
+    }
+
+    /// Renews or rotates every lease that is due; false when the caller is gone.
+    async fn act_on_due(&mut self) -> bool {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .leased
+            .iter()
+            .filter(|(_, (_, at, _))| *at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let lifecycle = self.service.parts.lifecycle.clone();
+        for name in due {
+            let Some((live, _, failures)) = self.leased.remove(&name) else {
+                continue;
+            };
+            match lifecycle
+                .renew_or_rotate(&live, &self.caller.identity)
+                .await
+            {
+                Ok(Step::Renewed(renewed)) => {
+                    tracing::info!(binding = %name, "lease renewed");
+                    self.service
+                        .audit_delivery(&self.caller, Action::Renew, &renewed, None);
+                    let notice = lifecycle::credential(&renewed, None);
+                    self.schedule(renewed, 0);
+                    if let Ok(notice) = notice
+                        && !self.send(notice).await
+                    {
+                        return false;
+                    }
+                }
+                Ok(Step::Rotated(rotation)) => {
+                    let lifecycle::Rotation {
+                        live: new,
+                        credential,
+                        old,
+                    } = *rotation;
+                    tracing::info!(binding = %name, version = %new.version, "credential rotated; pushing");
+                    self.service
+                        .audit_delivery(&self.caller, Action::Rotate, &new, None);
+                    self.schedule(new, 0);
+                    let delivered = self.send(credential).await;
+                    self.revoke_after_overlap(old);
+                    if !delivered {
+                        return false;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(binding = %name, %error, failures = failures + 1, "renewal failed; the pod keeps its current credential; retrying");
+                    if failures == 0 {
+                        let mut event =
+                            Event::new(Action::Renew, Outcome::Error, Some(&self.caller.identity));
+                        event.binding = Some(name.clone());
+                        event.reason = Some(error.to_string());
+                        self.service.audit(event);
+                    }
+                    self.schedule(live, failures + 1);
+                }
+            }
+        }
+        true
+    }
+
+    /// Revokes a superseded credential once the overlap has passed, so the
+    /// app has time to switch to its successor.
+    fn revoke_after_overlap(&self, old: Live) {
+        if !matches!(old.binding.source, Source::Database(_)) {
+            // Superseded certificates simply expire: revoking them would grow the CRL.
+            return;
+        }
+        let service = self.service.clone();
+        let identity = self.caller.identity.clone();
+        let caller = self.caller.peer.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(old.binding.overlap).await;
+            match service.parts.lifecycle.revoke(&old, &identity).await {
+                Ok(()) => {
+                    let mut event = Event::new(Action::Revoke, Outcome::Success, Some(&identity));
+                    event.binding = Some(old.binding.name.clone());
+                    event.source = Some(old.binding.source.to_string());
+                    event.version = Some(old.version.clone());
+                    event.reason = Some("superseded after the overlap".to_owned());
+                    event.peer = caller;
+                    if let Some(lease) = &old.lease {
+                        event.lease_id_sha256 = Some(sha256_hex(lease));
+                    }
+                    service.audit(event);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "revoking a superseded lease failed; it expires by its TTL")
+                }
+            }
+        });
+    }
+
+    /// The caller hung up. A restarting sidecar resumes with its handles; a
+    /// deleted pod will not, so its leases are revoked now (when the broker
+    /// can see pods). Otherwise they expire by their TTL.
+    async fn closed(&mut self) {
+        if self.leased.is_empty() {
+            return;
+        }
+        let verifier = &self.service.parts.verifier;
+        if verifier.pod_exists(&self.caller.identity).await != Some(false) {
+            return;
+        }
+        for (live, _, _) in self.leased.values() {
+            let outcome = self
+                .service
+                .parts
+                .lifecycle
+                .revoke(live, &self.caller.identity)
+                .await;
+            let mut event = Event::new(
+                Action::Revoke,
+                if outcome.is_ok() {
+                    Outcome::Success
+                } else {
+                    Outcome::Error
+                },
+                Some(&self.caller.identity),
+            );
+            event.binding = Some(live.binding.name.clone());
+            event.reason = Some("pod deleted".to_owned());
+            self.service.audit(event);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

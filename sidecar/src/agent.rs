@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
-use tessera_proto::v1::{Credential, FetchRequest, WatchRequest};
+use tessera_proto::v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use zeroize::Zeroizing;
 
 use crate::{
     client::{BrokerTarget, ClientError},
-    writer::{Fields, WriteError, Writer},
+    notify::Notify,
+    writer::{Fields, Meta, WriteError, Writer},
 };
 
 /// Why a fetch or a watch ended.
@@ -55,19 +56,48 @@ pub struct Job {
     pub bindings: Vec<String>,
     /// The volume writer.
     pub writer: Writer,
+    /// What to do after a rotation.
+    pub notify: Notify,
 }
 
-fn write_credential(writer: &Writer, credential: Credential) -> Result<(), AgentError> {
+impl Job {
+    /// The handles stored with the bindings' current files.
+    fn held(&self) -> Vec<Held> {
+        self.bindings
+            .iter()
+            .filter_map(|binding| {
+                self.writer.handle(binding).map(|handle| Held {
+                    binding: binding.clone(),
+                    handle,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Writes a delivered credential; returns whether files changed while the
+/// binding already had files (a rotation the app should hear of).
+fn write_credential(writer: &Writer, credential: Credential) -> Result<bool, AgentError> {
+    if credential.unchanged {
+        tracing::info!(binding = %credential.binding, version = %credential.version, "current credential still valid; files kept");
+        return Ok(false);
+    }
+    let had_files = writer.has_files(&credential.binding);
     let fields: Fields = credential
         .fields
         .into_iter()
         .map(|(name, value)| (name, Zeroizing::new(value)))
         .collect();
     let access = writer.access(credential.file_mode, credential.group_id)?;
-    if writer.write(&credential.binding, &fields, access)? {
+    let meta = Meta {
+        version: &credential.version,
+        handle: (!credential.handle.is_empty()).then_some(credential.handle.as_str()),
+    };
+    let changed = writer.write(&credential.binding, &fields, meta, access)?;
+    if changed {
         tracing::info!(binding = %credential.binding, version = %credential.version, fields = fields.len(), "credential written");
     }
-    Ok(())
+    Ok(changed && had_files)
 }
 
 /// Fetches every binding and writes them; all or nothing from the broker.
@@ -78,6 +108,7 @@ pub async fn once(job: &Job) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
     let request = job.target.request(FetchRequest {
         bindings: job.bindings.clone(),
+        held: job.held(),
     })?;
     let response = client.fetch(request).await?.into_inner();
     for name in &job.bindings {
@@ -86,7 +117,10 @@ pub async fn once(job: &Job) -> Result<(), AgentError> {
         }
     }
     for credential in response.credentials {
-        write_credential(&job.writer, credential)?;
+        let (binding, version) = (credential.binding.clone(), credential.version.clone());
+        if write_credential(&job.writer, credential)? {
+            job.notify.rotated(&binding, &version).await;
+        }
     }
     Ok(())
 }
@@ -171,15 +205,33 @@ async fn watch_once(job: &Job, backoff: &mut Backoff) -> Result<(), AgentError> 
     let mut client = job.target.client()?;
     let request = job.target.request(WatchRequest {
         bindings: job.bindings.clone(),
+        held: job.held(),
     })?;
     let mut stream = client.watch(request).await?.into_inner();
     while let Some(message) = stream.message().await? {
         if let Some(credential) = message.credential {
-            write_credential(&job.writer, credential)?;
+            let (binding, version) = (credential.binding.clone(), credential.version.clone());
+            if write_credential(&job.writer, credential)? {
+                job.notify.rotated(&binding, &version).await;
+            }
             backoff.reset();
         }
     }
     Ok(())
+}
+
+/// Gives back what the pod holds (on SIGTERM): leases end in Vault now
+/// instead of at their TTL. The files stay; the pod is going away.
+///
+/// # Errors
+/// An [`AgentError`] when the broker cannot be reached or refuses.
+pub async fn revoke(job: &Job) -> Result<Vec<String>, AgentError> {
+    let mut client = job.target.client()?;
+    let request = job.target.request(RevokeRequest {
+        bindings: job.bindings.clone(),
+        held: job.held(),
+    })?;
+    Ok(client.revoke(request).await?.into_inner().revoked)
 }
 
 #[cfg(test)]

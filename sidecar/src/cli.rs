@@ -4,7 +4,12 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{agent::Job, client::BrokerTarget, writer::Writer};
+use crate::{
+    agent::Job,
+    client::BrokerTarget,
+    notify::{Notify, Target},
+    writer::Writer,
+};
 
 /// `tessera-sidecar` arguments.
 #[derive(Debug, Parser)]
@@ -46,6 +51,10 @@ pub enum Mode {
         /// Shared options.
         #[command(flatten)]
         common: Common,
+        /// Revoke the pod's leases when stopped by SIGTERM (the pod is going
+        /// away); `--revoke-on-exit=false` leaves them to expire by TTL.
+        #[arg(long, env = "TESSERA_REVOKE_ON_EXIT", default_value_t = true, action = clap::ArgAction::Set)]
+        revoke_on_exit: bool,
         /// Longest wait between reconnection attempts.
         #[arg(long, env = "TESSERA_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
         backoff_max: Duration,
@@ -94,6 +103,22 @@ pub struct Common {
     /// Allow an output directory that is not tmpfs/ramfs (local development only).
     #[arg(long, env = "TESSERA_ALLOW_NON_TMPFS")]
     pub allow_non_tmpfs: bool,
+    /// Signal to send the app after a rotation (HUP, USR1, USR2, TERM, INT).
+    #[arg(long, env = "TESSERA_NOTIFY_SIGNAL", value_parser = crate::notify::parse_signal)]
+    pub notify_signal: Option<rustix::process::Signal>,
+    /// File holding the pid to signal.
+    #[arg(
+        long,
+        env = "TESSERA_NOTIFY_PID_FILE",
+        conflicts_with = "notify_process"
+    )]
+    pub notify_pid_file: Option<PathBuf>,
+    /// Name of the processes to signal (needs `shareProcessNamespace: true`).
+    #[arg(long, env = "TESSERA_NOTIFY_PROCESS")]
+    pub notify_process: Option<String>,
+    /// Shell command to run after a rotation (`TESSERA_BINDING`, `TESSERA_VERSION` set).
+    #[arg(long, env = "TESSERA_NOTIFY_COMMAND")]
+    pub notify_command: Option<String>,
     /// Connect timeout.
     #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -140,7 +165,25 @@ impl Common {
         } else {
             crate::writer::ensure_tmpfs(&self.out).map_err(|e| UsageError(e.to_string()))?;
         }
+        let target = match (&self.notify_pid_file, &self.notify_process) {
+            (Some(file), _) => Some(Target::PidFile(file.clone())),
+            (None, Some(name)) => Some(Target::Name(name.clone())),
+            (None, None) => None,
+        };
+        let signal = match (self.notify_signal, target) {
+            (Some(signal), Some(target)) => Some((signal, target)),
+            (None, None) => None,
+            _ => {
+                return Err(UsageError(
+                    "--notify-signal needs --notify-pid-file or --notify-process, and they need a signal".to_owned(),
+                ));
+            }
+        };
         Ok(Job {
+            notify: Notify {
+                signal,
+                command: self.notify_command.clone(),
+            },
             target: BrokerTarget {
                 uri: self.broker.clone(),
                 ca_file: self.ca_file.clone(),

@@ -7,4 +7,5 @@
 pub mod agent;
 pub mod cli;
 pub mod client;
+pub mod notify;
 pub mod writer;

@@ -31,12 +31,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let (common, backoff_max) = match &cli.command {
-            Mode::Once(common) => (common, None),
+        let (common, backoff_max, revoke_on_exit) = match &cli.command {
+            Mode::Once(common) => (common, None, false),
             Mode::Run {
                 common,
                 backoff_max,
-            } => (common, Some(*backoff_max)),
+                revoke_on_exit,
+            } => (common, Some(*backoff_max), *revoke_on_exit),
         };
         let job = match common.job() {
             Ok(job) => job,
@@ -50,7 +51,18 @@ fn main() -> ExitCode {
             Some(backoff_max) => {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
-                agent::run(&job, backoff_max, shutdown).await
+                let result = agent::run(&job, backoff_max, shutdown).await;
+                if result.is_ok() && revoke_on_exit {
+                    match agent::revoke(&job).await {
+                        Ok(revoked) => {
+                            tracing::info!(?revoked, "revoked the pod's credentials on exit")
+                        }
+                        Err(error) => tracing::warn!(
+                            "could not revoke on exit ({error}); leases expire by their TTL"
+                        ),
+                    }
+                }
+                result
             }
         };
         match result {

@@ -36,6 +36,22 @@ const DATA_TMP_LINK: &str = "..data_tmp";
 /// A binding's fields: name to value, zeroed on drop.
 pub type Fields = BTreeMap<String, Zeroizing<Vec<u8>>>;
 
+/// Hidden file in each version directory: the lease handle (0400/0440 like
+/// the fields), read back to resume the same lease after a restart.
+pub const HANDLE_FILE: &str = "..handle";
+/// Hidden file in each version directory: the credential version, for file
+/// watchers and humans (`cat <binding>/..data/..version`).
+pub const VERSION_FILE: &str = "..version";
+
+/// What the writer stores next to a binding's fields.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Meta<'a> {
+    /// The credential version.
+    pub version: &'a str,
+    /// The lease handle, when the source has one.
+    pub handle: Option<&'a str>,
+}
+
 /// Errors writing the volume.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -147,14 +163,18 @@ impl Writer {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
     }
 
-    /// Whether the binding's current files hold exactly `fields`.
-    fn unchanged(dir: &Path, fields: &Fields) -> bool {
+    /// Whether the binding's current files hold exactly `fields` and `handle`.
+    fn unchanged(dir: &Path, fields: &Fields, handle: Option<&str>) -> bool {
         let data = dir.join(DATA_LINK);
         let Ok(entries) = fs::read_dir(&data) else {
             return false;
         };
-        let count = entries.filter_map(Result::ok).count();
+        let count = entries
+            .filter_map(Result::ok)
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(".."))
+            .count();
         count == fields.len()
+            && Self::read_hidden(dir, HANDLE_FILE).as_deref() == handle
             && fields.iter().all(|(name, value)| {
                 fs::read(data.join(name))
                     .map(Zeroizing::new)
@@ -162,8 +182,26 @@ impl Writer {
             })
     }
 
-    /// Atomically replaces the files of `binding` with `fields`. Returns
-    /// `false` when the files already held these values (nothing written).
+    fn read_hidden(dir: &Path, name: &str) -> Option<String> {
+        fs::read_to_string(dir.join(DATA_LINK).join(name)).ok()
+    }
+
+    /// The lease handle stored with `binding`'s current files, if any.
+    pub fn handle(&self, binding: &str) -> Option<String> {
+        if !is_safe_name(binding) {
+            return None;
+        }
+        Self::read_hidden(&self.out.join(binding), HANDLE_FILE).filter(|h| !h.is_empty())
+    }
+
+    /// Whether `binding` has files.
+    pub fn has_files(&self, binding: &str) -> bool {
+        is_safe_name(binding) && self.out.join(binding).join(DATA_LINK).is_dir()
+    }
+
+    /// Atomically replaces the files of `binding` with `fields` (and `meta`).
+    /// Returns `false` when the files already held these values and handle
+    /// (nothing written).
     ///
     /// # Errors
     /// On an unsafe name or a filesystem failure; the previous files then stay
@@ -172,6 +210,7 @@ impl Writer {
         &self,
         binding: &str,
         fields: &Fields,
+        meta: Meta<'_>,
         access: Access,
     ) -> Result<bool, WriteError> {
         if !is_safe_name(binding) {
@@ -181,7 +220,7 @@ impl Writer {
             return Err(WriteError::UnsafeName(bad.clone()));
         }
         let dir = self.out.join(binding);
-        if Self::unchanged(&dir, fields) {
+        if Self::unchanged(&dir, fields, meta.handle) {
             return Ok(false);
         }
         match fs::create_dir(&dir) {
@@ -194,17 +233,21 @@ impl Writer {
         }
         // Owner write only for the swap; restored below, also on failure.
         Self::set_mode(&dir, access.dir_mode() | 0o200)?;
-        let result = Self::swap(&dir, fields, access);
+        let result = Self::swap(&dir, fields, meta, access);
         let restored = Self::set_mode(&dir, access.dir_mode());
         result?;
         restored?;
         Ok(true)
     }
 
-    fn swap(dir: &Path, fields: &Fields, access: Access) -> Result<(), WriteError> {
+    fn swap(dir: &Path, fields: &Fields, meta: Meta<'_>, access: Access) -> Result<(), WriteError> {
         let (ts_name, ts_dir) = create_timestamped_dir(dir)?;
         for (name, value) in fields {
             Self::write_file(&ts_dir.join(name), value, access)?;
+        }
+        Self::write_file(&ts_dir.join(VERSION_FILE), meta.version.as_bytes(), access)?;
+        if let Some(handle) = meta.handle {
+            Self::write_file(&ts_dir.join(HANDLE_FILE), handle.as_bytes(), access)?;
         }
         if let Some(gid) = access.group {
             std::os::unix::fs::chown(&ts_dir, None, Some(gid)).map_err(io_err("chown", &ts_dir))?;

@@ -233,6 +233,18 @@ impl Verifier {
         Ok(identity)
     }
 
+    /// Whether the identity's pod still exists: `None` without pod lookup (or
+    /// when the API server cannot be asked).
+    pub async fn pod_exists(&self, identity: &Identity) -> Option<bool> {
+        let client = self.pods.as_ref()?;
+        identity.pod.as_ref()?;
+        match kube::pod_labels(client, identity).await {
+            Ok(_) => Some(true),
+            Err(TokenError::PodGone(_)) => Some(false),
+            Err(_) => None,
+        }
+    }
+
     /// Verifies a token as of `now` (seconds since the Unix epoch), without
     /// the cache.
     ///

@@ -9,15 +9,16 @@ use serde::Deserialize;
 pub use serde_saphyr::Spanned;
 
 use super::{
-    BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Binding, Kv2Source, Limits, Origin, Output, Problem,
-    Source, Subject, at, format_duration, glob, render::Template, safe,
+    BUILT_IN_OVERLAP, BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Binding, DatabaseSource, Kv2Source,
+    Limits, Origin, Output, PKI_NAME_FIELDS, PkiSource, Problem, Source, Subject, at,
+    format_duration, glob, render::Template, safe,
 };
 
 /// The only policy `apiVersion` this broker reads.
 pub const API_VERSION: &str = "tessera.dev/v1alpha1";
 
 /// Source kinds this broker knows, as named in `limits.allowedSources`.
-const SOURCE_KINDS: &[&str] = &["kv2"];
+const SOURCE_KINDS: &[&str] = &["kv2", "database", "pki"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -60,6 +61,7 @@ pub(super) struct BindingDoc {
     source: Spanned<SourceDoc>,
     ttl: Option<Spanned<String>>,
     renew_fraction: Option<Spanned<f64>>,
+    overlap: Option<Spanned<String>>,
     output: Option<Spanned<OutputDoc>>,
 }
 
@@ -76,6 +78,25 @@ struct SubjectDoc {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 enum SourceDoc {
     Kv2(Kv2Doc),
+    Database(DatabaseDoc),
+    Pki(PkiDoc),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DatabaseDoc {
+    mount: String,
+    role: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PkiDoc {
+    mount: String,
+    role: String,
+    common_name: String,
+    #[serde(default)]
+    alt_names: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -416,6 +437,55 @@ pub(super) fn compile_binding(
                 keys: kv.keys.clone(),
             })
         }
+        SourceDoc::Database(db) => {
+            if db.mount.is_empty() || db.role.is_empty() {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!("binding `{name}`: database needs `mount` and `role`"),
+                ));
+            }
+            Source::Database(DatabaseSource {
+                mount: db.mount.clone(),
+                role: db.role.clone(),
+            })
+        }
+        SourceDoc::Pki(pki) => {
+            if pki.mount.is_empty() || pki.role.is_empty() || pki.common_name.is_empty() {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!("binding `{name}`: pki needs `mount`, `role` and `commonName`"),
+                ));
+            }
+            for text in std::iter::once(&pki.common_name).chain(&pki.alt_names) {
+                match Template::parse(text) {
+                    Ok(t) => {
+                        if let Some(bad) = t.fields().find(|f| !PKI_NAME_FIELDS.contains(f)) {
+                            problems.push(at(
+                                file,
+                                &raw.source,
+                                format!(
+                                    "binding `{name}`: pki name `{text}` uses `{bad}` (use {})",
+                                    PKI_NAME_FIELDS.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                    Err(e) => problems.push(at(
+                        file,
+                        &raw.source,
+                        format!("binding `{name}`: pki name `{text}`: {e}"),
+                    )),
+                }
+            }
+            Source::Pki(PkiSource {
+                mount: pki.mount.clone(),
+                role: pki.role.clone(),
+                common_name: pki.common_name.clone(),
+                alt_names: pki.alt_names.clone(),
+            })
+        }
     };
     if let Some(allowed) = &limits.allowed_sources
         && !allowed.contains(source.kind())
@@ -464,6 +534,24 @@ pub(super) fn compile_binding(
             ),
         };
 
+    let overlap = match &raw.overlap {
+        Some(text) => duration(file, text, "overlap", problems).unwrap_or(BUILT_IN_OVERLAP),
+        None => BUILT_IN_OVERLAP.min(ttl / 4),
+    };
+    if let Some(text) = &raw.overlap
+        && overlap >= ttl
+    {
+        problems.push(at(
+            file,
+            text,
+            format!(
+                "overlap {} must be shorter than the ttl {}",
+                format_duration(overlap),
+                format_duration(ttl)
+            ),
+        ));
+    }
+
     let output = compile_output(file, raw, &name, &source, defaults, problems);
     (problems.len() == before).then(|| Binding {
         name,
@@ -473,6 +561,7 @@ pub(super) fn compile_binding(
         ttl_origin,
         renew_fraction,
         renew_fraction_origin,
+        overlap,
         output,
         defined_at: here(raw.name.referenced.line()),
     })
@@ -497,7 +586,7 @@ fn compile_output(
         return output;
     };
     let o = &doc.value;
-    let Source::Kv2(kv) = source;
+    let known = source.known_fields();
     for (field, file_name) in &o.files {
         if !safe(file_name) {
             problems.push(at(
@@ -506,10 +595,10 @@ fn compile_output(
                 format!("binding `{name}`: output file `{file_name}` is not a safe file name"),
             ));
         }
-        if let Some(keys) = &kv.keys
+        if let Some(keys) = &known
             && !keys.contains(field)
         {
-            problems.push(at(file, doc, format!("binding `{name}`: output.files renames `{field}`, which is not in the source's keys")));
+            problems.push(at(file, doc, format!("binding `{name}`: output.files renames `{field}`, which the source does not deliver")));
         }
     }
     output.files = o.files.clone();
@@ -523,13 +612,13 @@ fn compile_output(
         }
         match Template::parse(text) {
             Ok(template) => {
-                if let Some(keys) = &kv.keys
+                if let Some(keys) = &known
                     && let Some(missing) = template.fields().find(|f| !keys.iter().any(|k| k == f))
                 {
                     problems.push(at(
                         file,
                         doc,
-                        format!("binding `{name}`: template `{file_name}` uses `{missing}`, which is not in the source's keys"),
+                        format!("binding `{name}`: template `{file_name}` uses `{missing}`, which the source does not deliver"),
                     ));
                 }
                 output.templates.insert(file_name.clone(), template);
@@ -553,7 +642,7 @@ fn compile_output(
     let raw_names: Vec<&String> = if o.templates_only {
         Vec::new()
     } else {
-        kv.keys
+        known
             .iter()
             .flatten()
             .map(|k| o.files.get(k).unwrap_or(k))

@@ -157,18 +157,54 @@ impl fmt::Display for Subject {
     }
 }
 
-/// Where a binding's values come from. New kinds (database, PKI) are new variants.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Where a binding's values come from; a new kind is a new variant.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// A Vault KV version 2 secret.
     Kv2(Kv2Source),
+    /// Dynamic credentials from Vault's database engine (a lease).
+    Database(DatabaseSource),
+    /// A certificate from Vault's PKI engine.
+    Pki(PkiSource),
 }
+
+/// Dynamic database credentials: `mount/creds/role`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseSource {
+    /// Mount path of the database engine, e.g. `database`.
+    pub mount: String,
+    /// The engine's role.
+    pub role: String,
+}
+
+/// A certificate from `mount/issue/role` for names rendered from the caller's
+/// identity (`{{ pod }}`, `{{ namespace }}`, `{{ serviceAccount }}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PkiSource {
+    /// Mount path of the PKI engine, e.g. `pki`.
+    pub mount: String,
+    /// The engine's role.
+    pub role: String,
+    /// Common name template.
+    pub common_name: String,
+    /// Subject alternative name templates.
+    pub alt_names: Vec<String>,
+}
+
+/// Fields a database source delivers.
+pub const DATABASE_FIELDS: &[&str] = &["username", "password"];
+/// Fields a PKI source delivers.
+pub const PKI_FIELDS: &[&str] = &["certificate", "private_key", "ca", "chain"];
+/// Identity values PKI name templates may use.
+pub const PKI_NAME_FIELDS: &[&str] = &["pod", "namespace", "serviceAccount"];
 
 impl Source {
     /// The kind's name as written in the policy.
     pub fn kind(&self) -> &'static str {
         match self {
             Source::Kv2(_) => "kv2",
+            Source::Database(_) => "database",
+            Source::Pki(_) => "pki",
         }
     }
 
@@ -176,7 +212,24 @@ impl Source {
     pub fn mount(&self) -> &str {
         match self {
             Source::Kv2(kv) => &kv.mount,
+            Source::Database(db) => &db.mount,
+            Source::Pki(pki) => &pki.mount,
         }
+    }
+
+    /// The fields it delivers, when known before reading it.
+    pub fn known_fields(&self) -> Option<Vec<String>> {
+        let owned = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
+        match self {
+            Source::Kv2(kv) => kv.keys.clone(),
+            Source::Database(_) => Some(owned(DATABASE_FIELDS)),
+            Source::Pki(_) => Some(owned(PKI_FIELDS)),
+        }
+    }
+
+    /// Whether its credentials expire and are renewed or rotated by the broker.
+    pub fn is_leased(&self) -> bool {
+        !matches!(self, Source::Kv2(_))
     }
 }
 
@@ -187,6 +240,18 @@ impl fmt::Display for Source {
                 write!(f, "kv2 {}/{}", kv.mount, kv.path)?;
                 if let Some(keys) = &kv.keys {
                     write!(f, " keys [{}]", keys.join(", "))?;
+                }
+                Ok(())
+            }
+            Source::Database(db) => write!(f, "database {}/creds/{}", db.mount, db.role),
+            Source::Pki(pki) => {
+                write!(
+                    f,
+                    "pki {}/issue/{} cn `{}`",
+                    pki.mount, pki.role, pki.common_name
+                )?;
+                if !pki.alt_names.is_empty() {
+                    write!(f, " sans [{}]", pki.alt_names.join(", "))?;
                 }
                 Ok(())
             }
@@ -236,6 +301,8 @@ pub struct Binding {
     pub ttl_origin: Origin,
     /// Fraction of the lifetime after which the credential is renewed.
     pub renew_fraction: f64,
+    /// How long a superseded lease stays valid after its successor is delivered.
+    pub overlap: Duration,
     /// Where the renew fraction came from.
     pub renew_fraction_origin: Origin,
     /// How files are written.
@@ -341,6 +408,12 @@ impl Policy {
         self.bindings.iter().filter(move |b| b.grants(identity))
     }
 
+    /// The binding `name`, whoever it is granted to (for revoking what a pod
+    /// holds even after its grant was removed).
+    pub fn binding(&self, name: &str) -> Option<&Binding> {
+        self.bindings.iter().find(|b| b.name == name)
+    }
+
     /// The binding `name` if `identity` is granted it. Unknown and not granted
     /// look the same to the caller, so a pod cannot probe binding names.
     pub fn lookup(&self, identity: &Identity, name: &str) -> Option<&Binding> {
@@ -444,6 +517,7 @@ pub fn format_duration(d: Duration) -> String {
 
 const BUILT_IN_TTL: Duration = Duration::from_secs(3600);
 const BUILT_IN_RENEW_FRACTION: f64 = 0.7;
+const BUILT_IN_OVERLAP: Duration = Duration::from_secs(30);
 
 fn at<T>(file: &str, spanned: &Spanned<T>, message: String) -> Problem {
     Problem {

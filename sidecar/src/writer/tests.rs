@@ -29,7 +29,12 @@ fn writes_kubelet_layout_with_private_modes() {
     let writer = Writer::new(out.path().to_owned(), None);
     assert!(
         writer
-            .write("db", &fields(&[("user", "u1"), ("pass", "p1")]), owner())
+            .write(
+                "db",
+                &fields(&[("user", "u1"), ("pass", "p1")]),
+                Meta::default(),
+                owner()
+            )
             .unwrap()
     );
 
@@ -55,11 +60,21 @@ fn rotation_replaces_everything_and_drops_old_names() {
     let out = tmpfs_dir();
     let writer = Writer::new(out.path().to_owned(), None);
     writer
-        .write("db", &fields(&[("user", "u1"), ("old", "x")]), owner())
+        .write(
+            "db",
+            &fields(&[("user", "u1"), ("old", "x")]),
+            Meta::default(),
+            owner(),
+        )
         .unwrap();
     let first = fs::read_link(out.path().join("db").join(DATA_LINK)).unwrap();
     writer
-        .write("db", &fields(&[("user", "u2"), ("pass", "p2")]), owner())
+        .write(
+            "db",
+            &fields(&[("user", "u2"), ("pass", "p2")]),
+            Meta::default(),
+            owner(),
+        )
         .unwrap();
 
     let dir = out.path().join("db");
@@ -84,12 +99,12 @@ fn identical_values_are_not_rewritten() {
     let writer = Writer::new(out.path().to_owned(), None);
     assert!(
         writer
-            .write("db", &fields(&[("user", "u1")]), owner())
+            .write("db", &fields(&[("user", "u1")]), Meta::default(), owner())
             .unwrap()
     );
     assert!(
         !writer
-            .write("db", &fields(&[("user", "u1")]), owner())
+            .write("db", &fields(&[("user", "u1")]), Meta::default(), owner())
             .unwrap()
     );
 }
@@ -101,7 +116,7 @@ fn group_mode_is_0440_and_0550() {
     let writer = Writer::new(out.path().to_owned(), Some(gid));
     let access = writer.access(0, None).unwrap();
     writer
-        .write("db", &fields(&[("user", "u1")]), access)
+        .write("db", &fields(&[("user", "u1")]), Meta::default(), access)
         .unwrap();
     let dir = out.path().join("db");
     assert_eq!(
@@ -117,11 +132,11 @@ fn unsafe_names_are_refused_and_nothing_is_written() {
     let writer = Writer::new(out.path().to_owned(), None);
     for bad in ["../x", "a/b", "..data", ".", ""] {
         let err = writer
-            .write("db", &fields(&[(bad, "v")]), owner())
+            .write("db", &fields(&[(bad, "v")]), Meta::default(), owner())
             .unwrap_err();
         assert!(matches!(err, WriteError::UnsafeName(_)), "{bad}");
         let err = writer
-            .write(bad, &fields(&[("ok", "v")]), owner())
+            .write(bad, &fields(&[("ok", "v")]), Meta::default(), owner())
             .unwrap_err();
         assert!(matches!(err, WriteError::UnsafeName(_)), "{bad}");
     }
@@ -174,4 +189,51 @@ fn policy_mode_and_group_override_the_defaults() {
         writer.access(0o644, None),
         Err(WriteError::UnsafeMode(0o644))
     ));
+}
+
+#[test]
+fn handle_and_version_are_stored_hidden_with_the_fields() {
+    let out = tmpfs_dir();
+    let writer = Writer::new(out.path().to_owned(), None);
+    let meta = Meta {
+        version: "v7",
+        handle: Some("sealed.handle"),
+    };
+    assert!(
+        writer
+            .write("db", &fields(&[("user", "u1")]), meta, owner())
+            .unwrap()
+    );
+    assert_eq!(writer.handle("db").as_deref(), Some("sealed.handle"));
+    let dir = out.path().join("db");
+    assert_eq!(
+        fs::read_to_string(dir.join("..data/..version")).unwrap(),
+        "v7"
+    );
+    assert_eq!(
+        fs::metadata(dir.join("..data/..handle")).unwrap().mode() & 0o777,
+        0o400
+    );
+    let visible: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".."))
+        .collect();
+    assert_eq!(visible, ["user"], "the handle is not a field the app sees");
+    assert!(
+        !writer
+            .write("db", &fields(&[("user", "u1")]), meta, owner())
+            .unwrap()
+    );
+    let new_handle = Meta {
+        version: "v8",
+        handle: Some("other.handle"),
+    };
+    assert!(
+        writer
+            .write("db", &fields(&[("user", "u1")]), new_handle, owner())
+            .unwrap()
+    );
+    assert_eq!(writer.handle("db").as_deref(), Some("other.handle"));
 }

@@ -31,6 +31,7 @@ async fn every_outcome_is_audited_with_the_pod_and_without_secrets() {
             &token,
             FetchRequest {
                 bindings: vec!["app".into()],
+                ..Default::default()
             },
         ))
         .await
@@ -41,6 +42,7 @@ async fn every_outcome_is_audited_with_the_pod_and_without_secrets() {
             &denied,
             FetchRequest {
                 bindings: vec!["app".into()],
+                ..Default::default()
             },
         ))
         .await
@@ -51,7 +53,13 @@ async fn every_outcome_is_audited_with_the_pod_and_without_secrets() {
         .await
         .unwrap_err();
     client
-        .revoke(with_token(&token, RevokeRequest { bindings: vec![] }))
+        .revoke(with_token(
+            &token,
+            RevokeRequest {
+                bindings: vec!["app".into()],
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
 
@@ -204,6 +212,7 @@ async fn vaults_own_audit_log_names_the_pod() {
             &env.token("shop", "orders"),
             FetchRequest {
                 bindings: vec!["app".into()],
+                ..Default::default()
             },
         ))
         .await

@@ -98,6 +98,7 @@ async fn chosen_keys_only_are_delivered() {
             &env.token("shop", "orders"),
             FetchRequest {
                 bindings: vec!["app".into()],
+                ..Default::default()
             },
         ))
         .await
@@ -147,6 +148,7 @@ async fn an_identity_the_policy_does_not_name_is_denied_and_gets_no_files() {
             &env.token("shop", "billing"),
             FetchRequest {
                 bindings: vec!["app".into()],
+                ..Default::default()
             },
         ))
         .await
@@ -183,6 +185,7 @@ async fn a_granted_and_a_denied_binding_together_deliver_nothing() {
             &env.token("shop", "orders"),
             FetchRequest {
                 bindings: vec!["app".into(), "other".into()],
+                ..Default::default()
             },
         ))
         .await
@@ -228,6 +231,7 @@ async fn the_broker_logs_in_with_approle() {
             &env.token("shop", "orders"),
             FetchRequest {
                 bindings: vec!["app".into()],
+                ..Default::default()
             },
         ))
         .await
@@ -254,6 +258,7 @@ async fn a_replaced_vault_token_file_is_picked_up() {
                 &env.token("shop", "orders"),
                 FetchRequest {
                     bindings: vec!["app".into()],
+                    ..Default::default()
                 },
             ))
             .await

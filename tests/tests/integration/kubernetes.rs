@@ -116,6 +116,7 @@ async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods()
             &token,
             FetchRequest {
                 bindings: vec!["gold".into()],
+                ..Default::default()
             },
         ))
         .await
@@ -134,6 +135,7 @@ async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods()
             &env.signer.mint(&silver),
             FetchRequest {
                 bindings: vec!["gold".into()],
+                ..Default::default()
             },
         ))
         .await

@@ -132,6 +132,7 @@ async fn reloads_under_load_fail_no_request_and_never_mix_policies() {
                     &token,
                     FetchRequest {
                         bindings: vec!["x".into(), "y".into()],
+                        ..Default::default()
                     },
                 );
                 let response = client

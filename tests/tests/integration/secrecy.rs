@@ -63,7 +63,7 @@ async fn debug_logs_hold_no_secret_and_no_token() {
         }
     }
     assert!(
-        logs[0].1.contains("credential issued"),
+        logs[0].1.contains("credential delivered"),
         "the broker logged the issuance"
     );
     assert!(

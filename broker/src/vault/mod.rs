@@ -24,6 +24,8 @@ use vaultrs::{
 
 use crate::{policy::Kv2Source, secret::Secret};
 
+pub mod leases;
+
 /// How the broker logs in to Vault.
 #[derive(Clone, Debug)]
 pub enum VaultAuth {
@@ -66,6 +68,9 @@ pub enum VaultError {
     /// The secret does not exist (404).
     #[error("no secret at {0} in Vault")]
     NotFound(String),
+    /// Vault refused the request as invalid (400), e.g. an unknown lease.
+    #[error("Vault refused {0}")]
+    Invalid(String),
     /// The broker's own Vault credentials could not be loaded or used.
     #[error("Vault login failed: {0}")]
     Login(String),
@@ -84,6 +89,9 @@ impl VaultError {
         match error {
             ClientError::APIError { code: 403, .. } => Self::Denied(what.to_owned()),
             ClientError::APIError { code: 404, .. } => Self::NotFound(what.to_owned()),
+            ClientError::APIError { code: 400, errors } => {
+                Self::Invalid(format!("{what}: {}", errors.join("; ")))
+            }
             ClientError::APIError { code, errors } if code >= 500 || code == 429 => {
                 Self::Unavailable(format!("{what}: status {code}: {}", errors.join("; ")))
             }
@@ -338,6 +346,33 @@ impl Vault {
             Ok(result) => Ok(result),
             Err(e) => {
                 let error = VaultError::from_client(what, e);
+                if matches!(error, VaultError::Denied(_)) {
+                    self.invalidate().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Executes an endpoint that answers with no body (204).
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn exec_empty<E: Endpoint>(
+        &self,
+        endpoint: E,
+        what: &str,
+        caller: Option<&str>,
+    ) -> Result<(), VaultError> {
+        let client = self.authed().await?;
+        let stamped = Stamped {
+            inner: client.middle(),
+            caller: caller.and_then(|c| http::HeaderValue::from_str(c).ok()),
+        };
+        match endpoint.with_middleware(&stamped).exec(client.http()).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let error = VaultError::from_client(what, api_error(e));
                 if matches!(error, VaultError::Denied(_)) {
                     self.invalidate().await;
                 }

@@ -1,0 +1,250 @@
+//! Vault endpoints vaultrs lacks or makes lossy: dynamic database credentials
+//! with their lease, PKI certificates, and `sys/leases` lookup, renew and
+//! revoke.
+
+use std::time::{Duration, SystemTime};
+
+use rustify_derive::Endpoint;
+use serde::{Deserialize, Serialize};
+use vaultrs::api::{
+    database::requests::GenerateCredentialsRequest, pki::requests::GenerateCertificateRequest,
+};
+
+use super::{Vault, VaultError};
+use crate::secret::Secret;
+
+/// `PUT sys/leases/lookup`.
+#[derive(Debug, Endpoint, Serialize)]
+#[endpoint(path = "sys/leases/lookup", method = "PUT", response = "LeaseLookup")]
+struct LookupLease {
+    lease_id: String,
+}
+
+/// What `sys/leases/lookup` says of a lease.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct LeaseLookup {
+    /// Seconds left.
+    pub ttl: u64,
+    /// Whether it can be renewed.
+    pub renewable: bool,
+}
+
+/// `PUT sys/leases/renew`.
+#[derive(Debug, Endpoint, Serialize)]
+#[endpoint(
+    path = "sys/leases/renew",
+    method = "PUT",
+    response = "serde_json::Value"
+)]
+struct RenewLease {
+    lease_id: String,
+    increment: u64,
+}
+
+/// `PUT sys/leases/revoke`.
+#[derive(Debug, Endpoint, Serialize)]
+#[endpoint(path = "sys/leases/revoke", method = "PUT")]
+struct RevokeLease {
+    lease_id: String,
+}
+
+/// A leased credential as Vault issued it.
+#[derive(Debug)]
+pub struct Leased {
+    /// Vault's lease id.
+    pub lease_id: String,
+    /// Lifetime granted.
+    pub ttl: Duration,
+    /// Whether Vault can extend it.
+    pub renewable: bool,
+    /// When it was issued.
+    pub issued: SystemTime,
+    /// The values.
+    pub fields: std::collections::BTreeMap<String, Secret>,
+}
+
+/// A certificate as Vault's PKI issued it.
+#[derive(Debug)]
+pub struct Issued {
+    /// Serial number (Vault's colon-separated hex).
+    pub serial: String,
+    /// Not valid after.
+    pub not_after: SystemTime,
+    /// When it was issued.
+    pub issued: SystemTime,
+    /// `certificate`, `private_key`, `ca` and `chain` (PEM).
+    pub fields: std::collections::BTreeMap<String, Secret>,
+}
+
+impl Vault {
+    /// New dynamic database credentials from `mount/creds/role`, keeping the lease.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn database_creds(
+        &self,
+        mount: &str,
+        role: &str,
+        caller: Option<&str>,
+    ) -> Result<Leased, VaultError> {
+        let what = format!("{mount}/creds/{role}");
+        let endpoint = GenerateCredentialsRequest::builder()
+            .mount(mount)
+            .name(role)
+            .build()
+            .map_err(|e| VaultError::Unexpected {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+        let result = self.exec(endpoint, &what, caller).await?;
+        let data = result.data.ok_or_else(|| VaultError::Unexpected {
+            what: what.clone(),
+            detail: "no credentials in the answer".to_owned(),
+        })?;
+        if result.lease_id.is_empty() {
+            return Err(VaultError::Unexpected {
+                what,
+                detail: "no lease id in the answer".to_owned(),
+            });
+        }
+        Ok(Leased {
+            lease_id: result.lease_id,
+            ttl: Duration::from_secs(u64::from(result.lease_duration)),
+            renewable: result.renewable,
+            issued: SystemTime::now(),
+            fields: [
+                ("username".to_owned(), Secret::from(data.username)),
+                ("password".to_owned(), Secret::from(data.password)),
+            ]
+            .into(),
+        })
+    }
+
+    /// A new certificate from `mount/issue/role`.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn pki_issue(
+        &self,
+        mount: &str,
+        role: &str,
+        common_name: &str,
+        alt_names: &[String],
+        ttl: Duration,
+        caller: Option<&str>,
+    ) -> Result<Issued, VaultError> {
+        let what = format!("{mount}/issue/{role}");
+        let endpoint = GenerateCertificateRequest::builder()
+            .mount(mount)
+            .role(role)
+            .common_name(common_name)
+            .alt_names(alt_names.join(","))
+            .ttl(format!("{}s", ttl.as_secs()))
+            .build()
+            .map_err(|e| VaultError::Unexpected {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+        let data = self
+            .exec(endpoint, &what, caller)
+            .await?
+            .data
+            .ok_or_else(|| VaultError::Unexpected {
+                what: what.clone(),
+                detail: "no certificate in the answer".to_owned(),
+            })?;
+        let not_after = data
+            .expiration
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .ok_or_else(|| VaultError::Unexpected {
+                what: what.clone(),
+                detail: "no expiration".to_owned(),
+            })?;
+        let chain = data.ca_chain.unwrap_or_default().join("\n");
+        Ok(Issued {
+            serial: data.serial_number,
+            not_after,
+            issued: SystemTime::now(),
+            fields: [
+                ("certificate".to_owned(), Secret::from(data.certificate)),
+                ("private_key".to_owned(), Secret::from(data.private_key)),
+                ("ca".to_owned(), Secret::from(data.issuing_ca)),
+                ("chain".to_owned(), Secret::from(chain)),
+            ]
+            .into(),
+        })
+    }
+
+    /// Seconds left on a lease; `None` when Vault no longer knows it.
+    ///
+    /// # Errors
+    /// A [`VaultError`] other than "not found".
+    pub async fn lease_lookup(&self, lease_id: &str) -> Result<Option<LeaseLookup>, VaultError> {
+        let endpoint = LookupLease {
+            lease_id: lease_id.to_owned(),
+        };
+        match self.exec(endpoint, "sys/leases/lookup", None).await {
+            Ok(result) => Ok(result.data),
+            // Vault answers 400 "invalid lease" for unknown or revoked leases.
+            Err(
+                VaultError::NotFound(_) | VaultError::Unexpected { .. } | VaultError::Invalid(_),
+            ) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Extends a lease by `increment`; returns the lifetime Vault granted.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn lease_renew(
+        &self,
+        lease_id: &str,
+        increment: Duration,
+        caller: Option<&str>,
+    ) -> Result<Duration, VaultError> {
+        let endpoint = RenewLease {
+            lease_id: lease_id.to_owned(),
+            increment: increment.as_secs(),
+        };
+        let result = self.exec(endpoint, "sys/leases/renew", caller).await?;
+        Ok(Duration::from_secs(u64::from(result.lease_duration)))
+    }
+
+    /// Revokes a lease (idempotent: an unknown lease is already gone).
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn lease_revoke(
+        &self,
+        lease_id: &str,
+        caller: Option<&str>,
+    ) -> Result<(), VaultError> {
+        let endpoint = RevokeLease {
+            lease_id: lease_id.to_owned(),
+        };
+        self.exec_empty(endpoint, "sys/leases/revoke", caller).await
+    }
+
+    /// Revokes a certificate by serial number.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn pki_revoke(
+        &self,
+        mount: &str,
+        serial: &str,
+        caller: Option<&str>,
+    ) -> Result<(), VaultError> {
+        let what = format!("{mount}/revoke");
+        let endpoint = vaultrs::api::pki::requests::RevokeCertificateRequest::builder()
+            .mount(mount)
+            .serial_number(serial)
+            .build()
+            .map_err(|e| VaultError::Unexpected {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+        self.exec(endpoint, &what, caller).await.map(|_| ())
+    }
+}

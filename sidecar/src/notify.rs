@@ -1,0 +1,111 @@
+//! Telling the app that its credentials rotated: a signal to a process (by pid
+//! file, or by name when the pod shares its process namespace), and/or a
+//! command. File watchers can instead follow the `..data` symlink.
+
+use std::{path::PathBuf, time::Duration};
+
+use rustix::process::{Pid, Signal, kill_process};
+
+/// How long a notify command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which process to signal.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// The pid written in this file.
+    PidFile(PathBuf),
+    /// Every process whose name (`/proc/<pid>/comm`) is this.
+    Name(String),
+}
+
+/// What to do after a rotation.
+#[derive(Clone, Debug, Default)]
+pub struct Notify {
+    /// Signal and whom to send it to.
+    pub signal: Option<(Signal, Target)>,
+    /// A shell command, run with `TESSERA_BINDING` and `TESSERA_VERSION` set.
+    pub command: Option<String>,
+}
+
+/// Parses a signal name (`HUP`, `SIGHUP`, `USR1`, `USR2`, `TERM`, `INT`).
+///
+/// # Errors
+/// The name is not one of those.
+pub fn parse_signal(name: &str) -> Result<Signal, String> {
+    match name.trim_start_matches("SIG") {
+        "HUP" => Ok(Signal::HUP),
+        "USR1" => Ok(Signal::USR1),
+        "USR2" => Ok(Signal::USR2),
+        "TERM" => Ok(Signal::TERM),
+        "INT" => Ok(Signal::INT),
+        other => Err(format!(
+            "`{other}` is not one of HUP, USR1, USR2, TERM, INT"
+        )),
+    }
+}
+
+fn pids(target: &Target) -> Vec<Pid> {
+    match target {
+        Target::PidFile(path) => std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+            .and_then(Pid::from_raw)
+            .into_iter()
+            .collect(),
+        Target::Name(name) => std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+                (comm.trim() == name && pid != std::process::id() as i32)
+                    .then(|| Pid::from_raw(pid))
+                    .flatten()
+            })
+            .collect(),
+    }
+}
+
+impl Notify {
+    /// Whether anything is configured.
+    pub fn is_empty(&self) -> bool {
+        self.signal.is_none() && self.command.is_none()
+    }
+
+    /// Tells the app that `binding` rotated to `version`. Failures are logged:
+    /// the files are already in place.
+    pub async fn rotated(&self, binding: &str, version: &str) {
+        if let Some((signal, target)) = &self.signal {
+            let found = pids(target);
+            if found.is_empty() {
+                tracing::warn!(?target, "no process to signal after the rotation");
+            }
+            for pid in found {
+                match kill_process(pid, *signal) {
+                    Ok(()) => tracing::info!(
+                        pid = pid.as_raw_nonzero().get(),
+                        binding,
+                        "signalled the app"
+                    ),
+                    Err(error) => tracing::warn!(%error, binding, "cannot signal the app"),
+                }
+            }
+        }
+        if let Some(command) = &self.command {
+            let run = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .env("TESSERA_BINDING", binding)
+                .env("TESSERA_VERSION", version)
+                .kill_on_drop(true)
+                .status();
+            match tokio::time::timeout(COMMAND_TIMEOUT, run).await {
+                Ok(Ok(status)) if status.success() => tracing::info!(binding, "notify command ran"),
+                Ok(Ok(status)) => tracing::warn!(%status, binding, "notify command failed"),
+                Ok(Err(error)) => tracing::warn!(%error, binding, "cannot run the notify command"),
+                Err(_) => tracing::warn!(binding, "notify command timed out and was killed"),
+            }
+        }
+    }
+}
