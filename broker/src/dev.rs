@@ -346,6 +346,11 @@ pub fn init(dir: &Path, hosts: &[String]) -> Result<(), DevError> {
         key.jwks().to_string().as_bytes(),
         0o644,
     )?;
+    let mut handle_key = zeroize::Zeroizing::new([0u8; 32]);
+    SystemRandom::new()
+        .fill(handle_key.as_mut())
+        .map_err(|_| DevError::BadKey)?;
+    write_file(&dir.join(files::HANDLE_KEY), handle_key.as_ref(), 0o600)?;
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;

@@ -314,9 +314,12 @@ impl Lifecycle {
             let now = SystemTime::now();
             let old_end = live.not_after.unwrap_or(now);
             let new_end = now + granted;
-            // Extended, and long enough to be worth keeping: otherwise the
-            // lease is near its max TTL and a successor is due.
-            if new_end > old_end && granted > binding.overlap * 2 {
+            // Keep the lease if it was extended and will still have at least
+            // the overlap left at the next refresh; otherwise it is near its
+            // max TTL, and a successor delivered now leaves the app the whole
+            // overlap to switch.
+            let left_at_next_refresh = granted.mul_f64(1.0 - binding.renew_fraction);
+            if new_end > old_end && left_at_next_refresh >= binding.overlap {
                 let mut renewed = live.clone();
                 renewed.issued_at = now;
                 renewed.not_after = Some(new_end);

@@ -488,6 +488,7 @@ impl OpenStream {
         let expiry = tokio::time::sleep(expires_in);
         tokio::pin!(expiry);
         let shutdown = self.service.parts.shutdown.clone();
+        let mut watching_kv = true;
         loop {
             let next_due = self.leased.values().map(|(_, due, _)| *due).min();
             let end = tokio::select! {
@@ -499,7 +500,7 @@ impl OpenStream {
                     "service-account token expired; reconnect with the current token",
                 ),
                 () = shutdown.cancelled() => Status::unavailable("broker is shutting down; reconnect"),
-                change = changes.next() => match change {
+                change = changes.next(), if watching_kv => match change {
                     Some((binding, Some(secret))) => {
                         if !self.kv_changed(&binding, &secret).await {
                             self.closed().await;
@@ -508,7 +509,11 @@ impl OpenStream {
                         continue;
                     }
                     Some((_, None)) => continue,
-                    None => std::future::pending().await,
+                    // No KV binding on this stream (or its feeds ended).
+                    None => {
+                        watching_kv = false;
+                        continue;
+                    }
                 },
                 () = sleep_until(next_due) => {
                     if !self.act_on_due().await {

@@ -271,6 +271,12 @@ impl OpenBao {
         let policy = r#"
 path "secret/data/*" { capabilities = ["read"] }
 path "secret/metadata/*" { capabilities = ["read"] }
+path "database/creds/*" { capabilities = ["read"] }
+path "pki/issue/*" { capabilities = ["create", "update"] }
+path "pki/revoke" { capabilities = ["create", "update"] }
+path "sys/leases/lookup" { capabilities = ["update"] }
+path "sys/leases/renew" { capabilities = ["update"] }
+path "sys/leases/revoke" { capabilities = ["update"] }
 "#;
         let path = std::env::temp_dir().join(format!("tessera-policy-{}.hcl", random_string(8)));
         fs::write(&path, policy).unwrap();
@@ -306,6 +312,74 @@ path "secret/metadata/*" { capabilities = ["read"] }
         (role_id, secret_id)
     }
 
+    /// Enables the database engine at `database/` for `pg` (once) and writes
+    /// role `role` with the given lease TTLs.
+    pub fn database_role(&self, pg: &Postgres, role: &str, default_ttl: &str, max_ttl: &str) {
+        let mounts = self.cli(&["secrets", "list", "-format=json"]);
+        if !mounts.contains("\"database/\"") {
+            self.cli(&["secrets", "enable", "database"]);
+            self.cli(&[
+                "write",
+                "database/config/pg",
+                "plugin_name=postgresql-database-plugin",
+                &format!(
+                    "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
+                    pg.port
+                ),
+                "allowed_roles=*",
+                "username=postgres",
+                &format!("password={}", pg.password),
+            ]);
+        }
+        self.cli(&[
+            "write",
+            &format!("database/roles/{role}"),
+            "db_name=pg",
+            "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+            &format!("default_ttl={default_ttl}"),
+            &format!("max_ttl={max_ttl}"),
+        ]);
+    }
+
+    /// Enables PKI at `pki/` with a root CA and role `pods` for any name;
+    /// returns the CA certificate (PEM).
+    pub fn pki_role(&self, max_ttl: &str) -> String {
+        self.cli(&["secrets", "enable", "pki"]);
+        self.cli(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
+        let ca = self.cli(&[
+            "write",
+            "-field=certificate",
+            "pki/root/generate/internal",
+            "common_name=Tessera test root",
+            "ttl=87600h",
+        ]);
+        self.cli(&[
+            "write",
+            "pki/roles/pods",
+            "allow_any_name=true",
+            "enforce_hostnames=false",
+            &format!("max_ttl={max_ttl}"),
+            "key_type=ec",
+            "key_bits=256",
+        ]);
+        ca
+    }
+
+    /// What `sys/leases/lookup` says of a lease (JSON `data`).
+    pub fn lease_lookup(&self, lease_id: &str) -> Option<Value> {
+        let output = Command::new(bao_binary())
+            .args(["write", "-format=json", "sys/leases/lookup"])
+            .arg(format!("lease_id={lease_id}"))
+            .env("BAO_ADDR", &self.address)
+            .env("BAO_TOKEN", &self.root_token)
+            .output()
+            .unwrap();
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice::<Value>(&output.stdout).unwrap()["data"].clone())
+    }
+
     /// Writes a new version of a KV v2 secret under the dev `secret/` mount.
     pub async fn put(&self, path: &str, data: &Value) {
         vaultrs::kv2::set(&self.client(), "secret", path, data)
@@ -321,6 +395,156 @@ pub enum BrokerLogin {
     TokenFile,
     /// AppRole with a least-privilege role.
     AppRole,
+}
+
+/// A private PostgreSQL cluster with password (SCRAM) authentication. The
+/// machine's own server trusts every local connection, so it would accept any
+/// password; this one proves a delivered password by checking it.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// The port on 127.0.0.1.
+    pub port: u16,
+    /// The superuser `postgres` password.
+    pub password: String,
+}
+
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (scripts/test installs it)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("an initdb under /usr/lib/postgresql")
+}
+
+/// Runs a PostgreSQL tool as the `postgres` user when we are root (it refuses
+/// to run as root), as ourselves otherwise.
+fn as_postgres(program: &Path) -> Command {
+    let root = fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    /// Creates and starts a cluster on a free port.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-pg-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path();
+        let _ = Command::new("chown").arg("postgres").arg(path).status();
+        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let password = random_string(24);
+        fs::write(path.join("pw"), &password).unwrap();
+        let _ = Command::new("chown")
+            .arg("postgres")
+            .arg(path.join("pw"))
+            .status();
+        let bin = postgres_bin();
+        let init = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(path.join("data"))
+            .args(["-U", "postgres", "--auth=scram-sha-256", "-E", "UTF8"])
+            .arg(format!("--pwfile={}", path.join("pw").display()))
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let port = free_port();
+        let started = as_postgres(&bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(path.join("data"))
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1",
+                path.display()
+            ))
+            .arg("-l")
+            .arg(path.join("log"))
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            started.status.success(),
+            "PostgreSQL did not start: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        Self {
+            dir,
+            bin,
+            port,
+            password,
+        }
+    }
+
+    fn psql(&self, user: &str, password: &str, sql: &str) -> Output {
+        Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                user,
+                "-d",
+                "postgres",
+                "-tA",
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .unwrap()
+    }
+
+    /// Whether `user` can log in with `password`.
+    pub fn can_login(&self, user: &str, password: &str) -> bool {
+        self.psql(user, password, "select 1").status.success()
+    }
+
+    /// How many roles Vault created (names start with `v-`).
+    pub fn vault_roles(&self) -> usize {
+        let output = self.psql(
+            "postgres",
+            &self.password,
+            "select count(*) from pg_roles where rolname like 'v-%'",
+        );
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
 }
 
 /// Options for [`Env::start_with`].
@@ -367,6 +591,7 @@ pub struct Env {
     pub broker: Proc,
     /// `https://127.0.0.1:PORT`.
     pub broker_uri: String,
+    broker_port: u16,
     /// The dev ES256 signing key the broker trusts.
     pub signer: SigningKey,
     /// An RS256 key the broker also trusts.
@@ -483,6 +708,8 @@ audit:
 rateLimit:
   perSecond: {per_second}
   burst: {burst}
+leases:
+  handleKeyFile: dev/handle.key
 {kubernetes}",
             issuer = dev::DEFAULT_ISSUER,
             audience = dev::DEFAULT_AUDIENCE,
@@ -498,33 +725,31 @@ rateLimit:
             burst = options.rate_limit.1,
         );
         fs::write(dir.path().join("broker.yaml"), config).unwrap();
-        let mut command = Command::new(binary("tessera-broker"));
-        command
-            .args(["serve", "--config"])
-            .arg(dir.path().join("broker.yaml"))
-            .env("RUST_LOG", &options.rust_log)
-            .env("NO_COLOR", "1");
-        let mut broker = Proc::spawn("broker", command, dir.path().join("broker.log"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(!broker.exited(), "broker exited:\n{}", broker.output());
-            assert!(
-                Instant::now() < deadline,
-                "broker did not listen:\n{}",
-                broker.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let broker = spawn_broker(dir.path(), port, &options.rust_log).await;
         Self {
             dir,
             bao,
             broker,
             broker_uri: format!("https://127.0.0.1:{port}"),
+            broker_port: port,
             signer,
             rsa_signer,
             kube,
             options,
         }
+    }
+
+    /// Kills the broker (SIGKILL) and starts a new one with the same
+    /// configuration and port, as a replacement replica would.
+    pub async fn restart_broker(&mut self) {
+        let log = self.dir.path().join("broker.log");
+        let old = fs::read_to_string(&log).unwrap_or_default();
+        fs::write(self.dir.path().join("broker-before-restart.log"), old).unwrap();
+        let stopped = std::mem::replace(
+            &mut self.broker,
+            spawn_broker(self.dir.path(), self.broker_port, &self.options.rust_log).await,
+        );
+        drop(stopped);
     }
 
     /// The broker's audit events so far.
@@ -650,13 +875,69 @@ rateLimit:
 
     /// Starts `tessera-sidecar run`.
     pub fn sidecar_run(&self, token_file: &Path, out: &Path, bindings: &[&str]) -> Proc {
-        let command = self.sidecar_command("run", token_file, out, bindings);
+        self.sidecar_run_with(token_file, out, bindings, &[])
+    }
+
+    /// Starts `tessera-sidecar run` with extra arguments.
+    pub fn sidecar_run_with(
+        &self,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+        extra: &[&str],
+    ) -> Proc {
+        let mut command = self.sidecar_command("run", token_file, out, bindings);
+        command.args(extra);
         let log = self
             .dir
             .path()
             .join(format!("sidecar-{}.log", random_string(6)));
         Proc::spawn("sidecar", command, log)
     }
+}
+
+/// Starts the broker with `dir/broker.yaml` and waits until it listens.
+async fn spawn_broker(dir: &Path, port: u16, rust_log: &str) -> Proc {
+    // A port a killed broker held may linger a moment: wait until it is free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut command = Command::new(binary("tessera-broker"));
+    command
+        .args(["serve", "--config"])
+        .arg(dir.join("broker.yaml"))
+        .env("RUST_LOG", rust_log)
+        .env("NO_COLOR", "1");
+    let mut broker = Proc::spawn("broker", command, dir.join("broker.log"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(!broker.exited(), "broker exited:\n{}", broker.output());
+        assert!(
+            Instant::now() < deadline,
+            "broker did not listen:\n{}",
+            broker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker
+}
+
+/// The lease id inside the handle stored with `binding`'s files (handles are
+/// MACed, not encrypted: tests may read them).
+pub fn lease_of(out: &Path, binding: &str) -> Option<String> {
+    use base64::Engine;
+    let handle = fs::read_to_string(out.join(binding).join("..data/..handle")).ok()?;
+    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(handle.split('.').next()?)
+        .ok()?;
+    let value: Value = serde_json::from_slice(&body).ok()?;
+    value["l"].as_str().map(str::to_owned)
+}
+
+/// Reads a binding's field, if written.
+pub fn field(out: &Path, binding: &str, name: &str) -> Option<String> {
+    fs::read_to_string(out.join(binding).join(name)).ok()
 }
 
 /// Writes `name` into `dir` laid out like a ConfigMap volume:

@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod delivery;
 mod kubernetes;
+mod lifecycle;
 mod policy;
 mod secrecy;
 mod sidecar;

@@ -1,0 +1,346 @@
+//! Leased credentials end to end, against real OpenBao and a real PostgreSQL
+//! (a private cluster with password authentication, so a login proves the
+//! password): issue, log in, renew, rotate with overlap, revoke, one database
+//! user per pod, handles bound to their pod, certificates.
+
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use tessera_proto::v1::{FetchRequest, Held, RevokeRequest};
+use tessera_tests::{Env, Postgres, field, lease_of, wait_for, with_token};
+use tonic::Code;
+
+fn db_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: db
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source: {{ database: {{ mount: database, role: orders }} }}
+    ttl: {ttl}
+    renewFraction: {fraction}
+    overlap: {overlap}
+"
+    )
+}
+
+fn login(out: &std::path::Path) -> (String, String) {
+    (
+        field(out, "db", "username").unwrap(),
+        field(out, "db", "password").unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_credentials_log_in_and_fail_after_revoke() {
+    let pg = Postgres::start();
+    let env = Env::start(&db_policy("1m", "0.7", "10s")).await;
+    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let out = env.tmpfs_out();
+    let token_file = env.token_file("shop", "orders");
+    let once = env.sidecar_once(&token_file, out.path(), &["db"], &[]);
+    assert!(
+        once.status.success(),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let (user, password) = login(out.path());
+    assert!(
+        pg.can_login(&user, &password),
+        "the delivered password logs in"
+    );
+    assert!(
+        !pg.can_login(&user, "not-the-password"),
+        "the server really checks passwords"
+    );
+    assert_eq!(pg.vault_roles(), 1);
+
+    let handle = fs::read_to_string(out.path().join("db/..data/..handle")).unwrap();
+    let revoked = env
+        .client()
+        .await
+        .revoke(with_token(
+            &env.token("shop", "orders"),
+            RevokeRequest {
+                bindings: vec![],
+                held: vec![Held {
+                    binding: "db".into(),
+                    handle,
+                }],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked, ["db"]);
+    assert!(
+        !pg.can_login(&user, &password),
+        "a revoked credential no longer logs in"
+    );
+    assert_eq!(pg.vault_roles(), 0);
+    let event = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "issue")
+        .unwrap();
+    assert_eq!(event["source"], "database database/creds/orders");
+    assert!(
+        event["lease_id_sha256"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64)
+    );
+    assert!(
+        event["ttl_seconds"]
+            .as_u64()
+            .is_some_and(|t| t > 0 && t <= 60)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_once_then_run_and_a_sidecar_restart_mint_one_database_user() {
+    let pg = Postgres::start();
+    let env = Env::start(&db_policy("1m", "0.7", "10s")).await;
+    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let out = env.tmpfs_out();
+    let token_file = env.token_file("shop", "orders");
+
+    let once = env.sidecar_once(&token_file, out.path(), &["db"], &[]);
+    assert!(
+        once.status.success(),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let first = login(out.path());
+
+    let run = env.sidecar_run(&token_file, out.path(), &["db"]);
+    wait_for(Duration::from_secs(20), "the sidecar to resume", || {
+        run.output().contains("files kept").then_some(())
+    })
+    .await;
+    // SIGKILL: a crash, not a shutdown, so nothing is revoked.
+    drop(run);
+    let mut restarted = env.sidecar_run(&token_file, out.path(), &["db"]);
+    wait_for(
+        Duration::from_secs(20),
+        "the restarted sidecar to resume",
+        || restarted.output().contains("files kept").then_some(()),
+    )
+    .await;
+
+    assert_eq!(
+        login(out.path()),
+        first,
+        "the pod kept its first credential"
+    );
+    assert_eq!(
+        pg.vault_roles(),
+        1,
+        "one database user for the pod's whole life"
+    );
+    assert!(pg.can_login(&first.0, &first.1));
+
+    // Pod shutdown: SIGTERM revokes what the pod holds.
+    assert_eq!(restarted.terminate(), Some(0));
+    assert!(!pg.can_login(&first.0, &first.1), "revoked on SIGTERM");
+    assert_eq!(pg.vault_roles(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handle_presented_by_another_pod_is_refused() {
+    let pg = Postgres::start();
+    let env = Env::start(&db_policy("1m", "0.7", "10s")).await;
+    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let out = env.tmpfs_out();
+    let once = env.sidecar_once(&env.token_file("shop", "orders"), out.path(), &["db"], &[]);
+    assert!(once.status.success());
+    let handle = fs::read_to_string(out.path().join("db/..data/..handle")).unwrap();
+
+    let mut other = tessera_broker::dev::TokenSpec::new("shop", "orders");
+    other.pod = Some("orders-7".into());
+    let thief = env.signer.mint(&other);
+    let mut client = env.client().await;
+    let held = vec![Held {
+        binding: "db".into(),
+        handle: handle.clone(),
+    }];
+    let status = client
+        .fetch(with_token(
+            &thief,
+            FetchRequest {
+                bindings: vec!["db".into()],
+                held: held.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = client
+        .revoke(with_token(
+            &thief,
+            RevokeRequest {
+                bindings: vec![],
+                held,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let (user, password) = login(out.path());
+    assert!(
+        pg.can_login(&user, &password),
+        "the owner's lease is untouched"
+    );
+
+    let forged = format!("{}x", handle.trim_end_matches('x'));
+    let status = client
+        .fetch(with_token(
+            &env.token("shop", "orders"),
+            FetchRequest {
+                bindings: vec!["db".into()],
+                held: vec![Held {
+                    binding: "db".into(),
+                    handle: forged,
+                }],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_extends_the_lease_and_keeps_the_user() {
+    let pg = Postgres::start();
+    let env = Env::start(&db_policy("6s", "0.5", "1s")).await;
+    env.bao.database_role(&pg, "orders", "6s", "60s");
+    let out = env.tmpfs_out();
+    let _run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
+    wait_for(Duration::from_secs(20), "delivery", || {
+        field(out.path(), "db", "password")
+    })
+    .await;
+    let first = login(out.path());
+    let lease = lease_of(out.path(), "db").unwrap();
+    let expire = |bao: &tessera_tests::OpenBao| {
+        bao.lease_lookup(&lease).unwrap()["expire_time"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = expire(&env.bao);
+
+    wait_for(Duration::from_secs(30), "a renewal", || {
+        env.audit_events()
+            .iter()
+            .any(|e| e["action"] == "renew" && e["outcome"] == "success")
+            .then_some(())
+    })
+    .await;
+    let after = expire(&env.bao);
+    assert!(
+        after > before,
+        "OpenBao's lease expiry moved: {before} -> {after}"
+    );
+    assert_eq!(login(out.path()), first, "renewal keeps the same user");
+    assert!(pg.can_login(&first.0, &first.1));
+    assert_eq!(pg.vault_roles(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_delivers_before_expiry_and_revokes_the_old_user_after_the_overlap() {
+    let pg = Postgres::start();
+    let env = Env::start(&db_policy("6s", "0.5", "3s")).await;
+    env.bao.database_role(&pg, "orders", "6s", "10s");
+    let out = env.tmpfs_out();
+    let notified = env.dir.path().join("notified");
+    let hook = format!(
+        "echo \"$TESSERA_BINDING $TESSERA_VERSION\" >> {}",
+        notified.display()
+    );
+    let _run = env.sidecar_run_with(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["db"],
+        &["--notify-command", &hook],
+    );
+    wait_for(Duration::from_secs(20), "delivery", || {
+        field(out.path(), "db", "password")
+    })
+    .await;
+    let old = login(out.path());
+
+    let new = wait_for(Duration::from_secs(40), "a rotation", || {
+        field(out.path(), "db", "username")
+            .filter(|user| *user != old.0)
+            .map(|_| login(out.path()))
+    })
+    .await;
+    let rotated_at = Instant::now();
+    assert!(pg.can_login(&new.0, &new.1), "the new credential works");
+    let old_still_valid = pg.can_login(&old.0, &old.1);
+    assert!(
+        old_still_valid,
+        "the old credential still works during the overlap"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the old credential to be revoked",
+        || (!pg.can_login(&old.0, &old.1)).then_some(()),
+    )
+    .await;
+    assert!(
+        rotated_at.elapsed() >= Duration::from_millis(500),
+        "revoked after the overlap, not at once"
+    );
+    assert!(pg.can_login(&new.0, &new.1));
+
+    let lines = fs::read_to_string(&notified).unwrap_or_default();
+    let versions: Vec<&str> = lines.lines().collect();
+    assert_eq!(
+        versions.len(),
+        1,
+        "the hook fired once for the one rotation: {versions:?}"
+    );
+    assert!(versions[0].starts_with("db "));
+    let revoke = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "revoke")
+        .expect("the superseded lease's revocation is audited");
+    assert_eq!(revoke["reason"], "superseded after the overlap");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_broker_resumes_the_stream_without_a_new_user() {
+    let pg = Postgres::start();
+    let mut env = Env::start(&db_policy("1m", "0.7", "10s")).await;
+    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let out = env.tmpfs_out();
+    let run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
+    wait_for(Duration::from_secs(20), "delivery", || {
+        field(out.path(), "db", "password")
+    })
+    .await;
+    let first = login(out.path());
+
+    env.restart_broker().await;
+    wait_for(
+        Duration::from_secs(30),
+        "the sidecar to reconnect and resume",
+        || run.output().contains("files kept").then_some(()),
+    )
+    .await;
+    assert_eq!(login(out.path()), first);
+    assert_eq!(
+        pg.vault_roles(),
+        1,
+        "no second user after the broker restart"
+    );
+    assert!(
+        pg.can_login(&first.0, &first.1),
+        "restarting the broker revoked nothing"
+    );
+}
