@@ -344,3 +344,113 @@ async fn a_restarted_broker_resumes_the_stream_without_a_new_user() {
         "restarting the broker revoked nothing"
     );
 }
+
+/// Verifies a delivered certificate: chain to `ca`, valid now for `names`, and
+/// the private key matches it. Returns the certificate's DER.
+fn verify_certificate(out: &std::path::Path, ca_pem: &str, names: &[&str]) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
+    let cert = CertificateDer::from_pem_slice(field(out, "tls", "certificate").unwrap().as_bytes())
+        .unwrap();
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(field(out, "tls", "chain").unwrap().as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap();
+    let end_entity = webpki::EndEntityCert::try_from(&cert).unwrap();
+    end_entity
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &chain,
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .expect("the chain verifies against the CA");
+    for name in names {
+        end_entity
+            .verify_is_valid_for_subject_name(&ServerName::try_from(*name).unwrap())
+            .unwrap_or_else(|e| panic!("the certificate is not valid for {name}: {e:?}"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(field(out, "tls", "private_key").unwrap().as_bytes())
+        .unwrap();
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+    rustls::sign::CertifiedKey::new(vec![cert.clone()], signing_key)
+        .keys_match()
+        .expect("the private key matches the certificate");
+    cert.to_vec()
+}
+
+/// Whether the certificate `der` still verifies against `ca_pem` now.
+fn valid_now(der: &[u8], ca_pem: &str) -> bool {
+    use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject};
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap();
+    let cert = CertificateDer::from(der.to_vec());
+    webpki::EndEntityCert::try_from(&cert)
+        .unwrap()
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pki_certificates_name_the_pod_verify_and_renew_before_expiry() {
+    let policy = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: tls
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source:
+      pki:
+        mount: pki
+        role: pods
+        commonName: \"{{ pod }}.{{ namespace }}.pod.cluster.local\"
+        altNames: [\"{{ serviceAccount }}.{{ namespace }}.svc\"]
+    ttl: 8s
+    renewFraction: 0.5
+    overlap: 2s
+";
+    let env = Env::start(policy).await;
+    let ca = env.bao.pki_role("1h");
+    let out = env.tmpfs_out();
+    let _run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["tls"]);
+    wait_for(Duration::from_secs(20), "a certificate", || {
+        field(out.path(), "tls", "certificate")
+    })
+    .await;
+    let names = ["orders-0.shop.pod.cluster.local", "orders.shop.svc"];
+    let first = verify_certificate(out.path(), &ca, &names);
+
+    let renewed = wait_for(Duration::from_secs(30), "the renewed certificate", || {
+        field(out.path(), "tls", "certificate").filter(|pem| {
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            CertificateDer::from_pem_slice(pem.as_bytes()).is_ok_and(|der| der.to_vec() != first)
+        })
+    })
+    .await;
+    assert!(!renewed.is_empty());
+    assert!(
+        valid_now(&first, &ca),
+        "the new certificate arrived before the old one expired"
+    );
+    verify_certificate(out.path(), &ca, &names);
+    let rotate = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "rotate")
+        .expect("the renewal is audited");
+    assert!(
+        rotate["ttl_seconds"].as_u64().is_some_and(|t| t > 0),
+        "{rotate}"
+    );
+}
