@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 use crate::{
     client::{BrokerTarget, ClientError},
     notify::Notify,
+    status::Status,
     writer::{Fields, Meta, WriteError, Writer},
 };
 
@@ -75,9 +76,18 @@ impl Job {
     }
 }
 
-/// Writes a delivered credential; returns whether files changed while the
-/// binding already had files (a rotation the app should hear of).
-fn write_credential(writer: &Writer, credential: Credential) -> Result<bool, AgentError> {
+/// Writes a delivered credential and records it in the status; returns
+/// whether files changed while the binding already had files (a rotation the
+/// app should hear of).
+fn write_credential(
+    writer: &Writer,
+    status: &mut Status,
+    credential: Credential,
+) -> Result<bool, AgentError> {
+    let not_after = credential
+        .not_after
+        .and_then(|t| std::time::SystemTime::try_from(t).ok());
+    status.confirmed(&credential.binding, &credential.version, not_after);
     if credential.unchanged {
         tracing::info!(binding = %credential.binding, version = %credential.version, "current credential still valid; files kept");
         return Ok(false);
@@ -116,12 +126,14 @@ pub async fn once(job: &Job) -> Result<(), AgentError> {
             return Err(AgentError::Incomplete(name.clone()));
         }
     }
+    let mut status = Status::read(job.writer.out());
     for credential in response.credentials {
         let (binding, version) = (credential.binding.clone(), credential.version.clone());
-        if write_credential(&job.writer, credential)? {
+        if write_credential(&job.writer, &mut status, credential)? {
             job.notify.rotated(&binding, &version).await;
         }
     }
+    status.write(job.writer.out());
     Ok(())
 }
 
@@ -170,11 +182,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), backoff_max);
+    let mut status = Status::read(job.writer.out());
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            result = watch_once(job, &mut backoff) => result,
+            result = watch_once(job, &mut backoff, &mut status) => result,
         };
+        if let Err(error) = &result {
+            status.stale(&error.to_string());
+            status.write(job.writer.out());
+        }
         let delay = match result {
             Ok(()) => {
                 tracing::info!("watch stream ended; reconnecting");
@@ -201,7 +218,11 @@ pub async fn run(
     }
 }
 
-async fn watch_once(job: &Job, backoff: &mut Backoff) -> Result<(), AgentError> {
+async fn watch_once(
+    job: &Job,
+    backoff: &mut Backoff,
+    status: &mut Status,
+) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
     let request = job.target.request(WatchRequest {
         bindings: job.bindings.clone(),
@@ -211,7 +232,9 @@ async fn watch_once(job: &Job, backoff: &mut Backoff) -> Result<(), AgentError> 
     while let Some(message) = stream.message().await? {
         if let Some(credential) = message.credential {
             let (binding, version) = (credential.binding.clone(), credential.version.clone());
-            if write_credential(&job.writer, credential)? {
+            let rotated = write_credential(&job.writer, status, credential)?;
+            status.write(job.writer.out());
+            if rotated {
                 job.notify.rotated(&binding, &version).await;
             }
             backoff.reset();

@@ -44,6 +44,8 @@ pub enum LogFormat {
 /// The sidecar's modes.
 #[derive(Debug, Subcommand)]
 pub enum Mode {
+    /// Exit 0 when every binding is written and unexpired (for probes).
+    Check(CheckArgs),
     /// Fetch, write and exit 0 (init containers, Jobs).
     Once(Common),
     /// Write, then follow changes until SIGTERM.
@@ -59,6 +61,22 @@ pub enum Mode {
         #[arg(long, env = "TESSERA_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
         backoff_max: Duration,
     },
+}
+
+/// Options of `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The output directory.
+    #[arg(long, env = "TESSERA_OUT", default_value = "/var/run/secrets/tessera")]
+    pub out: PathBuf,
+    /// Bindings that must be present and unexpired (repeat, or separate with commas).
+    #[arg(
+        long = "binding",
+        env = "TESSERA_BINDINGS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub bindings: Vec<String>,
 }
 
 /// Options shared by both modes.

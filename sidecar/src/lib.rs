@@ -8,4 +8,5 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod notify;
+pub mod status;
 pub mod writer;

@@ -32,6 +32,15 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let (common, backoff_max, revoke_on_exit) = match &cli.command {
+            Mode::Check(args) => {
+                return match tessera_sidecar::status::check(&args.out, &args.bindings) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("{error}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             Mode::Once(common) => (common, None, false),
             Mode::Run {
                 common,

@@ -186,6 +186,11 @@ impl Writer {
         fs::read_to_string(dir.join(DATA_LINK).join(name)).ok()
     }
 
+    /// The output directory.
+    pub fn out(&self) -> &Path {
+        &self.out
+    }
+
     /// The lease handle stored with `binding`'s current files, if any.
     pub fn handle(&self, binding: &str) -> Option<String> {
         if !is_safe_name(binding) {

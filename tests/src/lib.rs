@@ -188,6 +188,9 @@ pub struct OpenBao {
     /// OpenBao's own file audit device (configured at start: OpenBao only
     /// takes audit devices from its configuration).
     pub audit_log: PathBuf,
+    /// For a server with Raft storage: its configuration and unseal key, to
+    /// restart it with its data.
+    persistent: Option<(PathBuf, String)>,
 }
 
 impl OpenBao {
@@ -221,6 +224,7 @@ impl OpenBao {
             address: format!("http://127.0.0.1:{port}"),
             root_token,
             audit_log,
+            persistent: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -235,6 +239,125 @@ impl OpenBao {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bao
+    }
+
+    /// Starts a non-dev server with Raft storage (its data survives a
+    /// restart), initialised and unsealed, with KV v2 at `secret/`.
+    pub async fn start_persistent(dir: &Path) -> Self {
+        let port = free_port();
+        let audit_log = dir.join("openbao-audit.log");
+        let config = dir.join("openbao-persistent.hcl");
+        fs::create_dir_all(dir.join("openbao-data")).unwrap();
+        fs::write(
+            &config,
+            format!(
+                "storage \"raft\" {{
+  path = \"{data}\"
+  node_id = \"tessera-test\"
+}}
+listener \"tcp\" {{
+  address = \"127.0.0.1:{port}\"
+  cluster_address = \"127.0.0.1:{cluster}\"
+  tls_disable = true
+}}
+api_addr = \"http://127.0.0.1:{port}\"
+cluster_addr = \"http://127.0.0.1:{cluster}\"
+audit \"file\" \"tessera-test\" {{
+  options = {{
+    file_path = \"{audit}\"
+  }}
+}}
+",
+                data = dir.join("openbao-data").display(),
+                cluster = free_port(),
+                audit = audit_log.display(),
+            ),
+        )
+        .unwrap();
+        let proc = Self::spawn_server(dir, &config, port).await;
+        let address = format!("http://127.0.0.1:{port}");
+        let init = Command::new(bao_binary())
+            .args([
+                "operator",
+                "init",
+                "-key-shares=1",
+                "-key-threshold=1",
+                "-format=json",
+            ])
+            .env("BAO_ADDR", &address)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "bao operator init: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let keys: Value = serde_json::from_slice(&init.stdout).unwrap();
+        let unseal = keys["unseal_keys_b64"][0].as_str().unwrap().to_owned();
+        let bao = Self {
+            proc,
+            address,
+            root_token: keys["root_token"].as_str().unwrap().to_owned(),
+            audit_log,
+            persistent: Some((config, unseal)),
+        };
+        bao.unseal().await;
+        bao.cli(&["secrets", "enable", "-path=secret", "kv-v2"]);
+        bao
+    }
+
+    async fn spawn_server(dir: &Path, config: &Path, port: u16) -> Proc {
+        let mut command = Command::new(bao_binary());
+        command
+            .arg("server")
+            .arg(format!("-config={}", config.display()));
+        let proc = Proc::spawn("openbao", command, dir.join("openbao.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not listen:\n{}",
+                proc.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        proc
+    }
+
+    async fn unseal(&self) {
+        let (_, key) = self.persistent.as_ref().expect("a persistent server");
+        let output = Command::new(bao_binary())
+            .args(["operator", "unseal", key])
+            .env("BAO_ADDR", &self.address)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "unseal: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while vaultrs::token::lookup_self(&self.client()).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not become ready after unseal"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL), as an outage would.
+    pub fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// Starts a killed persistent server again with its data, and unseals it.
+    pub async fn restart(&mut self, dir: &Path) {
+        let (config, _) = self.persistent.clone().expect("a persistent server");
+        let port: u16 = self.address.rsplit(':').next().unwrap().parse().unwrap();
+        self.proc = Self::spawn_server(dir, &config, port).await;
+        self.unseal().await;
     }
 
     /// A root client.
@@ -565,6 +688,8 @@ pub struct EnvOptions {
     pub identity_source: String,
     /// Start an in-process Kubernetes API server and point the broker at it.
     pub kube_api: bool,
+    /// Run OpenBao with Raft storage, so it can be killed and restarted.
+    pub persistent_vault: bool,
 }
 
 impl Default for EnvOptions {
@@ -577,6 +702,7 @@ impl Default for EnvOptions {
             mtls: false,
             identity_source: "jwksFile: dev/jwks.json".to_owned(),
             kube_api: false,
+            persistent_vault: false,
         }
     }
 }
@@ -622,7 +748,11 @@ impl Env {
             .prefix("tessera-test-")
             .tempdir()
             .unwrap();
-        let bao = OpenBao::start(dir.path()).await;
+        let bao = if options.persistent_vault {
+            OpenBao::start_persistent(dir.path()).await
+        } else {
+            OpenBao::start(dir.path()).await
+        };
 
         let devdir = dir.path().join("dev");
         let status = Command::new(binary("tessera-broker"))

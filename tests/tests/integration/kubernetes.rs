@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tessera_broker::dev::{SigningKey, TokenSpec};
 use tessera_proto::v1::{FetchRequest, WhoAmIRequest};
-use tessera_tests::{Env, EnvOptions, simple_policy, with_token};
+use tessera_tests::{Env, EnvOptions, simple_policy, wait_for, with_token};
 use tonic::Code;
 
 fn uid(token_spec: &TokenSpec) -> String {
@@ -170,4 +170,52 @@ async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods()
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_of_a_deleted_pod_are_revoked_even_when_its_sidecar_was_killed() {
+    let pg = tessera_tests::Postgres::start();
+    let options = EnvOptions {
+        kube_api: true,
+        identity_source: "jwksFile: dev/jwks.json\n  podLookup: true\n  cacheTtl: 1s".to_owned(),
+        ..EnvOptions::default()
+    };
+    let policy = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: db
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { database: { mount: database, role: orders } }
+    ttl: 1m
+";
+    let env = Env::start_with(policy, options).await;
+    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let api = env.kube.as_ref().unwrap();
+    let spec = TokenSpec::new("shop", "orders");
+    api.add_pod("shop", "orders-0", &uid(&spec), &[]);
+    let out = env.tmpfs_out();
+    let run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
+    wait_for(Duration::from_secs(20), "delivery", || {
+        tessera_tests::field(out.path(), "db", "password")
+    })
+    .await;
+    let user = tessera_tests::field(out.path(), "db", "username").unwrap();
+    let password = tessera_tests::field(out.path(), "db", "password").unwrap();
+    assert!(pg.can_login(&user, &password));
+
+    // The pod is deleted and its sidecar dies without a chance to revoke.
+    api.delete_pod("shop", "orders-0");
+    drop(run);
+    wait_for(
+        Duration::from_secs(20),
+        "the broker to revoke the deleted pod's lease",
+        || (!pg.can_login(&user, &password)).then_some(()),
+    )
+    .await;
+    let event = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "revoke")
+        .expect("the revocation is audited");
+    assert_eq!(event["reason"], "pod deleted");
 }

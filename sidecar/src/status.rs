@@ -1,0 +1,172 @@
+//! The sidecar's status file, `<out>/..tessera-status.json` (mode 0444, no
+//! secrets): per binding the version, when it stops being valid, when it was
+//! last delivered, and whether it is stale (the broker or Vault unreachable).
+//! `tessera-sidecar check` reads it for probes.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The status file's name in the output directory.
+pub const STATUS_FILE: &str = "..tessera-status.json";
+
+/// One binding's state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BindingStatus {
+    /// The credential version on disk.
+    pub version: String,
+    /// When it stops being valid (RFC 3339), if it expires.
+    pub not_after: Option<String>,
+    /// When it was last delivered or confirmed (RFC 3339).
+    pub confirmed_at: String,
+    /// True while the sidecar cannot reach the broker (or the broker Vault):
+    /// the files are kept but may be outdated.
+    pub stale: bool,
+    /// The last error, while stale.
+    pub error: Option<String>,
+}
+
+/// The whole status file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    /// Per binding.
+    pub bindings: BTreeMap<String, BindingStatus>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Status {
+    /// Reads `<out>/..tessera-status.json`; empty when absent or unreadable.
+    pub fn read(out: &Path) -> Self {
+        fs::read(out.join(STATUS_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records a delivery or confirmation of `binding`.
+    pub fn confirmed(&mut self, binding: &str, version: &str, not_after: Option<SystemTime>) {
+        self.bindings.insert(
+            binding.to_owned(),
+            BindingStatus {
+                version: version.to_owned(),
+                not_after: not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                confirmed_at: now(),
+                stale: false,
+                error: None,
+            },
+        );
+    }
+
+    /// Marks every binding stale with `error`.
+    pub fn stale(&mut self, error: &str) {
+        for status in self.bindings.values_mut() {
+            status.stale = true;
+            status.error = Some(error.chars().take(512).collect());
+        }
+    }
+
+    /// Writes the file atomically (temp file, then rename). Failures are
+    /// logged: the status is advisory.
+    pub fn write(&self, out: &Path) {
+        let target = out.join(STATUS_FILE);
+        let tmp: PathBuf = out.join("..tessera-status.json.tmp");
+        let result = (|| -> std::io::Result<()> {
+            let _ = fs::remove_file(&tmp);
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default())?;
+            file.set_permissions(fs::Permissions::from_mode(0o444))?;
+            file.sync_all()?;
+            fs::rename(&tmp, &target)
+        })();
+        if let Err(error) = result {
+            tracing::warn!(%error, "cannot write the status file");
+        }
+    }
+}
+
+/// Why `check` failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CheckError {
+    /// The binding has no files yet.
+    #[error("binding `{0}` has not been written yet")]
+    Missing(String),
+    /// The binding's credential has expired.
+    #[error("binding `{0}` expired at {1} and was not renewed")]
+    Expired(String, String),
+}
+
+/// Whether every binding has files that have not expired.
+///
+/// # Errors
+/// The first binding that is missing or expired.
+pub fn check(out: &Path, bindings: &[String]) -> Result<(), CheckError> {
+    let status = Status::read(out);
+    for binding in bindings {
+        if !out.join(binding).join("..data").is_dir() {
+            return Err(CheckError::Missing(binding.clone()));
+        }
+        if let Some(not_after) = status
+            .bindings
+            .get(binding)
+            .and_then(|s| s.not_after.as_deref())
+            && humantime::parse_rfc3339(not_after).is_ok_and(|t| t <= SystemTime::now())
+        {
+            return Err(CheckError::Expired(binding.clone(), not_after.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn status_round_trips_and_check_sees_missing_and_expired() {
+        let out = tempfile::tempdir().unwrap();
+        assert_eq!(
+            check(out.path(), &["db".into()]),
+            Err(CheckError::Missing("db".into()))
+        );
+        fs::create_dir_all(out.path().join("db/..data")).unwrap();
+        let mut status = Status::default();
+        status.confirmed(
+            "db",
+            "v1",
+            Some(SystemTime::now() + Duration::from_secs(60)),
+        );
+        status.write(out.path());
+        assert_eq!(Status::read(out.path()), status);
+        assert_eq!(check(out.path(), &["db".into()]), Ok(()));
+        status.stale("broker unreachable");
+        status.write(out.path());
+        assert!(Status::read(out.path()).bindings["db"].stale);
+        status.confirmed("db", "v1", Some(SystemTime::now() - Duration::from_secs(5)));
+        status.write(out.path());
+        assert!(matches!(
+            check(out.path(), &["db".into()]),
+            Err(CheckError::Expired(..))
+        ));
+        let mode = fs::metadata(out.path().join(STATUS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444);
+    }
+}

@@ -1,0 +1,79 @@
+//! A Vault outage: OpenBao (with Raft storage) is killed mid-run and started
+//! again. Delivered files stay intact, the broker answers UNAVAILABLE with
+//! retry information meanwhile, and delivery resumes when Vault is back.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_proto::v1::FetchRequest;
+use tessera_tests::{Env, EnvOptions, field, simple_policy, wait_for, with_token};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_survive_an_openbao_outage_and_delivery_resumes() {
+    let options = EnvOptions {
+        persistent_vault: true,
+        ..EnvOptions::default()
+    };
+    let mut env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        options,
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "before" }))
+        .await;
+    let out = env.tmpfs_out();
+    let sidecar = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["app"]);
+    wait_for(Duration::from_secs(20), "delivery", || {
+        field(out.path(), "app", "password").filter(|p| p == "before")
+    })
+    .await;
+
+    env.bao.kill();
+    let status = env
+        .client()
+        .await
+        .fetch(with_token(
+            &env.token("shop", "orders"),
+            FetchRequest {
+                bindings: vec!["app".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.get_details_retry_info().is_some(),
+        "UNAVAILABLE carries retry info"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the broker to notice the outage",
+        || {
+            env.broker
+                .output()
+                .contains("polling a KV secret's version failed")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        field(out.path(), "app", "password").as_deref(),
+        Some("before"),
+        "files intact during the outage"
+    );
+
+    let dir = env.dir.path().to_owned();
+    env.bao.restart(&dir).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "after" }))
+        .await;
+    wait_for(Duration::from_secs(30), "delivery to resume", || {
+        field(out.path(), "app", "password").filter(|p| p == "after")
+    })
+    .await;
+    drop(sidecar);
+}
