@@ -39,6 +39,15 @@ impl Feeds {
         }
     }
 
+    /// The latest value of `source` when a poller follows it (some stream
+    /// watches it): at most one poll interval old. `None` otherwise.
+    pub fn latest(&self, source: &Kv2Source) -> Option<Arc<KvSecret>> {
+        let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        senders
+            .get(source)
+            .and_then(|sender| sender.borrow().clone())
+    }
+
     /// Subscribes to changes of `source`. The receiver's value starts as
     /// `None` until the poller's first successful read.
     pub fn subscribe(&self, source: &Kv2Source) -> watch::Receiver<Latest> {

@@ -204,7 +204,7 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
     let service = BrokerService::new(service::Parts {
         verifier: Arc::new(verifier),
         policy: policy.clone(),
-        lifecycle: Arc::new(lifecycle::Lifecycle::new(vault, handle_key)),
+        lifecycle: Arc::new(lifecycle::Lifecycle::new(vault, handle_key, feeds.clone())),
         feeds,
         audit,
         limiter,

@@ -12,6 +12,7 @@ use tessera_proto::v1::Credential;
 
 use crate::{
     error::Error,
+    feed::Feeds,
     handle::{Handle, HandleKey},
     identity::Identity,
     policy::{Binding, Source, render::Template},
@@ -105,12 +106,14 @@ pub fn stamp(identity: &Identity) -> String {
 pub struct Lifecycle {
     vault: Arc<Vault>,
     keys: Arc<HandleKey>,
+    feeds: Arc<Feeds>,
 }
 
 impl Lifecycle {
-    /// Over `vault`, sealing handles with `keys`.
-    pub fn new(vault: Arc<Vault>, keys: Arc<HandleKey>) -> Self {
-        Self { vault, keys }
+    /// Over `vault`, sealing handles with `keys`; KV reads are served from
+    /// `feeds` while a poller follows the secret (some stream watches it).
+    pub fn new(vault: Arc<Vault>, keys: Arc<HandleKey>, feeds: Arc<Feeds>) -> Self {
+        Self { vault, keys, feeds }
     }
 
     fn vault_error(binding: &Binding) -> impl FnOnce(crate::vault::VaultError) -> Error + '_ {
@@ -152,11 +155,15 @@ impl Lifecycle {
         let caller = stamp(identity);
         let (mut live, fields) = match &binding.source {
             Source::Kv2(kv) => {
-                let secret = self
-                    .vault
-                    .read_kv2(kv, Some(&caller))
-                    .await
-                    .map_err(Self::vault_error(binding))?;
+                let secret = match self.feeds.latest(kv) {
+                    Some(latest) => latest,
+                    None => Arc::new(
+                        self.vault
+                            .read_kv2(kv, Some(&caller))
+                            .await
+                            .map_err(Self::vault_error(binding))?,
+                    ),
+                };
                 let live = Live {
                     binding: binding.clone(),
                     version: secret.version.to_string(),
@@ -166,7 +173,7 @@ impl Lifecycle {
                     lease: None,
                     handle: String::new(),
                 };
-                (live, secret.fields)
+                (live, secret.fields.clone())
             }
             Source::Database(db) => {
                 let leased = self

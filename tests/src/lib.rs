@@ -35,6 +35,10 @@ pub fn workspace_root() -> PathBuf {
 
 /// Path of a workspace binary, building the binaries once if they are missing.
 pub fn binary(name: &str) -> PathBuf {
+    // Benchmarks point this at release binaries.
+    if let Some(dir) = std::env::var_os("TESSERA_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     static BUILT: OnceLock<()> = OnceLock::new();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
@@ -139,6 +143,12 @@ impl Proc {
     /// Everything the process printed so far.
     pub fn output(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the process has exited.
@@ -348,8 +358,7 @@ audit \"file\" \"tessera-test\" {{
 
     /// Kills the server (SIGKILL), as an outage would.
     pub fn kill(&mut self) {
-        let _ = self.proc.child.kill();
-        let _ = self.proc.child.wait();
+        self.proc.kill();
     }
 
     /// Starts a killed persistent server again with its data, and unseals it.
@@ -414,23 +423,31 @@ path "sys/leases/revoke" { capabilities = ["update"] }
 
     /// Enables AppRole with a role for the broker; returns (role id, secret id).
     pub fn broker_approle(&self) -> (String, String) {
-        self.cli(&["auth", "enable", "approle"]);
+        self.broker_approle_for("tessera-broker", "tessera-broker")
+    }
+
+    /// Enables AppRole (once) with role `role` holding `policy`; returns
+    /// (role id, secret id).
+    pub fn broker_approle_for(&self, role: &str, policy: &str) -> (String, String) {
+        if !self.cli(&["auth", "list"]).contains("approle/") {
+            self.cli(&["auth", "enable", "approle"]);
+        }
         self.cli(&[
             "write",
-            "auth/approle/role/tessera-broker",
-            "token_policies=tessera-broker",
+            &format!("auth/approle/role/{role}"),
+            &format!("token_policies={policy}"),
             "token_ttl=1h",
         ]);
         let role_id = self.cli(&[
             "read",
             "-field=role_id",
-            "auth/approle/role/tessera-broker/role-id",
+            &format!("auth/approle/role/{role}/role-id"),
         ]);
         let secret_id = self.cli(&[
             "write",
             "-f",
             "-field=secret_id",
-            "auth/approle/role/tessera-broker/secret-id",
+            &format!("auth/approle/role/{role}/secret-id"),
         ]);
         (role_id, secret_id)
     }
@@ -875,11 +892,8 @@ leases:
         let log = self.dir.path().join("broker.log");
         let old = fs::read_to_string(&log).unwrap_or_default();
         fs::write(self.dir.path().join("broker-before-restart.log"), old).unwrap();
-        let stopped = std::mem::replace(
-            &mut self.broker,
-            spawn_broker(self.dir.path(), self.broker_port, &self.options.rust_log).await,
-        );
-        drop(stopped);
+        self.broker.kill();
+        self.broker = spawn_broker(self.dir.path(), self.broker_port, &self.options.rust_log).await;
     }
 
     /// The broker's audit events so far.

@@ -1,0 +1,433 @@
+//! `scripts/bench`: Tessera side by side with the per-pod agent it replaces
+//! (`bao agent`, the agent Vault's injector runs in every pod) and raw OpenBao,
+//! on this machine, in one run. Writes `docs/BENCHMARKS.md`.
+//!
+//! Everything runs for real on loopback: OpenBao (dev server with a file audit
+//! device), a private PostgreSQL for database credentials, the release broker
+//! and sidecars, and `bao agent` processes. Figures are printed and written;
+//! nothing is asserted.
+
+mod measure;
+mod report;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use measure::{Sample, proc_sample};
+use report::{Report, Row};
+use serde_json::json;
+use tessera_broker::dev::TokenSpec;
+use tessera_tests::{Env, EnvOptions, Postgres, Proc, bao_binary};
+
+/// Sizes of the run; `TESSERA_BENCH_QUICK=1` shrinks them for a smoke run
+/// (its figures mean little).
+struct Sizes {
+    fleet: usize,
+    single_runs: usize,
+    idle_window: Duration,
+    watchers: usize,
+}
+
+impl Sizes {
+    fn from_env() -> Self {
+        if std::env::var_os("TESSERA_BENCH_QUICK").is_some() {
+            Self {
+                fleet: 3,
+                single_runs: 1,
+                idle_window: Duration::from_secs(5),
+                watchers: 200,
+            }
+        } else {
+            Self {
+                fleet: 50,
+                single_runs: 5,
+                // bao agent re-renders static secrets every 5 minutes by
+                // default: the window must see one.
+                idle_window: Duration::from_secs(310),
+                watchers: 10_000,
+            }
+        }
+    }
+}
+
+const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: app
+    subjects: [{ namespace: bench, serviceAccount: app }]
+    source: { kv2: { mount: secret, path: bench/app } }
+  - name: db
+    subjects: [{ namespace: bench, serviceAccount: app }]
+    source: { database: { mount: database, role: bench } }
+    ttl: 1h
+";
+
+/// One pod's agent, Tessera's or OpenBao's.
+struct Pod {
+    proc: Proc,
+    files: Vec<PathBuf>,
+    started: Instant,
+    ready: Option<Duration>,
+    _out: tempfile::TempDir,
+}
+
+impl Pod {
+    fn written(&self) -> bool {
+        self.files
+            .iter()
+            .all(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+    }
+}
+
+fn tmpfs() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tessera-bench-")
+        .tempdir_in("/dev/shm")
+        .expect("/dev/shm")
+}
+
+fn spawn_sidecar(env: &Env, name: &str) -> Pod {
+    let out = tmpfs();
+    let mut spec = TokenSpec::new("bench", "app");
+    spec.pod = Some(name.to_owned());
+    let token = env.dir.path().join(format!("token-{name}"));
+    std::fs::write(&token, env.signer.mint(&spec)).expect("token file");
+    let files = vec![
+        out.path().join("app/password"),
+        out.path().join("db/password"),
+    ];
+    let started = Instant::now();
+    let proc = env.sidecar_run(&token, out.path(), &["app", "db"]);
+    Pod {
+        proc,
+        files,
+        started,
+        ready: None,
+        _out: out,
+    }
+}
+
+/// Configures AppRole for the agents; returns (role id file, secret id file).
+fn agent_login(env: &Env) -> (PathBuf, PathBuf) {
+    let policy = env.dir.path().join("agent-policy.hcl");
+    std::fs::write(
+        &policy,
+        "path \"secret/data/*\" { capabilities = [\"read\"] }\npath \"database/creds/*\" { capabilities = [\"read\"] }\n",
+    )
+    .expect("policy file");
+    env.bao.cli(&[
+        "policy",
+        "write",
+        "bench-agent",
+        policy.to_str().unwrap_or_default(),
+    ]);
+    let (role_id, secret_id) = env.bao.broker_approle_for("bench-agent", "bench-agent");
+    let role_file = env.dir.path().join("agent-role-id");
+    let secret_file = env.dir.path().join("agent-secret-id");
+    std::fs::write(&role_file, role_id).expect("role id");
+    std::fs::write(&secret_file, secret_id).expect("secret id");
+    (role_file, secret_file)
+}
+
+fn spawn_agent(env: &Env, login: &(PathBuf, PathBuf), name: &str) -> Pod {
+    let out = tmpfs();
+    let config = env.dir.path().join(format!("agent-{name}.hcl"));
+    let (password, db) = (out.path().join("password"), out.path().join("db"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"vault {{ address = "{address}" }}
+auto_auth {{
+  method "approle" {{
+    config = {{
+      role_id_file_path = "{role}"
+      secret_id_file_path = "{secret}"
+      remove_secret_id_file_after_reading = false
+    }}
+  }}
+}}
+template {{
+  destination = "{password}"
+  contents = "{{{{ with secret \"secret/data/bench/app\" }}}}{{{{ .Data.data.password }}}}{{{{ end }}}}"
+}}
+template {{
+  destination = "{db}"
+  contents = "{{{{ with secret \"database/creds/bench\" }}}}{{{{ .Data.username }}}}:{{{{ .Data.password }}}}{{{{ end }}}}"
+}}
+"#,
+            address = env.bao.address,
+            role = login.0.display(),
+            secret = login.1.display(),
+            password = password.display(),
+            db = db.display(),
+        ),
+    )
+    .expect("agent config");
+    let mut command = Command::new(bao_binary());
+    command
+        .arg("agent")
+        .arg(format!("-config={}", config.display()));
+    let started = Instant::now();
+    let proc = Proc::spawn(
+        "bao agent",
+        command,
+        env.dir.path().join(format!("agent-{name}.log")),
+    );
+    Pod {
+        proc,
+        files: vec![password, db],
+        started,
+        ready: None,
+        _out: out,
+    }
+}
+
+/// Waits until every pod has written its files; records each one's time.
+async fn wait_ready(pods: &mut [Pod]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pods.iter().any(|p| p.ready.is_none()) {
+        for pod in pods.iter_mut().filter(|p| p.ready.is_none()) {
+            if pod.written() {
+                pod.ready = Some(pod.started.elapsed());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pods did not write their files in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+fn ready_ms(pods: &[Pod]) -> Vec<f64> {
+    pods.iter()
+        .filter_map(|p| p.ready)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect()
+}
+
+fn samples(pods: &[Pod]) -> Vec<Sample> {
+    pods.iter()
+        .filter_map(|p| proc_sample(p.proc.pid()))
+        .collect()
+}
+
+/// Vault requests in OpenBao's audit log, after line `from`, made by the
+/// Tessera broker and by the agents.
+fn vault_requests(audit: &Path, from: usize) -> (usize, usize, usize) {
+    let text = std::fs::read_to_string(audit).unwrap_or_default();
+    let (mut tessera, mut agents) = (0, 0);
+    let lines: Vec<&str> = text.lines().collect();
+    for line in lines.iter().skip(from) {
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if entry["type"] != "request" {
+            continue;
+        }
+        let policies = entry["auth"]["policies"].to_string();
+        let path = entry["request"]["path"].as_str().unwrap_or_default();
+        if policies.contains("tessera-broker") {
+            tessera += 1;
+        } else if policies.contains("bench-agent") || path == "auth/approle/login" {
+            agents += 1;
+        }
+    }
+    (tessera, agents, lines.len())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tessera_broker::install_crypto_provider();
+    let root = tessera_tests::workspace_root();
+    let mut report = Report::new();
+    let Sizes {
+        fleet,
+        single_runs,
+        idle_window,
+        watchers,
+    } = Sizes::from_env();
+
+    println!("== setting up OpenBao, PostgreSQL and the broker");
+    let pg = Postgres::start();
+    let options = EnvOptions {
+        rate_limit: (1_000_000, 1_000_000),
+        // The default: what a production broker polls at.
+        poll: "15s",
+        rust_log: "warn".to_owned(),
+        ..EnvOptions::default()
+    };
+    let mut env = Env::start_with(POLICY, options).await;
+    env.bao
+        .put("bench/app", &json!({ "password": "bench-v1" }))
+        .await;
+    env.bao.database_role(&pg, "bench", "1h", "24h");
+    let login = agent_login(&env);
+
+    println!("== 1 pod: start to files, memory ({single_runs} runs each)");
+    let (
+        mut t_start,
+        mut a_start,
+        mut t_rss,
+        mut a_rss,
+        mut t_anon,
+        mut a_anon,
+        mut t_thr,
+        mut a_thr,
+    ) = (
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+    );
+    for run in 0..single_runs {
+        let mut tessera = vec![spawn_sidecar(&env, &format!("single-{run}"))];
+        wait_ready(&mut tessera).await?;
+        let mut agent = vec![spawn_agent(&env, &login, &format!("single-{run}"))];
+        wait_ready(&mut agent).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        t_start.extend(ready_ms(&tessera));
+        a_start.extend(ready_ms(&agent));
+        for (pods, rss, anon, threads) in [
+            (&tessera, &mut t_rss, &mut t_anon, &mut t_thr),
+            (&agent, &mut a_rss, &mut a_anon, &mut a_thr),
+        ] {
+            for s in samples(pods) {
+                rss.push(s.rss_kib as f64 / 1024.0);
+                anon.push(s.anon_kib as f64 / 1024.0);
+                threads.push(s.threads as f64);
+            }
+        }
+    }
+    report.per_pod(
+        "1 pod",
+        [
+            Row::new("start to files written (ms)", &t_start, &a_start, "≤ 1/5"),
+            Row::new("RSS (MiB)", &t_rss, &a_rss, "≤ 1/10"),
+            Row::new("anonymous RSS (MiB)", &t_anon, &a_anon, ""),
+            Row::new("threads", &t_thr, &a_thr, ""),
+        ],
+    );
+
+    println!(
+        "== fleet of {fleet}: start, memory, idle CPU and Vault requests over {idle_window:?}"
+    );
+    let (_, _, audit_start) = vault_requests(&env.bao.audit_log, 0);
+    let mut tessera: Vec<Pod> = (0..fleet)
+        .map(|i| spawn_sidecar(&env, &format!("fleet-{i}")))
+        .collect();
+    wait_ready(&mut tessera).await?;
+    let mut agents: Vec<Pod> = (0..fleet)
+        .map(|i| spawn_agent(&env, &login, &format!("fleet-{i}")))
+        .collect();
+    wait_ready(&mut agents).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (startup_t, startup_a, audit_steady) = vault_requests(&env.bao.audit_log, audit_start);
+    let before_t = samples(&tessera);
+    let before_a = samples(&agents);
+    let broker_before = proc_sample(env.broker.pid());
+    tokio::time::sleep(idle_window).await;
+    let after_t = samples(&tessera);
+    let after_a = samples(&agents);
+    let broker_after = proc_sample(env.broker.pid());
+    let (steady_t, steady_a, _) = vault_requests(&env.bao.audit_log, audit_steady);
+    let cpu = |before: &[Sample], after: &[Sample]| -> Vec<f64> {
+        before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| measure::cpu_ms(b, a))
+            .collect()
+    };
+    let mem = |s: &[Sample], anon: bool| -> Vec<f64> {
+        s.iter()
+            .map(|x| (if anon { x.anon_kib } else { x.rss_kib }) as f64 / 1024.0)
+            .collect()
+    };
+    let broker_cpu = match (&broker_before, &broker_after) {
+        (Some(b), Some(a)) => measure::cpu_ms(b, a) / fleet as f64,
+        _ => 0.0,
+    };
+    let broker_rss = broker_after
+        .as_ref()
+        .map_or(0.0, |s| s.rss_kib as f64 / 1024.0);
+    let per_pod_hour = |startup: usize, steady: usize| {
+        let hour = startup as f64 + steady as f64 * (3600.0 / idle_window.as_secs_f64());
+        hour / fleet as f64
+    };
+    report.per_pod(
+        &format!("fleet of {fleet} (per pod)"),
+        [
+            Row::new(
+                "start to files written (ms)",
+                &ready_ms(&tessera),
+                &ready_ms(&agents),
+                "≤ 1/5",
+            ),
+            Row::new(
+                "RSS (MiB)",
+                &mem(&after_t, false),
+                &mem(&after_a, false),
+                "≤ 1/10",
+            ),
+            Row::new(
+                "anonymous RSS (MiB)",
+                &mem(&after_t, true),
+                &mem(&after_a, true),
+                "",
+            ),
+            Row::new(
+                &format!("CPU over an idle {}s (ms)", idle_window.as_secs()),
+                &cpu(&before_t, &after_t),
+                &cpu(&before_a, &after_a),
+                "",
+            ),
+            Row::new(
+                "Vault requests per pod-hour",
+                &[per_pod_hour(startup_t, steady_t)],
+                &[per_pod_hour(startup_a, steady_a)],
+                "≤ 1/10",
+            ),
+        ],
+    );
+    report.note(format!(
+        "The shared broker adds {broker_rss:.1} MiB RSS for the whole fleet ({:.2} MiB per pod) and {broker_cpu:.1} ms CPU per pod over the idle window. \
+Vault requests (kvPollInterval 15s, the default): Tessera {startup_t} at start + {steady_t} in the {}s idle window (one KV version check per interval for the whole fleet), \
+agents {startup_a} at start + {steady_a} in the idle window (each re-reads its secrets every 5 minutes and renews its token); \
+per pod-hour = (start + idle-window count scaled to an hour) / {fleet}.",
+        broker_rss / fleet as f64,
+        idle_window.as_secs()
+    ));
+    drop(tessera);
+    drop(agents);
+
+    // The remaining runs time change propagation: poll every second.
+    let config = env.dir.path().join("broker.yaml");
+    let text =
+        std::fs::read_to_string(&config)?.replace("kvPollInterval: 15s", "kvPollInterval: 1s");
+    std::fs::write(&config, text)?;
+    env.restart_broker().await;
+
+    println!("== Fetch latency and throughput vs raw OpenBao KV reads");
+    let latency = measure::latency(&env).await?;
+    report.latency(latency);
+
+    println!("== {watchers} Watch streams on one broker");
+    let watch = measure::watch_scale(&env, watchers).await?;
+    report.watch(watch);
+
+    let path = root.join("docs/BENCHMARKS.md");
+    std::fs::create_dir_all(root.join("docs")).context("creating docs/")?;
+    std::fs::write(&path, report.render())
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("== wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! `docs/BENCHMARKS.md`: tables of medians and min/max, each Tessera figure
+//! next to the peer's with their ratio and the target it is measured against.
+
+use std::fmt::Write;
+
+use crate::measure::{Level, Stats, WatchScale};
+
+/// One metric, Tessera vs the peer.
+pub struct Row {
+    metric: String,
+    tessera: Stats,
+    peer: Stats,
+    /// `≤ 1/5`, `≤ 1/10`, or empty for no target.
+    target: &'static str,
+}
+
+impl Row {
+    /// A row from raw values.
+    pub fn new(metric: &str, tessera: &[f64], peer: &[f64], target: &'static str) -> Self {
+        Self {
+            metric: metric.to_owned(),
+            tessera: Stats::of(tessera),
+            peer: Stats::of(peer),
+            target,
+        }
+    }
+
+    fn ratio(&self) -> f64 {
+        if self.peer.median == 0.0 {
+            f64::NAN
+        } else {
+            self.tessera.median / self.peer.median
+        }
+    }
+
+    fn verdict(&self) -> String {
+        let limit = match self.target {
+            "≤ 1/5" => 0.2,
+            "≤ 1/10" => 0.1,
+            _ => return "—".to_owned(),
+        };
+        let met = if self.ratio() <= limit {
+            "met"
+        } else {
+            "**missed**"
+        };
+        format!("{} ({met})", self.target)
+    }
+}
+
+fn cell(s: Stats) -> String {
+    format!("{:.2} [{:.2}–{:.2}]", s.median, s.min, s.max)
+}
+
+/// The whole report.
+pub struct Report {
+    body: String,
+    notes: Vec<String>,
+}
+
+impl Report {
+    /// An empty report.
+    pub fn new() -> Self {
+        Self {
+            body: String::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// A per-pod table: Tessera sidecar vs `bao agent`.
+    pub fn per_pod<const N: usize>(&mut self, title: &str, rows: [Row; N]) {
+        let _ = writeln!(self.body, "\n### Per-pod agent, {title}\n");
+        let _ = writeln!(
+            self.body,
+            "| metric | Tessera sidecar | bao agent | ratio | target |\n|---|---|---|---|---|"
+        );
+        for row in rows {
+            let _ = writeln!(
+                self.body,
+                "| {} | {} | {} | {:.3} | {} |",
+                row.metric,
+                cell(row.tessera),
+                cell(row.peer),
+                row.ratio(),
+                row.verdict()
+            );
+        }
+    }
+
+    /// The Fetch latency table.
+    pub fn latency(&mut self, levels: Vec<Level>) {
+        let _ = writeln!(
+            self.body,
+            "\n### Broker `Fetch` (TLS 1.3, token check, policy, Vault read) vs raw OpenBao KV read\n"
+        );
+        let _ = writeln!(
+            self.body,
+            "| concurrency | Fetch p50 ms | raw KV p50 ms | ratio p50 | Fetch p99 ms | raw KV p99 ms | Fetch req/s | raw KV req/s | target |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        for level in levels {
+            let (f50, r50) = (Stats::of(&level.fetch_p50), Stats::of(&level.raw_p50));
+            let ratio = f50.median / r50.median;
+            let verdict = if ratio <= 1.0 {
+                "p50 ≤ raw (met)"
+            } else {
+                "p50 ≤ raw (**missed**)"
+            };
+            let _ = writeln!(
+                self.body,
+                "| {} | {} | {} | {ratio:.2} | {} | {} | {} | {} | {verdict} |",
+                level.concurrency,
+                cell(f50),
+                cell(r50),
+                cell(Stats::of(&level.fetch_p99)),
+                cell(Stats::of(&level.raw_p99)),
+                cell(Stats::of(&level.fetch_rps)),
+                cell(Stats::of(&level.raw_rps)),
+            );
+        }
+    }
+
+    /// The Watch scale table.
+    pub fn watch(&mut self, w: WatchScale) {
+        let rss_ok = w.rss_with_streams <= 256.0;
+        let fan_ok = w.fan_out_all_ms <= 1000.0;
+        let mark = |ok: bool| if ok { "met" } else { "**missed**" };
+        let _ = writeln!(
+            self.body,
+            "\n### {} `Watch` streams on one broker\n",
+            w.streams
+        );
+        let _ = writeln!(self.body, "| metric | value | target |\n|---|---|---|");
+        let _ = writeln!(
+            self.body,
+            "| broker RSS before (MiB) | {:.1} | |",
+            w.rss_before
+        );
+        let _ = writeln!(
+            self.body,
+            "| broker RSS with every stream open (MiB) | {:.1} | ≤ 256 ({}) |",
+            w.rss_with_streams,
+            mark(rss_ok)
+        );
+        let _ = writeln!(
+            self.body,
+            "| KV write → every stream has it (ms) | {:.0} | ≤ 1000 ({}) |",
+            w.fan_out_all_ms,
+            mark(fan_ok)
+        );
+        let _ = writeln!(
+            self.body,
+            "| KV write → median stream (ms) | {:.0} | |",
+            w.fan_out_median_ms
+        );
+        self.note(format!(
+            "The fan-out time includes the broker's wait for its next KV version check (kvPollInterval {:.0} ms here, jittered by up to 10 %): \
+the broker learns of a change by polling Vault once per secret, not once per pod.",
+            w.poll_interval_ms
+        ));
+    }
+
+    /// A note under the tables.
+    pub fn note(&mut self, text: String) {
+        self.notes.push(text);
+    }
+
+    /// The Markdown document.
+    pub fn render(&self) -> String {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .next()
+                    .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+            })
+            .and_then(|kib| kib.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let bao = std::process::Command::new(tessera_tests::bao_binary())
+            .arg("version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let mut out = String::new();
+        let _ = writeln!(out, "# Benchmarks\n");
+        let _ = writeln!(
+            out,
+            "Generated by `scripts/bench` on {} — do not edit by hand. Each cell is the median \
+with [min–max] over the runs or pods measured; ratio = Tessera median / peer median. Targets come \
+from the benchmark issue and are shown, never asserted in tests.\n",
+            humantime_now()
+        );
+        let _ = writeln!(
+            out,
+            "Machine: {cpu}, {cores} cores, {memory:.1} GiB, Linux {}; {bao}; release builds.\n",
+            kernel.trim()
+        );
+        let _ = writeln!(
+            out,
+            "Setup: one OpenBao dev server (file audit device), a private PostgreSQL, one broker \
+(TLS 1.3, JWKS tokens, kvPollInterval 1s), each pod's agent fetching the same KV secret and a \
+dynamic PostgreSQL user into tmpfs. The peer is `bao agent` with AppRole auto-auth and two \
+templates, the agent Vault's injector runs in every pod. Tessera's per-pod figures are the \
+sidecar alone; the shared broker is in the notes."
+        );
+        out.push_str(&self.body);
+        if !self.notes.is_empty() {
+            let _ = writeln!(out, "\n## Notes\n");
+            for note in &self.notes {
+                let _ = writeln!(out, "- {note}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\nReproduce: `scripts/bench` (builds release binaries, installs OpenBao if absent, about 8 minutes)."
+        );
+        out
+    }
+}
+
+fn humantime_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .chars()
+        .take(10)
+        .collect()
+}
