@@ -406,6 +406,20 @@ per pod-hour = (start + idle-window count scaled to an hour) / {fleet}.",
         broker_rss / fleet as f64,
         idle_window.as_secs()
     ));
+    let (tessera_hour, agent_hour) = (
+        per_pod_hour(startup_t, steady_t),
+        per_pod_hour(startup_a, steady_a),
+    );
+    if tessera_hour > agent_hour / 10.0 {
+        let polls_per_pod = 3600.0 / 15.0 / fleet as f64;
+        report.note(format!(
+            "Vault requests per pod-hour: the ≤ 1/10 target is missed ({tessera_hour:.2} vs {agent_hour:.2}). \
+Each pod's own database user is a floor both designs share (one issue per pod, plus renewals), and the broker's \
+KV version check every 15 s costs 240 requests an hour shared by the fleet, {polls_per_pod:.1} per pod at {fleet} pods. \
+What closes it: more pods per secret (the polling share falls as 1/fleet), a longer kvPollInterval (60 s: 1.2 per pod \
+at 50 pods), or change notifications from Vault instead of polling (Vault Enterprise's event stream; OpenBao has none yet)."
+        ));
+    }
     drop(tessera);
     drop(agents);
 

@@ -10,7 +10,7 @@ use vaultrs::api::{
     database::requests::GenerateCredentialsRequest, pki::requests::GenerateCertificateRequest,
 };
 
-use super::{Vault, VaultError};
+use super::{Vault, VaultError, unbuildable};
 use crate::secret::Secret;
 
 /// `PUT sys/leases/lookup`.
@@ -92,10 +92,7 @@ impl Vault {
             .mount(mount)
             .name(role)
             .build()
-            .map_err(|e| VaultError::Unexpected {
-                what: what.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(unbuildable(&what))?;
         let result = self.exec(endpoint, &what, caller).await?;
         let data = result.data.ok_or_else(|| VaultError::Unexpected {
             what: what.clone(),
@@ -141,10 +138,7 @@ impl Vault {
             .alt_names(alt_names.join(","))
             .ttl(format!("{}s", ttl.as_secs()))
             .build()
-            .map_err(|e| VaultError::Unexpected {
-                what: what.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(unbuildable(&what))?;
         let data = self
             .exec(endpoint, &what, caller)
             .await?
@@ -241,10 +235,7 @@ impl Vault {
             .mount(mount)
             .serial_number(serial)
             .build()
-            .map_err(|e| VaultError::Unexpected {
-                what: what.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(unbuildable(&what))?;
         self.exec(endpoint, &what, caller).await.map(|_| ())
     }
 }

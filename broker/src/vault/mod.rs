@@ -129,6 +129,15 @@ struct Stamped<'a> {
     caller: Option<http::HeaderValue>,
 }
 
+impl<'a> Stamped<'a> {
+    fn new(client: &'a VaultClient, caller: Option<&str>) -> Self {
+        Self {
+            inner: client.middle(),
+            caller: caller.and_then(|c| http::HeaderValue::from_str(c).ok()),
+        }
+    }
+}
+
 impl MiddleWare for Stamped<'_> {
     fn request<E: Endpoint>(
         &self,
@@ -148,6 +157,14 @@ impl MiddleWare for Stamped<'_> {
         resp: &mut http::Response<Vec<u8>>,
     ) -> Result<(), RestClientError> {
         self.inner.response(endpoint, resp)
+    }
+}
+
+/// Maps a request builder's error (a bug, not Vault's answer) to a [`VaultError`].
+fn unbuildable<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> VaultError + '_ {
+    move |e| VaultError::Unexpected {
+        what: what.to_owned(),
+        detail: e.to_string(),
     }
 }
 
@@ -328,11 +345,8 @@ impl Vault {
         caller: Option<&str>,
     ) -> Result<EndpointResult<E::Response>, VaultError> {
         let client = self.authed().await?;
-        let stamped = Stamped {
-            inner: client.middle(),
-            caller: caller.and_then(|c| http::HeaderValue::from_str(c).ok()),
-        };
-        let result = endpoint
+        let stamped = Stamped::new(&client, caller);
+        match endpoint
             .with_middleware(&stamped)
             .exec(client.http())
             .await
@@ -341,16 +355,9 @@ impl Vault {
                 response
                     .wrap::<EndpointResult<E::Response>>()
                     .map_err(ClientError::from)
-            });
-        match result {
+            }) {
             Ok(result) => Ok(result),
-            Err(e) => {
-                let error = VaultError::from_client(what, e);
-                if matches!(error, VaultError::Denied(_)) {
-                    self.invalidate().await;
-                }
-                Err(error)
-            }
+            Err(e) => Err(self.failed(what, e).await),
         }
     }
 
@@ -365,20 +372,21 @@ impl Vault {
         caller: Option<&str>,
     ) -> Result<(), VaultError> {
         let client = self.authed().await?;
-        let stamped = Stamped {
-            inner: client.middle(),
-            caller: caller.and_then(|c| http::HeaderValue::from_str(c).ok()),
-        };
+        let stamped = Stamped::new(&client, caller);
         match endpoint.with_middleware(&stamped).exec(client.http()).await {
             Ok(_) => Ok(()),
-            Err(e) => {
-                let error = VaultError::from_client(what, api_error(e));
-                if matches!(error, VaultError::Denied(_)) {
-                    self.invalidate().await;
-                }
-                Err(error)
-            }
+            Err(e) => Err(self.failed(what, api_error(e)).await),
         }
+    }
+
+    /// Classifies a failed request; a 403 also forgets the login so the next
+    /// request logs in again.
+    async fn failed(&self, what: &str, error: ClientError) -> VaultError {
+        let error = VaultError::from_client(what, error);
+        if matches!(error, VaultError::Denied(_)) {
+            self.invalidate().await;
+        }
+        error
     }
 
     /// Reads the current version of a KV v2 secret, keeping only `keys` when
@@ -397,10 +405,7 @@ impl Vault {
             .mount(&source.mount)
             .path(&source.path)
             .build()
-            .map_err(|e| VaultError::Unexpected {
-                what: what.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(unbuildable(&what))?;
         let response = self
             .exec(endpoint, &what, caller)
             .await?
@@ -463,10 +468,7 @@ impl Vault {
             .mount(&source.mount)
             .path(&source.path)
             .build()
-            .map_err(|e| VaultError::Unexpected {
-                what: what.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(unbuildable(&what))?;
         let meta = self
             .exec(endpoint, &what, None)
             .await?

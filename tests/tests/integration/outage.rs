@@ -1,6 +1,8 @@
 //! A Vault outage: OpenBao (with Raft storage) is killed mid-run and started
-//! again. Delivered files stay intact, the broker answers UNAVAILABLE with
-//! retry information meanwhile, and delivery resumes when Vault is back.
+//! again. Delivered files stay intact; a KV secret the broker follows is still
+//! served from its last good read (new pods can start), anything that needs
+//! Vault gets UNAVAILABLE with retry information; delivery resumes when Vault
+//! is back.
 
 use std::time::Duration;
 
@@ -16,14 +18,13 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
         persistent_vault: true,
         ..EnvOptions::default()
     };
-    let mut env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/orders"),
-        options,
-    )
-    .await;
+    let policy = simple_policy("app", "shop", "orders", "shop/orders")
+        + "  - name: other\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/other } }\n";
+    let mut env = Env::start_with(&policy, options).await;
     env.bao
         .put("shop/orders", &json!({ "password": "before" }))
         .await;
+    env.bao.put("shop/other", &json!({ "key": "value" })).await;
     let out = env.tmpfs_out();
     let sidecar = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["app"]);
     wait_for(Duration::from_secs(20), "delivery", || {
@@ -32,18 +33,23 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
     .await;
 
     env.bao.kill();
-    let status = env
-        .client()
+    let fetch = |binding: &str| {
+        let request = FetchRequest {
+            bindings: vec![binding.to_owned()],
+            ..Default::default()
+        };
+        let token = env.token("shop", "orders");
+        let env = &env;
+        async move { env.client().await.fetch(with_token(&token, request)).await }
+    };
+    let cached = fetch("app")
         .await
-        .fetch(with_token(
-            &env.token("shop", "orders"),
-            FetchRequest {
-                bindings: vec!["app".into()],
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap_err();
+        .expect("a followed KV secret is served during the outage");
+    assert_eq!(
+        cached.into_inner().credentials[0].fields["password"],
+        b"before"
+    );
+    let status = fetch("other").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.get_details_retry_info().is_some(),
