@@ -932,6 +932,23 @@ leases:
         BrokerClient::new(self.channel().await)
     }
 
+    /// Calls `Fetch` for `bindings` with `token` (nothing held).
+    pub async fn fetch(
+        &self,
+        token: &str,
+        bindings: &[&str],
+    ) -> Result<tessera_proto::v1::FetchResponse, tonic::Status> {
+        let request = tessera_proto::v1::FetchRequest {
+            bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
+            ..Default::default()
+        };
+        self.client()
+            .await
+            .fetch(with_token(token, request))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// A TLS channel to the broker that trusts the dev CA (and presents the
     /// dev client certificate when the broker requires mTLS).
     pub async fn channel(&self) -> Channel {

@@ -206,15 +206,7 @@ async fn vaults_own_audit_log_names_the_pod() {
         "hmac=false",
     ]);
 
-    env.client()
-        .await
-        .fetch(with_token(
-            &env.token("shop", "orders"),
-            FetchRequest {
-                bindings: vec!["app".into()],
-                ..Default::default()
-            },
-        ))
+    env.fetch(&env.token("shop", "orders"), &["app"])
         .await
         .unwrap();
 

@@ -3,7 +3,7 @@
 use std::{fs, time::Duration};
 
 use serde_json::json;
-use tessera_proto::v1::{FetchRequest, WhoAmIRequest};
+use tessera_proto::v1::WhoAmIRequest;
 use tessera_tests::{
     BrokerLogin, Env, EnvOptions, random_string, simple_policy, wait_for, with_token,
 };
@@ -92,18 +92,9 @@ async fn chosen_keys_only_are_delivered() {
         .put("shop/orders", &json!({ "username": "u", "password": "p" }))
         .await;
     let response = env
-        .client()
+        .fetch(&env.token("shop", "orders"), &["app"])
         .await
-        .fetch(with_token(
-            &env.token("shop", "orders"),
-            FetchRequest {
-                bindings: vec!["app".into()],
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let credential = &response.credentials[0];
     assert_eq!(credential.fields.keys().collect::<Vec<_>>(), ["username"]);
     assert_eq!(credential.version, "1");
@@ -142,15 +133,7 @@ async fn an_identity_the_policy_does_not_name_is_denied_and_gets_no_files() {
         .await;
 
     let status = env
-        .client()
-        .await
-        .fetch(with_token(
-            &env.token("shop", "billing"),
-            FetchRequest {
-                bindings: vec!["app".into()],
-                ..Default::default()
-            },
-        ))
+        .fetch(&env.token("shop", "billing"), &["app"])
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
@@ -179,15 +162,7 @@ async fn a_granted_and_a_denied_binding_together_deliver_nothing() {
         .put("shop/orders", &json!({ "password": "p" }))
         .await;
     let status = env
-        .client()
-        .await
-        .fetch(with_token(
-            &env.token("shop", "orders"),
-            FetchRequest {
-                bindings: vec!["app".into(), "other".into()],
-                ..Default::default()
-            },
-        ))
+        .fetch(&env.token("shop", "orders"), &["app", "other"])
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -225,18 +200,9 @@ async fn the_broker_logs_in_with_approle() {
         .put("shop/orders", &json!({ "password": "from-approle" }))
         .await;
     let response = env
-        .client()
+        .fetch(&env.token("shop", "orders"), &["app"])
         .await
-        .fetch(with_token(
-            &env.token("shop", "orders"),
-            FetchRequest {
-                bindings: vec!["app".into()],
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(response.credentials[0].fields["password"], b"from-approle");
     assert!(
         env.broker
@@ -251,18 +217,7 @@ async fn a_replaced_vault_token_file_is_picked_up() {
     env.bao
         .put("shop/orders", &json!({ "password": "p" }))
         .await;
-    let fetch = || async {
-        env.client()
-            .await
-            .fetch(with_token(
-                &env.token("shop", "orders"),
-                FetchRequest {
-                    bindings: vec!["app".into()],
-                    ..Default::default()
-                },
-            ))
-            .await
-    };
+    let fetch = || async { env.fetch(&env.token("shop", "orders"), &["app"]).await };
     fetch().await.unwrap();
 
     // Rotate: write a new token to the file, then revoke the old one.

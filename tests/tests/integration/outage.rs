@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tessera_proto::v1::FetchRequest;
-use tessera_tests::{Env, EnvOptions, field, simple_policy, wait_for, with_token};
+use tessera_tests::{Env, EnvOptions, field, simple_policy, wait_for};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -33,23 +32,13 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
     .await;
 
     env.bao.kill();
-    let fetch = |binding: &str| {
-        let request = FetchRequest {
-            bindings: vec![binding.to_owned()],
-            ..Default::default()
-        };
-        let token = env.token("shop", "orders");
-        let env = &env;
-        async move { env.client().await.fetch(with_token(&token, request)).await }
-    };
-    let cached = fetch("app")
+    let token = env.token("shop", "orders");
+    let cached = env
+        .fetch(&token, &["app"])
         .await
         .expect("a followed KV secret is served during the outage");
-    assert_eq!(
-        cached.into_inner().credentials[0].fields["password"],
-        b"before"
-    );
-    let status = fetch("other").await.unwrap_err();
+    assert_eq!(cached.credentials[0].fields["password"], b"before");
+    let status = env.fetch(&token, &["other"]).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.get_details_retry_info().is_some(),
