@@ -59,6 +59,14 @@ pub struct Rotation {
     pub old: Live,
 }
 
+/// `secs` after the Unix epoch; the epoch itself (already expired, the safe
+/// side) when that does not fit in a `SystemTime`.
+pub fn from_unix(secs: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(UNIX_EPOCH)
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -246,7 +254,7 @@ impl Lifecycle {
         let pod_uid = identity.pod.as_ref().map_or("", |p| p.uid.as_str());
         let handle = self.keys.open(held, &binding.name, pod_uid)?;
         let now = SystemTime::now();
-        let issued_at = UNIX_EPOCH + Duration::from_secs(handle.issued_at);
+        let issued_at = from_unix(handle.issued_at);
         let live = match &binding.source {
             Source::Kv2(_) => return Ok(None),
             Source::Database(_) => {
@@ -265,14 +273,17 @@ impl Lifecycle {
                     binding: binding.clone(),
                     version: handle.version,
                     issued_at,
-                    not_after: Some(now + Duration::from_secs(lookup.ttl)),
+                    not_after: Some(
+                        now.checked_add(Duration::from_secs(lookup.ttl))
+                            .unwrap_or(now),
+                    ),
                     renewable: lookup.renewable,
                     lease: Some(handle.lease),
                     handle: held.to_owned(),
                 }
             }
             Source::Pki(_) => {
-                let not_after = UNIX_EPOCH + Duration::from_secs(handle.not_after);
+                let not_after = from_unix(handle.not_after);
                 if refresh_in(issued_at, not_after, binding.renew_fraction, 0.0, now).is_zero() {
                     return Ok(None);
                 }
@@ -379,7 +390,7 @@ impl Lifecycle {
         Ok(Live {
             binding: binding.clone(),
             version: handle.version,
-            issued_at: UNIX_EPOCH + Duration::from_secs(handle.issued_at),
+            issued_at: from_unix(handle.issued_at),
             not_after: None,
             renewable: false,
             lease: (!handle.lease.is_empty()).then_some(handle.lease),
@@ -472,6 +483,12 @@ mod tests {
         assert_eq!(early, Duration::from_secs(600));
         let mid = refresh_in(at(0), at(1000), 0.7, 0.5, at(0));
         assert_eq!(mid, Duration::from_secs(650));
+    }
+
+    #[test]
+    fn absurd_unix_times_count_as_expired_instead_of_panicking() {
+        assert_eq!(from_unix(u64::MAX), UNIX_EPOCH);
+        assert_eq!(from_unix(10), at(10));
     }
 
     #[test]

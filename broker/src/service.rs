@@ -312,9 +312,7 @@ impl Broker for BrokerService {
             .collect();
         bindings.sort();
         Ok(Response::new(WhoAmIResponse {
-            token_expires_at: Some(
-                (UNIX_EPOCH + Duration::from_secs(caller.identity.expires_at)).into(),
-            ),
+            token_expires_at: Some(lifecycle::from_unix(caller.identity.expires_at).into()),
             identity: Some(proto_identity(caller.identity)),
             bindings,
         }))

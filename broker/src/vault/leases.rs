@@ -149,7 +149,7 @@ impl Vault {
             })?;
         let not_after = data
             .expiration
-            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .map(crate::lifecycle::from_unix)
             .ok_or_else(|| VaultError::Unexpected {
                 what: what.clone(),
                 detail: "no expiration".to_owned(),
