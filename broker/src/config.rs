@@ -95,6 +95,8 @@ pub struct Config {
     /// Key shared by the replicas to seal lease handles; a random per-process
     /// key when absent (one replica, handles die with it).
     pub handle_key_file: Option<PathBuf>,
+    /// Plain-HTTP admin address for `/metrics`, `/livez` and `/readyz`; none when absent.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +118,14 @@ struct File {
     kubernetes: KubernetesFile,
     #[serde(default)]
     leases: LeasesFile,
+    #[serde(default)]
+    admin: AdminFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AdminFile {
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -383,6 +393,7 @@ impl Config {
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),
             handle_key_file: file.leases.handle_key_file.map(resolve),
+            admin_listen: file.admin.listen,
             policy_paths: file.policy.paths.into_iter().map(resolve).collect(),
             policy_reload_interval: file.policy.reload_interval,
             vault: VaultSettings {

@@ -15,6 +15,7 @@ mod fuzz;
 pub mod handle;
 pub mod identity;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
 pub mod secret;
@@ -77,30 +78,60 @@ pub struct Prepared {
     config: Config,
     tls: Arc<rustls::ServerConfig>,
     policy: Arc<PolicyStore>,
+    vault: Arc<Vault>,
+    metrics: Arc<metrics::Metrics>,
     service: BrokerService,
+}
+
+impl Prepared {
+    /// The metrics, for the admin server.
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
+    }
 }
 
 /// Health service name that reports whether the last policy reload worked.
 pub const POLICY_HEALTH_SERVICE: &str = "tessera.v1.Broker/policy";
 
-/// Keeps the policy health status in step with the last reload's outcome.
-async fn report_policy_health(
+/// Keeps the health statuses and gauges in step: the policy's last reload,
+/// and whether Vault answers (the Broker service is NOT_SERVING, and
+/// `/readyz` fails, while it does not).
+async fn report_health(
     policy: Arc<PolicyStore>,
+    vault: Arc<Vault>,
+    metrics: Arc<metrics::Metrics>,
     health: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
 ) {
-    let mut last = None;
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    let (mut last_policy, mut last_vault) = (None, None);
     loop {
-        let status = if policy.last_error().is_some() {
-            tonic_health::ServingStatus::NotServing
-        } else {
-            tonic_health::ServingStatus::Serving
-        };
-        if last != Some(status) {
+        let failing = policy.last_error().is_some();
+        metrics.policy_reload_failing.set(i64::from(failing));
+        metrics
+            .policy_generation
+            .set(i64::try_from(policy.current().generation).unwrap_or(i64::MAX));
+        let status = if failing { NotServing } else { Serving };
+        if last_policy != Some(status) {
             health
                 .set_service_status(POLICY_HEALTH_SERVICE, status)
                 .await;
-            last = Some(status);
+            last_policy = Some(status);
+        }
+        let up = match vault.ping().await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "Vault health check failed");
+                false
+            }
+        };
+        metrics.vault_up.set(i64::from(up));
+        metrics.set_ready(up);
+        let status = if up { Serving } else { NotServing };
+        if last_vault != Some(status) {
+            health.set_service_status("tessera.v1.Broker", status).await;
+            health.set_service_status("", status).await;
+            last_vault = Some(status);
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -201,10 +232,16 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         }
     });
     tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
+    let metrics = Arc::new(metrics::Metrics::new());
     let service = BrokerService::new(service::Parts {
+        metrics: metrics.clone(),
         verifier: Arc::new(verifier),
         policy: policy.clone(),
-        lifecycle: Arc::new(lifecycle::Lifecycle::new(vault, handle_key, feeds.clone())),
+        lifecycle: Arc::new(lifecycle::Lifecycle::new(
+            vault.clone(),
+            handle_key,
+            feeds.clone(),
+        )),
         feeds,
         audit,
         limiter,
@@ -214,6 +251,8 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         config,
         tls,
         policy,
+        vault,
+        metrics,
         service,
     })
 }
@@ -228,9 +267,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<BrokerServer<BrokerService>>().await;
-    tokio::spawn(report_policy_health(
+    // NOT_SERVING until the first Vault check answers.
+    health
+        .set_not_serving::<BrokerServer<BrokerService>>()
+        .await;
+    tokio::spawn(report_health(
         prepared.policy.clone(),
+        prepared.vault.clone(),
+        prepared.metrics.clone(),
         health.clone(),
         shutdown.clone(),
     ));

@@ -225,6 +225,7 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow
         let shutdown = CancellationToken::new();
         let grace = config.shutdown_grace;
         let listen = config.listen;
+        let admin_listen = config.admin_listen;
         let prepared = match tessera_broker::prepare(config, &shutdown).await {
             Ok(prepared) => prepared,
             Err(error) => {
@@ -235,6 +236,17 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
+        if let Some(admin) = admin_listen {
+            let admin_listener = tokio::net::TcpListener::bind(admin)
+                .await
+                .with_context(|| format!("binding the admin address {admin}"))?;
+            tracing::info!(address = %admin, "admin endpoints listening (/metrics, /livez, /readyz)");
+            tokio::spawn(tessera_broker::metrics::serve_admin(
+                admin_listener,
+                prepared.metrics(),
+                shutdown.clone(),
+            ));
+        }
         let server = tokio::spawn(tessera_broker::run(prepared, listener, shutdown.clone()));
         wait_for_signal().await;
         tracing::info!(grace = ?grace, "shutting down");

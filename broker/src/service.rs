@@ -26,6 +26,7 @@ use crate::{
     feed::{Feeds, Latest},
     identity::{Identity, Verifier},
     lifecycle::{self, Lifecycle, Live, Step},
+    metrics::Metrics,
     policy::{Binding, Source, store::PolicyStore},
     ratelimit::Limiter,
     secret::Secret,
@@ -49,6 +50,8 @@ pub struct Parts {
     pub audit: Arc<Audit>,
     /// Per-identity rate limits.
     pub limiter: Arc<Limiter>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     /// Ends open streams on shutdown.
     pub shutdown: CancellationToken,
 }
@@ -74,6 +77,7 @@ impl BrokerService {
     }
 
     fn audit(&self, event: Event) {
+        self.parts.metrics.record(&event);
         self.parts.audit.record(&event);
     }
 
@@ -478,6 +482,11 @@ impl OpenStream {
     }
 
     async fn run(mut self, mut changes: impl Stream<Item = (Arc<Binding>, Latest)> + Unpin) {
+        let gauge = self.service.parts.metrics.watch_streams.clone();
+        gauge.inc();
+        let _open = scopeguard(move || {
+            gauge.dec();
+        });
         let expires_in = Duration::from_secs(self.caller.identity.expires_at).saturating_sub(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -682,6 +691,19 @@ impl OpenStream {
             self.service.audit(event);
         }
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -735,6 +735,8 @@ pub struct Env {
     /// `https://127.0.0.1:PORT`.
     pub broker_uri: String,
     broker_port: u16,
+    /// `http://127.0.0.1:PORT` of the broker's admin endpoints.
+    pub admin_url: String,
     /// The dev ES256 signing key the broker trusts.
     pub signer: SigningKey,
     /// An RS256 key the broker also trusts.
@@ -830,6 +832,7 @@ impl Env {
             )
         });
         let port = free_port();
+        let admin_port = free_port();
         let config = format!(
             "listen: 127.0.0.1:{port}
 tls:
@@ -857,6 +860,8 @@ rateLimit:
   burst: {burst}
 leases:
   handleKeyFile: dev/handle.key
+admin:
+  listen: 127.0.0.1:{admin_port}
 {kubernetes}",
             issuer = dev::DEFAULT_ISSUER,
             audience = dev::DEFAULT_AUDIENCE,
@@ -879,6 +884,7 @@ leases:
             broker,
             broker_uri: format!("https://127.0.0.1:{port}"),
             broker_port: port,
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
             signer,
             rsa_signer,
             kube,
@@ -1117,6 +1123,30 @@ pub fn write_configmap(dir: &Path, name: &str, text: &str) {
     if let Some(old) = old {
         fs::remove_dir_all(dir.join(old)).unwrap();
     }
+}
+
+/// A plain HTTP/1.1 GET: (status code, body). Enough for the admin endpoints.
+pub async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
 }
 
 /// Wraps `message` with `authorization: Bearer <token>`.

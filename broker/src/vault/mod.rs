@@ -361,6 +361,18 @@ impl Vault {
         }
     }
 
+    /// Whether Vault answers with the broker's credentials (a token self-lookup).
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn ping(&self) -> Result<(), VaultError> {
+        let client = self.authed().await?;
+        match vaultrs::token::lookup_self(client.as_ref()).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed("auth/token/lookup-self", e).await),
+        }
+    }
+
     /// Executes an endpoint that answers with no body (204).
     ///
     /// # Errors

@@ -169,23 +169,6 @@ async fn a_granted_and_a_denied_binding_together_deliver_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn health_reports_serving() {
-    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(env.channel().await);
-    let response = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "tessera.v1.Broker".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        response.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn the_broker_logs_in_with_approle() {
     let options = EnvOptions {
         login: BrokerLogin::AppRole,

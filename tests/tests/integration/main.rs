@@ -7,6 +7,7 @@ mod auth;
 mod delivery;
 mod kubernetes;
 mod lifecycle;
+mod observability;
 mod outage;
 mod policy;
 mod secrecy;

@@ -1,0 +1,175 @@
+//! Prometheus metrics and the admin HTTP endpoints (`/metrics`, `/livez`,
+//! `/readyz`). Label values are bounded: binding names come from the policy
+//! (a denied request's binding is not a label: it is caller input), never pod
+//! names (those are in the audit log).
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{Event, Outcome};
+
+/// Labels of `tessera_credential_events_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    action: String,
+    outcome: String,
+    binding: String,
+}
+
+/// The broker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    events: Family<EventLabels, Counter>,
+    /// Generation of the policy in force.
+    pub policy_generation: Gauge,
+    /// 1 while the last policy reload failed.
+    pub policy_reload_failing: Gauge,
+    /// 1 while Vault answers.
+    pub vault_up: Gauge,
+    /// Open `Watch` streams.
+    pub watch_streams: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tessera");
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "credential_events",
+            "Credential decisions by action (authenticate, issue, renew, rotate, revoke), outcome and binding",
+            events.clone(),
+        );
+        let policy_generation = Gauge::default();
+        registry.register(
+            "policy_generation",
+            "Generation of the policy in force",
+            policy_generation.clone(),
+        );
+        let policy_reload_failing = Gauge::default();
+        registry.register(
+            "policy_reload_failing",
+            "1 while the last policy reload failed (the previous policy stays in force)",
+            policy_reload_failing.clone(),
+        );
+        let vault_up = Gauge::default();
+        registry.register(
+            "vault_up",
+            "1 while Vault answers the broker",
+            vault_up.clone(),
+        );
+        let watch_streams = Gauge::default();
+        registry.register("watch_streams", "Open Watch streams", watch_streams.clone());
+        Self {
+            registry,
+            events,
+            policy_generation,
+            policy_reload_failing,
+            vault_up,
+            watch_streams,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts an audit event.
+    pub fn record(&self, event: &Event) {
+        let text = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+        let action = event
+            .action
+            .and_then(|a| serde_json::to_value(a).ok())
+            .and_then(|v| v.as_str().map(str::to_owned));
+        let outcome_value = event.outcome;
+        let outcome = outcome_value
+            .and_then(|o| serde_json::to_value(o).ok())
+            .and_then(|v| v.as_str().map(str::to_owned));
+        let binding = if outcome_value == Some(Outcome::Denied) {
+            None
+        } else {
+            event.binding.clone()
+        };
+        self.events
+            .get_or_create(&EventLabels {
+                action: text(action),
+                outcome: text(outcome),
+                binding: text(binding),
+            })
+            .inc();
+    }
+
+    /// Whether the broker can serve (Vault answers, a policy is loaded).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+async fn metrics_text(
+    State(m): State<Arc<Metrics>>,
+) -> ([(&'static str, &'static str); 1], String) {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: Vault does not answer\n",
+        )
+    }
+}
+
+/// Serves `/metrics`, `/livez` and `/readyz` on `listener` until `shutdown`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .with_state(metrics);
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(%error, "admin server failed");
+    }
+}
