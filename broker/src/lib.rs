@@ -208,7 +208,8 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
     );
     let (tls, cert) = tls::server_config(&config.tls)?;
     tokio::spawn(cert.follow(config.tls_reload_interval, shutdown.clone()));
-    let vault = Arc::new(Vault::new(config.vault.clone())?);
+    let metrics = Arc::new(metrics::Metrics::new());
+    let vault = Arc::new(Vault::new(config.vault.clone(), metrics.clone())?);
     let feeds = Arc::new(Feeds::new(
         vault.clone(),
         config.kv_poll_interval,
@@ -232,7 +233,6 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         }
     });
     tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
-    let metrics = Arc::new(metrics::Metrics::new());
     let service = BrokerService::new(service::Parts {
         metrics: metrics.clone(),
         verifier: Arc::new(verifier),

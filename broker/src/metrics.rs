@@ -3,15 +3,23 @@
 //! (a denied request's binding is not a label: it is caller input), never pod
 //! names (those are in the audit log).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use tokio::net::TcpListener;
@@ -27,10 +35,47 @@ struct EventLabels {
     binding: String,
 }
 
+/// Labels naming an RPC.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: &'static str,
+}
+
+/// Labels naming a Vault operation (the request type: bounded by the code).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. about 4 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 15))
+}
+
+/// Observes the time from its creation to its drop into an RPC histogram.
+pub struct TimedFamily<'a> {
+    family: &'a Histograms<RpcLabels>,
+    labels: RpcLabels,
+    started: Instant,
+}
+
+impl Drop for TimedFamily<'_> {
+    fn drop(&mut self) {
+        self.family
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 /// The broker's metrics.
 pub struct Metrics {
     registry: Registry,
     events: Family<EventLabels, Counter>,
+    rpc_duration: Histograms<RpcLabels>,
+    vault_duration: Histograms<OperationLabels>,
+    vault_errors: Family<OperationLabels, Counter>,
     /// Generation of the policy in force.
     pub policy_generation: Gauge,
     /// 1 while the last policy reload failed.
@@ -58,6 +103,25 @@ impl Metrics {
             "Credential decisions by action (authenticate, issue, renew, rotate, revoke), outcome and binding",
             events.clone(),
         );
+        let rpc_duration: Histograms<RpcLabels> = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "rpc_duration_seconds",
+            "Time to answer a unary RPC, or to open a Watch stream",
+            rpc_duration.clone(),
+        );
+        let vault_duration: Histograms<OperationLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "vault_request_duration_seconds",
+            "Time of Vault requests by operation",
+            vault_duration.clone(),
+        );
+        let vault_errors = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "vault_request_errors",
+            "Failed Vault requests by operation",
+            vault_errors.clone(),
+        );
         let policy_generation = Gauge::default();
         registry.register(
             "policy_generation",
@@ -81,6 +145,9 @@ impl Metrics {
         Self {
             registry,
             events,
+            rpc_duration,
+            vault_duration,
+            vault_errors,
             policy_generation,
             policy_reload_failing,
             vault_up,
@@ -112,6 +179,24 @@ impl Metrics {
                 binding: text(binding),
             })
             .inc();
+    }
+
+    /// Times an RPC until the returned guard drops.
+    pub fn time_rpc(&self, rpc: &'static str) -> TimedFamily<'_> {
+        TimedFamily {
+            family: &self.rpc_duration,
+            labels: RpcLabels { rpc },
+            started: Instant::now(),
+        }
+    }
+
+    /// Records one Vault request of `operation` (a request type name).
+    pub fn vault_request(&self, operation: &'static str, seconds: f64, failed: bool) {
+        let labels = OperationLabels { operation };
+        self.vault_duration.get_or_create(&labels).observe(seconds);
+        if failed {
+            self.vault_errors.get_or_create(&labels).inc();
+        }
     }
 
     /// Whether the broker can serve (Vault answers, a policy is loaded).

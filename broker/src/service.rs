@@ -307,6 +307,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
+        let _timer = self.parts.metrics.time_rpc("WhoAmI");
         let caller = self.authenticate(&request).await?;
         let loaded = self.parts.policy.current();
         let mut bindings: Vec<String> = loaded
@@ -327,6 +328,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
+        let _timer = self.parts.metrics.time_rpc("Fetch");
         let caller = self.authenticate(&request).await?;
         let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
         let delivered = self
@@ -344,6 +346,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let _timer = self.parts.metrics.time_rpc("Watch");
         let caller = self.authenticate(&request).await?;
         let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
         let delivered = self
@@ -390,6 +393,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
+        let _timer = self.parts.metrics.time_rpc("Revoke");
         let caller = self.authenticate(&request).await?;
         let loaded = self.parts.policy.current();
         let mut revoked = Vec::new();

@@ -203,8 +203,15 @@ struct Login {
     renew_at: Option<Instant>,
 }
 
+/// The short name of an endpoint type, as a bounded metric label.
+fn operation<E>() -> &'static str {
+    let name = std::any::type_name::<E>();
+    name.rsplit("::").next().unwrap_or(name)
+}
+
 /// A Vault client shared by all requests.
 pub struct Vault {
+    metrics: Arc<crate::metrics::Metrics>,
     settings: VaultSettings,
     client: RwLock<Arc<VaultClient>>,
     login: Mutex<Login>,
@@ -218,9 +225,13 @@ impl Vault {
     ///
     /// # Errors
     /// When the address or CA bundle is unusable.
-    pub fn new(settings: VaultSettings) -> Result<Self, VaultError> {
+    pub fn new(
+        settings: VaultSettings,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, VaultError> {
         let client = Self::client(&settings, &Secret::default())?;
         Ok(Self {
+            metrics,
             settings,
             client: RwLock::new(Arc::new(client)),
             login: Mutex::new(Login {
@@ -346,7 +357,8 @@ impl Vault {
     ) -> Result<EndpointResult<E::Response>, VaultError> {
         let client = self.authed().await?;
         let stamped = Stamped::new(&client, caller);
-        match endpoint
+        let started = Instant::now();
+        let result = endpoint
             .with_middleware(&stamped)
             .exec(client.http())
             .await
@@ -355,7 +367,13 @@ impl Vault {
                 response
                     .wrap::<EndpointResult<E::Response>>()
                     .map_err(ClientError::from)
-            }) {
+            });
+        self.metrics.vault_request(
+            operation::<E>(),
+            started.elapsed().as_secs_f64(),
+            result.is_err(),
+        );
+        match result {
             Ok(result) => Ok(result),
             Err(e) => Err(self.failed(what, e).await),
         }
@@ -367,7 +385,14 @@ impl Vault {
     /// A [`VaultError`].
     pub async fn ping(&self) -> Result<(), VaultError> {
         let client = self.authed().await?;
-        match vaultrs::token::lookup_self(client.as_ref()).await {
+        let started = Instant::now();
+        let result = vaultrs::token::lookup_self(client.as_ref()).await;
+        self.metrics.vault_request(
+            "LookupTokenSelfRequest",
+            started.elapsed().as_secs_f64(),
+            result.is_err(),
+        );
+        match result {
             Ok(_) => Ok(()),
             Err(e) => Err(self.failed("auth/token/lookup-self", e).await),
         }
@@ -385,7 +410,14 @@ impl Vault {
     ) -> Result<(), VaultError> {
         let client = self.authed().await?;
         let stamped = Stamped::new(&client, caller);
-        match endpoint.with_middleware(&stamped).exec(client.http()).await {
+        let started = Instant::now();
+        let result = endpoint.with_middleware(&stamped).exec(client.http()).await;
+        self.metrics.vault_request(
+            operation::<E>(),
+            started.elapsed().as_secs_f64(),
+            result.is_err(),
+        );
+        match result {
             Ok(_) => Ok(()),
             Err(e) => Err(self.failed(what, api_error(e)).await),
         }

@@ -88,3 +88,161 @@ async fn health_follows_openbao_down_and_back() {
     wait_health(&env, ServingStatus::Serving).await;
     assert_eq!(http_get(&format!("{}/readyz", env.admin_url)).await.0, 200);
 }
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test installs it)");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+/// promtool reads the Prometheus text format: OpenMetrics names a counter's
+/// family without `_total` in HELP/TYPE and ends with `# EOF`.
+fn openmetrics_to_prometheus_text(body: &str) -> String {
+    let counters: Vec<String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .map(str::to_owned)
+        .collect();
+    let mut out = String::new();
+    for line in body.lines().filter(|l| *l != "# EOF") {
+        let mut line = line.to_owned();
+        for counter in &counters {
+            for prefix in ["# HELP ", "# TYPE "] {
+                let head = format!("{prefix}{counter} ");
+                if line.starts_with(&head) {
+                    line = format!("{prefix}{counter}_total {}", &line[head.len()..]);
+                }
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exposition_and_alert_rules_pass_promtool() {
+    let policy = simple_policy("app", "shop", "orders", "shop/orders")
+        + "  - name: missing\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/missing } }\n";
+    let env = Env::start(&policy).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "p" }))
+        .await;
+    env.fetch(&env.token("shop", "orders"), &["app"])
+        .await
+        .unwrap();
+    // A Vault error, so that every metric family has a sample.
+    env.fetch(&env.token("shop", "orders"), &["missing"])
+        .await
+        .unwrap_err();
+    let (_, body) = http_get(&format!("{}/metrics", env.admin_url)).await;
+    let text = openmetrics_to_prometheus_text(&body);
+    let metrics = promtool(&["check", "metrics"], Some(&text));
+    assert!(
+        metrics.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&metrics.stdout),
+        String::from_utf8_lossy(&metrics.stderr)
+    );
+    let rules_file = tessera_tests::workspace_root().join("deploy/prometheus/tessera-alerts.yaml");
+    let rules = promtool(&["check", "rules", rules_file.to_str().unwrap()], None);
+    assert!(
+        rules.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+    let dashboard = tessera_tests::workspace_root().join("deploy/grafana/tessera-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dashboard).unwrap()).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let metric = expr
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .find(|w| w.starts_with("tessera_"))
+                .unwrap();
+            let family = metric
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_total");
+            assert!(
+                body.contains(family),
+                "dashboard uses `{metric}`, which the broker does not export"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_scrapes_the_broker() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "p" }))
+        .await;
+    for _ in 0..3 {
+        env.fetch(&env.token("shop", "orders"), &["app"])
+            .await
+            .unwrap();
+    }
+    let port = tessera_tests::free_port();
+    let target = env.admin_url.trim_start_matches("http://");
+    let config = env.dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tessera-broker\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new("prometheus");
+    command
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            env.dir.path().join("prometheus-data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+    let prometheus =
+        tessera_tests::Proc::spawn("prometheus", command, env.dir.path().join("prometheus.log"));
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=tessera_credential_events_total%7Baction%3D%22issue%22%2Coutcome%3D%22success%22%7D"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(_) => http_get(&query).await.1,
+            Err(_) => String::new(),
+        };
+        let json_start = answer.find('{').unwrap_or(answer.len());
+        let value: serde_json::Value =
+            serde_json::from_str(answer[json_start..].trim()).unwrap_or_default();
+        let result = &value["data"]["result"];
+        if let Some(series) = result.as_array().and_then(|r| r.first()) {
+            assert_eq!(series["metric"]["binding"], "app");
+            assert_eq!(series["metric"]["job"], "tessera-broker");
+            assert_eq!(series["value"][1], "3", "three issuances were scraped");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned the series:\n{}",
+            prometheus.output()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
