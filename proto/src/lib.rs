@@ -10,6 +10,29 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tessera.v1.rs"));
 }
 
+impl std::fmt::Debug for v1::Credential {
+    /// Field values are secrets: only their names and lengths are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields: std::collections::BTreeMap<&str, String> = self
+            .fields
+            .iter()
+            .map(|(name, value)| (name.as_str(), format!("<{} bytes>", value.len())))
+            .collect();
+        f.debug_struct("Credential")
+            .field("binding", &self.binding)
+            .field("fields", &fields)
+            .field("version", &self.version)
+            .field("issued_at", &self.issued_at)
+            .field("not_after", &self.not_after)
+            .field("renewable", &self.renewable)
+            .field("file_mode", &self.file_mode)
+            .field("group_id", &self.group_id)
+            .field("handle", &format_args!("<{} bytes>", self.handle.len()))
+            .field("unchanged", &self.unchanged)
+            .finish()
+    }
+}
+
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tessera_descriptor.bin"));
@@ -23,4 +46,32 @@ pub fn is_safe_name(name: &str) -> bool {
         && name != "."
         && !name.starts_with("..")
         && !name.contains(['/', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1::Credential;
+
+    #[test]
+    fn credential_debug_hides_values() {
+        let credential = Credential {
+            binding: "db".into(),
+            fields: [("password".to_owned(), b"hunter2".to_vec())].into(),
+            handle: "sealed-handle".into(),
+            ..Credential::default()
+        };
+        let shown = format!("{credential:?}");
+        assert!(
+            shown.contains("password") && shown.contains("<7 bytes>"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("sealed-handle"),
+            "{shown}"
+        );
+        assert!(
+            !format!("{:?}", vec![credential]).contains("104, 117"),
+            "no raw bytes"
+        );
+    }
 }
