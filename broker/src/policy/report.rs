@@ -137,6 +137,11 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
             new_binding.renew_fraction.to_string(),
         );
         change(
+            "overlap",
+            format_duration(old_binding.overlap),
+            format_duration(new_binding.overlap),
+        );
+        change(
             "files",
             describe_output(old_binding),
             describe_output(new_binding),

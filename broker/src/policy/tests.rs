@@ -221,3 +221,16 @@ fn garbage_never_panics() {
         assert!(Policy::parse(text, "g.yaml").is_err(), "{text:?}");
     }
 }
+
+#[test]
+fn diff_reports_every_changed_setting() {
+    let old = Policy::parse(POLICY, "old.yaml").unwrap();
+    let new = Policy::parse(
+        &POLICY.replace("    ttl: 2h\n", "    ttl: 2h\n    overlap: 5m\n"),
+        "new.yaml",
+    )
+    .unwrap();
+    let lines = report::diff(&old, &new);
+    assert_eq!(lines, ["~ change  orders-db: overlap 30s -> 5m"]);
+    assert!(report::diff(&old, &old).is_empty());
+}
