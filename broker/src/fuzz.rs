@@ -6,8 +6,8 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use proptest::prelude::*;
 
 use crate::{
-    dev::{SigningKey, TokenSpec},
-    identity::{Expectations, JwksFile, Source, Verifier},
+    dev::TokenSpec,
+    identity::tests::{Fixture, fixture},
     policy::Policy,
     secret::Secret,
 };
@@ -23,28 +23,12 @@ pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
 
 const POLICY: &str = include_str!("../../tests/golden/policy/good.yaml");
 
-fn verifier() -> (tempfile::TempDir, SigningKey, Verifier) {
-    let signer = SigningKey::generate_es256().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("jwks.json");
-    std::fs::write(&path, signer.jwks().to_string()).unwrap();
-    let verifier = Verifier::new(
-        Source::JwksFile(JwksFile::load(&path).unwrap()),
-        Expectations {
-            issuer: crate::dev::DEFAULT_ISSUER.into(),
-            audiences: vec![crate::dev::DEFAULT_AUDIENCE.into()],
-            leeway: std::time::Duration::from_secs(30),
-        },
-    );
-    (dir, signer, verifier)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
     fn tokens_of_arbitrary_text_are_refused(text in ".{0,600}") {
-        let (_dir, _signer, verifier) = verifier();
+        let Fixture { verifier, .. } = fixture();
         prop_assert!(block_on(verifier.verify_at(&Secret::from(text), 1_800_000_000)).is_err());
     }
 
@@ -54,14 +38,14 @@ proptest! {
         claims in proptest::collection::vec(any::<u8>(), 0..400),
         sig in proptest::collection::vec(any::<u8>(), 0..100),
     ) {
-        let (_dir, _signer, verifier) = verifier();
+        let Fixture { verifier, .. } = fixture();
         let token = format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims), URL_SAFE_NO_PAD.encode(sig));
         prop_assert!(block_on(verifier.verify_at(&Secret::from(token), 1_800_000_000)).is_err());
     }
 
     #[test]
     fn a_flipped_byte_in_a_valid_token_is_refused(index in 0usize..2000, byte in any::<u8>()) {
-        let (_dir, signer, verifier) = verifier();
+        let Fixture { signer, verifier, _dir } = fixture();
         let mut spec = TokenSpec::new("shop", "orders");
         spec.issued_at = Some(1_800_000_000 - 60);
         let mut token = signer.mint(&spec).into_bytes();

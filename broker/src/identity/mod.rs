@@ -300,4 +300,4 @@ impl Verifier {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

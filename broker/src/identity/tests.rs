@@ -7,13 +7,14 @@ use crate::fuzz::block_on;
 
 const NOW: u64 = 1_800_000_000;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    signer: SigningKey,
-    verifier: Verifier,
+/// A verifier trusting one fresh ES256 key (the JWKS lives in `_dir`).
+pub(crate) struct Fixture {
+    pub(crate) _dir: tempfile::TempDir,
+    pub(crate) signer: SigningKey,
+    pub(crate) verifier: Verifier,
 }
 
-fn fixture() -> Fixture {
+pub(crate) fn fixture() -> Fixture {
     let signer = SigningKey::generate_es256().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jwks.json");
