@@ -45,7 +45,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Mode {
     /// Exit 0 when every binding is written and unexpired (for probes).
-    Check(CheckArgs),
+    Check(Volume),
     /// Fetch, write and exit 0 (init containers, Jobs).
     Once(Common),
     /// Write, then follow changes until SIGTERM.
@@ -63,13 +63,13 @@ pub enum Mode {
     },
 }
 
-/// Options of `check`.
+/// The volume and the bindings in it, for every mode.
 #[derive(Debug, Args)]
-pub struct CheckArgs {
-    /// The output directory.
+pub struct Volume {
+    /// Output directory: a tmpfs (`emptyDir` with `medium: Memory`).
     #[arg(long, env = "TESSERA_OUT", default_value = "/var/run/secrets/tessera")]
     pub out: PathBuf,
-    /// Bindings that must be present and unexpired (repeat, or separate with commas).
+    /// Bindings (repeat, or separate with commas).
     #[arg(
         long = "binding",
         env = "TESSERA_BINDINGS",
@@ -98,17 +98,9 @@ pub struct Common {
         default_value = "/var/run/secrets/tessera/serviceaccount/token"
     )]
     pub token_file: PathBuf,
-    /// Output directory: a tmpfs (`emptyDir` with `medium: Memory`).
-    #[arg(long, env = "TESSERA_OUT", default_value = "/var/run/secrets/tessera")]
-    pub out: PathBuf,
-    /// Bindings to fetch (repeat, or separate with commas).
-    #[arg(
-        long = "binding",
-        env = "TESSERA_BINDINGS",
-        value_delimiter = ',',
-        required = true
-    )]
-    pub bindings: Vec<String>,
+    /// Where to write, and what.
+    #[command(flatten)]
+    pub volume: Volume,
     /// Client certificate (PEM) for mTLS to the broker.
     #[arg(long, env = "TESSERA_CLIENT_CERT", requires = "client_key")]
     pub client_cert: Option<PathBuf>,
@@ -160,7 +152,7 @@ impl Common {
                 self.broker
             )));
         }
-        let mut bindings = self.bindings.clone();
+        let mut bindings = self.volume.bindings.clone();
         bindings.retain(|b| !b.trim().is_empty());
         if bindings.is_empty() {
             return Err(UsageError(
@@ -172,16 +164,16 @@ impl Common {
                 "--binding `{bad}` is not a safe directory name"
             )));
         }
-        if !self.out.is_dir() {
+        if !self.volume.out.is_dir() {
             return Err(UsageError(format!(
                 "--out {} is not a directory (mount the volume first)",
-                self.out.display()
+                self.volume.out.display()
             )));
         }
         if self.allow_non_tmpfs {
-            tracing::warn!(out = %self.out.display(), "--allow-non-tmpfs: secrets may reach disk");
+            tracing::warn!(out = %self.volume.out.display(), "--allow-non-tmpfs: secrets may reach disk");
         } else {
-            crate::writer::ensure_tmpfs(&self.out).map_err(|e| UsageError(e.to_string()))?;
+            crate::writer::ensure_tmpfs(&self.volume.out).map_err(|e| UsageError(e.to_string()))?;
         }
         let target = match (&self.notify_pid_file, &self.notify_process) {
             (Some(file), _) => Some(Target::PidFile(file.clone())),
@@ -211,7 +203,7 @@ impl Common {
                 connect_timeout: self.connect_timeout,
             },
             bindings,
-            writer: Writer::new(self.out.clone(), self.group),
+            writer: Writer::new(self.volume.out.clone(), self.group),
         })
     }
 }
