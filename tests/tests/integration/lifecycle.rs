@@ -27,6 +27,25 @@ bindings:
     )
 }
 
+/// A private PostgreSQL, and a broker whose binding `db` issues users of
+/// role `orders` (Vault lease TTLs `role_ttl`, max `role_max`).
+async fn db_env(policy: &str, role_ttl: &str, role_max: &str) -> (Postgres, Env) {
+    let pg = Postgres::start();
+    let env = Env::start(policy).await;
+    env.bao.database_role(&pg, "orders", role_ttl, role_max);
+    (pg, env)
+}
+
+/// Runs `tessera-sidecar once` for `db` as shop/orders; it must succeed.
+fn once(env: &Env, out: &std::path::Path) {
+    let output = env.sidecar_once(&env.token_file("shop", "orders"), out, &["db"], &[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn login(out: &std::path::Path) -> (String, String) {
     (
         field(out, "db", "username").unwrap(),
@@ -36,17 +55,9 @@ fn login(out: &std::path::Path) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn database_credentials_log_in_and_fail_after_revoke() {
-    let pg = Postgres::start();
-    let env = Env::start(&db_policy("1m", "0.7", "10s")).await;
-    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let (pg, env) = db_env(&db_policy("1m", "0.7", "10s"), "60s", "120s").await;
     let out = env.tmpfs_out();
-    let token_file = env.token_file("shop", "orders");
-    let once = env.sidecar_once(&token_file, out.path(), &["db"], &[]);
-    assert!(
-        once.status.success(),
-        "{}",
-        String::from_utf8_lossy(&once.stderr)
-    );
+    once(&env, out.path());
     let (user, password) = login(out.path());
     assert!(
         pg.can_login(&user, &password),
@@ -101,18 +112,11 @@ async fn database_credentials_log_in_and_fail_after_revoke() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn init_once_then_run_and_a_sidecar_restart_mint_one_database_user() {
-    let pg = Postgres::start();
-    let env = Env::start(&db_policy("1m", "0.7", "10s")).await;
-    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let (pg, env) = db_env(&db_policy("1m", "0.7", "10s"), "60s", "120s").await;
     let out = env.tmpfs_out();
     let token_file = env.token_file("shop", "orders");
 
-    let once = env.sidecar_once(&token_file, out.path(), &["db"], &[]);
-    assert!(
-        once.status.success(),
-        "{}",
-        String::from_utf8_lossy(&once.stderr)
-    );
+    once(&env, out.path());
     let first = login(out.path());
 
     let run = env.sidecar_run(&token_file, out.path(), &["db"]);
@@ -150,12 +154,9 @@ async fn init_once_then_run_and_a_sidecar_restart_mint_one_database_user() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handle_presented_by_another_pod_is_refused() {
-    let pg = Postgres::start();
-    let env = Env::start(&db_policy("1m", "0.7", "10s")).await;
-    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let (pg, env) = db_env(&db_policy("1m", "0.7", "10s"), "60s", "120s").await;
     let out = env.tmpfs_out();
-    let once = env.sidecar_once(&env.token_file("shop", "orders"), out.path(), &["db"], &[]);
-    assert!(once.status.success());
+    once(&env, out.path());
     let handle = fs::read_to_string(out.path().join("db/..data/..handle")).unwrap();
 
     let mut other = tessera_broker::dev::TokenSpec::new("shop", "orders");
@@ -213,9 +214,7 @@ async fn a_handle_presented_by_another_pod_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn renewal_extends_the_lease_and_keeps_the_user() {
-    let pg = Postgres::start();
-    let env = Env::start(&db_policy("6s", "0.5", "1s")).await;
-    env.bao.database_role(&pg, "orders", "6s", "60s");
+    let (pg, env) = db_env(&db_policy("6s", "0.5", "1s"), "6s", "60s").await;
     let out = env.tmpfs_out();
     let _run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
     wait_for(Duration::from_secs(20), "delivery", || {
@@ -251,9 +250,7 @@ async fn renewal_extends_the_lease_and_keeps_the_user() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_delivers_before_expiry_and_revokes_the_old_user_after_the_overlap() {
-    let pg = Postgres::start();
-    let env = Env::start(&db_policy("6s", "0.5", "3s")).await;
-    env.bao.database_role(&pg, "orders", "6s", "10s");
+    let (pg, env) = db_env(&db_policy("6s", "0.5", "3s"), "6s", "10s").await;
     let out = env.tmpfs_out();
     let notified = env.dir.path().join("notified");
     let hook = format!(
@@ -315,9 +312,7 @@ async fn rotation_delivers_before_expiry_and_revokes_the_old_user_after_the_over
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_broker_resumes_the_stream_without_a_new_user() {
-    let pg = Postgres::start();
-    let mut env = Env::start(&db_policy("1m", "0.7", "10s")).await;
-    env.bao.database_role(&pg, "orders", "60s", "120s");
+    let (pg, mut env) = db_env(&db_policy("1m", "0.7", "10s"), "60s", "120s").await;
     let out = env.tmpfs_out();
     let run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
     wait_for(Duration::from_secs(20), "delivery", || {
