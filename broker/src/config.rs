@@ -15,6 +15,7 @@ use crate::{
     ratelimit::RateLimit,
     tls::TlsSettings,
     vault::{VaultAuth, VaultSettings},
+    webhook::{self, settings::WebhookFile},
 };
 
 /// A configuration file that could not be used.
@@ -97,6 +98,8 @@ pub struct Config {
     pub handle_key_file: Option<PathBuf>,
     /// Plain-HTTP admin address for `/metrics`, `/livez` and `/readyz`; none when absent.
     pub admin_listen: Option<SocketAddr>,
+    /// The admission webhook; not served when absent.
+    pub webhook: Option<webhook::Settings>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +123,7 @@ struct File {
     leases: LeasesFile,
     #[serde(default)]
     admin: AdminFile,
+    webhook: Option<WebhookFile>,
 }
 
 #[derive(Deserialize, Default)]
@@ -276,7 +280,7 @@ fn default_approle_mount() -> String {
     "approle".to_owned()
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!("`{text}` is not a duration like 30s or 5m: {e}"))
@@ -376,6 +380,16 @@ impl Config {
                 "rateLimit.perSecond and rateLimit.burst must be at least 1".to_owned(),
             ));
         };
+        let tls = TlsSettings {
+            cert: resolve(file.tls.cert_file),
+            key: resolve(file.tls.key_file),
+            client_ca: file.tls.client_ca_file.map(resolve),
+        };
+        let webhook = file
+            .webhook
+            .map(|w| w.validate(resolve, &tls, &identity.audiences, identity.pod_lookup))
+            .transpose()
+            .map_err(error)?;
         let audit = match file.audit.path.as_str() {
             "-" => AuditTarget::Stdout,
             path => AuditTarget::File(resolve(PathBuf::from(path))),
@@ -384,11 +398,8 @@ impl Config {
             audit,
             rate_limit: RateLimit { per_second, burst },
             listen: file.listen,
-            tls: TlsSettings {
-                cert: resolve(file.tls.cert_file),
-                key: resolve(file.tls.key_file),
-                client_ca: file.tls.client_ca_file.map(resolve),
-            },
+            tls,
+            webhook,
             tls_reload_interval: file.tls.reload_interval,
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),

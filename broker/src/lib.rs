@@ -22,6 +22,7 @@ pub mod secret;
 pub mod service;
 pub mod tls;
 pub mod vault;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -81,12 +82,18 @@ pub struct Prepared {
     vault: Arc<Vault>,
     metrics: Arc<metrics::Metrics>,
     service: BrokerService,
+    webhook: Option<webhook::Server>,
 }
 
 impl Prepared {
     /// The metrics, for the admin server.
     pub fn metrics(&self) -> Arc<metrics::Metrics> {
         self.metrics.clone()
+    }
+
+    /// The admission webhook, when configured, to serve on its own port.
+    pub fn take_webhook(&mut self) -> Option<webhook::Server> {
+        self.webhook.take()
     }
 }
 
@@ -210,6 +217,31 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
     tokio::spawn(cert.follow(config.tls_reload_interval, shutdown.clone()));
     let metrics = Arc::new(metrics::Metrics::new());
     let vault = Arc::new(Vault::new(config.vault.clone(), metrics.clone())?);
+    let webhook = match &config.webhook {
+        None => None,
+        Some(settings) => {
+            let mode = settings.injection.mode;
+            let client = match (&kube, mode) {
+                (Some(client), _) => Some(client.clone()),
+                (None, webhook::SidecarMode::Auto) => {
+                    Some(kube_client(config.kubeconfig.as_deref()).await?)
+                }
+                (None, _) => None,
+            };
+            let mode = webhook::resolve_mode(mode, client.as_ref()).await;
+            let (tls, cert) = tls::server_config(&settings.tls)?;
+            tokio::spawn(cert.follow(config.tls_reload_interval, shutdown.clone()));
+            Some(webhook::Server {
+                webhook: Arc::new(webhook::Webhook::new(
+                    settings.injection.clone(),
+                    mode,
+                    policy.clone(),
+                    metrics.clone(),
+                )),
+                tls,
+            })
+        }
+    };
     let feeds = Arc::new(Feeds::new(
         vault.clone(),
         config.kv_poll_interval,
@@ -254,6 +286,7 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         vault,
         metrics,
         service,
+        webhook,
     })
 }
 

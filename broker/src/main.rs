@@ -226,7 +226,8 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow
         let grace = config.shutdown_grace;
         let listen = config.listen;
         let admin_listen = config.admin_listen;
-        let prepared = match tessera_broker::prepare(config, &shutdown).await {
+        let webhook_listen = config.webhook.as_ref().map(|w| w.listen);
+        let mut prepared = match tessera_broker::prepare(config, &shutdown).await {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::error!("{error}");
@@ -246,6 +247,19 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow
                 prepared.metrics(),
                 shutdown.clone(),
             ));
+        }
+        if let (Some(address), Some(webhook)) = (webhook_listen, prepared.take_webhook()) {
+            let webhook_listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("binding the webhook address {address}"))?;
+            tracing::info!(%address, "admission webhook listening (HTTPS, POST /mutate)");
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(error) = webhook.serve(webhook_listener, shutdown.clone()).await {
+                    // Stop, so the pod restarts instead of running without its webhook.
+                    tracing::error!(%error, "admission webhook failed; stopping the broker");
+                    shutdown.cancel();
+                }
+            });
         }
         let server = tokio::spawn(tessera_broker::run(prepared, listener, shutdown.clone()));
         wait_for_signal().await;

@@ -47,6 +47,12 @@ struct OperationLabels {
     operation: &'static str,
 }
 
+/// Labels of `tessera_admission_reviews_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -84,6 +90,8 @@ pub struct Metrics {
     pub vault_up: Gauge,
     /// Open `Watch` streams.
     pub watch_streams: Gauge,
+    admission_reviews: Family<DecisionLabels, Counter>,
+    admission_duration: Histogram,
     ready: AtomicBool,
 }
 
@@ -142,6 +150,18 @@ impl Metrics {
         );
         let watch_streams = Gauge::default();
         registry.register("watch_streams", "Open Watch streams", watch_streams.clone());
+        let admission_reviews = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "admission_reviews",
+            "Pod admission reviews answered, by decision (injected, skipped, denied, error)",
+            admission_reviews.clone(),
+        );
+        let admission_duration = latency_histogram();
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer a pod admission review",
+            admission_duration.clone(),
+        );
         Self {
             registry,
             events,
@@ -152,6 +172,8 @@ impl Metrics {
             policy_reload_failing,
             vault_up,
             watch_streams,
+            admission_reviews,
+            admission_duration,
             ready: AtomicBool::new(false),
         }
     }
@@ -197,6 +219,14 @@ impl Metrics {
         if failed {
             self.vault_errors.get_or_create(&labels).inc();
         }
+    }
+
+    /// Records one admission review and its decision.
+    pub fn admission(&self, decision: &'static str, seconds: f64) {
+        self.admission_reviews
+            .get_or_create(&DecisionLabels { decision })
+            .inc();
+        self.admission_duration.observe(seconds);
     }
 
     /// Whether the broker can serve (Vault answers, a policy is loaded).

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     agent::Job,
-    client::BrokerTarget,
+    client::{BrokerTarget, TrustAnchors},
     notify::{Notify, Target},
     writer::Writer,
 };
@@ -86,8 +86,16 @@ pub struct Common {
     #[arg(long, env = "TESSERA_BROKER")]
     pub broker: String,
     /// CA bundle that signed the broker's certificate.
-    #[arg(long, env = "TESSERA_CA_FILE")]
-    pub ca_file: PathBuf,
+    #[arg(long, env = "TESSERA_CA_FILE", required_unless_present = "ca_pem")]
+    pub ca_file: Option<PathBuf>,
+    /// The same CA bundle as PEM text (what the injection webhook sets).
+    #[arg(
+        long,
+        env = "TESSERA_CA_PEM",
+        conflicts_with = "ca_file",
+        hide_env_values = true
+    )]
+    pub ca_pem: Option<String>,
     /// TLS name to verify when it differs from the broker address's host.
     #[arg(long, env = "TESSERA_SERVER_NAME")]
     pub server_name: Option<String>,
@@ -95,7 +103,7 @@ pub struct Common {
     #[arg(
         long,
         env = "TESSERA_TOKEN_FILE",
-        default_value = "/var/run/secrets/tessera/serviceaccount/token"
+        default_value = "/var/run/secrets/tessera.dev/serviceaccount/token"
     )]
     pub token_file: PathBuf,
     /// Where to write, and what.
@@ -196,7 +204,13 @@ impl Common {
             },
             target: BrokerTarget {
                 uri: self.broker.clone(),
-                ca_file: self.ca_file.clone(),
+                ca: match (&self.ca_file, &self.ca_pem) {
+                    (Some(path), _) => TrustAnchors::File(path.clone()),
+                    (None, Some(pem)) => TrustAnchors::Pem(pem.clone()),
+                    (None, None) => {
+                        return Err(UsageError("set --ca-file or --ca-pem".to_owned()));
+                    }
+                },
                 server_name: self.server_name.clone(),
                 token_file: self.token_file.clone(),
                 client_identity: self.client_cert.clone().zip(self.client_key.clone()),

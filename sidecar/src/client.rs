@@ -43,13 +43,24 @@ pub enum ClientError {
     },
 }
 
+/// The CA bundle that signed the broker's certificate.
+#[derive(Clone, Debug)]
+pub enum TrustAnchors {
+    /// A PEM file, read at every connection.
+    File(PathBuf),
+    /// PEM text (the injected sidecar gets it in `TESSERA_CA_PEM`, as
+    /// Linkerd's proxy gets its trust anchors, so no ConfigMap has to exist
+    /// in every namespace).
+    Pem(String),
+}
+
 /// How to reach the broker.
 #[derive(Clone, Debug)]
 pub struct BrokerTarget {
     /// `https://host:port`.
     pub uri: String,
     /// CA bundle that signed the broker's certificate.
-    pub ca_file: PathBuf,
+    pub ca: TrustAnchors,
     /// TLS server name to verify, when it differs from the URI's host.
     pub server_name: Option<String>,
     /// The projected service-account token.
@@ -71,10 +82,13 @@ impl BrokerTarget {
             uri: self.uri.clone(),
             detail,
         };
-        let ca = std::fs::read(&self.ca_file).map_err(|source| ClientError::Ca {
-            path: self.ca_file.clone(),
-            source,
-        })?;
+        let ca = match &self.ca {
+            TrustAnchors::File(path) => std::fs::read(path).map_err(|source| ClientError::Ca {
+                path: path.clone(),
+                source,
+            })?,
+            TrustAnchors::Pem(pem) => pem.as_bytes().to_vec(),
+        };
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(name) = &self.server_name {
             tls = tls.domain_name(name.clone());

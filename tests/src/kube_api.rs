@@ -1,7 +1,7 @@
 //! An in-process HTTPS server speaking the Kubernetes API's JSON (k8s-openapi
 //! types), standing in for a real API server, which cannot be had here. It
-//! serves what the broker uses: OIDC discovery and the JWKS, TokenReview, and
-//! pod reads. It signs nothing: it trusts the dev JWKS the harness gives it,
+//! serves what the broker uses: OIDC discovery and the JWKS, TokenReview, pod
+//! reads, and the version. It signs nothing: it trusts the dev JWKS the harness gives it,
 //! checks tokens like the API server does (signature, issuer, audience,
 //! bound pod still present), and requires the broker's bearer token.
 
@@ -72,6 +72,26 @@ fn refused(state: &ApiState, headers: &HeaderMap, call: String) -> Option<Respon
     let presented = headers.get("authorization").and_then(|v| v.to_str().ok());
     (presented != Some(expected.as_str()))
         .then(|| status(401, "Unauthorized", "Unauthorized".to_owned()))
+}
+
+/// `GET /version`, as a 1.33 API server answers (the webhook's `auto` mode asks).
+async fn version(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = refused(&state, &headers, "GET /version".into()) {
+        return denied;
+    }
+    Json(k8s_openapi::apimachinery::pkg::version::Info {
+        major: "1".to_owned(),
+        minor: "33".to_owned(),
+        git_version: "v1.33.4".to_owned(),
+        git_commit: "74cdb426e4ab0b4b3b1d5a5c1ec2c7a6d6b6e1f0".to_owned(),
+        git_tree_state: "clean".to_owned(),
+        build_date: "2025-08-12T10:00:00Z".to_owned(),
+        go_version: "go1.24.5".to_owned(),
+        compiler: "gc".to_owned(),
+        platform: "linux/amd64".to_owned(),
+        ..Default::default()
+    })
+    .into_response()
 }
 
 async fn discovery(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
@@ -226,6 +246,7 @@ impl FakeApiServer {
         });
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
+            .route("/version", get(version))
             .route("/openid/v1/jwks", get(jwks))
             .route(
                 "/apis/authentication.k8s.io/v1/tokenreviews",

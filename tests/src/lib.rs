@@ -9,7 +9,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -737,6 +737,8 @@ pub struct Env {
     broker_port: u16,
     /// `http://127.0.0.1:PORT` of the broker's admin endpoints.
     pub admin_url: String,
+    /// `https://127.0.0.1:PORT/mutate`: the admission webhook.
+    pub webhook_url: String,
     /// The dev ES256 signing key the broker trusts.
     pub signer: SigningKey,
     /// An RS256 key the broker also trusts.
@@ -833,6 +835,7 @@ impl Env {
         });
         let port = free_port();
         let admin_port = free_port();
+        let webhook_port = free_port();
         let config = format!(
             "listen: 127.0.0.1:{port}
 tls:
@@ -862,7 +865,15 @@ leases:
   handleKeyFile: dev/handle.key
 admin:
   listen: 127.0.0.1:{admin_port}
+webhook:
+  listen: 127.0.0.1:{webhook_port}
+  sidecar:
+    image: tessera-sidecar:test
+    brokerAddress: https://127.0.0.1:{port}
+    caFile: dev/ca.pem
+    mode: {sidecar_mode}
 {kubernetes}",
+            sidecar_mode = if options.kube_api { "auto" } else { "classic" },
             issuer = dev::DEFAULT_ISSUER,
             audience = dev::DEFAULT_AUDIENCE,
             address = bao.address,
@@ -885,6 +896,7 @@ admin:
             broker_uri: format!("https://127.0.0.1:{port}"),
             broker_port: port,
             admin_url: format!("http://127.0.0.1:{admin_port}"),
+            webhook_url: format!("https://127.0.0.1:{webhook_port}/mutate"),
             signer,
             rsa_signer,
             kube,
@@ -1137,6 +1149,49 @@ pub async fn http_get(url: &str) -> (u16, String) {
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// POSTs JSON over HTTPS (HTTP/1.1), trusting the CA in `ca`; returns the
+/// status and the body.
+pub async fn https_post(url: &str, ca: &Path, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("https://").expect("an https:// URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("CA certificate")).expect("usable CA");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    // A server may close without close_notify; what arrived is the answer.
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
     let status = response
         .split_whitespace()
         .nth(1)

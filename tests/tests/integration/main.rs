@@ -13,3 +13,4 @@ mod policy;
 mod secrecy;
 mod sidecar;
 mod tls;
+mod webhook;

@@ -1,0 +1,301 @@
+//! The mutating admission webhook: adds the Tessera sidecar, its in-memory
+//! volume and a projected token to pods annotated `tessera.dev/inject: "true"`,
+//! and refuses pods that ask for bindings their service account may not have.
+//! Served over HTTPS (TLS 1.3) on its own port, `POST /mutate`.
+
+pub mod inject;
+pub mod settings;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use tokio_util::sync::CancellationToken;
+
+use self::inject::{Decision, Denial};
+pub use self::settings::{Injection, Settings, SidecarMode};
+use crate::{metrics::Metrics, policy::store::PolicyStore};
+
+/// What the webhook needs to answer.
+pub struct Webhook {
+    injection: Injection,
+    mode: SidecarMode,
+    policy: Arc<PolicyStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Webhook {
+    /// A webhook injecting `injection`, with `mode` already resolved (not `Auto`).
+    pub fn new(
+        injection: Injection,
+        mode: SidecarMode,
+        policy: Arc<PolicyStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            injection,
+            mode,
+            policy,
+            metrics,
+        }
+    }
+
+    /// Answers one admission request. Never fails: errors become a refusal
+    /// (the chart's `failurePolicy: Fail` would refuse the pod anyway) with a
+    /// message naming the problem.
+    pub fn review(&self, request: &AdmissionRequest<Pod>) -> AdmissionResponse {
+        let started = Instant::now();
+        let (decision, response) = self.answer(request);
+        self.metrics
+            .admission(decision, started.elapsed().as_secs_f64());
+        response
+    }
+
+    fn answer(&self, request: &AdmissionRequest<Pod>) -> (&'static str, AdmissionResponse) {
+        let response = AdmissionResponse::from(request);
+        let (Operation::Create, Some(pod)) = (&request.operation, &request.object) else {
+            return ("skipped", response);
+        };
+        let namespace = request
+            .namespace
+            .clone()
+            .or_else(|| pod.metadata.namespace.clone())
+            .unwrap_or_default();
+        let wants_injection = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(inject::INJECT))
+            .is_some_and(|v| v == "true");
+        // Read only for pods that want injection: a lost CA file must not
+        // refuse every other pod.
+        let ca_pem = match wants_injection
+            .then(|| std::fs::read_to_string(&self.injection.ca_file))
+            .transpose()
+        {
+            Ok(pem) => pem.unwrap_or_default(),
+            Err(error) => {
+                tracing::error!(%error, path = %self.injection.ca_file.display(), "cannot read the broker CA for injection");
+                return (
+                    "error",
+                    deny(
+                        response,
+                        500,
+                        &format!(
+                            "tessera: the webhook cannot read the broker CA {}: {error}",
+                            self.injection.ca_file.display()
+                        ),
+                    ),
+                );
+            }
+        };
+        let policy = self.policy.current();
+        let pod_name = pod
+            .metadata
+            .name
+            .clone()
+            .or_else(|| pod.metadata.generate_name.clone())
+            .unwrap_or_default();
+        match inject::decide(
+            pod,
+            &namespace,
+            &self.injection,
+            self.mode,
+            &ca_pem,
+            &policy.policy,
+        ) {
+            Ok(Decision::Skip(reason)) => {
+                tracing::debug!(%namespace, pod = %pod_name, reason, "not injecting");
+                ("skipped", response)
+            }
+            Ok(Decision::Inject(mutated, injected)) => {
+                let patch = match (serde_json::to_value(pod), serde_json::to_value(&*mutated)) {
+                    (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
+                    (Err(error), _) | (_, Err(error)) => {
+                        return (
+                            "error",
+                            deny(
+                                response,
+                                500,
+                                &format!("tessera: cannot encode the pod: {error}"),
+                            ),
+                        );
+                    }
+                };
+                tracing::info!(
+                    %namespace,
+                    pod = %pod_name,
+                    bindings = %injected.bindings.join(","),
+                    shape = ?injected.shape,
+                    "injecting"
+                );
+                match response.with_patch(patch) {
+                    Ok(mut response) => {
+                        response.audit_annotations =
+                            HashMap::from([("injected".to_owned(), injected.bindings.join(","))]);
+                        ("injected", response)
+                    }
+                    Err(error) => (
+                        "error",
+                        AdmissionResponse::from(request)
+                            .deny(format!("tessera: cannot encode the patch: {error}")),
+                    ),
+                }
+            }
+            Err(Denial(message)) => {
+                tracing::info!(%namespace, pod = %pod_name, reason = %message, "pod refused");
+                let mut response = deny(response, 403, &format!("tessera: {message}"));
+                response.audit_annotations =
+                    HashMap::from([("denied".to_owned(), message.clone())]);
+                ("denied", response)
+            }
+        }
+    }
+}
+
+fn deny(response: AdmissionResponse, code: u16, message: &str) -> AdmissionResponse {
+    let mut response = response.deny(message);
+    response.result.code = code;
+    response.result.reason = if code == 403 {
+        "Forbidden"
+    } else {
+        "InternalError"
+    }
+    .to_owned();
+    response
+}
+
+/// The AdmissionReview answer as JSON, with the patch base64-encoded as the
+/// API documents (kube-core serializes its bytes as a number array: kube-rs#1781).
+pub fn review_json(response: AdmissionResponse) -> serde_json::Value {
+    use base64::Engine;
+    let patch = response
+        .patch
+        .as_deref()
+        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+    let mut review = serde_json::to_value(response.into_review()).unwrap_or_default();
+    if let (Some(patch), Some(slot)) = (patch, review.pointer_mut("/response/patch")) {
+        *slot = serde_json::Value::String(patch);
+    }
+    review
+}
+
+async fn mutate(
+    State(webhook): State<Arc<Webhook>>,
+    body: axum::body::Bytes,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
+        Ok(review) => review,
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(review_json(AdmissionResponse::invalid(format!(
+                    "tessera: the body is not an AdmissionReview of a pod: {error}"
+                )))),
+            );
+        }
+    };
+    let request: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(request) => request,
+        Err(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(review_json(AdmissionResponse::invalid(
+                    "tessera: the AdmissionReview has no request",
+                ))),
+            );
+        }
+    };
+    (StatusCode::OK, Json(review_json(webhook.review(&request))))
+}
+
+/// The HTTP routes: `POST /mutate`.
+pub fn router(webhook: Arc<Webhook>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .with_state(webhook)
+}
+
+/// The webhook with its TLS configuration, ready to serve.
+pub struct Server {
+    /// The handler.
+    pub webhook: Arc<Webhook>,
+    /// The serving certificate (reloaded from disk as it changes).
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl Server {
+    /// Serves the webhook over TLS on `listener` until `shutdown`.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn serve(
+        self,
+        listener: std::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        serve(self.webhook, &self.tls, listener, shutdown).await
+    }
+}
+
+async fn serve(
+    webhook: Arc<Webhook>,
+    tls: &rustls::ServerConfig,
+    listener: std::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // The API server speaks HTTP/2 or HTTP/1.1.
+    let mut config = tls.clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+    let handle = axum_server::Handle::new();
+    let stop = handle.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+    });
+    listener.set_nonblocking(true)?;
+    axum_server::from_tcp_rustls(listener, tls)?
+        .handle(handle)
+        .serve(router(webhook).into_make_service())
+        .await
+}
+
+/// Resolves [`SidecarMode::Auto`] by asking the API server its version:
+/// native sidecars are on by default from Kubernetes 1.29.
+pub async fn resolve_mode(mode: SidecarMode, client: Option<&kube::Client>) -> SidecarMode {
+    if mode != SidecarMode::Auto {
+        return mode;
+    }
+    let Some(client) = client else {
+        tracing::warn!("webhook.sidecar.mode auto: no Kubernetes client; using classic sidecars");
+        return SidecarMode::Classic;
+    };
+    match client.apiserver_version().await {
+        Ok(info) => {
+            let number = |s: &str| {
+                s.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse::<u32>()
+                    .ok()
+            };
+            let native = matches!(
+                (number(&info.major), number(&info.minor)),
+                (Some(major), Some(minor)) if (major, minor) >= (1, 29)
+            );
+            let mode = if native {
+                SidecarMode::Native
+            } else {
+                SidecarMode::Classic
+            };
+            tracing::info!(version = %info.git_version, ?mode, "webhook.sidecar.mode auto resolved");
+            mode
+        }
+        Err(error) => {
+            tracing::warn!(%error, "webhook.sidecar.mode auto: cannot read the API server version; using classic sidecars");
+            SidecarMode::Classic
+        }
+    }
+}

@@ -1,0 +1,557 @@
+use std::{path::PathBuf, sync::Arc};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use serde_json::{Value, json};
+
+use super::{
+    inject::{self, Decision, Denial, Shape},
+    settings::{Injection, SidecarMode, default_resources},
+    *,
+};
+use crate::policy::Policy;
+
+const POLICY: &str = r#"apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: orders-db
+    subjects:
+      - { namespace: shop, serviceAccount: orders }
+    source:
+      kv2: { mount: secret, path: shop/orders }
+  - name: tls
+    subjects:
+      - { namespace: shop, serviceAccount: "*" }
+    source:
+      kv2: { mount: secret, path: shop/tls }
+  - name: gold
+    subjects:
+      - namespace: shop
+        serviceAccount: orders
+        podLabels: { tier: gold }
+    source:
+      kv2: { mount: secret, path: shop/gold }
+"#;
+
+const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn injection() -> Injection {
+    Injection {
+        image: "ghcr.io/tessera-dev/tessera-sidecar:0.1.0".to_owned(),
+        image_pull_policy: "IfNotPresent".to_owned(),
+        broker_address: "https://tessera.tessera.svc:8443".to_owned(),
+        server_name: None,
+        ca_file: PathBuf::from("/etc/tessera/ca.crt"),
+        audience: "tessera".to_owned(),
+        token_expiration: std::time::Duration::from_secs(600),
+        mode: SidecarMode::Native,
+        mount_path: "/var/run/secrets/tessera".to_owned(),
+        volume_size_limit: k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            "1Mi".to_owned(),
+        ),
+        resources: default_resources(),
+        run_as_user: 65532,
+        pod_labels_known: false,
+    }
+}
+
+fn policy() -> Policy {
+    Policy::parse(POLICY, "policy.yaml").unwrap()
+}
+
+/// A pod as a Deployment's ReplicaSet creates it: `generateName`, no name,
+/// no namespace in the object (it is in the request).
+fn deployment_pod() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "orders-7d9f8b6c5-",
+            "labels": { "app": "orders", "pod-template-hash": "7d9f8b6c5" },
+            "annotations": {
+                "tessera.dev/inject": "true",
+                "tessera.dev/bindings": "orders-db, tls"
+            },
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "orders-7d9f8b6c5",
+                "uid": "6f1c0a52-0d0b-4a2f-9a57-1d4c2b0f9e11", "controller": true,
+                "blockOwnerDeletion": true
+            }]
+        },
+        "spec": {
+            "serviceAccountName": "orders",
+            "securityContext": { "fsGroup": 2000 },
+            "containers": [{
+                "name": "app",
+                "image": "registry.example/orders:1.4.2",
+                "ports": [{ "containerPort": 8080 }],
+                "volumeMounts": [{
+                    "name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                    "readOnly": true
+                }]
+            }],
+            "volumes": [{ "name": "kube-api-access-x", "projected": { "sources": [
+                { "serviceAccountToken": { "expirationSeconds": 3607, "path": "token" } }
+            ] } }],
+            "restartPolicy": "Always"
+        }
+    })
+}
+
+fn pod(value: &Value) -> Pod {
+    serde_json::from_value(value.clone()).unwrap()
+}
+
+fn decide(value: &Value, injection: &Injection, mode: SidecarMode) -> Result<Decision, Denial> {
+    inject::decide(&pod(value), "shop", injection, mode, CA, &policy())
+}
+
+fn injected(value: &Value, mode: SidecarMode) -> (Pod, inject::Injected) {
+    match decide(value, &injection(), mode).unwrap() {
+        Decision::Inject(pod, injected) => (*pod, injected),
+        Decision::Skip(reason) => panic!("skipped: {reason}"),
+    }
+}
+
+fn denial(value: &Value) -> String {
+    match decide(value, &injection(), SidecarMode::Native) {
+        Err(Denial(message)) => message,
+        Ok(decision) => panic!("not refused: {decision:?}"),
+    }
+}
+
+fn with_annotation(mut value: Value, key: &str, text: &str) -> Value {
+    value["metadata"]["annotations"][key] = json!(text);
+    value
+}
+
+#[test]
+fn deployment_pod_gets_a_native_sidecar_exactly_as_expected() {
+    let original = deployment_pod();
+    let (mutated, record) = injected(&original, SidecarMode::Native);
+    assert_eq!(record.shape, Shape::NativeSidecar);
+    assert_eq!(record.bindings, ["orders-db", "tls"]);
+
+    // The JSON patch the API server applies gives the expected pod.
+    let before = serde_json::to_value(pod(&original)).unwrap();
+    let patch = json_patch::diff(&before, &serde_json::to_value(&mutated).unwrap());
+    let mut patched = before.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+
+    let mut expected = before;
+    expected["metadata"]["annotations"]["tessera.dev/status"] = json!("injected");
+    expected["metadata"]["annotations"]["tessera.dev/injected"] = json!(
+        r#"{"shape":"native-sidecar","bindings":["orders-db","tls"],"mountPath":"/var/run/secrets/tessera","readers":"group 2000"}"#
+    );
+    expected["spec"]["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "name": "tessera-credentials", "mountPath": "/var/run/secrets/tessera", "readOnly": true
+        }));
+    expected["spec"]["volumes"].as_array_mut().unwrap().extend([
+        json!({ "name": "tessera-credentials", "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } }),
+        json!({ "name": "tessera-token", "projected": { "defaultMode": 292, "sources": [
+            { "serviceAccountToken": { "audience": "tessera", "expirationSeconds": 600, "path": "token" } }
+        ] } }),
+    ]);
+    expected["spec"]["initContainers"] = json!([{
+        "name": "tessera-sidecar",
+        "image": "ghcr.io/tessera-dev/tessera-sidecar:0.1.0",
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["run"],
+        "restartPolicy": "Always",
+        "env": [
+            { "name": "TESSERA_BROKER", "value": "https://tessera.tessera.svc:8443" },
+            { "name": "TESSERA_CA_PEM", "value": CA },
+            { "name": "TESSERA_TOKEN_FILE", "value": "/var/run/secrets/tessera.dev/serviceaccount/token" },
+            { "name": "TESSERA_OUT", "value": "/var/run/secrets/tessera" },
+            { "name": "TESSERA_BINDINGS", "value": "orders-db,tls" },
+            { "name": "TESSERA_LOG_FORMAT", "value": "json" },
+            { "name": "TESSERA_GROUP", "value": "2000" }
+        ],
+        "resources": {
+            "requests": { "cpu": "5m", "memory": "16Mi" },
+            "limits": { "cpu": "100m", "memory": "32Mi" }
+        },
+        "startupProbe": {
+            "exec": { "command": ["/tessera-sidecar", "check"] },
+            "periodSeconds": 1, "timeoutSeconds": 5, "failureThreshold": 300
+        },
+        "securityContext": {
+            "runAsNonRoot": true, "runAsUser": 65532, "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false, "privileged": false,
+            "capabilities": { "drop": ["ALL"] },
+            "seccompProfile": { "type": "RuntimeDefault" }
+        },
+        "volumeMounts": [
+            { "name": "tessera-credentials", "mountPath": "/var/run/secrets/tessera" },
+            { "name": "tessera-token", "mountPath": "/var/run/secrets/tessera.dev/serviceaccount", "readOnly": true }
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError"
+    }]);
+    assert_eq!(patched, expected);
+}
+
+#[test]
+fn a_second_pass_changes_nothing() {
+    let (mutated, _) = injected(&deployment_pod(), SidecarMode::Native);
+    let again = inject::decide(
+        &mutated,
+        "shop",
+        &injection(),
+        SidecarMode::Native,
+        CA,
+        &policy(),
+    )
+    .unwrap();
+    assert!(matches!(again, Decision::Skip("already injected")));
+}
+
+#[test]
+fn pods_without_the_annotation_are_untouched() {
+    let mut value = deployment_pod();
+    value["metadata"]["annotations"] = json!({});
+    assert!(matches!(
+        decide(&value, &injection(), SidecarMode::Native).unwrap(),
+        Decision::Skip("not annotated")
+    ));
+    let off = with_annotation(deployment_pod(), inject::INJECT, "false");
+    assert!(matches!(
+        decide(&off, &injection(), SidecarMode::Native).unwrap(),
+        Decision::Skip("not annotated")
+    ));
+}
+
+#[test]
+fn sidecar_goes_first_and_every_container_sees_the_volume() {
+    let mut value = deployment_pod();
+    value["spec"]["initContainers"] =
+        json!([{ "name": "migrate", "image": "registry.example/migrate:1" }]);
+    value["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "worker", "image": "registry.example/worker:1" }));
+    let (mutated, _) = injected(&value, SidecarMode::Native);
+    let spec = mutated.spec.unwrap();
+    let init: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(init, ["tessera-sidecar", "migrate"]);
+    for container in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "tessera-credentials")
+            .unwrap_or_else(|| panic!("{} has no credentials mount", container.name));
+        assert_eq!(mount.mount_path, "/var/run/secrets/tessera");
+        assert_eq!(
+            mount.read_only.unwrap_or(false),
+            container.name != "tessera-sidecar",
+            "{}",
+            container.name
+        );
+    }
+}
+
+fn job_pod() -> Value {
+    let mut value = deployment_pod();
+    value["metadata"]["generateName"] = json!("report-");
+    value["metadata"]["ownerReferences"][0]["kind"] = json!("Job");
+    value["spec"]["restartPolicy"] = json!("Never");
+    value
+}
+
+#[test]
+fn jobs_complete_in_both_modes() {
+    // Native: the kubelet stops a restartPolicy: Always init container when
+    // the main containers end.
+    let (native, record) = injected(&job_pod(), SidecarMode::Native);
+    assert_eq!(record.shape, Shape::NativeSidecar);
+    let spec = native.spec.unwrap();
+    assert_eq!(spec.containers.len(), 1);
+    // Classic: a sidecar container would run forever, so the Job gets the
+    // init container only.
+    let (classic, record) = injected(&job_pod(), SidecarMode::Classic);
+    assert_eq!(record.shape, Shape::InitOnly);
+    let spec = classic.spec.unwrap();
+    let init = &spec.init_containers.unwrap()[0];
+    assert_eq!(init.name, "tessera-init");
+    assert_eq!(init.args.as_deref(), Some(&["once".to_owned()][..]));
+    assert_eq!(init.restart_policy, None);
+    assert_eq!(spec.containers.len(), 1);
+}
+
+#[test]
+fn classic_mode_adds_an_init_container_and_a_sidecar() {
+    let (mutated, record) = injected(&deployment_pod(), SidecarMode::Classic);
+    assert_eq!(record.shape, Shape::ClassicSidecar);
+    let spec = mutated.spec.unwrap();
+    let init = &spec.init_containers.unwrap()[0];
+    assert_eq!(
+        (init.name.as_str(), init.args.clone()),
+        ("tessera-init", Some(vec!["once".to_owned()]))
+    );
+    assert!(init.startup_probe.is_none());
+    let sidecar = spec.containers.last().unwrap();
+    assert_eq!(
+        (sidecar.name.as_str(), sidecar.args.clone()),
+        ("tessera-sidecar", Some(vec!["run".to_owned()]))
+    );
+}
+
+#[test]
+fn mode_once_writes_before_the_app_and_adds_no_sidecar() {
+    let value = with_annotation(deployment_pod(), inject::MODE, "once");
+    let (mutated, record) = injected(&value, SidecarMode::Native);
+    assert_eq!(record.shape, Shape::InitOnly);
+    let spec = mutated.spec.unwrap();
+    assert_eq!(spec.init_containers.unwrap()[0].name, "tessera-init");
+    assert_eq!(spec.containers.len(), 1);
+}
+
+#[test]
+fn mount_path_annotation_moves_the_files() {
+    let value = with_annotation(deployment_pod(), inject::MOUNT_PATH, "/etc/orders/secrets");
+    let (mutated, record) = injected(&value, SidecarMode::Native);
+    assert_eq!(record.mount_path, "/etc/orders/secrets");
+    let spec = mutated.spec.unwrap();
+    let sidecar = &spec.init_containers.unwrap()[0];
+    let out = sidecar
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "TESSERA_OUT")
+        .unwrap();
+    assert_eq!(out.value.as_deref(), Some("/etc/orders/secrets"));
+}
+
+#[test]
+fn malformed_annotations_are_refused_with_the_reason() {
+    let cases = [
+        (inject::INJECT, "yes", "must be \"true\" or \"false\""),
+        (inject::BINDINGS, "orders-db,,tls", "empty name"),
+        (inject::BINDINGS, "../etc", "`../etc` is not a binding name"),
+        (inject::BINDINGS, "tls,tls", "`tls` is listed twice"),
+        (inject::MOUNT_PATH, "secrets", "absolute path"),
+        (inject::MOUNT_PATH, "/var/../etc", "normalized"),
+        (inject::MODE, "sometimes", "must be \"run\" or \"once\""),
+    ];
+    for (key, value, expected) in cases {
+        let message = denial(&with_annotation(deployment_pod(), key, value));
+        assert!(message.contains(key), "{message}");
+        assert!(message.contains(expected), "{key}={value}: {message}");
+    }
+    let mut missing = deployment_pod();
+    missing["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove(inject::BINDINGS);
+    assert!(denial(&missing).contains("tessera.dev/bindings is missing"));
+}
+
+#[test]
+fn bindings_the_service_account_may_not_have_are_refused_by_name() {
+    let mut value = with_annotation(deployment_pod(), inject::BINDINGS, "orders-db,tls,nope");
+    value["spec"]["serviceAccountName"] = json!("billing");
+    let message = denial(&value);
+    assert!(
+        message.contains("binding `orders-db` is not granted to service account shop/billing"),
+        "{message}"
+    );
+    assert!(
+        message.contains("binding `nope` does not exist"),
+        "{message}"
+    );
+    assert!(!message.contains("`tls`"), "{message}");
+
+    // No serviceAccountName: the pod runs as `default`.
+    let mut value = deployment_pod();
+    value["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("serviceAccountName");
+    assert!(denial(&value).contains("service account shop/default"));
+}
+
+#[test]
+fn pod_label_subjects_match_only_when_the_broker_knows_labels() {
+    let mut value = with_annotation(deployment_pod(), inject::BINDINGS, "gold");
+    value["metadata"]["labels"]["tier"] = json!("gold");
+    // Without pod lookup the broker never sees labels, so admitting the pod
+    // would only move the refusal to runtime.
+    assert!(denial(&value).contains("binding `gold` is not granted"));
+    let mut knows = injection();
+    knows.pod_labels_known = true;
+    assert!(matches!(
+        decide(&value, &knows, SidecarMode::Native).unwrap(),
+        Decision::Inject(..)
+    ));
+}
+
+#[test]
+fn files_are_readable_by_the_app_user_or_the_refusal_says_how() {
+    let mut value = deployment_pod();
+    value["spec"]["securityContext"] = json!({ "runAsUser": 1001 });
+    let (mutated, record) = injected(&value, SidecarMode::Native);
+    assert_eq!(record.readers, "user 1001");
+    let sidecar = &mutated.spec.unwrap().init_containers.unwrap()[0];
+    assert_eq!(
+        sidecar.security_context.as_ref().unwrap().run_as_user,
+        Some(1001)
+    );
+    assert!(
+        !sidecar
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "TESSERA_GROUP")
+    );
+
+    value["spec"]["securityContext"] = json!({});
+    assert!(denial(&value).contains("set spec.securityContext.fsGroup"));
+    value["spec"]["securityContext"] = json!({ "runAsUser": 0 });
+    assert!(denial(&value).contains("runs as root"));
+}
+
+#[test]
+fn name_and_path_collisions_are_refused() {
+    let mut value = deployment_pod();
+    value["spec"]["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "tessera-token", "emptyDir": {} }));
+    assert!(denial(&value).contains("volume named `tessera-token`"));
+
+    let mut value = deployment_pod();
+    value["spec"]["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "kube-api-access-x", "mountPath": "/var/run/secrets/tessera/" }));
+    assert!(denial(&value).contains("container `app` already mounts something"));
+}
+
+// The HTTP-facing part: AdmissionReview JSON as the API server sends it.
+
+fn webhook(dir: &tempfile::TempDir) -> Webhook {
+    let policy_path = dir.path().join("policy.yaml");
+    std::fs::write(&policy_path, POLICY).unwrap();
+    let ca_path = dir.path().join("ca.crt");
+    std::fs::write(&ca_path, CA).unwrap();
+    let mut injection = injection();
+    injection.ca_file = ca_path;
+    Webhook::new(
+        injection,
+        SidecarMode::Native,
+        Arc::new(PolicyStore::load(vec![policy_path]).unwrap()),
+        Arc::new(Metrics::new()),
+    )
+}
+
+fn review(operation: &str, object: &Value) -> AdmissionRequest<Pod> {
+    let review: AdmissionReview<Pod> = serde_json::from_value(json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "requestKind": { "group": "", "version": "v1", "kind": "Pod" },
+            "requestResource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": "shop",
+            "operation": operation,
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "uid": "a8f4c7e2", "groups": ["system:serviceaccounts", "system:authenticated"]
+            },
+            "object": object,
+            "oldObject": null,
+            "dryRun": false,
+            "options": { "apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions" }
+        }
+    }))
+    .unwrap();
+    review.try_into().unwrap()
+}
+
+#[test]
+fn admission_review_round_trip_patches_the_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let webhook = webhook(&dir);
+    let original = deployment_pod();
+    let out = review_json(webhook.review(&review("CREATE", &original)));
+    assert_eq!(out["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(out["kind"], "AdmissionReview");
+    let response = &out["response"];
+    assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut patched = original.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let (expected, _) = injected(&original, SidecarMode::Native);
+    assert_eq!(pod(&patched), expected);
+    assert!(
+        webhook
+            .metrics
+            .encode()
+            .contains(r#"tessera_admission_reviews_total{decision="injected"} 1"#)
+    );
+}
+
+#[test]
+fn admission_review_refusal_names_the_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let webhook = webhook(&dir);
+    let value = with_annotation(deployment_pod(), inject::BINDINGS, "payments");
+    let out = review_json(webhook.review(&review("CREATE", &value)));
+    let response = &out["response"];
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 403);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("tessera: binding `payments` does not exist"),
+        "{message}"
+    );
+    assert!(response.get("patch").is_none());
+}
+
+#[test]
+fn updates_and_unannotated_pods_pass_without_a_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let webhook = webhook(&dir);
+    let update = webhook.review(&review("UPDATE", &deployment_pod()));
+    assert!(update.allowed && update.patch.is_none());
+    let mut plain = deployment_pod();
+    plain["metadata"]["annotations"] = json!({});
+    let create = webhook.review(&review("CREATE", &plain));
+    assert!(create.allowed && create.patch.is_none());
+}
+
+#[test]
+fn an_unreadable_ca_refuses_instead_of_injecting_a_broken_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let webhook = webhook(&dir);
+    std::fs::remove_file(dir.path().join("ca.crt")).unwrap();
+    let response = webhook.review(&review("CREATE", &deployment_pod()));
+    assert!(!response.allowed);
+    assert!(
+        response
+            .result
+            .message
+            .contains("cannot read the broker CA")
+    );
+}

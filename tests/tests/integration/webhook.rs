@@ -1,0 +1,186 @@
+//! The admission webhook over HTTPS, as the API server calls it, and the
+//! injected sidecar run exactly as the pod spec says.
+
+use std::{fs, process::Command};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::{Value, json};
+use tessera_tests::{Env, EnvOptions, binary, https_post, random_string, simple_policy};
+
+fn review(pod: &Value) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0d5b8c71-3c55-4a1c-9d5e-b1b2f6a4c001",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": { "username": "system:serviceaccount:kube-system:job-controller" },
+            "object": pod,
+            "dryRun": false
+        }
+    })
+    .to_string()
+}
+
+fn job_pod(bindings: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "report-",
+            "labels": { "job-name": "report" },
+            "annotations": { "tessera.dev/inject": "true", "tessera.dev/bindings": bindings }
+        },
+        "spec": {
+            "serviceAccountName": "orders",
+            "restartPolicy": "Never",
+            "securityContext": { "fsGroup": 2000 },
+            "containers": [{ "name": "report", "image": "registry.example/report:2" }]
+        }
+    })
+}
+
+async fn admit(env: &Env, pod: &Value) -> Value {
+    let ca = env.dir.path().join("dev/ca.pem");
+    let (status, body) = https_post(&env.webhook_url, &ca, &review(pod)).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn patched(pod: &Value, response: &Value) -> Pod {
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("a base64 patch"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut pod = pod.clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    serde_json::from_value(pod).unwrap()
+}
+
+/// Runs `container` as the kubelet would: its args and env, with the token
+/// and the volume at local paths.
+fn run_like_kubelet(
+    container: &Container,
+    args: &[String],
+    token: &str,
+    out: &str,
+) -> std::process::Output {
+    let mut command = Command::new(binary("tessera-sidecar"));
+    command.args(args).env_clear().env("NO_COLOR", "1");
+    for var in container.env.iter().flatten() {
+        let value = match var.name.as_str() {
+            "TESSERA_TOKEN_FILE" => token.to_owned(),
+            "TESSERA_OUT" => out.to_owned(),
+            // The test user is not in group 2000; the group mode has its own tests.
+            "TESSERA_GROUP" => continue,
+            _ => var.value.clone().unwrap_or_default(),
+        };
+        command.env(&var.name, value);
+    }
+    command.output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn injected_sidecar_runs_as_specified_and_its_probe_passes() {
+    let env = Env::start(&simple_policy("orders-db", "shop", "orders", "shop/orders")).await;
+    let password = random_string(24);
+    env.bao
+        .put("shop/orders", &json!({ "password": password }))
+        .await;
+
+    let pod = job_pod("orders-db");
+    let answer = admit(&env, &pod).await;
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "0d5b8c71-3c55-4a1c-9d5e-b1b2f6a4c001");
+    assert_eq!(response["allowed"], true, "{answer}");
+    let pod = patched(&pod, response);
+    let spec = pod.spec.as_ref().unwrap();
+    // The test broker uses classic mode: a Job gets the init container only.
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    assert_eq!(init.name, "tessera-init");
+    assert_eq!(spec.containers.len(), 1);
+
+    // The init container, run with exactly its env (CA as PEM, bindings,
+    // broker address), writes the files the app then reads.
+    let out = env.tmpfs_out();
+    let token = env.token_file("shop", "orders");
+    let args = init.args.clone().unwrap();
+    let ran = run_like_kubelet(
+        init,
+        &args,
+        token.to_str().unwrap(),
+        out.path().to_str().unwrap(),
+    );
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(out.path().join("orders-db/password")).unwrap(),
+        password
+    );
+
+    // The native sidecar's startup probe command, with the same env, passes
+    // once the files are there and fails before.
+    let check = vec!["check".to_owned()];
+    let passed = run_like_kubelet(init, &check, "-", out.path().to_str().unwrap());
+    assert!(
+        passed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&passed.stderr)
+    );
+    let empty = env.tmpfs_out();
+    let failed = run_like_kubelet(init, &check, "-", empty.path().to_str().unwrap());
+    assert!(!failed.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusal_reaches_the_pod_creator_with_the_binding_named() {
+    let env = Env::start(&simple_policy("orders-db", "shop", "orders", "shop/orders")).await;
+    let answer = admit(&env, &job_pod("orders-db,payments")).await;
+    let response = &answer["response"];
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 403);
+    assert_eq!(
+        response["status"]["message"],
+        "tessera: binding `payments` does not exist in the policy (fix tessera.dev/bindings, or ask the policy owners to grant it)"
+    );
+
+    let (status, body) =
+        https_post(&env.webhook_url, &env.dir.path().join("dev/ca.pem"), "{").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("not an AdmissionReview"), "{body}");
+
+    let (_, metrics) = tessera_tests::http_get(&format!("{}/metrics", env.admin_url)).await;
+    assert!(
+        metrics.contains(r#"tessera_admission_reviews_total{decision="denied"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_mode_asks_the_api_server_and_picks_native_sidecars() {
+    let env = Env::start_with(
+        &simple_policy("orders-db", "shop", "orders", "shop/orders"),
+        EnvOptions {
+            kube_api: true,
+            ..EnvOptions::default()
+        },
+    )
+    .await;
+    let answer = admit(&env, &job_pod("orders-db")).await;
+    let pod = patched(&job_pod("orders-db"), &answer["response"]);
+    let init = &pod.spec.unwrap().init_containers.unwrap()[0];
+    assert_eq!(init.name, "tessera-sidecar");
+    assert_eq!(init.restart_policy.as_deref(), Some("Always"));
+    assert!(init.startup_probe.is_some());
+    assert!(
+        env.kube.as_ref().unwrap().calls("GET /version") > 0,
+        "the broker asked the API server's version"
+    );
+}
