@@ -164,10 +164,26 @@ enum DevCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     tessera_broker::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let telemetry = {
+        // The OTLP exporter's connection lives on this runtime.
+        let _entered = runtime.enter();
+        tessera_telemetry::init(
+            "tessera-broker",
+            matches!(cli.log_format, LogFormat::Json),
+            serving,
+        )
+    };
     let result = match cli.command {
-        Command::Serve { config, listen } => serve(&config, listen),
+        Command::Serve { config, listen } => serve(&runtime, &config, listen),
         Command::Policy(command) => run_policy(command),
         Command::Audit {
             binding,
@@ -188,6 +204,7 @@ fn main() -> ExitCode {
         }
         Command::Dev(command) => run_dev(command),
     };
+    runtime.block_on(telemetry.shutdown());
     match result {
         Ok(code) => code,
         Err(error) => {
@@ -197,19 +214,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<ExitCode> {
+fn serve(
+    runtime: &tokio::runtime::Runtime,
+    path: &std::path::Path,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
     let mut config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
@@ -220,7 +229,6 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> anyhow
     if let Some(listen) = listen {
         config.listen = listen;
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let grace = config.shutdown_grace;

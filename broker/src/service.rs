@@ -90,6 +90,7 @@ impl BrokerService {
                 .parts
                 .verifier
                 .verify(&token)
+                .instrument(tracing::info_span!("verify_token"))
                 .await
                 .map_err(Error::from),
             Err(error) => Err(error),
@@ -125,6 +126,7 @@ impl BrokerService {
         caller: &Caller,
         names: &[String],
     ) -> Result<(u64, Vec<Arc<Binding>>), Status> {
+        let _span = tracing::info_span!("policy", bindings = names.len()).entered();
         let loaded = self.parts.policy.current();
         let result = check_names(names).and_then(|()| {
             names
@@ -184,6 +186,7 @@ impl BrokerService {
 
     /// Resumes what the caller holds, or issues anew, for every binding (all
     /// or nothing) and audits the outcome.
+    #[tracing::instrument(name = "deliver", skip_all, fields(bindings = bindings.len()))]
     async fn deliver_all(
         &self,
         caller: &Caller,
@@ -290,6 +293,22 @@ fn check_names(names: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The span of one RPC: named for it, a child of the caller's trace when
+/// the caller sent its context (`traceparent`), filled with the caller's
+/// identity once the token is verified.
+fn rpc_span(rpc: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = rpc,
+        rpc,
+        namespace = tracing::field::Empty,
+        service_account = tracing::field::Empty,
+        pod = tracing::field::Empty,
+    );
+    tessera_telemetry::adopt_remote_parent(&span, metadata);
+    span
+}
+
 fn log_failure(error: Error) -> Status {
     match &error {
         Error::Vault { .. } => tracing::warn!(%error, "request failed"),
@@ -302,144 +321,161 @@ type WatchStreamOut = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> +
 
 #[tonic::async_trait]
 impl Broker for BrokerService {
-    #[tracing::instrument(skip_all, fields(rpc = "WhoAmI", namespace, service_account, pod))]
     async fn who_am_i(
         &self,
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
-        let _timer = self.parts.metrics.time_rpc("WhoAmI");
-        let caller = self.authenticate(&request).await?;
-        let loaded = self.parts.policy.current();
-        let mut bindings: Vec<String> = loaded
-            .policy
-            .granted(&caller.identity)
-            .map(|b| b.name.clone())
-            .collect();
-        bindings.sort();
-        Ok(Response::new(WhoAmIResponse {
-            token_expires_at: Some(lifecycle::from_unix(caller.identity.expires_at).into()),
-            identity: Some(proto_identity(caller.identity)),
-            bindings,
-        }))
+        let span = rpc_span("WhoAmI", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("WhoAmI");
+            let caller = self.authenticate(&request).await?;
+            let loaded = self.parts.policy.current();
+            let mut bindings: Vec<String> = loaded
+                .policy
+                .granted(&caller.identity)
+                .map(|b| b.name.clone())
+                .collect();
+            bindings.sort();
+            Ok(Response::new(WhoAmIResponse {
+                token_expires_at: Some(lifecycle::from_unix(caller.identity.expires_at).into()),
+                identity: Some(proto_identity(caller.identity)),
+                bindings,
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "Fetch", namespace, service_account, pod))]
     async fn fetch(
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
-        let _timer = self.parts.metrics.time_rpc("Fetch");
-        let caller = self.authenticate(&request).await?;
-        let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-        let delivered = self
-            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
-            .await?;
-        Ok(Response::new(FetchResponse {
-            credentials: delivered.into_iter().map(|(_, c)| c).collect(),
-        }))
+        let span = rpc_span("Fetch", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("Fetch");
+            let caller = self.authenticate(&request).await?;
+            let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+            let delivered = self
+                .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+                .await?;
+            Ok(Response::new(FetchResponse {
+                credentials: delivered.into_iter().map(|(_, c)| c).collect(),
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
     type WatchStream = WatchStreamOut;
 
-    #[tracing::instrument(skip_all, fields(rpc = "Watch", namespace, service_account, pod))]
     async fn watch(
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let _timer = self.parts.metrics.time_rpc("Watch");
-        let caller = self.authenticate(&request).await?;
-        let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-        let delivered = self
-            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
-            .await?;
+        let span = rpc_span("Watch", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("Watch");
+            let caller = self.authenticate(&request).await?;
+            let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+            let delivered = self
+                .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+                .await?;
 
-        let (tx, rx) = mpsc::channel(bindings.len() + 4);
-        let mut stream = OpenStream {
-            service: self.clone(),
-            caller,
-            tx,
-            kv_sent: HashMap::new(),
-            leased: HashMap::new(),
-        };
-        for (live, credential) in delivered {
-            if live.binding.source.is_leased() {
-                stream.schedule(live, 0);
-            } else {
-                stream
-                    .kv_sent
-                    .insert(live.binding.name.clone(), live.version.clone());
-            }
-            // The channel has room for every initial message.
-            let _ = stream.tx.try_send(Ok(WatchResponse {
-                credential: Some(credential),
-            }));
-        }
-        let changes = futures::stream::select_all(bindings.iter().filter_map(|binding| {
-            let Source::Kv2(source) = &binding.source else {
-                return None;
+            let (tx, rx) = mpsc::channel(bindings.len() + 4);
+            let mut stream = OpenStream {
+                service: self.clone(),
+                caller,
+                tx,
+                kv_sent: HashMap::new(),
+                leased: HashMap::new(),
             };
-            let binding = binding.clone();
-            Some(
-                WatchStream::new(self.parts.feeds.subscribe(source))
-                    .map(move |latest| (binding.clone(), latest)),
-            )
-        }));
-        tokio::spawn(stream.run(changes).instrument(tracing::Span::current()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            for (live, credential) in delivered {
+                if live.binding.source.is_leased() {
+                    stream.schedule(live, 0);
+                } else {
+                    stream
+                        .kv_sent
+                        .insert(live.binding.name.clone(), live.version.clone());
+                }
+                // The channel has room for every initial message.
+                let _ = stream.tx.try_send(Ok(WatchResponse {
+                    credential: Some(credential),
+                }));
+            }
+            let changes = futures::stream::select_all(bindings.iter().filter_map(|binding| {
+                let Source::Kv2(source) = &binding.source else {
+                    return None;
+                };
+                let binding = binding.clone();
+                Some(
+                    WatchStream::new(self.parts.feeds.subscribe(source))
+                        .map(move |latest| (binding.clone(), latest)),
+                )
+            }));
+            tokio::spawn(stream.run(changes).instrument(tracing::Span::current()));
+            let stream: Self::WatchStream = Box::pin(ReceiverStream::new(rx));
+            Ok(Response::new(stream))
+        }
+        .instrument(span)
+        .await
     }
 
-    #[tracing::instrument(skip_all, fields(rpc = "Revoke", namespace, service_account, pod))]
     async fn revoke(
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
-        let _timer = self.parts.metrics.time_rpc("Revoke");
-        let caller = self.authenticate(&request).await?;
-        let loaded = self.parts.policy.current();
-        let mut revoked = Vec::new();
-        for held in &request.get_ref().held {
-            let binding = loaded
-                .policy
-                .binding(&held.binding)
-                .map(|b| Arc::new(b.clone()))
-                .ok_or_else(|| {
-                    log_failure(Error::InvalidRequest(format!(
-                        "binding `{}` is not in the policy",
-                        held.binding.chars().take(253).collect::<String>()
-                    )))
-                })?;
-            let live = self
-                .parts
-                .lifecycle
-                .held(&binding, &caller.identity, &held.handle)
-                .map_err(log_failure)?;
-            self.parts
-                .lifecycle
-                .revoke(&live, &caller.identity)
-                .await
-                .map_err(log_failure)?;
-            self.audit_delivery(&caller, Action::Revoke, &live, Some(loaded.generation));
-            revoked.push(binding.name.clone());
-        }
-        // Static (KV) bindings carry no lease: releasing them is an acknowledgement.
-        for name in &request.get_ref().bindings {
-            if revoked.contains(name) {
-                continue;
-            }
-            if let Some(binding) = loaded.policy.lookup(&caller.identity, name)
-                && !binding.source.is_leased()
-            {
-                let mut event =
-                    Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
-                event.binding = Some(binding.name.clone());
-                event.source = Some(binding.source.to_string());
-                event.peer = caller.peer.clone();
-                self.audit(event);
+        let span = rpc_span("Revoke", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("Revoke");
+            let caller = self.authenticate(&request).await?;
+            let loaded = self.parts.policy.current();
+            let mut revoked = Vec::new();
+            for held in &request.get_ref().held {
+                let binding = loaded
+                    .policy
+                    .binding(&held.binding)
+                    .map(|b| Arc::new(b.clone()))
+                    .ok_or_else(|| {
+                        log_failure(Error::InvalidRequest(format!(
+                            "binding `{}` is not in the policy",
+                            held.binding.chars().take(253).collect::<String>()
+                        )))
+                    })?;
+                let live = self
+                    .parts
+                    .lifecycle
+                    .held(&binding, &caller.identity, &held.handle)
+                    .map_err(log_failure)?;
+                self.parts
+                    .lifecycle
+                    .revoke(&live, &caller.identity)
+                    .await
+                    .map_err(log_failure)?;
+                self.audit_delivery(&caller, Action::Revoke, &live, Some(loaded.generation));
                 revoked.push(binding.name.clone());
             }
+            // Static (KV) bindings carry no lease: releasing them is an acknowledgement.
+            for name in &request.get_ref().bindings {
+                if revoked.contains(name) {
+                    continue;
+                }
+                if let Some(binding) = loaded.policy.lookup(&caller.identity, name)
+                    && !binding.source.is_leased()
+                {
+                    let mut event =
+                        Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
+                    event.binding = Some(binding.name.clone());
+                    event.source = Some(binding.source.to_string());
+                    event.peer = caller.peer.clone();
+                    self.audit(event);
+                    revoked.push(binding.name.clone());
+                }
+            }
+            tracing::info!(?revoked, "credentials revoked or released");
+            Ok(Response::new(RevokeResponse { revoked }))
         }
-        tracing::info!(?revoked, "credentials revoked or released");
-        Ok(Response::new(RevokeResponse { revoked }))
+        .instrument(span)
+        .await
     }
 }
 

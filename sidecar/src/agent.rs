@@ -7,6 +7,7 @@ use std::time::Duration;
 use tessera_proto::v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use crate::{
@@ -114,6 +115,7 @@ fn write_credential(
 ///
 /// # Errors
 /// An [`AgentError`]; files already written stay.
+#[tracing::instrument(name = "sidecar.once", skip_all, fields(bindings = job.bindings.len()))]
 pub async fn once(job: &Job) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
     let request = job.target.request(FetchRequest {
@@ -224,11 +226,16 @@ async fn watch_once(
     status: &mut Status,
 ) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
-    let request = job.target.request(WatchRequest {
-        bindings: job.bindings.clone(),
-        held: job.held(),
+    // The span covers opening the stream (the broker's Watch span is its
+    // child), not the stream's whole life.
+    let span = tracing::info_span!("sidecar.watch", bindings = job.bindings.len());
+    let request = span.in_scope(|| {
+        job.target.request(WatchRequest {
+            bindings: job.bindings.clone(),
+            held: job.held(),
+        })
     })?;
-    let mut stream = client.watch(request).await?.into_inner();
+    let mut stream = client.watch(request).instrument(span).await?.into_inner();
     while let Some(message) = stream.message().await? {
         if let Some(credential) = message.credential {
             let (binding, version) = (credential.binding.clone(), credential.version.clone());
@@ -248,6 +255,7 @@ async fn watch_once(
 ///
 /// # Errors
 /// An [`AgentError`] when the broker cannot be reached or refuses.
+#[tracing::instrument(name = "sidecar.revoke", skip_all)]
 pub async fn revoke(job: &Job) -> Result<Vec<String>, AgentError> {
     let mut client = job.target.client()?;
     let request = job.target.request(RevokeRequest {

@@ -115,7 +115,7 @@ impl BrokerTarget {
     }
 
     /// Wraps `message` in a request carrying the current token as sensitive
-    /// `authorization: Bearer` metadata.
+    /// `authorization: Bearer` metadata, and the current span's trace context.
     ///
     /// # Errors
     /// When the token file cannot be read or is not a token.
@@ -136,6 +136,7 @@ impl BrokerTarget {
         value.set_sensitive(true);
         let mut request = Request::new(message);
         request.metadata_mut().insert("authorization", value);
+        tessera_telemetry::inject_context(request.metadata_mut());
         Ok(request)
     }
 }

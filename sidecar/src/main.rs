@@ -18,7 +18,6 @@ const EXIT_DENIED: u8 = 77;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -26,62 +25,74 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            tracing::error!(%error, "cannot start the runtime");
+            eprintln!("cannot start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async {
-        let (common, backoff_max, revoke_on_exit) = match &cli.command {
-            Mode::Check(args) => {
-                return match tessera_sidecar::status::check(&args.out, &args.bindings) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(error) => {
-                        eprintln!("{error}");
-                        ExitCode::FAILURE
-                    }
-                };
-            }
-            Mode::Once(common) => (common, None, false),
-            Mode::Run {
-                common,
-                backoff_max,
-                revoke_on_exit,
-            } => (common, Some(*backoff_max), *revoke_on_exit),
-        };
-        let job = match common.job() {
-            Ok(job) => job,
-            Err(error) => {
-                tracing::error!("{error}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        };
-        let result = match backoff_max {
-            None => agent::once(&job).await,
-            Some(backoff_max) => {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
-                let result = agent::run(&job, backoff_max, shutdown).await;
-                if result.is_ok() && revoke_on_exit {
-                    match agent::revoke(&job).await {
-                        Ok(revoked) => {
-                            tracing::info!(?revoked, "revoked the pod's credentials on exit")
-                        }
-                        Err(error) => tracing::warn!(
-                            "could not revoke on exit ({error}); leases expire by their TTL"
-                        ),
-                    }
-                }
-                result
-            }
-        };
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                tracing::error!("{error}");
-                ExitCode::from(exit_code(&error))
-            }
-        }
+        // Probes (`check`) run every second: they never export traces.
+        let telemetry = tessera_telemetry::init(
+            "tessera-sidecar",
+            matches!(cli.log_format, LogFormat::Json),
+            !matches!(cli.command, Mode::Check(_)),
+        );
+        let code = serve(&cli).await;
+        telemetry.shutdown().await;
+        code
     })
+}
+
+async fn serve(cli: &Cli) -> ExitCode {
+    let (common, backoff_max, revoke_on_exit) = match &cli.command {
+        Mode::Check(args) => {
+            return match tessera_sidecar::status::check(&args.out, &args.bindings) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("{error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Mode::Once(common) => (common, None, false),
+        Mode::Run {
+            common,
+            backoff_max,
+            revoke_on_exit,
+        } => (common, Some(*backoff_max), *revoke_on_exit),
+    };
+    let job = match common.job() {
+        Ok(job) => job,
+        Err(error) => {
+            tracing::error!("{error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = match backoff_max {
+        None => agent::once(&job).await,
+        Some(backoff_max) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let result = agent::run(&job, backoff_max, shutdown).await;
+            if result.is_ok() && revoke_on_exit {
+                match agent::revoke(&job).await {
+                    Ok(revoked) => {
+                        tracing::info!(?revoked, "revoked the pod's credentials on exit")
+                    }
+                    Err(error) => tracing::warn!(
+                        "could not revoke on exit ({error}); leases expire by their TTL"
+                    ),
+                }
+            }
+            result
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
 }
 
 fn exit_code(error: &AgentError) -> u8 {
@@ -107,16 +118,4 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("stopping; files stay in place");
     shutdown.cancel();
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

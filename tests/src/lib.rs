@@ -14,6 +14,7 @@ use std::{
 };
 
 pub mod kube_api;
+pub mod otlp;
 
 use serde_json::{Value, json};
 use tessera_broker::dev::{self, SigningKey, TokenSpec};
@@ -737,6 +738,8 @@ pub struct EnvOptions {
     pub kube_api: bool,
     /// Run OpenBao with Raft storage, so it can be killed and restarted.
     pub persistent_vault: bool,
+    /// Extra environment for the broker and sidecar processes (OTLP settings).
+    pub process_env: Vec<(String, String)>,
 }
 
 impl Default for EnvOptions {
@@ -750,6 +753,7 @@ impl Default for EnvOptions {
             identity_source: "jwksFile: dev/jwks.json".to_owned(),
             kube_api: false,
             persistent_vault: false,
+            process_env: Vec::new(),
         }
     }
 }
@@ -926,7 +930,7 @@ webhook:
             burst = options.rate_limit.1,
         );
         fs::write(dir.path().join("broker.yaml"), config).unwrap();
-        let broker = spawn_broker(dir.path(), port, &options.rust_log).await;
+        let broker = spawn_broker(dir.path(), port, &options).await;
         Self {
             dir,
             bao,
@@ -949,7 +953,7 @@ webhook:
         let old = fs::read_to_string(&log).unwrap_or_default();
         fs::write(self.dir.path().join("broker-before-restart.log"), old).unwrap();
         self.broker.kill();
-        self.broker = spawn_broker(self.dir.path(), self.broker_port, &self.options.rust_log).await;
+        self.broker = spawn_broker(self.dir.path(), self.broker_port, &self.options).await;
     }
 
     /// The broker's audit events so far.
@@ -1064,7 +1068,8 @@ webhook:
             .arg("--binding")
             .arg(bindings.join(","))
             .env("RUST_LOG", &self.options.rust_log)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(self.options.process_env.iter().map(|(k, v)| (k, v)));
         if self.options.mtls {
             let dev = self.dir.path().join("dev");
             command
@@ -1114,7 +1119,7 @@ webhook:
 }
 
 /// Starts the broker with `dir/broker.yaml` and waits until it listens.
-async fn spawn_broker(dir: &Path, port: u16, rust_log: &str) -> Proc {
+async fn spawn_broker(dir: &Path, port: u16, options: &EnvOptions) -> Proc {
     // A port a killed broker held may linger a moment: wait until it is free.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && Instant::now() < deadline {
@@ -1124,8 +1129,9 @@ async fn spawn_broker(dir: &Path, port: u16, rust_log: &str) -> Proc {
     command
         .args(["serve", "--config"])
         .arg(dir.join("broker.yaml"))
-        .env("RUST_LOG", rust_log)
-        .env("NO_COLOR", "1");
+        .env("RUST_LOG", &options.rust_log)
+        .env("NO_COLOR", "1")
+        .envs(options.process_env.iter().map(|(k, v)| (k, v)));
     let mut broker = Proc::spawn("broker", command, dir.join("broker.log"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -22,6 +22,8 @@ use vaultrs::{
     error::ClientError,
 };
 
+use tracing::Instrument;
+
 use crate::{policy::Kv2Source, secret::Secret};
 
 pub mod leases;
@@ -214,6 +216,16 @@ struct Login {
     /// AppRole login time.
     stamp: Option<(SystemTime, u64)>,
     renew_at: Option<Instant>,
+}
+
+/// A span for one Vault request, inside a request's trace only: the
+/// background pollers and health checks would each start a trace of their own.
+fn vault_span(operation: &'static str) -> tracing::Span {
+    if tracing::Span::current().is_none() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!("vault", operation)
+    }
 }
 
 /// Reads a login credential file, zeroized when dropped.
@@ -415,6 +427,7 @@ impl Vault {
         let result = endpoint
             .with_middleware(&stamped)
             .exec(client.http())
+            .instrument(vault_span(operation::<E>()))
             .await
             .map_err(api_error)
             .and_then(|response| {
@@ -465,7 +478,11 @@ impl Vault {
         let client = self.authed().await?;
         let stamped = Stamped::new(&client, caller);
         let started = Instant::now();
-        let result = endpoint.with_middleware(&stamped).exec(client.http()).await;
+        let result = endpoint
+            .with_middleware(&stamped)
+            .exec(client.http())
+            .instrument(vault_span(operation::<E>()))
+            .await;
         self.metrics.vault_request(
             operation::<E>(),
             started.elapsed().as_secs_f64(),

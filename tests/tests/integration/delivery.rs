@@ -252,7 +252,7 @@ async fn server_reflection_lists_the_broker_service() {
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
     let mut stream = client
-        .server_reflection_info(tonic::codegen::tokio_stream::iter([request]))
+        .server_reflection_info(tokio_stream::iter([request]))
         .await
         .unwrap()
         .into_inner();

@@ -14,4 +14,5 @@ mod policy;
 mod secrecy;
 mod sidecar;
 mod tls;
+mod tracing;
 mod webhook;
