@@ -4,6 +4,7 @@
 //! names (those are in the audit log).
 
 use std::{
+    collections::BTreeSet,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -45,6 +46,47 @@ struct RpcLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
+}
+
+/// Labels naming a binding from the policy (bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BindingLabels {
+    binding: String,
+}
+
+/// Counts one Watch stream's leases in `tessera_active_leases` and takes
+/// them out again when dropped (the stream ended).
+pub struct LeaseTracker {
+    family: Family<BindingLabels, Gauge>,
+    counted: BTreeSet<String>,
+}
+
+impl LeaseTracker {
+    /// Makes the stream's count follow the bindings it now holds leases for.
+    pub fn set<'a>(&mut self, bindings: impl Iterator<Item = &'a String>) {
+        let now: BTreeSet<String> = bindings.cloned().collect();
+        for gone in self.counted.difference(&now) {
+            self.family
+                .get_or_create(&BindingLabels {
+                    binding: gone.clone(),
+                })
+                .dec();
+        }
+        for new in now.difference(&self.counted) {
+            self.family
+                .get_or_create(&BindingLabels {
+                    binding: new.clone(),
+                })
+                .inc();
+        }
+        self.counted = now;
+    }
+}
+
+impl Drop for LeaseTracker {
+    fn drop(&mut self) {
+        self.set(std::iter::empty());
+    }
 }
 
 /// Labels of `tessera_admission_reviews_total`.
@@ -92,6 +134,7 @@ pub struct Metrics {
     pub watch_streams: Gauge,
     admission_reviews: Family<DecisionLabels, Counter>,
     admission_duration: Histogram,
+    active_leases: Family<BindingLabels, Gauge>,
     ready: AtomicBool,
 }
 
@@ -150,6 +193,12 @@ impl Metrics {
         );
         let watch_streams = Gauge::default();
         registry.register("watch_streams", "Open Watch streams", watch_streams.clone());
+        let active_leases = Family::<BindingLabels, Gauge>::default();
+        registry.register(
+            "active_leases",
+            "Leases (database users, certificates) held by open Watch streams and kept renewed, by binding",
+            active_leases.clone(),
+        );
         let admission_reviews = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "admission_reviews",
@@ -174,6 +223,7 @@ impl Metrics {
             watch_streams,
             admission_reviews,
             admission_duration,
+            active_leases,
             ready: AtomicBool::new(false),
         }
     }
@@ -218,6 +268,14 @@ impl Metrics {
         self.vault_duration.get_or_create(&labels).observe(seconds);
         if failed {
             self.vault_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    /// A tracker for one Watch stream's leases.
+    pub fn lease_tracker(&self) -> LeaseTracker {
+        LeaseTracker {
+            family: self.active_leases.clone(),
+            counted: BTreeSet::new(),
         }
     }
 

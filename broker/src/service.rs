@@ -536,7 +536,9 @@ impl OpenStream {
         tokio::pin!(expiry);
         let shutdown = self.service.parts.shutdown.clone();
         let mut watching_kv = true;
+        let mut leases = self.service.parts.metrics.lease_tracker();
         loop {
+            leases.set(self.leased.keys());
             let next_due = self.leased.values().map(|(_, due, _)| *due).min();
             let end = tokio::select! {
                 () = self.tx.closed() => {

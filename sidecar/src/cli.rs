@@ -60,6 +60,10 @@ pub enum Mode {
         /// Longest wait between reconnection attempts.
         #[arg(long, env = "TESSERA_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
         backoff_max: Duration,
+        /// Serve Prometheus metrics (credential expiry, staleness) on this
+        /// address, e.g. `0.0.0.0:9091`; off when absent.
+        #[arg(long, env = "TESSERA_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 

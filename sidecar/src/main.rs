@@ -43,7 +43,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cli: &Cli) -> ExitCode {
-    let (common, backoff_max, revoke_on_exit) = match &cli.command {
+    let (common, backoff_max, revoke_on_exit, metrics_listen) = match &cli.command {
         Mode::Check(args) => {
             return match tessera_sidecar::status::check(&args.out, &args.bindings) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -53,12 +53,13 @@ async fn serve(cli: &Cli) -> ExitCode {
                 }
             };
         }
-        Mode::Once(common) => (common, None, false),
+        Mode::Once(common) => (common, None, false, None),
         Mode::Run {
             common,
             backoff_max,
             revoke_on_exit,
-        } => (common, Some(*backoff_max), *revoke_on_exit),
+            metrics_listen,
+        } => (common, Some(*backoff_max), *revoke_on_exit, *metrics_listen),
     };
     let job = match common.job() {
         Ok(job) => job,
@@ -72,6 +73,22 @@ async fn serve(cli: &Cli) -> ExitCode {
         Some(backoff_max) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
+            if let Some(address) = metrics_listen {
+                match tokio::net::TcpListener::bind(address).await {
+                    Ok(listener) => {
+                        tracing::info!(%address, "metrics listening");
+                        tokio::spawn(tessera_sidecar::metrics::serve(
+                            listener,
+                            job.writer.out().to_owned(),
+                            shutdown.clone(),
+                        ));
+                    }
+                    Err(error) => {
+                        tracing::error!(%address, %error, "cannot listen for metrics");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+            }
             let result = agent::run(&job, backoff_max, shutdown).await;
             if result.is_ok() && revoke_on_exit {
                 match agent::revoke(&job).await {

@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, ExecAction, Pod, PodSpec, Probe,
-    ProjectedVolumeSource, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction, Pod, PodSpec,
+    Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
+    Volume, VolumeMount, VolumeProjection,
 };
 use serde::Serialize;
 
@@ -427,6 +427,10 @@ impl SidecarSpec<'_> {
         if let Some(server_name) = &injection.server_name {
             vars.push(env("TESSERA_SERVER_NAME", server_name));
         }
+        let metrics_port = injection.metrics_port.filter(|_| command == "run");
+        if let Some(port) = metrics_port {
+            vars.push(env("TESSERA_METRICS_LISTEN", &format!("0.0.0.0:{port}")));
+        }
         let run_as_user = match *self.readers {
             Readers::Group(gid) => {
                 vars.push(env("TESSERA_GROUP", &gid.to_string()));
@@ -440,6 +444,14 @@ impl SidecarSpec<'_> {
             image_pull_policy: Some(injection.image_pull_policy.clone()),
             args: Some(vec![command.to_owned()]),
             env: Some(vars),
+            ports: metrics_port.map(|port| {
+                vec![ContainerPort {
+                    name: Some("tessera-metrics".to_owned()),
+                    container_port: i32::from(port),
+                    protocol: Some("TCP".to_owned()),
+                    ..ContainerPort::default()
+                }]
+            }),
             resources: Some(injection.resources.clone()),
             restart_policy: native.then(|| "Always".to_owned()),
             // The app containers start only once every binding is written.

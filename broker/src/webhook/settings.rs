@@ -66,6 +66,8 @@ pub struct Injection {
     pub resources: ResourceRequirements,
     /// User the sidecar runs as when the pod has an `fsGroup`.
     pub run_as_user: i64,
+    /// Port of the sidecar's Prometheus metrics (credential expiry); none: off.
+    pub metrics_port: Option<u16>,
     /// Whether the broker looks pods up (then `podLabels` subjects can match
     /// at admission too; without it they never match, as at runtime).
     pub pod_labels_known: bool,
@@ -107,6 +109,7 @@ struct SidecarFile {
     resources: ResourceRequirements,
     #[serde(default = "default_run_as_user")]
     run_as_user: i64,
+    metrics_port: Option<u16>,
 }
 
 /// Where the credentials appear in app containers by default.
@@ -226,6 +229,7 @@ impl WebhookFile {
                 volume_size_limit: sidecar.volume_size_limit,
                 resources: sidecar.resources,
                 run_as_user: sidecar.run_as_user,
+                metrics_port: sidecar.metrics_port.filter(|p| *p != 0),
                 pod_labels_known: pod_lookup,
             },
         })

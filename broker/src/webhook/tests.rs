@@ -52,6 +52,7 @@ fn injection() -> Injection {
         ),
         resources: default_resources(),
         run_as_user: 65532,
+        metrics_port: None,
         pod_labels_known: false,
     }
 }
@@ -308,6 +309,31 @@ fn classic_mode_adds_an_init_container_and_a_sidecar() {
         (sidecar.name.as_str(), sidecar.args.clone()),
         ("tessera-sidecar", Some(vec!["run".to_owned()]))
     );
+}
+
+#[test]
+fn metrics_port_is_opened_on_the_running_sidecar_only() {
+    let mut with_metrics = injection();
+    with_metrics.metrics_port = Some(9091);
+    let Decision::Inject(pod, _) =
+        decide(&deployment_pod(), &with_metrics, SidecarMode::Classic).unwrap()
+    else {
+        panic!("not injected");
+    };
+    let spec = pod.spec.unwrap();
+    let listens = |c: &k8s_openapi::api::core::v1::Container| {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "TESSERA_METRICS_LISTEN")
+            .and_then(|e| e.value.clone())
+    };
+    let sidecar = spec.containers.last().unwrap();
+    assert_eq!(listens(sidecar).as_deref(), Some("0.0.0.0:9091"));
+    assert_eq!(sidecar.ports.as_ref().unwrap()[0].container_port, 9091);
+    let init = &spec.init_containers.unwrap()[0];
+    assert_eq!(listens(init), None, "the once container exits: no metrics");
+    assert!(init.ports.is_none());
 }
 
 #[test]

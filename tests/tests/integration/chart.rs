@@ -70,6 +70,7 @@ const NON_DEFAULT: &[&str] = &[
     "tls.certManager.enabled=true",
     "webhook.sidecarMode=auto",
     "webhook.failurePolicy=Ignore",
+    "webhook.sidecarMetricsPort=9091",
     "webhook.namespaceSelector.matchLabels=null",
     "metrics.serviceMonitor.enabled=true",
     "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
@@ -500,10 +501,9 @@ fn non_default_values_change_what_they_say() {
         config.vault.auth,
         tessera_broker::vault::VaultAuth::AppRole { .. }
     ));
-    assert_eq!(
-        config.webhook.unwrap().injection.mode,
-        tessera_broker::webhook::SidecarMode::Auto
-    );
+    let injection = config.webhook.unwrap().injection;
+    assert_eq!(injection.mode, tessera_broker::webhook::SidecarMode::Auto);
+    assert_eq!(injection.metrics_port, Some(9091));
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use tessera_proto::v1::{FetchRequest, Held, RevokeRequest};
-use tessera_tests::{Env, Postgres, field, lease_of, wait_for, with_token};
+use tessera_tests::{Env, Postgres, field, http_get, lease_of, wait_for, with_token};
 use tonic::Code;
 
 fn db_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
@@ -145,11 +145,28 @@ async fn init_once_then_run_and_a_sidecar_restart_mint_one_database_user() {
         "one database user for the pod's whole life"
     );
     assert!(pg.can_login(&first.0, &first.1));
+    // The crashed sidecar's stream is gone; the live one holds one lease.
+    wait_active_leases(&env, 1).await;
 
     // Pod shutdown: SIGTERM revokes what the pod holds.
     assert_eq!(restarted.terminate(), Some(0));
     assert!(!pg.can_login(&first.0, &first.1), "revoked on SIGTERM");
     assert_eq!(pg.vault_roles(), 0);
+    wait_active_leases(&env, 0).await;
+}
+
+/// Waits until the broker reports `expected` active leases for `db`.
+async fn wait_active_leases(env: &Env, expected: u64) {
+    let line = format!("tessera_active_leases{{binding=\"db\"}} {expected}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http_get(&format!("{}/metrics", env.admin_url)).await;
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no `{line}` in:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -418,13 +435,31 @@ bindings:
     let env = Env::start(policy).await;
     let ca = env.bao.pki_role("1h");
     let out = env.tmpfs_out();
-    let _run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["tls"]);
+    let metrics = format!("127.0.0.1:{}", tessera_tests::free_port());
+    let _run = env.sidecar_run_with(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["tls"],
+        &["--metrics-listen", &metrics],
+    );
     wait_for(Duration::from_secs(20), "a certificate", || {
         field(out.path(), "tls", "certificate")
     })
     .await;
     let names = ["orders-0.shop.pod.cluster.local", "orders.shop.svc"];
     let first = verify_certificate(out.path(), &ca, &names);
+
+    // The sidecar's metrics say how long the certificate on disk has left.
+    let (status, body) = http_get(&format!("http://{metrics}/metrics")).await;
+    assert_eq!(status, 200);
+    let left: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_sidecar_seconds_until_expiry "))
+        .unwrap_or_else(|| panic!("no expiry gauge in:\n{body}"))
+        .parse()
+        .unwrap();
+    assert!(left > 0.0 && left <= 9.0, "8s certificate: {left}s left");
+    assert!(body.contains(r#"tessera_sidecar_credential_stale{binding="tls"} 0"#));
 
     let renewed = wait_for(Duration::from_secs(30), "the renewed certificate", || {
         field(out.path(), "tls", "certificate").filter(|pem| {
