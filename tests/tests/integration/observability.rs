@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tessera_tests::{Env, EnvOptions, http_get, simple_policy};
+use tessera_tests::{Env, EnvOptions, http_get, https_post, simple_policy};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -139,19 +139,50 @@ fn openmetrics_to_prometheus_text(body: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn exposition_and_alert_rules_pass_promtool() {
     let policy = simple_policy("app", "shop", "orders", "shop/orders")
-        + "  - name: missing\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/missing } }\n";
+        + "  - name: missing\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/missing } }\n"
+        + "  - name: tls\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { pki: { mount: pki, role: pods, commonName: \"{{ pod }}.shop\" } }\n    ttl: 10m\n";
     let env = Env::start(&policy).await;
+    env.bao.pki_role("1h");
     env.bao
         .put("shop/orders", &json!({ "password": "p" }))
         .await;
     env.fetch(&env.token("shop", "orders"), &["app"])
         .await
         .unwrap();
-    // A Vault error, so that every metric family has a sample.
+    // Every metric family gets a sample: a Vault error, a lease held open
+    // by a Watch stream, an admission review.
     env.fetch(&env.token("shop", "orders"), &["missing"])
         .await
         .unwrap_err();
-    let (_, body) = http_get(&format!("{}/metrics", env.admin_url)).await;
+    let out = env.tmpfs_out();
+    let _watch = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["tls"]);
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "3b1f", "operation": "CREATE", "namespace": "shop",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "userInfo": {},
+            "object": { "metadata": { "name": "plain" }, "spec": { "containers": [{ "name": "app" }] } }
+        }
+    });
+    let ca = env.dir.path().join("dev/ca.pem");
+    assert_eq!(
+        https_post(&env.webhook_url, &ca, &review.to_string())
+            .await
+            .0,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (_, body) = http_get(&format!("{}/metrics", env.admin_url)).await;
+        if body.contains(r#"tessera_active_leases{binding="tls"} 1"#) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no active lease in:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let text = openmetrics_to_prometheus_text(&body);
     let metrics = promtool(&["check", "metrics"], Some(&text));
     assert!(
@@ -167,6 +198,32 @@ async fn exposition_and_alert_rules_pass_promtool() {
         "{}",
         String::from_utf8_lossy(&rules.stdout)
     );
+    let rule_tests =
+        tessera_tests::workspace_root().join("deploy/prometheus/tests/tessera-alerts.test.yaml");
+    let tested = promtool(&["test", "rules", rule_tests.to_str().unwrap()], None);
+    assert!(
+        tested.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&tested.stdout),
+        String::from_utf8_lossy(&tested.stderr)
+    );
+    // The sidecar's exposition, from a status file with an expiring credential.
+    let out = tempfile::tempdir().unwrap();
+    let mut status = tessera_sidecar::status::Status::default();
+    let now = std::time::SystemTime::now();
+    status.confirmed("db", "1", Some(now + Duration::from_secs(600)));
+    status.write(out.path());
+    let sidecar = tessera_sidecar::metrics::render(out.path(), now);
+    let sidecar_check = promtool(
+        &["check", "metrics"],
+        Some(&openmetrics_to_prometheus_text(&sidecar)),
+    );
+    assert!(
+        sidecar_check.status.success(),
+        "promtool check metrics (sidecar): {}{}",
+        String::from_utf8_lossy(&sidecar_check.stdout),
+        String::from_utf8_lossy(&sidecar_check.stderr)
+    );
     let dashboard = tessera_tests::workspace_root().join("deploy/grafana/tessera-dashboard.json");
     let dashboard: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dashboard).unwrap()).unwrap();
@@ -180,9 +237,14 @@ async fn exposition_and_alert_rules_pass_promtool() {
             let family = metric
                 .trim_end_matches("_bucket")
                 .trim_end_matches("_total");
+            let exported = if family.starts_with("tessera_sidecar_") {
+                &sidecar
+            } else {
+                &body
+            };
             assert!(
-                body.contains(family),
-                "dashboard uses `{metric}`, which the broker does not export"
+                exported.contains(family),
+                "dashboard uses `{metric}`, which Tessera does not export"
             );
         }
     }
