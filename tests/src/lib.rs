@@ -81,11 +81,23 @@ pub fn bao_binary() -> PathBuf {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range (32768+), so an outgoing connection
+    // never takes the port between this check and the server's bind; a
+    // counter keeps this process's tests from picking the same one. Ports go
+    // in pairs: OpenBao's dev server also binds the next one (cluster port).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const PAIRS: u32 = 6_000;
+    let start = std::process::id() * 97;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(FIRST + 2 * ((start + n) % PAIRS)).expect("in range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// A random alphanumeric string, for secret values the tests can search for.
@@ -1184,15 +1196,27 @@ pub fn write_configmap(dir: &Path, name: &str, text: &str) {
 /// A plain HTTP/1.1 GET: (status code, body). Enough for the admin endpoints.
 pub async fn http_get(url: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").expect("an http:// URL");
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = split_url(url, "http://");
     let mut stream = tokio::net::TcpStream::connect(host).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    parse_response(&response)
+}
+
+/// `(host:port, /path)` of a URL with `scheme`.
+fn split_url<'a>(url: &'a str, scheme: &str) -> (&'a str, String) {
+    let rest = url
+        .strip_prefix(scheme)
+        .unwrap_or_else(|| panic!("a {scheme} URL: {url}"));
+    rest.split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")))
+}
+
+/// The status and body of an HTTP/1.1 response read to its end.
+fn parse_response(response: &[u8]) -> (u16, String) {
+    let response = String::from_utf8_lossy(response);
     let status = response
         .split_whitespace()
         .nth(1)
@@ -1209,10 +1233,7 @@ pub async fn http_get(url: &str) -> (u16, String) {
 /// status and the body.
 pub async fn https_post(url: &str, ca: &Path, body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("https://").expect("an https:// URL");
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = split_url(url, "https://");
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
@@ -1235,17 +1256,7 @@ pub async fn https_post(url: &str, ca: &Path, body: &str) -> (u16, String) {
     let mut response = Vec::new();
     // A server may close without close_notify; what arrived is the answer.
     let _ = stream.read_to_end(&mut response).await;
-    let response = String::from_utf8_lossy(&response);
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
+    parse_response(&response)
 }
 
 /// Wraps `message` with `authorization: Bearer <token>`.

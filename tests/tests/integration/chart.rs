@@ -89,16 +89,22 @@ fn render(values: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-/// `helm template` output for `values`.
-fn render_text(values: &[&str]) -> String {
+/// Runs `helm <args> <chart> --set <value>...` in the release namespace.
+fn helm_on_chart(args: &[&str], values: &[&str]) -> std::process::Output {
     let mut command = helm();
     command
-        .args(["template", "tessera", "--namespace", NAMESPACE])
+        .args(args)
+        .args(["--namespace", NAMESPACE])
         .arg(chart());
     for value in values {
         command.args(["--set", value]);
     }
-    let output = command.output().unwrap();
+    command.output().unwrap()
+}
+
+/// `helm template` output for `values`.
+fn render_text(values: &[&str]) -> String {
+    let output = helm_on_chart(&["template", "tessera"], values);
     assert!(
         output.status.success(),
         "helm template failed: {}",
@@ -228,14 +234,7 @@ fn broker_accepts_config(rendered: &Rendered) -> tessera_broker::config::Config 
 #[test]
 fn helm_lint_passes_with_default_and_non_default_values() {
     for values in [&[][..], NON_DEFAULT] {
-        let mut command = helm();
-        command
-            .args(["lint", "--strict", "--namespace", NAMESPACE])
-            .arg(chart());
-        for value in values {
-            command.args(["--set", value]);
-        }
-        let output = command.output().unwrap();
+        let output = helm_on_chart(&["lint", "--strict"], values);
         assert!(
             output.status.success(),
             "helm lint {values:?}: {}{}",
@@ -515,11 +514,7 @@ fn the_values_schema_refuses_bad_values_with_their_path() {
         ("replicaCount=0", "/replicaCount"),
         ("unknownKey=1", "unknownKey"),
     ] {
-        let output = helm()
-            .args(["template", "tessera", "--set", value])
-            .arg(chart())
-            .output()
-            .unwrap();
+        let output = helm_on_chart(&["template", "tessera"], &[value]);
         assert!(!output.status.success(), "{value} accepted");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{value}: {stderr}");

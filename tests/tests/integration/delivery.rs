@@ -168,10 +168,10 @@ async fn a_granted_and_a_denied_binding_together_deliver_nothing() {
     assert_eq!(status.code(), Code::PermissionDenied);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_broker_logs_in_with_approle() {
+/// Starts a broker logging in to OpenBao with `login` and fetches through it.
+async fn fetch_after_login(login: BrokerLogin, method: &str) {
     let options = EnvOptions {
-        login: BrokerLogin::AppRole,
+        login,
         ..EnvOptions::default()
     };
     let env = Env::start_with(
@@ -180,40 +180,31 @@ async fn the_broker_logs_in_with_approle() {
     )
     .await;
     env.bao
-        .put("shop/orders", &json!({ "password": "from-approle" }))
+        .put("shop/orders", &json!({ "password": method }))
         .await;
     let response = env
         .fetch(&env.token("shop", "orders"), &["app"])
         .await
         .unwrap();
-    assert_eq!(response.credentials[0].fields["password"], b"from-approle");
+    assert_eq!(
+        response.credentials[0].fields["password"],
+        method.as_bytes()
+    );
     assert!(
         env.broker
             .output()
-            .contains("logged in to Vault with AppRole")
+            .contains(&format!("logged in to Vault with {method}"))
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_broker_logs_in_with_approle() {
+    fetch_after_login(BrokerLogin::AppRole, "AppRole").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_broker_logs_in_with_its_own_service_account_token() {
-    let options = EnvOptions {
-        login: BrokerLogin::Jwt,
-        ..EnvOptions::default()
-    };
-    let env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/orders"),
-        options,
-    )
-    .await;
-    env.bao
-        .put("shop/orders", &json!({ "password": "from-jwt" }))
-        .await;
-    let response = env
-        .fetch(&env.token("shop", "orders"), &["app"])
-        .await
-        .unwrap();
-    assert_eq!(response.credentials[0].fields["password"], b"from-jwt");
-    assert!(env.broker.output().contains("logged in to Vault with JWT"));
+    fetch_after_login(BrokerLogin::Jwt, "JWT").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
