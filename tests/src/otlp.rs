@@ -26,6 +26,8 @@ pub struct ReceivedSpan {
     pub span_id: String,
     /// Parent span id (hex); empty for a root span.
     pub parent_span_id: String,
+    /// Attributes, values in their debug form.
+    pub attributes: Vec<(String, String)>,
 }
 
 #[derive(Clone, Default)]
@@ -66,6 +68,11 @@ impl TraceService for Collector {
                         trace_id: hex(&span.trace_id),
                         span_id: hex(&span.span_id),
                         parent_span_id: hex(&span.parent_span_id),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|a| (a.key.clone(), format!("{:?}", a.value)))
+                            .collect(),
                     });
                 }
             }

@@ -2,7 +2,7 @@
 //! in-process OTLP/gRPC receiver as one trace, with the expected parents.
 
 use serde_json::json;
-use tessera_tests::{Env, EnvOptions, otlp::OtlpReceiver, simple_policy};
+use tessera_tests::{Env, EnvOptions, otlp::OtlpReceiver, random_string, simple_policy};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_trace_runs_from_the_sidecar_through_the_broker_to_vault() {
@@ -15,11 +15,13 @@ async fn one_trace_runs_from_the_sidecar_through_the_broker_to_vault() {
         },
     )
     .await;
+    let password = random_string(24);
     env.bao
-        .put("shop/orders", &json!({ "password": "traced" }))
+        .put("shop/orders", &json!({ "password": password }))
         .await;
     let out = env.tmpfs_out();
-    let ran = env.sidecar_once(&env.token_file("shop", "orders"), out.path(), &["app"], &[]);
+    let token_file = env.token_file("shop", "orders");
+    let ran = env.sidecar_once(&token_file, out.path(), &["app"], &[]);
     assert!(
         ran.status.success(),
         "{}",
@@ -69,4 +71,24 @@ async fn one_trace_runs_from_the_sidecar_through_the_broker_to_vault() {
             && s.parent_span_id == deliver.span_id),
         "the Vault read is a child of the delivery: {spans:#?}"
     );
+    assert!(
+        fetch
+            .attributes
+            .iter()
+            .any(|(k, v)| k == "namespace" && v.contains("shop")),
+        "spans name the caller: {:?}",
+        fetch.attributes
+    );
+
+    // Neither the delivered secret nor the token is in any span.
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    for span in &spans {
+        for (key, value) in &span.attributes {
+            assert!(
+                !value.contains(&password) && !value.contains(token.trim()),
+                "{} carries a secret in {key}",
+                span.name
+            );
+        }
+    }
 }
