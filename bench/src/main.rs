@@ -257,8 +257,9 @@ async fn main() -> anyhow::Result<()> {
     let pg = Postgres::start();
     let options = EnvOptions {
         rate_limit: (1_000_000, 1_000_000),
-        // The default: what a production broker polls at.
+        // The defaults: what a production broker polls and checks Vault at.
         poll: "15s",
+        vault_health_check: "30s",
         rust_log: "warn".to_owned(),
         ..EnvOptions::default()
     };

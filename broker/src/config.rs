@@ -239,6 +239,8 @@ struct VaultFile {
     timeout: Duration,
     #[serde(default = "default_poll", deserialize_with = "duration")]
     kv_poll_interval: Duration,
+    #[serde(default = "default_health_check", deserialize_with = "duration")]
+    health_check_interval: Duration,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +279,9 @@ fn default_timeout() -> Duration {
 }
 fn default_poll() -> Duration {
     Duration::from_secs(15)
+}
+fn default_health_check() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_reload() -> Duration {
     Duration::from_secs(5)
@@ -386,6 +391,11 @@ impl Config {
                 "policy.paths is empty (name the policy file or directory)".to_owned(),
             ));
         }
+        if file.vault.health_check_interval < Duration::from_secs(1) {
+            return Err(error(
+                "vault.healthCheckInterval must be at least 1s".to_owned(),
+            ));
+        }
         if file.vault.kv_poll_interval < Duration::from_millis(100) {
             return Err(error(
                 "vault.kvPollInterval must be at least 100ms".to_owned(),
@@ -431,6 +441,7 @@ impl Config {
                 ca_cert: file.vault.ca_cert_file.map(resolve),
                 auth,
                 timeout: file.vault.timeout,
+                health_check_interval: file.vault.health_check_interval,
             },
             kv_poll_interval: file.vault.kv_poll_interval,
             shutdown_grace: file.shutdown_grace,

@@ -125,13 +125,7 @@ async fn report_health(
                 .await;
             last_policy = Some(status);
         }
-        let up = match vault.ping().await {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, "Vault health check failed");
-                false
-            }
-        };
+        let up = vault.reachable().await;
         metrics.vault_up.set(i64::from(up));
         metrics.set_ready(up);
         let status = if up { Serving } else { NotServing };

@@ -739,6 +739,8 @@ pub struct EnvOptions {
     pub rust_log: String,
     /// The broker's KV poll interval.
     pub poll: &'static str,
+    /// The broker's `vault.healthCheckInterval` (short, so health tests are quick).
+    pub vault_health_check: &'static str,
     /// Requests per second and burst per identity.
     pub rate_limit: (u32, u32),
     /// Require client certificates (the dev CA's) from callers.
@@ -760,6 +762,7 @@ impl Default for EnvOptions {
             login: BrokerLogin::TokenFile,
             rust_log: "info,tessera_broker=debug,tessera_sidecar=debug".to_owned(),
             poll: "200ms",
+            vault_health_check: "1s",
             rate_limit: (10_000, 10_000),
             mtls: false,
             identity_source: "jwksFile: dev/jwks.json".to_owned(),
@@ -909,6 +912,7 @@ vault:
   address: {address}
   {login}
   kvPollInterval: {poll}
+  healthCheckInterval: {health_check}
 shutdownGrace: 5s
 audit:
   path: audit.jsonl
@@ -932,6 +936,7 @@ webhook:
             audience = dev::DEFAULT_AUDIENCE,
             address = bao.address,
             poll = options.poll,
+            health_check = options.vault_health_check,
             identity_source = options.identity_source,
             client_ca = if options.mtls {
                 "clientCaFile: dev/ca.pem"

@@ -69,6 +69,9 @@ pub struct VaultSettings {
     pub auth: VaultAuth,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Longest time without a successful request before the broker checks
+    /// that Vault answers (a token self-lookup).
+    pub health_check_interval: Duration,
 }
 
 /// Errors talking to Vault, sorted by what the caller can do about them.
@@ -255,7 +258,22 @@ pub struct Vault {
     settings: VaultSettings,
     client: RwLock<Arc<VaultClient>>,
     login: Mutex<Login>,
+    reach: std::sync::Mutex<Reachability>,
 }
+
+/// What the broker knows of Vault's reachability. Its own requests (KV
+/// polls, issues, renewals) are the main evidence; a token self-lookup is
+/// sent only when none succeeded for `health_check_interval`, so an idle
+/// broker costs Vault one request per interval, not a stream of checks.
+#[derive(Default)]
+struct Reachability {
+    last_ok: Option<Instant>,
+    last_check: Option<Instant>,
+    down: bool,
+}
+
+/// How often an unreachable Vault is checked again.
+const DOWN_CHECK: Duration = Duration::from_secs(2);
 
 impl Vault {
     /// Builds the client; the first request logs in.
@@ -278,6 +296,7 @@ impl Vault {
                 stamp: None,
                 renew_at: None,
             }),
+            reach: std::sync::Mutex::default(),
         })
     }
 
@@ -441,16 +460,16 @@ impl Vault {
             result.is_err(),
         );
         match result {
-            Ok(result) => Ok(result),
+            Ok(result) => {
+                self.answered();
+                Ok(result)
+            }
             Err(e) => Err(self.failed(what, e).await),
         }
     }
 
     /// Whether Vault answers with the broker's credentials (a token self-lookup).
-    ///
-    /// # Errors
-    /// A [`VaultError`].
-    pub async fn ping(&self) -> Result<(), VaultError> {
+    async fn ping(&self) -> Result<(), VaultError> {
         let client = self.authed().await?;
         let started = Instant::now();
         let result = vaultrs::token::lookup_self(client.as_ref()).await;
@@ -460,7 +479,10 @@ impl Vault {
             result.is_err(),
         );
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.answered();
+                Ok(())
+            }
             Err(e) => Err(self.failed("auth/token/lookup-self", e).await),
         }
     }
@@ -489,7 +511,10 @@ impl Vault {
             result.is_err(),
         );
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.answered();
+                Ok(())
+            }
             Err(e) => Err(self.failed(what, api_error(e)).await),
         }
     }
@@ -498,10 +523,50 @@ impl Vault {
     /// request logs in again.
     async fn failed(&self, what: &str, error: ClientError) -> VaultError {
         let error = VaultError::from_client(what, error);
-        if matches!(error, VaultError::Denied(_)) {
-            self.invalidate().await;
+        match error {
+            VaultError::Denied(_) => self.invalidate().await,
+            VaultError::Unavailable(_) => self.reach().down = true,
+            _ => {}
         }
         error
+    }
+
+    fn reach(&self) -> std::sync::MutexGuard<'_, Reachability> {
+        self.reach.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that Vault answered a request.
+    fn answered(&self) {
+        let mut reach = self.reach();
+        reach.last_ok = Some(Instant::now());
+        reach.down = false;
+    }
+
+    /// Whether Vault answers the broker: from its recent requests, checked
+    /// with a token self-lookup only when none succeeded within the health
+    /// check interval (every 2 s while Vault is down). Call it often; it
+    /// rarely sends anything.
+    pub async fn reachable(&self) -> bool {
+        let due = {
+            let mut reach = self.reach();
+            let now = Instant::now();
+            let since = |at: Option<Instant>| at.map_or(Duration::MAX, |at| now - at);
+            let due = if reach.down {
+                since(reach.last_check) >= DOWN_CHECK
+            } else {
+                let idle = self.settings.health_check_interval;
+                since(reach.last_ok) >= idle && since(reach.last_check) >= idle
+            };
+            if due {
+                reach.last_check = Some(now);
+            }
+            due
+        };
+        if due && let Err(error) = self.ping().await {
+            tracing::warn!(%error, "Vault health check failed");
+            self.reach().down = true;
+        }
+        !self.reach().down
     }
 
     /// Reads the current version of a KV v2 secret, keeping only `keys` when
