@@ -59,36 +59,52 @@ impl Telemetry {
 /// never stops the process.
 pub fn init(service: &'static str, json: bool, export: bool) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if json {
-        fmt.json().boxed()
-    } else {
-        fmt.boxed()
-    };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let (provider, problem) = match tracer_provider(service).map(|p| p.filter(|_| export)) {
         Ok(provider) => (provider, None),
         Err(problem) => (None, Some(problem)),
     };
-    let traces = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer(service))
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                // Tessera's own spans only; events stay in the logs, and the
-                // HTTP/2 stack's spans are noise in a trace.
-                meta.is_span() && meta.target().starts_with("tessera")
-            }))
-    });
-    tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
-        .with(traces)
-        .init();
+    match &provider {
+        // Without export the filter is global, so disabled spans are never
+        // built (a per-layer filter next to an absent layer would enable
+        // every span of every crate, at a cost on every request).
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(log_layer(json))
+            .init(),
+        Some(provider) => {
+            let traces = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(service))
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    // Tessera's own spans only; events stay in the logs, and
+                    // the HTTP/2 stack's spans are noise in a trace.
+                    meta.is_span() && meta.target().starts_with("tessera")
+                }));
+            tracing_subscriber::registry()
+                .with(log_layer(json).with_filter(filter))
+                .with(traces)
+                .init();
+        }
+    }
     if let Some(problem) = problem {
         tracing::error!("trace export is off: {problem}");
     } else if provider.is_some() {
         tracing::info!(service, "exporting traces over OTLP/gRPC");
     }
     Telemetry { provider }
+}
+
+/// Log lines on standard error, as text or JSON.
+fn log_layer<S>(json: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        fmt.json().boxed()
+    } else {
+        fmt.boxed()
+    }
 }
 
 fn tracer_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, String> {
