@@ -134,7 +134,7 @@ fn default_run_as_user() -> i64 {
     65532
 }
 
-/// Sized from what the sidecar uses (docs/BENCHMARKS.md: 5.8 MiB RSS, no
+/// Sized from what the sidecar uses (docs/BENCHMARKS.md: 6.3 MiB RSS, no
 /// measurable idle CPU), with room for a TLS handshake and a rotation burst.
 pub fn default_resources() -> ResourceRequirements {
     let quantities = |pairs: &[(&str, &str)]| {
