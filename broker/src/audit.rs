@@ -42,6 +42,19 @@ pub enum Action {
     Revoke,
 }
 
+impl Action {
+    /// The name used in the audit log and as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Authenticate => "authenticate",
+            Self::Issue => "issue",
+            Self::Renew => "renew",
+            Self::Rotate => "rotate",
+            Self::Revoke => "revoke",
+        }
+    }
+}
+
 /// How it ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,6 +65,17 @@ pub enum Outcome {
     Denied,
     /// Failed for a reason the caller did not cause (Vault down).
     Error,
+}
+
+impl Outcome {
+    /// The name used in the audit log and as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Denied => "denied",
+            Self::Error => "error",
+        }
+    }
 }
 
 /// One audit record.
@@ -160,6 +184,27 @@ impl Audit {
         let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(error) = sink.write_all(&line).and_then(|()| sink.flush()) {
             tracing::error!(%error, "cannot write the audit log");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_are_the_audit_log_names() {
+        for action in [
+            Action::Authenticate,
+            Action::Issue,
+            Action::Renew,
+            Action::Rotate,
+            Action::Revoke,
+        ] {
+            assert_eq!(serde_json::to_value(action).unwrap(), action.as_str());
+        }
+        for outcome in [Outcome::Success, Outcome::Denied, Outcome::Error] {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
         }
     }
 }

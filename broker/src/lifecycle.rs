@@ -88,14 +88,21 @@ pub fn refresh_in(
     at.duration_since(now).unwrap_or_default()
 }
 
-/// Short, stable version of a lease: the first 12 hex digits of its SHA-256.
-fn lease_version(lease_id: &str) -> String {
+/// SHA-256 of a lease id, in hex: how the audit log names a lease without
+/// giving it away (hash Vault's `lease_id` to match Vault's audit log).
+pub fn lease_digest(lease_id: &str) -> String {
     digest::digest(&digest::SHA256, lease_id.as_bytes())
         .as_ref()
         .iter()
-        .take(6)
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Short, stable version of a lease: the first 12 hex digits of its digest.
+fn lease_version(lease_id: &str) -> String {
+    let mut digest = lease_digest(lease_id);
+    digest.truncate(12);
+    digest
 }
 
 /// The `namespace/service-account/pod/uid` stamp for Vault's audit log.

@@ -26,13 +26,13 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{Event, Outcome};
+use crate::audit::{Action, Event, Outcome};
 
 /// Labels of `tessera_credential_events_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
-    action: String,
-    outcome: String,
+    action: &'static str,
+    outcome: &'static str,
     binding: String,
 }
 
@@ -230,25 +230,16 @@ impl Metrics {
 
     /// Counts an audit event.
     pub fn record(&self, event: &Event) {
-        let text = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
-        let action = event
-            .action
-            .and_then(|a| serde_json::to_value(a).ok())
-            .and_then(|v| v.as_str().map(str::to_owned));
-        let outcome_value = event.outcome;
-        let outcome = outcome_value
-            .and_then(|o| serde_json::to_value(o).ok())
-            .and_then(|v| v.as_str().map(str::to_owned));
-        let binding = if outcome_value == Some(Outcome::Denied) {
-            None
-        } else {
-            event.binding.clone()
+        // A denied request's binding is caller input: not a label.
+        let binding = match event.outcome {
+            Some(Outcome::Denied) => None,
+            _ => event.binding.clone(),
         };
         self.events
             .get_or_create(&EventLabels {
-                action: text(action),
-                outcome: text(outcome),
-                binding: text(binding),
+                action: event.action.map_or("-", Action::as_str),
+                outcome: event.outcome.map_or("-", Outcome::as_str),
+                binding: binding.unwrap_or_else(|| "-".to_owned()),
             })
             .inc();
     }

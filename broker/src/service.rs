@@ -137,7 +137,7 @@ impl BrokerService {
                         .lookup(&caller.identity, name)
                         .map(|b| Arc::new(b.clone()))
                         .ok_or_else(|| Error::Denied {
-                            binding: name.chars().take(253).collect(),
+                            binding: clipped(name),
                             namespace: caller.identity.namespace.clone(),
                             service_account: caller.identity.service_account.clone(),
                         })
@@ -171,7 +171,7 @@ impl BrokerService {
         event.peer = caller.peer.clone();
         event.policy_generation = generation;
         if let (Source::Database(_), Some(lease)) = (&live.binding.source, &live.lease) {
-            event.lease_id_sha256 = Some(sha256_hex(lease));
+            event.lease_id_sha256 = Some(lifecycle::lease_digest(lease));
         }
         if let Some(not_after) = live.not_after {
             event.ttl_seconds = Some(
@@ -242,14 +242,6 @@ impl BrokerService {
     }
 }
 
-fn sha256_hex(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The token from `authorization: Bearer <token>`.
 fn bearer<T>(request: &Request<T>) -> Result<Secret, Error> {
     let value = request
@@ -271,6 +263,12 @@ fn bearer<T>(request: &Request<T>) -> Result<Secret, Error> {
     }
 }
 
+/// A caller-supplied name as errors and the audit log show it: at most the
+/// 253 characters a binding name may have.
+fn clipped(name: &str) -> String {
+    name.chars().take(253).collect()
+}
+
 fn check_names(names: &[String]) -> Result<(), Error> {
     if names.is_empty() {
         return Err(Error::InvalidRequest(
@@ -287,7 +285,7 @@ fn check_names(names: &[String]) -> Result<(), Error> {
     if let Some(twice) = names.iter().find(|n| !seen.insert(*n)) {
         return Err(Error::InvalidRequest(format!(
             "binding `{}` is named twice",
-            twice.chars().take(253).collect::<String>()
+            clipped(twice)
         )));
     }
     Ok(())
@@ -438,7 +436,7 @@ impl Broker for BrokerService {
                     .ok_or_else(|| {
                         log_failure(Error::InvalidRequest(format!(
                             "binding `{}` is not in the policy",
-                            held.binding.chars().take(253).collect::<String>()
+                            clipped(&held.binding)
                         )))
                     })?;
                 let live = self
@@ -690,7 +688,7 @@ impl OpenStream {
                     event.reason = Some("superseded after the overlap".to_owned());
                     event.peer = caller;
                     if let Some(lease) = &old.lease {
-                        event.lease_id_sha256 = Some(sha256_hex(lease));
+                        event.lease_id_sha256 = Some(lifecycle::lease_digest(lease));
                     }
                     service.audit(event);
                 }

@@ -337,11 +337,8 @@ impl Vault {
                     meta.len(),
                 );
                 if login.stamp != Some(stamp) {
-                    let text = std::fs::read_to_string(path).map_err(|e| {
-                        VaultError::Login(format!("cannot read token file {}: {e}", path.display()))
-                    })?;
+                    let text = read_secret_file(path, "Vault token")?;
                     let token = Secret::from(text.trim().to_owned());
-                    drop(zeroize::Zeroizing::new(text));
                     if token.is_empty() {
                         return Err(VaultError::Login(format!(
                             "token file {} is empty",

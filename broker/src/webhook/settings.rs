@@ -152,6 +152,26 @@ pub fn default_resources() -> ResourceRequirements {
     }
 }
 
+/// Whether `text` is a Kubernetes quantity (`5m`, `16Mi`, `0.5`, `1e3`), so a
+/// typo fails at start instead of making every injected pod invalid.
+fn is_quantity(text: &str) -> bool {
+    let number_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(number_end);
+    let number_ok = !number.is_empty()
+        && number.matches('.').count() <= 1
+        && number.chars().any(|c| c.is_ascii_digit());
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(|exp| {
+        let exp = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+        !exp.is_empty() && exp.chars().all(|c| c.is_ascii_digit())
+    });
+    number_ok && suffix_ok
+}
+
 impl WebhookFile {
     /// Validates the section; `resolve` makes relative paths relative to the
     /// configuration file, `tls` is the broker's own serving certificate.
@@ -210,6 +230,27 @@ impl WebhookFile {
         }
         super::inject::check_mount_path(&sidecar.mount_path)
             .map_err(|e| format!("webhook.sidecar.mountPath: {e}"))?;
+        let quantities =
+            std::iter::once(("volumeSizeLimit".to_owned(), &sidecar.volume_size_limit)).chain(
+                [
+                    ("requests", &sidecar.resources.requests),
+                    ("limits", &sidecar.resources.limits),
+                ]
+                .into_iter()
+                .flat_map(|(kind, map)| {
+                    map.iter()
+                        .flatten()
+                        .map(move |(name, q)| (format!("resources.{kind}.{name}"), q))
+                }),
+            );
+        for (name, quantity) in quantities {
+            if !is_quantity(&quantity.0) {
+                return Err(format!(
+                    "webhook.sidecar.{name}: `{}` is not a Kubernetes quantity like 16Mi or 5m",
+                    quantity.0
+                ));
+            }
+        }
         if sidecar.run_as_user <= 0 {
             return Err("webhook.sidecar.runAsUser must be a non-root user id".to_owned());
         }
@@ -233,5 +274,64 @@ impl WebhookFile {
                 pod_labels_known: pod_lookup,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(yaml: &str) -> Result<Settings, String> {
+        let file: WebhookFile = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+        let tls = TlsSettings {
+            cert: PathBuf::from("tls.crt"),
+            key: PathBuf::from("tls.key"),
+            client_ca: None,
+        };
+        file.validate(|p| p, &tls, &["tessera".to_owned()], false)
+    }
+
+    const SIDECAR: &str = "sidecar:\n  image: tessera-sidecar:1\n  brokerAddress: https://tessera:8443\n  caFile: ca.crt\n";
+
+    #[test]
+    fn defaults_fill_a_minimal_section() {
+        let settings = validate(SIDECAR).unwrap();
+        let injection = settings.injection;
+        assert_eq!(injection.audience, "tessera");
+        assert_eq!(injection.mode, SidecarMode::Native);
+        assert_eq!(injection.mount_path, DEFAULT_MOUNT_PATH);
+        assert_eq!(injection.resources, default_resources());
+        assert_eq!(settings.tls.cert, PathBuf::from("tls.crt"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_key() {
+        for (extra, expected) in [
+            ("  volumeSizeLimit: lots\n", "volumeSizeLimit: `lots`"),
+            (
+                "  resources: { requests: { memory: 16MB } }\n",
+                "resources.requests.memory: `16MB`",
+            ),
+            ("  audience: other\n", "not one of identity.audiences"),
+            ("  tokenExpiration: 5m\n", "at least 10m"),
+            ("  mountPath: relative\n", "mountPath"),
+            ("  imagePullPolicy: Sometimes\n", "imagePullPolicy"),
+            ("  runAsUser: 0\n", "non-root"),
+        ] {
+            let error = validate(&format!("{SIDECAR}{extra}")).unwrap_err();
+            assert!(error.contains(expected), "{extra}: {error}");
+        }
+        let plain = validate(&SIDECAR.replace("https://", "http://")).unwrap_err();
+        assert!(plain.contains("must start with https://"), "{plain}");
+    }
+
+    #[test]
+    fn quantities_follow_kubernetes() {
+        for good in ["5m", "16Mi", "1", "0.5", "100k", "1e3", "2E-2", "1Gi"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", "Mi", "16MB", "1..5", "lots", "5 m", "-1"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
     }
 }
