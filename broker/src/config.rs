@@ -299,11 +299,23 @@ fn default_approle_mount() -> String {
     "approle".to_owned()
 }
 
+/// The longest duration a configuration may name: every interval, timeout
+/// and grace period the broker has is far shorter.
+const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The shortest interval between two re-reads of a file (policy, TLS).
+const MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+
 pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| {
+    let parsed = humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!("`{text}` is not a duration like 30s or 5m: {e}"))
-    })
+    })?;
+    if parsed > MAX_CONFIG_DURATION {
+        return Err(serde::de::Error::custom(format!(
+            "`{text}` is longer than 24h, the most any setting here takes"
+        )));
+    }
+    Ok(parsed)
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -391,6 +403,18 @@ impl Config {
                 "policy.paths is empty (name the policy file or directory)".to_owned(),
             ));
         }
+        for (name, interval) in [
+            ("policy.reloadInterval", file.policy.reload_interval),
+            ("tls.reloadInterval", file.tls.reload_interval),
+            ("vault.timeout", file.vault.timeout),
+        ] {
+            if interval < MIN_RELOAD_INTERVAL {
+                return Err(error(format!(
+                    "{name} must be at least 100ms (it is {})",
+                    humantime::format_duration(interval)
+                )));
+            }
+        }
         if file.vault.health_check_interval < Duration::from_secs(1) {
             return Err(error(
                 "vault.healthCheckInterval must be at least 1s".to_owned(),
@@ -446,5 +470,49 @@ impl Config {
             kv_poll_interval: file.vault.kv_poll_interval,
             shutdown_grace: file.shutdown_grace,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(extra_policy: &str, extra_vault: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("broker.yaml");
+        let text = format!(
+            "tls: {{ certFile: tls.crt, keyFile: tls.key }}
+identity: {{ issuer: https://kubernetes.default.svc, audiences: [tessera], jwksFile: jwks.json }}
+policy:
+  paths: [policy]
+{extra_policy}
+vault:
+  address: http://127.0.0.1:8200
+  tokenFile: token
+{extra_vault}
+"
+        );
+        std::fs::write(&path, text).expect("write config");
+        Config::load(&path)
+    }
+
+    #[test]
+    fn config_accepts_sane_intervals() {
+        let config = load("  reloadInterval: 2s", "  timeout: 5s").expect("valid");
+        assert_eq!(config.policy_reload_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn zero_or_absurd_intervals_are_refused() {
+        for (policy, vault, named) in [
+            ("  reloadInterval: 0s", "", "policy.reloadInterval"),
+            ("  reloadInterval: 100000000000000h", "", "24h"),
+            ("  reloadInterval: 48h", "", "24h"),
+            ("", "  timeout: 0s", "vault.timeout"),
+            ("", "  kvPollInterval: 1ms", "vault.kvPollInterval"),
+        ] {
+            let error = load(policy, vault).expect_err(policy);
+            assert!(error.detail.contains(named), "{policy}{vault}: {error}");
+        }
     }
 }

@@ -38,15 +38,13 @@ pub enum Error {
     /// The request itself is malformed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    /// A template needs a field the source did not provide.
-    #[error(
-        "binding `{binding}`: a template uses `{field}`, which the source does not have (fix the policy's template or the secret)"
-    )]
+    /// The source's fields do not make the binding's files.
+    #[error("binding `{binding}`: {problem}")]
     Render {
         /// The binding being served.
         binding: String,
-        /// The missing field.
-        field: String,
+        /// What is wrong with the fields.
+        problem: crate::policy::RenderError,
     },
     /// Vault failed for a binding.
     #[error("binding `{binding}`: {source}")]

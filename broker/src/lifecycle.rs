@@ -15,9 +15,9 @@ use crate::{
     feed::Feeds,
     handle::{Handle, HandleKey},
     identity::Identity,
-    policy::{Binding, Source, render::Template},
+    policy::{Binding, RenderError, Source, render::Template},
     secret::Secret,
-    vault::Vault,
+    vault::{Vault, VaultError},
 };
 
 /// A credential as last delivered to one pod.
@@ -83,9 +83,24 @@ pub fn refresh_in(
     now: SystemTime,
 ) -> Duration {
     let lifetime = not_after.duration_since(issued).unwrap_or_default();
+    // The policy refuses a fraction that is not a finite number; should one
+    // reach here anyway, act at the built-in 70 % instead of panicking.
+    let fraction = if fraction.is_finite() { fraction } else { 0.7 };
+    let jitter = if jitter.is_finite() { jitter } else { 0.0 };
     let spread = (fraction - 0.1 * jitter.clamp(0.0, 1.0)).clamp(0.05, 0.95);
-    let at = issued + lifetime.mul_f64(spread);
+    let at = issued
+        .checked_add(fraction_of(lifetime, spread))
+        .unwrap_or(not_after);
     at.duration_since(now).unwrap_or_default()
+}
+
+/// `fraction` of `duration`, never panicking: zero for a fraction that is
+/// negative or not a number, `duration` itself for one above 1.
+pub fn fraction_of(duration: Duration, fraction: f64) -> Duration {
+    if fraction.is_nan() || fraction <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::try_from_secs_f64(duration.as_secs_f64() * fraction.min(1.0)).unwrap_or(duration)
 }
 
 /// SHA-256 of a lease id, in hex: how the audit log names a lease without
@@ -131,7 +146,7 @@ impl Lifecycle {
         Self { vault, keys, feeds }
     }
 
-    fn vault_error(binding: &Binding) -> impl FnOnce(crate::vault::VaultError) -> Error + '_ {
+    fn vault_error(binding: &Binding) -> impl FnOnce(VaultError) -> Error + '_ {
         move |source| Error::Vault {
             binding: binding.name.clone(),
             source,
@@ -212,7 +227,7 @@ impl Lifecycle {
                     pki_names(&pki.common_name, &pki.alt_names, identity).map_err(|field| {
                         Error::Render {
                             binding: binding.name.clone(),
-                            field,
+                            problem: RenderError::Missing(field),
                         }
                     })?;
                 let issued = self
@@ -331,24 +346,34 @@ impl Lifecycle {
         if let (Source::Database(_), true, Some(lease)) =
             (&binding.source, live.renewable, &live.lease)
         {
-            let granted = self
+            match self
                 .vault
                 .lease_renew(lease, binding.ttl, Some(&stamp(identity)))
                 .await
-                .map_err(Self::vault_error(binding))?;
-            let now = SystemTime::now();
-            let old_end = live.not_after.unwrap_or(now);
-            let new_end = now + granted;
-            // Keep the lease if it was extended and will still have at least
-            // the overlap left at the next refresh; otherwise it is near its
-            // max TTL, and a successor delivered now leaves the app the whole
-            // overlap to switch.
-            let left_at_next_refresh = granted.mul_f64(1.0 - binding.renew_fraction);
-            if new_end > old_end && left_at_next_refresh >= binding.overlap {
-                let mut renewed = live.clone();
-                renewed.issued_at = now;
-                renewed.not_after = Some(new_end);
-                return Ok(Step::Renewed(renewed));
+            {
+                Ok(granted) => {
+                    let now = SystemTime::now();
+                    let old_end = live.not_after.unwrap_or(now);
+                    let new_end = now.checked_add(granted).unwrap_or(now);
+                    // Keep the lease if it was extended and will still have at
+                    // least the overlap left at the next refresh; otherwise it is
+                    // near its max TTL, and a successor delivered now leaves the
+                    // app the whole overlap to switch.
+                    let left_at_next_refresh = fraction_of(granted, 1.0 - binding.renew_fraction);
+                    if new_end > old_end && left_at_next_refresh >= binding.overlap {
+                        let mut renewed = live.clone();
+                        renewed.issued_at = now;
+                        renewed.not_after = Some(new_end);
+                        return Ok(Step::Renewed(renewed));
+                    }
+                }
+                // Vault no longer knows the lease (revoked by hand, or expired
+                // during an outage): renewing again can never succeed, so a
+                // successor is issued now.
+                Err(VaultError::Invalid(detail) | VaultError::NotFound(detail)) => {
+                    tracing::warn!(binding = %binding.name, %detail, "Vault no longer knows the lease; issuing a successor");
+                }
+                Err(error) => return Err(Self::vault_error(binding)(error)),
             }
         }
         let (new, credential) = self.issue(binding, identity).await?;
@@ -434,16 +459,17 @@ fn pki_names(
 /// fields, an `unchanged` notice for values the caller already holds.
 ///
 /// # Errors
-/// [`Error::Render`] when a template needs a field the source lacks.
+/// [`Error::Render`] when the source's fields do not make the binding's
+/// files (a missing template field, a collision, an unsafe field name).
 pub fn credential(
     live: &Live,
     fields: Option<&std::collections::BTreeMap<String, Secret>>,
 ) -> Result<Credential, Error> {
     let binding = &live.binding;
     let files = match fields {
-        Some(fields) => binding.render(fields).map_err(|missing| Error::Render {
+        Some(fields) => binding.render(fields).map_err(|problem| Error::Render {
             binding: binding.name.clone(),
-            field: missing,
+            problem,
         })?,
         None => Default::default(),
     };
@@ -496,6 +522,25 @@ mod tests {
     fn absurd_unix_times_count_as_expired_instead_of_panicking() {
         assert_eq!(from_unix(u64::MAX), UNIX_EPOCH);
         assert_eq!(from_unix(10), at(10));
+    }
+
+    #[test]
+    fn refresh_survives_fractions_that_are_not_numbers() {
+        for fraction in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(
+                refresh_in(at(0), at(100), fraction, 0.0, at(0)),
+                Duration::from_secs(70)
+            );
+            assert_eq!(
+                refresh_in(at(0), at(100), 0.7, fraction, at(0)),
+                Duration::from_secs(70)
+            );
+        }
+        assert_eq!(fraction_of(Duration::from_secs(10), f64::NAN), Duration::ZERO);
+        assert_eq!(
+            fraction_of(Duration::from_secs(10), 2.0),
+            Duration::from_secs(10)
+        );
     }
 
     #[test]

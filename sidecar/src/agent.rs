@@ -2,7 +2,10 @@
 //! `Watch`, reconnecting with capped, jittered backoff and keeping the files
 //! it has).
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
 
 use tessera_proto::v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest};
 use tokio_util::sync::CancellationToken;
@@ -14,7 +17,7 @@ use crate::{
     client::{BrokerTarget, ClientError},
     notify::Notify,
     status::Status,
-    writer::{Fields, Meta, WriteError, Writer},
+    writer::{Access, Fields, Meta, WriteError, Writer},
 };
 
 /// Why a fetch or a watch ended.
@@ -29,9 +32,14 @@ pub enum AgentError {
     /// The broker answered without a binding that was asked for.
     #[error("broker's answer lacks binding `{0}`")]
     Incomplete(String),
-    /// Writing the files failed.
-    #[error(transparent)]
-    Write(#[from] WriteError),
+    /// Writing a binding's files failed (the other bindings were written).
+    #[error("binding `{binding}`: {source}")]
+    Write {
+        /// The binding whose files were not written.
+        binding: String,
+        /// Why.
+        source: WriteError,
+    },
 }
 
 impl AgentError {
@@ -43,7 +51,7 @@ impl AgentError {
                 Code::PermissionDenied | Code::InvalidArgument | Code::FailedPrecondition
             ),
             AgentError::Client(ClientError::Token { .. } | ClientError::BadToken(_)) => true,
-            AgentError::Client(_) | AgentError::Write(_) => false,
+            AgentError::Client(_) | AgentError::Write { .. } => false,
             AgentError::Incomplete(_) => true,
         }
     }
@@ -63,12 +71,17 @@ pub struct Job {
 }
 
 impl Job {
-    /// The handles stored with the bindings' current files.
-    fn held(&self) -> Vec<Held> {
+    /// The handles the pod holds: those of credentials delivered but not yet
+    /// written, else those stored with the bindings' current files.
+    fn held(&self, unwritten: &Unwritten) -> Vec<Held> {
         self.bindings
             .iter()
             .filter_map(|binding| {
-                self.writer.handle(binding).map(|handle| Held {
+                let handle = match unwritten.0.get(binding) {
+                    Some(pending) => pending.handle.clone(),
+                    None => self.writer.handle(binding),
+                };
+                handle.map(|handle| Held {
                     binding: binding.clone(),
                     handle,
                 })
@@ -77,50 +90,144 @@ impl Job {
     }
 }
 
-/// Writes a delivered credential and records it in the status; returns
-/// whether files changed while the binding already had files (a rotation the
-/// app should hear of).
+/// A delivered credential whose files could not be written yet (a full
+/// volume): kept in memory, zeroized on drop, and written again later. Its
+/// handle is presented on reconnect, so the broker resumes it instead of
+/// minting another.
+struct Pending {
+    fields: Fields,
+    version: String,
+    handle: Option<String>,
+    access: Access,
+    not_after: Option<SystemTime>,
+}
+
+/// Credentials delivered but not written, by binding.
+#[derive(Default)]
+struct Unwritten(BTreeMap<String, Pending>);
+
+impl Unwritten {
+    /// Tries every pending write again; returns the bindings written.
+    fn retry(&mut self, writer: &Writer, status: &mut Status) -> Vec<(String, String)> {
+        let mut written = Vec::new();
+        self.0.retain(|binding, pending| {
+            let meta = Meta {
+                version: &pending.version,
+                handle: pending.handle.as_deref(),
+            };
+            match writer.write(binding, &pending.fields, meta, pending.access) {
+                Ok(_) => {
+                    tracing::info!(%binding, version = %pending.version, "credential written after an earlier failure");
+                    status.confirmed(binding, &pending.version, pending.not_after);
+                    written.push((binding.clone(), pending.version.clone()));
+                    false
+                }
+                Err(error) => {
+                    tracing::warn!(%binding, %error, "writing the credential failed again; keeping the previous files");
+                    status.write_failed(binding, &error.to_string());
+                    is_transient(&error)
+                }
+            }
+        });
+        written
+    }
+}
+
+/// Whether a write can succeed later with the same credential.
+fn is_transient(error: &WriteError) -> bool {
+    matches!(error, WriteError::NoSpace { .. } | WriteError::Io { .. })
+}
+
+/// What became of one delivered credential.
+enum Delivery {
+    /// Written (or already on disk); `true` when it replaced earlier files (a
+    /// rotation the app should hear of).
+    Written(bool),
+    /// Not written; the previous files stay.
+    Failed(WriteError),
+}
+
+/// Writes a delivered credential and records it in the status. A failed
+/// write is logged with the binding, counted in the status, and kept for a
+/// retry when retrying can help.
 fn write_credential(
     writer: &Writer,
     status: &mut Status,
+    unwritten: &mut Unwritten,
     credential: Credential,
-) -> Result<bool, AgentError> {
+) -> Delivery {
+    let binding = credential.binding.clone();
     let not_after = credential
         .not_after
-        .and_then(|t| std::time::SystemTime::try_from(t).ok());
-    status.confirmed(&credential.binding, &credential.version, not_after);
+        .and_then(|t| SystemTime::try_from(t).ok());
     if credential.unchanged {
-        tracing::info!(binding = %credential.binding, version = %credential.version, "current credential still valid; files kept");
-        return Ok(false);
+        if !unwritten.0.contains_key(&binding) {
+            status.confirmed(&binding, &credential.version, not_after);
+            tracing::info!(%binding, version = %credential.version, "current credential still valid; files kept");
+        }
+        return Delivery::Written(false);
     }
-    let had_files = writer.has_files(&credential.binding);
+    unwritten.0.remove(&binding);
+    let had_files = writer.has_files(&binding);
     let fields: Fields = credential
         .fields
         .into_iter()
         .map(|(name, value)| (name, Zeroizing::new(value)))
         .collect();
-    let access = writer.access(credential.file_mode, credential.group_id)?;
-    let meta = Meta {
-        version: &credential.version,
-        handle: (!credential.handle.is_empty()).then_some(credential.handle.as_str()),
-    };
-    let changed = writer.write(&credential.binding, &fields, meta, access)?;
-    if changed {
-        tracing::info!(binding = %credential.binding, version = %credential.version, fields = fields.len(), "credential written");
+    let handle = (!credential.handle.is_empty()).then_some(credential.handle);
+    let result = writer
+        .access(credential.file_mode, credential.group_id)
+        .and_then(|access| {
+            let meta = Meta {
+                version: &credential.version,
+                handle: handle.as_deref(),
+            };
+            let written = writer.write(&binding, &fields, meta, access);
+            if let Err(error) = &written
+                && is_transient(error)
+            {
+                let pending = Pending {
+                    fields: fields.clone(),
+                    version: credential.version.clone(),
+                    handle: handle.clone(),
+                    access,
+                    not_after,
+                };
+                unwritten.0.insert(binding.clone(), pending);
+            }
+            written
+        });
+    match result {
+        Ok(changed) => {
+            status.confirmed(&binding, &credential.version, not_after);
+            if changed {
+                tracing::info!(%binding, version = %credential.version, fields = fields.len(), "credential written");
+            }
+            Delivery::Written(changed && had_files)
+        }
+        Err(error) => {
+            let retrying = unwritten.0.contains_key(&binding);
+            tracing::warn!(%binding, version = %credential.version, %error, retrying, "cannot write the credential; the previous files stay");
+            status.write_failed(&binding, &error.to_string());
+            Delivery::Failed(error)
+        }
     }
-    Ok(changed && had_files)
 }
 
 /// Fetches every binding and writes them; all or nothing from the broker.
+/// A binding whose files cannot be written does not stop the others; its
+/// lease, if it has one, is given back at once instead of leaking until its
+/// TTL (nothing holds it).
 ///
 /// # Errors
 /// An [`AgentError`]; files already written stay.
 #[tracing::instrument(name = "sidecar.once", skip_all, fields(bindings = job.bindings.len()))]
 pub async fn once(job: &Job) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
+    let mut unwritten = Unwritten::default();
     let request = job.target.request(FetchRequest {
         bindings: job.bindings.clone(),
-        held: job.held(),
+        held: job.held(&unwritten),
     })?;
     let response = client.fetch(request).await?.into_inner();
     for name in &job.bindings {
@@ -129,14 +236,50 @@ pub async fn once(job: &Job) -> Result<(), AgentError> {
         }
     }
     let mut status = Status::read(job.writer.out());
+    let mut failed = None;
+    let mut orphaned = Vec::new();
     for credential in response.credentials {
         let (binding, version) = (credential.binding.clone(), credential.version.clone());
-        if write_credential(&job.writer, &mut status, credential)? {
-            job.notify.rotated(&binding, &version).await;
+        let handle = credential.handle.clone();
+        match write_credential(&job.writer, &mut status, &mut unwritten, credential) {
+            Delivery::Written(true) => job.notify.rotated(&binding, &version).await,
+            Delivery::Written(false) => {}
+            Delivery::Failed(source) => {
+                if !handle.is_empty() {
+                    orphaned.push(Held {
+                        binding: binding.clone(),
+                        handle,
+                    });
+                }
+                failed.get_or_insert(AgentError::Write { binding, source });
+            }
         }
     }
     status.write(job.writer.out());
-    Ok(())
+    if !orphaned.is_empty() {
+        give_back(job, orphaned).await;
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Revokes leases that were delivered but could not be written.
+async fn give_back(job: &Job, held: Vec<Held>) {
+    let bindings = held.iter().map(|h| h.binding.clone()).collect();
+    let result = async {
+        let mut client = job.target.client()?;
+        let request = job.target.request(RevokeRequest { bindings, held })?;
+        Ok::<_, AgentError>(client.revoke(request).await?.into_inner().revoked)
+    }
+    .await;
+    match result {
+        Ok(revoked) => tracing::info!(
+            ?revoked,
+            "gave back leases whose files could not be written"
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "could not give back unwritten leases; they expire by their TTL")
+        }
+    }
 }
 
 /// Capped exponential backoff with full jitter.
@@ -174,7 +317,9 @@ impl Backoff {
 }
 
 /// Follows `Watch` until `shutdown`, rewriting files on every change. Errors
-/// are logged and retried; the files on disk are never removed.
+/// are logged and retried; the files on disk are never removed. A binding
+/// whose files cannot be written is reported and retried on its own; the
+/// other bindings go on.
 ///
 /// # Errors
 /// Only errors retrying cannot fix (denied, invalid request, unusable volume).
@@ -185,10 +330,11 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), backoff_max);
     let mut status = Status::read(job.writer.out());
+    let mut unwritten = Unwritten::default();
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            result = watch_once(job, &mut backoff, &mut status) => result,
+            result = watch_once(job, &mut backoff, &mut status, &mut unwritten) => result,
         };
         if let Err(error) = &result {
             status.stale(&error.to_string());
@@ -220,10 +366,14 @@ pub async fn run(
     }
 }
 
+/// First and longest wait before writing a failed credential again.
+const WRITE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
 async fn watch_once(
     job: &Job,
     backoff: &mut Backoff,
     status: &mut Status,
+    unwritten: &mut Unwritten,
 ) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
     // The span covers opening the stream (the broker's Watch span is its
@@ -232,22 +382,47 @@ async fn watch_once(
     let request = span.in_scope(|| {
         job.target.request(WatchRequest {
             bindings: job.bindings.clone(),
-            held: job.held(),
+            held: job.held(unwritten),
         })
     })?;
     let mut stream = client.watch(request).instrument(span).await?.into_inner();
-    while let Some(message) = stream.message().await? {
+    let mut write_backoff = Backoff::new(WRITE_RETRY.0, WRITE_RETRY.1);
+    loop {
+        let retry_in =
+            (!unwritten.0.is_empty()).then(|| write_backoff.next_delay().max(WRITE_RETRY.0 / 2));
+        let message = tokio::select! {
+            message = stream.message() => message?,
+            () = sleep_for(retry_in) => {
+                for (binding, version) in unwritten.retry(&job.writer, status) {
+                    job.notify.rotated(&binding, &version).await;
+                }
+                status.write(job.writer.out());
+                if unwritten.0.is_empty() {
+                    write_backoff.reset();
+                }
+                continue;
+            }
+        };
+        let Some(message) = message else {
+            return Ok(());
+        };
         if let Some(credential) = message.credential {
             let (binding, version) = (credential.binding.clone(), credential.version.clone());
-            let rotated = write_credential(&job.writer, status, credential)?;
+            let delivery = write_credential(&job.writer, status, unwritten, credential);
             status.write(job.writer.out());
-            if rotated {
+            if let Delivery::Written(true) = delivery {
                 job.notify.rotated(&binding, &version).await;
             }
             backoff.reset();
         }
     }
-    Ok(())
+}
+
+async fn sleep_for(delay: Option<Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Gives back what the pod holds (on SIGTERM): leases end in Vault now
@@ -260,7 +435,7 @@ pub async fn revoke(job: &Job) -> Result<Vec<String>, AgentError> {
     let mut client = job.target.client()?;
     let request = job.target.request(RevokeRequest {
         bindings: job.bindings.clone(),
-        held: job.held(),
+        held: job.held(&Unwritten::default()),
     })?;
     Ok(client.revoke(request).await?.into_inner().revoked)
 }

@@ -116,7 +116,7 @@ fn exit_code(error: &AgentError) -> u8 {
     match error {
         AgentError::Broker(status) if status.code() == tonic::Code::PermissionDenied => EXIT_DENIED,
         AgentError::Broker(_) | AgentError::Incomplete(_) => EXIT_UNAVAILABLE,
-        AgentError::Client(_) | AgentError::Write(_) => 1,
+        AgentError::Client(_) | AgentError::Write { .. } => 1,
     }
 }
 

@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::net::TcpListener;
@@ -62,6 +62,12 @@ pub fn render(out: &Path, now: SystemTime) -> String {
         "1 while the broker (or its Vault) cannot be reached: the files are kept but may be outdated",
         stale.clone(),
     );
+    let write_failures = Family::<BindingLabels, Counter>::default();
+    registry.register(
+        "write_failures",
+        "Writes of a binding's files that failed (full volume, credential larger than the volume, unsafe field name); the previous version stays",
+        write_failures.clone(),
+    );
     let mut soonest: Option<f64> = None;
     for (binding, state) in &status.bindings {
         let labels = BindingLabels {
@@ -75,6 +81,9 @@ pub fn render(out: &Path, now: SystemTime) -> String {
             confirmed.get_or_create(&labels).set(at);
         }
         stale.get_or_create(&labels).set(i64::from(state.stale));
+        write_failures
+            .get_or_create(&labels)
+            .inc_by(state.write_failures);
     }
     if let Some(soonest) = soonest {
         let until = FloatGauge::default();

@@ -31,6 +31,11 @@ pub struct BindingStatus {
     pub stale: bool,
     /// The last error, while stale.
     pub error: Option<String>,
+    /// Writes of this binding's files that failed so far (a full volume, a
+    /// credential larger than the volume, an unsafe field name); the files on
+    /// disk are then the previous version and `stale` is true.
+    #[serde(default)]
+    pub write_failures: u64,
 }
 
 /// The whole status file.
@@ -55,6 +60,7 @@ impl Status {
 
     /// Records a delivery or confirmation of `binding`.
     pub fn confirmed(&mut self, binding: &str, version: &str, not_after: Option<SystemTime>) {
+        let write_failures = self.bindings.get(binding).map_or(0, |s| s.write_failures);
         self.bindings.insert(
             binding.to_owned(),
             BindingStatus {
@@ -63,8 +69,18 @@ impl Status {
                 confirmed_at: now(),
                 stale: false,
                 error: None,
+                write_failures,
             },
         );
+    }
+
+    /// Records that `binding`'s delivered credential could not be written:
+    /// what is on disk is the previous version (or nothing).
+    pub fn write_failed(&mut self, binding: &str, error: &str) {
+        let status = self.bindings.entry(binding.to_owned()).or_default();
+        status.stale = true;
+        status.error = Some(error.chars().take(512).collect());
+        status.write_failures = status.write_failures.saturating_add(1);
     }
 
     /// Marks every binding stale with `error`.

@@ -9,20 +9,24 @@
 //! ```
 //!
 //! Directories are 0500 (0550 with a group) at rest; the writer opens its own
-//! write bit only for the moment of a swap.
+//! write bit only for the moment of a swap. Every step works relative to
+//! directory handles opened with `O_NOFOLLOW`: whoever can write the
+//! volume cannot make the writer follow a symlink out of it, and anything in a
+//! binding directory the writer did not make is replaced, not trusted.
 
 use std::{
     collections::BTreeMap,
-    fs::{self, OpenOptions},
-    io::{self, Write},
-    os::unix::fs::DirBuilderExt,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink},
+    io,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     time::SystemTime,
 };
 
+use at::Kind;
 use tessera_proto::is_safe_name;
 use zeroize::Zeroizing;
+
+mod at;
 
 /// `statfs` magic of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -32,6 +36,8 @@ const RAMFS_MAGIC: i64 = 0x8584_58f6;
 const DATA_LINK: &str = "..data";
 /// The symlink created next to `..data` and renamed over it.
 const DATA_TMP_LINK: &str = "..data_tmp";
+/// A user-visible link being made, renamed over its name.
+const LINK_TMP: &str = "..link_tmp";
 
 /// A binding's fields: name to value, zeroed on drop.
 pub type Fields = BTreeMap<String, Zeroizing<Vec<u8>>>;
@@ -66,6 +72,30 @@ pub enum WriteError {
     /// The broker asked for a file mode other than 0400 or 0440.
     #[error("refusing file mode {0:o} from the broker (only 0400 and 0440 are written)")]
     UnsafeMode(u32),
+    /// The credential can never fit: it is larger than the whole volume.
+    #[error(
+        "binding `{binding}`: the credential needs {size} bytes but the volume holds {capacity} bytes in all (raise the volume's size limit, e.g. the webhook's volumeSizeLimit)"
+    )]
+    TooLarge {
+        /// The binding.
+        binding: String,
+        /// Bytes the credential takes on tmpfs.
+        size: u64,
+        /// Bytes the volume holds in all.
+        capacity: u64,
+    },
+    /// The volume is full for now; the previous version stays.
+    #[error(
+        "binding `{binding}`: no space left on the volume for the credential's {size} bytes ({free} bytes free); the previous version stays, retrying"
+    )]
+    NoSpace {
+        /// The binding.
+        binding: String,
+        /// Bytes the credential takes on tmpfs.
+        size: u64,
+        /// Bytes free when the write failed.
+        free: u64,
+    },
     /// A filesystem operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -159,33 +189,6 @@ impl Writer {
         Ok(Access { file_mode, group })
     }
 
-    fn set_mode(path: &Path, mode: u32) -> Result<(), WriteError> {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
-    }
-
-    /// Whether the binding's current files hold exactly `fields` and `handle`.
-    fn unchanged(dir: &Path, fields: &Fields, handle: Option<&str>) -> bool {
-        let data = dir.join(DATA_LINK);
-        let Ok(entries) = fs::read_dir(&data) else {
-            return false;
-        };
-        let count = entries
-            .filter_map(Result::ok)
-            .filter(|e| !e.file_name().to_string_lossy().starts_with(".."))
-            .count();
-        count == fields.len()
-            && Self::read_hidden(dir, HANDLE_FILE).as_deref() == handle
-            && fields.iter().all(|(name, value)| {
-                fs::read(data.join(name))
-                    .map(Zeroizing::new)
-                    .is_ok_and(|on_disk| on_disk.as_slice() == value.as_slice())
-            })
-    }
-
-    fn read_hidden(dir: &Path, name: &str) -> Option<String> {
-        fs::read_to_string(dir.join(DATA_LINK).join(name)).ok()
-    }
-
     /// The output directory.
     pub fn out(&self) -> &Path {
         &self.out
@@ -193,24 +196,41 @@ impl Writer {
 
     /// The lease handle stored with `binding`'s current files, if any.
     pub fn handle(&self, binding: &str) -> Option<String> {
-        if !is_safe_name(binding) {
-            return None;
-        }
-        Self::read_hidden(&self.out.join(binding), HANDLE_FILE).filter(|h| !h.is_empty())
+        let current = self.current(binding)?;
+        let bytes = at::read_file(&current, HANDLE_FILE).ok()?;
+        String::from_utf8(bytes.to_vec())
+            .ok()
+            .filter(|h| !h.is_empty())
     }
 
     /// Whether `binding` has files.
     pub fn has_files(&self, binding: &str) -> bool {
-        is_safe_name(binding) && self.out.join(binding).join(DATA_LINK).is_dir()
+        self.current(binding).is_some()
+    }
+
+    /// The current version directory of `binding`, opened without following
+    /// anything the writer did not make.
+    fn current(&self, binding: &str) -> Option<OwnedFd> {
+        if !is_safe_name(binding) {
+            return None;
+        }
+        let root = at::open_root(&self.out).ok()?;
+        let dir = at::open_dir(&root, binding).ok()?;
+        current_version(&dir).map(|(_, fd)| fd)
     }
 
     /// Atomically replaces the files of `binding` with `fields` (and `meta`).
     /// Returns `false` when the files already held these values and handle
     /// (nothing written).
     ///
+    /// Everything happens relative to directory handles opened without
+    /// following links: a binding directory, data link or file name that is
+    /// not what the writer made (a planted file, a symlink to elsewhere) is
+    /// replaced, never followed. A failed write removes what it created.
+    ///
     /// # Errors
-    /// On an unsafe name or a filesystem failure; the previous files then stay
-    /// in place and readable.
+    /// On an unsafe name, a credential the volume cannot hold, or a
+    /// filesystem failure; the previous files then stay in place and readable.
     pub fn write(
         &self,
         binding: &str,
@@ -224,120 +244,245 @@ impl Writer {
         if let Some(bad) = fields.keys().find(|name| !is_safe_name(name)) {
             return Err(WriteError::UnsafeName(bad.clone()));
         }
-        let dir = self.out.join(binding);
-        if Self::unchanged(&dir, fields, meta.handle) {
+        let root = at::open_root(&self.out).map_err(io_err("open", &self.out))?;
+        let path = self.out.join(binding);
+        let dir = binding_dir(&root, binding, &path)?;
+        if unchanged(&dir, fields, meta.handle) {
             return Ok(false);
         }
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err("mkdir", &dir)(e)),
+        let size = footprint(fields, meta);
+        let (capacity, _) = at::capacity(&dir).map_err(io_err("statvfs", &path))?;
+        if size > capacity {
+            return Err(WriteError::TooLarge {
+                binding: binding.to_owned(),
+                size,
+                capacity,
+            });
         }
         if let Some(gid) = access.group {
-            std::os::unix::fs::chown(&dir, None, Some(gid)).map_err(io_err("chown", &dir))?;
+            at::chgrp(&dir, gid).map_err(io_err("chown", &path))?;
         }
         // Owner write only for the swap; restored below, also on failure.
-        Self::set_mode(&dir, access.dir_mode() | 0o200)?;
-        let result = Self::swap(&dir, fields, meta, access);
-        let restored = Self::set_mode(&dir, access.dir_mode());
+        at::chmod(&dir, access.dir_mode() | 0o200).map_err(io_err("chmod", &path))?;
+        let result = swap(&dir, &path, fields, meta, access).map_err(|error| match error {
+            WriteError::Io { source, .. } if is_no_space(&source) => WriteError::NoSpace {
+                binding: binding.to_owned(),
+                size,
+                free: at::capacity(&dir).map_or(0, |(_, free)| free),
+            },
+            other => other,
+        });
+        let restored = at::chmod(&dir, access.dir_mode()).map_err(io_err("chmod", &path));
         result?;
         restored?;
         Ok(true)
     }
-
-    fn swap(dir: &Path, fields: &Fields, meta: Meta<'_>, access: Access) -> Result<(), WriteError> {
-        let (ts_name, ts_dir) = create_timestamped_dir(dir)?;
-        for (name, value) in fields {
-            Self::write_file(&ts_dir.join(name), value, access)?;
-        }
-        Self::write_file(&ts_dir.join(VERSION_FILE), meta.version.as_bytes(), access)?;
-        if let Some(handle) = meta.handle {
-            Self::write_file(&ts_dir.join(HANDLE_FILE), handle.as_bytes(), access)?;
-        }
-        if let Some(gid) = access.group {
-            std::os::unix::fs::chown(&ts_dir, None, Some(gid)).map_err(io_err("chown", &ts_dir))?;
-        }
-        Self::set_mode(&ts_dir, access.dir_mode())?;
-        sync_dir(&ts_dir)?;
-
-        let tmp_link = dir.join(DATA_TMP_LINK);
-        let _ = fs::remove_file(&tmp_link);
-        symlink(&ts_name, &tmp_link).map_err(io_err("symlink", &tmp_link))?;
-        fs::rename(&tmp_link, dir.join(DATA_LINK)).map_err(io_err("rename", &tmp_link))?;
-
-        // Stable user-visible names: add new ones, drop ones no longer present.
-        for name in fields.keys() {
-            let link = dir.join(name);
-            if fs::symlink_metadata(&link).is_err() {
-                symlink(Path::new(DATA_LINK).join(name), &link)
-                    .map_err(io_err("symlink", &link))?;
-            }
-        }
-        for entry in fs::read_dir(dir).map_err(io_err("readdir", dir))?.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if !name.starts_with("..") && !fields.contains_key(name.as_ref()) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-        sync_dir(dir)?;
-
-        // Remove the previous directory and any left by an interrupted write.
-        for entry in fs::read_dir(dir).map_err(io_err("readdir", dir))?.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            let is_ts_dir = name.starts_with("..") && name != DATA_LINK && name != DATA_TMP_LINK;
-            if is_ts_dir && *name != *ts_name && entry.file_type().is_ok_and(|t| t.is_dir()) {
-                let path = entry.path();
-                let _ = Self::set_mode(&path, 0o700);
-                if let Err(error) = fs::remove_dir_all(&path) {
-                    tracing::warn!(path = %path.display(), %error, "could not remove an old version directory");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn write_file(path: &Path, value: &[u8], access: Access) -> Result<(), WriteError> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_err("create", path))?;
-        file.write_all(value).map_err(io_err("write", path))?;
-        if let Some(gid) = access.group {
-            std::os::unix::fs::fchown(&file, None, Some(gid)).map_err(io_err("chown", path))?;
-        }
-        // Explicit mode: the umask must not decide who reads a secret.
-        file.set_permissions(fs::Permissions::from_mode(access.file_mode))
-            .map_err(io_err("chmod", path))?;
-        file.sync_all().map_err(io_err("fsync", path))
-    }
 }
 
-fn create_timestamped_dir(parent: &Path) -> Result<(String, PathBuf), WriteError> {
-    let now = SystemTime::now();
-    let stamp = humantime::format_rfc3339_nanos(now)
+/// Opens `binding`'s directory under `root`, creating it, or replacing
+/// whatever else holds the name (a symlink is removed, never followed).
+fn binding_dir(root: &OwnedFd, binding: &str, path: &Path) -> Result<OwnedFd, WriteError> {
+    match at::kind(root, binding).map_err(io_err("stat", path))? {
+        Kind::Dir => {}
+        Kind::Absent => at::mkdir(root, binding, 0o700).map_err(io_err("mkdir", path))?,
+        other => {
+            tracing::warn!(path = %path.display(), kind = ?other, "replacing an entry the writer did not make");
+            at::remove_tree(root, binding).map_err(io_err("remove", path))?;
+            at::mkdir(root, binding, 0o700).map_err(io_err("mkdir", path))?;
+        }
+    }
+    at::open_dir(root, binding).map_err(io_err("open", path))
+}
+
+/// The name and handle of the version directory `..data` points at, when it
+/// is one the writer made (a hidden name in the same directory).
+fn current_version(dir: &OwnedFd) -> Option<(String, OwnedFd)> {
+    let target = at::read_link(dir, DATA_LINK)?;
+    if !is_version_name(&target) {
+        return None;
+    }
+    let fd = at::open_dir(dir, &target).ok()?;
+    Some((target, fd))
+}
+
+/// A name the writer gives version directories: hidden, one component, not
+/// one of its links.
+fn is_version_name(name: &str) -> bool {
+    name.starts_with("..")
+        && name.len() > 2
+        && !name.contains('/')
+        && name != DATA_LINK
+        && name != DATA_TMP_LINK
+        && name != LINK_TMP
+}
+
+/// Whether the binding's current files hold exactly `fields` and `handle`,
+/// and every visible name is the writer's link to them.
+fn unchanged(dir: &OwnedFd, fields: &Fields, handle: Option<&str>) -> bool {
+    let Some((_, current)) = current_version(dir) else {
+        return false;
+    };
+    let stored_handle = at::read_file(&current, HANDLE_FILE).ok();
+    let handle_matches = match (stored_handle, handle) {
+        (None, None) => true,
+        (Some(stored), Some(handle)) => stored.as_slice() == handle.as_bytes(),
+        _ => false,
+    };
+    let Ok(in_version) = at::list(&current) else {
+        return false;
+    };
+    let Ok(visible) = at::list(dir) else {
+        return false;
+    };
+    let visible_count = visible.iter().filter(|n| !n.starts_with("..")).count();
+    let field_count = in_version.iter().filter(|n| !n.starts_with("..")).count();
+    handle_matches
+        && field_count == fields.len()
+        && visible_count == fields.len()
+        && fields.iter().all(|(name, value)| {
+            at::read_link(dir, name).as_deref() == Some(link_target(name).as_str())
+                && at::read_file(&current, name)
+                    .is_ok_and(|on_disk| on_disk.as_slice() == value.as_slice())
+        })
+}
+
+fn link_target(name: &str) -> String {
+    format!("{DATA_LINK}/{name}")
+}
+
+/// Bytes a version takes on tmpfs: every file rounded up to a page.
+fn footprint(fields: &Fields, meta: Meta<'_>) -> u64 {
+    const PAGE: u64 = 4096;
+    let round = |len: usize| (len as u64).div_ceil(PAGE).max(1) * PAGE;
+    fields.values().map(|v| round(v.len())).sum::<u64>()
+        + round(meta.version.len())
+        + meta.handle.map_or(0, |h| round(h.len()))
+}
+
+fn is_no_space(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
+            || code == rustix::io::Errno::DQUOT.raw_os_error()
+    )
+}
+
+/// Writes a new version directory and publishes it; on failure before the
+/// swap, removes what it created so the previous version stays alone.
+fn swap(
+    dir: &OwnedFd,
+    path: &Path,
+    fields: &Fields,
+    meta: Meta<'_>,
+    access: Access,
+) -> Result<(), WriteError> {
+    let current = current_version(dir).map(|(name, _)| name);
+    // Leftovers of an interrupted or failed write first: they hold space the
+    // new version may need.
+    remove_hidden_except(dir, path, current.as_deref())?;
+
+    let version = create_version_dir(dir, path)?;
+    let version_path = path.join(&version);
+    let filled = fill_version(dir, &version, &version_path, fields, meta, access);
+    let published = filled.and_then(|()| {
+        at::symlink(&version, dir, DATA_TMP_LINK)
+            .map_err(io_err("symlink", &path.join(DATA_TMP_LINK)))?;
+        if !matches!(at::kind(dir, DATA_LINK), Ok(Kind::Symlink | Kind::Absent)) {
+            tracing::warn!(path = %path.display(), "replacing a `..data` the writer did not make");
+            at::remove_tree(dir, DATA_LINK).map_err(io_err("remove", &path.join(DATA_LINK)))?;
+        }
+        at::rename(dir, DATA_TMP_LINK, DATA_LINK)
+            .map_err(io_err("rename", &path.join(DATA_TMP_LINK)))
+    });
+    if let Err(error) = published {
+        let _ = at::remove_tree(dir, DATA_TMP_LINK);
+        let _ = at::remove_tree(dir, &version);
+        return Err(error);
+    }
+
+    // Stable user-visible names: each the writer's link, whatever held it.
+    for name in fields.keys() {
+        let target = link_target(name);
+        if at::read_link(dir, name).as_deref() == Some(target.as_str()) {
+            continue;
+        }
+        let link = path.join(name);
+        if at::kind(dir, name).map_err(io_err("stat", &link))? == Kind::Dir {
+            at::remove_tree(dir, name).map_err(io_err("remove", &link))?;
+        }
+        at::symlink(&target, dir, LINK_TMP).map_err(io_err("symlink", &link))?;
+        // rename replaces a planted file or foreign link in one step.
+        at::rename(dir, LINK_TMP, name).map_err(io_err("rename", &link))?;
+    }
+    for name in at::list(dir).map_err(io_err("readdir", path))? {
+        if !name.starts_with("..") && !fields.contains_key(&name) {
+            at::remove_tree(dir, &name).map_err(io_err("remove", &path.join(&name)))?;
+        }
+    }
+    // The previous version, now that nothing points at it.
+    remove_hidden_except(dir, path, Some(&version))?;
+    at::sync(dir).map_err(io_err("fsync", path))
+}
+
+/// Fills the new version directory `version`.
+fn fill_version(
+    dir: &OwnedFd,
+    version: &str,
+    version_path: &Path,
+    fields: &Fields,
+    meta: Meta<'_>,
+    access: Access,
+) -> Result<(), WriteError> {
+    let fd = at::open_dir(dir, version).map_err(io_err("open", version_path))?;
+    let files = fields
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_slice()))
+        .chain([(VERSION_FILE, meta.version.as_bytes())])
+        .chain(meta.handle.map(|h| (HANDLE_FILE, h.as_bytes())));
+    for (name, value) in files {
+        at::write_new_file(&fd, name, value, access.file_mode, access.group)
+            .map_err(io_err("write", &version_path.join(name)))?;
+    }
+    if let Some(gid) = access.group {
+        at::chgrp(&fd, gid).map_err(io_err("chown", version_path))?;
+    }
+    at::chmod(&fd, access.dir_mode()).map_err(io_err("chmod", version_path))?;
+    at::sync(&fd).map_err(io_err("fsync", version_path))
+}
+
+/// Removes every hidden entry but `..data` and the version `keep`.
+fn remove_hidden_except(dir: &OwnedFd, path: &Path, keep: Option<&str>) -> Result<(), WriteError> {
+    for name in at::list(dir).map_err(io_err("readdir", path))? {
+        if name.starts_with("..")
+            && name != DATA_LINK
+            && Some(name.as_str()) != keep
+            && let Err(error) = at::remove_tree(dir, &name)
+        {
+            tracing::warn!(path = %path.join(&name).display(), %error, "could not remove an old version directory");
+        }
+    }
+    Ok(())
+}
+
+fn create_version_dir(dir: &OwnedFd, path: &Path) -> Result<String, WriteError> {
+    let stamp = humantime::format_rfc3339_nanos(SystemTime::now())
         .to_string()
         .replace(['-', ':', 'T'], "_")
         .trim_end_matches('Z')
         .to_owned();
-    loop {
+    // Random suffixes make a clash unlikely; a few tries make it harmless.
+    let mut last = None;
+    for _ in 0..16 {
         let name = format!("..{stamp}_{:04x}", fastrand::u16(..));
-        let path = parent.join(&name);
-        match fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => return Ok((name, path)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err("mkdir", &path)(e)),
+        match at::mkdir(dir, &name, 0o700) {
+            Ok(()) => return Ok(name),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(io_err("mkdir", &path.join(&name))(e)),
         }
     }
-}
-
-fn sync_dir(path: &Path) -> Result<(), WriteError> {
-    fs::File::open(path)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_err("fsync", path))
+    Err(io_err("mkdir", path)(
+        last.unwrap_or_else(|| io::Error::other("no free name")),
+    ))
 }
 
 #[cfg(test)]

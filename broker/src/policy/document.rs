@@ -165,6 +165,9 @@ pub(super) fn parse(text: &str) -> Result<Document, (u64, u64, String)> {
     Ok(doc)
 }
 
+/// The longest duration a policy may name (a year): anything longer is a typo.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 fn duration(
     file: &str,
     text: &Spanned<String>,
@@ -172,6 +175,18 @@ fn duration(
     problems: &mut Vec<Problem>,
 ) -> Option<Duration> {
     match humantime::parse_duration(&text.value) {
+        Ok(d) if d > MAX_DURATION => {
+            problems.push(at(
+                file,
+                text,
+                format!(
+                    "{what} `{}` is longer than {} (no credential lives that long)",
+                    text.value,
+                    format_duration(MAX_DURATION)
+                ),
+            ));
+            None
+        }
         Ok(d) if !d.is_zero() => Some(d),
         _ => {
             problems.push(at(
@@ -227,7 +242,7 @@ pub(super) fn apply_limits(
         ),
     ] {
         if let Some(value) = field {
-            if value.value > 0.0 && value.value < 1.0 {
+            if value.value.is_finite() && value.value > 0.0 && value.value < 1.0 {
                 *target = value.value;
             } else {
                 problems.push(at(
@@ -300,7 +315,8 @@ fn check_fraction(
     what: &str,
     problems: &mut Vec<Problem>,
 ) -> Option<f64> {
-    if value.value < limits.min_renew_fraction || value.value > limits.max_renew_fraction {
+    // Written so that NaN (`.nan` in YAML) fails it too.
+    if !(value.value >= limits.min_renew_fraction && value.value <= limits.max_renew_fraction) {
         problems.push(at(
             file,
             value,
@@ -639,12 +655,27 @@ fn compile_output(
         ));
     }
     let mut names = BTreeSet::new();
+    // The fields the source delivers; for KV without `keys`, at least those
+    // the output names (renamed or used by a template): they must exist.
+    let delivered: BTreeSet<String> = match &known {
+        Some(keys) => keys.iter().cloned().collect(),
+        None => o
+            .files
+            .keys()
+            .cloned()
+            .chain(
+                output
+                    .templates
+                    .values()
+                    .flat_map(|t| t.fields().map(str::to_owned)),
+            )
+            .collect(),
+    };
     let raw_names: Vec<&String> = if o.templates_only {
         Vec::new()
     } else {
-        known
+        delivered
             .iter()
-            .flatten()
             .map(|k| o.files.get(k).unwrap_or(k))
             .collect()
     };

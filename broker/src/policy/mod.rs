@@ -323,26 +323,61 @@ impl Binding {
     }
 
     /// The files to write for these source fields: renamed fields (unless
-    /// `templatesOnly`) plus rendered templates.
+    /// `templatesOnly`) plus rendered templates. Nothing is dropped silently:
+    /// two outputs with one file name, or a field whose name is no safe file
+    /// name (a KV key like `../x`), fail the whole binding.
     ///
     /// # Errors
-    /// The name of a field a template needs that the source did not provide.
+    /// A [`RenderError`] naming the field or file.
     pub fn render(
         &self,
         fields: &BTreeMap<String, Secret>,
-    ) -> Result<BTreeMap<String, Secret>, String> {
+    ) -> Result<BTreeMap<String, Secret>, RenderError> {
         let mut files = BTreeMap::new();
+        let mut add = |name: &String, value: Secret| {
+            if !is_safe_name(name) {
+                return Err(RenderError::UnsafeName(clip(name)));
+            }
+            match files.insert(name.clone(), value) {
+                Some(_) => Err(RenderError::Collision(name.clone())),
+                None => Ok(()),
+            }
+        };
         if !self.output.templates_only {
             for (field, value) in fields {
-                let name = self.output.files.get(field).unwrap_or(field);
-                files.insert(name.clone(), value.clone());
+                add(self.output.files.get(field).unwrap_or(field), value.clone())?;
             }
         }
         for (file, template) in &self.output.templates {
-            files.insert(file.clone(), template.render(fields)?);
+            add(file, template.render(fields).map_err(RenderError::Missing)?)?;
         }
         Ok(files)
     }
+}
+
+/// Why a binding's files could not be made from its source's fields.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// A template uses a field the source did not provide.
+    #[error(
+        "a template uses `{0}`, which the source does not have (fix the policy's template or the secret)"
+    )]
+    Missing(String),
+    /// Two outputs (fields, renames, templates) would be written to one file.
+    #[error(
+        "two outputs would be written to file `{0}` (rename one with output.files, or choose fields with keys)"
+    )]
+    Collision(String),
+    /// A source field's name is no safe file name (`/`, a leading `..`, empty).
+    #[error(
+        "the source has a field named `{0}`, which is no safe file name (rename the key in Vault, or choose keys)"
+    )]
+    UnsafeName(String),
+}
+
+/// A name from Vault as errors and logs show it: escaped, at most 64 characters.
+fn clip(name: &str) -> String {
+    name.chars().take(64).flat_map(char::escape_debug).collect()
 }
 
 /// A loaded, valid policy.

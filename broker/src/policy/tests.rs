@@ -234,3 +234,90 @@ fn diff_reports_every_changed_setting() {
     assert_eq!(lines, ["~ change  orders-db: overlap 30s -> 5m"]);
     assert!(report::diff(&old, &old).is_empty());
 }
+
+/// A one-binding policy with `extra` lines added to the binding.
+fn binding_with(source: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: app
+    subjects: [{{ namespace: shop, serviceAccount: api }}]
+    source:
+      {source}
+{extra}"
+    )
+}
+
+#[test]
+fn renew_fraction_nan_and_absurd_durations_are_refused() {
+    let db = "database: { mount: database, role: app }";
+    for extra in [
+        "    renewFraction: .nan",
+        "    renewFraction: .inf",
+        "    ttl: 100000000000000h",
+        "    overlap: 100000000000000h",
+    ] {
+        let found = problems(&binding_with(db, extra));
+        assert_eq!(found.len(), 1, "{extra}: {found:?}");
+    }
+    let limits = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+limits:
+  minRenewFraction: .nan
+  maxTtl: 100000000000000h
+bindings: []
+";
+    assert_eq!(problems(limits).len(), 2);
+}
+
+#[test]
+fn rename_or_template_that_would_drop_a_field_is_refused() {
+    let kv = "kv2: { mount: secret, path: app }";
+    // A template named after a field it uses (which must therefore exist).
+    let found = problems(&binding_with(
+        kv,
+        "    output:\n      templates: { password: \"{{ password }}x\" }",
+    ));
+    assert!(found[0].message.contains("file `password`"), "{found:?}");
+    // Two renames onto one name.
+    let found = problems(&binding_with(
+        kv,
+        "    output:\n      files: { a: same, b: same }",
+    ));
+    assert!(found[0].message.contains("file `same`"), "{found:?}");
+    // Known fields: a rename onto another field's name.
+    let found = problems(&binding_with(
+        "database: { mount: database, role: app }",
+        "    output:\n      files: { password: username }",
+    ));
+    assert!(found[0].message.contains("file `username`"), "{found:?}");
+}
+
+#[test]
+fn collisions_only_vault_data_shows_fail_at_delivery() {
+    let policy = Policy::parse(
+        &binding_with(
+            "kv2: { mount: secret, path: app }",
+            "    output:\n      files: { password: username }",
+        ),
+        "p.yaml",
+    )
+    .unwrap();
+    let fields = |pairs: &[(&str, &str)]| -> BTreeMap<String, Secret> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Secret::from((*v).to_owned())))
+            .collect()
+    };
+    let binding = &policy.bindings[0];
+    assert_eq!(
+        binding.render(&fields(&[("password", "p"), ("username", "u")])),
+        Err(RenderError::Collision("username".into()))
+    );
+    assert!(binding.render(&fields(&[("password", "p")])).is_ok());
+    assert_eq!(
+        binding.render(&fields(&[("../escape", "x"), ("password", "p")])),
+        Err(RenderError::UnsafeName("../escape".into()))
+    );
+}

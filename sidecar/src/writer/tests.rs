@@ -1,4 +1,7 @@
-use std::os::unix::fs::MetadataExt;
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+};
 
 use super::*;
 
@@ -236,4 +239,413 @@ fn handle_and_version_are_stored_hidden_with_the_fields() {
             .unwrap()
     );
     assert_eq!(writer.handle("db").as_deref(), Some("other.handle"));
+}
+
+/// A small tmpfs of its own (the test runs as root, as CI does), unmounted on drop.
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tmpfs_dir();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a {size} tmpfs needs root");
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Every entry under `dir` (recursively, links not followed) with its content.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(next) = stack.pop() {
+        for entry in fs::read_dir(&next).unwrap().flatten() {
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(path.clone());
+                out.push((path, None));
+            } else if kind.is_symlink() {
+                out.push((
+                    path.clone(),
+                    Some(
+                        fs::read_link(&path)
+                            .unwrap()
+                            .into_os_string()
+                            .into_encoded_bytes(),
+                    ),
+                ));
+            } else {
+                out.push((path.clone(), Some(fs::read(&path).unwrap())));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The binding's visible fields, read through its links.
+fn visible(dir: &Path) -> BTreeMap<String, String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".."))
+        .map(|n| {
+            let value = fs::read_to_string(dir.join(&n)).unwrap();
+            (n, value)
+        })
+        .collect()
+}
+
+/// Hidden entries other than `..data`: exactly one version directory.
+fn version_dirs(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("..") && name != DATA_LINK
+        })
+        .count()
+}
+
+#[test]
+fn writer_follows_no_symlinked_binding_directory() {
+    let out = tmpfs_dir();
+    let elsewhere = tmpfs_dir();
+    fs::write(elsewhere.path().join("keep-1"), "precious").unwrap();
+    fs::write(elsewhere.path().join("keep-2"), "precious").unwrap();
+    let before = snapshot(elsewhere.path());
+    let mode_before = fs::metadata(elsewhere.path()).unwrap().mode();
+    let writer = Writer::new(out.path().to_owned(), None);
+    writer
+        .write(
+            "app",
+            &fields(&[("password", "p1")]),
+            Meta::default(),
+            owner(),
+        )
+        .unwrap();
+    // Swap the binding directory for a link to a directory outside the volume.
+    let app = out.path().join("app");
+    fs::set_permissions(&app, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::remove_dir_all(&app).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), &app).unwrap();
+
+    writer
+        .write(
+            "app",
+            &fields(&[("password", "p2")]),
+            Meta::default(),
+            owner(),
+        )
+        .unwrap();
+
+    assert_eq!(
+        snapshot(elsewhere.path()),
+        before,
+        "nothing outside the volume changed"
+    );
+    assert_eq!(
+        fs::metadata(elsewhere.path()).unwrap().mode(),
+        mode_before,
+        "the foreign directory was not chmod-ed"
+    );
+    assert!(
+        fs::symlink_metadata(&app).unwrap().is_dir(),
+        "the link was replaced by a directory"
+    );
+    assert_eq!(
+        visible(&app),
+        BTreeMap::from([("password".into(), "p2".into())])
+    );
+}
+
+#[test]
+fn writer_replaces_a_planted_file_with_its_link() {
+    let out = tmpfs_dir();
+    let writer = Writer::new(out.path().to_owned(), None);
+    writer
+        .write(
+            "app",
+            &fields(&[("password", "real")]),
+            Meta::default(),
+            owner(),
+        )
+        .unwrap();
+    let app = out.path().join("app");
+    fs::set_permissions(&app, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::remove_file(app.join("password")).unwrap();
+    fs::write(app.join("password"), "planted").unwrap();
+    fs::write(app.join("extra"), "planted").unwrap();
+
+    // Same values: the writer still notices the name is not its link.
+    assert!(
+        writer
+            .write(
+                "app",
+                &fields(&[("password", "real")]),
+                Meta::default(),
+                owner()
+            )
+            .unwrap()
+    );
+    assert_eq!(
+        visible(&app),
+        BTreeMap::from([("password".into(), "real".into())])
+    );
+    assert_eq!(
+        fs::read_link(app.join("password")).unwrap(),
+        Path::new("..data/password")
+    );
+}
+
+#[test]
+fn writer_replaces_a_planted_data_directory_and_foreign_link() {
+    let out = tmpfs_dir();
+    let elsewhere = tmpfs_dir();
+    fs::write(elsewhere.path().join("password"), "planted").unwrap();
+    let app = out.path().join("app");
+    fs::create_dir(&app).unwrap();
+    fs::create_dir(app.join(DATA_LINK)).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path().join("password"), app.join("password")).unwrap();
+    let writer = Writer::new(out.path().to_owned(), None);
+    writer
+        .write(
+            "app",
+            &fields(&[("password", "real")]),
+            Meta::default(),
+            owner(),
+        )
+        .unwrap();
+    assert_eq!(
+        visible(&app),
+        BTreeMap::from([("password".into(), "real".into())])
+    );
+    assert_eq!(
+        fs::read_to_string(elsewhere.path().join("password")).unwrap(),
+        "planted"
+    );
+    assert_eq!(version_dirs(&app), 1);
+}
+
+#[test]
+fn writer_that_does_not_fit_keeps_the_previous_version_and_recovers() {
+    let volume = SmallTmpfs::mount("64k");
+    let writer = Writer::new(volume.path().to_owned(), None);
+    let big = "x".repeat(40 * 1024);
+    writer
+        .write(
+            "app",
+            &fields(&[("password", &big)]),
+            Meta::default(),
+            owner(),
+        )
+        .unwrap();
+    let app = volume.path().join("app");
+
+    // The next version does not fit beside the current one.
+    let bigger = "y".repeat(40 * 1024);
+    for _ in 0..3 {
+        let error = writer
+            .write(
+                "app",
+                &fields(&[("password", &bigger)]),
+                Meta::default(),
+                owner(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(error, WriteError::NoSpace { ref binding, .. } if binding == "app"),
+            "{error}"
+        );
+        assert_eq!(visible(&app)["password"], big, "the previous version stays");
+        assert_eq!(version_dirs(&app), 1, "nothing half-written stays behind");
+    }
+    // Other bindings and a smaller successor still work.
+    writer
+        .write("other", &fields(&[("user", "u")]), Meta::default(), owner())
+        .unwrap();
+    writer
+        .write(
+            "app",
+            &fields(&[("password", "small")]),
+            Meta::default(),
+            owner(),
+        )
+        .unwrap();
+    assert_eq!(visible(&app)["password"], "small");
+    assert_eq!(version_dirs(&app), 1);
+
+    // Larger than the whole volume: named as such, with both sizes.
+    let huge = "z".repeat(100 * 1024);
+    let error = writer
+        .write(
+            "app",
+            &fields(&[("password", &huge)]),
+            Meta::default(),
+            owner(),
+        )
+        .unwrap_err();
+    match error {
+        WriteError::TooLarge {
+            binding,
+            size,
+            capacity,
+        } => {
+            assert_eq!(binding, "app");
+            assert!(
+                size > capacity && capacity == 64 * 1024,
+                "{size} {capacity}"
+            );
+        }
+        other => panic!("expected TooLarge, got {other}"),
+    }
+}
+
+mod property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What can happen to a volume between two looks at it.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A delivery of `size` bytes of value `tag` for fields `names`.
+        Deliver {
+            names: Vec<u8>,
+            tag: u8,
+            size: usize,
+        },
+        /// Someone with write access plants a regular file by a field's name.
+        PlantFile(u8),
+        /// ... replaces the binding directory with a link outside the volume.
+        LinkBindingAway,
+        /// ... links a field's name outside the volume.
+        LinkFieldAway(u8),
+        /// ... leaves a half-written version directory behind.
+        PlantVersionDir,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (prop::collection::vec(0u8..4, 1..4), any::<u8>(), prop_oneof![Just(10usize), Just(20_000), Just(50_000)])
+                .prop_map(|(names, tag, size)| Op::Deliver { names, tag, size }),
+            1 => (0u8..4).prop_map(Op::PlantFile),
+            1 => Just(Op::LinkBindingAway),
+            1 => (0u8..4).prop_map(Op::LinkFieldAway),
+            1 => Just(Op::PlantVersionDir),
+        ]
+    }
+
+    fn is_real_dir(path: &Path) -> bool {
+        fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+    }
+
+    fn open_up(dir: &Path) {
+        if is_real_dir(dir) {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn volume_always_holds_exactly_one_complete_version(ops in prop::collection::vec(op(), 1..14)) {
+            let volume = SmallTmpfs::mount("96k");
+            let elsewhere = tmpfs_dir();
+            fs::write(elsewhere.path().join("f0"), "outside").unwrap();
+            fs::create_dir(elsewhere.path().join("sub")).unwrap();
+            fs::write(elsewhere.path().join("sub/f1"), "outside").unwrap();
+            let before = snapshot(elsewhere.path());
+            let writer = Writer::new(volume.path().to_owned(), None);
+            let app = volume.path().join("app");
+            let mut delivered: Option<BTreeMap<String, String>> = None;
+            let mut tampered = false;
+            for op in ops {
+                if !matches!(op, Op::Deliver { .. }) {
+                    tampered = true;
+                }
+                match op {
+                    Op::Deliver { names, tag, size } => {
+                        let value = char::from(b'a' + tag % 26).to_string().repeat(size);
+                        let wanted: BTreeMap<String, String> = names.iter().map(|n| (format!("f{n}"), value.clone())).collect();
+                        let as_fields: Fields = wanted.iter().map(|(k, v)| (k.clone(), Zeroizing::new(v.as_bytes().to_vec()))).collect();
+                        match writer.write("app", &as_fields, Meta::default(), owner()) {
+                            Ok(_) => {
+                                prop_assert_eq!(&visible(&app), &wanted, "a delivery is complete");
+                                prop_assert_eq!(version_dirs(&app), 1);
+                                delivered = Some(wanted);
+                                tampered = false;
+                            }
+                            Err(WriteError::NoSpace { .. } | WriteError::TooLarge { .. }) => {
+                                if let (Some(previous), false) = (&delivered, tampered) {
+                                    prop_assert_eq!(&visible(&app), previous, "a failed write keeps the previous version");
+                                    prop_assert_eq!(version_dirs(&app), 1, "a failed write leaves nothing behind");
+                                }
+                            }
+                            Err(other) => panic!("unexpected write error: {other}"),
+                        }
+                    }
+                    Op::PlantFile(n) => {
+                        open_up(&app);
+                        if is_real_dir(&app) {
+                            let _ = fs::remove_file(app.join(format!("f{n}")));
+                            fs::write(app.join(format!("f{n}")), "planted").unwrap();
+                        }
+                    }
+                    Op::LinkBindingAway => {
+                        open_up(&app);
+                        if fs::symlink_metadata(&app).is_ok() {
+                            let _ = fs::remove_dir_all(&app).or_else(|_| fs::remove_file(&app));
+                        }
+                        std::os::unix::fs::symlink(elsewhere.path(), &app).unwrap();
+                        delivered = None;
+                    }
+                    Op::LinkFieldAway(n) => {
+                        open_up(&app);
+                        if is_real_dir(&app) {
+                            let _ = fs::remove_file(app.join(format!("f{n}")));
+                            std::os::unix::fs::symlink(elsewhere.path().join("f0"), app.join(format!("f{n}"))).unwrap();
+                        }
+                    }
+                    Op::PlantVersionDir => {
+                        open_up(&app);
+                        if is_real_dir(&app) {
+                            let _ = fs::create_dir(app.join("..2000_01_01_leftover"));
+                            let _ = fs::write(app.join("..2000_01_01_leftover/f0"), "x".repeat(30_000));
+                        }
+                    }
+                }
+                prop_assert_eq!(&snapshot(elsewhere.path()), &before, "nothing outside the volume changes");
+            }
+            // One final delivery that fits: the volume then holds exactly it.
+            let last: BTreeMap<String, String> = [("f1".to_owned(), "final".to_owned())].into();
+            let as_fields: Fields = last.iter().map(|(k, v)| (k.clone(), Zeroizing::new(v.as_bytes().to_vec()))).collect();
+            writer.write("app", &as_fields, Meta::default(), owner()).unwrap();
+            prop_assert_eq!(visible(&app), last);
+            prop_assert_eq!(version_dirs(&app), 1);
+            prop_assert_eq!(&snapshot(elsewhere.path()), &before);
+        }
+    }
 }
