@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         // Credential carries secret values: its Debug (in lib.rs) prints only
         // field names and lengths.
         .skip_debug([".tessera.v1.Credential"])
+        // A request that does not parse is INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::StrictCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::{
     audit::AuditTarget,
+    listener::ConnectionLimits,
     ratelimit::RateLimit,
     tls::TlsSettings,
     vault::{VaultAuth, VaultSettings},
@@ -100,6 +101,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The admission webhook; not served when absent.
     pub webhook: Option<webhook::Settings>,
+    /// Limits on each listener's connections.
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Deserialize)]
@@ -123,7 +126,41 @@ struct File {
     leases: LeasesFile,
     #[serde(default)]
     admin: AdminFile,
+    #[serde(default)]
+    connections: ConnectionsFile,
     webhook: Option<WebhookFile>,
+}
+
+/// `connections:`: limits on each listener (gRPC and webhook).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConnectionsFile {
+    #[serde(default = "default_max_connections")]
+    max: usize,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    handshake_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    idle_timeout: Duration,
+}
+
+impl Default for ConnectionsFile {
+    fn default() -> Self {
+        Self {
+            max: default_max_connections(),
+            handshake_timeout: default_handshake_timeout(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    ConnectionLimits::default().max
+}
+fn default_handshake_timeout() -> Duration {
+    ConnectionLimits::default().handshake_timeout
+}
+fn default_idle_timeout() -> Duration {
+    ConnectionLimits::default().idle_timeout
 }
 
 #[derive(Deserialize, Default)]
@@ -425,6 +462,21 @@ impl Config {
                 "vault.kvPollInterval must be at least 100ms".to_owned(),
             ));
         }
+        let connections = ConnectionLimits {
+            max: file.connections.max,
+            handshake_timeout: file.connections.handshake_timeout,
+            idle_timeout: file.connections.idle_timeout,
+        };
+        if connections.max == 0 {
+            return Err(error("connections.max must be at least 1".to_owned()));
+        }
+        if connections.handshake_timeout < Duration::from_millis(100)
+            || connections.idle_timeout < connections.handshake_timeout
+        {
+            return Err(error(
+                "connections.handshakeTimeout must be at least 100ms and connections.idleTimeout at least as long".to_owned(),
+            ));
+        }
         let (Some(per_second), Some(burst)) = (
             NonZeroU32::new(file.rate_limit.per_second),
             NonZeroU32::new(file.rate_limit.burst),
@@ -469,6 +521,7 @@ impl Config {
             },
             kv_poll_interval: file.vault.kv_poll_interval,
             shutdown_grace: file.shutdown_grace,
+            connections,
         })
     }
 }

@@ -32,6 +32,16 @@ pub enum Error {
         /// When a request would be allowed again.
         retry_after: Duration,
     },
+    /// The pod already holds the most open streams allowed on a leased binding.
+    #[error(
+        "binding `{binding}`: this pod already holds {limit} open Watch streams on it, each with its own lease (close one, or resume with the held handle)"
+    )]
+    TooManyStreams {
+        /// The binding.
+        binding: String,
+        /// The limit.
+        limit: usize,
+    },
     /// A held lease handle was refused.
     #[error(transparent)]
     Handle(#[from] crate::handle::HandleError),
@@ -65,7 +75,7 @@ impl From<Error> for Status {
             Error::InvalidRequest(_) => Code::InvalidArgument,
             Error::Handle(crate::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
             Error::Handle(crate::handle::HandleError::NotYours(_)) => Code::PermissionDenied,
-            Error::RateLimited { .. } => Code::ResourceExhausted,
+            Error::RateLimited { .. } | Error::TooManyStreams { .. } => Code::ResourceExhausted,
             Error::Render { .. } => Code::FailedPrecondition,
             Error::Vault { source, .. } => match source {
                 VaultError::Unavailable(_) | VaultError::Login(_) => Code::Unavailable,

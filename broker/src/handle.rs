@@ -1,14 +1,16 @@
 //! Lease handles: what a pod holds so that any broker replica can resume,
 //! renew or revoke its credential without replica-local state. A handle is
-//! the credential's metadata, MACed (HMAC-SHA256, ring) with a key the
-//! replicas share, and bound to the pod UID it was issued to: another pod
-//! presenting it is refused.
+//! the credential's metadata sealed with ChaCha20-Poly1305 (ring) under a key
+//! derived from the one the replicas share: nobody but the broker can read
+//! the Vault lease id in it or forge one, and it is bound to the pod UID it
+//! was issued to: another pod presenting it is refused.
 
 use std::path::Path;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ring::{
-    hmac,
+    aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
+    hkdf,
     rand::{SecureRandom, SystemRandom},
 };
 use serde::{Deserialize, Serialize};
@@ -47,8 +49,16 @@ pub enum HandleError {
     NotYours(String),
 }
 
-/// The MAC key shared by the broker replicas.
-pub struct HandleKey(hmac::Key);
+/// The sealing key shared by the broker replicas.
+pub struct HandleKey {
+    key: LessSafeKey,
+    random: SystemRandom,
+}
+
+/// Prefix of sealed handles (a version, so the format can change).
+const SEALED_PREFIX: &str = "v2.";
+/// What the sealing key is derived for (HKDF info), and the AEAD's associated data.
+const CONTEXT: &[u8] = b"tessera lease handle v2";
 
 /// Errors loading the handle key.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +94,22 @@ impl HandleKey {
         if bytes.len() < 32 {
             return Err(HandleKeyError::TooShort(path.display().to_string()));
         }
-        Ok(Self(hmac::Key::new(hmac::HMAC_SHA256, &bytes)))
+        Self::derive(&bytes)
+    }
+
+    /// The AEAD key for `secret` (the shared file's bytes), by HKDF-SHA256.
+    fn derive(secret: &[u8]) -> Result<Self, HandleKeyError> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"tessera").extract(secret);
+        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+        prk.expand(&[CONTEXT], &CHACHA20_POLY1305)
+            .and_then(|okm| okm.fill(bytes.as_mut()))
+            .map_err(|_| HandleKeyError::Random)?;
+        let key = UnboundKey::new(&CHACHA20_POLY1305, bytes.as_ref())
+            .map_err(|_| HandleKeyError::Random)?;
+        Ok(Self {
+            key: LessSafeKey::new(key),
+            random: SystemRandom::new(),
+        })
     }
 
     /// A random key, for a single replica: its handles die with the process.
@@ -96,14 +121,31 @@ impl HandleKey {
         SystemRandom::new()
             .fill(bytes.as_mut())
             .map_err(|_| HandleKeyError::Random)?;
-        Ok(Self(hmac::Key::new(hmac::HMAC_SHA256, bytes.as_ref())))
+        Self::derive(bytes.as_ref())
     }
 
-    /// Seals a handle: `base64url(json).base64url(mac)`.
+    /// Seals a handle: `v2.base64url(nonce || ciphertext || tag)`, the
+    /// plaintext being the handle's JSON. Empty when the system's random
+    /// source fails (the pod then holds no handle and gets a fresh
+    /// credential on reconnect).
     pub fn seal(&self, handle: &Handle) -> String {
-        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(handle).unwrap_or_default());
-        let tag = hmac::sign(&self.0, body.as_bytes());
-        format!("{body}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+        let mut nonce = [0u8; NONCE_LEN];
+        if self.random.fill(&mut nonce).is_err() {
+            tracing::error!("the system random source failed; the lease handle is left empty");
+            return String::new();
+        }
+        let mut sealed = nonce.to_vec();
+        let mut body = serde_json::to_vec(handle).unwrap_or_default();
+        let sealed_ok = self.key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(CONTEXT),
+            &mut body,
+        );
+        if sealed_ok.is_err() {
+            return String::new();
+        }
+        sealed.extend_from_slice(&body);
+        format!("{SEALED_PREFIX}{}", URL_SAFE_NO_PAD.encode(sealed))
     }
 
     /// Opens a handle presented for `binding` by the pod `pod_uid`.
@@ -113,11 +155,18 @@ impl HandleKey {
     /// [`HandleError::NotYours`] for one issued to another pod or binding.
     pub fn open(&self, text: &str, binding: &str, pod_uid: &str) -> Result<Handle, HandleError> {
         let invalid = || HandleError::Invalid(binding.to_owned());
-        let (body, tag) = text.split_once('.').ok_or_else(invalid)?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| invalid())?;
-        hmac::verify(&self.0, body.as_bytes(), &tag).map_err(|_| invalid())?;
-        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| invalid())?;
-        let handle: Handle = serde_json::from_slice(&json).map_err(|_| invalid())?;
+        let encoded = text.strip_prefix(SEALED_PREFIX).ok_or_else(invalid)?;
+        let mut sealed = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| invalid())?;
+        if sealed.len() < NONCE_LEN + aead::MAX_TAG_LEN {
+            return Err(invalid());
+        }
+        let mut body = sealed.split_off(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(&sealed).map_err(|_| invalid())?;
+        let json = self
+            .key
+            .open_in_place(nonce, Aad::from(CONTEXT), &mut body)
+            .map_err(|_| invalid())?;
+        let handle: Handle = serde_json::from_slice(json).map_err(|_| invalid())?;
         if handle.binding != binding || handle.pod_uid != pod_uid || pod_uid.is_empty() {
             return Err(HandleError::NotYours(binding.to_owned()));
         }
@@ -156,6 +205,19 @@ mod tests {
     }
 
     #[test]
+    fn handles_do_not_show_the_lease_id() {
+        let key = HandleKey::generate().unwrap();
+        let sealed = key.seal(&handle());
+        let decoded = URL_SAFE_NO_PAD
+            .decode(sealed.strip_prefix(SEALED_PREFIX).unwrap())
+            .unwrap();
+        let text = String::from_utf8_lossy(&decoded);
+        assert!(!text.contains("database/creds"), "{text}");
+        assert!(!sealed.contains("ZGF0YWJhc2"), "no base64 of the lease id");
+        assert_ne!(key.seal(&handle()), sealed, "a fresh nonce every time");
+    }
+
+    #[test]
     fn forged_or_foreign_handles_are_invalid() {
         let key = HandleKey::generate().unwrap();
         let other = HandleKey::generate().unwrap();
@@ -164,18 +226,19 @@ mod tests {
             key.open(&sealed, "db", "uid-1"),
             Err(HandleError::Invalid("db".into()))
         );
-        let mut tampered = handle();
-        tampered.pod_uid = "uid-2".into();
-        let forged = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&tampered).unwrap()),
-            key.seal(&handle()).split_once('.').unwrap().1
-        );
+        // A flipped byte anywhere makes the handle invalid, not another one.
+        let sealed = key.seal(&handle());
+        let mut bytes = URL_SAFE_NO_PAD
+            .decode(sealed.strip_prefix(SEALED_PREFIX).unwrap())
+            .unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let forged = format!("{SEALED_PREFIX}{}", URL_SAFE_NO_PAD.encode(&bytes));
         assert_eq!(
-            key.open(&forged, "db", "uid-2"),
+            key.open(&forged, "db", "uid-1"),
             Err(HandleError::Invalid("db".into()))
         );
-        for garbage in ["", ".", "a.b", "!!!.???"] {
+        for garbage in ["", ".", "a.b", "!!!.???", "v2.", "v2.AAAA"] {
             assert!(key.open(garbage, "db", "uid-1").is_err());
         }
     }

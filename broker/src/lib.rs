@@ -15,6 +15,7 @@ mod fuzz;
 pub mod handle;
 pub mod identity;
 pub mod lifecycle;
+pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
@@ -284,6 +285,13 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
     })
 }
 
+/// How often the broker pings each HTTP/2 connection.
+pub const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+pub const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most concurrent RPCs (streams) on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// Serves gRPC (Broker, health, reflection) on `listener` until `shutdown`.
 ///
 /// # Errors
@@ -319,8 +327,14 @@ pub async fn run(
         audiences = ?prepared.config.identity.audiences,
         "broker listening (TLS 1.3)"
     );
-    let incoming = tls::incoming(listener, prepared.tls, shutdown.clone());
+    let gate = listener::Gate::new("grpc", prepared.config.connections);
+    let incoming = tls::incoming(listener, prepared.tls, gate, shutdown.clone());
     tonic::transport::Server::builder()
+        // Dead peers are found by keepalive pings; live ones answer them,
+        // which also keeps them clear of the idle timeout.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
         .add_optional_service(reflection)
         .add_service(BrokerServer::new(prepared.service))

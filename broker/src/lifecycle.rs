@@ -536,7 +536,10 @@ mod tests {
                 Duration::from_secs(70)
             );
         }
-        assert_eq!(fraction_of(Duration::from_secs(10), f64::NAN), Duration::ZERO);
+        assert_eq!(
+            fraction_of(Duration::from_secs(10), f64::NAN),
+            Duration::ZERO
+        );
         assert_eq!(
             fraction_of(Duration::from_secs(10), 2.0),
             Duration::from_secs(10)

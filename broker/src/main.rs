@@ -235,6 +235,7 @@ fn serve(
         let listen = config.listen;
         let admin_listen = config.admin_listen;
         let webhook_listen = config.webhook.as_ref().map(|w| w.listen);
+        let connections = config.connections;
         let mut prepared = match tessera_broker::prepare(config, &shutdown).await {
             Ok(prepared) => prepared,
             Err(error) => {
@@ -262,7 +263,9 @@ fn serve(
             tracing::info!(%address, "admission webhook listening (HTTPS, POST /mutate)");
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(error) = webhook.serve(webhook_listener, shutdown.clone()).await {
+                if let Err(error) = webhook
+                    .serve(webhook_listener, connections, shutdown.clone())
+                    .await {
                     // Stop, so the pod restarts instead of running without its webhook.
                     tracing::error!(%error, "admission webhook failed; stopping the broker");
                     shutdown.cancel();

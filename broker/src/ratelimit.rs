@@ -40,18 +40,39 @@ impl Limiter {
     /// # Errors
     /// The wait until the next request would be allowed.
     pub fn check(&self, identity: &Identity) -> Result<(), Duration> {
-        let key = match &identity.pod {
-            Some(pod) => format!("pod/{}", pod.uid),
-            None => format!("sa/{}/{}", identity.namespace, identity.service_account),
-        };
         self.limiter
-            .check_key(&key)
+            .check_key(&key(identity))
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// `Ok` when `identity` may do `n` more units of work now (one per lease
+    /// handle in a Revoke); otherwise how long to wait. More than the burst
+    /// at once is never allowed.
+    ///
+    /// # Errors
+    /// The wait until that much work would be allowed.
+    pub fn check_n(&self, identity: &Identity, n: u32) -> Result<(), Duration> {
+        let Some(n) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        match self.limiter.check_key_n(&key(identity), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            Err(_insufficient) => Err(Duration::from_secs(1)),
+        }
     }
 
     /// Forgets identities whose buckets are full again (bounded memory).
     pub fn forget_idle(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+    }
+}
+
+/// The bucket of an identity: its pod when the token names one.
+fn key(identity: &Identity) -> String {
+    match &identity.pod {
+        Some(pod) => format!("pod/{}", pod.uid),
+        None => format!("sa/{}/{}", identity.namespace, identity.service_account),
     }
 }

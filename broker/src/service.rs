@@ -4,11 +4,11 @@
 use std::{
     collections::{BTreeSet, HashMap},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use futures::{Stream, StreamExt, future::try_join_all};
+use futures::{Stream, StreamExt, future::join_all};
 use tessera_proto::v1::{
     Credential, FetchRequest, FetchResponse, Held, Identity as ProtoIdentity, RevokeRequest,
     RevokeResponse, WatchRequest, WatchResponse, WhoAmIRequest, WhoAmIResponse,
@@ -33,8 +33,12 @@ use crate::{
     vault::KvSecret,
 };
 
-/// Most bindings one request may name.
+/// Most bindings one request may name, and most lease handles one Revoke may carry.
 const MAX_BINDINGS_PER_REQUEST: usize = 64;
+/// Most open `Watch` streams one pod may hold on one leased binding: each
+/// holds a live lease (a database user), so a pod cannot mint without bound.
+/// A few allow for a reconnect racing the old stream's end.
+pub const MAX_STREAMS_PER_POD_BINDING: usize = 4;
 
 /// What the service is built from.
 pub struct Parts {
@@ -60,6 +64,8 @@ pub struct Parts {
 #[derive(Clone)]
 pub struct BrokerService {
     parts: Arc<Parts>,
+    /// Open `Watch` streams per pod and leased binding.
+    streams: Arc<Mutex<HashMap<(String, String), usize>>>,
 }
 
 /// A request's verified identity and where it came from.
@@ -73,7 +79,46 @@ impl BrokerService {
     pub fn new(parts: Parts) -> Self {
         Self {
             parts: Arc::new(parts),
+            streams: Arc::default(),
         }
+    }
+
+    /// Counts a new `Watch` stream of the caller's pod on each leased
+    /// binding; refused past [`MAX_STREAMS_PER_POD_BINDING`]. Tokens that
+    /// name no pod are not counted (their rate limit still applies).
+    fn open_streams(
+        &self,
+        caller: &Caller,
+        bindings: &[Arc<Binding>],
+    ) -> Result<StreamSlots, Status> {
+        let mut slots = StreamSlots {
+            counts: self.streams.clone(),
+            keys: Vec::new(),
+        };
+        let Some(pod) = &caller.identity.pod else {
+            return Ok(slots);
+        };
+        let mut counts = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        for binding in bindings.iter().filter(|b| b.source.is_leased()) {
+            let key = (pod.uid.clone(), binding.name.clone());
+            let count = counts.entry(key.clone()).or_default();
+            if *count >= MAX_STREAMS_PER_POD_BINDING {
+                drop(counts);
+                let error = Error::TooManyStreams {
+                    binding: binding.name.clone(),
+                    limit: MAX_STREAMS_PER_POD_BINDING,
+                };
+                let mut event = Event::new(Action::Issue, Outcome::Denied, Some(&caller.identity));
+                event.binding = Some(binding.name.clone());
+                event.reason = Some(error.to_string());
+                event.peer = caller.peer.clone();
+                self.audit(event);
+                return Err(log_failure(error));
+            }
+            *count += 1;
+            slots.keys.push(key);
+        }
+        Ok(slots)
     }
 
     fn audit(&self, event: Event) {
@@ -185,7 +230,10 @@ impl BrokerService {
     }
 
     /// Resumes what the caller holds, or issues anew, for every binding (all
-    /// or nothing) and audits the outcome.
+    /// or nothing) and audits the outcome. What was issued comes with an
+    /// [`Undelivered`] guard: the caller disarms it once the credentials are on
+    /// their way; dropped armed (the request failed, or its task panicked), it
+    /// revokes the leases nobody received.
     #[tracing::instrument(name = "deliver", skip_all, fields(bindings = bindings.len()))]
     async fn deliver_all(
         &self,
@@ -193,9 +241,11 @@ impl BrokerService {
         generation: u64,
         bindings: &[Arc<Binding>],
         held: &[Held],
-    ) -> Result<Vec<(Live, Credential)>, Status> {
+    ) -> Result<(Vec<(Live, Credential)>, Undelivered), Status> {
         let lifecycle = &self.parts.lifecycle;
-        let result = try_join_all(bindings.iter().map(|binding| async move {
+        // Every binding runs to its end (no early cancel), so each lease
+        // Vault minted is known and can be revoked if another binding fails.
+        let results = join_all(bindings.iter().map(|binding| async move {
             let handle = held.iter().find(|h| h.binding == binding.name);
             if let Some(handle) = handle
                 && let Some((live, credential)) = lifecycle
@@ -208,37 +258,139 @@ impl BrokerService {
             Ok((live, credential, false))
         }))
         .await;
-        match result {
-            Ok(delivered) => Ok(delivered
-                .into_iter()
-                .map(|(live, credential, resumed)| {
-                    tracing::info!(
-                        binding = %live.binding.name,
-                        version = %live.version,
-                        resumed,
-                        "credential delivered"
-                    );
+        let mut guard = Undelivered {
+            service: self.clone(),
+            identity: caller.identity.clone(),
+            lives: Vec::new(),
+        };
+        let mut delivered = Vec::with_capacity(results.len());
+        let mut failure = None;
+        for result in results {
+            match result {
+                Ok((live, credential, resumed)) => {
                     if !resumed {
-                        self.audit_delivery(caller, Action::Issue, &live, Some(generation));
+                        guard.lives.push(live.clone());
                     }
-                    (live, credential)
-                })
-                .collect()),
-            Err(error) => {
-                let mut event = Event::new(Action::Issue, Outcome::Error, Some(&caller.identity));
-                if let Error::Vault { binding, .. } | Error::Render { binding, .. } = &error {
-                    event.binding = Some(binding.clone());
+                    delivered.push((live, credential, resumed));
                 }
-                if let Error::Handle(_) = &error {
-                    event.outcome = Some(Outcome::Denied);
+                Err(error) => {
+                    failure.get_or_insert(error);
                 }
-                event.reason = Some(error.to_string());
-                event.peer = caller.peer.clone();
-                event.policy_generation = Some(generation);
-                self.audit(event);
-                Err(log_failure(error))
             }
         }
+        if let Some(error) = failure {
+            // `guard` drops armed here: the leases issued for the other
+            // bindings are revoked, not leaked.
+            let mut event = Event::new(Action::Issue, Outcome::Error, Some(&caller.identity));
+            if let Error::Vault { binding, .. } | Error::Render { binding, .. } = &error {
+                event.binding = Some(binding.clone());
+                event.source = bindings
+                    .iter()
+                    .find(|b| &b.name == binding)
+                    .map(|b| b.source.to_string());
+            }
+            if let Error::Handle(_) = &error {
+                event.outcome = Some(Outcome::Denied);
+            }
+            event.reason = Some(error.to_string());
+            event.peer = caller.peer.clone();
+            event.policy_generation = Some(generation);
+            self.audit(event);
+            return Err(log_failure(error));
+        }
+        let delivered = delivered
+            .into_iter()
+            .map(|(live, credential, resumed)| {
+                tracing::info!(
+                    binding = %live.binding.name,
+                    version = %live.version,
+                    resumed,
+                    "credential delivered"
+                );
+                if !resumed {
+                    self.audit_delivery(caller, Action::Issue, &live, Some(generation));
+                }
+                (live, credential)
+            })
+            .collect();
+        Ok((delivered, guard))
+    }
+}
+
+/// Open-stream counts a `Watch` holds; released when the stream ends.
+struct StreamSlots {
+    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
+    keys: Vec<(String, String)>,
+}
+
+impl Drop for StreamSlots {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in self.keys.drain(..) {
+            if let Some(count) = counts.get_mut(&key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Database leases issued for a request and not yet handed to the caller.
+/// Dropped without [`Undelivered::disarm`], it revokes them in the
+/// background, so a failed or panicked request leaks no database user.
+/// (Certificates nobody received simply expire: revoking grows the CRL.)
+struct Undelivered {
+    service: BrokerService,
+    identity: Identity,
+    lives: Vec<Live>,
+}
+
+impl Undelivered {
+    /// The credentials are on their way: nothing to revoke.
+    fn disarm(mut self) {
+        self.lives.clear();
+    }
+}
+
+impl Drop for Undelivered {
+    fn drop(&mut self) {
+        let lives: Vec<Live> = self
+            .lives
+            .drain(..)
+            .filter(|live| matches!(live.binding.source, Source::Database(_)))
+            .collect();
+        if lives.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let service = self.service.clone();
+        let identity = self.identity.clone();
+        runtime.spawn(async move {
+            for live in lives {
+                let outcome = service.parts.lifecycle.revoke(&live, &identity).await;
+                let mut event = Event::new(
+                    Action::Revoke,
+                    if outcome.is_ok() {
+                        Outcome::Success
+                    } else {
+                        Outcome::Error
+                    },
+                    Some(&identity),
+                );
+                event.binding = Some(live.binding.name.clone());
+                event.source = Some(live.binding.source.to_string());
+                event.version = Some(live.version.clone());
+                event.reason = Some("issued but never delivered (the request failed)".to_owned());
+                if let Some(lease) = &live.lease {
+                    event.lease_id_sha256 = Some(lifecycle::lease_digest(lease));
+                }
+                service.audit(event);
+            }
+        });
     }
 }
 
@@ -263,10 +415,35 @@ fn bearer<T>(request: &Request<T>) -> Result<Secret, Error> {
     }
 }
 
-/// A caller-supplied name as errors and the audit log show it: at most the
-/// 253 characters a binding name may have.
+/// The distinct handles of a Revoke, at most [`MAX_BINDINGS_PER_REQUEST`].
+fn unique_handles(held: &[Held]) -> Result<Vec<&Held>, Error> {
+    if held.len() > MAX_BINDINGS_PER_REQUEST {
+        return Err(Error::InvalidRequest(format!(
+            "{} lease handles in one Revoke; at most {MAX_BINDINGS_PER_REQUEST}",
+            held.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    Ok(held
+        .iter()
+        .filter(|h| seen.insert((h.binding.as_str(), h.handle.as_str())))
+        .collect())
+}
+
+/// A caller-supplied name as errors, logs and the audit log show it: at most
+/// the 253 characters a binding name may have, control characters escaped
+/// (a newline in a name must not forge a line in a text log).
 fn clipped(name: &str) -> String {
-    name.chars().take(253).collect()
+    name.chars()
+        .take(253)
+        .flat_map(|c| {
+            let escaped = c.is_control().then(|| c.escape_default());
+            escaped
+                .into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect()
 }
 
 fn check_names(names: &[String]) -> Result<(), Error> {
@@ -353,9 +530,10 @@ impl Broker for BrokerService {
             let _timer = self.parts.metrics.time_rpc("Fetch");
             let caller = self.authenticate(&request).await?;
             let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-            let delivered = self
+            let (delivered, undelivered) = self
                 .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
                 .await?;
+            undelivered.disarm();
             Ok(Response::new(FetchResponse {
                 credentials: delivered.into_iter().map(|(_, c)| c).collect(),
             }))
@@ -375,7 +553,8 @@ impl Broker for BrokerService {
             let _timer = self.parts.metrics.time_rpc("Watch");
             let caller = self.authenticate(&request).await?;
             let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-            let delivered = self
+            let slots = self.open_streams(&caller, &bindings)?;
+            let (delivered, undelivered) = self
                 .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
                 .await?;
 
@@ -386,8 +565,13 @@ impl Broker for BrokerService {
                 tx,
                 kv_sent: HashMap::new(),
                 leased: HashMap::new(),
+                _slots: slots,
             };
             for (live, credential) in delivered {
+                // The channel has room for every initial message.
+                let _ = stream.tx.try_send(Ok(WatchResponse {
+                    credential: Some(credential),
+                }));
                 if live.binding.source.is_leased() {
                     stream.schedule(live, 0);
                 } else {
@@ -395,11 +579,8 @@ impl Broker for BrokerService {
                         .kv_sent
                         .insert(live.binding.name.clone(), live.version.clone());
                 }
-                // The channel has room for every initial message.
-                let _ = stream.tx.try_send(Ok(WatchResponse {
-                    credential: Some(credential),
-                }));
             }
+            undelivered.disarm();
             let changes = futures::stream::select_all(bindings.iter().filter_map(|binding| {
                 let Source::Kv2(source) = &binding.source else {
                     return None;
@@ -426,9 +607,16 @@ impl Broker for BrokerService {
         async move {
             let _timer = self.parts.metrics.time_rpc("Revoke");
             let caller = self.authenticate(&request).await?;
+            let held = unique_handles(&request.get_ref().held).map_err(log_failure)?;
+            // Each handle is a Vault call and an audit record: beyond the
+            // first, each counts against the caller's rate limit.
+            let extra = u32::try_from(held.len().saturating_sub(1)).unwrap_or(u32::MAX);
+            if let Err(retry_after) = self.parts.limiter.check_n(&caller.identity, extra) {
+                return Err(log_failure(Error::RateLimited { retry_after }));
+            }
             let loaded = self.parts.policy.current();
             let mut revoked = Vec::new();
-            for held in &request.get_ref().held {
+            for held in held {
                 let binding = loaded
                     .policy
                     .binding(&held.binding)
@@ -489,6 +677,8 @@ struct OpenStream {
     kv_sent: HashMap<String, String>,
     /// Leased credentials: the live credential, when to act, failures so far.
     leased: HashMap<String, (Live, Instant, u32)>,
+    /// This stream's place in the per-pod count, released when it ends.
+    _slots: StreamSlots,
 }
 
 impl OpenStream {
@@ -593,8 +783,17 @@ impl OpenStream {
         let credential = match lifecycle::credential(&live, Some(&secret.fields)) {
             Ok(credential) => credential,
             Err(error) => {
-                // The pod keeps its current files.
-                tracing::warn!(%error, "cannot render a changed credential");
+                // The pod keeps its current files; the security team hears of it.
+                tracing::warn!(%error, "cannot render a changed credential; the pod keeps the previous version");
+                let mut event =
+                    Event::new(Action::Rotate, Outcome::Error, Some(&self.caller.identity));
+                event.binding = Some(binding.name.clone());
+                event.source = Some(binding.source.to_string());
+                event.version = Some(version.clone());
+                event.reason = Some(error.to_string());
+                event.peer = self.caller.peer.clone();
+                self.service.audit(event);
+                self.kv_sent.insert(binding.name.clone(), version);
                 return true;
             }
         };
@@ -762,5 +961,37 @@ fn proto_identity(identity: Identity) -> ProtoIdentity {
         pod_name,
         pod_uid,
         node_name: identity.node.map(|n| n.name).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_names_with_newlines_cannot_forge_log_lines() {
+        let forged = "db\n2026-12-01T00:00:00Z INFO credential delivered binding=admin\r";
+        let shown = clipped(forged);
+        assert!(!shown.contains('\n') && !shown.contains('\r'), "{shown}");
+        assert!(shown.starts_with("db\\n2026"), "{shown}");
+        assert_eq!(clipped("orders-db"), "orders-db");
+        assert_eq!(clipped(&"x".repeat(300)).len(), 253);
+    }
+
+    #[test]
+    fn revoke_handles_are_capped_and_deduplicated() {
+        let held = |binding: &str, handle: &str| Held {
+            binding: binding.into(),
+            handle: handle.into(),
+        };
+        let same = vec![held("db", "h1"); MAX_BINDINGS_PER_REQUEST];
+        assert_eq!(unique_handles(&same).unwrap().len(), 1);
+        let mixed = [held("db", "h1"), held("db", "h2"), held("db", "h1")];
+        assert_eq!(unique_handles(&mixed).unwrap().len(), 2);
+        let flood = vec![held("db", "h1"); 10_000];
+        assert!(matches!(
+            unique_handles(&flood),
+            Err(Error::InvalidRequest(_))
+        ));
     }
 }

@@ -21,8 +21,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-/// How long a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::listener::{Gate, Guarded};
 
 /// Errors loading the serving certificate.
 #[derive(Debug, thiserror::Error)]
@@ -192,34 +191,45 @@ pub fn server_config(
     Ok((Arc::new(config), resolver))
 }
 
-/// Accepts TCP connections on `listener` and yields finished TLS streams until
-/// `shutdown`.
+/// Accepts TCP connections on `listener` within `gate`'s limits and yields
+/// finished TLS streams until `shutdown`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    gate: Gate,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, io::Error>> {
+) -> ReceiverStream<Result<TlsStream<Guarded<tokio::net::TcpStream>>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshake_timeout = gate.limits().handshake_timeout;
     tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(10);
         loop {
             let (tcp, peer) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
+                    Ok(pair) => {
+                        backoff = Duration::from_millis(10);
+                        pair
+                    }
                     Err(error) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // EMFILE and friends: back off instead of spinning,
+                        // and say so without filling the log.
+                        gate.accept_failed(&error);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
                 },
             };
             let _ = tcp.set_nodelay(true);
+            let Some(tcp) = gate.admit(tcp) else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }

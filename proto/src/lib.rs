@@ -4,6 +4,8 @@
 //! building needs no system `protoc`. Applications in other languages compile the
 //! same `.proto` file with their own toolchain.
 
+pub mod codec;
+
 /// Messages and the `Broker` client and server of `tessera.v1`.
 pub mod v1 {
     #![allow(missing_docs, clippy::all, unused_qualifications)]

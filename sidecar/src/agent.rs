@@ -352,6 +352,14 @@ pub async fn run(
                 tracing::info!("token expired on the stream; reconnecting with the current token");
                 Duration::ZERO
             }
+            // The source's data does not make the binding's files (an unsafe
+            // key, a collision): the security team can fix the secret, so the
+            // sidecar keeps its files and asks again, slowly.
+            Err(AgentError::Broker(status)) if status.code() == Code::FailedPrecondition => {
+                let delay = backoff_max;
+                tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?delay, "the broker cannot serve a binding as its source stands; keeping current files");
+                delay
+            }
             Err(error) if error.is_retryable() => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?delay, "keeping current files; will retry");

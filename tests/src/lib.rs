@@ -561,6 +561,27 @@ path "sys/leases/revoke" { capabilities = ["update"] }
             .then(|| serde_json::from_slice::<Value>(&output.stdout).unwrap()["data"].clone())
     }
 
+    /// The ids of the live leases under `prefix` (e.g. `database/creds/app`),
+    /// as Vault lists them (`sys/leases/lookup/<prefix>`).
+    pub fn leases(&self, prefix: &str) -> Vec<String> {
+        let output = Command::new(bao_binary())
+            .args(["list", "-format=json"])
+            .arg(format!("sys/leases/lookup/{prefix}"))
+            .env("BAO_ADDR", &self.address)
+            .env("BAO_TOKEN", &self.root_token)
+            .output()
+            .unwrap();
+        // `bao list` exits 2 when there is nothing under the prefix.
+        if !output.status.success() {
+            return Vec::new();
+        }
+        serde_json::from_slice::<Vec<String>>(&output.stdout)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|suffix| format!("{prefix}/{suffix}"))
+            .collect()
+    }
+
     /// Writes a new version of a KV v2 secret under the dev `secret/` mount.
     pub async fn put(&self, path: &str, data: &Value) {
         vaultrs::kv2::set(&self.client(), "secret", path, data)
@@ -1161,18 +1182,6 @@ async fn spawn_broker(dir: &Path, port: u16, options: &EnvOptions) -> Proc {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     broker
-}
-
-/// The lease id inside the handle stored with `binding`'s files (handles are
-/// MACed, not encrypted: tests may read them).
-pub fn lease_of(out: &Path, binding: &str) -> Option<String> {
-    use base64::Engine;
-    let handle = fs::read_to_string(out.join(binding).join("..data/..handle")).ok()?;
-    let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(handle.split('.').next()?)
-        .ok()?;
-    let value: Value = serde_json::from_slice(&body).ok()?;
-    value["l"].as_str().map(str::to_owned)
 }
 
 /// Reads a binding's field, if written.

@@ -29,6 +29,8 @@ pub struct Parsed<'a> {
 struct Header {
     alg: String,
     kid: Option<String>,
+    /// Extensions the signer says must be understood (RFC 7515 §4.1.11).
+    crit: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +87,13 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, TokenError> {
             part: "header",
             detail: e.to_string(),
         })?;
+    // The broker understands no JOSE extension, so any `crit` (even an empty
+    // list, which the RFC forbids) means the token cannot be accepted.
+    if header.crit.is_some() {
+        return Err(TokenError::Malformed(
+            "header lists critical extensions (`crit`) the broker does not understand",
+        ));
+    }
     let alg = match header.alg.as_str() {
         "RS256" => Alg::Rs256,
         "ES256" => Alg::Es256,

@@ -302,3 +302,19 @@ fn rs256_tokens_verify() {
     let (f, rsa) = two_key_fixture();
     assert!(verify(&f, rsa.mint(&spec())).is_ok());
 }
+
+#[test]
+fn jose_crit_extensions_are_refused() {
+    let f = fixture();
+    let claims = spec().claims();
+    for crit in [json!(["exp"]), json!(["urn:example:unknown"]), json!([])] {
+        let header = json!({ "alg": f.signer.alg(), "kid": f.signer.kid(), "crit": crit, "urn:example:unknown": true });
+        let token = f.signer.sign(&header, &claims);
+        assert!(
+            matches!(verify(&f, token), Err(TokenError::Malformed(m)) if m.contains("crit")),
+            "crit {crit}"
+        );
+    }
+    let plain = json!({ "alg": f.signer.alg(), "kid": f.signer.kid() });
+    assert!(verify(&f, f.signer.sign(&plain, &claims)).is_ok());
+}

@@ -188,23 +188,34 @@ fn check_policy(
         pod_labels: labels.cloned(),
         expires_at: 0,
     };
-    let problems: Vec<String> = bindings
+    // One message whether a binding is missing or granted to others: anyone
+    // who reaches the webhook port must not learn from it which bindings
+    // exist (the gRPC API hides this too). The broker's log says which.
+    let refused: Vec<&String> = bindings
         .iter()
-        .filter_map(|name| match policy.binding(name) {
-            None => Some(format!("binding `{name}` does not exist in the policy")),
-            Some(binding) if !binding.grants(&identity) => Some(format!(
-                "binding `{name}` is not granted to service account {}/{}",
-                identity.namespace, identity.service_account
-            )),
-            Some(_) => None,
+        .filter(|name| {
+            let granted = policy.binding(name).is_some_and(|b| b.grants(&identity));
+            if !granted {
+                tracing::info!(
+                    binding = %name,
+                    namespace = %identity.namespace,
+                    service_account = %identity.service_account,
+                    exists = policy.binding(name).is_some(),
+                    "admission: binding not granted"
+                );
+            }
+            !granted
         })
         .collect();
-    if problems.is_empty() {
+    if refused.is_empty() {
         Ok(())
     } else {
+        let names: Vec<String> = refused.iter().map(|n| format!("`{n}`")).collect();
         Err(Denial(format!(
-            "{} (fix {BINDINGS}, or ask the policy owners to grant it)",
-            problems.join("; ")
+            "binding {} not granted to service account {}/{} (fix {BINDINGS}, or ask the policy owners to grant it)",
+            names.join(", "),
+            identity.namespace,
+            identity.service_account
         )))
     }
 }

@@ -44,7 +44,7 @@ fn injection() -> Injection {
         server_name: None,
         ca_file: PathBuf::from("/etc/tessera/ca.crt"),
         audience: "tessera".to_owned(),
-        token_expiration: std::time::Duration::from_secs(600),
+        token_expiration: Duration::from_secs(600),
         mode: SidecarMode::Native,
         mount_path: "/var/run/secrets/tessera".to_owned(),
         volume_size_limit: k8s_openapi::apimachinery::pkg::api::resource::Quantity(
@@ -392,11 +392,7 @@ fn bindings_the_service_account_may_not_have_are_refused_by_name() {
     value["spec"]["serviceAccountName"] = json!("billing");
     let message = denial(&value);
     assert!(
-        message.contains("binding `orders-db` is not granted to service account shop/billing"),
-        "{message}"
-    );
-    assert!(
-        message.contains("binding `nope` does not exist"),
+        message.contains("binding `orders-db`, `nope` not granted to service account shop/billing"),
         "{message}"
     );
     assert!(!message.contains("`tls`"), "{message}");
@@ -416,7 +412,7 @@ fn pod_label_subjects_match_only_when_the_broker_knows_labels() {
     value["metadata"]["labels"]["tier"] = json!("gold");
     // Without pod lookup the broker never sees labels, so admitting the pod
     // would only move the refusal to runtime.
-    assert!(denial(&value).contains("binding `gold` is not granted"));
+    assert!(denial(&value).contains("binding `gold` not granted"));
     let mut knows = injection();
     knows.pod_labels_known = true;
     assert!(matches!(
@@ -549,7 +545,7 @@ fn admission_review_refusal_names_the_binding() {
     assert_eq!(response["status"]["code"], 403);
     let message = response["status"]["message"].as_str().unwrap();
     assert!(
-        message.starts_with("tessera: binding `payments` does not exist"),
+        message.starts_with("tessera: binding `payments` not granted"),
         "{message}"
     );
     assert!(response.get("patch").is_none());
@@ -579,5 +575,20 @@ fn an_unreadable_ca_refuses_instead_of_injecting_a_broken_sidecar() {
             .result
             .message
             .contains("cannot read the broker CA")
+    );
+}
+
+#[test]
+fn webhook_messages_do_not_tell_missing_from_granted_to_others() {
+    // `orders-db` exists but is not shop/billing's; `nope` does not exist.
+    let refusal = |bindings: &str| {
+        let mut value = with_annotation(deployment_pod(), inject::BINDINGS, bindings);
+        value["spec"]["serviceAccountName"] = json!("billing");
+        denial(&value)
+    };
+    assert_eq!(
+        refusal("orders-db").replace("orders-db", "X"),
+        refusal("nope").replace("nope", "X"),
+        "the same words for a binding that exists and one that does not"
     );
 }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use tessera_proto::v1::{FetchRequest, Held, RevokeRequest};
-use tessera_tests::{Env, Postgres, field, http_get, lease_of, wait_for, with_token};
+use tessera_tests::{Env, Postgres, field, http_get, wait_for, with_token};
 use tonic::Code;
 
 fn db_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
@@ -239,7 +239,10 @@ async fn renewal_extends_the_lease_and_keeps_the_user() {
     })
     .await;
     let first = login(out.path());
-    let lease = lease_of(out.path(), "db").unwrap();
+    // Handles are sealed: the lease id comes from Vault, which holds one.
+    let leases = env.bao.leases("database/creds/orders");
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let lease = leases[0].clone();
     let expire = |bao: &tessera_tests::OpenBao| {
         bao.lease_lookup(&lease).unwrap()["expire_time"]
             .as_str()

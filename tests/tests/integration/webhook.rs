@@ -148,13 +148,25 @@ async fn refusal_reaches_the_pod_creator_with_the_binding_named() {
     assert_eq!(response["status"]["code"], 403);
     assert_eq!(
         response["status"]["message"],
-        "tessera: binding `payments` does not exist in the policy (fix tessera.dev/bindings, or ask the policy owners to grant it)"
+        "tessera: binding `payments` not granted to service account shop/orders (fix tessera.dev/bindings, or ask the policy owners to grant it)"
     );
 
     let (status, body) =
         https_post(&env.webhook_url, &env.dir.path().join("dev/ca.pem"), "{").await;
     assert_eq!(status, 400);
     assert!(body.contains("not an AdmissionReview"), "{body}");
+
+    // Another apiVersion is refused, not answered as if it were v1.
+    let old_version =
+        review(&job_pod("orders-db")).replace("admission.k8s.io/v1", "admission.k8s.io/v1beta1");
+    let (status, body) = https_post(
+        &env.webhook_url,
+        &env.dir.path().join("dev/ca.pem"),
+        &old_version,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("v1beta1` is not supported"), "{body}");
 
     let (_, metrics) = tessera_tests::http_get(&format!("{}/metrics", env.admin_url)).await;
     assert!(

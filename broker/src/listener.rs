@@ -1,0 +1,297 @@
+//! Connection limits shared by the gRPC and webhook listeners: a cap on open
+//! connections per listener, a deadline for a new connection's first bytes,
+//! an idle timeout, and accept-error logging that cannot flood. Without them
+//! idle (unauthenticated) connections pile up until the process runs out of
+//! file descriptors and real callers fail.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
+};
+
+/// Limits on one listener's connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Most open connections; more are closed at once.
+    pub max: usize,
+    /// Time a new connection has to send its first bytes and finish the TLS
+    /// handshake.
+    pub handshake_timeout: Duration,
+    /// Time a connection may go without sending a byte. Live HTTP/2 clients
+    /// answer the server's keepalive pings, so only dead or idle ones hit it.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// `max`, lowered to half the process's open-file limit so that connections
+    /// alone can never use up the descriptors Vault calls and files need.
+    pub fn effective_max(&self) -> usize {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        match soft.and_then(|n| usize::try_from(n).ok()) {
+            Some(files) => self.max.min((files / 2).max(1)),
+            None => self.max,
+        }
+    }
+}
+
+/// Admits connections to one listener within its [`ConnectionLimits`].
+#[derive(Clone)]
+pub struct Gate {
+    name: &'static str,
+    limits: ConnectionLimits,
+    permits: Arc<Semaphore>,
+    refused: Arc<Throttled>,
+}
+
+impl Gate {
+    /// A gate for the listener `name` (`grpc`, `webhook`).
+    pub fn new(name: &'static str, limits: ConnectionLimits) -> Self {
+        let max = limits.effective_max();
+        tracing::info!(listener = name, max_connections = max, handshake_timeout = ?limits.handshake_timeout, idle_timeout = ?limits.idle_timeout, "connection limits");
+        Self {
+            name,
+            limits,
+            permits: Arc::new(Semaphore::new(max)),
+            refused: Arc::new(Throttled::new(Duration::from_secs(10))),
+        }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> ConnectionLimits {
+        self.limits
+    }
+
+    /// Wraps a new connection, or `None` (and a throttled warning) when the
+    /// listener is at its cap: the caller drops the connection.
+    pub fn admit<S>(&self, stream: S) -> Option<Guarded<S>> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(Guarded::new(stream, permit, self.limits)),
+            Err(_) => {
+                let name = self.name;
+                self.refused.warn(|suppressed| {
+                    tracing::warn!(listener = name, suppressed, "connection limit reached; closing new connections (raise connections.max or find the idle clients)");
+                });
+                None
+            }
+        }
+    }
+
+    /// Logs an accept error, at most once per interval.
+    pub fn accept_failed(&self, error: &io::Error) {
+        let name = self.name;
+        self.refused.warn(|suppressed| {
+            tracing::warn!(listener = name, %error, suppressed, "accept failed");
+        });
+    }
+}
+
+/// A warning logged at most once per interval, with how many were suppressed.
+struct Throttled {
+    every: Duration,
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl Throttled {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    fn warn(&self, log: impl FnOnce(u64)) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|at| now.duration_since(at) < self.every) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        drop(last);
+        log(self.suppressed.swap(0, Ordering::Relaxed));
+    }
+}
+
+/// A connection holding its place under the cap, closed (reads fail with
+/// `TimedOut`) when its peer sends nothing within the deadline.
+pub struct Guarded<S> {
+    inner: S,
+    _permit: OwnedSemaphorePermit,
+    deadline: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+}
+
+impl<S> Guarded<S> {
+    fn new(inner: S, permit: OwnedSemaphorePermit, limits: ConnectionLimits) -> Self {
+        Self {
+            inner,
+            _permit: permit,
+            deadline: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
+            idle_timeout: limits.idle_timeout,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + self.idle_timeout;
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer sent nothing before the deadline",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// The webhook's acceptor: applies the [`Gate`] before TLS.
+#[derive(Clone)]
+pub struct GateAcceptor(pub Gate);
+
+impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for GateAcceptor {
+    type Stream = Guarded<TcpStream>;
+    type Service = S;
+    type Future = std::future::Ready<io::Result<(Self::Stream, S)>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let _ = stream.set_nodelay(true);
+        std::future::ready(match self.0.admit(stream) {
+            Some(guarded) => Ok((guarded, service)),
+            None => Err(io::Error::other("connection limit reached")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn limits(max: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            max,
+            handshake_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_peers_time_out_and_talkers_stay() {
+        let gate = Gate::new("test", limits(8));
+        let (client, server) = tokio::io::duplex(64);
+        let mut guarded = gate.admit(server).unwrap();
+        let mut byte = [0u8; 1];
+        let silent = guarded.read(&mut byte).await.unwrap_err();
+        assert_eq!(silent.kind(), io::ErrorKind::TimedOut);
+
+        let (mut client2, server2) = tokio::io::duplex(64);
+        let mut talker = gate.admit(server2).unwrap();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            client2.write_all(b"x").await.unwrap();
+            assert_eq!(talker.read(&mut byte).await.unwrap(), 1);
+        }
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn the_cap_closes_new_connections_until_one_ends() {
+        let gate = Gate::new("test", limits(2));
+        let first = gate.admit(()).unwrap();
+        let _second = gate.admit(()).unwrap();
+        assert!(gate.admit(()).is_none());
+        drop(first);
+        assert!(gate.admit(()).is_some());
+    }
+
+    #[test]
+    fn the_cap_stays_below_half_the_open_file_limit() {
+        let files = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let huge = ConnectionLimits {
+            max: usize::MAX,
+            ..ConnectionLimits::default()
+        };
+        assert!(huge.effective_max() as u64 <= files / 2 + 1);
+    }
+}
