@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod chart;
 mod delivery;
+mod hardening;
 mod kubernetes;
 mod lifecycle;
 mod observability;
