@@ -103,6 +103,8 @@ pub struct Config {
     pub webhook: Option<webhook::Settings>,
     /// Limits on each listener's connections.
     pub connections: ConnectionLimits,
+    /// Whether to lock memory where allowed (`memory.lock`).
+    pub memory_lock: tessera_memory::Lock,
 }
 
 #[derive(Deserialize)]
@@ -128,7 +130,28 @@ struct File {
     admin: AdminFile,
     #[serde(default)]
     connections: ConnectionsFile,
+    #[serde(default)]
+    memory: MemoryFile,
     webhook: Option<WebhookFile>,
+}
+
+/// `memory:`: how the process keeps secrets out of swap.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MemoryFile {
+    /// Lock memory (`mlockall`) when the process may.
+    #[serde(default = "default_true")]
+    lock: bool,
+}
+
+impl Default for MemoryFile {
+    fn default() -> Self {
+        Self { lock: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `connections:`: limits on each listener (gRPC and webhook).
@@ -141,6 +164,8 @@ struct ConnectionsFile {
     handshake_timeout: Duration,
     #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
     idle_timeout: Duration,
+    #[serde(default = "default_max_age", deserialize_with = "duration")]
+    max_age: Duration,
 }
 
 impl Default for ConnectionsFile {
@@ -149,6 +174,7 @@ impl Default for ConnectionsFile {
             max: default_max_connections(),
             handshake_timeout: default_handshake_timeout(),
             idle_timeout: default_idle_timeout(),
+            max_age: default_max_age(),
         }
     }
 }
@@ -161,6 +187,9 @@ fn default_handshake_timeout() -> Duration {
 }
 fn default_idle_timeout() -> Duration {
     ConnectionLimits::default().idle_timeout
+}
+fn default_max_age() -> Duration {
+    ConnectionLimits::default().max_age
 }
 
 #[derive(Deserialize, Default)]
@@ -466,15 +495,17 @@ impl Config {
             max: file.connections.max,
             handshake_timeout: file.connections.handshake_timeout,
             idle_timeout: file.connections.idle_timeout,
+            max_age: file.connections.max_age,
         };
         if connections.max == 0 {
             return Err(error("connections.max must be at least 1".to_owned()));
         }
         if connections.handshake_timeout < Duration::from_millis(100)
             || connections.idle_timeout < connections.handshake_timeout
+            || connections.max_age < Duration::from_secs(1)
         {
             return Err(error(
-                "connections.handshakeTimeout must be at least 100ms and connections.idleTimeout at least as long".to_owned(),
+                "connections.handshakeTimeout must be at least 100ms, connections.idleTimeout at least as long, and connections.maxAge at least 1s".to_owned(),
             ));
         }
         let (Some(per_second), Some(burst)) = (
@@ -522,6 +553,11 @@ impl Config {
             kv_poll_interval: file.vault.kv_poll_interval,
             shutdown_grace: file.shutdown_grace,
             connections,
+            memory_lock: if file.memory.lock {
+                tessera_memory::Lock::IfAllowed
+            } else {
+                tessera_memory::Lock::Off
+            },
         })
     }
 }

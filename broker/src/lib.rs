@@ -335,6 +335,8 @@ pub async fn run(
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .max_connection_age(prepared.config.connections.max_age)
+        .max_connection_age_grace(listener::MAX_AGE_GRACE)
         .add_service(health_service)
         .add_optional_service(reflection)
         .add_service(BrokerServer::new(prepared.service))

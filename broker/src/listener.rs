@@ -34,7 +34,15 @@ pub struct ConnectionLimits {
     /// Time a connection may go without sending a byte. Live HTTP/2 clients
     /// answer the server's keepalive pings, so only dead or idle ones hit it.
     pub idle_timeout: Duration,
+    /// Age at which a gRPC connection is asked to go away (HTTP/2 GOAWAY),
+    /// then closed after [`MAX_AGE_GRACE`]: clients reconnect, possibly to
+    /// another replica, and the transport buffers of the old connection,
+    /// which may hold credentials it carried, are freed and cleared.
+    pub max_age: Duration,
 }
+
+/// How long a connection past its maximum age has before it is closed.
+pub const MAX_AGE_GRACE: Duration = Duration::from_secs(5);
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
@@ -42,6 +50,7 @@ impl Default for ConnectionLimits {
             max: 4096,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            max_age: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -251,6 +260,7 @@ mod tests {
             max,
             handshake_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(5),
+            max_age: Duration::from_secs(60),
         }
     }
 

@@ -14,6 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 mod audit_query;
 
+/// Every freed heap block is cleared: no secret lingers in freed memory.
+#[cfg(feature = "zeroize-on-free")]
+#[global_allocator]
+static ALLOC: tessera_memory::ZeroOnFree = tessera_memory::ZERO_ON_FREE;
+
 /// EX_USAGE: invalid configuration or arguments.
 const EXIT_USAGE: u8 = 64;
 
@@ -229,6 +234,8 @@ fn serve(
     if let Some(listen) = listen {
         config.listen = listen;
     }
+    // Before any secret is read: no core dumps, memory locked where allowed.
+    log_hardening(&tessera_memory::harden(config.memory_lock));
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let grace = config.shutdown_grace;
@@ -415,4 +422,13 @@ fn run_dev(command: DevCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says once at start how memory is protected.
+fn log_hardening(report: &tessera_memory::Hardening) {
+    let zero_on_free = cfg!(feature = "zeroize-on-free");
+    match &report.not_locked_because {
+        None => tracing::info!(zero_on_free, "memory hygiene: {report}"),
+        Some(why) => tracing::warn!(zero_on_free, "memory hygiene: {report}: {why}"),
+    }
 }

@@ -341,7 +341,11 @@ pub async fn run(
             status.write(job.writer.out());
         }
         let delay = match result {
-            Ok(()) => {
+            Ok(Ended::Rotated) => {
+                tracing::debug!("rotation written; reconnecting on a fresh connection");
+                Duration::ZERO
+            }
+            Ok(Ended::ByBroker) => {
                 tracing::info!("watch stream ended; reconnecting");
                 backoff.next_delay()
             }
@@ -374,6 +378,17 @@ pub async fn run(
     }
 }
 
+/// Why a watch ended without an error.
+enum Ended {
+    /// The broker ended the stream.
+    ByBroker,
+    /// A rotation was written: the connection that carried the superseded
+    /// value is dropped, so its transport buffers (rustls, h2, tonic), which
+    /// live as long as the connection, are freed, and the zero-on-free
+    /// allocator clears them. The next stream resumes on a fresh connection.
+    Rotated,
+}
+
 /// First and longest wait before writing a failed credential again.
 const WRITE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
@@ -382,7 +397,7 @@ async fn watch_once(
     backoff: &mut Backoff,
     status: &mut Status,
     unwritten: &mut Unwritten,
-) -> Result<(), AgentError> {
+) -> Result<Ended, AgentError> {
     let mut client = job.target.client()?;
     // The span covers opening the stream (the broker's Watch span is its
     // child), not the stream's whole life.
@@ -412,16 +427,17 @@ async fn watch_once(
             }
         };
         let Some(message) = message else {
-            return Ok(());
+            return Ok(Ended::ByBroker);
         };
         if let Some(credential) = message.credential {
             let (binding, version) = (credential.binding.clone(), credential.version.clone());
             let delivery = write_credential(&job.writer, status, unwritten, credential);
             status.write(job.writer.out());
+            backoff.reset();
             if let Delivery::Written(true) = delivery {
                 job.notify.rotated(&binding, &version).await;
+                return Ok(Ended::Rotated);
             }
-            backoff.reset();
         }
     }
 }

@@ -144,6 +144,10 @@ pub struct Common {
     /// Connect timeout.
     #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// Lock memory (`mlockall`) so secrets never reach swap, when the
+    /// process may (it has CAP_IPC_LOCK or no memlock limit).
+    #[arg(long, env = "TESSERA_LOCK_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lock_memory: bool,
 }
 
 /// Invalid arguments, reported before anything starts.

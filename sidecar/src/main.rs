@@ -9,6 +9,11 @@ use tessera_sidecar::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// Every freed heap block is cleared: no secret lingers in freed memory.
+#[cfg(feature = "zeroize-on-free")]
+#[global_allocator]
+static ALLOC: tessera_memory::ZeroOnFree = tessera_memory::ZERO_ON_FREE;
+
 /// EX_USAGE: invalid arguments or output directory.
 const EXIT_USAGE: u8 = 64;
 /// EX_UNAVAILABLE: the broker could not be reached or failed.
@@ -61,6 +66,17 @@ async fn serve(cli: &Cli) -> ExitCode {
             metrics_listen,
         } => (common, Some(*backoff_max), *revoke_on_exit, *metrics_listen),
     };
+    // Before any secret arrives: no core dumps, memory locked where allowed.
+    let report = tessera_memory::harden(if common.lock_memory {
+        tessera_memory::Lock::IfAllowed
+    } else {
+        tessera_memory::Lock::Off
+    });
+    let zero_on_free = cfg!(feature = "zeroize-on-free");
+    match &report.not_locked_because {
+        None => tracing::info!(zero_on_free, "memory hygiene: {report}"),
+        Some(why) => tracing::info!(zero_on_free, "memory hygiene: {report}: {why}"),
+    }
     let job = match common.job() {
         Ok(job) => job,
         Err(error) => {

@@ -1299,3 +1299,42 @@ bindings:
 "
     )
 }
+
+/// How many times each of `needles` occurs in the memory of process `pid`,
+/// read through `/proc/PID/maps` and `/proc/PID/mem` (the tests run as root,
+/// which may read a non-dumpable process). Regions that cannot be read
+/// (guard pages, `[vvar]`) are skipped.
+pub fn memory_occurrences(pid: u32, needles: &[&str]) -> Vec<usize> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("read /proc/PID/maps");
+    let mut mem = fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    let mut counts = vec![0; needles.len()];
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let name = parts.nth(3).unwrap_or("");
+        if !perms.starts_with('r') || name == "[vvar]" || name == "[vsyscall]" {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        let mut region = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
+            continue;
+        }
+        for (count, needle) in counts.iter_mut().zip(needles) {
+            *count += region
+                .windows(needle.len())
+                .filter(|w| *w == needle.as_bytes())
+                .count();
+        }
+    }
+    counts
+}

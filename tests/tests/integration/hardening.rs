@@ -223,12 +223,17 @@ async fn defect_3_a_lease_revoked_by_hand_is_replaced_at_once() {
         field(out.path(), "db", "username").unwrap(),
         field(out.path(), "db", "password").unwrap(),
     );
-    env.bao
-        .cli(&["lease", "revoke", "-prefix", "database/creds/orders"]);
-    assert!(
-        !pg.can_login(&first.0, &first.1),
-        "the hand revocation took"
-    );
+    env.bao.cli(&[
+        "lease",
+        "revoke",
+        "-sync",
+        "-prefix",
+        "database/creds/orders",
+    ]);
+    wait_for(Duration::from_secs(10), "the hand revocation", || {
+        (!pg.can_login(&first.0, &first.1)).then_some(())
+    })
+    .await;
 
     let second = wait_for(Duration::from_secs(30), "a successor", || {
         field(out.path(), "db", "username")

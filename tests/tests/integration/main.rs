@@ -9,6 +9,7 @@ mod delivery;
 mod hardening;
 mod kubernetes;
 mod lifecycle;
+mod memory;
 mod observability;
 mod outage;
 mod policy;
