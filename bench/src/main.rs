@@ -433,11 +433,28 @@ at 50 pods), or change notifications from Vault instead of polling (Vault Enterp
 
     println!("== Fetch latency and throughput vs raw OpenBao KV reads");
     let latency = measure::latency(&env).await?;
-    report.latency(latency);
+    report.latency(latency.clone());
 
     println!("== {watchers} Watch streams on one broker");
     let watch = measure::watch_scale(&env, watchers).await?;
-    report.watch(watch);
+    report.watch(watch.clone());
+
+    // The same two runs on a broker built without the zero-on-free allocator.
+    if let Some(plain) = std::env::var_os("TESSERA_BROKER_PLAIN").map(PathBuf::from) {
+        println!(
+            "== the same without the zero-on-free allocator ({})",
+            plain.display()
+        );
+        env.restart_broker_with(plain).await;
+        let plain_latency = measure::latency(&env).await?;
+        let plain_watch = measure::watch_scale(&env, watchers).await?;
+        report.allocator_cost(&latency, &plain_latency, &watch, &plain_watch);
+    } else {
+        report.note(
+            "The zero-on-free allocator's cost was not measured (TESSERA_BROKER_PLAIN unset; scripts/bench sets it)."
+                .to_owned(),
+        );
+    }
 
     let path = root.join("docs/BENCHMARKS.md");
     std::fs::create_dir_all(root.join("docs")).context("creating docs/")?;

@@ -775,6 +775,9 @@ pub struct EnvOptions {
     pub persistent_vault: bool,
     /// Extra environment for the broker and sidecar processes (OTLP settings).
     pub process_env: Vec<(String, String)>,
+    /// The broker binary; the workspace's `tessera-broker` when absent (the
+    /// benchmark runs a build without the zero-on-free allocator too).
+    pub broker_binary: Option<PathBuf>,
 }
 
 impl Default for EnvOptions {
@@ -790,6 +793,7 @@ impl Default for EnvOptions {
             kube_api: false,
             persistent_vault: false,
             process_env: Vec::new(),
+            broker_binary: None,
         }
     }
 }
@@ -994,6 +998,12 @@ webhook:
         self.broker = spawn_broker(self.dir.path(), self.broker_port, &self.options).await;
     }
 
+    /// Restarts the broker (as [`Env::restart_broker`]) running `program`.
+    pub async fn restart_broker_with(&mut self, program: PathBuf) {
+        self.options.broker_binary = Some(program);
+        self.restart_broker().await;
+    }
+
     /// The broker's audit events so far.
     pub fn audit_events(&self) -> Vec<Value> {
         fs::read_to_string(self.dir.path().join("audit.jsonl"))
@@ -1163,7 +1173,11 @@ async fn spawn_broker(dir: &Path, port: u16, options: &EnvOptions) -> Proc {
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut command = Command::new(binary("tessera-broker"));
+    let program = options
+        .broker_binary
+        .clone()
+        .unwrap_or_else(|| binary("tessera-broker"));
+    let mut command = Command::new(program);
     command
         .args(["serve", "--config"])
         .arg(dir.join("broker.yaml"))

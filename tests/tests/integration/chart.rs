@@ -74,6 +74,8 @@ const NON_DEFAULT: &[&str] = &[
     "webhook.namespaceSelector.matchLabels=null",
     "metrics.serviceMonitor.enabled=true",
     "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
+    "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/28",
+    "memoryLock=true",
     "preStopSleepSeconds=0",
     "priorityClassName=system-cluster-critical",
 ];
@@ -318,6 +320,18 @@ fn default_values_render_a_hardened_least_privilege_install() {
         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
     );
     assert_eq!(rendered.network_policies.len(), 1);
+    let capabilities = broker
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert!(capabilities.add.is_none(), "no capability added by default");
+    assert_eq!(
+        broker_accepts_config(&rendered).memory_lock,
+        tessera_memory::Lock::Off
+    );
     assert_eq!(
         rendered.service_accounts[0].automount_service_account_token,
         Some(false)
@@ -493,9 +507,33 @@ fn non_default_values_change_what_they_say() {
         .ingress
         .clone()
         .unwrap();
-    assert_eq!(ingress.len(), 2, "metrics scrapers get their own rule");
+    assert_eq!(
+        ingress.len(),
+        3,
+        "sidecars, the API server's addresses and metrics scrapers each get a rule"
+    );
+    let webhook_from = ingress[1]
+        .from
+        .as_ref()
+        .expect("the webhook rule names its peers");
+    assert_eq!(
+        webhook_from[0].ip_block.as_ref().unwrap().cidr,
+        "10.0.0.0/28"
+    );
+    let capabilities = broker
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        capabilities.add.as_deref(),
+        Some(&["IPC_LOCK".to_owned()][..])
+    );
 
     let config = broker_accepts_config(&rendered);
+    assert_eq!(config.memory_lock, tessera_memory::Lock::IfAllowed);
     assert!(matches!(
         config.vault.auth,
         tessera_broker::vault::VaultAuth::AppRole { .. }

@@ -79,6 +79,10 @@ allowPrivilegeEscalation: false
 privileged: false
 capabilities:
   drop: [ALL]
+  {{- if .Values.memoryLock }}
+  # mlockall: the broker's memory, which holds credentials, never reaches swap.
+  add: [IPC_LOCK]
+  {{- end }}
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
