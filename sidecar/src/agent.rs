@@ -389,6 +389,9 @@ enum Ended {
     Rotated,
 }
 
+/// How often an open stream's credentials are checked for expiry.
+const EXPIRY_CHECK: Duration = Duration::from_secs(5);
+
 /// First and longest wait before writing a failed credential again.
 const WRITE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
@@ -410,18 +413,33 @@ async fn watch_once(
     })?;
     let mut stream = client.watch(request).instrument(span).await?.into_inner();
     let mut write_backoff = Backoff::new(WRITE_RETRY.0, WRITE_RETRY.1);
+    // When to write failed credentials again; set while some are pending.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
     loop {
-        let retry_in =
-            (!unwritten.0.is_empty()).then(|| write_backoff.next_delay().max(WRITE_RETRY.0 / 2));
+        if unwritten.0.is_empty() {
+            retry_at = None;
+            write_backoff.reset();
+        } else if retry_at.is_none() {
+            let delay = write_backoff.next_delay().max(WRITE_RETRY.0 / 2);
+            retry_at = Some(tokio::time::Instant::now() + delay);
+        }
         let message = tokio::select! {
             message = stream.message() => message?,
-            () = sleep_for(retry_in) => {
+            () = sleep_until(retry_at) => {
+                retry_at = None;
                 for (binding, version) in unwritten.retry(&job.writer, status) {
                     job.notify.rotated(&binding, &version).await;
                 }
                 status.write(job.writer.out());
-                if unwritten.0.is_empty() {
-                    write_backoff.reset();
+                continue;
+            }
+            _ = expiry_check.tick() => {
+                // The stream is up, but a credential ran out without a
+                // successor: the status must not claim it is fresh.
+                if status.expire(SystemTime::now()) {
+                    tracing::warn!("a credential expired without a successor; marked stale");
+                    status.write(job.writer.out());
                 }
                 continue;
             }
@@ -442,9 +460,9 @@ async fn watch_once(
     }
 }
 
-async fn sleep_for(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

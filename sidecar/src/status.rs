@@ -83,6 +83,29 @@ impl Status {
         status.write_failures = status.write_failures.saturating_add(1);
     }
 
+    /// Marks stale every binding whose credential expired at or before `now`
+    /// without a successor (Vault or the broker away longer than its TTL);
+    /// returns whether anything changed.
+    pub fn expire(&mut self, now: SystemTime) -> bool {
+        let mut changed = false;
+        for status in self.bindings.values_mut() {
+            let expired = status
+                .not_after
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .is_some_and(|t| t <= now);
+            if expired && !status.stale {
+                status.stale = true;
+                status.error = Some(format!(
+                    "expired at {} and no successor was delivered",
+                    status.not_after.as_deref().unwrap_or_default()
+                ));
+                changed = true;
+            }
+        }
+        changed
+    }
+
     /// Marks every binding stale with `error`.
     pub fn stale(&mut self, error: &str) {
         for status in self.bindings.values_mut() {
@@ -179,6 +202,11 @@ mod tests {
             check(out.path(), &["db".into()]),
             Err(CheckError::Expired(..))
         ));
+        assert!(
+            status.expire(SystemTime::now()),
+            "an expired credential is stale"
+        );
+        assert!(!status.expire(SystemTime::now()), "once");
         let mode = fs::metadata(out.path().join(STATUS_FILE))
             .unwrap()
             .permissions()

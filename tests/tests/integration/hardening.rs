@@ -689,3 +689,41 @@ async fn defect_12_a_malformed_request_is_invalid_argument() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_4_a_request_that_fails_for_one_binding_leaks_no_database_user() {
+    let policy = format!(
+        "{}  - name: missing
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source: {{ kv2: {{ mount: secret, path: shop/nothing-here }} }}
+",
+        db_policy("1m", "0.7")
+    );
+    let (pg, env) = db_env(&policy, "60s").await;
+    let status = env
+        .fetch(&env.token("shop", "orders"), &["db", "missing"])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    // The user Vault minted for `db` is revoked, not left to its TTL.
+    wait_for(
+        Duration::from_secs(10),
+        "the undelivered lease's revocation",
+        || {
+            (pg.vault_roles() == 0 && env.bao.leases("database/creds/orders").is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    let revoked = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "revoke" && e["binding"] == "db")
+        .expect("the revocation is audited");
+    assert!(
+        revoked["reason"]
+            .as_str()
+            .unwrap()
+            .contains("never delivered")
+    );
+}
