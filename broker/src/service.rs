@@ -202,6 +202,39 @@ impl BrokerService {
         })
     }
 
+    /// Revokes `live` in Vault for `identity` and audits the outcome, with
+    /// `reason`; a failure is logged (the lease then ends by its TTL).
+    async fn revoke_audited(
+        &self,
+        live: &Live,
+        identity: &Identity,
+        reason: &str,
+        peer: Option<String>,
+    ) {
+        let outcome = self.parts.lifecycle.revoke(live, identity).await;
+        if let Err(error) = &outcome {
+            tracing::warn!(binding = %live.binding.name, %error, reason, "revocation failed; the lease ends by its TTL");
+        }
+        let mut event = Event::new(
+            Action::Revoke,
+            if outcome.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Error
+            },
+            Some(identity),
+        );
+        event.binding = Some(live.binding.name.clone());
+        event.source = Some(live.binding.source.to_string());
+        event.version = Some(live.version.clone());
+        event.reason = Some(reason.to_owned());
+        event.peer = peer;
+        if let Some(lease) = &live.lease {
+            event.lease_id_sha256 = Some(lifecycle::lease_digest(lease));
+        }
+        self.audit(event);
+    }
+
     fn audit_delivery(
         &self,
         caller: &Caller,
@@ -371,24 +404,8 @@ impl Drop for Undelivered {
         let identity = self.identity.clone();
         runtime.spawn(async move {
             for live in lives {
-                let outcome = service.parts.lifecycle.revoke(&live, &identity).await;
-                let mut event = Event::new(
-                    Action::Revoke,
-                    if outcome.is_ok() {
-                        Outcome::Success
-                    } else {
-                        Outcome::Error
-                    },
-                    Some(&identity),
-                );
-                event.binding = Some(live.binding.name.clone());
-                event.source = Some(live.binding.source.to_string());
-                event.version = Some(live.version.clone());
-                event.reason = Some("issued but never delivered (the request failed)".to_owned());
-                if let Some(lease) = &live.lease {
-                    event.lease_id_sha256 = Some(lifecycle::lease_digest(lease));
-                }
-                service.audit(event);
+                let reason = "issued but never delivered (the request failed)";
+                service.revoke_audited(&live, &identity, reason, None).await;
             }
         });
     }
@@ -878,23 +895,10 @@ impl OpenStream {
         let caller = self.caller.peer.clone();
         tokio::spawn(async move {
             tokio::time::sleep(old.binding.overlap).await;
-            match service.parts.lifecycle.revoke(&old, &identity).await {
-                Ok(()) => {
-                    let mut event = Event::new(Action::Revoke, Outcome::Success, Some(&identity));
-                    event.binding = Some(old.binding.name.clone());
-                    event.source = Some(old.binding.source.to_string());
-                    event.version = Some(old.version.clone());
-                    event.reason = Some("superseded after the overlap".to_owned());
-                    event.peer = caller;
-                    if let Some(lease) = &old.lease {
-                        event.lease_id_sha256 = Some(lifecycle::lease_digest(lease));
-                    }
-                    service.audit(event);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "revoking a superseded lease failed; it expires by its TTL")
-                }
-            }
+            let reason = "superseded after the overlap";
+            service
+                .revoke_audited(&old, &identity, reason, caller)
+                .await;
         });
     }
 
@@ -910,24 +914,10 @@ impl OpenStream {
             return;
         }
         for (live, _, _) in self.leased.values() {
-            let outcome = self
-                .service
-                .parts
-                .lifecycle
-                .revoke(live, &self.caller.identity)
+            let peer = self.caller.peer.clone();
+            self.service
+                .revoke_audited(live, &self.caller.identity, "pod deleted", peer)
                 .await;
-            let mut event = Event::new(
-                Action::Revoke,
-                if outcome.is_ok() {
-                    Outcome::Success
-                } else {
-                    Outcome::Error
-                },
-                Some(&self.caller.identity),
-            );
-            event.binding = Some(live.binding.name.clone());
-            event.reason = Some("pod deleted".to_owned());
-            self.service.audit(event);
         }
     }
 }

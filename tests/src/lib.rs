@@ -1296,6 +1296,23 @@ pub fn with_token<T>(token: &str, message: T) -> Request<T> {
     request
 }
 
+/// A policy granting binding `db` (dynamic users of the `database` mount's role
+/// `orders`) to shop/orders.
+pub fn db_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: db
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source: {{ database: {{ mount: database, role: orders }} }}
+    ttl: {ttl}
+    renewFraction: {fraction}
+    overlap: {overlap}
+"
+    )
+}
+
 /// A policy granting `binding` (all keys of `secret/<path>`) to `namespace`/`service_account`.
 pub fn simple_policy(binding: &str, namespace: &str, service_account: &str, path: &str) -> String {
     format!(

@@ -13,7 +13,7 @@ use std::{
 use serde_json::{Value, json};
 use tessera_proto::v1::{FetchRequest, Held, RevokeRequest, WatchRequest};
 use tessera_tests::{
-    Env, EnvOptions, Postgres, binary, field, random_string, wait_for, with_token,
+    Env, EnvOptions, Postgres, binary, db_policy, field, random_string, wait_for, with_token,
 };
 use tonic::Code;
 
@@ -30,21 +30,6 @@ bindings:
     source: { kv2: { mount: secret, path: shop/other } }
 "
     .to_owned()
-}
-
-fn db_policy(ttl: &str, fraction: &str) -> String {
-    format!(
-        "apiVersion: tessera.dev/v1alpha1
-kind: Policy
-bindings:
-  - name: db
-    subjects: [{{ namespace: shop, serviceAccount: orders }}]
-    source: {{ database: {{ mount: database, role: orders }} }}
-    ttl: {ttl}
-    renewFraction: {fraction}
-    overlap: 1s
-"
-    )
 }
 
 async fn db_env(policy: &str, role_ttl: &str) -> (Postgres, Env) {
@@ -212,7 +197,7 @@ async fn defect_2_a_write_that_does_not_fit_keeps_the_volume_working() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn defect_3_a_lease_revoked_by_hand_is_replaced_at_once() {
-    let (pg, env) = db_env(&db_policy("8s", "0.5"), "8s").await;
+    let (pg, env) = db_env(&db_policy("8s", "0.5", "1s"), "8s").await;
     let out = env.tmpfs_out();
     let _run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
     wait_for(Duration::from_secs(20), "delivery", || {
@@ -251,8 +236,8 @@ async fn defect_3_a_lease_revoked_by_hand_is_replaced_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn defect_4_renew_fraction_nan_is_refused_by_check_and_hot_reload() {
-    let (pg, env) = db_env(&db_policy("1m", "0.7"), "60s").await;
-    let bad = db_policy("1m", ".nan");
+    let (pg, env) = db_env(&db_policy("1m", "0.7", "1s"), "60s").await;
+    let bad = db_policy("1m", ".nan", "1s");
     let file = env.dir.path().join("nan.yaml");
     fs::write(&file, &bad).unwrap();
     let check = Command::new(binary("tessera-broker"))
@@ -287,7 +272,7 @@ async fn defect_4_renew_fraction_nan_is_refused_by_check_and_hot_reload() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn defect_5_revoke_is_bounded_and_deduplicated() {
-    let (pg, env) = db_env(&db_policy("1m", "0.7"), "60s").await;
+    let (pg, env) = db_env(&db_policy("1m", "0.7", "1s"), "60s").await;
     let out = env.tmpfs_out();
     let once = env.sidecar_once(&env.token_file("shop", "orders"), out.path(), &["db"], &[]);
     assert!(once.status.success(), "{once:?}");
@@ -349,7 +334,7 @@ async fn defect_5_revoke_handles_count_against_the_rate_limit() {
         ..EnvOptions::default()
     };
     let pg = Postgres::start();
-    let env = Env::start_with(&db_policy("1m", "0.7"), options).await;
+    let env = Env::start_with(&db_policy("1m", "0.7", "1s"), options).await;
     env.bao.database_role(&pg, "orders", "60s", "1h");
     let mut client = env.client().await;
     let token = env.token("shop", "orders");
@@ -370,6 +355,18 @@ async fn defect_5_revoke_handles_count_against_the_rate_limit() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+/// `Fetch` of binding `app` on an open connection; it must succeed.
+async fn fetch_app(
+    client: &mut tessera_proto::v1::broker_client::BrokerClient<tonic::transport::Channel>,
+    token: &str,
+) {
+    let request = FetchRequest {
+        bindings: vec!["app".into()],
+        ..Default::default()
+    };
+    client.fetch(with_token(token, request)).await.unwrap();
 }
 
 /// Opens `count` TCP connections to `address` that never send a byte.
@@ -396,31 +393,13 @@ async fn defect_6_idle_connections_are_closed_and_capped() {
     env.restart_broker().await;
     let token = env.token("shop", "orders");
     let mut early = env.client().await;
-    early
-        .fetch(with_token(
-            &token,
-            FetchRequest {
-                bindings: vec!["app".into()],
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    fetch_app(&mut early, &token).await;
 
     let address = env.broker_uri.trim_start_matches("https://").to_owned();
     let mut idle = idle_connections(&address, 100);
     assert!(idle.len() >= 40);
     // The live connection keeps working while the listener is full.
-    early
-        .fetch(with_token(
-            &token,
-            FetchRequest {
-                bindings: vec!["app".into()],
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    fetch_app(&mut early, &token).await;
 
     // Every idle connection is closed by the broker: at the cap at once, the
     // rest after the first-bytes deadline.
@@ -588,7 +567,7 @@ async fn defect_10_a_hostile_kv_key_is_refused_at_the_source_and_the_pod_goes_on
 
 #[tokio::test(flavor = "multi_thread")]
 async fn defect_12_a_pod_cannot_open_unbounded_watches_on_a_dynamic_binding() {
-    let (pg, env) = db_env(&db_policy("1m", "0.7"), "60s").await;
+    let (pg, env) = db_env(&db_policy("1m", "0.7", "1s"), "60s").await;
     let token = env.token("shop", "orders");
     let mut streams = Vec::new();
     let mut refused = None;
@@ -697,7 +676,7 @@ async fn defect_4_a_request_that_fails_for_one_binding_leaks_no_database_user() 
     subjects: [{{ namespace: shop, serviceAccount: orders }}]
     source: {{ kv2: {{ mount: secret, path: shop/nothing-here }} }}
 ",
-        db_policy("1m", "0.7")
+        db_policy("1m", "0.7", "1s")
     );
     let (pg, env) = db_env(&policy, "60s").await;
     let status = env

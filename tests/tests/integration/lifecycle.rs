@@ -9,23 +9,8 @@ use std::{
 };
 
 use tessera_proto::v1::{FetchRequest, Held, RevokeRequest};
-use tessera_tests::{Env, Postgres, field, http_get, wait_for, with_token};
+use tessera_tests::{Env, Postgres, db_policy, field, http_get, wait_for, with_token};
 use tonic::Code;
-
-fn db_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
-    format!(
-        "apiVersion: tessera.dev/v1alpha1
-kind: Policy
-bindings:
-  - name: db
-    subjects: [{{ namespace: shop, serviceAccount: orders }}]
-    source: {{ database: {{ mount: database, role: orders }} }}
-    ttl: {ttl}
-    renewFraction: {fraction}
-    overlap: {overlap}
-"
-    )
-}
 
 /// A private PostgreSQL, and a broker whose binding `db` issues users of
 /// role `orders` (Vault lease TTLs `role_ttl`, max `role_max`).
