@@ -197,7 +197,7 @@ fn check_policy(
             let granted = policy.binding(name).is_some_and(|b| b.grants(&identity));
             if !granted {
                 tracing::info!(
-                    binding = %name,
+                    binding = %name.escape_debug(),
                     namespace = %identity.namespace,
                     service_account = %identity.service_account,
                     exists = policy.binding(name).is_some(),

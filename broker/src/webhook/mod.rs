@@ -104,12 +104,16 @@ impl Webhook {
             }
         };
         let policy = self.policy.current();
+        // For logs only, escaped: whoever posts the review wrote these.
         let pod_name = pod
             .metadata
             .name
-            .clone()
-            .or_else(|| pod.metadata.generate_name.clone())
-            .unwrap_or_default();
+            .as_deref()
+            .or(pod.metadata.generate_name.as_deref())
+            .unwrap_or_default()
+            .escape_debug()
+            .to_string();
+        let logged_namespace = namespace.escape_debug().to_string();
         match inject::decide(
             pod,
             &namespace,
@@ -119,7 +123,7 @@ impl Webhook {
             &policy.policy,
         ) {
             Ok(Decision::Skip(reason)) => {
-                tracing::debug!(%namespace, pod = %pod_name, reason, "not injecting");
+                tracing::debug!(namespace = %logged_namespace, pod = %pod_name, reason, "not injecting");
                 ("skipped", response)
             }
             Ok(Decision::Inject(mutated, injected)) => {
@@ -137,7 +141,7 @@ impl Webhook {
                     }
                 };
                 tracing::info!(
-                    %namespace,
+                    namespace = %logged_namespace,
                     pod = %pod_name,
                     bindings = %injected.bindings.join(","),
                     shape = ?injected.shape,
@@ -157,7 +161,8 @@ impl Webhook {
                 }
             }
             Err(Denial(message)) => {
-                tracing::info!(%namespace, pod = %pod_name, reason = %message, "pod refused");
+                // Annotations are the pod creator's text: escaped, so no line can be forged.
+                tracing::info!(namespace = %logged_namespace, pod = %pod_name, reason = %message.escape_debug(), "pod refused");
                 let mut response = deny(response, 403, &format!("tessera: {message}"));
                 response.audit_annotations =
                     HashMap::from([("denied".to_owned(), message.clone())]);
