@@ -21,7 +21,7 @@ use measure::{Sample, proc_sample};
 use report::{Report, Row};
 use serde_json::json;
 use tessera_broker::dev::TokenSpec;
-use tessera_tests::{Env, EnvOptions, Postgres, Proc, bao_binary};
+use tessera_tests::{Env, EnvOptions, Postgres, Proc, bao_binary, binary};
 
 /// Sizes of the run; `TESSERA_BENCH_QUICK=1` shrinks them for a smoke run
 /// (its figures mean little).
@@ -433,13 +433,14 @@ at 50 pods), or change notifications from Vault instead of polling (Vault Enterp
 
     println!("== Fetch latency and throughput vs raw OpenBao KV reads");
     let latency = measure::latency(&env).await?;
-    report.latency(latency.clone());
+    report.latency(latency);
 
     println!("== {watchers} Watch streams on one broker");
     let watch = measure::watch_scale(&env, watchers).await?;
-    report.watch(watch.clone());
+    report.watch(watch);
 
-    // The same two runs on a broker built without the zero-on-free allocator.
+    // The same two runs on a broker built without the zero-on-free allocator,
+    // then again with it, so both follow the same kind of run.
     if let Some(plain) = std::env::var_os("TESSERA_BROKER_PLAIN").map(PathBuf::from) {
         println!(
             "== the same without the zero-on-free allocator ({})",
@@ -448,7 +449,11 @@ at 50 pods), or change notifications from Vault instead of polling (Vault Enterp
         env.restart_broker_with(plain).await;
         let plain_latency = measure::latency(&env).await?;
         let plain_watch = measure::watch_scale(&env, watchers).await?;
-        report.allocator_cost(&latency, &plain_latency, &watch, &plain_watch);
+        println!("== and with it again");
+        env.restart_broker_with(binary("tessera-broker")).await;
+        let again_latency = measure::latency(&env).await?;
+        let again_watch = measure::watch_scale(&env, watchers).await?;
+        report.allocator_cost(&again_latency, &plain_latency, &again_watch, &plain_watch);
     } else {
         report.note(
             "The zero-on-free allocator's cost was not measured (TESSERA_BROKER_PLAIN unset; scripts/bench sets it)."

@@ -1,5 +1,6 @@
 //! Measurements: process figures from `/proc`, latency runs, Watch fan-out.
 
+use anyhow::Context;
 use std::{
     sync::{
         Arc,
@@ -247,7 +248,15 @@ pub async fn watch_scale(env: &Env, count: usize) -> anyhow::Result<WatchScale> 
     }
     let opened = Arc::new(AtomicUsize::new(0));
     let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let target = "2".to_owned();
+    // The version the write below makes: one past the current (runs repeat).
+    let current = env
+        .fetch(&env.token("bench", "app"), &["app"])
+        .await?
+        .credentials
+        .first()
+        .and_then(|c| c.version.parse::<u64>().ok())
+        .context("the current version of bench/app")?;
+    let target = (current + 1).to_string();
     let mut tasks = Vec::new();
     for i in 0..count {
         let mut spec = TokenSpec::new("bench", "app");
@@ -289,7 +298,10 @@ pub async fn watch_scale(env: &Env, count: usize) -> anyhow::Result<WatchScale> 
 
     let written = Instant::now();
     env.bao
-        .put("bench/app", &json!({ "password": "bench-v2" }))
+        .put(
+            "bench/app",
+            &json!({ "password": format!("bench-v{target}") }),
+        )
         .await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while arrivals.lock().await.len() < streams && Instant::now() < deadline {

@@ -169,7 +169,7 @@ the broker learns of a change by polling Vault once per secret, not once per pod
     ) {
         let _ = writeln!(
             self.body,
-            "\n### Cost of the zero-on-free allocator (the same broker built with and without it, one run)\n"
+            "\n### Cost of the zero-on-free allocator (the same broker built with and without it, in one run)\n"
         );
         let _ = writeln!(
             self.body,
@@ -215,7 +215,8 @@ the broker learns of a change by polling Vault once per secret, not once per pod
         );
         self.note(
             "The allocator clears every heap block when it is freed (see the README's Security section). \
-Both brokers are release builds of the same commit; only the global allocator differs. Fan-out includes \
+Both brokers are release builds of the same commit; only the global allocator differs. They ran one after \
+the other (without, then with it again, each after a restart), after the runs above. Fan-out includes \
 the wait for the next KV poll (up to 1 s), so single runs of it vary by that much."
                 .to_owned(),
         );

@@ -10,7 +10,7 @@ use std::path::Path;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use ring::{
     aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
-    hkdf,
+    hkdf, hmac,
     rand::{SecureRandom, SystemRandom},
 };
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,10 @@ pub enum HandleError {
 /// The sealing key shared by the broker replicas.
 pub struct HandleKey {
     key: LessSafeKey,
+    /// Verifies handles of the first format (JSON in the clear, HMAC-SHA256
+    /// over the raw key), which sidecars may still hold after an upgrade:
+    /// they are accepted until their lease is next rotated, never issued.
+    legacy: hmac::Key,
     random: SystemRandom,
 }
 
@@ -108,6 +112,7 @@ impl HandleKey {
             .map_err(|_| HandleKeyError::Random)?;
         Ok(Self {
             key: LessSafeKey::new(key),
+            legacy: hmac::Key::new(hmac::HMAC_SHA256, secret),
             random: SystemRandom::new(),
         })
     }
@@ -155,18 +160,28 @@ impl HandleKey {
     /// [`HandleError::NotYours`] for one issued to another pod or binding.
     pub fn open(&self, text: &str, binding: &str, pod_uid: &str) -> Result<Handle, HandleError> {
         let invalid = || HandleError::Invalid(binding.to_owned());
-        let encoded = text.strip_prefix(SEALED_PREFIX).ok_or_else(invalid)?;
-        let mut sealed = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| invalid())?;
-        if sealed.len() < NONCE_LEN + aead::MAX_TAG_LEN {
-            return Err(invalid());
-        }
-        let mut body = sealed.split_off(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(&sealed).map_err(|_| invalid())?;
-        let json = self
-            .key
-            .open_in_place(nonce, Aad::from(CONTEXT), &mut body)
-            .map_err(|_| invalid())?;
-        let handle: Handle = serde_json::from_slice(json).map_err(|_| invalid())?;
+        let handle: Handle = match text.strip_prefix(SEALED_PREFIX) {
+            Some(encoded) => {
+                let mut sealed = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| invalid())?;
+                if sealed.len() < NONCE_LEN + aead::MAX_TAG_LEN {
+                    return Err(invalid());
+                }
+                let mut body = sealed.split_off(NONCE_LEN);
+                let nonce = Nonce::try_assume_unique_for_key(&sealed).map_err(|_| invalid())?;
+                let json = self
+                    .key
+                    .open_in_place(nonce, Aad::from(CONTEXT), &mut body)
+                    .map_err(|_| invalid())?;
+                serde_json::from_slice(json).map_err(|_| invalid())?
+            }
+            None => {
+                let (body, tag) = text.split_once('.').ok_or_else(invalid)?;
+                let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| invalid())?;
+                hmac::verify(&self.legacy, body.as_bytes(), &tag).map_err(|_| invalid())?;
+                let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| invalid())?;
+                serde_json::from_slice(&json).map_err(|_| invalid())?
+            }
+        };
         if handle.binding != binding || handle.pod_uid != pod_uid || pod_uid.is_empty() {
             return Err(HandleError::NotYours(binding.to_owned()));
         }
@@ -201,6 +216,27 @@ mod tests {
         assert_eq!(
             key.open(&sealed, "other", "uid-1"),
             Err(HandleError::NotYours("other".into()))
+        );
+    }
+
+    #[test]
+    fn handles_of_the_first_format_still_open_after_an_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        let key = HandleKey::load(&path).unwrap();
+        // What the broker issued before handles were sealed.
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&handle()).unwrap());
+        let tag = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]),
+            body.as_bytes(),
+        );
+        let legacy = format!("{body}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()));
+        assert_eq!(key.open(&legacy, "db", "uid-1").unwrap(), handle());
+        let forged = format!("{body}.{}", URL_SAFE_NO_PAD.encode([0u8; 32]));
+        assert_eq!(
+            key.open(&forged, "db", "uid-1"),
+            Err(HandleError::Invalid("db".into()))
         );
     }
 
