@@ -101,7 +101,15 @@ fn spawn_sidecar(env: &Env, name: &str) -> Pod {
         out.path().join("db/password"),
     ];
     let started = Instant::now();
-    let proc = env.sidecar_run(&token, out.path(), &["app", "db"]);
+    // As the webhook injects it: without IPC_LOCK, so memory is not locked
+    // (the bench runs as root, which could lock and would then hold the
+    // whole binary resident).
+    let proc = env.sidecar_run_with(
+        &token,
+        out.path(),
+        &["app", "db"],
+        &["--lock-memory", "false"],
+    );
     Pod {
         proc,
         files,
@@ -264,6 +272,11 @@ async fn main() -> anyhow::Result<()> {
         ..EnvOptions::default()
     };
     let mut env = Env::start_with(POLICY, options).await;
+    // As the chart installs it by default: memory not locked (memoryLock off).
+    let config = env.dir.path().join("broker.yaml");
+    let text = std::fs::read_to_string(&config)?;
+    std::fs::write(&config, format!("{text}\nmemory:\n  lock: false\n"))?;
+    env.restart_broker().await;
     env.bao
         .put("bench/app", &json!({ "password": "bench-v1" }))
         .await;
@@ -425,7 +438,6 @@ at 50 pods), or change notifications from Vault instead of polling (Vault Enterp
     drop(agents);
 
     // The remaining runs time change propagation: poll every second.
-    let config = env.dir.path().join("broker.yaml");
     let text =
         std::fs::read_to_string(&config)?.replace("kvPollInterval: 15s", "kvPollInterval: 1s");
     std::fs::write(&config, text)?;

@@ -274,7 +274,8 @@ from the benchmark issue and are shown, never asserted in tests.\n",
 (TLS 1.3, JWKS tokens, kvPollInterval 1s), each pod's agent fetching the same KV secret and a \
 dynamic PostgreSQL user into tmpfs. The peer is `bao agent` with AppRole auto-auth and two \
 templates, the agent Vault's injector runs in every pod. Tessera's per-pod figures are the \
-sidecar alone; the shared broker is in the notes."
+sidecar alone, run as the webhook injects it (no IPC_LOCK capability, so its memory is not locked); \
+the shared broker is in the notes."
         );
         out.push_str(&self.body);
         if !self.notes.is_empty() {

@@ -432,12 +432,14 @@ fn bearer<T>(request: &Request<T>) -> Result<Secret, Error> {
     }
 }
 
-/// The distinct handles of a Revoke, at most [`MAX_BINDINGS_PER_REQUEST`].
-fn unique_handles(held: &[Held]) -> Result<Vec<&Held>, Error> {
-    if held.len() > MAX_BINDINGS_PER_REQUEST {
+/// The distinct handles of a Revoke, at most [`MAX_BINDINGS_PER_REQUEST`]
+/// of them and of the bindings it names.
+fn unique_handles<'a>(held: &'a [Held], bindings: &[String]) -> Result<Vec<&'a Held>, Error> {
+    if held.len() > MAX_BINDINGS_PER_REQUEST || bindings.len() > MAX_BINDINGS_PER_REQUEST {
         return Err(Error::InvalidRequest(format!(
-            "{} lease handles in one Revoke; at most {MAX_BINDINGS_PER_REQUEST}",
-            held.len()
+            "{} lease handles and {} bindings in one Revoke; at most {MAX_BINDINGS_PER_REQUEST} of each",
+            held.len(),
+            bindings.len()
         )));
     }
     let mut seen = BTreeSet::new();
@@ -624,7 +626,8 @@ impl Broker for BrokerService {
         async move {
             let _timer = self.parts.metrics.time_rpc("Revoke");
             let caller = self.authenticate(&request).await?;
-            let held = unique_handles(&request.get_ref().held).map_err(log_failure)?;
+            let held = unique_handles(&request.get_ref().held, &request.get_ref().bindings)
+                .map_err(log_failure)?;
             // Each handle is a Vault call and an audit record: beyond the
             // first, each counts against the caller's rate limit.
             let extra = u32::try_from(held.len().saturating_sub(1)).unwrap_or(u32::MAX);
@@ -975,12 +978,17 @@ mod tests {
             handle: handle.into(),
         };
         let same = vec![held("db", "h1"); MAX_BINDINGS_PER_REQUEST];
-        assert_eq!(unique_handles(&same).unwrap().len(), 1);
+        assert_eq!(unique_handles(&same, &[]).unwrap().len(), 1);
         let mixed = [held("db", "h1"), held("db", "h2"), held("db", "h1")];
-        assert_eq!(unique_handles(&mixed).unwrap().len(), 2);
+        assert_eq!(unique_handles(&mixed, &[]).unwrap().len(), 2);
         let flood = vec![held("db", "h1"); 10_000];
         assert!(matches!(
-            unique_handles(&flood),
+            unique_handles(&flood, &[]),
+            Err(Error::InvalidRequest(_))
+        ));
+        let names = vec!["kv".to_owned(); 10_000];
+        assert!(matches!(
+            unique_handles(&[], &names),
             Err(Error::InvalidRequest(_))
         ));
     }
