@@ -286,7 +286,7 @@ the shared broker is in the notes."
         }
         let _ = writeln!(
             out,
-            "\nReproduce: `scripts/bench` (builds release binaries, installs OpenBao if absent; about 13 minutes on 2 cores, half of it the release build)."
+            "\nReproduce: `scripts/bench` (builds release binaries, installs OpenBao if absent; about 25 minutes on 2 cores, a third of it the two release builds)."
         );
         out
     }
