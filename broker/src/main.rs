@@ -235,7 +235,10 @@ fn serve(
         config.listen = listen;
     }
     // Before any secret is read: no core dumps, memory locked where allowed.
-    log_hardening(&tessera_memory::harden(config.memory_lock));
+    log_hardening(
+        &tessera_memory::harden(config.memory_lock),
+        config.memory_lock,
+    );
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let grace = config.shutdown_grace;
@@ -424,11 +427,17 @@ fn run_dev(command: DevCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Says once at start how memory is protected.
-fn log_hardening(report: &tessera_memory::Hardening) {
+/// Says once at start how memory is protected: a warning only when locking
+/// was asked for and is not allowed.
+fn log_hardening(report: &tessera_memory::Hardening, asked: tessera_memory::Lock) {
     let zero_on_free = cfg!(feature = "zeroize-on-free");
-    match &report.not_locked_because {
-        None => tracing::info!(zero_on_free, "memory hygiene: {report}"),
-        Some(why) => tracing::warn!(zero_on_free, "memory hygiene: {report}: {why}"),
+    match (&report.not_locked_because, asked) {
+        (Some(why), tessera_memory::Lock::IfAllowed) => {
+            tracing::warn!(zero_on_free, "memory hygiene: {report}: {why}")
+        }
+        (Some(why), tessera_memory::Lock::Off) => {
+            tracing::info!(zero_on_free, "memory hygiene: {report}: {why}")
+        }
+        (None, _) => tracing::info!(zero_on_free, "memory hygiene: {report}"),
     }
 }
