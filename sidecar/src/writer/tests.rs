@@ -19,6 +19,11 @@ fn fields(pairs: &[(&str, &str)]) -> Fields {
         .collect()
 }
 
+/// Writes `pairs` as binding `app` with default meta and owner-only access.
+fn write_app(writer: &Writer, pairs: &[(&str, &str)]) -> Result<bool, WriteError> {
+    writer.write("app", &fields(pairs), Meta::default(), owner())
+}
+
 fn tmpfs_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("tessera-writer-")
@@ -337,28 +342,14 @@ fn writer_follows_no_symlinked_binding_directory() {
     let before = snapshot(elsewhere.path());
     let mode_before = fs::metadata(elsewhere.path()).unwrap().mode();
     let writer = Writer::new(out.path().to_owned(), None);
-    writer
-        .write(
-            "app",
-            &fields(&[("password", "p1")]),
-            Meta::default(),
-            owner(),
-        )
-        .unwrap();
+    write_app(&writer, &[("password", "p1")]).unwrap();
     // Swap the binding directory for a link to a directory outside the volume.
     let app = out.path().join("app");
     fs::set_permissions(&app, fs::Permissions::from_mode(0o700)).unwrap();
     fs::remove_dir_all(&app).unwrap();
     std::os::unix::fs::symlink(elsewhere.path(), &app).unwrap();
 
-    writer
-        .write(
-            "app",
-            &fields(&[("password", "p2")]),
-            Meta::default(),
-            owner(),
-        )
-        .unwrap();
+    write_app(&writer, &[("password", "p2")]).unwrap();
 
     assert_eq!(
         snapshot(elsewhere.path()),
@@ -384,14 +375,7 @@ fn writer_follows_no_symlinked_binding_directory() {
 fn writer_replaces_a_planted_file_with_its_link() {
     let out = tmpfs_dir();
     let writer = Writer::new(out.path().to_owned(), None);
-    writer
-        .write(
-            "app",
-            &fields(&[("password", "real")]),
-            Meta::default(),
-            owner(),
-        )
-        .unwrap();
+    write_app(&writer, &[("password", "real")]).unwrap();
     let app = out.path().join("app");
     fs::set_permissions(&app, fs::Permissions::from_mode(0o700)).unwrap();
     fs::remove_file(app.join("password")).unwrap();
@@ -429,14 +413,7 @@ fn writer_replaces_a_planted_data_directory_and_foreign_link() {
     fs::create_dir(app.join(DATA_LINK)).unwrap();
     std::os::unix::fs::symlink(elsewhere.path().join("password"), app.join("password")).unwrap();
     let writer = Writer::new(out.path().to_owned(), None);
-    writer
-        .write(
-            "app",
-            &fields(&[("password", "real")]),
-            Meta::default(),
-            owner(),
-        )
-        .unwrap();
+    write_app(&writer, &[("password", "real")]).unwrap();
     assert_eq!(
         visible(&app),
         BTreeMap::from([("password".into(), "real".into())])
@@ -453,14 +430,7 @@ fn writer_that_does_not_fit_keeps_the_previous_version_and_recovers() {
     let volume = SmallTmpfs::mount("64k");
     let writer = Writer::new(volume.path().to_owned(), None);
     let big = "x".repeat(40 * 1024);
-    writer
-        .write(
-            "app",
-            &fields(&[("password", &big)]),
-            Meta::default(),
-            owner(),
-        )
-        .unwrap();
+    write_app(&writer, &[("password", &big)]).unwrap();
     let app = volume.path().join("app");
 
     // The next version does not fit beside the current one.
@@ -485,27 +455,13 @@ fn writer_that_does_not_fit_keeps_the_previous_version_and_recovers() {
     writer
         .write("other", &fields(&[("user", "u")]), Meta::default(), owner())
         .unwrap();
-    writer
-        .write(
-            "app",
-            &fields(&[("password", "small")]),
-            Meta::default(),
-            owner(),
-        )
-        .unwrap();
+    write_app(&writer, &[("password", "small")]).unwrap();
     assert_eq!(visible(&app)["password"], "small");
     assert_eq!(version_dirs(&app), 1);
 
     // Larger than the whole volume: named as such, with both sizes.
     let huge = "z".repeat(100 * 1024);
-    let error = writer
-        .write(
-            "app",
-            &fields(&[("password", &huge)]),
-            Meta::default(),
-            owner(),
-        )
-        .unwrap_err();
+    let error = write_app(&writer, &[("password", &huge)]).unwrap_err();
     match error {
         WriteError::TooLarge {
             binding,
