@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::{
     audit::{Action, Audit, Event, Outcome},
-    error::Error,
+    error::{Error, printable},
     feed::{Feeds, Latest},
     identity::{Identity, Verifier},
     lifecycle::{self, Lifecycle, Live, Step},
@@ -182,7 +182,7 @@ impl BrokerService {
                         .lookup(&caller.identity, name)
                         .map(|b| Arc::new(b.clone()))
                         .ok_or_else(|| Error::Denied {
-                            binding: clipped(name),
+                            binding: printable(name),
                             namespace: caller.identity.namespace.clone(),
                             service_account: caller.identity.service_account.clone(),
                         })
@@ -449,22 +449,6 @@ fn unique_handles<'a>(held: &'a [Held], bindings: &[String]) -> Result<Vec<&'a H
         .collect())
 }
 
-/// A caller-supplied name as errors, logs and the audit log show it: at most
-/// the 253 characters a binding name may have, control characters escaped
-/// (a newline in a name must not forge a line in a text log).
-fn clipped(name: &str) -> String {
-    name.chars()
-        .take(253)
-        .flat_map(|c| {
-            let escaped = c.is_control().then(|| c.escape_default());
-            escaped
-                .into_iter()
-                .flatten()
-                .chain((!c.is_control()).then_some(c))
-        })
-        .collect()
-}
-
 fn check_names(names: &[String]) -> Result<(), Error> {
     if names.is_empty() {
         return Err(Error::InvalidRequest(
@@ -481,7 +465,7 @@ fn check_names(names: &[String]) -> Result<(), Error> {
     if let Some(twice) = names.iter().find(|n| !seen.insert(*n)) {
         return Err(Error::InvalidRequest(format!(
             "binding `{}` is named twice",
-            clipped(twice)
+            printable(twice)
         )));
     }
     Ok(())
@@ -644,7 +628,7 @@ impl Broker for BrokerService {
                     .ok_or_else(|| {
                         log_failure(Error::InvalidRequest(format!(
                             "binding `{}` is not in the policy",
-                            clipped(&held.binding)
+                            printable(&held.binding)
                         )))
                     })?;
                 let live = self
@@ -964,11 +948,11 @@ mod tests {
     #[test]
     fn caller_names_with_newlines_cannot_forge_log_lines() {
         let forged = "db\n2026-12-01T00:00:00Z INFO credential delivered binding=admin\r";
-        let shown = clipped(forged);
+        let shown = printable(forged);
         assert!(!shown.contains('\n') && !shown.contains('\r'), "{shown}");
         assert!(shown.starts_with("db\\n2026"), "{shown}");
-        assert_eq!(clipped("orders-db"), "orders-db");
-        assert_eq!(clipped(&"x".repeat(300)).len(), 253);
+        assert_eq!(printable("orders-db"), "orders-db");
+        assert_eq!(printable(&"x".repeat(300)).len(), 253);
     }
 
     #[test]

@@ -336,7 +336,7 @@ impl Binding {
         let mut files = BTreeMap::new();
         let mut add = |name: &String, value: Secret| {
             if !is_safe_name(name) {
-                return Err(RenderError::UnsafeName(clip(name)));
+                return Err(RenderError::UnsafeName(crate::error::printable(name)));
             }
             match files.insert(name.clone(), value) {
                 Some(_) => Err(RenderError::Collision(name.clone())),
@@ -373,11 +373,6 @@ pub enum RenderError {
         "the source has a field named `{0}`, which is no safe file name (rename the key in Vault, or choose keys)"
     )]
     UnsafeName(String),
-}
-
-/// A name from Vault as errors and logs show it: escaped, at most 64 characters.
-fn clip(name: &str) -> String {
-    name.chars().take(64).flat_map(char::escape_debug).collect()
 }
 
 /// A loaded, valid policy.

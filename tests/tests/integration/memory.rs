@@ -8,7 +8,7 @@ use std::{fs, process::Command, time::Duration};
 
 use serde_json::json;
 use tessera_tests::{
-    Env, Postgres, field, memory_occurrences, random_string, simple_policy, wait_for,
+    Env, Postgres, db_policy, field, memory_occurrences, random_string, simple_policy, wait_for,
 };
 
 /// A recognizable value that occurs nowhere else.
@@ -107,17 +107,7 @@ async fn superseded_kv_values_are_gone_from_broker_and_sidecar_memory() {
 #[tokio::test(flavor = "multi_thread")]
 async fn superseded_database_passwords_are_gone_from_broker_and_sidecar_memory() {
     let pg = Postgres::start();
-    let policy = "apiVersion: tessera.dev/v1alpha1
-kind: Policy
-bindings:
-  - name: db
-    subjects: [{ namespace: shop, serviceAccount: orders }]
-    source: { database: { mount: database, role: orders } }
-    ttl: 4s
-    renewFraction: 0.5
-    overlap: 1s
-";
-    let env = Env::start(policy).await;
+    let env = Env::start(&db_policy("4s", "0.5", "1s")).await;
     // A max TTL of 4s: every refresh is a rotation with a new password.
     env.bao.database_role(&pg, "orders", "4s", "4s");
     let out = env.tmpfs_out();
