@@ -359,11 +359,19 @@ audit \"file\" \"tessera-test\" {{
             "unseal: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // A Raft node answers reads as a standby before it wins its own
+        // election, and refuses writes until then ("local node not active"):
+        // ready means unsealed and active, as `sys/health` reports (a standby
+        // gets 429, an error to vaultrs).
         let deadline = Instant::now() + Duration::from_secs(30);
-        while vaultrs::token::lookup_self(&self.client()).await.is_err() {
+        loop {
+            match vaultrs::sys::health(&self.client()).await {
+                Ok(health) if !health.sealed && !health.standby => break,
+                _ => {}
+            }
             assert!(
                 Instant::now() < deadline,
-                "OpenBao did not become ready after unseal"
+                "OpenBao did not become active after unseal"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
