@@ -61,7 +61,7 @@ pub enum Error {
     },
     /// A held lease handle was refused.
     #[error(transparent)]
-    Handle(#[from] crate::handle::HandleError),
+    Handle(#[from] crate::lease::handle::HandleError),
     /// The request itself is malformed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -81,6 +81,33 @@ pub enum Error {
         /// What Vault said.
         source: VaultError,
     },
+    /// The lease record of a binding could not be read or written, so the
+    /// lease could not be owned durably (and was not handed out).
+    #[error(
+        "binding `{binding}`: cannot keep its lease record in Vault ({source}); the broker's Vault policy needs create, read, update, delete and list on `{mount}/*`, a KV version 1 mount (leases.recordMount)"
+    )]
+    LeaseRecord {
+        /// The binding being served.
+        binding: String,
+        /// The record mount.
+        mount: String,
+        /// What Vault said.
+        source: VaultError,
+    },
+}
+
+impl Error {
+    /// The binding the error is about, when it is about one.
+    pub fn binding(&self) -> Option<&str> {
+        match self {
+            Error::Vault { binding, .. }
+            | Error::LeaseRecord { binding, .. }
+            | Error::Render { binding, .. }
+            | Error::TooManyStreams { binding, .. }
+            | Error::Denied { binding, .. } => Some(binding),
+            _ => None,
+        }
+    }
 }
 
 impl From<Error> for Status {
@@ -90,11 +117,11 @@ impl From<Error> for Status {
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
             Error::Denied { .. } => Code::PermissionDenied,
             Error::InvalidRequest(_) => Code::InvalidArgument,
-            Error::Handle(crate::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
-            Error::Handle(crate::handle::HandleError::NotYours(_)) => Code::PermissionDenied,
+            Error::Handle(crate::lease::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
+            Error::Handle(crate::lease::handle::HandleError::NotYours(_)) => Code::PermissionDenied,
             Error::RateLimited { .. } | Error::TooManyStreams { .. } => Code::ResourceExhausted,
             Error::Render { .. } => Code::FailedPrecondition,
-            Error::Vault { source, .. } => match source {
+            Error::Vault { source, .. } | Error::LeaseRecord { source, .. } => match source {
                 VaultError::Unavailable(_) | VaultError::Login(_) => Code::Unavailable,
                 VaultError::Denied(_)
                 | VaultError::NotFound(_)
@@ -105,10 +132,16 @@ impl From<Error> for Status {
         let message = match &error {
             // The client learns Vault is down, not Vault's internal detail;
             // the broker logs the detail.
-            Error::Vault { binding, source } => match code {
+            Error::Vault { binding, source }
+            | Error::LeaseRecord {
+                binding, source, ..
+            } => match code {
                 Code::Unavailable => {
                     format!("binding `{binding}`: Vault is unavailable, retry with backoff")
                 }
+                _ if matches!(error, Error::LeaseRecord { .. }) => format!(
+                    "binding `{binding}`: the broker cannot record the lease in Vault ({source}); ask the platform team to check leases.recordMount"
+                ),
                 _ => format!("binding `{binding}`: broker cannot read its source: {source}"),
             },
             other => other.to_string(),

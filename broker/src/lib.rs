@@ -12,9 +12,8 @@ pub mod error;
 pub mod feed;
 #[cfg(test)]
 mod fuzz;
-pub mod handle;
 pub mod identity;
-pub mod lifecycle;
+pub mod lease;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
@@ -66,7 +65,7 @@ pub enum StartError {
     },
     /// The lease handle key could not be loaded.
     #[error(transparent)]
-    HandleKey(#[from] handle::HandleKeyError),
+    HandleKey(#[from] lease::handle::HandleKeyError),
     /// The Kubernetes API client could not be configured.
     #[error("Kubernetes API: {0}")]
     Kubernetes(String),
@@ -82,6 +81,8 @@ pub struct Prepared {
     policy: Arc<PolicyStore>,
     vault: Arc<Vault>,
     metrics: Arc<metrics::Metrics>,
+    engine: Arc<lease::Engine>,
+    reconciler: Arc<lease::reconcile::Reconciler>,
     service: BrokerService,
     webhook: Option<webhook::Server>,
 }
@@ -251,26 +252,45 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         );
     let limiter = Arc::new(ratelimit::Limiter::new(config.rate_limit));
     let handle_key = Arc::new(match &config.handle_key_file {
-        Some(path) => handle::HandleKey::load(path)?,
+        Some(path) => lease::handle::HandleKey::load(path)?,
         None => {
             tracing::warn!(
                 "leases.handleKeyFile is not set: lease handles are sealed with a per-process key, so they do not survive a broker restart or work across replicas"
             );
-            handle::HandleKey::generate()?
+            lease::handle::HandleKey::generate()?
         }
     });
     tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
+    let engine = Arc::new(lease::Engine::new(
+        vault.clone(),
+        handle_key.clone(),
+        feeds.clone(),
+        config.leases.clone(),
+        audit,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let verifier = Arc::new(verifier);
+    let reconciler = Arc::new(lease::reconcile::Reconciler::new(
+        engine.clone(),
+        verifier.clone(),
+        handle_key,
+    ));
+    // A deleted pod's leases are revoked at once where the broker may see
+    // pods; the sweep is the backstop everywhere.
+    if let (true, Some(client)) = (config.identity.pod_lookup, &kube) {
+        tokio::spawn(
+            reconciler
+                .clone()
+                .follow_deletions(client.clone(), shutdown.clone()),
+        );
+    }
     let service = BrokerService::new(service::Parts {
         metrics: metrics.clone(),
-        verifier: Arc::new(verifier),
+        verifier,
         policy: policy.clone(),
-        lifecycle: Arc::new(lifecycle::Lifecycle::new(
-            vault.clone(),
-            handle_key,
-            feeds.clone(),
-        )),
+        engine: engine.clone(),
         feeds,
-        audit,
         limiter,
         shutdown: shutdown.clone(),
     });
@@ -280,6 +300,8 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         policy,
         vault,
         metrics,
+        engine,
+        reconciler,
         service,
         webhook,
     })
@@ -313,6 +335,11 @@ pub async fn run(
         health.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(
+        prepared
+            .reconciler
+            .run(prepared.config.leases.sweep_interval, shutdown.clone()),
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -342,6 +369,9 @@ pub async fn run(
         .add_service(BrokerServer::new(prepared.service))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
+    // Revocations in flight finish within the shutdown grace (the caller's
+    // timeout); ones that only wait for an overlap are left to Vault.
+    prepared.engine.drain().await;
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! same `.proto` file with their own toolchain.
 
 pub mod codec;
+pub mod reason;
 
 /// Messages and the `Broker` client and server of `tessera.v1`.
 pub mod v1 {

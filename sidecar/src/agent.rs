@@ -3,11 +3,14 @@
 //! it has).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, SystemTime},
 };
 
-use tessera_proto::v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest};
+use tessera_proto::{
+    reason::StreamEnd,
+    v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tracing::Instrument;
@@ -331,10 +334,13 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(200), backoff_max);
     let mut status = Status::read(job.writer.out());
     let mut unwritten = Unwritten::default();
+    // Bindings whose lease the broker lost: their handles are not presented
+    // again until a new credential replaces them.
+    let mut lost = BTreeSet::new();
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            result = watch_once(job, &mut backoff, &mut status, &mut unwritten) => result,
+            result = watch_once(job, &mut backoff, &mut status, &mut unwritten, &mut lost) => result,
         };
         if let Err(error) = &result {
             status.stale(&error.to_string());
@@ -349,21 +355,38 @@ pub async fn run(
                 tracing::info!("watch stream ended; reconnecting");
                 backoff.next_delay()
             }
-            Err(AgentError::Broker(status))
-                if status.code() == Code::Unauthenticated
-                    && status.message().contains("expired") =>
-            {
-                tracing::info!("token expired on the stream; reconnecting with the current token");
-                Duration::ZERO
-            }
-            // The source's data does not make the binding's files (an unsafe
-            // key, a collision): the security team can fix the secret, so the
-            // sidecar keeps its files and asks again, slowly.
-            Err(AgentError::Broker(status)) if status.code() == Code::FailedPrecondition => {
-                let delay = backoff_max;
-                tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?delay, "the broker cannot serve a binding as its source stands; keeping current files");
-                delay
-            }
+            Err(AgentError::Broker(status)) => match Reaction::to(&status) {
+                Reaction::ReconnectNow(why) => {
+                    tracing::info!(
+                        reason = why,
+                        message = status.message(),
+                        "the broker ended the stream; reconnecting now"
+                    );
+                    // Spread a fleet's reconnects over a moment (a replica
+                    // shutting down ends all its streams at once).
+                    RECONNECT_SPREAD.mul_f64(fastrand::f64())
+                }
+                Reaction::DropHandle(binding) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%binding, message = status.message(), retry_in = ?delay, "the broker lost the lease; reconnecting without its handle");
+                    unwritten.0.remove(&binding);
+                    lost.insert(binding);
+                    delay
+                }
+                // The source's data does not make the binding's files (an
+                // unsafe key, a collision): the security team can fix the
+                // secret, so the sidecar keeps its files and asks again, slowly.
+                Reaction::Slow => {
+                    tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?backoff_max, "the broker cannot serve a binding as its source stands; keeping current files");
+                    backoff_max
+                }
+                Reaction::Backoff => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?delay, "keeping current files; will retry");
+                    delay
+                }
+                Reaction::Stop => return Err(AgentError::Broker(status)),
+            },
             Err(error) if error.is_retryable() => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?delay, "keeping current files; will retry");
@@ -374,6 +397,44 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Longest random wait before reconnecting when the broker asked for it.
+const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
+
+/// What the sidecar does when the broker ends a stream with `status`: the
+/// documented reaction to each [`StreamEnd`] reason, then to the code.
+#[derive(Debug, PartialEq, Eq)]
+enum Reaction {
+    /// Reconnect at once (token expired, replica shutting down, policy
+    /// changed): nothing is wrong with this pod.
+    ReconnectNow(&'static str),
+    /// Reconnect with backoff, without presenting this binding's handle.
+    DropHandle(String),
+    /// The binding's source cannot be served as it stands: ask again slowly.
+    Slow,
+    /// Reconnect with backoff.
+    Backoff,
+    /// Retrying cannot help (denied, invalid request).
+    Stop,
+}
+
+impl Reaction {
+    fn to(status: &tonic::Status) -> Self {
+        match StreamEnd::of(status) {
+            Some(
+                end
+                @ (StreamEnd::TokenExpired | StreamEnd::ShuttingDown | StreamEnd::PolicyChanged),
+            ) => Self::ReconnectNow(end.reason()),
+            Some(StreamEnd::LeaseLost) => match StreamEnd::binding(status) {
+                Some(binding) => Self::DropHandle(binding),
+                None => Self::Backoff,
+            },
+            None if status.code() == Code::FailedPrecondition => Self::Slow,
+            None if AgentError::Broker(status.clone()).is_retryable() => Self::Backoff,
+            None => Self::Stop,
         }
     }
 }
@@ -400,6 +461,7 @@ async fn watch_once(
     backoff: &mut Backoff,
     status: &mut Status,
     unwritten: &mut Unwritten,
+    lost: &mut BTreeSet<String>,
 ) -> Result<Ended, AgentError> {
     let mut client = job.target.client()?;
     // The span covers opening the stream (the broker's Watch span is its
@@ -408,7 +470,11 @@ async fn watch_once(
     let request = span.in_scope(|| {
         job.target.request(WatchRequest {
             bindings: job.bindings.clone(),
-            held: job.held(unwritten),
+            held: job
+                .held(unwritten)
+                .into_iter()
+                .filter(|h| !lost.contains(&h.binding))
+                .collect(),
         })
     })?;
     let mut stream = client.watch(request).instrument(span).await?.into_inner();
@@ -449,6 +515,7 @@ async fn watch_once(
         };
         if let Some(credential) = message.credential {
             let (binding, version) = (credential.binding.clone(), credential.version.clone());
+            lost.remove(&binding);
             let delivery = write_credential(&job.writer, status, unwritten, credential);
             status.write(job.writer.out());
             backoff.reset();
@@ -485,6 +552,38 @@ pub async fn revoke(job: &Job) -> Result<Vec<String>, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_stream_end_reason_gets_its_documented_reaction() {
+        use tonic::Status as Grpc;
+        for (status, reaction) in [
+            (
+                StreamEnd::TokenExpired.status("expired"),
+                Reaction::ReconnectNow("TOKEN_EXPIRED"),
+            ),
+            (
+                StreamEnd::ShuttingDown.status("bye"),
+                Reaction::ReconnectNow("SHUTTING_DOWN"),
+            ),
+            (
+                StreamEnd::PolicyChanged.status("changed"),
+                Reaction::ReconnectNow("POLICY_CHANGED"),
+            ),
+            (
+                StreamEnd::LeaseLost.status_for("lost", Some("db")),
+                Reaction::DropHandle("db".into()),
+            ),
+            (StreamEnd::LeaseLost.status("lost"), Reaction::Backoff),
+            (Grpc::failed_precondition("unsafe key"), Reaction::Slow),
+            (Grpc::unavailable("vault down"), Reaction::Backoff),
+            // Text alone is not a reason: an old broker's "expired" backs off.
+            (Grpc::unauthenticated("token expired"), Reaction::Backoff),
+            (Grpc::permission_denied("not granted"), Reaction::Stop),
+            (Grpc::invalid_argument("bad"), Reaction::Stop),
+        ] {
+            assert_eq!(Reaction::to(&status), reaction, "{status:?}");
+        }
+    }
 
     #[test]
     fn backoff_is_capped_and_resets() {

@@ -1,7 +1,8 @@
 //! An in-process HTTPS server speaking the Kubernetes API's JSON (k8s-openapi
 //! types), standing in for a real API server, which cannot be had here. It
 //! serves what the broker uses: OIDC discovery and the JWKS, TokenReview, pod
-//! reads, and the version. It signs nothing: it trusts the dev JWKS the harness gives it,
+//! reads, the cluster-wide pod list and watch (newline-delimited watch
+//! events, as the API server streams them), and the version. It signs nothing: it trusts the dev JWKS the harness gives it,
 //! checks tokens like the API server does (signature, issuer, audience,
 //! bound pod still present), and requires the broker's bearer token.
 
@@ -41,6 +42,25 @@ struct ApiState {
     jwks_path: PathBuf,
     pods: Mutex<BTreeMap<(String, String), Pod>>,
     calls: Mutex<Vec<String>>,
+    /// Pod changes as watch events (`{"type": ..., "object": ...}`).
+    events: tokio::sync::broadcast::Sender<Value>,
+    /// The resource version of the latest change.
+    version: std::sync::atomic::AtomicU64,
+}
+
+impl ApiState {
+    /// Records a change to `pod` and tells the watchers.
+    fn changed(&self, kind: &str, mut pod: Pod) {
+        let version = self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        pod.metadata.resource_version = Some(version.to_string());
+        let mut object = serde_json::to_value(pod).unwrap();
+        object["kind"] = json!("Pod");
+        object["apiVersion"] = json!("v1");
+        let _ = self.events.send(json!({ "type": kind, "object": object }));
+    }
 }
 
 /// The running fake API server; stops when dropped.
@@ -228,6 +248,59 @@ async fn read_pod(
     }
 }
 
+/// `GET /api/v1/pods`: the pod list, or with `watch=true` a stream of watch
+/// events from now on.
+async fn list_pods(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let watch = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
+    let call = if watch { "WATCH pods" } else { "LIST pods" };
+    if let Some(denied) = refused(&state, &headers, call.to_owned()) {
+        return denied;
+    }
+    if watch {
+        let events = state.events.subscribe();
+        let lines = futures::stream::unfold(events, |mut events| async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let mut line = serde_json::to_vec(&event).unwrap();
+                        line.push(b'\n');
+                        return Some((Ok::<_, std::convert::Infallible>(line), events));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from_stream(lines))
+            .unwrap();
+    }
+    let items: Vec<Value> = state
+        .pods
+        .lock()
+        .unwrap()
+        .values()
+        .map(|pod| serde_json::to_value(pod).unwrap())
+        .collect();
+    let version = state.version.load(std::sync::atomic::Ordering::SeqCst);
+    Json(json!({
+        "kind": "PodList",
+        "apiVersion": "v1",
+        "metadata": { "resourceVersion": version.to_string() },
+        "items": items,
+    }))
+    .into_response()
+}
+
 impl FakeApiServer {
     /// Serves on a free loopback port with the dev certificate in `dev_dir`,
     /// trusting the JWKS at `jwks_path` for tokens of `issuer`.
@@ -243,6 +316,8 @@ impl FakeApiServer {
             jwks_path: jwks_path.to_owned(),
             pods: Mutex::default(),
             calls: Mutex::default(),
+            events: tokio::sync::broadcast::channel(64).0,
+            version: std::sync::atomic::AtomicU64::new(1),
         });
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
@@ -253,6 +328,7 @@ impl FakeApiServer {
                 post(token_review),
             )
             .route("/api/v1/namespaces/{namespace}/pods/{name}", get(read_pod))
+            .route("/api/v1/pods", get(list_pods))
             .with_state(state.clone());
         let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
             dev_dir.join("tls.crt"),
@@ -318,16 +394,26 @@ current-context: fake
             .pods
             .lock()
             .unwrap()
-            .insert((namespace.to_owned(), name.to_owned()), pod);
+            .insert((namespace.to_owned(), name.to_owned()), pod.clone());
+        self.state.changed("ADDED", pod);
     }
 
     /// Deletes a pod.
     pub fn delete_pod(&self, namespace: &str, name: &str) {
-        self.state
+        let removed = self
+            .state
             .pods
             .lock()
             .unwrap()
             .remove(&(namespace.to_owned(), name.to_owned()));
+        if let Some(pod) = removed {
+            self.state.changed("DELETED", pod);
+        }
+    }
+
+    /// Whether some client watches pods (the broker's deletion watch).
+    pub fn watched(&self) -> bool {
+        self.state.events.receiver_count() > 0
     }
 
     /// How many requests matched `call` (e.g. `GET /openid/v1/jwks`).

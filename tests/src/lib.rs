@@ -261,6 +261,7 @@ impl OpenBao {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        bao.enable_lease_records();
         bao
     }
 
@@ -326,7 +327,33 @@ audit \"file\" \"tessera-test\" {{
         };
         bao.unseal().await;
         bao.cli(&["secrets", "enable", "-path=secret", "kv-v2"]);
+        bao.enable_lease_records();
         bao
+    }
+
+    /// Enables `tessera-leases/` (KV v1), where the broker records leases.
+    fn enable_lease_records(&self) {
+        self.cli(&[
+            "secrets",
+            "enable",
+            "-path=tessera-leases",
+            "-version=1",
+            "kv",
+        ]);
+    }
+
+    /// The lease records the broker keeps for one pod (their JSON documents).
+    pub fn lease_records(&self, pod_uid: &str) -> Vec<Value> {
+        let mut records = Vec::new();
+        for binding in self.list(&format!("tessera-leases/pods/{pod_uid}")) {
+            for id in self.list(binding.trim_end_matches('/')) {
+                let text = self.cli(&["read", "-format=json", &id]);
+                if let Ok(document) = serde_json::from_str::<Value>(&text) {
+                    records.push(document["data"].clone());
+                }
+            }
+        }
+        records
     }
 
     async fn spawn_server(dir: &Path, config: &Path, port: u16) -> Proc {
@@ -361,13 +388,15 @@ audit \"file\" \"tessera-test\" {{
         );
         // A Raft node answers reads as a standby before it wins its own
         // election, and refuses writes until then ("local node not active"):
-        // ready means unsealed and active, as `sys/health` reports (a standby
-        // gets 429, an error to vaultrs).
+        // ready means a write succeeds (a policy nobody uses).
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match vaultrs::sys::health(&self.client()).await {
-                Ok(health) if !health.sealed && !health.standby => break,
-                _ => {}
+            let probe = r#"path "tessera-ready-probe/*" { capabilities = ["read"] }"#;
+            if vaultrs::sys::policy::set(&self.client(), "tessera-ready-probe", probe)
+                .await
+                .is_ok()
+            {
+                break;
             }
             assert!(
                 Instant::now() < deadline,
@@ -419,7 +448,8 @@ audit \"file\" \"tessera-test\" {{
     }
 
     /// Writes the broker's least-privilege Vault policy: read KV v2 data and
-    /// metadata under `secret/`, nothing else.
+    /// metadata under `secret/`, issue and end database credentials and
+    /// certificates, and keep its lease records under `tessera-leases/`.
     pub fn write_broker_policy(&self) {
         let policy = r#"
 path "secret/data/*" { capabilities = ["read"] }
@@ -430,6 +460,7 @@ path "pki/revoke" { capabilities = ["create", "update"] }
 path "sys/leases/lookup" { capabilities = ["update"] }
 path "sys/leases/renew" { capabilities = ["update"] }
 path "sys/leases/revoke" { capabilities = ["update"] }
+path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", "list"] }
 "#;
         let path = std::env::temp_dir().join(format!("tessera-policy-{}.hcl", random_string(8)));
         fs::write(&path, policy).unwrap();
@@ -572,21 +603,28 @@ path "sys/leases/revoke" { capabilities = ["update"] }
     /// The ids of the live leases under `prefix` (e.g. `database/creds/app`),
     /// as Vault lists them (`sys/leases/lookup/<prefix>`).
     pub fn leases(&self, prefix: &str) -> Vec<String> {
+        self.list(&format!("sys/leases/lookup/{prefix}"))
+            .into_iter()
+            .map(|path| path.replacen("sys/leases/lookup/", "", 1))
+            .collect()
+    }
+
+    /// `bao list PATH`, each key joined to `path`; empty when there is nothing.
+    pub fn list(&self, path: &str) -> Vec<String> {
         let output = Command::new(bao_binary())
-            .args(["list", "-format=json"])
-            .arg(format!("sys/leases/lookup/{prefix}"))
+            .args(["list", "-format=json", path])
             .env("BAO_ADDR", &self.address)
             .env("BAO_TOKEN", &self.root_token)
             .output()
             .unwrap();
-        // `bao list` exits 2 when there is nothing under the prefix.
+        // `bao list` exits 2 when there is nothing under the path.
         if !output.status.success() {
             return Vec::new();
         }
         serde_json::from_slice::<Vec<String>>(&output.stdout)
             .unwrap_or_default()
             .into_iter()
-            .map(|suffix| format!("{prefix}/{suffix}"))
+            .map(|key| format!("{path}/{key}"))
             .collect()
     }
 
@@ -786,6 +824,8 @@ pub struct EnvOptions {
     /// The broker binary; the workspace's `tessera-broker` when absent (the
     /// benchmark runs a build without the zero-on-free allocator too).
     pub broker_binary: Option<PathBuf>,
+    /// The broker's `leases.sweepInterval`.
+    pub sweep_interval: &'static str,
 }
 
 impl Default for EnvOptions {
@@ -802,8 +842,17 @@ impl Default for EnvOptions {
             persistent_vault: false,
             process_env: Vec::new(),
             broker_binary: None,
+            sweep_interval: "2s",
         }
     }
+}
+
+/// The pod UID in the tokens [`Env::token_file`] mints for a service account.
+pub fn pod_uid(namespace: &str, service_account: &str) -> String {
+    TokenSpec::new(namespace, service_account).claims()["kubernetes.io"]["pod"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// OpenBao plus a broker process with a dev signing key, TLS and a policy.
@@ -954,6 +1003,7 @@ rateLimit:
   burst: {burst}
 leases:
   handleKeyFile: dev/handle.key
+  sweepInterval: {sweep}
 admin:
   listen: 127.0.0.1:{admin_port}
 webhook:
@@ -978,6 +1028,7 @@ webhook:
             },
             per_second = options.rate_limit.0,
             burst = options.rate_limit.1,
+            sweep = options.sweep_interval,
         );
         fs::write(dir.path().join("broker.yaml"), config).unwrap();
         let broker = spawn_broker(dir.path(), port, &options).await;
@@ -1112,10 +1163,21 @@ webhook:
         out: &Path,
         bindings: &[&str],
     ) -> Command {
+        self.sidecar_command_at(&self.broker_uri, mode, token_file, out, bindings)
+    }
+
+    fn sidecar_command_at(
+        &self,
+        broker_uri: &str,
+        mode: &str,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+    ) -> Command {
         let mut command = Command::new(binary("tessera-sidecar"));
         command
             .arg(mode)
-            .args(["--broker", &self.broker_uri, "--ca-file"])
+            .args(["--broker", broker_uri, "--ca-file"])
             .arg(self.dir.path().join("dev").join(dev::files::CA))
             .arg("--token-file")
             .arg(token_file)
@@ -1172,10 +1234,99 @@ webhook:
             .join(format!("sidecar-{}.log", random_string(6)));
         Proc::spawn("sidecar", command, log)
     }
+
+    /// Starts `tessera-sidecar run` against the broker at `broker_uri` (a
+    /// replica, or a balancer in front of several).
+    pub fn sidecar_run_at(
+        &self,
+        broker_uri: &str,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+    ) -> Proc {
+        let command = self.sidecar_command_at(broker_uri, "run", token_file, out, bindings);
+        let log = self
+            .dir
+            .path()
+            .join(format!("sidecar-{}.log", random_string(6)));
+        Proc::spawn("sidecar", command, log)
+    }
+
+    /// Starts another broker replica: the same configuration (Vault, policy,
+    /// shared handle key, Kubernetes API) on ports of its own, auditing to
+    /// `audit-<name>.jsonl`.
+    pub async fn start_replica(&self, name: &str) -> Replica {
+        let text = fs::read_to_string(self.dir.path().join("broker.yaml")).unwrap();
+        let port = free_port();
+        let text = text
+            .replace(
+                &format!("listen: 127.0.0.1:{}\n", self.broker_port),
+                &format!("listen: 127.0.0.1:{port}\n"),
+            )
+            .replace(
+                &self.admin_url.replace("http://", "listen: "),
+                &format!("listen: 127.0.0.1:{}", free_port()),
+            )
+            .replace(
+                &self
+                    .webhook_url
+                    .replace("https://", "listen: ")
+                    .replace("/mutate", ""),
+                &format!("listen: 127.0.0.1:{}", free_port()),
+            )
+            .replace("path: audit.jsonl", &format!("path: audit-{name}.jsonl"));
+        let config = format!("broker-{name}.yaml");
+        fs::write(self.dir.path().join(&config), text).unwrap();
+        let proc = spawn_broker_from(
+            self.dir.path(),
+            &config,
+            &format!("broker-{name}.log"),
+            port,
+            &self.options,
+        )
+        .await;
+        Replica {
+            proc,
+            uri: format!("https://127.0.0.1:{port}"),
+            audit: self.dir.path().join(format!("audit-{name}.jsonl")),
+        }
+    }
+}
+
+/// Another broker replica of an [`Env`]; killed when dropped.
+pub struct Replica {
+    /// The broker process.
+    pub proc: Proc,
+    /// `https://127.0.0.1:PORT`.
+    pub uri: String,
+    audit: PathBuf,
+}
+
+impl Replica {
+    /// The replica's audit events so far.
+    pub fn audit_events(&self) -> Vec<Value> {
+        fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
+            .collect()
+    }
 }
 
 /// Starts the broker with `dir/broker.yaml` and waits until it listens.
 async fn spawn_broker(dir: &Path, port: u16, options: &EnvOptions) -> Proc {
+    spawn_broker_from(dir, "broker.yaml", "broker.log", port, options).await
+}
+
+/// Starts the broker with `dir/config`, logging to `dir/log`, and waits
+/// until it listens on `port`.
+async fn spawn_broker_from(
+    dir: &Path,
+    config: &str,
+    log: &str,
+    port: u16,
+    options: &EnvOptions,
+) -> Proc {
     // A port a killed broker held may linger a moment: wait until it is free.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && Instant::now() < deadline {
@@ -1188,11 +1339,11 @@ async fn spawn_broker(dir: &Path, port: u16, options: &EnvOptions) -> Proc {
     let mut command = Command::new(program);
     command
         .args(["serve", "--config"])
-        .arg(dir.join("broker.yaml"))
+        .arg(dir.join(config))
         .env("RUST_LOG", &options.rust_log)
         .env("NO_COLOR", "1")
         .envs(options.process_env.iter().map(|(k, v)| (k, v)));
-    let mut broker = Proc::spawn("broker", command, dir.join("broker.log"));
+    let mut broker = Proc::spawn("broker", command, dir.join(log));
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(!broker.exited(), "broker exited:\n{}", broker.output());

@@ -2,7 +2,6 @@
 //! KV v2 reads that keep the version metadata vaultrs' helpers drop.
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime},
@@ -14,19 +13,20 @@ use rustify::{
 };
 use tokio::sync::Mutex;
 use vaultrs::{
-    api::{
-        EndpointError, EndpointMiddleware, EndpointResult,
-        kv2::requests::{ReadSecretMetadataRequest, ReadSecretRequest},
-    },
+    api::{EndpointError, EndpointMiddleware, EndpointResult},
     client::{Client, VaultClient, VaultClientSettingsBuilder},
     error::ClientError,
 };
 
 use tracing::Instrument;
 
-use crate::{policy::Kv2Source, secret::Secret};
+use crate::secret::Secret;
 
+pub mod kv1;
+mod kv2;
 pub mod leases;
+
+pub use kv2::KvSecret;
 
 /// How the broker logs in to Vault.
 #[derive(Clone, Debug)]
@@ -200,18 +200,6 @@ fn api_error(error: RestClientError) -> ClientError {
         };
     }
     ClientError::from(error)
-}
-
-/// One version of a KV v2 secret.
-#[derive(Debug)]
-pub struct KvSecret {
-    /// The KV version number.
-    pub version: u64,
-    /// When this version was written.
-    pub created: Option<SystemTime>,
-    /// Key to value. Strings are delivered as their bytes, other JSON values
-    /// as compact JSON.
-    pub fields: BTreeMap<String, Secret>,
 }
 
 struct Login {
@@ -564,93 +552,5 @@ impl Vault {
             self.reach().down = true;
         }
         !self.reach().down
-    }
-
-    /// Reads the current version of a KV v2 secret, keeping only `keys` when
-    /// the source names them. `caller` is stamped into Vault's audit log.
-    ///
-    /// # Errors
-    /// A [`VaultError`]; a key named by the source but missing from the secret
-    /// is [`VaultError::Unexpected`].
-    pub async fn read_kv2(
-        &self,
-        source: &Kv2Source,
-        caller: Option<&str>,
-    ) -> Result<KvSecret, VaultError> {
-        let what = format!("{}/data/{}", source.mount, source.path);
-        let endpoint = ReadSecretRequest::builder()
-            .mount(&source.mount)
-            .path(&source.path)
-            .build()
-            .map_err(unbuildable(&what))?;
-        let response = self
-            .exec(endpoint, &what, caller)
-            .await?
-            .data
-            .ok_or_else(|| VaultError::NotFound(what.clone()))?;
-        let serde_json::Value::Object(data) = response.data else {
-            return Err(VaultError::Unexpected {
-                what,
-                detail: "`data` is not an object (is this a KV version 2 mount?)".to_owned(),
-            });
-        };
-        let mut fields = BTreeMap::new();
-        for (key, value) in data {
-            if source
-                .keys
-                .as_ref()
-                .is_some_and(|keys| !keys.contains(&key))
-            {
-                continue;
-            }
-            let bytes = match value {
-                serde_json::Value::String(s) => s.into_bytes(),
-                other => other.to_string().into_bytes(),
-            };
-            fields.insert(key, Secret::new(bytes));
-        }
-        if let Some(missing) = source
-            .keys
-            .iter()
-            .flatten()
-            .find(|k| !fields.contains_key(*k))
-        {
-            return Err(VaultError::Unexpected {
-                what,
-                detail: format!("key `{missing}` is not in the secret (fix the binding's keys)"),
-            });
-        }
-        Ok(KvSecret {
-            version: response.metadata.version,
-            created: humantime::parse_rfc3339_weak(
-                response
-                    .metadata
-                    .created_time
-                    .split('.')
-                    .next()
-                    .unwrap_or_default(),
-            )
-            .ok(),
-            fields,
-        })
-    }
-
-    /// The current version number of a KV v2 secret (a metadata read, no values).
-    ///
-    /// # Errors
-    /// A [`VaultError`].
-    pub async fn kv2_version(&self, source: &Kv2Source) -> Result<u64, VaultError> {
-        let what = format!("{}/metadata/{}", source.mount, source.path);
-        let endpoint = ReadSecretMetadataRequest::builder()
-            .mount(&source.mount)
-            .path(&source.path)
-            .build()
-            .map_err(unbuildable(&what))?;
-        let meta = self
-            .exec(endpoint, &what, None)
-            .await?
-            .data
-            .ok_or_else(|| VaultError::NotFound(what.clone()))?;
-        Ok(meta.current_version)
     }
 }

@@ -345,7 +345,8 @@ fn default_values_render_a_hardened_least_privilege_install() {
     );
     assert!(rendered.services[0].spec.as_ref().unwrap().type_.as_deref() == Some("ClusterIP"));
 
-    // RBAC: exactly what tokenReview and pod lookup use.
+    // RBAC: exactly what tokenReview and pod lookup use (get a caller's pod;
+    // list and watch pods, to revoke a deleted pod's leases at once).
     let rules = rules(&rendered);
     let granted: Vec<(Vec<String>, Vec<String>)> = rules
         .iter()
@@ -355,7 +356,10 @@ fn default_values_render_a_hardened_least_privilege_install() {
         granted,
         [
             (vec!["tokenreviews".to_owned()], vec!["create".to_owned()]),
-            (vec!["pods".to_owned()], vec!["get".to_owned()]),
+            (
+                vec!["pods".to_owned()],
+                vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()]
+            ),
         ]
     );
     assert_eq!(rendered.cluster_role_bindings.len(), 1);

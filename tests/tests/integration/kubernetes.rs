@@ -212,10 +212,16 @@ bindings:
         || (!pg.can_login(&user, &password)).then_some(()),
     )
     .await;
-    let event = env
-        .audit_events()
-        .into_iter()
-        .find(|e| e["action"] == "revoke")
-        .expect("the revocation is audited");
+    // The login fails as Vault revokes; the audit line follows the answer.
+    let event = wait_for(
+        Duration::from_secs(10),
+        "the revocation's audit line",
+        || {
+            env.audit_events()
+                .into_iter()
+                .find(|e| e["action"] == "revoke")
+        },
+    )
+    .await;
     assert_eq!(event["reason"], "pod deleted");
 }

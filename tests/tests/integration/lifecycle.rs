@@ -197,8 +197,11 @@ async fn a_handle_presented_by_another_pod_is_refused() {
         "the owner's lease is untouched"
     );
 
+    // A handle that does not open (forged, another deployment's, sealed
+    // under a replaced key) counts as none held: the pod gets a fresh
+    // credential, never the lease it names, and the security team hears of it.
     let forged = format!("{}x", handle.trim_end_matches('x'));
-    let status = client
+    let answer = client
         .fetch(with_token(
             &env.token("shop", "orders"),
             FetchRequest {
@@ -210,8 +213,22 @@ async fn a_handle_presented_by_another_pod_is_refused() {
             },
         ))
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+        .unwrap()
+        .into_inner();
+    let fresh = &answer.credentials[0];
+    assert!(!fresh.unchanged, "a fresh credential, not a resumed one");
+    assert_ne!(fresh.fields["username"], user.as_bytes());
+    let refusal = env
+        .audit_events()
+        .into_iter()
+        .find(|e| {
+            e["outcome"] == "denied"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("does not open"))
+        })
+        .expect("the unreadable handle is audited");
+    assert_eq!(refusal["binding"], "db");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,6 +8,7 @@ mod chart;
 mod delivery;
 mod hardening;
 mod kubernetes;
+mod leases;
 mod lifecycle;
 mod memory;
 mod observability;

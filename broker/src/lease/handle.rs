@@ -15,9 +15,38 @@ use ring::{
 };
 use serde::{Deserialize, Serialize};
 
+/// A sealed lease handle, as the pod holds it. Its `Debug` shows only its
+/// length: it is opaque, but no less a bearer of the lease than the lease id.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Handle(String);
+
+impl Handle {
+    /// A handle as presented by a pod.
+    pub fn presented(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+
+    /// The text sent to the pod.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether there is no handle (KV credentials carry none).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Handle({} bytes)", self.0.len())
+    }
+}
+
 /// What a handle says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Handle {
+pub struct Claims {
     /// The binding.
     #[serde(rename = "b")]
     pub binding: String,
@@ -133,24 +162,24 @@ impl HandleKey {
     /// plaintext being the handle's JSON. Empty when the system's random
     /// source fails (the pod then holds no handle and gets a fresh
     /// credential on reconnect).
-    pub fn seal(&self, handle: &Handle) -> String {
+    pub fn seal(&self, claims: &Claims) -> Handle {
         let mut nonce = [0u8; NONCE_LEN];
         if self.random.fill(&mut nonce).is_err() {
             tracing::error!("the system random source failed; the lease handle is left empty");
-            return String::new();
+            return Handle::default();
         }
         let mut sealed = nonce.to_vec();
-        let mut body = serde_json::to_vec(handle).unwrap_or_default();
+        let mut body = serde_json::to_vec(claims).unwrap_or_default();
         let sealed_ok = self.key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(CONTEXT),
             &mut body,
         );
         if sealed_ok.is_err() {
-            return String::new();
+            return Handle::default();
         }
         sealed.extend_from_slice(&body);
-        format!("{SEALED_PREFIX}{}", URL_SAFE_NO_PAD.encode(sealed))
+        Handle(format!("{SEALED_PREFIX}{}", URL_SAFE_NO_PAD.encode(sealed)))
     }
 
     /// Opens a handle presented for `binding` by the pod `pod_uid`.
@@ -158,9 +187,15 @@ impl HandleKey {
     /// # Errors
     /// [`HandleError::Invalid`] for a forged or malformed handle,
     /// [`HandleError::NotYours`] for one issued to another pod or binding.
-    pub fn open(&self, text: &str, binding: &str, pod_uid: &str) -> Result<Handle, HandleError> {
+    pub fn open(
+        &self,
+        handle: &Handle,
+        binding: &str,
+        pod_uid: &str,
+    ) -> Result<Claims, HandleError> {
         let invalid = || HandleError::Invalid(binding.to_owned());
-        let handle: Handle = match text.strip_prefix(SEALED_PREFIX) {
+        let text = handle.as_str();
+        let handle: Claims = match text.strip_prefix(SEALED_PREFIX) {
             Some(encoded) => {
                 let mut sealed = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| invalid())?;
                 if sealed.len() < NONCE_LEN + aead::MAX_TAG_LEN {
@@ -193,8 +228,8 @@ impl HandleKey {
 mod tests {
     use super::*;
 
-    fn handle() -> Handle {
-        Handle {
+    fn claims() -> Claims {
+        Claims {
             binding: "db".into(),
             pod_uid: "uid-1".into(),
             lease: "database/creds/orders/abc".into(),
@@ -207,8 +242,8 @@ mod tests {
     #[test]
     fn sealed_handles_open_only_for_their_pod_and_binding() {
         let key = HandleKey::generate().unwrap();
-        let sealed = key.seal(&handle());
-        assert_eq!(key.open(&sealed, "db", "uid-1").unwrap(), handle());
+        let sealed = key.seal(&claims());
+        assert_eq!(key.open(&sealed, "db", "uid-1").unwrap(), claims());
         assert_eq!(
             key.open(&sealed, "db", "uid-2"),
             Err(HandleError::NotYours("db".into()))
@@ -226,16 +261,20 @@ mod tests {
         std::fs::write(&path, [7u8; 32]).unwrap();
         let key = HandleKey::load(&path).unwrap();
         // What the broker issued before handles were sealed.
-        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&handle()).unwrap());
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims()).unwrap());
         let tag = hmac::sign(
             &hmac::Key::new(hmac::HMAC_SHA256, &[7u8; 32]),
             body.as_bytes(),
         );
         let legacy = format!("{body}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()));
-        assert_eq!(key.open(&legacy, "db", "uid-1").unwrap(), handle());
+        assert_eq!(
+            key.open(&Handle::presented(&legacy), "db", "uid-1")
+                .unwrap(),
+            claims()
+        );
         let forged = format!("{body}.{}", URL_SAFE_NO_PAD.encode([0u8; 32]));
         assert_eq!(
-            key.open(&forged, "db", "uid-1"),
+            key.open(&Handle::presented(&forged), "db", "uid-1"),
             Err(HandleError::Invalid("db".into()))
         );
     }
@@ -243,39 +282,45 @@ mod tests {
     #[test]
     fn handles_do_not_show_the_lease_id() {
         let key = HandleKey::generate().unwrap();
-        let sealed = key.seal(&handle());
+        let sealed = key.seal(&claims());
         let decoded = URL_SAFE_NO_PAD
-            .decode(sealed.strip_prefix(SEALED_PREFIX).unwrap())
+            .decode(sealed.as_str().strip_prefix(SEALED_PREFIX).unwrap())
             .unwrap();
         let text = String::from_utf8_lossy(&decoded);
         assert!(!text.contains("database/creds"), "{text}");
-        assert!(!sealed.contains("ZGF0YWJhc2"), "no base64 of the lease id");
-        assert_ne!(key.seal(&handle()), sealed, "a fresh nonce every time");
+        assert!(
+            !sealed.as_str().contains("ZGF0YWJhc2"),
+            "no base64 of the lease id"
+        );
+        assert_ne!(key.seal(&claims()), sealed, "a fresh nonce every time");
     }
 
     #[test]
     fn forged_or_foreign_handles_are_invalid() {
         let key = HandleKey::generate().unwrap();
         let other = HandleKey::generate().unwrap();
-        let sealed = other.seal(&handle());
+        let sealed = other.seal(&claims());
         assert_eq!(
             key.open(&sealed, "db", "uid-1"),
             Err(HandleError::Invalid("db".into()))
         );
         // A flipped byte anywhere makes the handle invalid, not another one.
-        let sealed = key.seal(&handle());
+        let sealed = key.seal(&claims());
         let mut bytes = URL_SAFE_NO_PAD
-            .decode(sealed.strip_prefix(SEALED_PREFIX).unwrap())
+            .decode(sealed.as_str().strip_prefix(SEALED_PREFIX).unwrap())
             .unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         let forged = format!("{SEALED_PREFIX}{}", URL_SAFE_NO_PAD.encode(&bytes));
         assert_eq!(
-            key.open(&forged, "db", "uid-1"),
+            key.open(&Handle::presented(&forged), "db", "uid-1"),
             Err(HandleError::Invalid("db".into()))
         );
         for garbage in ["", ".", "a.b", "!!!.???", "v2.", "v2.AAAA"] {
-            assert!(key.open(garbage, "db", "uid-1").is_err());
+            assert!(
+                key.open(&Handle::presented(garbage), "db", "uid-1")
+                    .is_err()
+            );
         }
     }
 }

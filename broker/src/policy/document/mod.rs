@@ -10,9 +10,13 @@ pub use serde_saphyr::Spanned;
 
 use super::{
     BUILT_IN_OVERLAP, BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Binding, DatabaseSource, Kv2Source,
-    Limits, Origin, Output, PKI_NAME_FIELDS, PkiSource, Problem, Source, Subject, at,
-    format_duration, glob, render::Template, safe,
+    Limits, Origin, PKI_NAME_FIELDS, PkiSource, Problem, Source, Subject, at, format_duration,
+    glob, render::Template, safe,
 };
+
+mod output;
+
+use output::compile_output;
 
 /// The only policy `apiVersion` this broker reads.
 pub const API_VERSION: &str = "tessera.dev/v1alpha1";
@@ -581,118 +585,4 @@ pub(super) fn compile_binding(
         output,
         defined_at: here(raw.name.referenced.line()),
     })
-}
-
-fn compile_output(
-    file: &str,
-    raw: &BindingDoc,
-    name: &str,
-    source: &Source,
-    defaults: Option<&Defaults>,
-    problems: &mut Vec<Problem>,
-) -> Output {
-    let mut output = Output {
-        files: BTreeMap::new(),
-        templates: BTreeMap::new(),
-        templates_only: false,
-        mode: defaults.and_then(|d| d.mode),
-        group: defaults.and_then(|d| d.group),
-    };
-    let Some(doc) = &raw.output else {
-        return output;
-    };
-    let o = &doc.value;
-    let known = source.known_fields();
-    for (field, file_name) in &o.files {
-        if !safe(file_name) {
-            problems.push(at(
-                file,
-                doc,
-                format!("binding `{name}`: output file `{file_name}` is not a safe file name"),
-            ));
-        }
-        if let Some(keys) = &known
-            && !keys.contains(field)
-        {
-            problems.push(at(file, doc, format!("binding `{name}`: output.files renames `{field}`, which the source does not deliver")));
-        }
-    }
-    output.files = o.files.clone();
-    for (file_name, text) in &o.templates {
-        if !safe(file_name) {
-            problems.push(at(
-                file,
-                doc,
-                format!("binding `{name}`: template file `{file_name}` is not a safe file name"),
-            ));
-        }
-        match Template::parse(text) {
-            Ok(template) => {
-                if let Some(keys) = &known
-                    && let Some(missing) = template.fields().find(|f| !keys.iter().any(|k| k == f))
-                {
-                    problems.push(at(
-                        file,
-                        doc,
-                        format!("binding `{name}`: template `{file_name}` uses `{missing}`, which the source does not deliver"),
-                    ));
-                }
-                output.templates.insert(file_name.clone(), template);
-            }
-            Err(e) => problems.push(at(
-                file,
-                doc,
-                format!("binding `{name}`: template `{file_name}`: {e}"),
-            )),
-        }
-    }
-    output.templates_only = o.templates_only;
-    if o.templates_only && o.templates.is_empty() {
-        problems.push(at(
-            file,
-            doc,
-            format!("binding `{name}`: templatesOnly without templates would write nothing"),
-        ));
-    }
-    let mut names = BTreeSet::new();
-    // The fields the source delivers; for KV without `keys`, at least those
-    // the output names (renamed or used by a template): they must exist.
-    let delivered: BTreeSet<String> = match &known {
-        Some(keys) => keys.iter().cloned().collect(),
-        None => o
-            .files
-            .keys()
-            .cloned()
-            .chain(
-                output
-                    .templates
-                    .values()
-                    .flat_map(|t| t.fields().map(str::to_owned)),
-            )
-            .collect(),
-    };
-    let raw_names: Vec<&String> = if o.templates_only {
-        Vec::new()
-    } else {
-        delivered
-            .iter()
-            .map(|k| o.files.get(k).unwrap_or(k))
-            .collect()
-    };
-    for n in raw_names.into_iter().chain(o.templates.keys()) {
-        if !names.insert(n) {
-            problems.push(at(
-                file,
-                doc,
-                format!("binding `{name}`: two outputs are written to file `{n}`"),
-            ));
-        }
-    }
-    if let Some(m) = &o.mode {
-        output.mode = mode(file, m, problems).or(output.mode);
-    }
-    if o.group.is_some() {
-        output.group = o.group;
-    }
-    output
 }

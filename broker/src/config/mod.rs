@@ -10,8 +10,11 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
+use self::sections::{ConnectionsFile, LeasesFile, MemoryFile};
+
 use crate::{
     audit::AuditTarget,
+    lease::LeaseSettings,
     listener::ConnectionLimits,
     ratelimit::RateLimit,
     tls::TlsSettings,
@@ -97,6 +100,8 @@ pub struct Config {
     /// Key shared by the replicas to seal lease handles; a random per-process
     /// key when absent (one replica, handles die with it).
     pub handle_key_file: Option<PathBuf>,
+    /// Where leases are recorded, how many a pod may hold, how often they are swept.
+    pub leases: LeaseSettings,
     /// Plain-HTTP admin address for `/metrics`, `/livez` and `/readyz`; none when absent.
     pub admin_listen: Option<SocketAddr>,
     /// The admission webhook; not served when absent.
@@ -135,73 +140,10 @@ struct File {
     webhook: Option<WebhookFile>,
 }
 
-/// `memory:`: how the process keeps secrets out of swap.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct MemoryFile {
-    /// Lock memory (`mlockall`) when the process may.
-    #[serde(default = "default_true")]
-    lock: bool,
-}
-
-impl Default for MemoryFile {
-    fn default() -> Self {
-        Self { lock: true }
-    }
-}
-
-fn default_true() -> bool {
-    true
-}
-
-/// `connections:`: limits on each listener (gRPC and webhook).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ConnectionsFile {
-    #[serde(default = "default_max_connections")]
-    max: usize,
-    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
-    handshake_timeout: Duration,
-    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
-    idle_timeout: Duration,
-    #[serde(default = "default_max_age", deserialize_with = "duration")]
-    max_age: Duration,
-}
-
-impl Default for ConnectionsFile {
-    fn default() -> Self {
-        Self {
-            max: default_max_connections(),
-            handshake_timeout: default_handshake_timeout(),
-            idle_timeout: default_idle_timeout(),
-            max_age: default_max_age(),
-        }
-    }
-}
-
-fn default_max_connections() -> usize {
-    ConnectionLimits::default().max
-}
-fn default_handshake_timeout() -> Duration {
-    ConnectionLimits::default().handshake_timeout
-}
-fn default_idle_timeout() -> Duration {
-    ConnectionLimits::default().idle_timeout
-}
-fn default_max_age() -> Duration {
-    ConnectionLimits::default().max_age
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct AdminFile {
     listen: Option<SocketAddr>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct LeasesFile {
-    handle_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -491,23 +433,8 @@ impl Config {
                 "vault.kvPollInterval must be at least 100ms".to_owned(),
             ));
         }
-        let connections = ConnectionLimits {
-            max: file.connections.max,
-            handshake_timeout: file.connections.handshake_timeout,
-            idle_timeout: file.connections.idle_timeout,
-            max_age: file.connections.max_age,
-        };
-        if connections.max == 0 {
-            return Err(error("connections.max must be at least 1".to_owned()));
-        }
-        if connections.handshake_timeout < Duration::from_millis(100)
-            || connections.idle_timeout < connections.handshake_timeout
-            || connections.max_age < Duration::from_secs(1)
-        {
-            return Err(error(
-                "connections.handshakeTimeout must be at least 100ms, connections.idleTimeout at least as long, and connections.maxAge at least 1s".to_owned(),
-            ));
-        }
+        let connections = file.connections.limits().map_err(error)?;
+        let leases = file.leases.settings().map_err(error)?;
         let (Some(per_second), Some(burst)) = (
             NonZeroU32::new(file.rate_limit.per_second),
             NonZeroU32::new(file.rate_limit.burst),
@@ -539,7 +466,8 @@ impl Config {
             tls_reload_interval: file.tls.reload_interval,
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),
-            handle_key_file: file.leases.handle_key_file.map(resolve),
+            handle_key_file: file.leases.handle_key_file.clone().map(resolve),
+            leases,
             admin_listen: file.admin.listen,
             policy_paths: file.policy.paths.into_iter().map(resolve).collect(),
             policy_reload_interval: file.policy.reload_interval,
@@ -562,46 +490,6 @@ impl Config {
     }
 }
 
+mod sections;
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(extra_policy: &str, extra_vault: &str) -> Result<Config, ConfigError> {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("broker.yaml");
-        let text = format!(
-            "tls: {{ certFile: tls.crt, keyFile: tls.key }}
-identity: {{ issuer: https://kubernetes.default.svc, audiences: [tessera], jwksFile: jwks.json }}
-policy:
-  paths: [policy]
-{extra_policy}
-vault:
-  address: http://127.0.0.1:8200
-  tokenFile: token
-{extra_vault}
-"
-        );
-        std::fs::write(&path, text).expect("write config");
-        Config::load(&path)
-    }
-
-    #[test]
-    fn config_accepts_sane_intervals() {
-        let config = load("  reloadInterval: 2s", "  timeout: 5s").expect("valid");
-        assert_eq!(config.policy_reload_interval, Duration::from_secs(2));
-    }
-
-    #[test]
-    fn zero_or_absurd_intervals_are_refused() {
-        for (policy, vault, named) in [
-            ("  reloadInterval: 0s", "", "policy.reloadInterval"),
-            ("  reloadInterval: 100000000000000h", "", "24h"),
-            ("  reloadInterval: 48h", "", "24h"),
-            ("", "  timeout: 0s", "vault.timeout"),
-            ("", "  kvPollInterval: 1ms", "vault.kvPollInterval"),
-        ] {
-            let error = load(policy, vault).expect_err(policy);
-            assert!(error.detail.contains(named), "{policy}{vault}: {error}");
-        }
-    }
-}
+mod tests;

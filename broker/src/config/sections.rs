@@ -1,0 +1,157 @@
+//! The `connections:`, `leases:` and `memory:` blocks of the configuration
+//! file, with their defaults and the checks that turn them into settings.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::duration;
+use crate::{lease::LeaseSettings, listener::ConnectionLimits};
+
+/// `memory:`: how the process keeps secrets out of swap.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct MemoryFile {
+    /// Lock memory (`mlockall`) when the process may.
+    #[serde(default = "default_true")]
+    pub(super) lock: bool,
+}
+
+impl Default for MemoryFile {
+    fn default() -> Self {
+        Self { lock: true }
+    }
+}
+
+pub(super) fn default_true() -> bool {
+    true
+}
+
+/// `connections:`: limits on each listener (gRPC and webhook).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct ConnectionsFile {
+    #[serde(default = "default_max_connections")]
+    pub(super) max: usize,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub(super) handshake_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub(super) idle_timeout: Duration,
+    #[serde(default = "default_max_age", deserialize_with = "duration")]
+    pub(super) max_age: Duration,
+}
+
+impl Default for ConnectionsFile {
+    fn default() -> Self {
+        Self {
+            max: default_max_connections(),
+            handshake_timeout: default_handshake_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_age: default_max_age(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    ConnectionLimits::default().max
+}
+fn default_handshake_timeout() -> Duration {
+    ConnectionLimits::default().handshake_timeout
+}
+fn default_idle_timeout() -> Duration {
+    ConnectionLimits::default().idle_timeout
+}
+fn default_max_age() -> Duration {
+    ConnectionLimits::default().max_age
+}
+
+/// `leases:`: the handle key, and where and how leases are recorded.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct LeasesFile {
+    pub(super) handle_key_file: Option<PathBuf>,
+    #[serde(default = "default_record_mount")]
+    pub(super) record_mount: String,
+    #[serde(default = "default_max_per_pod_binding")]
+    pub(super) max_per_pod_binding: usize,
+    #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
+    pub(super) sweep_interval: Duration,
+}
+
+impl Default for LeasesFile {
+    fn default() -> Self {
+        Self {
+            handle_key_file: None,
+            record_mount: default_record_mount(),
+            max_per_pod_binding: default_max_per_pod_binding(),
+            sweep_interval: default_sweep_interval(),
+        }
+    }
+}
+
+fn default_record_mount() -> String {
+    LeaseSettings::default().record_mount
+}
+fn default_max_per_pod_binding() -> usize {
+    LeaseSettings::default().max_per_pod_binding
+}
+fn default_sweep_interval() -> Duration {
+    LeaseSettings::default().sweep_interval
+}
+
+/// Most live leases per pod and binding a configuration may allow.
+const MAX_LEASES_PER_POD_BINDING: usize = 16;
+
+impl ConnectionsFile {
+    /// The limits, checked.
+    pub(super) fn limits(&self) -> Result<ConnectionLimits, String> {
+        let connections = ConnectionLimits {
+            max: self.max,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            max_age: self.max_age,
+        };
+        if connections.max == 0 {
+            return Err("connections.max must be at least 1".to_owned());
+        }
+        if connections.handshake_timeout < Duration::from_millis(100)
+            || connections.idle_timeout < connections.handshake_timeout
+            || connections.max_age < Duration::from_secs(1)
+        {
+            return Err(
+                "connections.handshakeTimeout must be at least 100ms, connections.idleTimeout at least as long, and connections.maxAge at least 1s".to_owned(),
+            );
+        }
+        Ok(connections)
+    }
+}
+
+impl LeasesFile {
+    /// The settings, checked.
+    pub(super) fn settings(&self) -> Result<LeaseSettings, String> {
+        let leases = LeaseSettings {
+            record_mount: self.record_mount.clone(),
+            max_per_pod_binding: self.max_per_pod_binding,
+            sweep_interval: self.sweep_interval,
+        };
+        if leases.record_mount.is_empty()
+            || leases.record_mount.starts_with('/')
+            || leases.record_mount.ends_with('/')
+        {
+            return Err(format!(
+                "leases.recordMount `{}` is not a Vault mount path (e.g. tessera-leases, no leading or trailing /)",
+                leases.record_mount
+            ));
+        }
+        if !(1..=MAX_LEASES_PER_POD_BINDING).contains(&leases.max_per_pod_binding) {
+            return Err(format!(
+                "leases.maxPerPodBinding must be between 1 and {MAX_LEASES_PER_POD_BINDING} (it is {}; 2 leave room for one rotation overlap)",
+                leases.max_per_pod_binding
+            ));
+        }
+        if leases.sweep_interval < Duration::from_secs(1) {
+            return Err("leases.sweepInterval must be at least 1s".to_owned());
+        }
+        Ok(leases)
+    }
+}

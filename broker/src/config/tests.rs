@@ -1,0 +1,90 @@
+//! `Config::load`: what it accepts, and each refusal with its message.
+
+use super::*;
+
+fn load(extra_policy: &str, extra_vault: &str) -> Result<Config, ConfigError> {
+    load_with(extra_policy, extra_vault, "")
+}
+
+fn load_with(extra_policy: &str, extra_vault: &str, top: &str) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("broker.yaml");
+    let text = format!(
+        "tls: {{ certFile: tls.crt, keyFile: tls.key }}
+identity: {{ issuer: https://kubernetes.default.svc, audiences: [tessera], jwksFile: jwks.json }}
+policy:
+  paths: [policy]
+{extra_policy}
+vault:
+  address: http://127.0.0.1:8200
+  tokenFile: token
+{extra_vault}
+{top}
+"
+    );
+    std::fs::write(&path, text).expect("write config");
+    Config::load(&path)
+}
+
+#[test]
+fn config_accepts_sane_intervals() {
+    let config = load("  reloadInterval: 2s", "  timeout: 5s").expect("valid");
+    assert_eq!(config.policy_reload_interval, Duration::from_secs(2));
+}
+
+#[test]
+fn zero_or_absurd_intervals_are_refused() {
+    for (policy, vault, named) in [
+        ("  reloadInterval: 0s", "", "policy.reloadInterval"),
+        ("  reloadInterval: 100000000000000h", "", "24h"),
+        ("  reloadInterval: 48h", "", "24h"),
+        ("", "  timeout: 0s", "vault.timeout"),
+        ("", "  kvPollInterval: 1ms", "vault.kvPollInterval"),
+    ] {
+        let error = load(policy, vault).expect_err(policy);
+        assert!(error.detail.contains(named), "{policy}{vault}: {error}");
+    }
+}
+
+#[test]
+fn leases_default_to_records_in_tessera_leases_and_two_per_binding() {
+    let config = load("", "").expect("valid");
+    assert_eq!(config.leases, LeaseSettings::default());
+    assert_eq!(config.leases.record_mount, "tessera-leases");
+    assert_eq!(config.leases.max_per_pod_binding, 2);
+    let config = load_with(
+        "",
+        "",
+        "leases: { recordMount: kv/tessera, maxPerPodBinding: 3, sweepInterval: 5s }",
+    )
+    .expect("valid");
+    assert_eq!(config.leases.record_mount, "kv/tessera");
+    assert_eq!(config.leases.max_per_pod_binding, 3);
+    assert_eq!(config.leases.sweep_interval, Duration::from_secs(5));
+}
+
+#[test]
+fn each_refusal_names_the_setting_to_fix() {
+    for (top, named) in [
+        ("leases: { recordMount: '' }", "leases.recordMount"),
+        ("leases: { recordMount: /tessera }", "leases.recordMount"),
+        ("leases: { maxPerPodBinding: 0 }", "leases.maxPerPodBinding"),
+        (
+            "leases: { maxPerPodBinding: 1000 }",
+            "leases.maxPerPodBinding",
+        ),
+        ("leases: { sweepInterval: 10ms }", "leases.sweepInterval"),
+        ("leases: { sweepInterval: 30d }", "24h"),
+        ("connections: { max: 0 }", "connections.max"),
+        (
+            "connections: { handshakeTimeout: 1ms }",
+            "connections.handshakeTimeout",
+        ),
+        ("rateLimit: { perSecond: 0 }", "rateLimit.perSecond"),
+        ("leases: { recordMunt: x }", "recordMunt"),
+        ("shutdownGrace: soon", "shutdownGrace"),
+    ] {
+        let error = load_with("", "", top).expect_err(top);
+        assert!(error.detail.contains(named), "{top}: {error}");
+    }
+}

@@ -1,0 +1,162 @@
+//! What a lease engine step hands over: the [`Live`] credential as a pod
+//! holds it, the wire [`Credential`] rendered from it, and the one builder of
+//! audit events about it.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tessera_proto::v1::Credential;
+
+use super::{handle::Handle, id::LeaseId};
+use crate::{
+    audit::{Action, Event, Outcome},
+    error::Error,
+    identity::Identity,
+    policy::{Binding, render::Template},
+    secret::Secret,
+};
+
+/// A credential as last delivered to one pod.
+#[derive(Clone, Debug)]
+pub struct Live {
+    /// The binding.
+    pub binding: Arc<Binding>,
+    /// The version delivered.
+    pub version: String,
+    /// When it was issued (or last renewed).
+    pub issued_at: SystemTime,
+    /// When it stops being valid; `None` for KV.
+    pub not_after: Option<SystemTime>,
+    /// Whether Vault can extend it.
+    pub renewable: bool,
+    /// Vault lease id (database) or certificate serial (PKI).
+    pub lease: Option<LeaseId>,
+    /// The sealed handle the pod holds; empty for KV.
+    pub handle: Handle,
+}
+
+/// Who a credential is for: the verified identity and, for the audit
+/// trail, the peer address it called from (none for the broker's own sweeps).
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The verified identity.
+    pub identity: Identity,
+    /// The caller's address.
+    pub peer: Option<String>,
+}
+
+/// An audit event about `live`: every lease event carries the binding, its
+/// source, the version, the lease digest, the lifetime left and the peer.
+pub fn event(action: Action, outcome: Outcome, caller: &Caller, live: &Live) -> Event {
+    let mut event = Event::new(action, outcome, Some(&caller.identity));
+    event.binding = Some(live.binding.name.clone());
+    event.source = Some(live.binding.source.to_string());
+    event.version = Some(live.version.clone());
+    event.peer = caller.peer.clone();
+    event.lease_id_sha256 = live.lease.as_ref().map(LeaseId::digest);
+    event.ttl_seconds = live.not_after.map(|not_after| {
+        not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .as_secs()
+    });
+    event
+}
+
+/// `secs` after the Unix epoch; the epoch itself (already expired, the safe
+/// side) when that does not fit in a `SystemTime`.
+pub fn from_unix(secs: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The `namespace/service-account/pod/uid` stamp for Vault's audit log.
+pub fn stamp(identity: &Identity) -> String {
+    let (pod, uid) = identity
+        .pod
+        .as_ref()
+        .map_or(("-", "-"), |p| (p.name.as_str(), p.uid.as_str()));
+    format!(
+        "{}/{}/{pod}/{uid}",
+        identity.namespace, identity.service_account
+    )
+}
+
+/// Renders PKI names from the caller's identity: the common name first.
+pub(super) fn pki_names(
+    common_name: &str,
+    alt_names: &[String],
+    identity: &Identity,
+) -> Result<Vec<String>, String> {
+    let values: std::collections::BTreeMap<String, Secret> = [
+        ("pod", identity.pod.as_ref().map_or("", |p| p.name.as_str())),
+        ("namespace", identity.namespace.as_str()),
+        ("serviceAccount", identity.service_account.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), Secret::from(v.to_owned())))
+    .collect();
+    std::iter::once(common_name)
+        .chain(alt_names.iter().map(String::as_str))
+        .map(|text| {
+            let template = Template::parse(text)?;
+            let rendered = template.render(&values)?;
+            Ok(String::from_utf8_lossy(rendered.expose_secret()).into_owned())
+        })
+        .collect()
+}
+
+/// The wire credential: the binding's files from `fields`, or, without
+/// fields, an `unchanged` notice for values the caller already holds.
+///
+/// # Errors
+/// [`Error::Render`] when the source's fields do not make the binding's
+/// files (a missing template field, a collision, an unsafe field name).
+pub fn credential(
+    live: &Live,
+    fields: Option<&std::collections::BTreeMap<String, Secret>>,
+) -> Result<Credential, Error> {
+    let binding = &live.binding;
+    let files = match fields {
+        Some(fields) => binding.render(fields).map_err(|problem| Error::Render {
+            binding: binding.name.clone(),
+            problem,
+        })?,
+        None => Default::default(),
+    };
+    Ok(Credential {
+        binding: binding.name.clone(),
+        fields: files
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose_secret().to_vec()))
+            .collect(),
+        version: live.version.clone(),
+        issued_at: Some(live.issued_at.into()),
+        not_after: live.not_after.map(Into::into),
+        renewable: live.renewable,
+        file_mode: binding.output.mode.unwrap_or(0),
+        group_id: binding.output.group,
+        handle: live.handle.as_str().to_owned(),
+        unchanged: fields.is_none(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_unix_times_count_as_expired_instead_of_panicking() {
+        assert_eq!(from_unix(u64::MAX), UNIX_EPOCH);
+        assert_eq!(from_unix(10), UNIX_EPOCH + Duration::from_secs(10));
+        assert_eq!(unix(from_unix(10)), 10);
+    }
+}

@@ -1,0 +1,563 @@
+//! The lease engine: the one home of a credential's life. It issues, resumes
+//! from a held handle, renews at the policy's fraction of the lifetime,
+//! rotates when a lease cannot be extended, and revokes; it keeps a durable
+//! record of every lease issued to a pod in Vault ([`records`]), so that any
+//! replica can cap a pod's leases and revoke them once the pod is gone
+//! ([`reconcile`]); and it runs the per-stream state machine ([`stream`]).
+//!
+//! Nothing owed depends on the replica staying alive: a superseded lease is
+//! shortened in Vault to the overlap, so Vault ends it on time even if this
+//! process dies, and its record says when its revocation is due.
+
+pub mod credential;
+pub mod handle;
+pub mod id;
+mod ownership;
+pub mod reconcile;
+pub mod records;
+pub mod schedule;
+pub mod stream;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tessera_proto::v1::Credential;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use self::credential::{Caller, Live, event, from_unix, stamp, unix};
+use self::{
+    credential::pki_names,
+    handle::{Claims, Handle, HandleError, HandleKey},
+    id::LeaseId,
+    records::{Records, record_path},
+    schedule::{fraction_of, refresh_in},
+};
+use crate::{
+    audit::{Action, Audit, Event, Outcome},
+    error::Error,
+    feed::Feeds,
+    identity::{Identity, ObjectRef},
+    metrics::Metrics,
+    policy::{Binding, RenderError, Source},
+    vault::{Vault, VaultError},
+};
+
+/// How leases are kept (the `leases:` block of the configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// The KV version 1 mount holding lease records.
+    pub record_mount: String,
+    /// Most live leases one pod may hold on one binding; past it the oldest
+    /// is revoked. Two leave room for one rotation overlap.
+    pub max_per_pod_binding: usize,
+    /// How often each replica sweeps the records for leases owed a
+    /// revocation (deleted pods, ended overlaps).
+    pub sweep_interval: Duration,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        Self {
+            record_mount: "tessera-leases".to_owned(),
+            max_per_pod_binding: 2,
+            sweep_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What happened at a lifecycle step.
+#[derive(Debug)]
+pub enum Step {
+    /// The lease was extended: the pod keeps its values.
+    Renewed(Live),
+    /// New values replace the old; the old lease ends after the overlap.
+    Rotated(Box<Rotation>),
+}
+
+/// A credential and its successor.
+#[derive(Debug)]
+pub struct Rotation {
+    /// The new credential.
+    pub live: Live,
+    /// What to send.
+    pub credential: Credential,
+    /// The superseded credential.
+    pub old: Live,
+}
+
+/// Whether a pod UID can be a path segment of a lease record: a plain name
+/// (a Kubernetes UID always is).
+fn plain_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The pod a lease is recorded under: the caller's pod, when its UID is plain.
+fn owner(identity: &Identity) -> Option<&ObjectRef> {
+    identity.pod.as_ref().filter(|pod| plain_uid(&pod.uid))
+}
+
+/// Issues, resumes, renews, rotates and revokes credentials, and keeps their
+/// records.
+pub struct Engine {
+    vault: Arc<Vault>,
+    keys: Arc<HandleKey>,
+    feeds: Arc<Feeds>,
+    records: Records,
+    settings: LeaseSettings,
+    audit: Arc<Audit>,
+    metrics: Arc<Metrics>,
+    /// Background work (revocations after an overlap, of undelivered
+    /// credentials), drained at shutdown.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Engine {
+    /// An engine over `vault`, sealing handles with `keys`; KV reads are
+    /// served from `feeds` while a poller follows the secret.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vault: Arc<Vault>,
+        keys: Arc<HandleKey>,
+        feeds: Arc<Feeds>,
+        settings: LeaseSettings,
+        audit: Arc<Audit>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            records: Records::new(vault.clone(), settings.record_mount.clone()),
+            vault,
+            keys,
+            feeds,
+            settings,
+            audit,
+            metrics,
+            tasks: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &LeaseSettings {
+        &self.settings
+    }
+
+    /// The lease records.
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    /// Writes an audit event and counts it.
+    pub fn report(&self, event: &Event) {
+        self.metrics.record(event);
+        self.audit.record(event);
+    }
+
+    /// Waits for background work (revocations in flight) to finish; work
+    /// that only waits for an overlap to end stops at once, since Vault ends
+    /// those leases by itself.
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn vault_error(binding: &Binding) -> impl FnOnce(VaultError) -> Error + '_ {
+        move |source| Error::Vault {
+            binding: binding.name.clone(),
+            source,
+        }
+    }
+
+    fn seal(&self, binding: &Binding, identity: &Identity, live: &Live) -> Handle {
+        self.keys.seal(&Claims {
+            binding: binding.name.clone(),
+            pod_uid: identity
+                .pod
+                .as_ref()
+                .map(|p| p.uid.clone())
+                .unwrap_or_default(),
+            lease: live
+                .lease
+                .as_ref()
+                .map(|l| l.expose().to_owned())
+                .unwrap_or_default(),
+            version: live.version.clone(),
+            issued_at: unix(live.issued_at),
+            // Certificates cannot be extended: their end travels in the handle.
+            // Leases are looked up in Vault instead.
+            not_after: match binding.source {
+                Source::Pki(_) => live.not_after.map_or(0, unix),
+                _ => 0,
+            },
+        })
+    }
+
+    /// Issues a fresh credential for `binding` to the caller. A leased
+    /// credential issued to a pod is recorded first-class in Vault; when the
+    /// pod already holds the most live leases allowed on the binding, the
+    /// oldest are revoked to make room.
+    ///
+    /// # Errors
+    /// A Vault, lease record or rendering [`Error`].
+    pub async fn issue(
+        &self,
+        binding: &Arc<Binding>,
+        caller: &Caller,
+    ) -> Result<(Live, Credential), Error> {
+        let identity = &caller.identity;
+        let vault_stamp = stamp(identity);
+        let pod = owner(identity).filter(|_| binding.source.is_leased());
+        if let Some(pod) = pod {
+            self.make_room(binding, pod, caller).await?;
+        }
+        let (mut live, fields) = match &binding.source {
+            Source::Kv2(kv) => {
+                let secret = match self.feeds.latest(kv) {
+                    Some(latest) => latest,
+                    None => Arc::new(
+                        self.vault
+                            .read_kv2(kv, Some(&vault_stamp))
+                            .await
+                            .map_err(Self::vault_error(binding))?,
+                    ),
+                };
+                let live = Live {
+                    binding: binding.clone(),
+                    version: secret.version.to_string(),
+                    issued_at: secret.created.unwrap_or_else(SystemTime::now),
+                    not_after: None,
+                    renewable: false,
+                    lease: None,
+                    handle: Handle::default(),
+                };
+                (live, secret.fields.clone())
+            }
+            Source::Database(db) => {
+                let leased = self
+                    .vault
+                    .database_creds(&db.mount, &db.role, Some(&vault_stamp))
+                    .await
+                    .map_err(Self::vault_error(binding))?;
+                let lease = LeaseId::new(leased.lease_id);
+                let live = Live {
+                    binding: binding.clone(),
+                    version: lease.version(),
+                    issued_at: leased.issued,
+                    not_after: Some(leased.issued + leased.ttl),
+                    renewable: leased.renewable,
+                    lease: Some(lease),
+                    handle: Handle::default(),
+                };
+                (live, leased.fields)
+            }
+            Source::Pki(pki) => {
+                let names =
+                    pki_names(&pki.common_name, &pki.alt_names, identity).map_err(|field| {
+                        Error::Render {
+                            binding: binding.name.clone(),
+                            problem: RenderError::Missing(field),
+                        }
+                    })?;
+                let issued = self
+                    .vault
+                    .pki_issue(
+                        &pki.mount,
+                        &pki.role,
+                        &names[0],
+                        &names[1..],
+                        binding.ttl,
+                        Some(&vault_stamp),
+                    )
+                    .await
+                    .map_err(Self::vault_error(binding))?;
+                let live = Live {
+                    binding: binding.clone(),
+                    version: issued.serial.replace(':', ""),
+                    issued_at: issued.issued,
+                    not_after: Some(issued.not_after),
+                    renewable: false,
+                    lease: Some(LeaseId::new(issued.serial)),
+                    handle: Handle::default(),
+                };
+                (live, issued.fields)
+            }
+        };
+        if binding.source.is_leased() {
+            live.handle = self.seal(binding, identity, &live);
+        }
+        if let Some(record) = pod.and_then(|pod| self.record_of(pod, identity, &live))
+            && let Err(error) = self.records.put(&record).await
+        {
+            // A lease nobody could find again must not outlive this request.
+            let reason = "its lease record could not be written";
+            let _ = self.revoke(&live, caller, reason).await;
+            return Err(self.record_error(binding)(error));
+        }
+        let credential = credential::credential(&live, Some(&fields))?;
+        Ok((live, credential))
+    }
+
+    /// Resumes a credential the pod holds, when it is still good: the pod
+    /// keeps its values (no second database user). `None` when it must be
+    /// reissued (expired, revoked, due for rotation, or a handle this
+    /// deployment can no longer read, e.g. after the shared key changed).
+    ///
+    /// # Errors
+    /// [`Error::Handle`] for a handle of another pod or binding.
+    pub async fn resume(
+        &self,
+        binding: &Arc<Binding>,
+        caller: &Caller,
+        held: &Handle,
+    ) -> Result<Option<(Live, Credential)>, Error> {
+        let identity = &caller.identity;
+        let pod_uid = identity.pod.as_ref().map_or("", |p| p.uid.as_str());
+        let claims = match self.keys.open(held, &binding.name, pod_uid) {
+            Ok(claims) => claims,
+            Err(HandleError::Invalid(_)) => {
+                let mut event = Event::new(Action::Issue, Outcome::Denied, Some(identity));
+                event.binding = Some(binding.name.clone());
+                event.reason = Some(
+                    "the held lease handle does not open (another deployment's, forged, or sealed under a replaced key); a fresh credential is issued"
+                        .to_owned(),
+                );
+                event.peer = caller.peer.clone();
+                self.report(&event);
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let now = SystemTime::now();
+        let issued_at = from_unix(claims.issued_at);
+        let live = match &binding.source {
+            Source::Kv2(_) => return Ok(None),
+            Source::Database(_) => {
+                let Some(lookup) = self
+                    .vault
+                    .lease_lookup(&claims.lease)
+                    .await
+                    .map_err(Self::vault_error(binding))?
+                else {
+                    return Ok(None);
+                };
+                if lookup.ttl == 0 {
+                    return Ok(None);
+                }
+                Live {
+                    binding: binding.clone(),
+                    version: claims.version,
+                    issued_at,
+                    not_after: Some(
+                        now.checked_add(Duration::from_secs(lookup.ttl))
+                            .unwrap_or(now),
+                    ),
+                    renewable: lookup.renewable,
+                    lease: Some(LeaseId::new(claims.lease)),
+                    handle: held.clone(),
+                }
+            }
+            Source::Pki(_) => {
+                let not_after = from_unix(claims.not_after);
+                if refresh_in(issued_at, not_after, binding.renew_fraction, 0.0, now).is_zero() {
+                    return Ok(None);
+                }
+                Live {
+                    binding: binding.clone(),
+                    version: claims.version,
+                    issued_at,
+                    not_after: Some(not_after),
+                    renewable: false,
+                    lease: Some(LeaseId::new(claims.lease)),
+                    handle: held.clone(),
+                }
+            }
+        };
+        let credential = credential::credential(&live, None)?;
+        Ok(Some((live, credential)))
+    }
+
+    /// When the next renewal or rotation of `live` is due (from now).
+    pub fn due_in(&self, live: &Live, jitter: f64) -> Option<Duration> {
+        let not_after = live.not_after?;
+        Some(refresh_in(
+            live.issued_at,
+            not_after,
+            live.binding.renew_fraction,
+            jitter,
+            SystemTime::now(),
+        ))
+    }
+
+    /// Renews `live` if Vault will extend it meaningfully; otherwise issues
+    /// its successor, and the superseded lease ends after the overlap.
+    ///
+    /// # Errors
+    /// A Vault [`Error`]; the caller retries with backoff.
+    pub async fn renew_or_rotate(&self, live: &Live, caller: &Caller) -> Result<Step, Error> {
+        let binding = &live.binding;
+        if let (Source::Database(_), true, Some(lease)) =
+            (&binding.source, live.renewable, &live.lease)
+        {
+            match self
+                .vault
+                .lease_renew(lease.expose(), binding.ttl, Some(&stamp(&caller.identity)))
+                .await
+            {
+                Ok(granted) => {
+                    let now = SystemTime::now();
+                    let old_end = live.not_after.unwrap_or(now);
+                    let new_end = now.checked_add(granted).unwrap_or(now);
+                    // Keep the lease if it was extended and will still have at
+                    // least the overlap left at the next refresh; otherwise it is
+                    // near its max TTL, and a successor delivered now leaves the
+                    // app the whole overlap to switch.
+                    let left_at_next_refresh = fraction_of(granted, 1.0 - binding.renew_fraction);
+                    if new_end > old_end && left_at_next_refresh >= binding.overlap {
+                        let mut renewed = live.clone();
+                        renewed.issued_at = now;
+                        renewed.not_after = Some(new_end);
+                        self.update_record(&renewed, &caller.identity, None).await;
+                        return Ok(Step::Renewed(renewed));
+                    }
+                }
+                // Vault no longer knows the lease (revoked by hand, or expired
+                // during an outage): renewing again can never succeed, so a
+                // successor is issued now.
+                Err(VaultError::Invalid(detail) | VaultError::NotFound(detail)) => {
+                    tracing::warn!(binding = %binding.name, %detail, "Vault no longer knows the lease; issuing a successor");
+                }
+                Err(error) => return Err(Self::vault_error(binding)(error)),
+            }
+        }
+        let (new, credential) = self.issue(binding, caller).await?;
+        Ok(Step::Rotated(Box::new(Rotation {
+            live: new,
+            credential,
+            old: live.clone(),
+        })))
+    }
+
+    /// Ends a credential in Vault (revokes a lease or a certificate; KV has
+    /// nothing to end), deletes its record, and audits the outcome with
+    /// `reason`. A failure is logged too: the lease then ends by its TTL,
+    /// and its record stays for the sweep to retry.
+    ///
+    /// # Errors
+    /// A Vault [`Error`].
+    pub async fn revoke(&self, live: &Live, caller: &Caller, reason: &str) -> Result<(), Error> {
+        let binding = &live.binding;
+        let vault_stamp = stamp(&caller.identity);
+        let outcome = match (&binding.source, &live.lease) {
+            (Source::Database(_), Some(lease)) => self
+                .vault
+                .lease_revoke(lease.expose(), Some(&vault_stamp))
+                .await
+                .map_err(Self::vault_error(binding)),
+            (Source::Pki(pki), Some(serial)) => self
+                .vault
+                .pki_revoke(&pki.mount, serial.expose(), Some(&vault_stamp))
+                .await
+                .map_err(Self::vault_error(binding)),
+            _ => Ok(()),
+        };
+        if outcome.is_ok()
+            && let (Some(pod), Some(lease)) = (owner(&caller.identity), &live.lease)
+        {
+            let path = record_path(&pod.uid, &binding.name, &lease.digest());
+            if let Err(error) = self.records.delete(&path).await {
+                tracing::warn!(binding = %binding.name, %error, "lease revoked, but its record stays (the sweep removes it)");
+            }
+        }
+        let mut event = event(
+            Action::Revoke,
+            if outcome.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Error
+            },
+            caller,
+            live,
+        );
+        event.ttl_seconds = None;
+        event.reason = Some(match &outcome {
+            Ok(()) => reason.to_owned(),
+            Err(error) => format!("{reason}: {error}"),
+        });
+        if let Err(error) = &outcome {
+            tracing::warn!(binding = %binding.name, %error, reason, "revocation failed; the lease ends by its TTL");
+        }
+        self.report(&event);
+        outcome
+    }
+
+    /// Revokes, in the background (tracked: shutdown waits for it), leases
+    /// that were issued but never reached their pod.
+    pub fn revoke_undelivered(self: &Arc<Self>, lives: Vec<Live>, caller: Caller) {
+        let engine = self.clone();
+        self.tasks.spawn(async move {
+            for live in lives {
+                let reason = "issued but never delivered (the request failed)";
+                let _ = engine.revoke(&live, &caller, reason).await;
+            }
+        });
+    }
+
+    /// The live credential a held handle names, for revocation.
+    ///
+    /// # Errors
+    /// [`Error::Handle`] for a forged handle or one of another pod.
+    pub fn held(
+        &self,
+        binding: &Arc<Binding>,
+        identity: &Identity,
+        held: &Handle,
+    ) -> Result<Live, Error> {
+        let pod_uid = identity.pod.as_ref().map_or("", |p| p.uid.as_str());
+        let claims = self.keys.open(held, &binding.name, pod_uid)?;
+        Ok(Live {
+            binding: binding.clone(),
+            version: claims.version,
+            issued_at: from_unix(claims.issued_at),
+            not_after: None,
+            renewable: false,
+            lease: (!claims.lease.is_empty()).then(|| LeaseId::new(claims.lease)),
+            handle: held.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pod(uid: &str) -> Identity {
+        Identity {
+            namespace: "shop".into(),
+            service_account: "orders".into(),
+            service_account_uid: String::new(),
+            pod: Some(ObjectRef {
+                name: "orders-1".into(),
+                uid: uid.into(),
+            }),
+            node: None,
+            pod_labels: None,
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn leases_are_recorded_only_under_uids_that_are_plain_names() {
+        assert!(owner(&with_pod("6f1c2a9e-0b7d-4a51-9e43-0c6f2d1b8a77")).is_some());
+        for odd in ["", "../other", "a/b", "x".repeat(65).as_str()] {
+            assert!(owner(&with_pod(odd)).is_none(), "{odd}");
+        }
+        let mut no_pod = with_pod("u");
+        no_pod.pod = None;
+        assert!(owner(&no_pod).is_none());
+    }
+}

@@ -1,0 +1,229 @@
+//! Lease records: every dynamic credential issued to a pod is written to a KV
+//! version 1 mount of Tessera's own in Vault (`leases.recordMount`, default
+//! `tessera-leases`), at `pods/<pod uid>/<binding>/<lease digest>`. Vault is
+//! the replicated, durable store every install already has, so any replica
+//! can list a pod's leases, cap them, and revoke them after the pod, its
+//! sidecar, or the replica that issued them is gone. A record holds the
+//! lease id only inside the sealed handle (see [`super::handle`]).
+
+use std::{sync::Arc, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::{handle::Handle, unix};
+use crate::{
+    identity::{Identity, ObjectRef},
+    vault::{Vault, VaultError},
+};
+
+/// What the broker keeps about one lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRecord {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's service account.
+    pub service_account: String,
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's UID.
+    pub pod_uid: String,
+    /// The pod's node, when known.
+    #[serde(default)]
+    pub node: String,
+    /// The binding.
+    pub binding: String,
+    /// What kind of credential, and so how to revoke it.
+    pub kind: RecordKind,
+    /// The secrets engine's mount (`database`, `pki`).
+    pub mount: String,
+    /// The source as the audit trail shows it, e.g. `database database/creds/orders`.
+    pub source: String,
+    /// The credential version.
+    pub version: String,
+    /// SHA-256 of the lease id, as the audit trail names it.
+    pub lease_sha256: String,
+    /// The sealed handle, from which the lease id is read back.
+    pub handle: Handle,
+    /// Issued, Unix seconds.
+    pub issued_at: u64,
+    /// When the lease ends unless renewed, Unix seconds.
+    pub expires_at: u64,
+    /// When a superseded lease is owed its revocation, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_at: Option<u64>,
+}
+
+impl LeaseRecord {
+    /// Where the record lives in the mount.
+    pub fn path(&self) -> String {
+        record_path(&self.pod_uid, &self.binding, &self.lease_sha256)
+    }
+
+    /// The pod the lease was issued to, as an identity (for Vault's audit
+    /// stamp and the audit trail).
+    pub fn identity(&self) -> Identity {
+        Identity {
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            service_account_uid: String::new(),
+            pod: Some(ObjectRef {
+                name: self.pod.clone(),
+                uid: self.pod_uid.clone(),
+            }),
+            node: (!self.node.is_empty()).then(|| ObjectRef {
+                name: self.node.clone(),
+                uid: String::new(),
+            }),
+            pod_labels: None,
+            expires_at: 0,
+        }
+    }
+
+    /// Whether the lease has ended by `now` (unless renewed since).
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.expires_at <= unix(now)
+    }
+
+    /// Whether a superseded lease's revocation is due at `now`.
+    pub fn revocation_due(&self, now: SystemTime) -> bool {
+        self.revoke_at.is_some_and(|at| at <= unix(now))
+    }
+}
+
+/// The kind of credential a record is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RecordKind {
+    /// A dynamic database credential: revoked through `sys/leases/revoke`.
+    Database,
+    /// A certificate: revoked by serial at the PKI mount.
+    Pki,
+}
+
+/// `pods/<uid>/<binding>/<first 32 hex digits of the lease digest>`.
+pub fn record_path(pod_uid: &str, binding: &str, lease_sha256: &str) -> String {
+    let id = lease_sha256.get(..32).unwrap_or(lease_sha256);
+    format!("pods/{pod_uid}/{binding}/{id}")
+}
+
+/// The records in one KV v1 mount.
+pub struct Records {
+    vault: Arc<Vault>,
+    mount: String,
+}
+
+impl Records {
+    /// The records kept in `mount`.
+    pub fn new(vault: Arc<Vault>, mount: String) -> Self {
+        Self { vault, mount }
+    }
+
+    /// The mount, for errors that tell the operator what to grant.
+    pub fn mount(&self) -> &str {
+        &self.mount
+    }
+
+    /// Writes (or replaces) a record.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn put(&self, record: &LeaseRecord) -> Result<(), VaultError> {
+        let document = serde_json::to_value(record).map_err(|e| VaultError::Unexpected {
+            what: record.path(),
+            detail: e.to_string(),
+        })?;
+        self.vault
+            .kv1_write(&self.mount, &record.path(), &document)
+            .await
+    }
+
+    /// Deletes the record at `path` (idempotent).
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn delete(&self, path: &str) -> Result<(), VaultError> {
+        self.vault.kv1_delete(&self.mount, path).await
+    }
+
+    /// The UIDs of the pods that have records.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn pods(&self) -> Result<Vec<String>, VaultError> {
+        Ok(folders(self.vault.kv1_list(&self.mount, "pods").await?))
+    }
+
+    /// Every record of one pod.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn of_pod(&self, pod_uid: &str) -> Result<Vec<LeaseRecord>, VaultError> {
+        let bindings = folders(
+            self.vault
+                .kv1_list(&self.mount, &format!("pods/{pod_uid}"))
+                .await?,
+        );
+        let mut records = Vec::new();
+        for binding in bindings {
+            records.extend(self.of_binding(pod_uid, &binding).await?);
+        }
+        Ok(records)
+    }
+
+    /// The records of one pod and binding: those owed a revocation first,
+    /// then the oldest first.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn of_binding(
+        &self,
+        pod_uid: &str,
+        binding: &str,
+    ) -> Result<Vec<LeaseRecord>, VaultError> {
+        let folder = format!("pods/{pod_uid}/{binding}");
+        let mut records = Vec::new();
+        for id in self.vault.kv1_list(&self.mount, &folder).await? {
+            if id.ends_with('/') {
+                continue;
+            }
+            let path = format!("{folder}/{id}");
+            let Some(document) = self.vault.kv1_read(&self.mount, &path).await? else {
+                continue;
+            };
+            match serde_json::from_value::<LeaseRecord>(document) {
+                Ok(record) => records.push(record),
+                // Not ours to interpret: left for an operator, never fatal.
+                Err(error) => {
+                    tracing::warn!(mount = %self.mount, %path, %error, "unreadable lease record; skipped");
+                }
+            }
+        }
+        records.sort_by_key(|r| (r.revoke_at.is_none(), r.issued_at));
+        Ok(records)
+    }
+}
+
+/// The folder names (`name/`) of a LIST answer, without their slash.
+fn folders(keys: Vec<String>) -> Vec<String> {
+    keys.into_iter()
+        .filter_map(|k| k.strip_suffix('/').map(str::to_owned))
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_filed_by_pod_binding_and_digest() {
+        let digest = "ab".repeat(32);
+        assert_eq!(
+            record_path("uid-1", "db", &digest),
+            format!("pods/uid-1/db/{}", "ab".repeat(16))
+        );
+        assert_eq!(record_path("u", "b", "short"), "pods/u/b/short");
+        assert_eq!(folders(vec!["a/".into(), "leaf".into(), "/".into()]), ["a"]);
+    }
+}

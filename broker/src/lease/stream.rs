@@ -1,0 +1,482 @@
+//! One open `Watch` stream's state machine: it pushes KV changes, renews and
+//! rotates the caller's leases while it is open, and ends with a reason the
+//! client can match ([`StreamEnd`]): the token expired, the replica is
+//! shutting down, a lease was lost, or the policy changed a binding on it.
+//! Also the per-pod count of open streams on leased bindings.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures::{Stream, StreamExt};
+use tessera_proto::{
+    reason::StreamEnd,
+    v1::{Credential, WatchResponse},
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::{
+    Caller, Engine, Live, Step, credential,
+    schedule::{RETRY_MAX, retry_in},
+};
+use crate::{
+    audit::{Action, Event, Outcome},
+    error::Error,
+    feed::Latest,
+    identity::Verifier,
+    metrics::Metrics,
+    policy::{Binding, store::PolicyStore},
+    vault::KvSecret,
+};
+
+/// Most open `Watch` streams one pod may hold on one leased binding: each
+/// holds a live lease (a database user), so a pod cannot mint without bound.
+/// A few allow for a reconnect racing the old stream's end.
+pub const MAX_STREAMS_PER_POD_BINDING: usize = 4;
+
+/// How often an open stream looks for a new policy generation.
+const POLICY_CHECK: Duration = Duration::from_secs(1);
+
+/// What every open stream shares.
+pub struct Streams {
+    /// The lease engine.
+    pub engine: Arc<Engine>,
+    /// The live policy, followed for changes to the stream's bindings.
+    pub policy: Arc<PolicyStore>,
+    /// Whether a caller's pod still exists, when a stream is hung up on.
+    pub verifier: Arc<Verifier>,
+    /// Gauges of open streams and leases.
+    pub metrics: Arc<Metrics>,
+    /// Ends every stream (with `SHUTTING_DOWN`).
+    pub shutdown: CancellationToken,
+    /// Open streams per pod UID and leased binding.
+    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
+}
+
+impl Streams {
+    /// Shared state for the streams of one broker.
+    pub fn new(
+        engine: Arc<Engine>,
+        policy: Arc<PolicyStore>,
+        verifier: Arc<Verifier>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            engine,
+            policy,
+            verifier,
+            metrics,
+            shutdown,
+            counts: Arc::default(),
+        }
+    }
+
+    /// Counts a new stream of the caller's pod on each leased binding.
+    ///
+    /// # Errors
+    /// [`Error::TooManyStreams`] past [`MAX_STREAMS_PER_POD_BINDING`], with
+    /// the binding. Tokens that name no pod are not counted (their rate
+    /// limit still applies).
+    pub fn open(&self, caller: &Caller, bindings: &[Arc<Binding>]) -> Result<Slots, Error> {
+        let mut slots = Slots {
+            counts: self.counts.clone(),
+            keys: Vec::new(),
+        };
+        let Some(pod) = &caller.identity.pod else {
+            return Ok(slots);
+        };
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        for binding in bindings.iter().filter(|b| b.source.is_leased()) {
+            let key = (pod.uid.clone(), binding.name.clone());
+            let count = counts.entry(key.clone()).or_default();
+            if *count >= MAX_STREAMS_PER_POD_BINDING {
+                return Err(Error::TooManyStreams {
+                    binding: binding.name.clone(),
+                    limit: MAX_STREAMS_PER_POD_BINDING,
+                });
+            }
+            *count += 1;
+            slots.keys.push(key);
+        }
+        Ok(slots)
+    }
+}
+
+/// A stream's places in the per-pod counts; released when it ends.
+pub struct Slots {
+    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
+    keys: Vec<(String, String)>,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in self.keys.drain(..) {
+            if let Some(count) = counts.get_mut(&key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// A leased credential on a stream: when to act on it, failures so far.
+struct Pending {
+    live: Live,
+    due: Instant,
+    failures: u32,
+}
+
+/// One open `Watch` stream.
+pub struct OpenStream {
+    shared: Arc<Streams>,
+    caller: Caller,
+    /// The bindings as granted, and the policy generation that granted them.
+    bindings: Vec<Arc<Binding>>,
+    generation: u64,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    kv_sent: HashMap<String, String>,
+    leased: HashMap<String, Pending>,
+    _slots: Slots,
+}
+
+impl OpenStream {
+    /// A stream for `caller` over `bindings` (granted by policy generation
+    /// `generation`), sending on `tx`.
+    pub fn new(
+        shared: Arc<Streams>,
+        caller: Caller,
+        (generation, bindings): (u64, Vec<Arc<Binding>>),
+        tx: mpsc::Sender<Result<WatchResponse, Status>>,
+        slots: Slots,
+    ) -> Self {
+        Self {
+            shared,
+            caller,
+            bindings,
+            generation,
+            tx,
+            kv_sent: HashMap::new(),
+            leased: HashMap::new(),
+            _slots: slots,
+        }
+    }
+
+    /// Takes over a credential already sent as the stream's first message:
+    /// a lease is scheduled for renewal, a KV version remembered.
+    pub fn delivered(&mut self, live: Live) {
+        if live.binding.source.is_leased() {
+            self.schedule(live, 0);
+        } else {
+            self.kv_sent
+                .insert(live.binding.name.clone(), live.version.clone());
+        }
+    }
+
+    fn schedule(&mut self, live: Live, failures: u32) {
+        let due = if failures == 0 {
+            self.shared
+                .engine
+                .due_in(&live, fastrand::f64())
+                .unwrap_or(RETRY_MAX)
+        } else {
+            retry_in(failures, fastrand::f64())
+        };
+        self.leased.insert(
+            live.binding.name.clone(),
+            Pending {
+                live,
+                due: Instant::now() + due,
+                failures,
+            },
+        );
+    }
+
+    async fn send(&self, credential: Credential) -> bool {
+        self.tx
+            .send(Ok(WatchResponse {
+                credential: Some(credential),
+            }))
+            .await
+            .is_ok()
+    }
+
+    /// Runs until the caller hangs up or the stream ends for a reason.
+    pub async fn run(mut self, mut changes: impl Stream<Item = (Arc<Binding>, Latest)> + Unpin) {
+        let gauge = self.shared.metrics.watch_streams.clone();
+        gauge.inc();
+        let _open = scopeguard(move || {
+            gauge.dec();
+        });
+        let expires_in = Duration::from_secs(self.caller.identity.expires_at).saturating_sub(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let expiry = tokio::time::sleep(expires_in);
+        tokio::pin!(expiry);
+        let shutdown = self.shared.shutdown.clone();
+        let mut policy_check = tokio::time::interval(POLICY_CHECK);
+        let mut watching_kv = true;
+        let mut leases = self.shared.metrics.lease_tracker();
+        loop {
+            leases.set(self.leased.keys());
+            let next_due = self.leased.values().map(|p| p.due).min();
+            let end = tokio::select! {
+                () = self.tx.closed() => {
+                    self.closed().await;
+                    return;
+                }
+                () = &mut expiry => StreamEnd::TokenExpired.status(
+                    "service-account token expired; reconnect with the current token",
+                ),
+                () = shutdown.cancelled() => {
+                    StreamEnd::ShuttingDown.status("broker is shutting down; reconnect")
+                }
+                _ = policy_check.tick() => match self.policy_changed().await {
+                    Some(end) => end,
+                    None => continue,
+                },
+                change = changes.next(), if watching_kv => match change {
+                    Some((binding, Some(secret))) => {
+                        if !self.kv_changed(&binding, &secret).await {
+                            self.closed().await;
+                            return;
+                        }
+                        continue;
+                    }
+                    Some((_, None)) => continue,
+                    // No KV binding on this stream (or its feeds ended).
+                    None => {
+                        watching_kv = false;
+                        continue;
+                    }
+                },
+                () = sleep_until(next_due) => match self.act_on_due().await {
+                    Ok(()) => continue,
+                    Err(Some(end)) => end,
+                    Err(None) => {
+                        self.closed().await;
+                        return;
+                    }
+                },
+            };
+            let _ = self.tx.send(Err(end)).await;
+            return;
+        }
+    }
+
+    /// The end of the stream when a new policy generation changed or
+    /// withdrew one of its bindings; leases of withdrawn bindings are
+    /// revoked at once (deny by default).
+    async fn policy_changed(&mut self) -> Option<Status> {
+        let loaded = self.shared.policy.current();
+        if loaded.generation == self.generation {
+            return None;
+        }
+        self.generation = loaded.generation;
+        let mut changed = Vec::new();
+        for binding in &self.bindings {
+            match loaded.policy.lookup(&self.caller.identity, &binding.name) {
+                Some(now) if now == binding.as_ref() => {}
+                now => changed.push((binding.name.clone(), now.is_none())),
+            }
+        }
+        if changed.is_empty() {
+            return None;
+        }
+        for (name, withdrawn) in &changed {
+            if !withdrawn {
+                continue;
+            }
+            if let Some(pending) = self.leased.remove(name) {
+                let reason = format!("grant withdrawn by policy generation {}", loaded.generation);
+                let _ = self
+                    .shared
+                    .engine
+                    .revoke(&pending.live, &self.caller, &reason)
+                    .await;
+            }
+        }
+        let names: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
+        tracing::info!(bindings = ?names, generation = loaded.generation, "the policy changed bindings on this stream; ending it");
+        Some(StreamEnd::PolicyChanged.status(format!(
+            "policy generation {} changed or withdrew {}; reconnect",
+            loaded.generation,
+            names.join(", ")
+        )))
+    }
+
+    /// Pushes a new KV version; false when the caller is gone.
+    async fn kv_changed(&mut self, binding: &Arc<Binding>, secret: &KvSecret) -> bool {
+        let version = secret.version.to_string();
+        if self.kv_sent.get(&binding.name) == Some(&version) {
+            return true;
+        }
+        let live = Live {
+            binding: binding.clone(),
+            version: version.clone(),
+            issued_at: secret.created.unwrap_or_else(SystemTime::now),
+            not_after: None,
+            renewable: false,
+            lease: None,
+            handle: super::handle::Handle::default(),
+        };
+        let engine = &self.shared.engine;
+        let credential = match credential::credential(&live, Some(&secret.fields)) {
+            Ok(credential) => credential,
+            Err(error) => {
+                // The pod keeps its current files; the security team hears of it.
+                tracing::warn!(%error, "cannot render a changed credential; the pod keeps the previous version");
+                let mut event = super::event(Action::Rotate, Outcome::Error, &self.caller, &live);
+                event.reason = Some(error.to_string());
+                engine.report(&event);
+                self.kv_sent.insert(binding.name.clone(), version);
+                return true;
+            }
+        };
+        tracing::info!(binding = %binding.name, %version, "credential changed; pushing");
+        engine.report(&super::event(
+            Action::Rotate,
+            Outcome::Success,
+            &self.caller,
+            &live,
+        ));
+        self.kv_sent.insert(binding.name.clone(), version);
+        self.send(credential).await
+    }
+
+    /// Renews or rotates every lease that is due. `Err(None)` when the
+    /// caller is gone; `Err(Some(status))` ends the stream (a lease lost).
+    async fn act_on_due(&mut self) -> Result<(), Option<Status>> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .leased
+            .iter()
+            .filter(|(_, p)| p.due <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let engine = self.shared.engine.clone();
+        for name in due {
+            let Some(Pending { live, failures, .. }) = self.leased.remove(&name) else {
+                continue;
+            };
+            match engine.renew_or_rotate(&live, &self.caller).await {
+                Ok(Step::Renewed(renewed)) => {
+                    tracing::info!(binding = %name, "lease renewed");
+                    engine.report(&super::event(
+                        Action::Renew,
+                        Outcome::Success,
+                        &self.caller,
+                        &renewed,
+                    ));
+                    let notice = credential::credential(&renewed, None);
+                    self.schedule(renewed, 0);
+                    if let Ok(notice) = notice
+                        && !self.send(notice).await
+                    {
+                        return Err(None);
+                    }
+                }
+                Ok(Step::Rotated(rotation)) => {
+                    let super::Rotation {
+                        live: new,
+                        credential,
+                        old,
+                    } = *rotation;
+                    tracing::info!(binding = %name, version = %new.version, "credential rotated; pushing");
+                    engine.report(&super::event(
+                        Action::Rotate,
+                        Outcome::Success,
+                        &self.caller,
+                        &new,
+                    ));
+                    self.schedule(new, 0);
+                    // The superseded lease's end is made durable (shortened in
+                    // Vault, recorded) before the pod can see its successor.
+                    engine.supersede(old, &self.caller).await;
+                    if !self.send(credential).await {
+                        return Err(None);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(binding = %name, %error, failures = failures + 1, "renewal failed; the pod keeps its current credential; retrying");
+                    if failures == 0 {
+                        let mut event =
+                            super::event(Action::Renew, Outcome::Error, &self.caller, &live);
+                        event.reason = Some(error.to_string());
+                        engine.report(&event);
+                    }
+                    if live.not_after.is_some_and(|end| end <= SystemTime::now()) {
+                        return Err(Some(StreamEnd::LeaseLost.status_for(
+                            format!(
+                                "binding `{name}`: the lease ended and could be neither renewed nor replaced ({error}); reconnect without its handle"
+                            ),
+                            Some(&name),
+                        )));
+                    }
+                    self.schedule(live, failures + 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The caller hung up. A restarting sidecar resumes with its handles; a
+    /// deleted pod will not, so its leases are revoked now (when the broker
+    /// can see pods). Otherwise the reconciler revokes them once the pod is
+    /// gone, or they expire by their TTL.
+    async fn closed(&mut self) {
+        if self.leased.is_empty() {
+            return;
+        }
+        if self.shared.verifier.pod_exists(&self.caller.identity).await != Some(false) {
+            return;
+        }
+        for pending in self.leased.values() {
+            let _ = self
+                .shared
+                .engine
+                .revoke(&pending.live, &self.caller, "pod deleted")
+                .await;
+        }
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The audit event of a refused stream (too many on a binding).
+pub fn refusal(caller: &Caller, error: &Error) -> Event {
+    let mut event = Event::new(Action::Issue, Outcome::Denied, Some(&caller.identity));
+    if let Error::TooManyStreams { binding, .. } = error {
+        event.binding = Some(binding.clone());
+    }
+    event.reason = Some(error.to_string());
+    event.peer = caller.peer.clone();
+    event
+}

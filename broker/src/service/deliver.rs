@@ -1,0 +1,139 @@
+//! Delivering a request's credentials: resume what the caller holds or
+//! issue anew, all or nothing, with a guard that revokes what was issued but
+//! never handed over.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use tessera_proto::v1::{Credential, Held};
+use tonic::Status;
+
+use super::{BrokerService, request::log_failure};
+use crate::{
+    audit::{Action, Event, Outcome},
+    error::Error,
+    lease::{Caller, Engine, Live, event, handle::Handle},
+    policy::{Binding, Source},
+};
+
+impl BrokerService {
+    /// Resumes what the caller holds, or issues anew, for every binding (all
+    /// or nothing) and audits the outcome. What was issued comes with an
+    /// [`Undelivered`] guard: the caller disarms it once the credentials are on
+    /// their way; dropped armed (the request failed, or its task panicked), it
+    /// revokes the leases nobody received.
+    #[tracing::instrument(name = "deliver", skip_all, fields(bindings = bindings.len()))]
+    pub(super) async fn deliver_all(
+        &self,
+        caller: &Caller,
+        generation: u64,
+        bindings: &[Arc<Binding>],
+        held: &[Held],
+    ) -> Result<(Vec<(Live, Credential)>, Undelivered), Status> {
+        let engine = &self.parts.engine;
+        // Every binding runs to its end (no early cancel), so each lease
+        // Vault minted is known and can be revoked if another binding fails.
+        let results = join_all(bindings.iter().map(|binding| async move {
+            let handle = held.iter().find(|h| h.binding == binding.name);
+            if let Some(handle) = handle
+                && let Some((live, credential)) = engine
+                    .resume(binding, caller, &Handle::presented(&handle.handle))
+                    .await?
+            {
+                return Ok::<_, Error>((live, credential, true));
+            }
+            let (live, credential) = engine.issue(binding, caller).await?;
+            Ok((live, credential, false))
+        }))
+        .await;
+        let mut guard = Undelivered {
+            engine: engine.clone(),
+            caller: caller.clone(),
+            lives: Vec::new(),
+        };
+        let mut delivered = Vec::with_capacity(results.len());
+        let mut failure = None;
+        for result in results {
+            match result {
+                Ok((live, credential, resumed)) => {
+                    if !resumed {
+                        guard.lives.push(live.clone());
+                    }
+                    delivered.push((live, credential, resumed));
+                }
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        if let Some(error) = failure {
+            // `guard` drops armed here: the leases issued for the other
+            // bindings are revoked, not leaked.
+            let mut event = Event::new(Action::Issue, Outcome::Error, Some(&caller.identity));
+            if let Some(binding) = error.binding() {
+                event.binding = Some(binding.to_owned());
+                event.source = bindings
+                    .iter()
+                    .find(|b| b.name == binding)
+                    .map(|b| b.source.to_string());
+            }
+            if let Error::Handle(_) = &error {
+                event.outcome = Some(Outcome::Denied);
+            }
+            event.reason = Some(error.to_string());
+            event.peer = caller.peer.clone();
+            event.policy_generation = Some(generation);
+            self.audit(&event);
+            return Err(log_failure(error));
+        }
+        let delivered = delivered
+            .into_iter()
+            .map(|(live, credential, resumed)| {
+                tracing::info!(
+                    binding = %live.binding.name,
+                    version = %live.version,
+                    resumed,
+                    "credential delivered"
+                );
+                if !resumed {
+                    let mut issued = event(Action::Issue, Outcome::Success, caller, &live);
+                    issued.policy_generation = Some(generation);
+                    self.audit(&issued);
+                }
+                (live, credential)
+            })
+            .collect();
+        Ok((delivered, guard))
+    }
+}
+
+/// Leases issued for a request and not yet handed to the caller. Dropped
+/// without [`Undelivered::disarm`], it has the engine revoke their database
+/// leases in the background, so a failed or panicked request leaks no
+/// database user. (Certificates nobody received simply expire: revoking
+/// grows the CRL.)
+pub(super) struct Undelivered {
+    engine: Arc<Engine>,
+    caller: Caller,
+    lives: Vec<Live>,
+}
+
+impl Undelivered {
+    /// The credentials are on their way: nothing to revoke.
+    pub(super) fn disarm(mut self) {
+        self.lives.clear();
+    }
+}
+
+impl Drop for Undelivered {
+    fn drop(&mut self) {
+        let lives: Vec<Live> = self
+            .lives
+            .drain(..)
+            .filter(|live| matches!(live.binding.source, Source::Database(_)))
+            .collect();
+        if !lives.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            self.engine.revoke_undelivered(lives, self.caller.clone());
+        }
+    }
+}

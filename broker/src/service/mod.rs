@@ -1,0 +1,347 @@
+//! The `tessera.v1.Broker` gRPC service: authenticate, rate-limit, authorize,
+//! hand the work to the lease engine, move messages, and audit every
+//! decision.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::{Stream, StreamExt};
+use tessera_proto::v1::{
+    FetchRequest, FetchResponse, RevokeRequest, RevokeResponse, WatchRequest, WatchResponse,
+    WhoAmIRequest, WhoAmIResponse, broker_server::Broker,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::{
+    audit::{Action, Event, Outcome},
+    error::{Error, printable},
+    feed::Feeds,
+    identity::Verifier,
+    lease::{
+        Caller, Engine, from_unix,
+        handle::Handle,
+        stream::{self, OpenStream, Streams},
+    },
+    metrics::Metrics,
+    policy::{Binding, Source, store::PolicyStore},
+    ratelimit::Limiter,
+};
+
+mod deliver;
+mod request;
+
+use request::{bearer, check_names, log_failure, proto_identity, rpc_span, unique_handles};
+
+/// Most bindings one request may name, and most lease handles one Revoke may carry.
+const MAX_BINDINGS_PER_REQUEST: usize = 64;
+
+/// What the service is built from.
+pub struct Parts {
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// The live policy.
+    pub policy: Arc<PolicyStore>,
+    /// Issues, renews, rotates and revokes credentials, and audits them.
+    pub engine: Arc<Engine>,
+    /// Shared change feeds for `Watch`.
+    pub feeds: Arc<Feeds>,
+    /// Per-identity rate limits.
+    pub limiter: Arc<Limiter>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Ends open streams on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// The broker service; cheap to clone.
+#[derive(Clone)]
+pub struct BrokerService {
+    parts: Arc<Parts>,
+    streams: Arc<Streams>,
+}
+
+impl BrokerService {
+    /// A service over its parts.
+    pub fn new(parts: Parts) -> Self {
+        let streams = Arc::new(Streams::new(
+            parts.engine.clone(),
+            parts.policy.clone(),
+            parts.verifier.clone(),
+            parts.metrics.clone(),
+            parts.shutdown.clone(),
+        ));
+        Self {
+            parts: Arc::new(parts),
+            streams,
+        }
+    }
+
+    fn audit(&self, event: &Event) {
+        self.parts.engine.report(event);
+    }
+
+    /// Verifies the bearer token, applies the rate limit, and records the
+    /// identity on the current span. Refusals are audited.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let verified = match bearer(request) {
+            Ok(token) => self
+                .parts
+                .verifier
+                .verify(&token)
+                .instrument(tracing::info_span!("verify_token"))
+                .await
+                .map_err(Error::from),
+            Err(error) => Err(error),
+        };
+        let identity = verified.map_err(|error| {
+            let mut event = Event::new(Action::Authenticate, Outcome::Denied, None);
+            event.reason = Some(error.to_string());
+            event.peer = peer.clone();
+            self.audit(&event);
+            log_failure(error)
+        })?;
+        let span = tracing::Span::current();
+        span.record("namespace", identity.namespace.as_str());
+        span.record("service_account", identity.service_account.as_str());
+        if let Some(pod) = &identity.pod {
+            span.record("pod", pod.name.as_str());
+        }
+        if let Err(retry_after) = self.parts.limiter.check(&identity) {
+            let error = Error::RateLimited { retry_after };
+            let mut event = Event::new(Action::Authenticate, Outcome::Denied, Some(&identity));
+            event.reason = Some(error.to_string());
+            event.peer = peer;
+            self.audit(&event);
+            return Err(log_failure(error));
+        }
+        Ok(Caller { identity, peer })
+    }
+
+    /// The bindings named in a request, each granted to the caller, all from
+    /// one policy generation. A denial is audited.
+    fn authorize(
+        &self,
+        caller: &Caller,
+        names: &[String],
+    ) -> Result<(u64, Vec<Arc<Binding>>), Status> {
+        let _span = tracing::info_span!("policy", bindings = names.len()).entered();
+        let loaded = self.parts.policy.current();
+        let result = check_names(names).and_then(|()| {
+            names
+                .iter()
+                .map(|name| {
+                    loaded
+                        .policy
+                        .lookup(&caller.identity, name)
+                        .map(|b| Arc::new(b.clone()))
+                        .ok_or_else(|| Error::Denied {
+                            binding: printable(name),
+                            namespace: caller.identity.namespace.clone(),
+                            service_account: caller.identity.service_account.clone(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        result.map(|b| (loaded.generation, b)).map_err(|error| {
+            let mut event = Event::new(Action::Issue, Outcome::Denied, Some(&caller.identity));
+            if let Error::Denied { binding, .. } = &error {
+                event.binding = Some(binding.clone());
+            }
+            event.reason = Some(error.to_string());
+            event.peer = caller.peer.clone();
+            event.policy_generation = Some(loaded.generation);
+            self.audit(&event);
+            log_failure(error)
+        })
+    }
+}
+
+type WatchStreamOut = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Broker for BrokerService {
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let span = rpc_span("WhoAmI", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("WhoAmI");
+            let caller = self.authenticate(&request).await?;
+            let loaded = self.parts.policy.current();
+            let mut bindings: Vec<String> = loaded
+                .policy
+                .granted(&caller.identity)
+                .map(|b| b.name.clone())
+                .collect();
+            bindings.sort();
+            Ok(Response::new(WhoAmIResponse {
+                token_expires_at: Some(from_unix(caller.identity.expires_at).into()),
+                identity: Some(proto_identity(caller.identity)),
+                bindings,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        let span = rpc_span("Fetch", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("Fetch");
+            let caller = self.authenticate(&request).await?;
+            let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+            let (delivered, undelivered) = self
+                .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+                .await?;
+            undelivered.disarm();
+            Ok(Response::new(FetchResponse {
+                credentials: delivered.into_iter().map(|(_, c)| c).collect(),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    type WatchStream = WatchStreamOut;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let span = rpc_span("Watch", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("Watch");
+            let caller = self.authenticate(&request).await?;
+            let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+            let slots = self.streams.open(&caller, &bindings).map_err(|error| {
+                self.audit(&stream::refusal(&caller, &error));
+                log_failure(error)
+            })?;
+            let (delivered, undelivered) = self
+                .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+                .await?;
+
+            let (tx, rx) = mpsc::channel(bindings.len() + 4);
+            let first = tx.clone();
+            let mut stream = OpenStream::new(
+                self.streams.clone(),
+                caller,
+                (generation, bindings.clone()),
+                tx,
+                slots,
+            );
+            for (live, credential) in delivered {
+                // The channel has room for every initial message.
+                let _ = first.try_send(Ok(WatchResponse {
+                    credential: Some(credential),
+                }));
+                stream.delivered(live);
+            }
+            drop(first);
+            undelivered.disarm();
+            let changes = futures::stream::select_all(bindings.iter().filter_map(|binding| {
+                let Source::Kv2(source) = &binding.source else {
+                    return None;
+                };
+                let binding = binding.clone();
+                Some(
+                    WatchStream::new(self.parts.feeds.subscribe(source))
+                        .map(move |latest| (binding.clone(), latest)),
+                )
+            }));
+            tokio::spawn(stream.run(changes).instrument(tracing::Span::current()));
+            let stream: Self::WatchStream = Box::pin(ReceiverStream::new(rx));
+            Ok(Response::new(stream))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let span = rpc_span("Revoke", request.metadata());
+        async move {
+            let _timer = self.parts.metrics.time_rpc("Revoke");
+            let caller = self.authenticate(&request).await?;
+            let held = unique_handles(&request.get_ref().held, &request.get_ref().bindings)
+                .map_err(log_failure)?;
+            // Each handle is a Vault call and an audit record: beyond the
+            // first, each counts against the caller's rate limit.
+            let extra = u32::try_from(held.len().saturating_sub(1)).unwrap_or(u32::MAX);
+            if let Err(retry_after) = self.parts.limiter.check_n(&caller.identity, extra) {
+                return Err(log_failure(Error::RateLimited { retry_after }));
+            }
+            let loaded = self.parts.policy.current();
+            let mut revoked = Vec::new();
+            for held in held {
+                let live = loaded
+                    .policy
+                    .binding(&held.binding)
+                    .map(|b| Arc::new(b.clone()))
+                    .ok_or_else(|| {
+                        Error::InvalidRequest(format!(
+                            "binding `{}` is not in the policy",
+                            printable(&held.binding)
+                        ))
+                    })
+                    .and_then(|binding| {
+                        self.parts.engine.held(
+                            &binding,
+                            &caller.identity,
+                            &Handle::presented(&held.handle),
+                        )
+                    });
+                let live = match live {
+                    Ok(live) => live,
+                    Err(error) => {
+                        let mut event =
+                            Event::new(Action::Revoke, Outcome::Denied, Some(&caller.identity));
+                        event.binding = Some(printable(&held.binding));
+                        event.reason = Some(error.to_string());
+                        event.peer = caller.peer.clone();
+                        self.audit(&event);
+                        return Err(log_failure(error));
+                    }
+                };
+                // The engine audits the revocation, failed or not.
+                self.parts
+                    .engine
+                    .revoke(&live, &caller, "given back by the pod")
+                    .await
+                    .map_err(log_failure)?;
+                revoked.push(live.binding.name.clone());
+            }
+            // Static (KV) bindings carry no lease: releasing them is an acknowledgement.
+            for name in &request.get_ref().bindings {
+                if revoked.contains(name) {
+                    continue;
+                }
+                if let Some(binding) = loaded.policy.lookup(&caller.identity, name)
+                    && !binding.source.is_leased()
+                {
+                    let mut event =
+                        Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
+                    event.binding = Some(binding.name.clone());
+                    event.source = Some(binding.source.to_string());
+                    event.peer = caller.peer.clone();
+                    self.audit(&event);
+                    revoked.push(binding.name.clone());
+                }
+            }
+            tracing::info!(?revoked, "credentials revoked or released");
+            Ok(Response::new(RevokeResponse { revoked }))
+        }
+        .instrument(span)
+        .await
+    }
+}
