@@ -161,3 +161,177 @@ impl From<Error> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::handle::HandleError;
+
+    fn vault(source: VaultError) -> Error {
+        Error::Vault {
+            binding: "db".into(),
+            source,
+        }
+    }
+
+    /// The whole error → status table: the code a client branches on, the
+    /// retry hint, and what the message may (and may not) say.
+    #[test]
+    fn every_error_becomes_its_documented_status() {
+        let cases: Vec<(Error, Code, bool, &str)> = vec![
+            (
+                Error::MissingToken("missing `authorization`"),
+                Code::Unauthenticated,
+                false,
+                "authorization",
+            ),
+            (
+                Error::Token(TokenError::Expired(10)),
+                Code::Unauthenticated,
+                false,
+                "rejected",
+            ),
+            (
+                Error::Token(TokenError::Unavailable("api down".into())),
+                Code::Unavailable,
+                true,
+                "api down",
+            ),
+            (
+                Error::Denied {
+                    binding: "db".into(),
+                    namespace: "shop".into(),
+                    service_account: "orders".into(),
+                },
+                Code::PermissionDenied,
+                false,
+                "not granted to shop/orders",
+            ),
+            (
+                Error::RateLimited {
+                    retry_after: Duration::from_millis(1500),
+                },
+                Code::ResourceExhausted,
+                true,
+                "1500 ms",
+            ),
+            (
+                Error::TooManyStreams {
+                    binding: "db".into(),
+                    limit: 4,
+                },
+                Code::ResourceExhausted,
+                false,
+                "4 open Watch streams",
+            ),
+            (
+                Error::Handle(HandleError::Invalid("db".into())),
+                Code::InvalidArgument,
+                false,
+                "not valid",
+            ),
+            (
+                Error::Handle(HandleError::NotYours("db".into())),
+                Code::PermissionDenied,
+                false,
+                "another pod",
+            ),
+            (
+                Error::InvalidRequest("twice".into()),
+                Code::InvalidArgument,
+                false,
+                "twice",
+            ),
+            (
+                Error::Render {
+                    binding: "db".into(),
+                    problem: crate::policy::RenderError::Missing("password".into()),
+                },
+                Code::FailedPrecondition,
+                false,
+                "db",
+            ),
+            (
+                vault(VaultError::Unavailable(
+                    "connection refused at 10.0.0.7".into(),
+                )),
+                Code::Unavailable,
+                true,
+                "retry with backoff",
+            ),
+            (
+                vault(VaultError::Login("bad secret id".into())),
+                Code::Unavailable,
+                true,
+                "retry with backoff",
+            ),
+            (
+                vault(VaultError::Denied("database/creds/orders".into())),
+                Code::FailedPrecondition,
+                false,
+                "grant the broker",
+            ),
+            (
+                vault(VaultError::NotFound("secret/shop".into())),
+                Code::FailedPrecondition,
+                false,
+                "no secret",
+            ),
+            (
+                vault(VaultError::Invalid("lease".into())),
+                Code::FailedPrecondition,
+                false,
+                "refused",
+            ),
+            (
+                Error::LeaseRecord {
+                    binding: "db".into(),
+                    mount: "tessera-leases".into(),
+                    source: VaultError::Denied("tessera-leases/pods".into()),
+                },
+                Code::FailedPrecondition,
+                false,
+                "leases.recordMount",
+            ),
+            (
+                Error::LeaseRecord {
+                    binding: "db".into(),
+                    mount: "tessera-leases".into(),
+                    source: VaultError::Unavailable("down".into()),
+                },
+                Code::Unavailable,
+                true,
+                "retry with backoff",
+            ),
+        ];
+        for (error, code, retry, says) in cases {
+            let shown = format!("{error:?}");
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{shown}");
+            assert_eq!(status.get_details_retry_info().is_some(), retry, "{shown}");
+            assert!(
+                status.message().contains(says),
+                "{shown}: {}",
+                status.message()
+            );
+        }
+    }
+
+    #[test]
+    fn an_unavailable_vault_does_not_tell_the_caller_its_internals() {
+        let status = Status::from(vault(VaultError::Unavailable(
+            "connection refused at 10.0.0.7:8200".into(),
+        )));
+        assert!(
+            !status.message().contains("10.0.0.7"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn errors_name_their_binding() {
+        assert_eq!(vault(VaultError::Invalid("x".into())).binding(), Some("db"));
+        assert_eq!(Error::InvalidRequest("x".into()).binding(), None);
+    }
+}

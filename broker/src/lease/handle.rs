@@ -293,6 +293,9 @@ mod tests {
             "no base64 of the lease id"
         );
         assert_ne!(key.seal(&claims()), sealed, "a fresh nonce every time");
+        let shown = format!("{sealed:?}");
+        assert!(!shown.contains(sealed.as_str()), "{shown}");
+        assert!(shown.contains("bytes"), "{shown}");
     }
 
     #[test]

@@ -83,28 +83,37 @@ impl Streams {
     /// the binding. Tokens that name no pod are not counted (their rate
     /// limit still applies).
     pub fn open(&self, caller: &Caller, bindings: &[Arc<Binding>]) -> Result<Slots, Error> {
-        let mut slots = Slots {
-            counts: self.counts.clone(),
-            keys: Vec::new(),
-        };
-        let Some(pod) = &caller.identity.pod else {
-            return Ok(slots);
-        };
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        for binding in bindings.iter().filter(|b| b.source.is_leased()) {
-            let key = (pod.uid.clone(), binding.name.clone());
-            let count = counts.entry(key.clone()).or_default();
-            if *count >= MAX_STREAMS_PER_POD_BINDING {
-                return Err(Error::TooManyStreams {
-                    binding: binding.name.clone(),
-                    limit: MAX_STREAMS_PER_POD_BINDING,
-                });
-            }
-            *count += 1;
-            slots.keys.push(key);
-        }
-        Ok(slots)
+        open(&self.counts, caller, bindings)
     }
+}
+
+/// Takes a place for the caller's pod on each leased binding in `counts`.
+fn open(
+    counts: &Arc<Mutex<HashMap<(String, String), usize>>>,
+    caller: &Caller,
+    bindings: &[Arc<Binding>],
+) -> Result<Slots, Error> {
+    let mut slots = Slots {
+        counts: counts.clone(),
+        keys: Vec::new(),
+    };
+    let Some(pod) = &caller.identity.pod else {
+        return Ok(slots);
+    };
+    let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+    for binding in bindings.iter().filter(|b| b.source.is_leased()) {
+        let key = (pod.uid.clone(), binding.name.clone());
+        let count = counts.entry(key.clone()).or_default();
+        if *count >= MAX_STREAMS_PER_POD_BINDING {
+            return Err(Error::TooManyStreams {
+                binding: binding.name.clone(),
+                limit: MAX_STREAMS_PER_POD_BINDING,
+            });
+        }
+        *count += 1;
+        slots.keys.push(key);
+    }
+    Ok(slots)
 }
 
 /// A stream's places in the per-pod counts; released when it ends.
@@ -282,13 +291,9 @@ impl OpenStream {
             return None;
         }
         self.generation = loaded.generation;
-        let mut changed = Vec::new();
-        for binding in &self.bindings {
-            match loaded.policy.lookup(&self.caller.identity, &binding.name) {
-                Some(now) if now == binding.as_ref() => {}
-                now => changed.push((binding.name.clone(), now.is_none())),
-            }
-        }
+        let changed = changed_bindings(&self.bindings, |name| {
+            loaded.policy.lookup(&self.caller.identity, name)
+        });
         if changed.is_empty() {
             return None;
         }
@@ -450,6 +455,21 @@ impl OpenStream {
     }
 }
 
+/// The bindings of a stream that a new policy changed, as (name, whether the
+/// grant was withdrawn); `now` looks a binding up as the new policy grants it.
+fn changed_bindings<'p>(
+    bindings: &[Arc<Binding>],
+    now: impl Fn(&str) -> Option<&'p Binding>,
+) -> Vec<(String, bool)> {
+    bindings
+        .iter()
+        .filter_map(|binding| match now(&binding.name) {
+            Some(current) if current == binding.as_ref() => None,
+            current => Some((binding.name.clone(), current.is_none())),
+        })
+        .collect()
+}
+
 /// Runs `f` when dropped.
 fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
@@ -479,4 +499,116 @@ pub fn refusal(caller: &Caller, error: &Error) -> Event {
     event.reason = Some(error.to_string());
     event.peer = caller.peer.clone();
     event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        identity::{Identity, ObjectRef},
+        policy::Policy,
+    };
+
+    fn policy(ttl: &str, grant_cache: bool) -> Policy {
+        let cache = if grant_cache {
+            "  - name: cache
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { kv2: { mount: secret, path: shop/cache } }
+"
+        } else {
+            ""
+        };
+        let text = format!(
+            "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: db
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source: {{ database: {{ mount: database, role: orders }} }}
+    ttl: {ttl}
+{cache}"
+        );
+        Policy::parse(&text, "policy.yaml").unwrap()
+    }
+
+    fn orders() -> Identity {
+        Identity {
+            namespace: "shop".into(),
+            service_account: "orders".into(),
+            service_account_uid: String::new(),
+            pod: Some(ObjectRef {
+                name: "orders-0".into(),
+                uid: "uid-0".into(),
+            }),
+            node: None,
+            pod_labels: None,
+            expires_at: 0,
+        }
+    }
+
+    fn granted(policy: &Policy) -> Vec<Arc<Binding>> {
+        ["db", "cache"]
+            .iter()
+            .filter_map(|name| policy.lookup(&orders(), name))
+            .map(|b| Arc::new(b.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_generation_ends_a_stream_only_for_bindings_it_changed() {
+        let before = policy("1h", true);
+        let streamed = granted(&before);
+        let same = policy("1h", true);
+        assert!(
+            changed_bindings(&streamed, |name| same.lookup(&orders(), name)).is_empty(),
+            "an identical policy changes nothing"
+        );
+
+        let longer = policy("2h", true);
+        assert_eq!(
+            changed_bindings(&streamed, |name| longer.lookup(&orders(), name)),
+            [("db".to_owned(), false)],
+            "a changed ttl changes db only"
+        );
+        let withdrawn = policy("1h", false);
+        assert_eq!(
+            changed_bindings(&streamed, |name| withdrawn.lookup(&orders(), name)),
+            [("cache".to_owned(), true)],
+            "a removed grant is withdrawn"
+        );
+    }
+
+    #[test]
+    fn open_streams_are_counted_per_pod_and_leased_binding_and_released() {
+        let counts = Arc::new(Mutex::new(HashMap::new()));
+        let caller = Caller {
+            identity: orders(),
+            peer: None,
+        };
+        let bindings = granted(&policy("1h", true));
+        let mut held = Vec::new();
+        for _ in 0..MAX_STREAMS_PER_POD_BINDING {
+            held.push(open(&counts, &caller, &bindings).unwrap());
+        }
+        let refused = open(&counts, &caller, &bindings).err().unwrap();
+        assert!(
+            matches!(&refused, Error::TooManyStreams { binding, .. } if binding == "db"),
+            "{refused}"
+        );
+        held.pop();
+        assert!(
+            open(&counts, &caller, &bindings).is_ok(),
+            "a closed stream frees its place"
+        );
+        drop(held);
+        assert!(counts.lock().unwrap().len() <= 1);
+        let kv_only: Vec<_> = bindings.into_iter().filter(|b| b.name == "cache").collect();
+        for _ in 0..10 {
+            let slots = open(&counts, &caller, &kv_only).unwrap();
+            assert!(
+                slots.keys.is_empty(),
+                "KV streams hold no lease and are not counted"
+            );
+        }
+    }
 }

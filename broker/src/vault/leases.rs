@@ -172,7 +172,7 @@ impl Vault {
     /// Seconds left on a lease; `None` when Vault no longer knows it.
     ///
     /// # Errors
-    /// A [`VaultError`] other than "not found".
+    /// A [`VaultError`] other than "not found" or "invalid lease".
     pub async fn lease_lookup(&self, lease_id: &str) -> Result<Option<LeaseLookup>, VaultError> {
         let endpoint = LookupLease {
             lease_id: lease_id.to_owned(),
@@ -180,9 +180,9 @@ impl Vault {
         match self.exec(endpoint, "sys/leases/lookup", None).await {
             Ok(result) => Ok(result.data),
             // Vault answers 400 "invalid lease" for unknown or revoked leases.
-            Err(
-                VaultError::NotFound(_) | VaultError::Unexpected { .. } | VaultError::Invalid(_),
-            ) => Ok(None),
+            // Anything else (an odd answer, an outage) is not "gone": read as
+            // gone, it would mint a second credential for the pod.
+            Err(VaultError::NotFound(_) | VaultError::Invalid(_)) => Ok(None),
             Err(error) => Err(error),
         }
     }

@@ -263,6 +263,24 @@ struct Reachability {
 /// How often an unreachable Vault is checked again.
 const DOWN_CHECK: Duration = Duration::from_secs(2);
 
+impl Reachability {
+    /// Whether to check Vault at `now` (and if so, note the check): every
+    /// [`DOWN_CHECK`] while it is down, else only when neither a request
+    /// nor a check succeeded within `idle`.
+    fn check_due(&mut self, now: Instant, idle: Duration) -> bool {
+        let since = |at: Option<Instant>| at.map_or(Duration::MAX, |at| now - at);
+        let due = if self.down {
+            since(self.last_check) >= DOWN_CHECK
+        } else {
+            since(self.last_ok) >= idle && since(self.last_check) >= idle
+        };
+        if due {
+            self.last_check = Some(now);
+        }
+        due
+    }
+}
+
 impl Vault {
     /// Builds the client; the first request logs in.
     ///
@@ -532,25 +550,95 @@ impl Vault {
     /// check interval (every 2 s while Vault is down). Call it often; it
     /// rarely sends anything.
     pub async fn reachable(&self) -> bool {
-        let due = {
-            let mut reach = self.reach();
-            let now = Instant::now();
-            let since = |at: Option<Instant>| at.map_or(Duration::MAX, |at| now - at);
-            let due = if reach.down {
-                since(reach.last_check) >= DOWN_CHECK
-            } else {
-                let idle = self.settings.health_check_interval;
-                since(reach.last_ok) >= idle && since(reach.last_check) >= idle
-            };
-            if due {
-                reach.last_check = Some(now);
-            }
-            due
-        };
+        let due = self
+            .reach()
+            .check_due(Instant::now(), self.settings.health_check_interval);
         if due && let Err(error) = self.ping().await {
             tracing::warn!(%error, "Vault health check failed");
             self.reach().down = true;
         }
         !self.reach().down
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_busy_broker_never_checks_vault_separately() {
+        let start = Instant::now();
+        let mut reach = Reachability::default();
+        assert!(reach.check_due(start, IDLE), "nothing known yet: check");
+        for second in 1..120 {
+            // A request succeeded every second.
+            let now = start + Duration::from_secs(second);
+            reach.last_ok = Some(now);
+            assert!(!reach.check_due(now, IDLE), "at {second}s");
+        }
+    }
+
+    #[test]
+    fn an_idle_broker_checks_once_per_interval() {
+        let start = Instant::now();
+        let mut reach = Reachability {
+            last_ok: Some(start),
+            ..Reachability::default()
+        };
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert!(!reach.check_due(at(29), IDLE));
+        assert!(reach.check_due(at(30), IDLE));
+        assert!(!reach.check_due(at(31), IDLE), "just checked");
+        assert!(reach.check_due(at(60), IDLE));
+    }
+
+    #[test]
+    fn a_vault_that_is_down_is_checked_every_two_seconds() {
+        let start = Instant::now();
+        let mut reach = Reachability {
+            down: true,
+            last_check: Some(start),
+            ..Reachability::default()
+        };
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert!(!reach.check_due(at(1_999), IDLE));
+        assert!(reach.check_due(at(2_000), IDLE));
+        assert!(!reach.check_due(at(3_000), IDLE));
+        assert!(reach.check_due(at(4_000), IDLE));
+    }
+
+    #[test]
+    fn vault_answers_sort_into_what_the_caller_can_do() {
+        let api = |code: u16| ClientError::APIError {
+            code,
+            errors: vec!["why".into()],
+        };
+        assert!(matches!(
+            VaultError::from_client("x", api(403)),
+            VaultError::Denied(_)
+        ));
+        assert!(matches!(
+            VaultError::from_client("x", api(404)),
+            VaultError::NotFound(_)
+        ));
+        assert!(matches!(
+            VaultError::from_client("x", api(400)),
+            VaultError::Invalid(_)
+        ));
+        for code in [429, 500, 502, 503] {
+            assert!(
+                matches!(
+                    VaultError::from_client("x", api(code)),
+                    VaultError::Unavailable(_)
+                ),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            VaultError::from_client("x", api(418)),
+            VaultError::Unexpected { .. }
+        ));
     }
 }
