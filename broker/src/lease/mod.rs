@@ -41,7 +41,7 @@ use crate::{
     identity::{Identity, ObjectRef},
     metrics::Metrics,
     policy::{Binding, RenderError, Source},
-    vault::{Vault, VaultError},
+    vault::{KvSecret, Vault, VaultError},
 };
 
 /// How leases are kept (the `leases:` block of the configuration).
@@ -74,6 +74,15 @@ pub enum Step {
     Renewed(Live),
     /// New values replace the old; the old lease ends after the overlap.
     Rotated(Box<Rotation>),
+}
+
+/// What resuming a held handle gave.
+#[derive(Debug)]
+pub enum Resumed {
+    /// The pod keeps what it holds (an `unchanged` notice, maybe renewed).
+    Held(Live, Credential),
+    /// It was due and could not be extended: a successor, newly issued.
+    Rotated(Live, Credential),
 }
 
 /// A credential and its successor.
@@ -226,16 +235,8 @@ impl Engine {
                             .map_err(Self::vault_error(binding))?,
                     ),
                 };
-                let live = Live {
-                    binding: binding.clone(),
-                    version: secret.version.to_string(),
-                    issued_at: secret.created.unwrap_or_else(SystemTime::now),
-                    not_after: None,
-                    renewable: false,
-                    lease: None,
-                    handle: Handle::default(),
-                };
-                (live, secret.fields.clone())
+                let (live, credential) = Self::kv_credential(binding, &secret);
+                return Ok((live, credential?));
             }
             Source::Database(db) => {
                 let leased = self
@@ -302,19 +303,44 @@ impl Engine {
         Ok((live, credential))
     }
 
+    /// A KV secret's version as a credential: what [`Engine::issue`] serves
+    /// and what a stream pushes when the secret changes. The [`Live`] comes
+    /// back even when the fields do not make the binding's files
+    /// ([`Error::Render`]), so that failure can be audited with it.
+    pub fn kv_credential(
+        binding: &Arc<Binding>,
+        secret: &KvSecret,
+    ) -> (Live, Result<Credential, Error>) {
+        let live = Live {
+            binding: binding.clone(),
+            version: secret.version.to_string(),
+            issued_at: secret.created.unwrap_or_else(SystemTime::now),
+            not_after: None,
+            renewable: false,
+            lease: None,
+            handle: Handle::default(),
+        };
+        let credential = credential::credential(&live, Some(&secret.fields));
+        (live, credential)
+    }
+
     /// Resumes a credential the pod holds, when it is still good: the pod
-    /// keeps its values (no second database user). `None` when it must be
-    /// reissued (expired, revoked, due for rotation, or a handle this
+    /// keeps its values (no second database user). A database lease due for
+    /// renewal is renewed now, so a pod that only calls `Fetch` (no stream)
+    /// keeps its lease alive by asking; one that cannot be extended is
+    /// rotated (the successor comes back as [`Resumed::Rotated`]). `None`
+    /// when it must be reissued (expired, revoked, or a handle this
     /// deployment can no longer read, e.g. after the shared key changed).
     ///
     /// # Errors
-    /// [`Error::Handle`] for a handle of another pod or binding.
+    /// [`Error::Handle`] for a handle of another pod or binding; a Vault
+    /// [`Error`] when a due renewal fails.
     pub async fn resume(
-        &self,
+        self: &Arc<Self>,
         binding: &Arc<Binding>,
         caller: &Caller,
         held: &Handle,
-    ) -> Result<Option<(Live, Credential)>, Error> {
+    ) -> Result<Option<Resumed>, Error> {
         let identity = &caller.identity;
         let pod_uid = identity.pod.as_ref().map_or("", |p| p.uid.as_str());
         let claims = match self.keys.open(held, &binding.name, pod_uid) {
@@ -377,8 +403,26 @@ impl Engine {
                 }
             }
         };
+        if live.renewable && self.due_in(&live, 0.0) == Some(Duration::ZERO) {
+            return match self.renew_or_rotate(&live, caller).await? {
+                Step::Renewed(renewed) => {
+                    self.report(&event(Action::Renew, Outcome::Success, caller, &renewed));
+                    let credential = credential::credential(&renewed, None)?;
+                    Ok(Some(Resumed::Held(renewed, credential)))
+                }
+                Step::Rotated(rotation) => {
+                    let Rotation {
+                        live,
+                        credential,
+                        old,
+                    } = *rotation;
+                    self.supersede(old, caller).await;
+                    Ok(Some(Resumed::Rotated(live, credential)))
+                }
+            };
+        }
         let credential = credential::credential(&live, None)?;
-        Ok(Some((live, credential)))
+        Ok(Some(Resumed::Held(live, credential)))
     }
 
     /// When the next renewal or rotation of `live` is due (from now).

@@ -325,17 +325,9 @@ impl OpenStream {
         if self.kv_sent.get(&binding.name) == Some(&version) {
             return true;
         }
-        let live = Live {
-            binding: binding.clone(),
-            version: version.clone(),
-            issued_at: secret.created.unwrap_or_else(SystemTime::now),
-            not_after: None,
-            renewable: false,
-            lease: None,
-            handle: super::handle::Handle::default(),
-        };
         let engine = &self.shared.engine;
-        let credential = match credential::credential(&live, Some(&secret.fields)) {
+        let (live, credential) = Engine::kv_credential(binding, secret);
+        let credential = match credential {
             Ok(credential) => credential,
             Err(error) => {
                 // The pod keeps its current files; the security team hears of it.

@@ -12,7 +12,7 @@ use super::{BrokerService, request::log_failure};
 use crate::{
     audit::{Action, Event, Outcome},
     error::Error,
-    lease::{Caller, Engine, Live, event, handle::Handle},
+    lease::{Caller, Engine, Live, Resumed, event, handle::Handle},
     policy::{Binding, Source},
 };
 
@@ -35,12 +35,19 @@ impl BrokerService {
         // Vault minted is known and can be revoked if another binding fails.
         let results = join_all(bindings.iter().map(|binding| async move {
             let handle = held.iter().find(|h| h.binding == binding.name);
-            if let Some(handle) = handle
-                && let Some((live, credential)) = engine
+            if let Some(handle) = handle {
+                match engine
                     .resume(binding, caller, &Handle::presented(&handle.handle))
                     .await?
-            {
-                return Ok::<_, Error>((live, credential, true));
+                {
+                    Some(Resumed::Held(live, credential)) => {
+                        return Ok::<_, Error>((live, credential, true));
+                    }
+                    Some(Resumed::Rotated(live, credential)) => {
+                        return Ok((live, credential, false));
+                    }
+                    None => {}
+                }
             }
             let (live, credential) = engine.issue(binding, caller).await?;
             Ok((live, credential, false))

@@ -239,6 +239,54 @@ async fn a_once_credential_is_revoked_when_its_pod_is_deleted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_pod_that_only_fetches_has_its_lease_renewed_when_it_asks() {
+    let pg = Postgres::start();
+    // Leases of 6 s (at most 60 s), renewed past half their life.
+    let env = Env::start(&db_policy("6s", "0.5", "1s")).await;
+    env.bao.database_role(&pg, "orders", "6s", "60s");
+    let out = env.tmpfs_out();
+    let token = env.token_file("shop", "orders");
+    let fetch = || {
+        let once = env.sidecar_once(&token, out.path(), &["db"], &[]);
+        assert!(
+            once.status.success(),
+            "{}",
+            String::from_utf8_lossy(&once.stderr)
+        );
+    };
+    fetch();
+    let user = field(out.path(), "db", "username").unwrap();
+    let password = field(out.path(), "db", "password").unwrap();
+    let leases = env.bao.leases("database/creds/orders");
+    assert_eq!(leases.len(), 1);
+    // Past half its life, nothing streams it; the pod asks again with its handle.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = env.bao.lease_lookup(&leases[0]).unwrap()["ttl"]
+        .as_u64()
+        .unwrap();
+    fetch();
+    let after = env.bao.lease_lookup(&leases[0]).unwrap()["ttl"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after > before,
+        "renewed: {before}s left before, {after}s after"
+    );
+    assert_eq!(
+        field(out.path(), "db", "username").as_deref(),
+        Some(user.as_str())
+    );
+    assert_eq!(
+        env.bao.leases("database/creds/orders").len(),
+        1,
+        "no second user"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(pg.can_login(&user, &password), "alive past its first TTL");
+    assert!(env.audit_events().iter().any(|e| e["action"] == "renew"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_withdrawn_grant_ends_the_stream_with_policy_changed_and_revokes_the_lease() {
     let pg = Postgres::start();
     let env = Env::start(&db_policy("10m", "0.7", "5s")).await;
