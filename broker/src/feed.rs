@@ -1,9 +1,10 @@
-//! Change feeds: one poller per KV v2 secret, shared by every `Watch` stream
-//! that needs it, so a thousand watching pods cost Vault one metadata read per
-//! interval instead of a thousand.
+//! Change feeds: one poller per KV v2 secret of the policy, shared by every
+//! `Watch` stream that needs it, so a thousand watching pods cost Vault one
+//! metadata read per interval instead of a thousand; its last good read is
+//! what the replica serves while Vault is away.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -12,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    policy::Kv2Source,
+    policy::{Kv2Source, Source, store::PolicyStore},
     vault::{KvSecret, Vault},
 };
 
@@ -26,6 +27,8 @@ pub struct Feeds {
     interval: Duration,
     shutdown: CancellationToken,
     senders: Arc<Mutex<HashMap<Kv2Source, watch::Sender<Latest>>>>,
+    /// What keeps a poller on every KV source of the policy.
+    warm: Mutex<HashMap<Kv2Source, watch::Receiver<Latest>>>,
 }
 
 impl Feeds {
@@ -36,11 +39,29 @@ impl Feeds {
             interval,
             shutdown,
             senders: Arc::default(),
+            warm: Mutex::default(),
         }
     }
 
-    /// The latest value of `source` when a poller follows it (some stream
-    /// watches it): at most one poll interval old. `None` otherwise.
+    /// Keeps a poller on each of `sources` (and stops keeping the others):
+    /// every replica then holds a last good read of every KV source in the
+    /// policy, so a new pod's KV bindings are served while Vault is away.
+    /// Vault's load is one version check per source and replica per poll
+    /// interval, whatever the number of pods.
+    pub fn warm(&self, sources: HashSet<Kv2Source>) {
+        let mut warm = self.warm.lock().unwrap_or_else(|p| p.into_inner());
+        warm.retain(|source, _| sources.contains(source));
+        for source in sources {
+            if !warm.contains_key(&source) {
+                let receiver = self.subscribe(&source);
+                warm.insert(source, receiver);
+            }
+        }
+    }
+
+    /// The latest value of `source` when a poller follows it (it is in the
+    /// policy, or some stream watches it): its last good read, at most one
+    /// poll interval old while Vault answers. `None` otherwise.
     pub fn latest(&self, source: &Kv2Source) -> Option<Arc<KvSecret>> {
         let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
         senders
@@ -108,6 +129,32 @@ async fn poll(
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = tokio::time::sleep(interval + jitter) => {}
+        }
+    }
+}
+
+/// Keeps `feeds` warm with every KV source of the current policy, at start
+/// and after every policy change, until `shutdown`.
+pub async fn keep_warm(policy: Arc<PolicyStore>, feeds: Arc<Feeds>, shutdown: CancellationToken) {
+    let mut generation = None;
+    loop {
+        let loaded = policy.current();
+        if generation != Some(loaded.generation) {
+            generation = Some(loaded.generation);
+            let sources = loaded
+                .policy
+                .bindings
+                .iter()
+                .filter_map(|binding| match &binding.source {
+                    Source::Kv2(kv) => Some(kv.clone()),
+                    _ => None,
+                })
+                .collect();
+            feeds.warm(sources);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

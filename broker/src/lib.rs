@@ -101,10 +101,16 @@ impl Prepared {
 
 /// Health service name that reports whether the last policy reload worked.
 pub const POLICY_HEALTH_SERVICE: &str = "tessera.v1.Broker/policy";
+/// Health service name that reports whether Vault answers the broker.
+pub const VAULT_HEALTH_SERVICE: &str = "tessera.v1.Broker/vault";
 
-/// Keeps the health statuses and gauges in step: the policy's last reload,
-/// and whether Vault answers (the Broker service is NOT_SERVING, and
-/// `/readyz` fails, while it does not).
+/// Keeps the health statuses and gauges in step. Readiness means "this
+/// replica can serve": the Broker service (and `""`) is SERVING, and
+/// `/readyz` answers 200, from start until shutdown, whatever Vault does: a
+/// Vault outage must not empty the Service (the webhook would then refuse
+/// every pod, and sidecars lose what the broker still serves). Vault's state
+/// is its own health service, the `tessera_vault_up` gauge and an alert; the
+/// last policy reload's is another.
 async fn report_health(
     policy: Arc<PolicyStore>,
     vault: Arc<Vault>,
@@ -113,6 +119,11 @@ async fn report_health(
     shutdown: CancellationToken,
 ) {
     use tonic_health::ServingStatus::{NotServing, Serving};
+    health
+        .set_service_status("tessera.v1.Broker", Serving)
+        .await;
+    health.set_service_status("", Serving).await;
+    metrics.set_ready(true);
     let (mut last_policy, mut last_vault) = (None, None);
     loop {
         let failing = policy.last_error().is_some();
@@ -129,18 +140,24 @@ async fn report_health(
         }
         let up = vault.reachable().await;
         metrics.vault_up.set(i64::from(up));
-        metrics.set_ready(up);
         let status = if up { Serving } else { NotServing };
         if last_vault != Some(status) {
-            health.set_service_status("tessera.v1.Broker", status).await;
-            health.set_service_status("", status).await;
+            health
+                .set_service_status(VAULT_HEALTH_SERVICE, status)
+                .await;
             last_vault = Some(status);
         }
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
     }
+    // Draining: the Service stops sending new callers here.
+    metrics.set_ready(false);
+    health
+        .set_service_status("tessera.v1.Broker", NotServing)
+        .await;
+    health.set_service_status("", NotServing).await;
 }
 
 /// Builds the Kubernetes client from the kubeconfig, or in-cluster.
@@ -243,6 +260,11 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         config.kv_poll_interval,
         shutdown.clone(),
     ));
+    tokio::spawn(feed::keep_warm(
+        policy.clone(),
+        feeds.clone(),
+        shutdown.clone(),
+    ));
     let audit =
         Arc::new(
             audit::Audit::open(&config.audit).map_err(|source| StartError::Audit {
@@ -324,10 +346,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    // NOT_SERVING until the first Vault check answers.
-    health
-        .set_not_serving::<BrokerServer<BrokerService>>()
-        .await;
     tokio::spawn(report_health(
         prepared.policy.clone(),
         prepared.vault.clone(),

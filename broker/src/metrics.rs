@@ -278,7 +278,8 @@ impl Metrics {
         self.admission_duration.observe(seconds);
     }
 
-    /// Whether the broker can serve (Vault answers, a policy is loaded).
+    /// Whether this replica can serve: started, not shutting down (Vault's
+    /// state is `vault_up`, not readiness).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
@@ -314,7 +315,7 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: Vault does not answer\n",
+            "not ready: starting or shutting down\n",
         )
     }
 }

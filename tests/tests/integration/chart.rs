@@ -21,6 +21,7 @@ use k8s_openapi::{
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
     },
+    apimachinery::pkg::util::intstr::IntOrString,
     serde::{Serialize, de::DeserializeOwned},
 };
 use serde_json::Value;
@@ -78,6 +79,7 @@ const NON_DEFAULT: &[&str] = &[
     "memoryLock=true",
     "preStopSleepSeconds=0",
     "priorityClassName=system-cluster-critical",
+    "podDisruptionBudget.minAvailable=2",
 ];
 
 fn render(values: &[&str]) -> Vec<Value> {
@@ -325,11 +327,15 @@ fn default_values_render_a_hardened_least_privilege_install() {
     assert!(login.secret.is_none() && login.projected.is_some());
     assert_eq!(pod.termination_grace_period_seconds, Some(30));
 
-    let pdb = &rendered.pdbs[0];
-    assert_eq!(
-        pdb.spec.as_ref().unwrap().min_available,
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
-    );
+    // A budget that never blocks a drain, and replicas spread softly over
+    // zones and nodes.
+    let pdb = rendered.pdbs[0].spec.as_ref().unwrap();
+    assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(pdb.min_available, None);
+    let spread = pod.topology_spread_constraints.as_ref().unwrap();
+    let keys: Vec<_> = spread.iter().map(|c| c.topology_key.as_str()).collect();
+    assert_eq!(keys, ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]);
+    assert!(spread.iter().all(|c| c.when_unsatisfiable == "ScheduleAnyway"));
     assert_eq!(rendered.network_policies.len(), 1);
     assert!(
         added_capabilities(broker).is_none(),
@@ -450,6 +456,9 @@ fn non_default_values_change_what_they_say() {
         broker.lifecycle.is_none(),
         "preStopSleepSeconds=0 drops the hook"
     );
+    let pdb = rendered.pdbs[0].spec.as_ref().unwrap();
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(2)));
+    assert_eq!(pdb.max_unavailable, None, "one or the other");
 
     // cert-manager issues the certificate; the webhook's CA is injected.
     assert!(

@@ -209,24 +209,44 @@ async fn the_broker_logs_in_with_its_own_service_account_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replaced_vault_token_file_is_picked_up() {
-    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let policy = simple_policy("app", "shop", "orders", "shop/orders")
+        + "  - name: later\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/later } }\n";
+    let env = Env::start(&policy).await;
     env.bao
         .put("shop/orders", &json!({ "password": "p" }))
         .await;
-    let fetch = || async { env.fetch(&env.token("shop", "orders"), &["app"]).await };
-    fetch().await.unwrap();
+    let env = &env;
+    let fetch = |binding: &'static str| async move {
+        env.fetch(&env.token("shop", "orders"), &[binding]).await
+    };
+    fetch("app").await.unwrap();
 
-    // Rotate: write a new token to the file, then revoke the old one.
+    // Rotate: write a new token to the file, then revoke the old one. The
+    // next version can only be read with the new token.
     let token_path = env.dir.path().join("vault-token");
     let old = fs::read_to_string(&token_path).unwrap();
     let new = env.bao.broker_token();
     fs::write(&token_path, &new).unwrap();
     env.bao.cli(&["token", "revoke", &old]);
-    fetch().await.expect("the broker re-read its token file");
+    env.bao
+        .put("shop/orders", &json!({ "password": "p2" }))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = fetch("app")
+            .await
+            .expect("the broker re-read its token file");
+        if answer.credentials[0].fields["password"] == b"p2" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "version 2 never read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
-    // An unusable token in the file fails closed with a precise code.
+    // An unusable token in the file fails closed with a precise code, for
+    // what the replica does not already hold.
     fs::write(&token_path, "not-a-token").unwrap();
-    let status = fetch().await.unwrap_err();
+    let status = fetch("later").await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 }
 

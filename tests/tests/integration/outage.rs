@@ -1,8 +1,8 @@
 //! A Vault outage: OpenBao (with Raft storage) is killed mid-run and started
-//! again. Delivered files stay intact; a KV secret the broker follows is still
-//! served from its last good read (new pods can start), anything that needs
-//! Vault gets UNAVAILABLE with retry information; delivery resumes when Vault
-//! is back.
+//! again. Delivered files stay intact; every KV secret of the policy is still
+//! served from the replica's last good read, watched or not (new pods can
+//! start), anything that needs Vault gets UNAVAILABLE with retry information;
+//! delivery resumes when Vault is back.
 
 use std::time::Duration;
 
@@ -18,7 +18,8 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
         ..EnvOptions::default()
     };
     let policy = simple_policy("app", "shop", "orders", "shop/orders")
-        + "  - name: other\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/other } }\n";
+        + "  - name: other\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/other } }\n"
+        + "  - name: unwritten\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/unwritten } }\n";
     let mut env = Env::start_with(&policy, options).await;
     env.bao
         .put("shop/orders", &json!({ "password": "before" }))
@@ -31,6 +32,8 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
     })
     .await;
 
+    // The broker polls every 200 ms here: give it a few polls to read `other`.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     env.bao.kill();
     let token = env.token("shop", "orders");
     let cached = env
@@ -38,7 +41,14 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
         .await
         .expect("a followed KV secret is served during the outage");
     assert_eq!(cached.credentials[0].fields["password"], b"before");
-    let status = env.fetch(&token, &["other"]).await.unwrap_err();
+    // Nobody ever asked for `other`: the replica keeps it warm all the same.
+    let warm = env
+        .fetch(&token, &["other"])
+        .await
+        .expect("every KV secret of the policy is served during the outage");
+    assert_eq!(warm.credentials[0].fields["key"], b"value");
+    // A secret the replica never read needs Vault.
+    let status = env.fetch(&token, &["unwritten"]).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.get_details_retry_info().is_some(),
