@@ -334,8 +334,15 @@ fn default_values_render_a_hardened_least_privilege_install() {
     assert_eq!(pdb.min_available, None);
     let spread = pod.topology_spread_constraints.as_ref().unwrap();
     let keys: Vec<_> = spread.iter().map(|c| c.topology_key.as_str()).collect();
-    assert_eq!(keys, ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]);
-    assert!(spread.iter().all(|c| c.when_unsatisfiable == "ScheduleAnyway"));
+    assert_eq!(
+        keys,
+        ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    );
+    assert!(
+        spread
+            .iter()
+            .all(|c| c.when_unsatisfiable == "ScheduleAnyway")
+    );
     assert_eq!(rendered.network_policies.len(), 1);
     assert!(
         added_capabilities(broker).is_none(),
