@@ -52,9 +52,9 @@ impl Feeds {
         let mut warm = self.warm.lock().unwrap_or_else(|p| p.into_inner());
         warm.retain(|source, _| sources.contains(source));
         for source in sources {
-            if !warm.contains_key(&source) {
-                let receiver = self.subscribe(&source);
-                warm.insert(source, receiver);
+            if let std::collections::hash_map::Entry::Vacant(slot) = warm.entry(source) {
+                let receiver = self.subscribe(slot.key());
+                slot.insert(receiver);
             }
         }
     }
