@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod cluster;
 pub mod kube_api;
 pub mod otlp;
 
@@ -202,8 +203,8 @@ impl Drop for Proc {
 
 /// A real OpenBao dev server.
 pub struct OpenBao {
-    /// The server process.
-    pub proc: Proc,
+    /// The server process (none for a cluster: its nodes are `peers`).
+    proc: Option<Proc>,
     /// `http://127.0.0.1:PORT`.
     pub address: String,
     /// The dev root token.
@@ -214,6 +215,10 @@ pub struct OpenBao {
     /// For a server with Raft storage: its configuration and unseal key, to
     /// restart it with its data.
     persistent: Option<(PathBuf, String)>,
+    /// The nodes of a cluster (empty for a single server).
+    peers: Vec<cluster::Peer>,
+    /// What routes a cluster's clients to its active node.
+    proxy: Option<cluster::ActiveProxy>,
 }
 
 impl OpenBao {
@@ -243,11 +248,13 @@ impl OpenBao {
             .env_remove("VAULT_ADDR");
         let proc = Proc::spawn("openbao", command, dir.join("openbao.log"));
         let bao = Self {
-            proc,
+            proc: Some(proc),
             address: format!("http://127.0.0.1:{port}"),
             root_token,
             audit_log,
             persistent: None,
+            peers: Vec::new(),
+            proxy: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -257,7 +264,7 @@ impl OpenBao {
             assert!(
                 Instant::now() < deadline,
                 "OpenBao did not become ready:\n{}",
-                bao.proc.output()
+                bao.proc.as_ref().map(Proc::output).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -319,11 +326,13 @@ audit \"file\" \"tessera-test\" {{
         let keys: Value = serde_json::from_slice(&init.stdout).unwrap();
         let unseal = keys["unseal_keys_b64"][0].as_str().unwrap().to_owned();
         let bao = Self {
-            proc,
+            proc: Some(proc),
             address,
             root_token: keys["root_token"].as_str().unwrap().to_owned(),
             audit_log,
             persistent: Some((config, unseal)),
+            peers: Vec::new(),
+            proxy: None,
         };
         bao.unseal().await;
         bao.cli(&["secrets", "enable", "-path=secret", "kv-v2"]);
@@ -357,11 +366,17 @@ audit \"file\" \"tessera-test\" {{
     }
 
     async fn spawn_server(dir: &Path, config: &Path, port: u16) -> Proc {
+        Self::spawn_server_named(dir, config, port, "openbao").await
+    }
+
+    /// Starts `bao server` with `config`, logging to `dir/<name>.log`, and
+    /// waits until it listens on `port`.
+    async fn spawn_server_named(dir: &Path, config: &Path, port: u16, name: &str) -> Proc {
         let mut command = Command::new(bao_binary());
         command
             .arg("server")
             .arg(format!("-config={}", config.display()));
-        let proc = Proc::spawn("openbao", command, dir.join("openbao.log"));
+        let proc = Proc::spawn(name, command, dir.join(format!("{name}.log")));
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -408,14 +423,16 @@ audit \"file\" \"tessera-test\" {{
 
     /// Kills the server (SIGKILL), as an outage would.
     pub fn kill(&mut self) {
-        self.proc.kill();
+        if let Some(proc) = &mut self.proc {
+            proc.kill();
+        }
     }
 
     /// Starts a killed persistent server again with its data, and unseals it.
     pub async fn restart(&mut self, dir: &Path) {
         let (config, _) = self.persistent.clone().expect("a persistent server");
         let port: u16 = self.address.rsplit(':').next().unwrap().parse().unwrap();
-        self.proc = Self::spawn_server(dir, &config, port).await;
+        self.proc = Some(Self::spawn_server(dir, &config, port).await);
         self.unseal().await;
     }
 
@@ -628,11 +645,20 @@ path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", 
             .collect()
     }
 
-    /// Writes a new version of a KV v2 secret under the dev `secret/` mount.
+    /// Writes a new version of a KV v2 secret under the `secret/` mount,
+    /// retrying for up to 10 s while a cluster elects its active node.
     pub async fn put(&self, path: &str, data: &Value) {
-        vaultrs::kv2::set(&self.client(), "secret", path, data)
-            .await
-            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match vaultrs::kv2::set(&self.client(), "secret", path, data).await {
+                Ok(_) => return,
+                Err(error) if self.proxy.is_some() && Instant::now() < deadline => {
+                    eprintln!("writing {path} failed ({error}); retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(error) => panic!("writing {path}: {error}"),
+            }
+        }
     }
 }
 
@@ -819,6 +845,8 @@ pub struct EnvOptions {
     pub kube_api: bool,
     /// Run OpenBao with Raft storage, so it can be killed and restarted.
     pub persistent_vault: bool,
+    /// Run a 3-node OpenBao cluster (Raft); the broker talks to a standby.
+    pub vault_cluster: bool,
     /// Extra environment for the broker and sidecar processes (OTLP settings).
     pub process_env: Vec<(String, String)>,
     /// The broker binary; the workspace's `tessera-broker` when absent (the
@@ -840,6 +868,7 @@ impl Default for EnvOptions {
             identity_source: "jwksFile: dev/jwks.json".to_owned(),
             kube_api: false,
             persistent_vault: false,
+            vault_cluster: false,
             process_env: Vec::new(),
             broker_binary: None,
             sweep_interval: "2s",
@@ -900,7 +929,9 @@ impl Env {
             .prefix("tessera-test-")
             .tempdir()
             .unwrap();
-        let bao = if options.persistent_vault {
+        let bao = if options.vault_cluster {
+            OpenBao::start_cluster(dir.path(), 3).await
+        } else if options.persistent_vault {
             OpenBao::start_persistent(dir.path()).await
         } else {
             OpenBao::start(dir.path()).await

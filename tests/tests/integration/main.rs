@@ -18,4 +18,5 @@ mod secrecy;
 mod sidecar;
 mod tls;
 mod tracing;
+mod vault_cluster;
 mod webhook;
