@@ -274,7 +274,9 @@ pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Pre
         );
     let limiter = Arc::new(ratelimit::Limiter::new(config.rate_limit));
     let handle_key = Arc::new(match &config.handle_key_file {
-        Some(path) => lease::handle::HandleKey::load(path)?,
+        Some(path) => {
+            lease::handle::HandleKey::load_rotated(path, &config.retired_handle_key_files)?
+        }
         None => {
             tracing::warn!(
                 "leases.handleKeyFile is not set: lease handles are sealed with a per-process key, so they do not survive a broker restart or work across replicas"

@@ -100,6 +100,8 @@ pub struct Config {
     /// Key shared by the replicas to seal lease handles; a random per-process
     /// key when absent (one replica, handles die with it).
     pub handle_key_file: Option<PathBuf>,
+    /// Keys the current one replaced: their handles still open.
+    pub retired_handle_key_files: Vec<PathBuf>,
     /// Where leases are recorded, how many a pod may hold, how often they are swept.
     pub leases: LeaseSettings,
     /// Plain-HTTP admin address for `/metrics`, `/livez` and `/readyz`; none when absent.
@@ -467,6 +469,13 @@ impl Config {
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),
             handle_key_file: file.leases.handle_key_file.clone().map(resolve),
+            retired_handle_key_files: file
+                .leases
+                .retired_handle_key_files
+                .iter()
+                .cloned()
+                .map(resolve)
+                .collect(),
             leases,
             admin_listen: file.admin.listen,
             policy_paths: file.policy.paths.into_iter().map(resolve).collect(),

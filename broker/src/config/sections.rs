@@ -70,6 +70,8 @@ fn default_max_age() -> Duration {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct LeasesFile {
     pub(super) handle_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) retired_handle_key_files: Vec<PathBuf>,
     #[serde(default = "default_record_mount")]
     pub(super) record_mount: String,
     #[serde(default = "default_max_per_pod_binding")]
@@ -82,6 +84,7 @@ impl Default for LeasesFile {
     fn default() -> Self {
         Self {
             handle_key_file: None,
+            retired_handle_key_files: Vec::new(),
             record_mount: default_record_mount(),
             max_per_pod_binding: default_max_per_pod_binding(),
             sweep_interval: default_sweep_interval(),
@@ -148,6 +151,12 @@ impl LeasesFile {
                 "leases.maxPerPodBinding must be between 1 and {MAX_LEASES_PER_POD_BINDING} (it is {}; 2 leave room for one rotation overlap)",
                 leases.max_per_pod_binding
             ));
+        }
+        if self.handle_key_file.is_none() && !self.retired_handle_key_files.is_empty() {
+            return Err(
+                "leases.retiredHandleKeyFiles needs leases.handleKeyFile (the current key)"
+                    .to_owned(),
+            );
         }
         if leases.sweep_interval < Duration::from_secs(1) {
             return Err("leases.sweepInterval must be at least 1s".to_owned());

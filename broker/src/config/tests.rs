@@ -83,6 +83,10 @@ fn each_refusal_names_the_setting_to_fix() {
         ("rateLimit: { perSecond: 0 }", "rateLimit.perSecond"),
         ("leases: { recordMunt: x }", "recordMunt"),
         ("shutdownGrace: soon", "shutdownGrace"),
+        (
+            "leases: { retiredHandleKeyFiles: [old.key] }",
+            "leases.handleKeyFile",
+        ),
     ] {
         let error = load_with("", "", top).expect_err(top);
         assert!(error.detail.contains(named), "{top}: {error}");

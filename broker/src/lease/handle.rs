@@ -78,7 +78,7 @@ pub enum HandleError {
     NotYours(String),
 }
 
-/// The sealing key shared by the broker replicas.
+/// The sealing key shared by the broker replicas, and the keys it replaced.
 pub struct HandleKey {
     key: LessSafeKey,
     /// Verifies handles of the first format (JSON in the clear, HMAC-SHA256
@@ -86,6 +86,9 @@ pub struct HandleKey {
     /// they are accepted until their lease is next rotated, never issued.
     legacy: hmac::Key,
     random: SystemRandom,
+    /// Keys this one replaced: what they sealed still opens (until it
+    /// expires and the operator drops them); nothing new is sealed with them.
+    retired: Vec<HandleKey>,
 }
 
 /// Prefix of sealed handles (a version, so the format can change).
@@ -130,6 +133,22 @@ impl HandleKey {
         Self::derive(&bytes)
     }
 
+    /// Loads the current key and the keys it replaced (`retired`, newest
+    /// first): handles are sealed with the current key and open with any.
+    ///
+    /// # Errors
+    /// When a file cannot be read or is too short.
+    pub fn load_rotated(
+        current: &Path,
+        retired: &[std::path::PathBuf],
+    ) -> Result<Self, HandleKeyError> {
+        let mut key = Self::load(current)?;
+        for path in retired {
+            key.retired.push(Self::load(path)?);
+        }
+        Ok(key)
+    }
+
     /// The AEAD key for `secret` (the shared file's bytes), by HKDF-SHA256.
     fn derive(secret: &[u8]) -> Result<Self, HandleKeyError> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"tessera").extract(secret);
@@ -143,6 +162,7 @@ impl HandleKey {
             key: LessSafeKey::new(key),
             legacy: hmac::Key::new(hmac::HMAC_SHA256, secret),
             random: SystemRandom::new(),
+            retired: Vec::new(),
         })
     }
 
@@ -188,6 +208,24 @@ impl HandleKey {
     /// [`HandleError::Invalid`] for a forged or malformed handle,
     /// [`HandleError::NotYours`] for one issued to another pod or binding.
     pub fn open(
+        &self,
+        handle: &Handle,
+        binding: &str,
+        pod_uid: &str,
+    ) -> Result<Claims, HandleError> {
+        match self.open_with_this_key(handle, binding, pod_uid) {
+            Err(HandleError::Invalid(_)) if !self.retired.is_empty() => self
+                .retired
+                .iter()
+                .map(|key| key.open_with_this_key(handle, binding, pod_uid))
+                .find(|opened| !matches!(opened, Err(HandleError::Invalid(_))))
+                .unwrap_or_else(|| Err(HandleError::Invalid(binding.to_owned()))),
+            opened => opened,
+        }
+    }
+
+    /// Opens a handle with this key alone (not the retired ones).
+    fn open_with_this_key(
         &self,
         handle: &Handle,
         binding: &str,
@@ -296,6 +334,37 @@ mod tests {
         let shown = format!("{sealed:?}");
         assert!(!shown.contains(sealed.as_str()), "{shown}");
         assert!(shown.contains("bytes"), "{shown}");
+    }
+
+    #[test]
+    fn handles_sealed_with_a_retired_key_still_open_and_new_ones_use_the_current_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_path, new_path) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::write(&old_path, [1u8; 32]).unwrap();
+        std::fs::write(&new_path, [2u8; 32]).unwrap();
+        let old = HandleKey::load(&old_path).unwrap();
+        let sealed_before = old.seal(&claims());
+        let rotated = HandleKey::load_rotated(&new_path, std::slice::from_ref(&old_path)).unwrap();
+        assert_eq!(
+            rotated.open(&sealed_before, "db", "uid-1").unwrap(),
+            claims()
+        );
+        assert_eq!(
+            rotated.open(&sealed_before, "db", "uid-2"),
+            Err(HandleError::NotYours("db".into())),
+            "a retired key's handle is still bound to its pod"
+        );
+        let sealed_after = rotated.seal(&claims());
+        assert!(
+            old.open(&sealed_after, "db", "uid-1").is_err(),
+            "sealed with the new key"
+        );
+        let new_only = HandleKey::load(&new_path).unwrap();
+        assert_eq!(
+            new_only.open(&sealed_before, "db", "uid-1"),
+            Err(HandleError::Invalid("db".into())),
+            "once the old key is dropped its handles no longer open"
+        );
     }
 
     #[test]

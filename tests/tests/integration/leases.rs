@@ -342,3 +342,51 @@ bindings: []
         "{revoked}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_handle_key_keeps_what_pods_hold() {
+    let pg = Postgres::start();
+    let mut env = Env::start(&db_policy("10m", "0.7", "5s")).await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
+    let out = env.tmpfs_out();
+    let token = env.token_file("shop", "orders");
+    let sidecar = env.sidecar_run(&token, out.path(), &["db"]);
+    wait_for(Duration::from_secs(20), "delivery", || {
+        field(out.path(), "db", "password")
+    })
+    .await;
+    let user = field(out.path(), "db", "username").unwrap();
+    let resumed_before = sidecar.output().matches("files kept").count();
+
+    // The operator rotates the shared key: the new one seals from now on,
+    // the old one is kept, retired, for what it sealed.
+    let dev = env.dir.path().join("dev");
+    std::fs::rename(dev.join("handle.key"), dev.join("handle-1.key")).unwrap();
+    std::fs::write(dev.join("handle.key"), [7u8; 48]).unwrap();
+    let config = env.dir.path().join("broker.yaml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "  handleKeyFile: dev/handle.key\n",
+        "  handleKeyFile: dev/handle.key\n  retiredHandleKeyFiles: [dev/handle-1.key]\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    env.restart_broker().await;
+
+    // The sidecar reconnects with its handle and resumes the same lease.
+    wait_for(Duration::from_secs(30), "the sidecar to resume", || {
+        (sidecar.output().matches("files kept").count() > resumed_before).then_some(())
+    })
+    .await;
+    assert_eq!(
+        field(out.path(), "db", "username").as_deref(),
+        Some(user.as_str())
+    );
+    assert_eq!(
+        env.bao.leases("database/creds/orders").len(),
+        1,
+        "no second user"
+    );
+    assert!(
+        !env.broker.output().contains("does not open"),
+        "the retired key opened the handle"
+    );
+}
