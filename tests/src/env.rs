@@ -1,0 +1,581 @@
+//! A whole test environment: OpenBao, a broker process (and more replicas),
+//! the dev keys and TLS files, optionally the Kubernetes API stand-in, and
+//! sidecar processes.
+
+use super::*;
+
+/// How the broker logs in to OpenBao in a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerLogin {
+    /// A least-privilege token in a file.
+    TokenFile,
+    /// AppRole with a least-privilege role.
+    AppRole,
+    /// Vault's JWT auth with the broker's own (dev-signed) service-account token.
+    Jwt,
+}
+
+/// Options for [`Env::start_with`].
+#[derive(Clone, Debug)]
+pub struct EnvOptions {
+    /// The broker's Vault login.
+    pub login: BrokerLogin,
+    /// `RUST_LOG` for the broker and sidecars.
+    pub rust_log: String,
+    /// The broker's KV poll interval.
+    pub poll: &'static str,
+    /// The broker's `vault.healthCheckInterval` (short, so health tests are quick).
+    pub vault_health_check: &'static str,
+    /// Requests per second and burst per identity.
+    pub rate_limit: (u32, u32),
+    /// Require client certificates (the dev CA's) from callers.
+    pub mtls: bool,
+    /// YAML lines for the identity source (indented for the `identity:`
+    /// block); the dev JWKS file by default.
+    pub identity_source: String,
+    /// Start an in-process Kubernetes API server and point the broker at it.
+    pub kube_api: bool,
+    /// Run OpenBao with Raft storage, so it can be killed and restarted.
+    pub persistent_vault: bool,
+    /// Run a 3-node OpenBao cluster (Raft); the broker talks to a standby.
+    pub vault_cluster: bool,
+    /// Extra environment for the broker and sidecar processes (OTLP settings).
+    pub process_env: Vec<(String, String)>,
+    /// The broker binary; the workspace's `tessera-broker` when absent (the
+    /// benchmark runs a build without the zero-on-free allocator too).
+    pub broker_binary: Option<PathBuf>,
+    /// The broker's `leases.sweepInterval`.
+    pub sweep_interval: &'static str,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self {
+            login: BrokerLogin::TokenFile,
+            rust_log: "info,tessera_broker=debug,tessera_sidecar=debug".to_owned(),
+            poll: "200ms",
+            vault_health_check: "1s",
+            rate_limit: (10_000, 10_000),
+            mtls: false,
+            identity_source: "jwksFile: dev/jwks.json".to_owned(),
+            kube_api: false,
+            persistent_vault: false,
+            vault_cluster: false,
+            process_env: Vec::new(),
+            broker_binary: None,
+            sweep_interval: "2s",
+        }
+    }
+}
+
+/// The pod UID in the tokens [`Env::token_file`] mints for a service account.
+pub fn pod_uid(namespace: &str, service_account: &str) -> String {
+    TokenSpec::new(namespace, service_account).claims()["kubernetes.io"]["pod"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// OpenBao plus a broker process with a dev signing key, TLS and a policy.
+pub struct Env {
+    /// Scratch directory (config, keys, logs).
+    pub dir: tempfile::TempDir,
+    /// The OpenBao server.
+    pub bao: OpenBao,
+    /// The broker process.
+    pub broker: Proc,
+    /// `https://127.0.0.1:PORT`.
+    pub broker_uri: String,
+    broker_port: u16,
+    /// `http://127.0.0.1:PORT` of the broker's admin endpoints.
+    pub admin_url: String,
+    /// `https://127.0.0.1:PORT/mutate`: the admission webhook.
+    pub webhook_url: String,
+    /// The dev ES256 signing key the broker trusts.
+    pub signer: SigningKey,
+    /// An RS256 key the broker also trusts.
+    pub rsa_signer: SigningKey,
+    /// The in-process Kubernetes API server, when asked for.
+    pub kube: Option<kube_api::FakeApiServer>,
+    options: EnvOptions,
+}
+
+static RUSTLS: Mutex<bool> = Mutex::new(false);
+
+impl Env {
+    /// Starts OpenBao and a broker with `policy` (YAML) and default options.
+    pub async fn start(policy: &str) -> Self {
+        Self::start_with(policy, EnvOptions::default()).await
+    }
+
+    /// Starts OpenBao and a broker with `policy` (YAML).
+    pub async fn start_with(policy: &str, options: EnvOptions) -> Self {
+        {
+            let mut installed = RUSTLS.lock().unwrap();
+            if !*installed {
+                tessera_broker::install_crypto_provider();
+                *installed = true;
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-test-")
+            .tempdir()
+            .unwrap();
+        let bao = if options.vault_cluster {
+            OpenBao::start_cluster(dir.path(), 3).await
+        } else if options.persistent_vault {
+            OpenBao::start_persistent(dir.path()).await
+        } else {
+            OpenBao::start(dir.path()).await
+        };
+
+        let devdir = dir.path().join("dev");
+        let status = Command::new(binary("tessera-broker"))
+            .args(["dev", "init", "--dir"])
+            .arg(&devdir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "tessera-broker dev init failed");
+        let signer =
+            SigningKey::from_pem(&fs::read(devdir.join(dev::files::SIGNING_KEY)).unwrap()).unwrap();
+        let rsa_signer = SigningKey::from_pem(
+            &fs::read(workspace_root().join("broker/testdata/rsa-test-key.pem")).unwrap(),
+        )
+        .unwrap();
+        let mut keys = signer.jwks()["keys"].as_array().unwrap().clone();
+        keys.extend(
+            rsa_signer.jwks()["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned(),
+        );
+        fs::write(
+            devdir.join(dev::files::JWKS),
+            json!({ "keys": keys }).to_string(),
+        )
+        .unwrap();
+
+        write_configmap(&dir.path().join("policy"), "policy.yaml", policy);
+        bao.write_broker_policy();
+        let login = match options.login {
+            BrokerLogin::TokenFile => {
+                fs::write(dir.path().join("vault-token"), bao.broker_token()).unwrap();
+                "tokenFile: vault-token".to_owned()
+            }
+            BrokerLogin::AppRole => {
+                let (role_id, secret_id) = bao.broker_approle();
+                fs::write(dir.path().join("secret-id"), secret_id).unwrap();
+                format!("appRole: {{ roleId: {role_id}, secretIdFile: secret-id }}")
+            }
+            BrokerLogin::Jwt => {
+                let pem = fs::read_to_string(devdir.join(dev::files::SIGNING_KEY)).unwrap();
+                bao.broker_jwt_role(&pem);
+                let mut spec = TokenSpec::new("tessera", "tessera-broker");
+                spec.audience = "vault".to_owned();
+                fs::write(dir.path().join("broker-sa-token"), signer.mint(&spec)).unwrap();
+                "jwt: { role: tessera-broker, tokenFile: broker-sa-token }".to_owned()
+            }
+        };
+        let kube = if options.kube_api {
+            Some(
+                kube_api::FakeApiServer::start(
+                    &devdir,
+                    &devdir.join(dev::files::JWKS),
+                    dev::DEFAULT_ISSUER,
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        let kubernetes = kube.as_ref().map_or_else(String::new, |api| {
+            format!(
+                "kubernetes:\n  kubeconfig: {}\n",
+                api.write_kubeconfig(dir.path()).display()
+            )
+        });
+        let port = free_port();
+        let admin_port = free_port();
+        let webhook_port = free_port();
+        let config = format!(
+            "listen: 127.0.0.1:{port}
+tls:
+  certFile: dev/tls.crt
+  keyFile: dev/tls.key
+  reloadInterval: 100ms
+  {client_ca}
+identity:
+  issuer: {issuer}
+  audiences: [{audience}]
+  {identity_source}
+  leeway: 5s
+policy:
+  paths: [policy]
+  reloadInterval: 100ms
+vault:
+  address: {address}
+  {login}
+  kvPollInterval: {poll}
+  healthCheckInterval: {health_check}
+shutdownGrace: 5s
+audit:
+  path: audit.jsonl
+rateLimit:
+  perSecond: {per_second}
+  burst: {burst}
+leases:
+  handleKeyFile: dev/handle.key
+  sweepInterval: {sweep}
+admin:
+  listen: 127.0.0.1:{admin_port}
+webhook:
+  listen: 127.0.0.1:{webhook_port}
+  sidecar:
+    image: tessera-sidecar:test
+    brokerAddress: https://127.0.0.1:{port}
+    caFile: dev/ca.pem
+    mode: {sidecar_mode}
+{kubernetes}",
+            sidecar_mode = if options.kube_api { "auto" } else { "classic" },
+            issuer = dev::DEFAULT_ISSUER,
+            audience = dev::DEFAULT_AUDIENCE,
+            address = bao.address,
+            poll = options.poll,
+            health_check = options.vault_health_check,
+            identity_source = options.identity_source,
+            client_ca = if options.mtls {
+                "clientCaFile: dev/ca.pem"
+            } else {
+                ""
+            },
+            per_second = options.rate_limit.0,
+            burst = options.rate_limit.1,
+            sweep = options.sweep_interval,
+        );
+        fs::write(dir.path().join("broker.yaml"), config).unwrap();
+        let broker = spawn_broker(dir.path(), port, &options).await;
+        Self {
+            dir,
+            bao,
+            broker,
+            broker_uri: format!("https://127.0.0.1:{port}"),
+            broker_port: port,
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            webhook_url: format!("https://127.0.0.1:{webhook_port}/mutate"),
+            signer,
+            rsa_signer,
+            kube,
+            options,
+        }
+    }
+
+    /// Kills the broker (SIGKILL) and starts a new one with the same
+    /// configuration and port, as a replacement replica would.
+    pub async fn restart_broker(&mut self) {
+        let log = self.dir.path().join("broker.log");
+        let old = fs::read_to_string(&log).unwrap_or_default();
+        fs::write(self.dir.path().join("broker-before-restart.log"), old).unwrap();
+        self.broker.kill();
+        self.broker = spawn_broker(self.dir.path(), self.broker_port, &self.options).await;
+    }
+
+    /// Restarts the broker (as [`Env::restart_broker`]) running `program`.
+    pub async fn restart_broker_with(&mut self, program: PathBuf) {
+        self.options.broker_binary = Some(program);
+        self.restart_broker().await;
+    }
+
+    /// The broker's audit events so far.
+    pub fn audit_events(&self) -> Vec<Value> {
+        fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
+            .collect()
+    }
+
+    /// Replaces the broker's policy the way the kubelet updates a ConfigMap
+    /// volume (a new hidden directory, then a `..data` symlink swap).
+    pub fn set_policy(&self, policy: &str) {
+        write_configmap(&self.dir.path().join("policy"), "policy.yaml", policy);
+    }
+
+    /// A well-formed ES256 token for `namespace`/`service_account`.
+    pub fn token(&self, namespace: &str, service_account: &str) -> String {
+        self.signer
+            .mint(&TokenSpec::new(namespace, service_account))
+    }
+
+    /// Writes a token file for the identity and returns its path.
+    pub fn token_file(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("token-{namespace}-{service_account}"));
+        fs::write(&path, self.token(namespace, service_account)).unwrap();
+        path
+    }
+
+    /// A gRPC client for the broker over TLS.
+    pub async fn client(&self) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel().await)
+    }
+
+    /// Calls `Fetch` for `bindings` with `token` (nothing held).
+    pub async fn fetch(
+        &self,
+        token: &str,
+        bindings: &[&str],
+    ) -> Result<tessera_proto::v1::FetchResponse, tonic::Status> {
+        let request = tessera_proto::v1::FetchRequest {
+            bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
+            ..Default::default()
+        };
+        self.client()
+            .await
+            .fetch(with_token(token, request))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A TLS channel to the broker that trusts the dev CA (and presents the
+    /// dev client certificate when the broker requires mTLS).
+    pub async fn channel(&self) -> Channel {
+        let dev = self.dir.path().join("dev");
+        self.try_channel(&dev.join(dev::files::CA), self.options.mtls)
+            .await
+            .unwrap()
+    }
+
+    /// A TLS channel trusting `ca`, optionally presenting the dev client certificate.
+    pub async fn try_channel(
+        &self,
+        ca: &Path,
+        client_cert: bool,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let dev = self.dir.path().join("dev");
+        let mut tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(fs::read(ca).unwrap()));
+        if client_cert {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                fs::read(dev.join(dev::files::CLIENT_CERT)).unwrap(),
+                fs::read(dev.join(dev::files::CLIENT_KEY)).unwrap(),
+            ));
+        }
+        Endpoint::from_shared(self.broker_uri.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+    }
+
+    /// A fresh tmpfs output directory under /dev/shm, removed on drop.
+    pub fn tmpfs_out(&self) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("tessera-out-")
+            .tempdir_in("/dev/shm")
+            .unwrap()
+    }
+
+    fn sidecar_command(
+        &self,
+        mode: &str,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+    ) -> Command {
+        self.sidecar_command_at(&self.broker_uri, mode, token_file, out, bindings)
+    }
+
+    fn sidecar_command_at(
+        &self,
+        broker_uri: &str,
+        mode: &str,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+    ) -> Command {
+        let mut command = Command::new(binary("tessera-sidecar"));
+        command
+            .arg(mode)
+            .args(["--broker", broker_uri, "--ca-file"])
+            .arg(self.dir.path().join("dev").join(dev::files::CA))
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--out")
+            .arg(out)
+            .arg("--binding")
+            .arg(bindings.join(","))
+            .env("RUST_LOG", &self.options.rust_log)
+            .env("NO_COLOR", "1")
+            .envs(self.options.process_env.iter().map(|(k, v)| (k, v)));
+        if self.options.mtls {
+            let dev = self.dir.path().join("dev");
+            command
+                .arg("--client-cert")
+                .arg(dev.join(dev::files::CLIENT_CERT))
+                .arg("--client-key")
+                .arg(dev.join(dev::files::CLIENT_KEY));
+        }
+        command
+    }
+
+    /// Runs `tessera-sidecar once` to completion.
+    pub fn sidecar_once(
+        &self,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+        extra: &[&str],
+    ) -> Output {
+        self.sidecar_command("once", token_file, out, bindings)
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `tessera-sidecar run`.
+    pub fn sidecar_run(&self, token_file: &Path, out: &Path, bindings: &[&str]) -> Proc {
+        self.sidecar_run_with(token_file, out, bindings, &[])
+    }
+
+    /// Starts `tessera-sidecar run` with extra arguments.
+    pub fn sidecar_run_with(
+        &self,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+        extra: &[&str],
+    ) -> Proc {
+        let mut command = self.sidecar_command("run", token_file, out, bindings);
+        command.args(extra);
+        let log = self
+            .dir
+            .path()
+            .join(format!("sidecar-{}.log", random_string(6)));
+        Proc::spawn("sidecar", command, log)
+    }
+
+    /// Starts `tessera-sidecar run` against the broker at `broker_uri` (a
+    /// replica, or a balancer in front of several).
+    pub fn sidecar_run_at(
+        &self,
+        broker_uri: &str,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+    ) -> Proc {
+        let command = self.sidecar_command_at(broker_uri, "run", token_file, out, bindings);
+        let log = self
+            .dir
+            .path()
+            .join(format!("sidecar-{}.log", random_string(6)));
+        Proc::spawn("sidecar", command, log)
+    }
+
+    /// Starts another broker replica: the same configuration (Vault, policy,
+    /// shared handle key, Kubernetes API) on ports of its own, auditing to
+    /// `audit-<name>.jsonl`.
+    pub async fn start_replica(&self, name: &str) -> Replica {
+        let text = fs::read_to_string(self.dir.path().join("broker.yaml")).unwrap();
+        let port = free_port();
+        let text = text
+            .replace(
+                &format!("listen: 127.0.0.1:{}\n", self.broker_port),
+                &format!("listen: 127.0.0.1:{port}\n"),
+            )
+            .replace(
+                &self.admin_url.replace("http://", "listen: "),
+                &format!("listen: 127.0.0.1:{}", free_port()),
+            )
+            .replace(
+                &self
+                    .webhook_url
+                    .replace("https://", "listen: ")
+                    .replace("/mutate", ""),
+                &format!("listen: 127.0.0.1:{}", free_port()),
+            )
+            .replace("path: audit.jsonl", &format!("path: audit-{name}.jsonl"));
+        let config = format!("broker-{name}.yaml");
+        fs::write(self.dir.path().join(&config), text).unwrap();
+        let proc = spawn_broker_from(
+            self.dir.path(),
+            &config,
+            &format!("broker-{name}.log"),
+            port,
+            &self.options,
+        )
+        .await;
+        Replica {
+            proc,
+            uri: format!("https://127.0.0.1:{port}"),
+            audit: self.dir.path().join(format!("audit-{name}.jsonl")),
+        }
+    }
+}
+
+/// Another broker replica of an [`Env`]; killed when dropped.
+pub struct Replica {
+    /// The broker process.
+    pub proc: Proc,
+    /// `https://127.0.0.1:PORT`.
+    pub uri: String,
+    audit: PathBuf,
+}
+
+impl Replica {
+    /// The replica's audit events so far.
+    pub fn audit_events(&self) -> Vec<Value> {
+        fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("every audit line is JSON"))
+            .collect()
+    }
+}
+
+/// Starts the broker with `dir/broker.yaml` and waits until it listens.
+async fn spawn_broker(dir: &Path, port: u16, options: &EnvOptions) -> Proc {
+    spawn_broker_from(dir, "broker.yaml", "broker.log", port, options).await
+}
+
+/// Starts the broker with `dir/config`, logging to `dir/log`, and waits
+/// until it listens on `port`.
+async fn spawn_broker_from(
+    dir: &Path,
+    config: &str,
+    log: &str,
+    port: u16,
+    options: &EnvOptions,
+) -> Proc {
+    // A port a killed broker held may linger a moment: wait until it is free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let program = options
+        .broker_binary
+        .clone()
+        .unwrap_or_else(|| binary("tessera-broker"));
+    let mut command = Command::new(program);
+    command
+        .args(["serve", "--config"])
+        .arg(dir.join(config))
+        .env("RUST_LOG", &options.rust_log)
+        .env("NO_COLOR", "1")
+        .envs(options.process_env.iter().map(|(k, v)| (k, v)));
+    let mut broker = Proc::spawn("broker", command, dir.join(log));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(!broker.exited(), "broker exited:\n{}", broker.output());
+        assert!(
+            Instant::now() < deadline,
+            "broker did not listen:\n{}",
+            broker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker
+}
