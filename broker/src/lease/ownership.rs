@@ -22,6 +22,7 @@ use crate::{
 };
 
 impl Engine {
+    /// Maps a failure of the record store to the error the caller sees.
     pub(super) fn record_error<'a>(
         &'a self,
         binding: &'a Binding,
@@ -33,6 +34,8 @@ impl Engine {
         }
     }
 
+    /// The record of `live` as issued to `pod`; `None` for what has no
+    /// lease (KV).
     pub(super) fn record_of(
         &self,
         pod: &ObjectRef,
@@ -55,11 +58,7 @@ impl Engine {
                 Source::Pki(_) => RecordKind::Pki,
                 _ => RecordKind::Database,
             },
-            mount: match &live.binding.source {
-                Source::Database(db) => db.mount.clone(),
-                Source::Pki(pki) => pki.mount.clone(),
-                Source::Kv2(kv) => kv.mount.clone(),
-            },
+            mount: live.binding.source.mount().to_owned(),
             source: live.binding.source.to_string(),
             version: live.version.clone(),
             lease_sha256: lease.digest(),
