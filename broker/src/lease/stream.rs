@@ -38,9 +38,6 @@ use crate::{
 /// A few allow for a reconnect racing the old stream's end.
 pub const MAX_STREAMS_PER_POD_BINDING: usize = 4;
 
-/// How often an open stream looks for a new policy generation.
-const POLICY_CHECK: Duration = Duration::from_secs(1);
-
 /// What every open stream shares.
 pub struct Streams {
     /// The lease engine.
@@ -232,7 +229,7 @@ impl OpenStream {
         let expiry = tokio::time::sleep(expires_in);
         tokio::pin!(expiry);
         let shutdown = self.shared.shutdown.clone();
-        let mut policy_check = tokio::time::interval(POLICY_CHECK);
+        let mut policy_changes = self.shared.policy.changes();
         let mut watching_kv = true;
         let mut leases = self.shared.metrics.lease_tracker();
         loop {
@@ -249,9 +246,13 @@ impl OpenStream {
                 () = shutdown.cancelled() => {
                     StreamEnd::ShuttingDown.status("broker is shutting down; reconnect")
                 }
-                _ = policy_check.tick() => match self.policy_changed().await {
-                    Some(end) => end,
-                    None => continue,
+                changed = policy_changes.changed() => match changed {
+                    Ok(()) => match self.policy_changed().await {
+                        Some(end) => end,
+                        None => continue,
+                    },
+                    // The store is gone: the broker is stopping.
+                    Err(_) => StreamEnd::ShuttingDown.status("broker is shutting down; reconnect"),
                 },
                 change = changes.next(), if watching_kv => match change {
                     Some((binding, Some(secret))) => {

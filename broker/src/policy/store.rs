@@ -28,6 +28,8 @@ pub struct PolicyStore {
     paths: Vec<PathBuf>,
     current: ArcSwap<Loaded>,
     last_error: Mutex<Option<String>>,
+    /// The generation in force, for those who wait for a change.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 fn fingerprint(texts: &[(String, String)]) -> Vec<u8> {
@@ -58,7 +60,14 @@ impl PolicyStore {
                 fingerprint: fingerprint(&sources.texts),
             }),
             last_error: Mutex::new(None),
+            generation: tokio::sync::watch::Sender::new(1),
         })
+    }
+
+    /// Follows the generation in force: the receiver sees each new policy
+    /// (open streams wait on it instead of polling).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The policy to use for one whole request.
@@ -89,11 +98,13 @@ impl PolicyStore {
             }
             let mut policy = Policy::parse_many(&sources.texts)?;
             policy.files = sources.files;
+            let generation = current.generation + 1;
             self.current.store(Arc::new(Loaded {
                 policy,
-                generation: current.generation + 1,
+                generation,
                 fingerprint: print,
             }));
+            self.generation.send_replace(generation);
             Ok(true)
         });
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
