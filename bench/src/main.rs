@@ -268,6 +268,7 @@ async fn main() -> anyhow::Result<()> {
         // The defaults: what a production broker polls and checks Vault at.
         poll: "15s",
         vault_health_check: "30s",
+        sweep_interval: "30s",
         rust_log: "warn".to_owned(),
         ..EnvOptions::default()
     };

@@ -157,11 +157,16 @@ audit \"file\" \"tessera-test\" {{
     /// The lease records the broker keeps for one pod (their JSON documents).
     pub fn lease_records(&self, pod_uid: &str) -> Vec<Value> {
         let mut records = Vec::new();
-        for binding in self.list(&format!("tessera-leases/pods/{pod_uid}")) {
-            for id in self.list(binding.trim_end_matches('/')) {
-                let text = self.cli(&["read", "-format=json", &id]);
-                if let Ok(document) = serde_json::from_str::<Value>(&text) {
-                    records.push(document["data"].clone());
+        // Folders are `<namespace>_<pod>_<uid>/`.
+        let suffix = format!("_{pod_uid}/");
+        let folders = self.list("tessera-leases/pods");
+        for folder in folders.iter().filter(|f| f.ends_with(&suffix)) {
+            for binding in self.list(folder.trim_end_matches('/')) {
+                for id in self.list(binding.trim_end_matches('/')) {
+                    let text = self.cli(&["read", "-format=json", &id]);
+                    if let Ok(document) = serde_json::from_str::<Value>(&text) {
+                        records.push(document["data"].clone());
+                    }
                 }
             }
         }

@@ -31,14 +31,14 @@ use self::{
     credential::pki_names,
     handle::{Claims, Handle, HandleError, HandleKey},
     id::LeaseId,
-    records::{Records, record_path},
+    records::{PodKey, Records, record_path},
     schedule::{fraction_of, refresh_in},
 };
 use crate::{
     audit::{Action, Audit, Event, Outcome},
     error::Error,
     feed::Feeds,
-    identity::{Identity, ObjectRef},
+    identity::Identity,
     metrics::Metrics,
     policy::{Binding, RenderError, Source},
     vault::{KvSecret, Vault, VaultError},
@@ -96,17 +96,29 @@ pub struct Rotation {
     pub old: Live,
 }
 
-/// Whether a pod UID can be a path segment of a lease record: a plain name
-/// (a Kubernetes UID always is).
-fn plain_uid(uid: &str) -> bool {
-    !uid.is_empty()
-        && uid.len() <= 64
-        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+/// Whether a name or UID can be part of a lease record's folder: a plain
+/// Kubernetes name (letters, digits, `-`, `.`; no `_` or `/`).
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-/// The pod a lease is recorded under: the caller's pod, when its UID is plain.
-fn owner(identity: &Identity) -> Option<&ObjectRef> {
-    identity.pod.as_ref().filter(|pod| plain_uid(&pod.uid))
+/// The pod a lease is recorded under: the caller's pod, when its namespace,
+/// name and UID are plain names.
+fn owner(identity: &Identity) -> Option<PodKey> {
+    let pod = identity.pod.as_ref()?;
+    [identity.namespace.as_str(), &pod.name, &pod.uid]
+        .iter()
+        .all(|part| plain_name(part))
+        .then(|| PodKey {
+            namespace: identity.namespace.clone(),
+            pod: pod.name.clone(),
+            uid: pod.uid.clone(),
+        })
 }
 
 /// Issues, resumes, renews, rotates and revokes credentials, and keeps their
@@ -221,7 +233,7 @@ impl Engine {
         let identity = &caller.identity;
         let vault_stamp = stamp(identity);
         let pod = owner(identity).filter(|_| binding.source.is_leased());
-        if let Some(pod) = pod {
+        if let Some(pod) = &pod {
             self.make_room(binding, pod, caller).await?;
         }
         let (mut live, fields) = match &binding.source {
@@ -291,7 +303,7 @@ impl Engine {
         if binding.source.is_leased() {
             live.handle = self.seal(binding, identity, &live);
         }
-        if let Some(record) = pod.and_then(|pod| self.record_of(pod, identity, &live))
+        if let Some(record) = pod.and_then(|pod| self.record_of(&pod, identity, &live))
             && let Err(error) = self.records.put(&record).await
         {
             // A lease nobody could find again must not outlive this request.
@@ -512,7 +524,7 @@ impl Engine {
         if outcome.is_ok()
             && let (Some(pod), Some(lease)) = (owner(&caller.identity), &live.lease)
         {
-            let path = record_path(&pod.uid, &binding.name, &lease.digest());
+            let path = record_path(&pod, &binding.name, &lease.digest());
             if let Err(error) = self.records.delete(&path).await {
                 tracing::warn!(binding = %binding.name, %error, "lease revoked, but its record stays (the sweep removes it)");
             }

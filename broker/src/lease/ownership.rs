@@ -10,13 +10,13 @@ use std::{
 
 use super::{
     Caller, Engine, Live, owner,
-    records::{LeaseRecord, RecordKind},
+    records::{LeaseRecord, PodKey, RecordKind},
     stamp, unix,
 };
 use crate::{
     audit::{Action, Event, Outcome},
     error::Error,
-    identity::{Identity, ObjectRef},
+    identity::Identity,
     policy::{Binding, Source},
     vault::VaultError,
 };
@@ -38,7 +38,7 @@ impl Engine {
     /// lease (KV).
     pub(super) fn record_of(
         &self,
-        pod: &ObjectRef,
+        pod: &PodKey,
         identity: &Identity,
         live: &Live,
     ) -> Option<LeaseRecord> {
@@ -46,7 +46,7 @@ impl Engine {
         Some(LeaseRecord {
             namespace: identity.namespace.clone(),
             service_account: identity.service_account.clone(),
-            pod: pod.name.clone(),
+            pod: pod.pod.clone(),
             pod_uid: pod.uid.clone(),
             node: identity
                 .node
@@ -74,12 +74,12 @@ impl Engine {
     pub(super) async fn make_room(
         &self,
         binding: &Arc<Binding>,
-        pod: &ObjectRef,
+        pod: &PodKey,
         caller: &Caller,
     ) -> Result<(), Error> {
         let records = self
             .records
-            .of_binding(&pod.uid, &binding.name)
+            .of_binding(pod, &binding.name)
             .await
             .map_err(self.record_error(binding))?;
         let limit = self.settings.max_per_pod_binding.max(1);
@@ -167,7 +167,7 @@ impl Engine {
         let Some(pod) = owner(identity) else {
             return;
         };
-        let Some(mut record) = self.record_of(pod, identity, live) else {
+        let Some(mut record) = self.record_of(&pod, identity, live) else {
             return;
         };
         record.revoke_at = revoke_at;

@@ -24,8 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Caller, Engine,
     handle::HandleKey,
-    plain_uid,
-    records::{LeaseRecord, RecordKind},
+    records::{LeaseRecord, PodKey, RecordKind},
     unix,
 };
 use crate::{identity::Verifier, vault::VaultError};
@@ -66,6 +65,11 @@ pub fn owed(record: &LeaseRecord, pod_exists: Option<bool>, now: SystemTime) -> 
     }
 }
 
+/// One sweep in this many reads every record (hourly at the default 30 s):
+/// Vault then costs about three requests per record and hour, on top of
+/// one LIST per sweep.
+pub const FULL_SWEEP_EVERY: u32 = 120;
+
 /// Sweeps the lease records.
 pub struct Reconciler {
     engine: Arc<Engine>,
@@ -84,20 +88,22 @@ impl Reconciler {
         }
     }
 
-    /// One pass over every record.
+    /// One sweep. A light one asks Vault once (the list of pods that hold
+    /// leases) and the API server per pod, and reads the records only of
+    /// pods that are gone; a `full` one also reads every record, for
+    /// overlap debts and leases that ended on their own.
     ///
     /// # Errors
     /// A [`VaultError`] when the records cannot be listed.
-    pub async fn sweep(&self) -> Result<Swept, VaultError> {
+    pub async fn sweep(&self, full: bool) -> Result<Swept, VaultError> {
         let records = self.engine.records();
         let mut swept = Swept::default();
-        for pod_uid in records.pods().await? {
-            let pod_records = records.of_pod(&pod_uid).await?;
-            let Some(first) = pod_records.first() else {
+        for owner in records.pods().await? {
+            let pod_exists = self.verifier.pod_exists(&owner.identity()).await;
+            if pod_exists != Some(false) && !full {
                 continue;
-            };
-            let pod_exists = self.verifier.pod_exists(&first.identity()).await;
-            for record in &pod_records {
+            }
+            for record in &records.of_pod(&owner).await? {
                 match owed(record, pod_exists, SystemTime::now()) {
                     Owed::Revoke(reason) => {
                         let caller = Caller {
@@ -166,8 +172,16 @@ impl Reconciler {
             };
             match event {
                 Some(Ok(watcher::Event::Delete(pod))) => {
-                    if let Some(uid) = pod.metadata.uid {
-                        self.pod_deleted(&uid).await;
+                    let meta = pod.metadata;
+                    if let (Some(namespace), Some(pod), Some(uid)) =
+                        (meta.namespace, meta.name, meta.uid)
+                    {
+                        self.pod_deleted(&PodKey {
+                            namespace,
+                            pod,
+                            uid,
+                        })
+                        .await;
                     }
                 }
                 Some(Ok(_)) => {}
@@ -179,12 +193,9 @@ impl Reconciler {
         }
     }
 
-    /// Revokes every lease recorded for the pod `uid`, which was deleted.
-    async fn pod_deleted(&self, uid: &str) {
-        if !plain_uid(uid) {
-            return;
-        }
-        let records = match self.engine.records().of_pod(uid).await {
+    /// Revokes every lease recorded for `owner`, a pod that was deleted.
+    async fn pod_deleted(&self, owner: &PodKey) {
+        let records = match self.engine.records().of_pod(owner).await {
             Ok(records) => records,
             Err(error) => {
                 tracing::warn!(%error, "cannot read a deleted pod's lease records; the sweep retries");
@@ -204,15 +215,18 @@ impl Reconciler {
     }
 
     /// Sweeps every `interval` (±20 %, so replicas spread out) until
-    /// `shutdown`.
+    /// `shutdown`; one sweep in [`FULL_SWEEP_EVERY`] (and the first) is full.
     pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut count: u32 = 0;
         loop {
             let wait = interval.mul_f64(0.8 + 0.4 * fastrand::f64());
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            match self.sweep().await {
+            let full = count.is_multiple_of(FULL_SWEEP_EVERY);
+            count = count.wrapping_add(1);
+            match self.sweep(full).await {
                 Ok(swept) if swept != Swept::default() => {
                     tracing::info!(
                         revoked = swept.revoked,

@@ -1,6 +1,9 @@
 //! Lease records: every dynamic credential issued to a pod is written to a KV
 //! version 1 mount of Tessera's own in Vault (`leases.recordMount`, default
-//! `tessera-leases`), at `pods/<pod uid>/<binding>/<lease digest>`. Vault is
+//! `tessera-leases`), at `pods/<namespace>_<pod>_<uid>/<binding>/<lease
+//! digest>`: one LIST names every pod that holds leases, so a sweep asks
+//! Vault once and the API server per pod, and reads records only of pods that
+//! are gone (or in an occasional full pass). Vault is
 //! the replicated, durable store every install already has, so any replica
 //! can list a pod's leases, cap them, and revoke them after the pod, its
 //! sidecar, or the replica that issued them is gone. A record holds the
@@ -55,28 +58,30 @@ pub struct LeaseRecord {
 }
 
 impl LeaseRecord {
+    /// The pod it was issued to.
+    pub fn owner(&self) -> PodKey {
+        PodKey {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            uid: self.pod_uid.clone(),
+        }
+    }
+
     /// Where the record lives in the mount.
     pub fn path(&self) -> String {
-        record_path(&self.pod_uid, &self.binding, &self.lease_sha256)
+        record_path(&self.owner(), &self.binding, &self.lease_sha256)
     }
 
     /// The pod the lease was issued to, as an identity (for Vault's audit
     /// stamp and the audit trail).
     pub fn identity(&self) -> Identity {
         Identity {
-            namespace: self.namespace.clone(),
             service_account: self.service_account.clone(),
-            service_account_uid: String::new(),
-            pod: Some(ObjectRef {
-                name: self.pod.clone(),
-                uid: self.pod_uid.clone(),
-            }),
             node: (!self.node.is_empty()).then(|| ObjectRef {
                 name: self.node.clone(),
                 uid: String::new(),
             }),
-            pod_labels: None,
-            expires_at: 0,
+            ..self.owner().identity()
         }
     }
 
@@ -101,10 +106,57 @@ pub enum RecordKind {
     Pki,
 }
 
-/// `pods/<uid>/<binding>/<first 32 hex digits of the lease digest>`.
-pub fn record_path(pod_uid: &str, binding: &str, lease_sha256: &str) -> String {
+/// A pod that holds leases, as its record folder names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodKey {
+    /// The namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's UID.
+    pub uid: String,
+}
+
+impl PodKey {
+    /// The folder: `<namespace>_<pod>_<uid>` (Kubernetes names and UIDs hold
+    /// no `_`, so it parses back).
+    pub fn folder(&self) -> String {
+        format!("{}_{}_{}", self.namespace, self.pod, self.uid)
+    }
+
+    /// The pod a folder names; `None` for one not written by the broker.
+    pub fn parse(folder: &str) -> Option<Self> {
+        let mut parts = folder.split('_');
+        let (namespace, pod, uid) = (parts.next()?, parts.next()?, parts.next()?);
+        (parts.next().is_none() && !namespace.is_empty() && !pod.is_empty() && !uid.is_empty())
+            .then(|| Self {
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+                uid: uid.to_owned(),
+            })
+    }
+
+    /// The pod as an identity, to ask the API server whether it still exists.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            namespace: self.namespace.clone(),
+            service_account: String::new(),
+            service_account_uid: String::new(),
+            pod: Some(ObjectRef {
+                name: self.pod.clone(),
+                uid: self.uid.clone(),
+            }),
+            node: None,
+            pod_labels: None,
+            expires_at: 0,
+        }
+    }
+}
+
+/// `pods/<folder>/<binding>/<first 32 hex digits of the lease digest>`.
+pub fn record_path(owner: &PodKey, binding: &str, lease_sha256: &str) -> String {
     let id = lease_sha256.get(..32).unwrap_or(lease_sha256);
-    format!("pods/{pod_uid}/{binding}/{id}")
+    format!("pods/{}/{binding}/{id}", owner.folder())
 }
 
 /// The records in one KV v1 mount.
@@ -146,27 +198,30 @@ impl Records {
         self.vault.kv1_delete(&self.mount, path).await
     }
 
-    /// The UIDs of the pods that have records.
+    /// The pods that have records: one LIST.
     ///
     /// # Errors
     /// A [`VaultError`].
-    pub async fn pods(&self) -> Result<Vec<String>, VaultError> {
-        Ok(folders(self.vault.kv1_list(&self.mount, "pods").await?))
+    pub async fn pods(&self) -> Result<Vec<PodKey>, VaultError> {
+        Ok(folders(self.vault.kv1_list(&self.mount, "pods").await?)
+            .iter()
+            .filter_map(|folder| PodKey::parse(folder))
+            .collect())
     }
 
     /// Every record of one pod.
     ///
     /// # Errors
     /// A [`VaultError`].
-    pub async fn of_pod(&self, pod_uid: &str) -> Result<Vec<LeaseRecord>, VaultError> {
+    pub async fn of_pod(&self, owner: &PodKey) -> Result<Vec<LeaseRecord>, VaultError> {
         let bindings = folders(
             self.vault
-                .kv1_list(&self.mount, &format!("pods/{pod_uid}"))
+                .kv1_list(&self.mount, &format!("pods/{}", owner.folder()))
                 .await?,
         );
         let mut records = Vec::new();
         for binding in bindings {
-            records.extend(self.of_binding(pod_uid, &binding).await?);
+            records.extend(self.of_binding(owner, &binding).await?);
         }
         Ok(records)
     }
@@ -178,10 +233,10 @@ impl Records {
     /// A [`VaultError`].
     pub async fn of_binding(
         &self,
-        pod_uid: &str,
+        owner: &PodKey,
         binding: &str,
     ) -> Result<Vec<LeaseRecord>, VaultError> {
-        let folder = format!("pods/{pod_uid}/{binding}");
+        let folder = format!("pods/{}/{binding}", owner.folder());
         let mut records = Vec::new();
         for id in self.vault.kv1_list(&self.mount, &folder).await? {
             if id.ends_with('/') {
@@ -218,12 +273,23 @@ mod tests {
 
     #[test]
     fn records_are_filed_by_pod_binding_and_digest() {
+        let owner = PodKey {
+            namespace: "shop".into(),
+            pod: "orders-7d9f.x".into(),
+            uid: "6f1c2a9e-0b7d".into(),
+        };
         let digest = "ab".repeat(32);
         assert_eq!(
-            record_path("uid-1", "db", &digest),
-            format!("pods/uid-1/db/{}", "ab".repeat(16))
+            record_path(&owner, "db", &digest),
+            format!(
+                "pods/shop_orders-7d9f.x_6f1c2a9e-0b7d/db/{}",
+                "ab".repeat(16)
+            )
         );
-        assert_eq!(record_path("u", "b", "short"), "pods/u/b/short");
+        assert_eq!(PodKey::parse(&owner.folder()), Some(owner));
+        for odd in ["", "a_b", "a__c", "a_b_c_d", "uid-only"] {
+            assert_eq!(PodKey::parse(odd), None, "{odd}");
+        }
         assert_eq!(folders(vec!["a/".into(), "leaf".into(), "/".into()]), ["a"]);
     }
 }
