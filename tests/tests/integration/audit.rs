@@ -195,10 +195,12 @@ async fn rate_limited_callers_get_resource_exhausted_with_retry_info() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn vaults_own_audit_log_names_the_pod() {
-    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
-    env.bao
-        .put("shop/orders", &json!({ "password": "p" }))
-        .await;
+    // A database credential: every one is a Vault request made for the pod.
+    // (KV secrets are served from the replica's warm copy, read by the
+    // broker for no pod in particular.)
+    let pg = tessera_tests::Postgres::start();
+    let env = Env::start(&tessera_tests::db_policy("10m", "0.7", "5s")).await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
     let log = env.bao.audit_log.clone();
     env.bao.cli(&[
         "write",
@@ -206,7 +208,7 @@ async fn vaults_own_audit_log_names_the_pod() {
         "hmac=false",
     ]);
 
-    env.fetch(&env.token("shop", "orders"), &["app"])
+    env.fetch(&env.token("shop", "orders"), &["db"])
         .await
         .unwrap();
 
@@ -221,7 +223,7 @@ async fn vaults_own_audit_log_names_the_pod() {
         .filter(|entry| {
             entry["type"] == "request"
                 && entry["request"]["operation"] == "read"
-                && entry["request"]["path"] == "secret/data/shop/orders"
+                && entry["request"]["path"] == "database/creds/orders"
         })
         .collect();
     assert!(!stamped.is_empty(), "Vault audited the read:\n{text}");
