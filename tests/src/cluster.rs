@@ -21,7 +21,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{OpenBao, Proc, bao_binary, free_port};
+use crate::{OpenBao, Proc, bao_binary, free_port, openbao::raft_config};
 
 /// Another node of a cluster: its address and, while it runs, its process.
 pub(crate) struct Peer {
@@ -41,29 +41,10 @@ impl OpenBao {
         let mut nodes = Vec::new();
         for index in 0..size {
             let port = free_port();
-            let cluster = free_port();
             let data = dir.join(format!("openbao-node-{index}"));
             fs::create_dir_all(&data).unwrap();
             let config = dir.join(format!("openbao-node-{index}.hcl"));
-            fs::write(
-                &config,
-                format!(
-                    "storage \"raft\" {{
-  path = \"{data}\"
-  node_id = \"node-{index}\"
-}}
-listener \"tcp\" {{
-  address = \"127.0.0.1:{port}\"
-  cluster_address = \"127.0.0.1:{cluster}\"
-  tls_disable = true
-}}
-api_addr = \"http://127.0.0.1:{port}\"
-cluster_addr = \"http://127.0.0.1:{cluster}\"
-",
-                    data = data.display()
-                ),
-            )
-            .unwrap();
+            fs::write(&config, raft_config(&data, &format!("node-{index}"), port)).unwrap();
             let proc =
                 Self::spawn_server_named(dir, &config, port, &format!("openbao-node-{index}"))
                     .await;

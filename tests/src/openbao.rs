@@ -82,32 +82,12 @@ impl OpenBao {
         let audit_log = dir.join("openbao-audit.log");
         let config = dir.join("openbao-persistent.hcl");
         fs::create_dir_all(dir.join("openbao-data")).unwrap();
-        fs::write(
-            &config,
-            format!(
-                "storage \"raft\" {{
-  path = \"{data}\"
-  node_id = \"tessera-test\"
-}}
-listener \"tcp\" {{
-  address = \"127.0.0.1:{port}\"
-  cluster_address = \"127.0.0.1:{cluster}\"
-  tls_disable = true
-}}
-api_addr = \"http://127.0.0.1:{port}\"
-cluster_addr = \"http://127.0.0.1:{cluster}\"
-audit \"file\" \"tessera-test\" {{
-  options = {{
-    file_path = \"{audit}\"
-  }}
-}}
-",
-                data = dir.join("openbao-data").display(),
-                cluster = free_port(),
-                audit = audit_log.display(),
-            ),
-        )
-        .unwrap();
+        let audit = format!(
+            "audit \"file\" \"tessera-test\" {{\n  options = {{\n    file_path = \"{}\"\n  }}\n}}\n",
+            audit_log.display()
+        );
+        let raft = raft_config(&dir.join("openbao-data"), "tessera-test", port);
+        fs::write(&config, raft + &audit).unwrap();
         let proc = Self::spawn_server(dir, &config, port).await;
         let address = format!("http://127.0.0.1:{port}");
         let init = Command::new(bao_binary())
@@ -473,4 +453,25 @@ path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", 
             }
         }
     }
+}
+
+/// The configuration of a server with Raft storage in `data`, named
+/// `node_id`, serving on `port` (and a cluster port of its own).
+pub(crate) fn raft_config(data: &Path, node_id: &str, port: u16) -> String {
+    format!(
+        "storage \"raft\" {{
+  path = \"{data}\"
+  node_id = \"{node_id}\"
+}}
+listener \"tcp\" {{
+  address = \"127.0.0.1:{port}\"
+  cluster_address = \"127.0.0.1:{cluster}\"
+  tls_disable = true
+}}
+api_addr = \"http://127.0.0.1:{port}\"
+cluster_addr = \"http://127.0.0.1:{cluster}\"
+",
+        data = data.display(),
+        cluster = free_port(),
+    )
 }
