@@ -45,7 +45,7 @@ impl std::fmt::Debug for Handle {
 }
 
 /// What a handle says.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The binding.
     #[serde(rename = "b")]
@@ -65,6 +65,20 @@ pub struct Claims {
     /// Not after, Unix seconds (0 when Vault is asked instead).
     #[serde(rename = "n")]
     pub not_after: u64,
+}
+
+impl std::fmt::Debug for Claims {
+    /// The lease id is a bearer of the lease: only its digest is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims")
+            .field("binding", &self.binding)
+            .field("pod_uid", &self.pod_uid)
+            .field("lease", &super::id::LeaseId::new(self.lease.clone()))
+            .field("version", &self.version)
+            .field("issued_at", &self.issued_at)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
 }
 
 /// Why a presented handle was refused.
@@ -331,6 +345,8 @@ mod tests {
             "no base64 of the lease id"
         );
         assert_ne!(key.seal(&claims()), sealed, "a fresh nonce every time");
+        let claims_shown = format!("{:?}", claims());
+        assert!(!claims_shown.contains("database/creds"), "{claims_shown}");
         let shown = format!("{sealed:?}");
         assert!(!shown.contains(sealed.as_str()), "{shown}");
         assert!(shown.contains("bytes"), "{shown}");
