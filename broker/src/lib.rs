@@ -6,6 +6,7 @@
 //! so tests start a real broker in-process or as a process alike.
 
 pub mod audit;
+pub mod bootstrap;
 pub mod config;
 pub mod dev;
 pub mod error;
@@ -66,6 +67,9 @@ pub enum StartError {
     /// The lease handle key could not be loaded.
     #[error(transparent)]
     HandleKey(#[from] lease::handle::HandleKeyError),
+    /// The shared Secrets (CA, certificate, handle key) could not be had.
+    #[error(transparent)]
+    Bootstrap(#[from] bootstrap::BootstrapError),
     /// The Kubernetes API client could not be configured.
     #[error("Kubernetes API: {0}")]
     Kubernetes(String),
@@ -185,13 +189,27 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
 ///
 /// # Errors
 /// A [`StartError`] naming the file or setting at fault.
-pub async fn prepare(config: Config, shutdown: &CancellationToken) -> Result<Prepared, StartError> {
-    let id = &config.identity;
-    let kube = if id.needs_kubernetes() {
+pub async fn prepare(
+    mut config: Config,
+    shutdown: &CancellationToken,
+) -> Result<Prepared, StartError> {
+    let kube = if config.identity.needs_kubernetes() || config.bootstrap.is_some() {
         Some(kube_client(config.kubeconfig.as_deref()).await?)
     } else {
         None
     };
+    if let (Some(settings), Some(client)) = (&config.bootstrap, &kube) {
+        if let Some(keys) = bootstrap::materialize(client, settings).await? {
+            config.handle_key_file = Some(keys.current);
+            config.retired_handle_key_files = keys.accepted;
+        }
+        tokio::spawn(bootstrap::follow(
+            client.clone(),
+            settings.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let id = &config.identity;
     let source = match (&id.source, &kube) {
         (IdentitySource::JwksFile(path), _) => identity::Source::JwksFile(JwksFile::load(path)?),
         (IdentitySource::OidcDiscovery, Some(client)) => identity::Source::Oidc(

@@ -46,6 +46,10 @@ pub struct EnvOptions {
     pub broker_binary: Option<PathBuf>,
     /// The broker's `leases.sweepInterval`.
     pub sweep_interval: &'static str,
+    /// The broker makes its CA, serving certificate and handle key in
+    /// Secrets of the Kubernetes API stand-in (`bootstrap:`), as the chart
+    /// has it, instead of using the dev files. Needs `kube_api`.
+    pub bootstrap: bool,
 }
 
 impl Default for EnvOptions {
@@ -64,6 +68,7 @@ impl Default for EnvOptions {
             process_env: Vec::new(),
             broker_binary: None,
             sweep_interval: "2s",
+            bootstrap: false,
         }
     }
 }
@@ -198,11 +203,42 @@ impl Env {
         let port = free_port();
         let admin_port = free_port();
         let webhook_port = free_port();
+        let (tls_dir, handle_key, ca_file, bootstrap) = if options.bootstrap {
+            kube.as_ref()
+                .expect("bootstrap needs kube_api")
+                .put_object(json!({
+                    "apiVersion": "admissionregistration.k8s.io/v1",
+                    "kind": "MutatingWebhookConfiguration",
+                    "metadata": { "name": "tessera" },
+                    "webhooks": [{
+                        "name": "inject.tessera.dev",
+                        "admissionReviewVersions": ["v1"],
+                        "sideEffects": "None",
+                        "clientConfig": { "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } },
+                    }],
+                }));
+            (
+                "bootstrap",
+                "",
+                "bootstrap/ca.crt",
+                "bootstrap:
+  namespace: tessera
+  directory: bootstrap
+  tlsSecret: tessera-tls
+  dnsNames: [localhost, 127.0.0.1]
+  handleKeySecret: tessera-handle-key
+  webhookConfiguration: tessera
+  checkInterval: 1s
+",
+            )
+        } else {
+            ("dev", "handleKeyFile: dev/handle.key", "dev/ca.pem", "")
+        };
         let config = format!(
             "listen: 127.0.0.1:{port}
 tls:
-  certFile: dev/tls.crt
-  keyFile: dev/tls.key
+  certFile: {tls_dir}/tls.crt
+  keyFile: {tls_dir}/tls.key
   reloadInterval: 100ms
   {client_ca}
 identity:
@@ -225,7 +261,7 @@ rateLimit:
   perSecond: {per_second}
   burst: {burst}
 leases:
-  handleKeyFile: dev/handle.key
+  {handle_key}
   sweepInterval: {sweep}
 admin:
   listen: 127.0.0.1:{admin_port}
@@ -234,9 +270,9 @@ webhook:
   sidecar:
     image: tessera-sidecar:test
     brokerAddress: https://127.0.0.1:{port}
-    caFile: dev/ca.pem
+    caFile: {ca_file}
     mode: {sidecar_mode}
-{kubernetes}",
+{kubernetes}{bootstrap}",
             sidecar_mode = if options.kube_api { "auto" } else { "classic" },
             issuer = dev::DEFAULT_ISSUER,
             audience = dev::DEFAULT_AUDIENCE,
@@ -339,13 +375,22 @@ webhook:
             .map(tonic::Response::into_inner)
     }
 
-    /// A TLS channel to the broker that trusts the dev CA (and presents the
+    /// A TLS channel to the broker that trusts its CA (and presents the
     /// dev client certificate when the broker requires mTLS).
     pub async fn channel(&self) -> Channel {
-        let dev = self.dir.path().join("dev");
-        self.try_channel(&dev.join(dev::files::CA), self.options.mtls)
+        self.try_channel(&self.ca_file(), self.options.mtls)
             .await
             .unwrap()
+    }
+
+    /// The CA the broker's serving certificate chains to: the dev CA, or
+    /// the one the broker made itself (`bootstrap`).
+    pub fn ca_file(&self) -> PathBuf {
+        if self.options.bootstrap {
+            self.dir.path().join("bootstrap/ca.crt")
+        } else {
+            self.dir.path().join("dev").join(dev::files::CA)
+        }
     }
 
     /// A TLS channel trusting `ca`, optionally presenting the dev client certificate.
@@ -401,7 +446,7 @@ webhook:
         command
             .arg(mode)
             .args(["--broker", broker_uri, "--ca-file"])
-            .arg(self.dir.path().join("dev").join(dev::files::CA))
+            .arg(self.ca_file())
             .arg("--token-file")
             .arg(token_file)
             .arg("--out")

@@ -2,7 +2,8 @@
 //! types), standing in for a real API server, which cannot be had here. It
 //! serves what the broker uses: OIDC discovery and the JWKS, TokenReview, pod
 //! reads, the cluster-wide pod list and watch (newline-delimited watch
-//! events, as the API server streams them), and the version. It signs nothing: it trusts the dev JWKS the harness gives it,
+//! events, as the API server streams them), Secrets and mutating webhook
+//! configurations (read, create, update), and the version. It signs nothing: it trusts the dev JWKS the harness gives it,
 //! checks tokens like the API server does (signature, issuer, audience,
 //! bound pod still present), and requires the broker's bearer token.
 
@@ -36,12 +37,16 @@ use tessera_broker::{
 /// The bearer token the broker's kubeconfig carries.
 const BROKER_TOKEN: &str = "tessera-broker-test-token";
 
+mod objects;
+
 struct ApiState {
     url: String,
     issuer: String,
     jwks_path: PathBuf,
     pods: Mutex<BTreeMap<(String, String), Pod>>,
     calls: Mutex<Vec<String>>,
+    /// Secrets and webhook configurations.
+    objects: Mutex<objects::Objects>,
     /// Pod changes as watch events (`{"type": ..., "object": ...}`).
     events: tokio::sync::broadcast::Sender<Value>,
     /// The resource version of the latest change.
@@ -316,6 +321,7 @@ impl FakeApiServer {
             jwks_path: jwks_path.to_owned(),
             pods: Mutex::default(),
             calls: Mutex::default(),
+            objects: Mutex::default(),
             events: tokio::sync::broadcast::channel(64).0,
             version: std::sync::atomic::AtomicU64::new(1),
         });
@@ -329,6 +335,19 @@ impl FakeApiServer {
             )
             .route("/api/v1/namespaces/{namespace}/pods/{name}", get(read_pod))
             .route("/api/v1/pods", get(list_pods))
+            .route(
+                "/api/v1/namespaces/{namespace}/secrets",
+                post(objects::create_secret),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/secrets/{name}",
+                get(objects::read_secret).put(objects::replace_secret),
+            )
+            .route(
+                "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}",
+                get(objects::read_webhook_configuration)
+                    .put(objects::replace_webhook_configuration),
+            )
             .with_state(state.clone());
         let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
             dev_dir.join("tls.crt"),

@@ -10,10 +10,11 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
-use self::sections::{ConnectionsFile, LeasesFile, MemoryFile};
+use self::sections::{BootstrapFile, ConnectionsFile, LeasesFile, MemoryFile};
 
 use crate::{
     audit::AuditTarget,
+    bootstrap,
     lease::LeaseSettings,
     listener::ConnectionLimits,
     ratelimit::RateLimit,
@@ -112,6 +113,8 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Whether to lock memory where allowed (`memory.lock`).
     pub memory_lock: tessera_memory::Lock,
+    /// Secrets the broker creates and shares (CA, certificate, handle key).
+    pub bootstrap: Option<bootstrap::Settings>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +143,7 @@ struct File {
     #[serde(default)]
     memory: MemoryFile,
     webhook: Option<WebhookFile>,
+    bootstrap: Option<BootstrapFile>,
 }
 
 #[derive(Deserialize, Default)]
@@ -455,6 +459,19 @@ impl Config {
             .map(|w| w.validate(resolve, &tls, &identity.audiences, identity.pod_lookup))
             .transpose()
             .map_err(error)?;
+        let handle_key_file = file.leases.handle_key_file.clone().map(&resolve);
+        let bootstrap = file
+            .bootstrap
+            .map(|b| {
+                b.settings(
+                    resolve,
+                    &tls,
+                    handle_key_file.as_deref(),
+                    webhook.as_ref().map(|w| w.injection.ca_file.as_path()),
+                )
+            })
+            .transpose()
+            .map_err(error)?;
         let audit = match file.audit.path.as_str() {
             "-" => AuditTarget::Stdout,
             path => AuditTarget::File(resolve(PathBuf::from(path))),
@@ -468,7 +485,8 @@ impl Config {
             tls_reload_interval: file.tls.reload_interval,
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),
-            handle_key_file: file.leases.handle_key_file.clone().map(resolve),
+            handle_key_file,
+            bootstrap,
             retired_handle_key_files: file
                 .leases
                 .retired_handle_key_files

@@ -1,12 +1,92 @@
-//! The `connections:`, `leases:` and `memory:` blocks of the configuration
-//! file, with their defaults and the checks that turn them into settings.
+//! The `bootstrap:`, `connections:`, `leases:` and `memory:` blocks of the
+//! configuration file, with their defaults and the checks that turn them into
+//! settings.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 
 use super::duration;
-use crate::{lease::LeaseSettings, listener::ConnectionLimits};
+use crate::{bootstrap, lease::LeaseSettings, listener::ConnectionLimits, tls::TlsSettings};
+
+/// `bootstrap:`: the Secrets the broker creates and shares across replicas
+/// instead of the chart rendering them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct BootstrapFile {
+    namespace: String,
+    directory: PathBuf,
+    tls_secret: Option<String>,
+    #[serde(default)]
+    dns_names: Vec<String>,
+    handle_key_secret: Option<String>,
+    #[serde(default = "default_true")]
+    create_handle_key: bool,
+    webhook_configuration: Option<String>,
+    #[serde(default = "default_check_interval", deserialize_with = "duration")]
+    check_interval: Duration,
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl BootstrapFile {
+    /// The settings, checked against the files the rest of the
+    /// configuration names (`tls`, the handle key, the webhook's CA).
+    pub(super) fn settings(
+        self,
+        resolve: impl Fn(PathBuf) -> PathBuf,
+        tls: &TlsSettings,
+        handle_key_file: Option<&Path>,
+        webhook_ca_file: Option<&Path>,
+    ) -> Result<bootstrap::Settings, String> {
+        let settings = bootstrap::Settings {
+            namespace: self.namespace,
+            directory: resolve(self.directory),
+            tls_secret: self.tls_secret,
+            dns_names: self.dns_names,
+            handle_key_secret: self.handle_key_secret,
+            create_handle_key: self.create_handle_key,
+            ca_file: self
+                .webhook_configuration
+                .as_ref()
+                .and(webhook_ca_file.map(Path::to_owned)),
+            webhook_configuration: self.webhook_configuration,
+            check_interval: self.check_interval,
+        };
+        if settings.namespace.is_empty() {
+            return Err("bootstrap.namespace must name the broker's namespace".to_owned());
+        }
+        if settings.tls_secret.is_some() {
+            if settings.dns_names.is_empty() {
+                return Err("bootstrap.dnsNames must list the Service's DNS names (the serving certificate is made for them)".to_owned());
+            }
+            if tls.cert != settings.cert_file() || tls.key != settings.key_file() {
+                return Err(format!(
+                    "with bootstrap.tlsSecret, tls.certFile and tls.keyFile must be {} and {} (the broker writes them there)",
+                    settings.cert_file().display(),
+                    settings.key_file().display()
+                ));
+            }
+        }
+        if settings.handle_key_secret.is_some() && handle_key_file.is_some() {
+            return Err(
+                "set either bootstrap.handleKeySecret or leases.handleKeyFile, not both".to_owned(),
+            );
+        }
+        if settings.webhook_configuration.is_some() && settings.ca_file.is_none() {
+            return Err("bootstrap.webhookConfiguration needs the webhook (its caBundle is set to webhook.sidecar.caFile)".to_owned());
+        }
+        if settings.check_interval < Duration::from_secs(1) {
+            return Err("bootstrap.checkInterval must be at least 1s".to_owned());
+        }
+        Ok(settings)
+    }
+}
 
 /// `memory:`: how the process keeps secrets out of swap.
 #[derive(Deserialize)]

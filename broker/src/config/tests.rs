@@ -92,3 +92,44 @@ fn each_refusal_names_the_setting_to_fix() {
         assert!(error.detail.contains(named), "{top}: {error}");
     }
 }
+
+#[test]
+fn bootstrap_is_refused_where_it_would_not_meet_the_files_it_writes() {
+    for (top, named) in [
+        (
+            "bootstrap: { namespace: tessera, directory: /run/b, tlsSecret: tls, dnsNames: [tessera] }",
+            "tls.certFile and tls.keyFile must be /run/b/tls.crt and /run/b/tls.key",
+        ),
+        (
+            "bootstrap: { namespace: tessera, directory: /run/b, tlsSecret: tls }",
+            "bootstrap.dnsNames",
+        ),
+        (
+            "bootstrap: { namespace: tessera, directory: /run/b, handleKeySecret: k }\nleases: { handleKeyFile: k }",
+            "either bootstrap.handleKeySecret or leases.handleKeyFile",
+        ),
+        (
+            "bootstrap: { namespace: tessera, directory: /run/b, webhookConfiguration: tessera }",
+            "needs the webhook",
+        ),
+        (
+            "bootstrap: { namespace: '', directory: /run/b }",
+            "bootstrap.namespace",
+        ),
+    ] {
+        let error = load_with("", "", top).expect_err(top);
+        assert!(error.detail.contains(named), "{top}: {error}");
+    }
+    let config = load_with(
+        "",
+        "",
+        "bootstrap: { namespace: tessera, directory: /run/b, handleKeySecret: k }",
+    )
+    .expect("valid");
+    let bootstrap = config.bootstrap.expect("bootstrap");
+    assert!(
+        bootstrap.create_handle_key,
+        "created when absent by default"
+    );
+    assert_eq!(bootstrap.check_interval, Duration::from_secs(60));
+}

@@ -1,7 +1,8 @@
 //! The Helm chart: `helm lint`, `helm template` with default and
 //! non-default values, every object parsed strictly into its k8s-openapi type,
-//! the rendered broker configuration and certificate accepted by the broker,
-//! and checkov on the rendered manifests. No API server can be had here, so
+//! the rendered broker configuration accepted by the broker, renders that are
+//! byte-identical (nothing random, nothing looked up), and checkov on the
+//! rendered manifests. No API server can be had here, so
 //! nothing is applied; helm and checkov are the real tools (`scripts/test`
 //! installs them).
 
@@ -19,7 +20,7 @@ use k8s_openapi::{
         core::v1::{ConfigMap, Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
-        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
     serde::{Serialize, de::DeserializeOwned},
@@ -68,7 +69,8 @@ const NON_DEFAULT: &[&str] = &[
     "vault.auth.appRole.secretIdSecret=tessera-approle",
     "vault.caConfigMap=vault-ca",
     "policy.existingConfigMap=tessera-policy-owned-by-security",
-    "tls.certManager.enabled=true",
+    "tls.source=certManager",
+    "leases.handleKey.existingSecret=tessera-handle-key-from-vault",
     "webhook.sidecarMode=auto",
     "webhook.failurePolicy=Ignore",
     "webhook.sidecarMetricsPort=9091",
@@ -159,6 +161,8 @@ struct Rendered {
     network_policies: Vec<NetworkPolicy>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     webhooks: Vec<MutatingWebhookConfiguration>,
     /// cert-manager and Prometheus operator objects: (kind, object).
     custom: Vec<(String, Value)>,
@@ -190,6 +194,8 @@ fn typed(docs: &[Value]) -> Rendered {
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 out.cluster_role_bindings.push(strict(doc));
             }
+            ("rbac.authorization.k8s.io/v1", "Role") => out.roles.push(strict(doc)),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => out.role_bindings.push(strict(doc)),
             ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
                 out.webhooks.push(strict(doc));
             }
@@ -359,23 +365,62 @@ fn default_values_render_a_hardened_least_privilege_install() {
     assert!(rendered.services[0].spec.as_ref().unwrap().type_.as_deref() == Some("ClusterIP"));
 
     // RBAC: exactly what tokenReview and pod lookup use (get a caller's pod;
-    // list and watch pods, to revoke a deleted pod's leases at once).
+    // list and watch pods, to revoke a deleted pod's leases at once), and the
+    // webhook configuration whose caBundle the broker keeps, by name.
     let rules = rules(&rendered);
-    let granted: Vec<(Vec<String>, Vec<String>)> = rules
+    let granted: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rules
         .iter()
-        .map(|r| (r.resources.clone().unwrap_or_default(), r.verbs.clone()))
+        .map(|r| {
+            (
+                r.resources.clone().unwrap_or_default(),
+                r.resource_names.clone().unwrap_or_default(),
+                r.verbs.clone(),
+            )
+        })
         .collect();
+    let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     assert_eq!(
         granted,
         [
-            (vec!["tokenreviews".to_owned()], vec!["create".to_owned()]),
+            (strings(&["tokenreviews"]), vec![], strings(&["create"])),
             (
-                vec!["pods".to_owned()],
-                vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()]
+                strings(&["pods"]),
+                vec![],
+                strings(&["get", "list", "watch"])
+            ),
+            (
+                strings(&["mutatingwebhookconfigurations"]),
+                strings(&["tessera"]),
+                strings(&["get", "update"])
             ),
         ]
     );
     assert_eq!(rendered.cluster_role_bindings.len(), 1);
+    // In its namespace: its two Secrets by name; create, which Kubernetes
+    // cannot limit to names, for the first replica to make them.
+    let role = &rendered.roles[0];
+    let secrets: Vec<(Vec<String>, Vec<String>)> = role
+        .rules
+        .iter()
+        .flatten()
+        .map(|r| {
+            (
+                r.resource_names.clone().unwrap_or_default(),
+                r.verbs.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        secrets,
+        [
+            (
+                strings(&["tessera-handle-key", "tessera-tls"]),
+                strings(&["get", "update"])
+            ),
+            (vec![], strings(&["create"])),
+        ]
+    );
+    assert_eq!(rendered.role_bindings.len(), 1);
 
     // The webhook fails closed, but never for its own or the system namespaces.
     let webhook = &rendered.webhooks[0].webhooks.as_ref().unwrap()[0];
@@ -404,34 +449,10 @@ fn default_values_render_a_hardened_least_privilege_install() {
         Some(&["CREATE".to_owned()][..])
     );
 
-    // The generated certificate: the webhook trusts its CA, and the broker
-    // serves with it.
-    let tls = rendered
-        .secrets
-        .iter()
-        .find(|s| s.type_.as_deref() == Some("kubernetes.io/tls"))
-        .unwrap();
-    let data = tls.data.as_ref().unwrap();
-    assert_eq!(
-        webhook.client_config.ca_bundle.as_ref().unwrap().0,
-        data["ca.crt"].0
-    );
-    let dir = tempfile::tempdir().unwrap();
-    for key in ["tls.crt", "tls.key"] {
-        fs::write(dir.path().join(key), &data[key].0).unwrap();
-    }
-    tessera_broker::tls::server_config(&tessera_broker::tls::TlsSettings {
-        cert: dir.path().join("tls.crt"),
-        key: dir.path().join("tls.key"),
-        client_ca: None,
-    })
-    .expect("the broker serves with the chart's certificate");
-    let handle_key = rendered
-        .secrets
-        .iter()
-        .find(|s| s.metadata.name.as_deref() == Some("tessera-handle-key"))
-        .unwrap();
-    assert!(handle_key.data.as_ref().unwrap()["handle.key"].0.len() >= 32);
+    // Nothing random is rendered: the broker makes the CA, certificate and
+    // handle key in Secrets at runtime and sets the caBundle.
+    assert!(rendered.secrets.is_empty(), "no Secret in the chart");
+    assert!(webhook.client_config.ca_bundle.is_none());
 
     // The broker accepts the rendered configuration and policy.
     let config = broker_accepts_config(&rendered);
@@ -442,6 +463,21 @@ fn default_values_render_a_hardened_least_privilege_install() {
         .injection;
     assert_eq!(injection.broker_address, "https://tessera.tessera.svc:8443");
     assert_eq!(injection.image, "ghcr.io/tessera-dev/tessera-sidecar:0.1.0");
+    let bootstrap = config.bootstrap.as_ref().expect("bootstrap configured");
+    assert_eq!(bootstrap.tls_secret.as_deref(), Some("tessera-tls"));
+    assert_eq!(
+        bootstrap.handle_key_secret.as_deref(),
+        Some("tessera-handle-key")
+    );
+    assert!(bootstrap.create_handle_key);
+    assert_eq!(bootstrap.webhook_configuration.as_deref(), Some("tessera"));
+    assert_eq!(injection.ca_file, bootstrap.written_ca_file());
+    assert!(
+        bootstrap
+            .dns_names
+            .contains(&"tessera.tessera.svc".to_owned()),
+        "the certificate names the Service the sidecars dial"
+    );
     let policy = &config_map(&rendered, "-policy").unwrap()["policy.yaml"];
     tessera_broker::policy::Policy::parse(policy, "policy.yaml")
         .expect("the default policy parses");
@@ -494,6 +530,14 @@ fn non_default_values_change_what_they_say() {
     let webhook = &configuration.webhooks.as_ref().unwrap()[0];
     assert!(webhook.client_config.ca_bundle.is_none());
     assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+
+    // The handle key is the operator's Secret: read, never created.
+    let role_rules = rendered.roles[0].rules.clone().unwrap_or_default();
+    assert_eq!(role_rules.len(), 1, "{role_rules:?}");
+    assert_eq!(
+        role_rules[0].resource_names.as_deref(),
+        Some(&["tessera-handle-key-from-vault".to_owned()][..])
+    );
 
     // OIDC discovery without pod lookup needs no resource permissions at all.
     let rules = rules(&rendered);
@@ -558,9 +602,87 @@ fn non_default_values_change_what_they_say() {
         config.vault.auth,
         tessera_broker::vault::VaultAuth::AppRole { .. }
     ));
+    let bootstrap = config.bootstrap.as_ref().unwrap();
+    assert_eq!(bootstrap.tls_secret, None, "cert-manager's certificate");
+    assert_eq!(
+        bootstrap.webhook_configuration, None,
+        "cert-manager's cainjector"
+    );
+    assert!(!bootstrap.create_handle_key);
     let injection = config.webhook.unwrap().injection;
     assert_eq!(injection.mode, tessera_broker::webhook::SidecarMode::Auto);
     assert_eq!(injection.metrics_port, Some(9091));
+}
+
+#[test]
+fn helm_template_renders_the_same_bytes_every_time() {
+    // GitOps tools render on every sync: random or looked-up material would
+    // rotate the CA and handle key each time.
+    for values in [
+        &[][..],
+        NON_DEFAULT,
+        &["tls.source=existingSecret", "tls.existingSecret=my-tls"],
+    ] {
+        assert_eq!(render_text(values), render_text(values), "{values:?}");
+    }
+    for entry in fs::read_dir(chart().join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = fs::read_to_string(&path).unwrap();
+        for function in [
+            "lookup",
+            "rand",
+            "genCA",
+            "genPrivateKey",
+            "genSigned",
+            "uuidv4",
+            "now",
+        ] {
+            assert!(
+                !text.contains(&format!("{function} ")) && !text.contains(&format!("({function}")),
+                "{} calls {function}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn an_existing_tls_secret_is_mounted_and_the_broker_keeps_the_ca_bundle() {
+    let rendered = typed(&render(&[
+        "tls.source=existingSecret",
+        "tls.existingSecret=my-tls",
+    ]));
+    let spec = rendered.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    let tls = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "tls")
+        .unwrap();
+    assert_eq!(
+        tls.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("my-tls")
+    );
+    let config = broker_accepts_config(&rendered);
+    assert_eq!(config.tls.cert, Path::new("/etc/tessera/tls/tls.crt"));
+    let bootstrap = config.bootstrap.unwrap();
+    assert_eq!(
+        bootstrap.tls_secret, None,
+        "the broker makes no certificate"
+    );
+    assert_eq!(bootstrap.webhook_configuration.as_deref(), Some("tessera"));
+    assert_eq!(
+        bootstrap.ca_file.as_deref(),
+        Some(Path::new("/etc/tessera/tls/ca.crt")),
+        "the caBundle is the Secret's ca.crt"
+    );
 }
 
 #[test]
@@ -570,6 +692,8 @@ fn the_values_schema_refuses_bad_values_with_their_path() {
         ("identity.source=jwks", "/identity/source"),
         ("webhook.tokenExpiration=ten", "/webhook/tokenExpiration"),
         ("replicaCount=0", "/replicaCount"),
+        ("tls.source=existingSecret", "/tls"),
+        ("tls.source=selfSigned", "/tls/source"),
         ("unknownKey=1", "unknownKey"),
     ] {
         let output = helm_on_chart(&["template", "tessera"], &[value]);

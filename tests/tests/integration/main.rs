@@ -4,6 +4,7 @@
 
 mod audit;
 mod auth;
+mod bootstrap;
 mod chart;
 mod delivery;
 mod hardening;

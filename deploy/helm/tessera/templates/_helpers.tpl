@@ -35,39 +35,33 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "tessera.tlsSecret" -}}
+{{- if eq .Values.tls.source "existingSecret" -}}
+{{- .Values.tls.existingSecret -}}
+{{- else -}}
 {{- printf "%s-tls" (include "tessera.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tessera.handleKeySecret" -}}
+{{- default (printf "%s-handle-key" (include "tessera.fullname" .)) .Values.leases.handleKey.existingSecret -}}
+{{- end -}}
+
+{{/* Where the broker writes what it reads from its Secrets (an in-memory volume). */}}
+{{- define "tessera.bootstrapDir" -}}/run/tessera/bootstrap{{- end -}}
+
+{{/* The directory of the serving certificate, its key and CA. */}}
+{{- define "tessera.tlsDir" -}}
+{{- if eq .Values.tls.source "broker" -}}
+{{- include "tessera.bootstrapDir" . -}}
+{{- else -}}
+/etc/tessera/tls
+{{- end -}}
 {{- end -}}
 
 {{- define "tessera.policyConfigMap" -}}
 {{- default (printf "%s-policy" (include "tessera.fullname" .)) .Values.policy.existingConfigMap -}}
 {{- end -}}
 
-{{/*
-The chart-generated CA and serving certificate (ECDSA P-256), reused from the
-existing Secret on upgrade so the webhook's caBundle and running sidecars keep
-trusting the broker. Rendered once per file: include it where the Secret and
-the caBundle are written together.
-*/}}
-{{- define "tessera.generatedTls" -}}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "tessera.tlsSecret" .) -}}
-{{- if and $existing $existing.data (hasKey $existing.data "ca.crt") -}}
-ca.crt: {{ index $existing.data "ca.crt" }}
-tls.crt: {{ index $existing.data "tls.crt" }}
-tls.key: {{ index $existing.data "tls.key" }}
-{{- else -}}
-{{- $host := include "tessera.serviceHost" . -}}
-{{- $ca := genCAWithKey "tessera-ca" 3650 (genPrivateKey "ecdsa") -}}
-{{- $cert := genSignedCertWithKey $host nil (list $host (printf "%s.cluster.local" $host) (include "tessera.fullname" .)) 3650 $ca (genPrivateKey "ecdsa") -}}
-ca.crt: {{ $ca.Cert | b64enc }}
-tls.crt: {{ $cert.Cert | b64enc }}
-tls.key: {{ $cert.Key | b64enc }}
-{{- end -}}
-{{- end -}}
-
-{{/* Whether the broker calls the Kubernetes API at all. */}}
-{{- define "tessera.needsApi" -}}
-{{- if or (eq .Values.identity.source "tokenReview") (eq .Values.identity.source "oidcDiscovery") .Values.identity.podLookup (eq .Values.webhook.sidecarMode "auto") -}}true{{- end -}}
-{{- end -}}
 
 {{/* The hardened container security context (broker). */}}
 {{- define "tessera.containerSecurityContext" -}}

@@ -1,0 +1,169 @@
+//! The broker makes its CA, serving certificate and handle key once, in
+//! Secrets, so the chart renders no random material (a GitOps sync or a
+//! second `helm template` changes nothing). Real OpenBao, PostgreSQL and
+//! broker processes; the Kubernetes API is the in-process stand-in
+//! (`tessera_tests::kube_api`), since no API server can be had here.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tessera_tests::{Env, EnvOptions, Postgres, db_policy, field, wait_for};
+
+fn bootstrapped() -> EnvOptions {
+    EnvOptions {
+        kube_api: true,
+        bootstrap: true,
+        ..EnvOptions::default()
+    }
+}
+
+fn data(secret: &Value, key: &str) -> String {
+    secret["data"][key].as_str().unwrap_or_default().to_owned()
+}
+
+fn ca_bundle(env: &Env) -> Option<String> {
+    env.kube
+        .as_ref()
+        .unwrap()
+        .webhook_configuration("tessera")
+        .unwrap()["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_and_handle_key_are_made_once_and_survive_restarts_and_other_replicas() {
+    let pg = Postgres::start();
+    let mut env = Env::start_with(&db_policy("10m", "0.7", "5s"), bootstrapped()).await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
+    let api = env.kube.as_ref().unwrap();
+    let tls = api
+        .secret("tessera", "tessera-tls")
+        .expect("the TLS Secret was made");
+    let handle = api
+        .secret("tessera", "tessera-handle-key")
+        .expect("the handle-key Secret was made");
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    for key in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
+        assert!(!data(&tls, key).is_empty(), "{key} in the TLS Secret");
+    }
+    let written_ca = std::fs::read(env.dir.path().join("bootstrap/ca.crt")).unwrap();
+    assert_eq!(base64(&written_ca), data(&tls, "ca.crt"));
+    assert!(
+        !env.dir.path().join("bootstrap/ca.key").exists(),
+        "the CA's key stays in the Secret"
+    );
+    assert_eq!(
+        ca_bundle(&env),
+        Some(data(&tls, "ca.crt")),
+        "caBundle is the CA"
+    );
+
+    let out = env.tmpfs_out();
+    let token = env.token_file("shop", "orders");
+    let sidecar = env.sidecar_run(&token, out.path(), &["db"]);
+    wait_for(Duration::from_secs(20), "delivery", || {
+        field(out.path(), "db", "password")
+    })
+    .await;
+    let user = field(out.path(), "db", "username").unwrap();
+    let resumed_before = sidecar.output().matches("files kept").count();
+
+    // Another replica starts, and the first is replaced by a new pod (its
+    // in-memory volume gone; the CA file stays, the sidecar here reads it):
+    // both read the Secrets, neither makes new ones.
+    let replica = env.start_replica("b").await;
+    let written = env.dir.path().join("bootstrap");
+    std::fs::remove_dir_all(written.join("handle")).unwrap();
+    std::fs::remove_file(written.join("tls.crt")).unwrap();
+    std::fs::remove_file(written.join("tls.key")).unwrap();
+    env.restart_broker().await;
+    let api = env.kube.as_ref().unwrap();
+    let tls_after = api.secret("tessera", "tessera-tls").unwrap();
+    let handle_after = api.secret("tessera", "tessera-handle-key").unwrap();
+    assert_eq!(
+        tls_after["metadata"]["resourceVersion"],
+        tls["metadata"]["resourceVersion"]
+    );
+    assert_eq!(handle_after, handle, "the handle key is the one made first");
+    assert!(replica.proc.output().contains("broker listening"));
+
+    // The sidecar trusts the CA it was given and resumes its lease with
+    // the handle sealed before the restart: the key came back from the Secret.
+    wait_for(Duration::from_secs(30), "the sidecar to resume", || {
+        (sidecar.output().matches("files kept").count() > resumed_before).then_some(())
+    })
+    .await;
+    assert_eq!(
+        field(out.path(), "db", "username").as_deref(),
+        Some(user.as_str())
+    );
+    assert_eq!(
+        env.bao.leases("database/creds/orders").len(),
+        1,
+        "no second user"
+    );
+    assert!(
+        !env.broker.output().contains("does not open"),
+        "the handle opened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emptied_ca_bundle_is_restored_and_a_due_certificate_is_renewed_under_the_same_ca() {
+    let env = Env::start_with(&db_policy("10m", "0.7", "5s"), bootstrapped()).await;
+    let api = env.kube.as_ref().unwrap();
+    let first = api.secret("tessera", "tessera-tls").unwrap();
+
+    // A GitOps sync applies the chart's configuration, which has no caBundle.
+    let mut synced = api.webhook_configuration("tessera").unwrap();
+    synced["webhooks"][0]["clientConfig"]
+        .as_object_mut()
+        .unwrap()
+        .remove("caBundle");
+    api.put_object(synced);
+    assert_eq!(ca_bundle(&env), None);
+    wait_for(
+        Duration::from_secs(10),
+        "the caBundle to be restored",
+        || ca_bundle(&env).filter(|b| *b == data(&first, "ca.crt")),
+    )
+    .await;
+
+    // The serving certificate falls due: a replica renews it with the same
+    // CA, and every replica's files follow.
+    let mut due = first.clone();
+    due["metadata"]["annotations"]["tessera.dev/renew-after"] = json!("2000-01-01T00:00:00Z");
+    api.put_object(due);
+    let renewed = wait_for(Duration::from_secs(10), "the renewal", || {
+        api.secret("tessera", "tessera-tls")
+            .filter(|s| data(s, "tls.crt") != data(&first, "tls.crt"))
+    })
+    .await;
+    assert_eq!(data(&renewed, "ca.crt"), data(&first, "ca.crt"), "same CA");
+    let written = env.dir.path().join("bootstrap/tls.crt");
+    wait_for(
+        Duration::from_secs(10),
+        "the new certificate's file",
+        || {
+            std::fs::read(&written)
+                .ok()
+                .filter(|pem| base64(pem) == data(&renewed, "tls.crt"))
+        },
+    )
+    .await;
+    // A client holding the CA from the start still connects.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(env.channel().await);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tessera.v1.Broker".to_owned(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().status, 1, "SERVING");
+}
