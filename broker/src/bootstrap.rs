@@ -278,6 +278,23 @@ fn renewal_due(secret: &Secret, dns_names: &[String], now: SystemTime) -> bool {
     due || names != Some(dns_names.join(",").as_str())
 }
 
+/// The Secret's entry `key`; its absence says what deleting the Secret makes.
+fn entry<'a>(
+    secret: &'a Secret,
+    full: &str,
+    key: &str,
+    remade: &str,
+) -> Result<&'a ByteString, BootstrapError> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .ok_or_else(|| BootstrapError::Malformed {
+            name: full.to_owned(),
+            detail: format!("has no `{key}`; delete it and the broker makes {remade}"),
+        })
+}
+
 /// The CA's certificate (PEM) and key.
 struct CaPair {
     cert_pem: String,
@@ -287,14 +304,12 @@ struct CaPair {
 impl CaPair {
     fn from_secret(secret: &Secret, full: &str) -> Result<Self, BootstrapError> {
         let field = |key: &str| -> Result<Zeroizing<String>, BootstrapError> {
-            let bytes = secret
-                .data
-                .as_ref()
-                .and_then(|data| data.get(key))
-                .ok_or_else(|| BootstrapError::Malformed {
-                    name: full.to_owned(),
-                    detail: format!("has no `{key}`; delete it and the broker makes a new CA (injected pods then need re-creating)"),
-                })?;
+            let bytes = entry(
+                secret,
+                full,
+                key,
+                "a new CA (injected pods then need re-creating)",
+            )?;
             Ok(Zeroizing::new(
                 String::from_utf8_lossy(&bytes.0).into_owned(),
             ))
@@ -398,14 +413,7 @@ fn write_tls(settings: &Settings, secret: &Secret) -> Result<(), BootstrapError>
         ("tls.crt", settings.cert_file(), 0o444),
         ("tls.key", settings.key_file(), 0o400),
     ] {
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|data| data.get(key))
-            .ok_or_else(|| BootstrapError::Malformed {
-                name: full.clone(),
-                detail: format!("has no `{key}`; delete it and the broker makes a new one"),
-            })?;
+        let bytes = entry(secret, &full, key, "a new one")?;
         write_if_changed(&path, &bytes.0, mode)?;
     }
     Ok(())
