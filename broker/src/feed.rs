@@ -13,12 +13,22 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    lease::Freshness,
     policy::{Kv2Source, Source, store::PolicyStore},
     vault::{KvSecret, Vault},
 };
 
-/// The latest version a feed has seen.
-pub type Latest = Option<Arc<KvSecret>>;
+/// A feed's last good read and how fresh it is.
+#[derive(Clone, Debug)]
+pub struct Fed {
+    /// The latest version read.
+    pub secret: Arc<KvSecret>,
+    /// When Vault last confirmed it, and whether its last check failed.
+    pub freshness: Freshness,
+}
+
+/// What a feed holds: nothing until its first successful read.
+pub type Latest = Option<Fed>;
 
 /// Starts and shares one poller per source; a poller stops when its last
 /// subscriber is gone.
@@ -62,15 +72,17 @@ impl Feeds {
     /// The latest value of `source` when a poller follows it (it is in the
     /// policy, or some stream watches it): its last good read, at most one
     /// poll interval old while Vault answers. `None` otherwise.
-    pub fn latest(&self, source: &Kv2Source) -> Option<Arc<KvSecret>> {
+    pub fn latest(&self, source: &Kv2Source) -> Latest {
         let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
         senders
             .get(source)
             .and_then(|sender| sender.borrow().clone())
     }
 
-    /// Subscribes to changes of `source`. The receiver's value starts as
-    /// `None` until the poller's first successful read.
+    /// Subscribes to changes of `source`: a new version, or its freshness
+    /// turning last-known-good or back (a confirmation alone updates the
+    /// value without waking anyone). The receiver's value starts as `None`
+    /// until the poller's first successful read.
     pub fn subscribe(&self, source: &Kv2Source) -> watch::Receiver<Latest> {
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(sender) = senders.get(source) {
@@ -114,15 +126,22 @@ async fn poll(
                 Ok(secret) => {
                     tracing::debug!(mount = %source.mount, path = %source.path, version = secret.version, "KV secret changed");
                     known = Some(secret.version);
-                    sender.send_replace(Some(Arc::new(secret)));
+                    sender.send_replace(Some(Fed {
+                        secret: Arc::new(secret),
+                        freshness: Freshness::now(),
+                    }));
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "reading a changed KV secret failed; will retry")
+                    tracing::warn!(%error, "reading a changed KV secret failed; will retry");
+                    sender.send_if_modified(went_stale);
                 }
             },
-            Ok(_) => {}
+            Ok(_) => {
+                sender.send_if_modified(confirmed);
+            }
             Err(error) => {
-                tracing::warn!(%error, "polling a KV secret's version failed; will retry")
+                tracing::warn!(%error, "polling a KV secret's version failed; will retry");
+                sender.send_if_modified(went_stale);
             }
         }
         let jitter = interval.mul_f64(fastrand::f64() * 0.1);
@@ -131,6 +150,26 @@ async fn poll(
             () = tokio::time::sleep(interval + jitter) => {}
         }
     }
+}
+
+/// Vault confirmed the held version: stamps it, and wakes the subscribers
+/// only when it had gone stale.
+fn confirmed(latest: &mut Latest) -> bool {
+    latest.as_mut().is_some_and(|fed| {
+        let was_stale = fed.freshness.last_known_good;
+        fed.freshness = Freshness::now();
+        was_stale
+    })
+}
+
+/// Vault did not answer: the held version is last-known-good from now on;
+/// wakes the subscribers when that is news.
+fn went_stale(latest: &mut Latest) -> bool {
+    latest.as_mut().is_some_and(|fed| {
+        let news = !fed.freshness.last_known_good;
+        fed.freshness.last_known_good = true;
+        news
+    })
 }
 
 /// Keeps `feeds` warm with every KV source of the current policy, at start
@@ -156,5 +195,51 @@ pub async fn keep_warm(policy: Arc<PolicyStore>, feeds: Arc<Feeds>, shutdown: Ca
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn fed(last_known_good: bool) -> Latest {
+        Some(Fed {
+            secret: Arc::new(KvSecret {
+                version: 3,
+                created: None,
+                fields: Default::default(),
+            }),
+            freshness: Freshness {
+                confirmed_at: SystemTime::UNIX_EPOCH + Duration::from_secs(10),
+                last_known_good,
+            },
+        })
+    }
+
+    #[test]
+    fn subscribers_wake_when_freshness_flips_not_at_every_confirmation() {
+        let mut latest = fed(false);
+        assert!(
+            !confirmed(&mut latest),
+            "a routine confirmation wakes nobody"
+        );
+        let stamped = latest.as_ref().unwrap().freshness.confirmed_at;
+        assert!(
+            stamped > SystemTime::UNIX_EPOCH + Duration::from_secs(10),
+            "but is stamped"
+        );
+        assert!(went_stale(&mut latest), "turning last-known-good is news");
+        assert!(!went_stale(&mut latest), "once");
+        assert_eq!(
+            latest.as_ref().unwrap().freshness.confirmed_at,
+            stamped,
+            "kept"
+        );
+        assert!(confirmed(&mut latest), "fresh again is news");
+        assert!(!latest.unwrap().freshness.last_known_good);
+        let mut empty: Latest = None;
+        assert!(!went_stale(&mut empty) && !confirmed(&mut empty));
     }
 }

@@ -32,6 +32,8 @@ impl std::fmt::Debug for v1::Credential {
             .field("group_id", &self.group_id)
             .field("handle", &format_args!("<{} bytes>", self.handle.len()))
             .field("unchanged", &self.unchanged)
+            .field("confirmed_at", &self.confirmed_at)
+            .field("last_known_good", &self.last_known_good)
             .finish()
     }
 }

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use crate::{
     client::{BrokerTarget, ClientError},
     notify::Notify,
-    status::Status,
+    status::{Status, Vouched},
     writer::{Access, Fields, Meta, WriteError, Writer},
 };
 
@@ -103,6 +103,7 @@ struct Pending {
     handle: Option<String>,
     access: Access,
     not_after: Option<SystemTime>,
+    vouched: Vouched,
 }
 
 /// Credentials delivered but not written, by binding.
@@ -121,7 +122,7 @@ impl Unwritten {
             match writer.write(binding, &pending.fields, meta, pending.access) {
                 Ok(_) => {
                     tracing::info!(%binding, version = %pending.version, "credential written after an earlier failure");
-                    status.confirmed(binding, &pending.version, pending.not_after);
+                    status.confirmed(binding, &pending.version, pending.not_after, pending.vouched);
                     written.push((binding.clone(), pending.version.clone()));
                     false
                 }
@@ -163,10 +164,16 @@ fn write_credential(
     let not_after = credential
         .not_after
         .and_then(|t| SystemTime::try_from(t).ok());
+    let vouched = Vouched {
+        confirmed_at: credential
+            .confirmed_at
+            .and_then(|t| SystemTime::try_from(t).ok()),
+        last_known_good: credential.last_known_good,
+    };
     if credential.unchanged {
         if !unwritten.0.contains_key(&binding) {
-            status.confirmed(&binding, &credential.version, not_after);
-            tracing::info!(%binding, version = %credential.version, "current credential still valid; files kept");
+            status.confirmed(&binding, &credential.version, not_after, vouched);
+            tracing::info!(%binding, version = %credential.version, last_known_good = vouched.last_known_good, "current credential still valid; files kept");
         }
         return Delivery::Written(false);
     }
@@ -195,6 +202,7 @@ fn write_credential(
                     handle: handle.clone(),
                     access,
                     not_after,
+                    vouched,
                 };
                 unwritten.0.insert(binding.clone(), pending);
             }
@@ -202,7 +210,7 @@ fn write_credential(
         });
     match result {
         Ok(changed) => {
-            status.confirmed(&binding, &credential.version, not_after);
+            status.confirmed(&binding, &credential.version, not_after, vouched);
             if changed {
                 tracing::info!(%binding, version = %credential.version, fields = fields.len(), "credential written");
             }

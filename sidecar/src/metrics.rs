@@ -56,11 +56,23 @@ pub fn render(out: &Path, now: SystemTime) -> String {
         "When the broker last delivered or confirmed the credential (Unix time)",
         confirmed.clone(),
     );
+    let vouched = Family::<BindingLabels, FloatGauge>::default();
+    registry.register(
+        "credential_vault_confirmed_timestamp_seconds",
+        "When Vault last vouched for the credential's values, as the broker reports it (Unix time)",
+        vouched.clone(),
+    );
     let stale = Family::<BindingLabels, Gauge>::default();
     registry.register(
         "credential_stale",
-        "1 while the broker (or its Vault) cannot be reached: the files are kept but may be outdated",
+        "1 while the broker cannot be reached or serves its last-known-good copy (Vault does not answer it): the files are kept but may be outdated",
         stale.clone(),
+    );
+    let last_known_good = Family::<BindingLabels, Gauge>::default();
+    registry.register(
+        "credential_last_known_good",
+        "1 while the broker serves the credential from its last-known-good copy because Vault does not answer it",
+        last_known_good.clone(),
     );
     let write_failures = Family::<BindingLabels, Counter>::default();
     registry.register(
@@ -80,7 +92,13 @@ pub fn render(out: &Path, now: SystemTime) -> String {
         if let Some(at) = seconds(&state.confirmed_at) {
             confirmed.get_or_create(&labels).set(at);
         }
+        if let Some(at) = state.vault_confirmed_at.as_deref().and_then(seconds) {
+            vouched.get_or_create(&labels).set(at);
+        }
         stale.get_or_create(&labels).set(i64::from(state.stale));
+        last_known_good
+            .get_or_create(&labels)
+            .set(i64::from(state.last_known_good));
         write_failures
             .get_or_create(&labels)
             .inc_by(state.write_failures);
@@ -146,6 +164,8 @@ pub async fn serve(listener: TcpListener, out: PathBuf, shutdown: CancellationTo
 mod tests {
     use std::time::Duration;
 
+    use crate::status::Vouched;
+
     use super::*;
 
     #[test]
@@ -153,9 +173,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
         let mut status = Status::default();
-        status.confirmed("db", "3", Some(now + Duration::from_secs(600)));
-        status.confirmed("tls", "7", Some(now + Duration::from_secs(90)));
-        status.confirmed("kv", "12", None);
+        let fresh = Vouched {
+            confirmed_at: Some(now),
+            last_known_good: false,
+        };
+        status.confirmed("db", "3", Some(now + Duration::from_secs(600)), fresh);
+        status.confirmed("tls", "7", Some(now + Duration::from_secs(90)), fresh);
+        status.confirmed(
+            "kv",
+            "12",
+            None,
+            Vouched {
+                confirmed_at: Some(now - Duration::from_secs(120)),
+                last_known_good: true,
+            },
+        );
         status.write(dir.path());
 
         let text = render(dir.path(), now);
@@ -166,7 +198,13 @@ mod tests {
             .parse()
             .unwrap();
         assert!((89.0..=90.0).contains(&until), "soonest is tls: {until}");
-        assert!(text.contains(r#"tessera_sidecar_credential_stale{binding="kv"} 0"#));
+        assert!(text.contains(r#"tessera_sidecar_credential_stale{binding="db"} 0"#));
+        assert!(text.contains(r#"tessera_sidecar_credential_stale{binding="kv"} 1"#));
+        assert!(text.contains(r#"tessera_sidecar_credential_last_known_good{binding="kv"} 1"#));
+        assert!(text.contains(r#"tessera_sidecar_credential_last_known_good{binding="db"} 0"#));
+        assert!(text.contains(
+            r#"tessera_sidecar_credential_vault_confirmed_timestamp_seconds{binding="kv"}"#
+        ));
         assert!(
             text.contains(r#"tessera_sidecar_credential_expiry_timestamp_seconds{binding="db"}"#)
         );

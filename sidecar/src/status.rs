@@ -1,6 +1,8 @@
 //! The sidecar's status file, `<out>/..tessera-status.json` (mode 0444, no
 //! secrets): per binding the version, when it stops being valid, when it was
-//! last delivered, and whether it is stale (the broker or Vault unreachable).
+//! last delivered, when Vault last vouched for it, and whether it is stale
+//! (the broker unreachable, or serving its last-known-good copy while Vault
+//! does not answer).
 //! `tessera-sidecar check` reads it for probes.
 
 use std::{
@@ -26,8 +28,17 @@ pub struct BindingStatus {
     pub not_after: Option<String>,
     /// When it was last delivered or confirmed (RFC 3339).
     pub confirmed_at: String,
-    /// True while the sidecar cannot reach the broker (or the broker Vault):
-    /// the files are kept but may be outdated.
+    /// When Vault last vouched for the values, as the broker reports it
+    /// (RFC 3339, milliseconds): issued, renewed, or a KV read that found
+    /// them current.
+    #[serde(default)]
+    pub vault_confirmed_at: Option<String>,
+    /// True while the broker serves the values from its last-known-good copy
+    /// because Vault does not answer it.
+    #[serde(default)]
+    pub last_known_good: bool,
+    /// True while the sidecar cannot reach the broker, or the broker cannot
+    /// reach Vault (`last_known_good`): the files are kept but may be outdated.
     pub stale: bool,
     /// The last error, while stale.
     pub error: Option<String>,
@@ -36,6 +47,15 @@ pub struct BindingStatus {
     /// disk are then the previous version and `stale` is true.
     #[serde(default)]
     pub write_failures: u64,
+}
+
+/// What the broker says of Vault's confirmation of a credential.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vouched {
+    /// When Vault last confirmed the values; `None` when the broker did not say.
+    pub confirmed_at: Option<SystemTime>,
+    /// The broker serves its last-known-good copy.
+    pub last_known_good: bool,
 }
 
 /// The whole status file.
@@ -58,8 +78,15 @@ impl Status {
             .unwrap_or_default()
     }
 
-    /// Records a delivery or confirmation of `binding`.
-    pub fn confirmed(&mut self, binding: &str, version: &str, not_after: Option<SystemTime>) {
+    /// Records a delivery or confirmation of `binding` by the broker, with
+    /// what it says of Vault's confirmation (`vouched`).
+    pub fn confirmed(
+        &mut self,
+        binding: &str,
+        version: &str,
+        not_after: Option<SystemTime>,
+        vouched: Vouched,
+    ) {
         let write_failures = self.bindings.get(binding).map_or(0, |s| s.write_failures);
         self.bindings.insert(
             binding.to_owned(),
@@ -67,8 +94,15 @@ impl Status {
                 version: version.to_owned(),
                 not_after: not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
                 confirmed_at: now(),
-                stale: false,
-                error: None,
+                vault_confirmed_at: vouched
+                    .confirmed_at
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                last_known_good: vouched.last_known_good,
+                stale: vouched.last_known_good,
+                error: vouched.last_known_good.then(|| {
+                    "the broker serves its last-known-good copy: Vault did not answer its last check"
+                        .to_owned()
+                }),
                 write_failures,
             },
         );
@@ -189,6 +223,7 @@ mod tests {
             "db",
             "v1",
             Some(SystemTime::now() + Duration::from_secs(60)),
+            Vouched::default(),
         );
         status.write(out.path());
         assert_eq!(Status::read(out.path()), status);
@@ -196,7 +231,12 @@ mod tests {
         status.stale("broker unreachable");
         status.write(out.path());
         assert!(Status::read(out.path()).bindings["db"].stale);
-        status.confirmed("db", "v1", Some(SystemTime::now() - Duration::from_secs(5)));
+        status.confirmed(
+            "db",
+            "v1",
+            Some(SystemTime::now() - Duration::from_secs(5)),
+            Vouched::default(),
+        );
         status.write(out.path());
         assert!(matches!(
             check(out.path(), &["db".into()]),
@@ -207,6 +247,31 @@ mod tests {
             "an expired credential is stale"
         );
         assert!(!status.expire(SystemTime::now()), "once");
+        // The broker says it serves a last-known-good copy: stale, and why.
+        let vouched = Vouched {
+            confirmed_at: Some(SystemTime::now() - Duration::from_secs(300)),
+            last_known_good: true,
+        };
+        status.confirmed("kv", "4", None, vouched);
+        let kv = &status.bindings["kv"];
+        assert!(kv.stale && kv.last_known_good, "{kv:?}");
+        assert!(
+            kv.error
+                .as_deref()
+                .unwrap()
+                .contains("Vault did not answer")
+        );
+        assert!(kv.vault_confirmed_at.is_some());
+        status.confirmed(
+            "kv",
+            "4",
+            None,
+            Vouched {
+                last_known_good: false,
+                ..vouched
+            },
+        );
+        assert!(!status.bindings["kv"].stale, "confirmed again");
         let mode = fs::metadata(out.path().join(STATUS_FILE))
             .unwrap()
             .permissions()

@@ -35,6 +35,34 @@ pub struct Live {
     pub lease: Option<LeaseId>,
     /// The sealed handle the pod holds; empty for KV.
     pub handle: Handle,
+    /// When Vault last vouched for the values.
+    pub freshness: Freshness,
+}
+
+/// When Vault last vouched for a credential's values, and whether the
+/// broker serves them from its last-known-good copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Freshness {
+    /// When Vault last confirmed the values (issued, renewed, looked up, or
+    /// a KV read that found them current).
+    pub confirmed_at: SystemTime,
+    /// Vault did not answer the last check: the values may be outdated.
+    pub last_known_good: bool,
+}
+
+impl Freshness {
+    /// Confirmed by Vault just now.
+    pub fn now() -> Self {
+        Self::confirmed_at(SystemTime::now())
+    }
+
+    /// Confirmed by Vault at `at`.
+    pub fn confirmed_at(at: SystemTime) -> Self {
+        Self {
+            confirmed_at: at,
+            last_known_good: false,
+        }
+    }
 }
 
 /// Who a credential is for: the verified identity and, for the audit
@@ -146,6 +174,8 @@ pub fn credential(
         group_id: binding.output.group,
         handle: live.handle.as_str().to_owned(),
         unchanged: fields.is_none(),
+        confirmed_at: Some(live.freshness.confirmed_at.into()),
+        last_known_good: live.freshness.last_known_good,
     })
 }
 

@@ -26,7 +26,7 @@ use std::{
 use tessera_proto::v1::Credential;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use self::credential::{Caller, Live, event, from_unix, stamp, unix};
+pub use self::credential::{Caller, Freshness, Live, event, from_unix, stamp, unix};
 use self::{
     credential::pki_names,
     handle::{Claims, Handle, HandleError, HandleKey},
@@ -37,11 +37,11 @@ use self::{
 use crate::{
     audit::{Action, Audit, Event, Outcome},
     error::Error,
-    feed::Feeds,
+    feed::{Fed, Feeds},
     identity::Identity,
     metrics::Metrics,
     policy::{Binding, RenderError, Source},
-    vault::{KvSecret, Vault, VaultError},
+    vault::{Vault, VaultError},
 };
 
 /// How leases are kept (the `leases:` block of the configuration).
@@ -238,16 +238,19 @@ impl Engine {
         }
         let (mut live, fields) = match &binding.source {
             Source::Kv2(kv) => {
-                let secret = match self.feeds.latest(kv) {
-                    Some(latest) => latest,
-                    None => Arc::new(
-                        self.vault
-                            .read_kv2(kv, Some(&vault_stamp))
-                            .await
-                            .map_err(Self::vault_error(binding))?,
-                    ),
+                let fed = match self.feeds.latest(kv) {
+                    Some(fed) => fed,
+                    None => Fed {
+                        secret: Arc::new(
+                            self.vault
+                                .read_kv2(kv, Some(&vault_stamp))
+                                .await
+                                .map_err(Self::vault_error(binding))?,
+                        ),
+                        freshness: Freshness::now(),
+                    },
                 };
-                let (live, credential) = Self::kv_credential(binding, &secret);
+                let (live, credential) = Self::kv_credential(binding, &fed);
                 return Ok((live, credential?));
             }
             Source::Database(db) => {
@@ -265,6 +268,7 @@ impl Engine {
                     renewable: leased.renewable,
                     lease: Some(lease),
                     handle: Handle::default(),
+                    freshness: Freshness::now(),
                 };
                 (live, leased.fields)
             }
@@ -296,6 +300,7 @@ impl Engine {
                     renewable: false,
                     lease: Some(LeaseId::new(issued.serial)),
                     handle: Handle::default(),
+                    freshness: Freshness::now(),
                 };
                 (live, issued.fields)
             }
@@ -319,10 +324,8 @@ impl Engine {
     /// and what a stream pushes when the secret changes. The [`Live`] comes
     /// back even when the fields do not make the binding's files
     /// ([`Error::Render`]), so that failure can be audited with it.
-    pub fn kv_credential(
-        binding: &Arc<Binding>,
-        secret: &KvSecret,
-    ) -> (Live, Result<Credential, Error>) {
+    pub fn kv_credential(binding: &Arc<Binding>, fed: &Fed) -> (Live, Result<Credential, Error>) {
+        let secret = &fed.secret;
         let live = Live {
             binding: binding.clone(),
             version: secret.version.to_string(),
@@ -331,6 +334,7 @@ impl Engine {
             renewable: false,
             lease: None,
             handle: Handle::default(),
+            freshness: fed.freshness,
         };
         let credential = credential::credential(&live, Some(&secret.fields));
         (live, credential)
@@ -397,6 +401,7 @@ impl Engine {
                     renewable: lookup.renewable,
                     lease: Some(LeaseId::new(claims.lease)),
                     handle: held.clone(),
+                    freshness: Freshness::now(),
                 }
             }
             Source::Pki(_) => {
@@ -412,6 +417,8 @@ impl Engine {
                     renewable: false,
                     lease: Some(LeaseId::new(claims.lease)),
                     handle: held.clone(),
+                    // A certificate stands on its own until it expires.
+                    freshness: Freshness::confirmed_at(issued_at),
                 }
             }
         };
@@ -477,6 +484,7 @@ impl Engine {
                         let mut renewed = live.clone();
                         renewed.issued_at = now;
                         renewed.not_after = Some(new_end);
+                        renewed.freshness = Freshness::confirmed_at(now);
                         self.update_record(&renewed, &caller.identity, None).await;
                         return Ok(Step::Renewed(renewed));
                     }
@@ -583,6 +591,7 @@ impl Engine {
             renewable: false,
             lease: (!claims.lease.is_empty()).then(|| LeaseId::new(claims.lease)),
             handle: held.clone(),
+            freshness: Freshness::confirmed_at(from_unix(claims.issued_at)),
         })
     }
 }

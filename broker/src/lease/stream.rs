@@ -26,11 +26,10 @@ use super::{
 use crate::{
     audit::{Action, Event, Outcome},
     error::Error,
-    feed::Latest,
+    feed::{Fed, Latest},
     identity::Verifier,
     metrics::Metrics,
     policy::{Binding, store::PolicyStore},
-    vault::KvSecret,
 };
 
 /// Most open `Watch` streams one pod may hold on one leased binding: each
@@ -148,7 +147,9 @@ pub struct OpenStream {
     bindings: Vec<Arc<Binding>>,
     generation: u64,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
-    kv_sent: HashMap<String, String>,
+    /// Per KV binding: the version sent, and whether it was sent as
+    /// last-known-good.
+    kv_sent: HashMap<String, (String, bool)>,
     leased: HashMap<String, Pending>,
     _slots: Slots,
 }
@@ -181,8 +182,10 @@ impl OpenStream {
         if live.binding.source.is_leased() {
             self.schedule(live, 0);
         } else {
-            self.kv_sent
-                .insert(live.binding.name.clone(), live.version.clone());
+            self.kv_sent.insert(
+                live.binding.name.clone(),
+                (live.version.clone(), live.freshness.last_known_good),
+            );
         }
     }
 
@@ -255,8 +258,8 @@ impl OpenStream {
                     Err(_) => StreamEnd::ShuttingDown.status("broker is shutting down; reconnect"),
                 },
                 change = changes.next(), if watching_kv => match change {
-                    Some((binding, Some(secret))) => {
-                        if !self.kv_changed(&binding, &secret).await {
+                    Some((binding, Some(fed))) => {
+                        if !self.kv_changed(&binding, &fed).await {
                             self.closed().await;
                             return;
                         }
@@ -320,14 +323,28 @@ impl OpenStream {
         )))
     }
 
-    /// Pushes a new KV version; false when the caller is gone.
-    async fn kv_changed(&mut self, binding: &Arc<Binding>, secret: &KvSecret) -> bool {
-        let version = secret.version.to_string();
-        if self.kv_sent.get(&binding.name) == Some(&version) {
-            return true;
-        }
+    /// Pushes a new KV version, or an `unchanged` notice when the version
+    /// the pod holds turned last-known-good or was confirmed again; false
+    /// when the caller is gone.
+    async fn kv_changed(&mut self, binding: &Arc<Binding>, fed: &Fed) -> bool {
+        let version = fed.secret.version.to_string();
+        let stale = fed.freshness.last_known_good;
         let engine = &self.shared.engine;
-        let (live, credential) = Engine::kv_credential(binding, secret);
+        let (live, credential) = Engine::kv_credential(binding, fed);
+        match self.kv_sent.get(&binding.name) {
+            Some((sent, was_stale)) if *sent == version => {
+                if *was_stale == stale {
+                    return true;
+                }
+                self.kv_sent.insert(binding.name.clone(), (version, stale));
+                tracing::info!(binding = %binding.name, last_known_good = stale, "freshness changed; telling the pod");
+                return match credential::credential(&live, None) {
+                    Ok(notice) => self.send(notice).await,
+                    Err(_) => true,
+                };
+            }
+            _ => {}
+        }
         let credential = match credential {
             Ok(credential) => credential,
             Err(error) => {
@@ -336,7 +353,7 @@ impl OpenStream {
                 let mut event = super::event(Action::Rotate, Outcome::Error, &self.caller, &live);
                 event.reason = Some(error.to_string());
                 engine.report(&event);
-                self.kv_sent.insert(binding.name.clone(), version);
+                self.kv_sent.insert(binding.name.clone(), (version, stale));
                 return true;
             }
         };
@@ -347,7 +364,7 @@ impl OpenStream {
             &self.caller,
             &live,
         ));
-        self.kv_sent.insert(binding.name.clone(), version);
+        self.kv_sent.insert(binding.name.clone(), (version, stale));
         self.send(credential).await
     }
 

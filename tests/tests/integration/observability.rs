@@ -226,7 +226,12 @@ async fn exposition_and_alert_rules_pass_promtool() {
     let out = tempfile::tempdir().unwrap();
     let mut status = tessera_sidecar::status::Status::default();
     let now = std::time::SystemTime::now();
-    status.confirmed("db", "1", Some(now + Duration::from_secs(600)));
+    status.confirmed(
+        "db",
+        "1",
+        Some(now + Duration::from_secs(600)),
+        tessera_sidecar::status::Vouched::default(),
+    );
     status.write(out.path());
     let sidecar = tessera_sidecar::metrics::render(out.path(), now);
     let sidecar_check = promtool(

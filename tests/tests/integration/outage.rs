@@ -1,7 +1,8 @@
 //! A Vault outage: OpenBao (with Raft storage) is killed mid-run and started
 //! again. Delivered files stay intact; every KV secret of the policy is still
 //! served from the replica's last good read, watched or not (new pods can
-//! start), anything that needs Vault gets UNAVAILABLE with retry information;
+//! start), marked last-known-good with the time Vault last confirmed it;
+//! anything that needs Vault gets UNAVAILABLE with retry information;
 //! delivery resumes when Vault is back.
 
 use std::time::Duration;
@@ -34,6 +35,9 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
 
     // The broker polls every 200 ms here: give it a few polls to read `other`.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let app_status = || tessera_sidecar::status::Status::read(out.path()).bindings["app"].clone();
+    assert!(!app_status().last_known_good, "{:?}", app_status());
+    let killed_at = std::time::SystemTime::now();
     env.bao.kill();
     let token = env.token("shop", "orders");
     let cached = env
@@ -70,9 +74,49 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
         Some("before"),
         "files intact during the outage"
     );
+    // The broker says what it serves is last-known-good, and since when
+    // Vault has not confirmed it; the open stream's sidecar reports it.
+    let mut served = None;
+    for _ in 0..50 {
+        let credential = env.fetch(&token, &["app"]).await.unwrap().credentials[0].clone();
+        if credential.last_known_good {
+            served = Some(credential);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let served = served.expect("the broker marks its copy last-known-good once its poll fails");
+    let confirmed = std::time::SystemTime::try_from(served.confirmed_at.unwrap()).unwrap();
+    assert!(confirmed <= killed_at, "confirmed before Vault went away");
+    let stale = wait_for(
+        Duration::from_secs(10),
+        "the sidecar to report staleness",
+        || Some(app_status()).filter(|s| s.last_known_good),
+    )
+    .await;
+    assert!(stale.stale, "{stale:?}");
+    assert!(
+        stale
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("last-known-good")
+    );
 
     let dir = env.dir.path().to_owned();
     env.bao.restart(&dir).await;
+    // Vault confirms the same version again: the sidecar hears it is fresh.
+    let fresh = wait_for(Duration::from_secs(30), "Vault's confirmation", || {
+        Some(app_status()).filter(|s| !s.last_known_good)
+    })
+    .await;
+    assert!(!fresh.stale, "{fresh:?}");
+    let reconfirmed =
+        humantime::parse_rfc3339(fresh.vault_confirmed_at.as_deref().unwrap()).unwrap();
+    assert!(
+        reconfirmed > killed_at,
+        "confirmed after the outage: {fresh:?}"
+    );
     env.bao
         .put("shop/orders", &json!({ "password": "after" }))
         .await;
