@@ -23,9 +23,13 @@ use serde_json::Value;
 
 use crate::{OpenBao, Proc, bao_binary, free_port, openbao::raft_config};
 
-/// Another node of a cluster: its address and, while it runs, its process.
+/// Another node of a cluster: its address, configuration, unseal key and,
+/// while it runs, its process.
 pub(crate) struct Peer {
     address: String,
+    name: String,
+    config: std::path::PathBuf,
+    unseal_key: String,
     proc: Option<Proc>,
 }
 
@@ -48,7 +52,7 @@ impl OpenBao {
             let proc =
                 Self::spawn_server_named(dir, &config, port, &format!("openbao-node-{index}"))
                     .await;
-            nodes.push((format!("http://127.0.0.1:{port}"), proc));
+            nodes.push((format!("http://127.0.0.1:{port}"), proc, config));
         }
         let leader = nodes[0].0.clone();
         let init = run(
@@ -91,7 +95,7 @@ impl OpenBao {
                 "-server-stabilization-time=1s",
             ],
         );
-        for (address, _) in &nodes[1..] {
+        for (address, _, _) in &nodes[1..] {
             run(address, None, &["operator", "raft", "join", &leader]);
             run(address, None, &["operator", "unseal", &unseal]);
         }
@@ -109,7 +113,7 @@ impl OpenBao {
                     .map(|servers| servers.iter().filter(|s| s["voter"] == true).count())
             }) == Some(size)
         });
-        let addresses: Vec<String> = nodes.iter().map(|(a, _)| a.clone()).collect();
+        let addresses: Vec<String> = nodes.iter().map(|(a, _, _)| a.clone()).collect();
         let proxy = ActiveProxy::start(addresses);
         let mut bao = Self {
             proc: None,
@@ -119,8 +123,12 @@ impl OpenBao {
             persistent: None,
             peers: nodes
                 .into_iter()
-                .map(|(address, proc)| Peer {
+                .enumerate()
+                .map(|(index, (address, proc, config))| Peer {
                     address,
+                    name: format!("openbao-node-{index}"),
+                    config,
+                    unseal_key: unseal.clone(),
                     proc: Some(proc),
                 })
                 .collect(),
@@ -170,6 +178,44 @@ impl OpenBao {
             proc.kill();
         }
         active
+    }
+
+    /// Kills (SIGKILL) every node of a cluster: Vault is gone.
+    pub fn kill_all(&mut self) {
+        for peer in &mut self.peers {
+            if let Some(mut proc) = peer.proc.take() {
+                proc.kill();
+            }
+        }
+    }
+
+    /// Starts every killed node of a cluster again with its data, unseals
+    /// it, and waits until the cluster takes writes through the proxy.
+    pub async fn restart_killed(&mut self, dir: &Path) {
+        for peer in self.peers.iter_mut().filter(|p| p.proc.is_none()) {
+            let port: u16 = peer.address.rsplit(':').next().unwrap().parse().unwrap();
+            peer.proc = Some(Self::spawn_server_named(dir, &peer.config, port, &peer.name).await);
+            run(
+                &peer.address,
+                None,
+                &["operator", "unseal", &peer.unseal_key],
+            );
+        }
+        self.proxy_follows_leader();
+        let (address, token) = (self.address.clone(), self.root_token.clone());
+        wait_until(
+            Duration::from_secs(60),
+            "the cluster to take writes",
+            || {
+                try_run(
+                    &address,
+                    Some(&token),
+                    &["policy", "write", "tessera-ready-probe", "-"],
+                    "path \"x/*\" { capabilities = [\"read\"] }",
+                )
+                .is_some()
+            },
+        );
     }
 }
 
@@ -267,7 +313,7 @@ impl Drop for ActiveProxy {
 }
 
 /// Copies bytes both ways between two connections until either side closes.
-fn pipe(client: TcpStream, upstream: TcpStream) {
+pub(crate) fn pipe(client: TcpStream, upstream: TcpStream) {
     let (Ok(client_read), Ok(upstream_read)) = (client.try_clone(), upstream.try_clone()) else {
         return;
     };

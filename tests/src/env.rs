@@ -556,8 +556,26 @@ webhook:
         Replica {
             proc,
             uri: format!("https://127.0.0.1:{port}"),
+            port,
             audit: self.dir.path().join(format!("audit-{name}.jsonl")),
+            config,
+            log: format!("broker-{name}.log"),
         }
+    }
+
+    /// Rotates the dev handle key as an operator would: the current one is
+    /// kept as `dev/handle-N.key` (returned) and a new one takes its place.
+    /// Brokers use it once restarted with the returned file retired
+    /// ([`Replica::retire_handle_key`]).
+    pub fn rotate_handle_key(&self) -> String {
+        let dev = self.dir.path().join("dev");
+        let retired = (1..)
+            .map(|n| format!("dev/handle-{n}.key"))
+            .find(|name| !self.dir.path().join(name).exists())
+            .unwrap();
+        fs::rename(dev.join("handle.key"), self.dir.path().join(&retired)).unwrap();
+        fs::write(dev.join("handle.key"), random_string(48)).unwrap();
+        retired
     }
 }
 
@@ -567,10 +585,51 @@ pub struct Replica {
     pub proc: Proc,
     /// `https://127.0.0.1:PORT`.
     pub uri: String,
+    /// Its gRPC port.
+    pub port: u16,
     audit: PathBuf,
+    config: String,
+    log: String,
 }
 
 impl Replica {
+    /// Stops the replica (SIGTERM and its drain when `graceful`, SIGKILL
+    /// otherwise) and starts it again with its configuration and port, as
+    /// a rolling update or a crash would replace it.
+    pub async fn restart(&mut self, env: &Env, graceful: bool) {
+        if graceful {
+            self.proc.terminate();
+        }
+        self.proc.kill();
+        self.proc = spawn_broker_from(
+            env.dir.path(),
+            &self.config,
+            &self.log,
+            self.port,
+            &env.options,
+        )
+        .await;
+    }
+
+    /// Lists `retired` (a path in the environment's directory) among the
+    /// replica's retired handle keys, for its next start.
+    pub fn retire_handle_key(&self, retired: &str, env: &Env) {
+        let path = env.dir.path().join(&self.config);
+        let text = fs::read_to_string(&path).unwrap();
+        let text = if text.contains("retiredHandleKeyFiles: [") {
+            text.replace(
+                "retiredHandleKeyFiles: [",
+                &format!("retiredHandleKeyFiles: [{retired}, "),
+            )
+        } else {
+            text.replace(
+                "  handleKeyFile: dev/handle.key\n",
+                &format!("  handleKeyFile: dev/handle.key\n  retiredHandleKeyFiles: [{retired}]\n"),
+            )
+        };
+        fs::write(path, text).unwrap();
+    }
+
     /// The replica's audit events so far.
     pub fn audit_events(&self) -> Vec<Value> {
         fs::read_to_string(&self.audit)

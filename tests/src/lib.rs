@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod balancer;
 mod cluster;
 mod env;
 mod http;
@@ -22,6 +23,7 @@ pub mod otlp;
 mod postgres;
 mod proc;
 
+pub use balancer::Balancer;
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, pod_uid};
 pub use http::{http_get, https_post};
 pub use openbao::OpenBao;

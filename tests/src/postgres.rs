@@ -119,6 +119,26 @@ impl Postgres {
             .unwrap()
     }
 
+    /// Restarts the server (fast shutdown: connections are cut), with the
+    /// options it was started with; returns once it takes connections.
+    pub fn restart(&self) {
+        // The server logs to its file: pg_ctl's own output pipe would
+        // otherwise stay open as long as the server runs.
+        let restarted = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-m", "fast", "-w", "restart"])
+            .output()
+            .unwrap();
+        assert!(
+            restarted.status.success(),
+            "PostgreSQL did not restart: {}",
+            String::from_utf8_lossy(&restarted.stderr)
+        );
+    }
+
     /// Whether `user` can log in with `password`.
     pub fn can_login(&self, user: &str, password: &str) -> bool {
         self.psql(user, password, "select 1").status.success()
