@@ -21,7 +21,7 @@ use measure::{Sample, proc_sample};
 use report::{Report, Row};
 use serde_json::json;
 use tessera_broker::dev::TokenSpec;
-use tessera_tests::{Env, EnvOptions, Postgres, Proc, bao_binary, binary};
+use tessera_tests::{Balancer, Env, EnvOptions, Postgres, Proc, bao_binary, binary};
 
 /// Sizes of the run; `TESSERA_BENCH_QUICK=1` shrinks them for a smoke run
 /// (its figures mean little).
@@ -91,6 +91,11 @@ fn tmpfs() -> tempfile::TempDir {
 }
 
 fn spawn_sidecar(env: &Env, name: &str) -> Pod {
+    spawn_sidecar_at(env, &env.broker_uri, name)
+}
+
+/// A pod whose sidecar dials `broker` (a replica, or the balancer).
+fn spawn_sidecar_at(env: &Env, broker: &str, name: &str) -> Pod {
     let out = tmpfs();
     let mut spec = TokenSpec::new("bench", "app");
     spec.pod = Some(name.to_owned());
@@ -104,7 +109,8 @@ fn spawn_sidecar(env: &Env, name: &str) -> Pod {
     // As the webhook injects it: without IPC_LOCK, so memory is not locked
     // (the bench runs as root, which could lock and would then hold the
     // whole binary resident).
-    let proc = env.sidecar_run_with(
+    let proc = env.sidecar_run_at_with(
+        broker,
         &token,
         out.path(),
         &["app", "db"],
@@ -223,6 +229,38 @@ fn samples(pods: &[Pod]) -> Vec<Sample> {
     pods.iter()
         .filter_map(|p| proc_sample(p.proc.pid()))
         .collect()
+}
+
+/// Vault requests a fleet of `fleet` pods spread over 3 replicas (the
+/// environment's broker and two more, behind a loopback balancer standing in
+/// for the Service) makes: (at start, over `idle_window`).
+async fn replicated_fleet(
+    env: &Env,
+    fleet: usize,
+    idle_window: Duration,
+) -> anyhow::Result<(usize, usize)> {
+    let replicas = [env.start_replica("r2").await, env.start_replica("r3").await];
+    let first: u16 = env
+        .broker_uri
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the broker's port")?;
+    let balancer = Balancer::start(
+        std::iter::once(first)
+            .chain(replicas.iter().map(|r| r.port))
+            .collect(),
+    );
+    let (_, _, audit_start) = vault_requests(&env.bao.audit_log, 0);
+    let mut pods: Vec<Pod> = (0..fleet)
+        .map(|i| spawn_sidecar_at(env, &balancer.uri, &format!("three-{i}")))
+        .collect();
+    wait_ready(&mut pods).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (startup, _, audit_steady) = vault_requests(&env.bao.audit_log, audit_start);
+    tokio::time::sleep(idle_window).await;
+    let (steady, _, _) = vault_requests(&env.bao.audit_log, audit_steady);
+    Ok((startup, steady))
 }
 
 /// Vault requests in OpenBao's audit log, after line `from`, made by the
@@ -437,6 +475,20 @@ at 50 pods), or change notifications from Vault instead of polling (Vault Enterp
     }
     drop(tessera);
     drop(agents);
+
+    println!("== fleet of {fleet} behind 3 replicas: Vault requests over {idle_window:?}");
+    let (startup_3, steady_3) = replicated_fleet(&env, fleet, idle_window).await?;
+    let three_hour = per_pod_hour(startup_3, steady_3);
+    // Each replica keeps every KV secret of the policy warm: one version
+    // check per secret and replica per kvPollInterval.
+    let polling_term = 2.0 * 3600.0 / 15.0 / fleet as f64;
+    report.note(format!(
+        "With 3 replicas behind a Service (a loopback round-robin balancer here), the same fleet of {fleet} costs Vault \
+{three_hour:.2} requests per pod-hour ({startup_3} at start + {steady_3} in the idle window) against {tessera_hour:.2} with one replica. \
+What more replicas add is the KV polling term only: each replica checks each KV secret of the policy every 15 s, \
+{polling_term:.2} per pod-hour for two more replicas and one secret at {fleet} pods; leases are issued and renewed once per pod, \
+whichever replica serves it."
+    ));
 
     // The remaining runs time change propagation: poll every second.
     let text =

@@ -126,7 +126,7 @@ impl Report {
         let mark = |ok: bool| if ok { "met" } else { "**missed**" };
         let _ = writeln!(
             self.body,
-            "\n### {} `Watch` streams on one broker\n",
+            "\n### {} `Watch` streams on one broker\n\nAll on one replica: the per-replica figure (behind a Service, streams divide over the replicas).\n",
             w.streams
         );
         let _ = writeln!(self.body, "| metric | value | target |\n|---|---|---|");

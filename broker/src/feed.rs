@@ -39,6 +39,9 @@ pub struct Feeds {
     senders: Arc<Mutex<HashMap<Kv2Source, watch::Sender<Latest>>>>,
     /// What keeps a poller on every KV source of the policy.
     warm: Mutex<HashMap<Kv2Source, watch::Receiver<Latest>>>,
+    /// Poll intervals by source: the shortest of the policy's bindings
+    /// (`refreshInterval`, else the default).
+    intervals: Arc<Mutex<HashMap<Kv2Source, Duration>>>,
 }
 
 impl Feeds {
@@ -50,15 +53,21 @@ impl Feeds {
             shutdown,
             senders: Arc::default(),
             warm: Mutex::default(),
+            intervals: Arc::default(),
         }
     }
 
-    /// Keeps a poller on each of `sources` (and stops keeping the others):
-    /// every replica then holds a last good read of every KV source in the
+    /// Keeps a poller on each of `sources` (and stops keeping the others),
+    /// polling at the interval given (the default when `None`): every
+    /// replica then holds a last good read of every KV source in the
     /// policy, so a new pod's KV bindings are served while Vault is away.
     /// Vault's load is one version check per source and replica per poll
     /// interval, whatever the number of pods.
-    pub fn warm(&self, sources: HashSet<Kv2Source>) {
+    /// Several bindings of one secret: the shortest interval wins.
+    pub fn warm(&self, bindings: Vec<(Kv2Source, Option<Duration>)>) {
+        let intervals = shortest_intervals(bindings, self.interval);
+        let sources: HashSet<Kv2Source> = intervals.keys().cloned().collect();
+        *self.intervals.lock().unwrap_or_else(|p| p.into_inner()) = intervals;
         let mut warm = self.warm.lock().unwrap_or_else(|p| p.into_inner());
         warm.retain(|source, _| sources.contains(source));
         for source in sources {
@@ -94,7 +103,10 @@ impl Feeds {
             self.vault.clone(),
             source.clone(),
             sender,
-            self.interval,
+            Interval {
+                default: self.interval,
+                set: self.intervals.clone(),
+            },
             self.shutdown.clone(),
             self.senders.clone(),
         ));
@@ -102,11 +114,46 @@ impl Feeds {
     }
 }
 
+/// Each source's poll interval: the shortest its bindings ask for, a
+/// binding without `refreshInterval` asking for `default`.
+fn shortest_intervals(
+    bindings: Vec<(Kv2Source, Option<Duration>)>,
+    default: Duration,
+) -> HashMap<Kv2Source, Duration> {
+    let mut intervals: HashMap<Kv2Source, Duration> = HashMap::new();
+    for (source, interval) in bindings {
+        let interval = interval.unwrap_or(default);
+        intervals
+            .entry(source)
+            .and_modify(|shortest| *shortest = (*shortest).min(interval))
+            .or_insert(interval);
+    }
+    intervals
+}
+
+/// A poller's interval: the policy's for its source, else the default;
+/// read at every poll, so a policy change applies at the next one.
+struct Interval {
+    default: Duration,
+    set: Arc<Mutex<HashMap<Kv2Source, Duration>>>,
+}
+
+impl Interval {
+    fn of(&self, source: &Kv2Source) -> Duration {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(source)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
 async fn poll(
     vault: Arc<Vault>,
     source: Kv2Source,
     sender: watch::Sender<Latest>,
-    interval: Duration,
+    interval: Interval,
     shutdown: CancellationToken,
     senders: Arc<Mutex<HashMap<Kv2Source, watch::Sender<Latest>>>>,
 ) {
@@ -121,6 +168,9 @@ async fn poll(
                 return;
             }
         }
+        // A failed check is retried at the default interval at the latest:
+        // a long refreshInterval must not leave an outage unnoticed for hours.
+        let mut failed = false;
         match vault.kv2_version(&source).await {
             Ok(version) if known != Some(version) => match vault.read_kv2(&source, None).await {
                 Ok(secret) => {
@@ -134,6 +184,7 @@ async fn poll(
                 Err(error) => {
                     tracing::warn!(%error, "reading a changed KV secret failed; will retry");
                     sender.send_if_modified(went_stale);
+                    failed = true;
                 }
             },
             Ok(_) => {
@@ -142,8 +193,14 @@ async fn poll(
             Err(error) => {
                 tracing::warn!(%error, "polling a KV secret's version failed; will retry");
                 sender.send_if_modified(went_stale);
+                failed = true;
             }
         }
+        let interval = if failed {
+            interval.of(&source).min(interval.default)
+        } else {
+            interval.of(&source)
+        };
         let jitter = interval.mul_f64(fastrand::f64() * 0.1);
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -180,16 +237,16 @@ pub async fn keep_warm(policy: Arc<PolicyStore>, feeds: Arc<Feeds>, shutdown: Ca
         let loaded = policy.current();
         if generation != Some(loaded.generation) {
             generation = Some(loaded.generation);
-            let sources = loaded
+            let bindings = loaded
                 .policy
                 .bindings
                 .iter()
                 .filter_map(|binding| match &binding.source {
-                    Source::Kv2(kv) => Some(kv.clone()),
+                    Source::Kv2(kv) => Some((kv.clone(), binding.refresh_interval)),
                     _ => None,
                 })
                 .collect();
-            feeds.warm(sources);
+            feeds.warm(bindings);
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -216,6 +273,37 @@ mod tests {
                 last_known_good,
             },
         })
+    }
+
+    #[test]
+    fn a_secret_polls_at_the_shortest_interval_its_bindings_ask_for() {
+        let source = |path: &str| Kv2Source {
+            mount: "secret".to_owned(),
+            path: path.to_owned(),
+            keys: None,
+        };
+        let (minute, hour, default) = (
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+            Duration::from_secs(15),
+        );
+        let intervals = shortest_intervals(
+            vec![
+                (source("a"), Some(hour)),
+                (source("a"), Some(minute)),
+                (source("b"), Some(hour)),
+                (source("b"), None),
+                (source("c"), Some(hour)),
+            ],
+            default,
+        );
+        assert_eq!(intervals[&source("a")], minute);
+        assert_eq!(
+            intervals[&source("b")],
+            default,
+            "a binding without one polls at the default"
+        );
+        assert_eq!(intervals[&source("c")], hour);
     }
 
     #[test]

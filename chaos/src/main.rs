@@ -56,8 +56,9 @@ impl Sizes {
                 recovery_limit: Duration::from_secs(120),
                 lease_limit: Duration::from_secs(60),
             },
-            // Renewed every 2.5 minutes and rotated near 8: both happen
-            // during the run, under the faults.
+            // Longer than the Vault outage, so the run tells a lost
+            // credential from an expired one; renewed every 2.5 minutes,
+            // under the faults. (Rotation under faults: the leases tests.)
             db_ttl: ("5m", "8m"),
         }
     }

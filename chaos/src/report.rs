@@ -99,7 +99,7 @@ pub fn write(
     let text = format!(
         "# Reliability: the fault matrix\n\n\
 Written by `scripts/chaos` (the full run) on {date}, on this machine: {machine}, {cores} cores.\n\
-Reproduce with `scripts/chaos` (about 10 minutes; `scripts/chaos --quick` is the shorter run\n\
+Reproduce with `scripts/chaos` (about 5 minutes; `scripts/chaos --quick` is the shorter run\n\
 `scripts/test` includes).\n\n\
 ## What runs\n\n{setup}\n\n\
 ## What is measured, per fault\n\n\

@@ -494,13 +494,7 @@ webhook:
         bindings: &[&str],
         extra: &[&str],
     ) -> Proc {
-        let mut command = self.sidecar_command("run", token_file, out, bindings);
-        command.args(extra);
-        let log = self
-            .dir
-            .path()
-            .join(format!("sidecar-{}.log", random_string(6)));
-        Proc::spawn("sidecar", command, log)
+        self.sidecar_run_at_with(&self.broker_uri, token_file, out, bindings, extra)
     }
 
     /// Starts `tessera-sidecar run` against the broker at `broker_uri` (a
@@ -512,7 +506,20 @@ webhook:
         out: &Path,
         bindings: &[&str],
     ) -> Proc {
-        let command = self.sidecar_command_at(broker_uri, "run", token_file, out, bindings);
+        self.sidecar_run_at_with(broker_uri, token_file, out, bindings, &[])
+    }
+
+    /// Starts `tessera-sidecar run` against `broker_uri` with extra arguments.
+    pub fn sidecar_run_at_with(
+        &self,
+        broker_uri: &str,
+        token_file: &Path,
+        out: &Path,
+        bindings: &[&str],
+        extra: &[&str],
+    ) -> Proc {
+        let mut command = self.sidecar_command_at(broker_uri, "run", token_file, out, bindings);
+        command.args(extra);
         let log = self
             .dir
             .path()

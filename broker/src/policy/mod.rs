@@ -306,6 +306,10 @@ pub struct Binding {
     pub renew_fraction: f64,
     /// How long a superseded lease stays valid after its successor is delivered.
     pub overlap: Duration,
+    /// How often each replica checks a KV source for a new version; the
+    /// broker's `vault.kvPollInterval` when absent. Several bindings on one
+    /// secret: the shortest wins.
+    pub refresh_interval: Option<Duration>,
     /// Where the renew fraction came from.
     pub renew_fraction_origin: Origin,
     /// How files are written.

@@ -79,6 +79,9 @@ pub fn explain(policy: &Policy, identity: &Identity) -> String {
             limits.min_renew_fraction,
             limits.max_renew_fraction
         );
+        if let Some(interval) = binding.refresh_interval {
+            let _ = writeln!(out, "  refresh         every {}", format_duration(interval));
+        }
         let _ = writeln!(out, "  files           {}", describe_output(binding));
     }
     if granted == 0 {
@@ -140,6 +143,15 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
             "overlap",
             format_duration(old_binding.overlap),
             format_duration(new_binding.overlap),
+        );
+        let refresh = |b: &Binding| {
+            b.refresh_interval
+                .map_or_else(|| "default".to_owned(), |d| format_duration(d).to_string())
+        };
+        change(
+            "refreshInterval",
+            refresh(old_binding),
+            refresh(new_binding),
         );
         change(
             "files",

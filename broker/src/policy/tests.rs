@@ -321,3 +321,29 @@ fn collisions_only_vault_data_shows_fail_at_delivery() {
         Err(RenderError::UnsafeName("../escape".into()))
     );
 }
+
+#[test]
+fn refresh_interval_is_for_kv_sources_within_bounds_and_shows_in_diffs() {
+    let kv = "kv2: { mount: secret, path: shop/app }";
+    let policy = Policy::parse(&binding_with(kv, "    refreshInterval: 5m"), "p.yaml").unwrap();
+    assert_eq!(
+        policy.bindings[0].refresh_interval,
+        Some(Duration::from_secs(300))
+    );
+    let db = "database: { mount: database, role: app }";
+    for (source, extra, named) in [
+        (db, "    refreshInterval: 5m", "applies to kv2 sources"),
+        (kv, "    refreshInterval: 100ms", "between 1s and 24h"),
+        (kv, "    refreshInterval: 2days", "between 1s and 24h"),
+        (kv, "    refreshInterval: soon", "not a duration"),
+    ] {
+        let found = problems(&binding_with(source, extra));
+        assert_eq!(found.len(), 1, "{extra}: {found:?}");
+        assert!(found[0].message.contains(named), "{extra}: {found:?}");
+    }
+    let old = Policy::parse(&binding_with(kv, ""), "old.yaml").unwrap();
+    assert_eq!(
+        report::diff(&old, &policy),
+        ["~ change  app: refreshInterval default -> 5m"]
+    );
+}

@@ -66,6 +66,7 @@ pub(super) struct BindingDoc {
     ttl: Option<Spanned<String>>,
     renew_fraction: Option<Spanned<f64>>,
     overlap: Option<Spanned<String>>,
+    refresh_interval: Option<Spanned<String>>,
     output: Option<Spanned<OutputDoc>>,
 }
 
@@ -572,6 +573,11 @@ pub(super) fn compile_binding(
         ));
     }
 
+    let refresh_interval = raw
+        .refresh_interval
+        .as_ref()
+        .and_then(|text| check_refresh_interval(file, text, &name, &source, problems));
+
     let output = compile_output(file, raw, &name, &source, defaults, problems);
     (problems.len() == before).then(|| Binding {
         name,
@@ -582,7 +588,48 @@ pub(super) fn compile_binding(
         renew_fraction,
         renew_fraction_origin,
         overlap,
+        refresh_interval,
         output,
         defined_at: here(raw.name.referenced.line()),
     })
+}
+
+/// Shortest and longest `refreshInterval`: Vault is not asked more than
+/// once a second per secret, nor a change left unseen more than a day.
+const REFRESH_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+
+/// A KV binding's `refreshInterval`, checked: only KV sources are polled.
+fn check_refresh_interval(
+    file: &str,
+    text: &Spanned<String>,
+    name: &str,
+    source: &Source,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    if !matches!(source, Source::Kv2(_)) {
+        problems.push(at(
+            file,
+            text,
+            format!(
+                "binding `{name}`: refreshInterval applies to kv2 sources (leased credentials follow ttl and renewFraction)"
+            ),
+        ));
+        return None;
+    }
+    let interval = duration(file, text, "refreshInterval", problems)?;
+    if !(REFRESH_BOUNDS.0..=REFRESH_BOUNDS.1).contains(&interval) {
+        problems.push(at(
+            file,
+            text,
+            format!(
+                "binding `{name}`: refreshInterval {} must be between {} and {}",
+                format_duration(interval),
+                format_duration(REFRESH_BOUNDS.0),
+                format_duration(REFRESH_BOUNDS.1)
+            ),
+        ));
+        return None;
+    }
+    Some(interval)
 }
