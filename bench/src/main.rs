@@ -21,7 +21,7 @@ use measure::{Sample, proc_sample};
 use report::{Report, Row};
 use serde_json::json;
 use tessera_broker::dev::TokenSpec;
-use tessera_tests::{Balancer, Env, EnvOptions, Postgres, Proc, bao_binary, binary};
+use tessera_tests::{Balancer, Env, EnvOptions, MemoryConfig, Postgres, Proc, bao_binary, binary};
 
 /// Sizes of the run; `TESSERA_BENCH_QUICK=1` shrinks them for a smoke run
 /// (its figures mean little).
@@ -312,9 +312,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut env = Env::start_with(POLICY, options).await;
     // As the chart installs it by default: memory not locked (memoryLock off).
-    let config = env.dir.path().join("broker.yaml");
-    let text = std::fs::read_to_string(&config)?;
-    std::fs::write(&config, format!("{text}\nmemory:\n  lock: false\n"))?;
+    env.edit_config(|config| config.memory = Some(MemoryConfig { lock: false }));
     env.restart_broker().await;
     env.bao
         .put("bench/app", &json!({ "password": "bench-v1" }))
@@ -491,9 +489,7 @@ whichever replica serves it."
     ));
 
     // The remaining runs time change propagation: poll every second.
-    let text =
-        std::fs::read_to_string(&config)?.replace("kvPollInterval: 15s", "kvPollInterval: 1s");
-    std::fs::write(&config, text)?;
+    env.edit_config(|config| config.vault.kv_poll_interval = "1s".to_owned());
     env.restart_broker().await;
 
     println!("== Fetch latency and throughput vs raw OpenBao KV reads");

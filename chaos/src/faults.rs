@@ -263,7 +263,7 @@ impl World {
             }
             Fault::HandleKeyRotated => {
                 let retired = self.env.rotate_handle_key();
-                for replica in &self.replicas {
+                for replica in &mut self.replicas {
                     replica.retire_handle_key(&retired, &self.env);
                 }
                 for index in 0..self.replicas.len() {

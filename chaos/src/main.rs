@@ -94,8 +94,7 @@ async fn setup(sizes: &Sizes) -> World {
         EnvOptions {
             vault_cluster: true,
             kube_api: true,
-            identity_source: "jwksFile: dev/jwks.json\n  podLookup: true\n  cacheTtl: 1s"
-                .to_owned(),
+            pod_lookup: true,
             rust_log: "info".to_owned(),
             poll: "1s",
             sweep_interval: "5s",

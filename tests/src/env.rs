@@ -3,6 +3,11 @@
 //! sidecar processes.
 
 use super::*;
+use crate::config::{
+    AdminConfig, AuditConfig, BootstrapConfig, IdentityConfig, KubernetesConfig, LeasesConfig,
+    PolicyConfig, RateLimitConfig, SidecarConfig, TlsConfig, VaultConfig, VaultLogin,
+    WebhookConfig,
+};
 
 /// How the broker logs in to OpenBao in a test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,9 +35,10 @@ pub struct EnvOptions {
     pub rate_limit: (u32, u32),
     /// Require client certificates (the dev CA's) from callers.
     pub mtls: bool,
-    /// YAML lines for the identity source (indented for the `identity:`
-    /// block); the dev JWKS file by default.
-    pub identity_source: String,
+    /// Where tokens are checked: the dev JWKS file by default.
+    pub identity_source: IdentitySource,
+    /// Look each caller's pod up (`identity.podLookup`, with `kube_api`).
+    pub pod_lookup: bool,
     /// Start an in-process Kubernetes API server and point the broker at it.
     pub kube_api: bool,
     /// Run OpenBao with Raft storage, so it can be killed and restarted.
@@ -61,7 +67,8 @@ impl Default for EnvOptions {
             vault_health_check: "1s",
             rate_limit: (10_000, 10_000),
             mtls: false,
-            identity_source: "jwksFile: dev/jwks.json".to_owned(),
+            identity_source: IdentitySource::JwksFile,
+            pod_lookup: false,
             kube_api: false,
             persistent_vault: false,
             vault_cluster: false,
@@ -102,6 +109,8 @@ pub struct Env {
     pub rsa_signer: SigningKey,
     /// The in-process Kubernetes API server, when asked for.
     pub kube: Option<kube_api::FakeApiServer>,
+    /// The broker's configuration, as written to `broker.yaml`.
+    pub config: BrokerConfig,
     options: EnvOptions,
 }
 
@@ -166,12 +175,15 @@ impl Env {
         let login = match options.login {
             BrokerLogin::TokenFile => {
                 fs::write(dir.path().join("vault-token"), bao.broker_token()).unwrap();
-                "tokenFile: vault-token".to_owned()
+                VaultLogin::TokenFile("vault-token".to_owned())
             }
             BrokerLogin::AppRole => {
                 let (role_id, secret_id) = bao.broker_approle();
                 fs::write(dir.path().join("secret-id"), secret_id).unwrap();
-                format!("appRole: {{ roleId: {role_id}, secretIdFile: secret-id }}")
+                VaultLogin::AppRole {
+                    role_id,
+                    secret_id_file: "secret-id".to_owned(),
+                }
             }
             BrokerLogin::Jwt => {
                 let pem = fs::read_to_string(devdir.join(dev::files::SIGNING_KEY)).unwrap();
@@ -179,7 +191,10 @@ impl Env {
                 let mut spec = TokenSpec::new("tessera", "tessera-broker");
                 spec.audience = "vault".to_owned();
                 fs::write(dir.path().join("broker-sa-token"), signer.mint(&spec)).unwrap();
-                "jwt: { role: tessera-broker, tokenFile: broker-sa-token }".to_owned()
+                VaultLogin::Jwt {
+                    role: "tessera-broker".to_owned(),
+                    token_file: "broker-sa-token".to_owned(),
+                }
             }
         };
         let kube = if options.kube_api {
@@ -194,16 +209,8 @@ impl Env {
         } else {
             None
         };
-        let kubernetes = kube.as_ref().map_or_else(String::new, |api| {
-            format!(
-                "kubernetes:\n  kubeconfig: {}\n",
-                api.write_kubeconfig(dir.path()).display()
-            )
-        });
         let port = free_port();
-        let admin_port = free_port();
-        let webhook_port = free_port();
-        let (tls_dir, handle_key, ca_file, bootstrap) = if options.bootstrap {
+        let (tls_dir, ca_file) = if options.bootstrap {
             kube.as_ref()
                 .expect("bootstrap needs kube_api")
                 .put_object(json!({
@@ -217,79 +224,82 @@ impl Env {
                         "clientConfig": { "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } },
                     }],
                 }));
-            (
-                "bootstrap",
-                "",
-                "bootstrap/ca.crt",
-                "bootstrap:
-  namespace: tessera
-  directory: bootstrap
-  tlsSecret: tessera-tls
-  dnsNames: [localhost, 127.0.0.1]
-  handleKeySecret: tessera-handle-key
-  webhookConfiguration: tessera
-  checkInterval: 1s
-",
-            )
+            ("bootstrap", "bootstrap/ca.crt")
         } else {
-            ("dev", "handleKeyFile: dev/handle.key", "dev/ca.pem", "")
+            ("dev", "dev/ca.pem")
         };
-        let config = format!(
-            "listen: 127.0.0.1:{port}
-tls:
-  certFile: {tls_dir}/tls.crt
-  keyFile: {tls_dir}/tls.key
-  reloadInterval: 100ms
-  {client_ca}
-identity:
-  issuer: {issuer}
-  audiences: [{audience}]
-  {identity_source}
-  leeway: 5s
-policy:
-  paths: [policy]
-  reloadInterval: 100ms
-vault:
-  address: {address}
-  {login}
-  kvPollInterval: {poll}
-  healthCheckInterval: {health_check}
-shutdownGrace: 5s
-audit:
-  path: audit.jsonl
-rateLimit:
-  perSecond: {per_second}
-  burst: {burst}
-leases:
-  {handle_key}
-  sweepInterval: {sweep}
-admin:
-  listen: 127.0.0.1:{admin_port}
-webhook:
-  listen: 127.0.0.1:{webhook_port}
-  sidecar:
-    image: tessera-sidecar:test
-    brokerAddress: https://127.0.0.1:{port}
-    caFile: {ca_file}
-    mode: {sidecar_mode}
-{kubernetes}{bootstrap}",
-            sidecar_mode = if options.kube_api { "auto" } else { "classic" },
-            issuer = dev::DEFAULT_ISSUER,
-            audience = dev::DEFAULT_AUDIENCE,
-            address = bao.address,
-            poll = options.poll,
-            health_check = options.vault_health_check,
-            identity_source = options.identity_source,
-            client_ca = if options.mtls {
-                "clientCaFile: dev/ca.pem"
-            } else {
-                ""
+        let config = BrokerConfig {
+            listen: format!("127.0.0.1:{port}"),
+            tls: TlsConfig {
+                cert_file: format!("{tls_dir}/tls.crt"),
+                key_file: format!("{tls_dir}/tls.key"),
+                reload_interval: "100ms".to_owned(),
+                client_ca_file: options.mtls.then(|| "dev/ca.pem".to_owned()),
             },
-            per_second = options.rate_limit.0,
-            burst = options.rate_limit.1,
-            sweep = options.sweep_interval,
-        );
-        fs::write(dir.path().join("broker.yaml"), config).unwrap();
+            identity: IdentityConfig {
+                issuer: dev::DEFAULT_ISSUER.to_owned(),
+                audiences: vec![dev::DEFAULT_AUDIENCE.to_owned()],
+                source: options.identity_source,
+                jwks_file: (options.identity_source == IdentitySource::JwksFile)
+                    .then(|| "dev/jwks.json".to_owned()),
+                leeway: "5s".to_owned(),
+                pod_lookup: options.pod_lookup,
+                // Deletions seen within a second.
+                cache_ttl: options.pod_lookup.then(|| "1s".to_owned()),
+                key_refresh_interval: (options.identity_source == IdentitySource::OidcDiscovery)
+                    .then(|| "500ms".to_owned()),
+            },
+            policy: PolicyConfig {
+                paths: vec!["policy".to_owned()],
+                reload_interval: "100ms".to_owned(),
+            },
+            vault: VaultConfig {
+                address: bao.address.clone(),
+                login,
+                kv_poll_interval: options.poll.to_owned(),
+                health_check_interval: options.vault_health_check.to_owned(),
+            },
+            shutdown_grace: "5s".to_owned(),
+            audit: AuditConfig {
+                path: "audit.jsonl".to_owned(),
+            },
+            rate_limit: RateLimitConfig {
+                per_second: options.rate_limit.0,
+                burst: options.rate_limit.1,
+            },
+            leases: LeasesConfig {
+                handle_key_file: (!options.bootstrap).then(|| "dev/handle.key".to_owned()),
+                retired_handle_key_files: Vec::new(),
+                sweep_interval: options.sweep_interval.to_owned(),
+            },
+            admin: AdminConfig {
+                listen: format!("127.0.0.1:{}", free_port()),
+            },
+            webhook: WebhookConfig {
+                listen: format!("127.0.0.1:{}", free_port()),
+                sidecar: SidecarConfig {
+                    image: "tessera-sidecar:test".to_owned(),
+                    broker_address: format!("https://127.0.0.1:{port}"),
+                    ca_file: ca_file.to_owned(),
+                    mode: if options.kube_api { "auto" } else { "classic" }.to_owned(),
+                },
+            },
+            kubernetes: kube.as_ref().map(|api| KubernetesConfig {
+                kubeconfig: api.write_kubeconfig(dir.path()).display().to_string(),
+            }),
+            bootstrap: options.bootstrap.then(|| BootstrapConfig {
+                namespace: "tessera".to_owned(),
+                directory: "bootstrap".to_owned(),
+                tls_secret: "tessera-tls".to_owned(),
+                dns_names: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+                handle_key_secret: "tessera-handle-key".to_owned(),
+                webhook_configuration: "tessera".to_owned(),
+                check_interval: "1s".to_owned(),
+            }),
+            connections: None,
+            memory: None,
+        };
+        config.write(dir.path(), "broker.yaml");
         let broker = spawn_broker(dir.path(), port, &options).await;
         Self {
             dir,
@@ -297,8 +307,9 @@ webhook:
             broker,
             broker_uri: format!("https://127.0.0.1:{port}"),
             broker_port: port,
-            admin_url: format!("http://127.0.0.1:{admin_port}"),
-            webhook_url: format!("https://127.0.0.1:{webhook_port}/mutate"),
+            admin_url: format!("http://{}", config.admin.listen),
+            webhook_url: format!("https://{}/mutate", config.webhook.listen),
+            config,
             signer,
             rsa_signer,
             kube,
@@ -531,30 +542,17 @@ webhook:
     /// shared handle key, Kubernetes API) on ports of its own, auditing to
     /// `audit-<name>.jsonl`.
     pub async fn start_replica(&self, name: &str) -> Replica {
-        let text = fs::read_to_string(self.dir.path().join("broker.yaml")).unwrap();
         let port = free_port();
-        let text = text
-            .replace(
-                &format!("listen: 127.0.0.1:{}\n", self.broker_port),
-                &format!("listen: 127.0.0.1:{port}\n"),
-            )
-            .replace(
-                &self.admin_url.replace("http://", "listen: "),
-                &format!("listen: 127.0.0.1:{}", free_port()),
-            )
-            .replace(
-                &self
-                    .webhook_url
-                    .replace("https://", "listen: ")
-                    .replace("/mutate", ""),
-                &format!("listen: 127.0.0.1:{}", free_port()),
-            )
-            .replace("path: audit.jsonl", &format!("path: audit-{name}.jsonl"));
-        let config = format!("broker-{name}.yaml");
-        fs::write(self.dir.path().join(&config), text).unwrap();
+        let mut config = self.config.clone();
+        config.listen = format!("127.0.0.1:{port}");
+        config.admin.listen = format!("127.0.0.1:{}", free_port());
+        config.webhook.listen = format!("127.0.0.1:{}", free_port());
+        config.audit.path = format!("audit-{name}.jsonl");
+        let file = format!("broker-{name}.yaml");
+        config.write(self.dir.path(), &file);
         let proc = spawn_broker_from(
             self.dir.path(),
-            &config,
+            &file,
             &format!("broker-{name}.log"),
             port,
             &self.options,
@@ -565,9 +563,16 @@ webhook:
             uri: format!("https://127.0.0.1:{port}"),
             port,
             audit: self.dir.path().join(format!("audit-{name}.jsonl")),
+            file,
             config,
             log: format!("broker-{name}.log"),
         }
+    }
+
+    /// Changes the broker's configuration (for its next start).
+    pub fn edit_config(&mut self, edit: impl FnOnce(&mut BrokerConfig)) {
+        edit(&mut self.config);
+        self.config.write(self.dir.path(), "broker.yaml");
     }
 
     /// Rotates the dev handle key as an operator would: the current one is
@@ -595,7 +600,8 @@ pub struct Replica {
     /// Its gRPC port.
     pub port: u16,
     audit: PathBuf,
-    config: String,
+    file: String,
+    config: BrokerConfig,
     log: String,
 }
 
@@ -610,7 +616,7 @@ impl Replica {
         self.proc.kill();
         self.proc = spawn_broker_from(
             env.dir.path(),
-            &self.config,
+            &self.file,
             &self.log,
             self.port,
             &env.options,
@@ -620,21 +626,12 @@ impl Replica {
 
     /// Lists `retired` (a path in the environment's directory) among the
     /// replica's retired handle keys, for its next start.
-    pub fn retire_handle_key(&self, retired: &str, env: &Env) {
-        let path = env.dir.path().join(&self.config);
-        let text = fs::read_to_string(&path).unwrap();
-        let text = if text.contains("retiredHandleKeyFiles: [") {
-            text.replace(
-                "retiredHandleKeyFiles: [",
-                &format!("retiredHandleKeyFiles: [{retired}, "),
-            )
-        } else {
-            text.replace(
-                "  handleKeyFile: dev/handle.key\n",
-                &format!("  handleKeyFile: dev/handle.key\n  retiredHandleKeyFiles: [{retired}]\n"),
-            )
-        };
-        fs::write(path, text).unwrap();
+    pub fn retire_handle_key(&mut self, retired: &str, env: &Env) {
+        self.config
+            .leases
+            .retired_handle_key_files
+            .push(retired.to_owned());
+        self.config.write(env.dir.path(), &self.file);
     }
 
     /// The replica's audit events so far.

@@ -15,6 +15,7 @@ use std::{
 
 mod balancer;
 mod cluster;
+pub mod config;
 mod env;
 mod http;
 pub mod kube_api;
@@ -24,6 +25,7 @@ mod postgres;
 mod proc;
 
 pub use balancer::Balancer;
+pub use config::{BrokerConfig, ConnectionsConfig, IdentitySource, MemoryConfig};
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, pod_uid};
 pub use http::{http_get, https_post};
 pub use openbao::OpenBao;

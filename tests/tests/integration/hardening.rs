@@ -13,7 +13,8 @@ use std::{
 use serde_json::{Value, json};
 use tessera_proto::v1::{FetchRequest, Held, RevokeRequest, WatchRequest};
 use tessera_tests::{
-    Env, EnvOptions, Postgres, binary, db_policy, field, random_string, wait_for, with_token,
+    ConnectionsConfig, Env, EnvOptions, Postgres, binary, db_policy, field, random_string,
+    wait_for, with_token,
 };
 use tonic::Code;
 
@@ -379,16 +380,17 @@ fn idle_connections(address: &str, count: usize) -> Vec<std::net::TcpStream> {
 #[tokio::test(flavor = "multi_thread")]
 async fn defect_6_idle_connections_are_closed_and_capped() {
     let policy = tessera_tests::simple_policy("app", "shop", "orders", "shop/app");
-    let env = Env::start(&policy).await;
+    let mut env = Env::start(&policy).await;
     env.bao.put("shop/app", &json!({ "k": "v" })).await;
     // Tighter limits than the defaults, so the test is quick.
-    let config = env.dir.path().join("broker.yaml");
-    let text = fs::read_to_string(&config).unwrap();
-    fs::write(
-        &config,
-        format!("{text}\nconnections:\n  max: 40\n  handshakeTimeout: 1s\n  idleTimeout: 5s\n"),
-    )
-    .unwrap();
+    env.edit_config(|config| {
+        config.connections = Some(ConnectionsConfig {
+            max: Some(40),
+            handshake_timeout: Some("1s".to_owned()),
+            idle_timeout: Some("5s".to_owned()),
+            max_age: None,
+        });
+    });
     let mut env = env;
     env.restart_broker().await;
     let token = env.token("shop", "orders");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tessera_broker::dev::{SigningKey, TokenSpec};
 use tessera_proto::v1::{FetchRequest, WhoAmIRequest};
-use tessera_tests::{Env, EnvOptions, simple_policy, wait_for, with_token};
+use tessera_tests::{Env, EnvOptions, IdentitySource, simple_policy, wait_for, with_token};
 use tonic::Code;
 
 fn uid(token_spec: &TokenSpec) -> String {
@@ -24,7 +24,7 @@ fn uid(token_spec: &TokenSpec) -> String {
 async fn oidc_discovery_verifies_tokens_and_follows_key_rotation() {
     let options = EnvOptions {
         kube_api: true,
-        identity_source: "source: oidcDiscovery\n  keyRefreshInterval: 500ms".to_owned(),
+        identity_source: IdentitySource::OidcDiscovery,
         ..EnvOptions::default()
     };
     let env = Env::start_with(
@@ -85,7 +85,8 @@ async fn oidc_discovery_verifies_tokens_and_follows_key_rotation() {
 async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods() {
     let options = EnvOptions {
         kube_api: true,
-        identity_source: "source: tokenReview\n  podLookup: true\n  cacheTtl: 1s".to_owned(),
+        identity_source: IdentitySource::TokenReview,
+        pod_lookup: true,
         ..EnvOptions::default()
     };
     let policy = simple_policy("app", "shop", "orders", "shop/orders")
@@ -177,7 +178,7 @@ async fn leases_of_a_deleted_pod_are_revoked_even_when_its_sidecar_was_killed() 
     let pg = tessera_tests::Postgres::start();
     let options = EnvOptions {
         kube_api: true,
-        identity_source: "jwksFile: dev/jwks.json\n  podLookup: true\n  cacheTtl: 1s".to_owned(),
+        pod_lookup: true,
         ..EnvOptions::default()
     };
     let policy = "apiVersion: tessera.dev/v1alpha1

@@ -9,7 +9,7 @@ use tessera_tests::{Env, EnvOptions, Postgres, db_policy, field, pod_uid as uid_
 fn with_pod_lookup() -> EnvOptions {
     EnvOptions {
         kube_api: true,
-        identity_source: "jwksFile: dev/jwks.json\n  podLookup: true\n  cacheTtl: 1s".to_owned(),
+        pod_lookup: true,
         ..EnvOptions::default()
     }
 }
@@ -363,12 +363,12 @@ async fn a_rotated_handle_key_keeps_what_pods_hold() {
     let dev = env.dir.path().join("dev");
     std::fs::rename(dev.join("handle.key"), dev.join("handle-1.key")).unwrap();
     std::fs::write(dev.join("handle.key"), [7u8; 48]).unwrap();
-    let config = env.dir.path().join("broker.yaml");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "  handleKeyFile: dev/handle.key\n",
-        "  handleKeyFile: dev/handle.key\n  retiredHandleKeyFiles: [dev/handle-1.key]\n",
-    );
-    std::fs::write(&config, text).unwrap();
+    env.edit_config(|config| {
+        config
+            .leases
+            .retired_handle_key_files
+            .push("dev/handle-1.key".to_owned());
+    });
     env.restart_broker().await;
 
     // The sidecar reconnects with its handle and resumes the same lease.

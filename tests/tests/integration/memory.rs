@@ -8,7 +8,8 @@ use std::{fs, process::Command, time::Duration};
 
 use serde_json::json;
 use tessera_tests::{
-    Env, Postgres, db_policy, field, memory_occurrences, random_string, simple_policy, wait_for,
+    ConnectionsConfig, Env, Postgres, db_policy, field, memory_occurrences, random_string,
+    simple_policy, wait_for,
 };
 
 /// A recognizable value that occurs nowhere else.
@@ -166,9 +167,12 @@ async fn a_client_that_keeps_its_stream_leaves_no_superseded_value_in_the_broker
     use tessera_proto::v1::WatchRequest;
     let mut env = Env::start(&simple_policy("app", "shop", "orders", "shop/app")).await;
     // A short maximum connection age, so the test is quick (30m by default).
-    let config = env.dir.path().join("broker.yaml");
-    let text = fs::read_to_string(&config).unwrap();
-    fs::write(&config, format!("{text}\nconnections:\n  maxAge: 2s\n")).unwrap();
+    env.edit_config(|config| {
+        config.connections = Some(ConnectionsConfig {
+            max_age: Some("2s".to_owned()),
+            ..ConnectionsConfig::default()
+        });
+    });
     env.restart_broker().await;
     let first = unique("kv0");
     env.bao.put("shop/app", &json!({ "password": first })).await;
