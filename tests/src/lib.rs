@@ -187,6 +187,33 @@ bindings:
     )
 }
 
+/// Waits until `sidecar` (streaming binding `db` of [`db_policy`] into
+/// `out`) reconnected and resumed its lease with its handle (`files kept`
+/// logged more than `resumed_before` times), then checks it kept `user`,
+/// Vault holds one lease of role `orders`, and the broker opened the handle.
+pub async fn assert_resumed(
+    env: &Env,
+    sidecar: &Proc,
+    out: &Path,
+    user: &str,
+    resumed_before: usize,
+) {
+    wait_for(Duration::from_secs(30), "the sidecar to resume", || {
+        (sidecar.output().matches("files kept").count() > resumed_before).then_some(())
+    })
+    .await;
+    assert_eq!(field(out, "db", "username").as_deref(), Some(user));
+    assert_eq!(
+        env.bao.leases("database/creds/orders").len(),
+        1,
+        "no second user"
+    );
+    assert!(
+        !env.broker.output().contains("does not open"),
+        "the handle opened"
+    );
+}
+
 /// A policy granting `binding` (all keys of `secret/<path>`) to `namespace`/`service_account`.
 pub fn simple_policy(binding: &str, namespace: &str, service_account: &str, path: &str) -> String {
     format!(

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_tests::{Env, EnvOptions, Postgres, db_policy, field, wait_for};
+use tessera_tests::{Env, EnvOptions, Postgres, assert_resumed, db_policy, field, wait_for};
 
 fn bootstrapped() -> EnvOptions {
     EnvOptions {
@@ -95,23 +95,7 @@ async fn the_ca_and_handle_key_are_made_once_and_survive_restarts_and_other_repl
 
     // The sidecar trusts the CA it was given and resumes its lease with
     // the handle sealed before the restart: the key came back from the Secret.
-    wait_for(Duration::from_secs(30), "the sidecar to resume", || {
-        (sidecar.output().matches("files kept").count() > resumed_before).then_some(())
-    })
-    .await;
-    assert_eq!(
-        field(out.path(), "db", "username").as_deref(),
-        Some(user.as_str())
-    );
-    assert_eq!(
-        env.bao.leases("database/creds/orders").len(),
-        1,
-        "no second user"
-    );
-    assert!(
-        !env.broker.output().contains("does not open"),
-        "the handle opened"
-    );
+    assert_resumed(&env, &sidecar, out.path(), &user, resumed_before).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use tessera_tests::{Env, EnvOptions, Postgres, db_policy, field, pod_uid as uid_of, wait_for};
+use tessera_tests::{
+    Env, EnvOptions, Postgres, assert_resumed, db_policy, field, pod_uid as uid_of, wait_for,
+};
 
 fn with_pod_lookup() -> EnvOptions {
     EnvOptions {
@@ -372,21 +374,5 @@ async fn a_rotated_handle_key_keeps_what_pods_hold() {
     env.restart_broker().await;
 
     // The sidecar reconnects with its handle and resumes the same lease.
-    wait_for(Duration::from_secs(30), "the sidecar to resume", || {
-        (sidecar.output().matches("files kept").count() > resumed_before).then_some(())
-    })
-    .await;
-    assert_eq!(
-        field(out.path(), "db", "username").as_deref(),
-        Some(user.as_str())
-    );
-    assert_eq!(
-        env.bao.leases("database/creds/orders").len(),
-        1,
-        "no second user"
-    );
-    assert!(
-        !env.broker.output().contains("does not open"),
-        "the retired key opened the handle"
-    );
+    assert_resumed(&env, &sidecar, out.path(), &user, resumed_before).await;
 }
