@@ -214,7 +214,7 @@ the broker learns of a change by polling Vault once per secret, not once per pod
             &[watch_without.fan_out_all_ms],
         );
         self.note(
-            "The allocator clears every heap block when it is freed (see the README's Security section). \
+            "The allocator clears every heap block when it is freed (see docs/security.md). \
 Both brokers are release builds of the same commit; only the global allocator differs. They ran one after \
 the other (without, then with it again, each after a restart), after the runs above. Fan-out includes \
 the wait for the next KV poll (up to 1 s), so single runs of it vary by that much."
