@@ -378,14 +378,20 @@ pub async fn run(
             .reconciler
             .run(prepared.config.leases.sweep_interval, shutdown.clone()),
     );
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection v1 and v1alpha: grpcurl and older clients (grpcio's) ask
+    // for the latter.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
-        .map_err(|e| {
-            tracing::error!(error = %e, "reflection descriptor is invalid");
-            e
-        })
+        .map_err(|e| tracing::error!(error = %e, "reflection descriptor is invalid"))
+        .ok();
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| tracing::error!(error = %e, "reflection descriptor is invalid"))
         .ok();
     tracing::info!(
         address = %listener.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string()),
@@ -403,7 +409,8 @@ pub async fn run(
         .max_connection_age(prepared.config.connections.max_age)
         .max_connection_age_grace(listener::MAX_AGE_GRACE)
         .add_service(health_service)
-        .add_optional_service(reflection)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(BrokerServer::new(prepared.service))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

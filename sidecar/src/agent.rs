@@ -7,17 +7,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tessera_proto::{
-    reason::StreamEnd,
-    v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest},
-};
+use tessera_proto::v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest};
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
+use tessera_client::retry::{self, Backoff, Reaction};
+
 use crate::{
-    client::{BrokerTarget, ClientError},
+    client::{self, BrokerTarget, SetupError},
     notify::Notify,
     status::{Status, Vouched},
     writer::{Access, Fields, Meta, WriteError, Writer},
@@ -28,7 +26,7 @@ use crate::{
 pub enum AgentError {
     /// The call could not be prepared (token, CA, address).
     #[error(transparent)]
-    Client(#[from] ClientError),
+    Client(#[from] SetupError),
     /// The broker answered with an error status or could not be reached.
     #[error("broker: {}: {}", .0.code(), .0.message())]
     Broker(#[from] tonic::Status),
@@ -49,11 +47,8 @@ impl AgentError {
     /// Whether retrying can help: not for denials or local mistakes.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AgentError::Broker(status) => !matches!(
-                status.code(),
-                Code::PermissionDenied | Code::InvalidArgument | Code::FailedPrecondition
-            ),
-            AgentError::Client(ClientError::Token { .. } | ClientError::BadToken(_)) => true,
+            AgentError::Broker(status) => retry::is_retryable(status.code()),
+            AgentError::Client(SetupError::Token { .. } | SetupError::BadToken(_)) => true,
             AgentError::Client(_) | AgentError::Write { .. } => false,
             AgentError::Incomplete(_) => true,
         }
@@ -236,10 +231,13 @@ fn write_credential(
 pub async fn once(job: &Job) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
     let mut unwritten = Unwritten::default();
-    let request = job.target.request(FetchRequest {
-        bindings: job.bindings.clone(),
-        held: job.held(&unwritten),
-    })?;
+    let request = client::request(
+        &job.target,
+        FetchRequest {
+            bindings: job.bindings.clone(),
+            held: job.held(&unwritten),
+        },
+    )?;
     let response = client.fetch(request).await?.into_inner();
     for name in &job.bindings {
         if !response.credentials.iter().any(|c| &c.binding == name) {
@@ -278,7 +276,7 @@ async fn give_back(job: &Job, held: Vec<Held>) {
     let bindings = held.iter().map(|h| h.binding.clone()).collect();
     let result = async {
         let mut client = job.target.client()?;
-        let request = job.target.request(RevokeRequest { bindings, held })?;
+        let request = client::request(&job.target, RevokeRequest { bindings, held })?;
         Ok::<_, AgentError>(client.revoke(request).await?.into_inner().revoked)
     }
     .await;
@@ -290,40 +288,6 @@ async fn give_back(job: &Job, held: Vec<Held>) {
         Err(error) => {
             tracing::warn!(%error, "could not give back unwritten leases; they expire by their TTL")
         }
-    }
-}
-
-/// Capped exponential backoff with full jitter.
-#[derive(Debug)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// Starts at `base`, never waits longer than `max`.
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            base,
-            max,
-            attempt: 0,
-        }
-    }
-
-    /// The next wait: uniformly random in [0, min(max, base * 2^attempt)].
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        ceiling.mul_f64(fastrand::f64())
-    }
-
-    /// Back to the first step, after a success.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -412,41 +376,6 @@ pub async fn run(
 /// Longest random wait before reconnecting when the broker asked for it.
 const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
 
-/// What the sidecar does when the broker ends a stream with `status`: the
-/// documented reaction to each [`StreamEnd`] reason, then to the code.
-#[derive(Debug, PartialEq, Eq)]
-enum Reaction {
-    /// Reconnect at once (token expired, replica shutting down, policy
-    /// changed): nothing is wrong with this pod.
-    ReconnectNow(&'static str),
-    /// Reconnect with backoff, without presenting this binding's handle.
-    DropHandle(String),
-    /// The binding's source cannot be served as it stands: ask again slowly.
-    Slow,
-    /// Reconnect with backoff.
-    Backoff,
-    /// Retrying cannot help (denied, invalid request).
-    Stop,
-}
-
-impl Reaction {
-    fn to(status: &tonic::Status) -> Self {
-        match StreamEnd::of(status) {
-            Some(
-                end
-                @ (StreamEnd::TokenExpired | StreamEnd::ShuttingDown | StreamEnd::PolicyChanged),
-            ) => Self::ReconnectNow(end.reason()),
-            Some(StreamEnd::LeaseLost) => match StreamEnd::binding(status) {
-                Some(binding) => Self::DropHandle(binding),
-                None => Self::Backoff,
-            },
-            None if status.code() == Code::FailedPrecondition => Self::Slow,
-            None if AgentError::Broker(status.clone()).is_retryable() => Self::Backoff,
-            None => Self::Stop,
-        }
-    }
-}
-
 /// Why a watch ended without an error.
 enum Ended {
     /// The broker ended the stream.
@@ -476,14 +405,17 @@ async fn watch_once(
     // child), not the stream's whole life.
     let span = tracing::info_span!("sidecar.watch", bindings = job.bindings.len());
     let request = span.in_scope(|| {
-        job.target.request(WatchRequest {
-            bindings: job.bindings.clone(),
-            held: job
-                .held(unwritten)
-                .into_iter()
-                .filter(|h| !lost.contains(&h.binding))
-                .collect(),
-        })
+        client::request(
+            &job.target,
+            WatchRequest {
+                bindings: job.bindings.clone(),
+                held: job
+                    .held(unwritten)
+                    .into_iter()
+                    .filter(|h| !lost.contains(&h.binding))
+                    .collect(),
+            },
+        )
     })?;
     let mut stream = client.watch(request).instrument(span).await?.into_inner();
     let mut write_backoff = Backoff::new(WRITE_RETRY.0, WRITE_RETRY.1);
@@ -550,56 +482,12 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 #[tracing::instrument(name = "sidecar.revoke", skip_all)]
 pub async fn revoke(job: &Job) -> Result<Vec<String>, AgentError> {
     let mut client = job.target.client()?;
-    let request = job.target.request(RevokeRequest {
-        bindings: job.bindings.clone(),
-        held: job.held(&Unwritten::default()),
-    })?;
+    let request = client::request(
+        &job.target,
+        RevokeRequest {
+            bindings: job.bindings.clone(),
+            held: job.held(&Unwritten::default()),
+        },
+    )?;
     Ok(client.revoke(request).await?.into_inner().revoked)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_stream_end_reason_gets_its_documented_reaction() {
-        use tonic::Status as Grpc;
-        for (status, reaction) in [
-            (
-                StreamEnd::TokenExpired.status("expired"),
-                Reaction::ReconnectNow("TOKEN_EXPIRED"),
-            ),
-            (
-                StreamEnd::ShuttingDown.status("bye"),
-                Reaction::ReconnectNow("SHUTTING_DOWN"),
-            ),
-            (
-                StreamEnd::PolicyChanged.status("changed"),
-                Reaction::ReconnectNow("POLICY_CHANGED"),
-            ),
-            (
-                StreamEnd::LeaseLost.status_for("lost", Some("db")),
-                Reaction::DropHandle("db".into()),
-            ),
-            (StreamEnd::LeaseLost.status("lost"), Reaction::Backoff),
-            (Grpc::failed_precondition("unsafe key"), Reaction::Slow),
-            (Grpc::unavailable("vault down"), Reaction::Backoff),
-            // Text alone is not a reason: an old broker's "expired" backs off.
-            (Grpc::unauthenticated("token expired"), Reaction::Backoff),
-            (Grpc::permission_denied("not granted"), Reaction::Stop),
-            (Grpc::invalid_argument("bad"), Reaction::Stop),
-        ] {
-            assert_eq!(Reaction::to(&status), reaction, "{status:?}");
-        }
-    }
-
-    #[test]
-    fn backoff_is_capped_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        for _ in 0..40 {
-            assert!(backoff.next_delay() <= Duration::from_secs(2));
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
-    }
 }

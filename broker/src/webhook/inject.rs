@@ -11,7 +11,10 @@ use k8s_openapi::api::core::v1::{
 };
 use serde::Serialize;
 
-use super::settings::{Injection, SidecarMode};
+use super::{
+    api_client,
+    settings::{Injection, SidecarMode},
+};
 use crate::{identity::Identity, policy::Policy};
 
 /// `"true"` asks for injection.
@@ -66,14 +69,19 @@ pub enum Shape {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Injected {
-    /// How it was added.
-    pub shape: Shape,
+    /// How it was added; none when no sidecar was (`tessera.dev/api-client`
+    /// alone: the app containers call the broker themselves).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
     /// The bindings written.
     pub bindings: Vec<String>,
     /// Where app containers see them.
     pub mount_path: String,
     /// Who can read the files: `group <gid>` or `user <uid>`.
     pub readers: String,
+    /// The app containers got the token, CA and address to call the broker.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub api_client: bool,
 }
 
 /// Why a pod was refused; the message goes back to whoever created it.
@@ -277,9 +285,11 @@ pub fn decide(
 ) -> Result<Decision, Denial> {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    let Some(request) = parse_annotations(annotations, injection)? else {
+    let api_client = api_client::requested(annotations)?;
+    let request = parse_annotations(annotations, injection)?;
+    if request.is_none() && !api_client {
         return Ok(Decision::Skip("not annotated"));
-    };
+    }
     let Some(spec) = pod.spec.as_ref() else {
         return Err(Denial("the pod has no spec".to_owned()));
     };
@@ -288,6 +298,19 @@ pub fn decide(
     {
         return Ok(Decision::Skip("already injected"));
     }
+    let Some(request) = request else {
+        let mut pod = pod.clone();
+        api_client::add(&mut pod, injection, ca_pem)?;
+        let injected = Injected {
+            shape: None,
+            bindings: Vec::new(),
+            mount_path: String::new(),
+            readers: String::new(),
+            api_client,
+        };
+        record(&mut pod, &injected);
+        return Ok(Decision::Inject(Box::new(pod), injected));
+    };
     let labels = injection
         .pod_labels_known
         .then(|| pod.metadata.labels.clone().unwrap_or_default());
@@ -323,13 +346,14 @@ pub fn decide(
         (false, SidecarMode::Classic) => Shape::InitOnly,
     };
     let injected = Injected {
-        shape,
+        shape: Some(shape),
         bindings: request.bindings.clone(),
         mount_path: request.mount_path.clone(),
         readers: match readers {
             Readers::Group(gid) => format!("group {gid}"),
             Readers::User(uid) => format!("user {uid}"),
         },
+        api_client,
     };
     let sidecar = SidecarSpec {
         injection,
@@ -371,13 +395,21 @@ pub fn decide(
     spec.volumes
         .get_or_insert_with(Vec::new)
         .extend(volumes(injection));
+    if api_client {
+        api_client::add(&mut pod, injection, ca_pem)?;
+    }
+    record(&mut pod, &injected);
+    Ok(Decision::Inject(Box::new(pod), injected))
+}
+
+/// Marks the pod injected, with the record of what was added.
+fn record(pod: &mut Pod, injected: &Injected) {
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert(STATUS.to_owned(), "injected".to_owned());
     annotations.insert(
         INJECTED.to_owned(),
-        serde_json::to_string(&injected).unwrap_or_default(),
+        serde_json::to_string(injected).unwrap_or_default(),
     );
-    Ok(Decision::Inject(Box::new(pod), injected))
 }
 
 fn volumes(injection: &Injection) -> [Volume; 2] {

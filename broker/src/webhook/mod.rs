@@ -3,6 +3,7 @@
 //! and refuses pods that ask for bindings their service account may not have.
 //! Served over HTTPS (TLS 1.3) on its own port, `POST /mutate`.
 
+pub mod api_client;
 pub mod inject;
 pub mod settings;
 #[cfg(test)]
@@ -75,12 +76,14 @@ impl Webhook {
             .clone()
             .or_else(|| pod.metadata.namespace.clone())
             .unwrap_or_default();
-        let wants_injection = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(inject::INJECT))
-            .is_some_and(|v| v == "true");
+        let annotation = |key: &str| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .is_some_and(|v| v == "true")
+        };
+        let wants_injection = annotation(inject::INJECT) || annotation(api_client::API_CLIENT);
         // Read only for pods that want injection: a lost CA file must not
         // refuse every other pod.
         let ca_pem = match wants_injection

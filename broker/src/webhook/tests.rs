@@ -131,7 +131,7 @@ fn with_annotation(mut value: Value, key: &str, text: &str) -> Value {
 fn deployment_pod_gets_a_native_sidecar_exactly_as_expected() {
     let original = deployment_pod();
     let (mutated, record) = injected(&original, SidecarMode::Native);
-    assert_eq!(record.shape, Shape::NativeSidecar);
+    assert_eq!(record.shape, Some(Shape::NativeSidecar));
     assert_eq!(record.bindings, ["orders-db", "tls"]);
 
     // The JSON patch the API server applies gives the expected pod.
@@ -278,13 +278,13 @@ fn jobs_complete_in_both_modes() {
     // Native: the kubelet stops a restartPolicy: Always init container when
     // the main containers end.
     let (native, record) = injected(&job_pod(), SidecarMode::Native);
-    assert_eq!(record.shape, Shape::NativeSidecar);
+    assert_eq!(record.shape, Some(Shape::NativeSidecar));
     let spec = native.spec.unwrap();
     assert_eq!(spec.containers.len(), 1);
     // Classic: a sidecar container would run forever, so the Job gets the
     // init container only.
     let (classic, record) = injected(&job_pod(), SidecarMode::Classic);
-    assert_eq!(record.shape, Shape::InitOnly);
+    assert_eq!(record.shape, Some(Shape::InitOnly));
     let spec = classic.spec.unwrap();
     let init = &spec.init_containers.unwrap()[0];
     assert_eq!(init.name, "tessera-init");
@@ -296,7 +296,7 @@ fn jobs_complete_in_both_modes() {
 #[test]
 fn classic_mode_adds_an_init_container_and_a_sidecar() {
     let (mutated, record) = injected(&deployment_pod(), SidecarMode::Classic);
-    assert_eq!(record.shape, Shape::ClassicSidecar);
+    assert_eq!(record.shape, Some(Shape::ClassicSidecar));
     let spec = mutated.spec.unwrap();
     let init = &spec.init_containers.unwrap()[0];
     assert_eq!(
@@ -340,7 +340,7 @@ fn metrics_port_is_opened_on_the_running_sidecar_only() {
 fn mode_once_writes_before_the_app_and_adds_no_sidecar() {
     let value = with_annotation(deployment_pod(), inject::MODE, "once");
     let (mutated, record) = injected(&value, SidecarMode::Native);
-    assert_eq!(record.shape, Shape::InitOnly);
+    assert_eq!(record.shape, Some(Shape::InitOnly));
     let spec = mutated.spec.unwrap();
     assert_eq!(spec.init_containers.unwrap()[0].name, "tessera-init");
     assert_eq!(spec.containers.len(), 1);
@@ -591,4 +591,90 @@ fn webhook_messages_do_not_tell_missing_from_granted_to_others() {
         refusal("nope").replace("nope", "X"),
         "the same words for a binding that exists and one that does not"
     );
+}
+
+/// The env var `name` of the pod's container `container`.
+fn env_of(pod: &Pod, container: &str, name: &str) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == container)?
+        .env
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)?
+        .value
+        .clone()
+}
+
+#[test]
+fn api_client_pods_get_the_token_ca_and_address_with_or_without_a_sidecar() {
+    use super::api_client::{API_CLIENT, CA_ANNOTATION, DIR, VOLUME};
+    // Alone: no sidecar, the app calls the broker itself.
+    let mut alone = deployment_pod();
+    alone["metadata"]["annotations"] = json!({ API_CLIENT: "true" });
+    alone["spec"]["containers"][0]["env"] =
+        json!([{ "name": "TESSERA_BROKER", "value": "https://mine:8443" }]);
+    let (pod, record) = injected(&alone, SidecarMode::Native);
+    assert_eq!(record.shape, None, "no sidecar");
+    assert!(record.api_client);
+    let spec = pod.spec.as_ref().unwrap();
+    assert!(spec.init_containers.as_ref().is_none_or(Vec::is_empty));
+    assert_eq!(
+        env_of(&pod, "app", "TESSERA_CA_FILE"),
+        Some(format!("{DIR}/ca.crt"))
+    );
+    assert_eq!(
+        env_of(&pod, "app", "TESSERA_TOKEN_FILE"),
+        Some(format!("{DIR}/token"))
+    );
+    assert_eq!(
+        env_of(&pod, "app", "TESSERA_BROKER").as_deref(),
+        Some("https://mine:8443"),
+        "what the pod sets stays"
+    );
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == VOLUME)
+        .unwrap();
+    let sources = volume.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    let token = sources[0].service_account_token.as_ref().unwrap();
+    assert_eq!(token.audience.as_deref(), Some("tessera"));
+    let ca = &sources[1]
+        .downward_api
+        .as_ref()
+        .unwrap()
+        .items
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        ca.field_ref.as_ref().unwrap().field_path,
+        format!("metadata.annotations['{CA_ANNOTATION}']")
+    );
+    assert_eq!(
+        pod.metadata.annotations.as_ref().unwrap()[CA_ANNOTATION],
+        CA,
+        "the CA travels in the pod"
+    );
+
+    // With a sidecar too; the sidecar itself gets none of it.
+    let both = with_annotation(deployment_pod(), API_CLIENT, "true");
+    let (pod, record) = injected(&both, SidecarMode::Native);
+    assert_eq!(record.shape, Some(Shape::NativeSidecar));
+    assert!(env_of(&pod, "app", "TESSERA_TOKEN_FILE").is_some());
+    let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    assert!(
+        sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != VOLUME)
+    );
+
+    // Anything but "true" or "false" is refused with the annotation named.
+    let bad = with_annotation(deployment_pod(), API_CLIENT, "yes");
+    assert!(denial(&bad).contains(API_CLIENT));
 }

@@ -274,6 +274,29 @@ async fn server_reflection_lists_the_broker_service() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"tessera.v1.Broker"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    // Older clients (grpcio's, older grpcurl) speak v1alpha.
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut client =
+        alpha::server_reflection_client::ServerReflectionClient::new(env.channel().await);
+    let request = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1alpha is served")
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected v1alpha answer: {response:?}");
+    };
+    assert!(list.service.iter().any(|s| s.name == "tessera.v1.Broker"));
 }
 
 /// Version checks of `secret/<path>` in OpenBao's audit log after line `from`.

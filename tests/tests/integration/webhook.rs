@@ -196,3 +196,49 @@ async fn auto_mode_asks_the_api_server_and_picks_native_sidecars() {
         "the broker asked the API server's version"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_client_pod_gets_what_it_needs_to_call_the_broker_itself() {
+    let env = Env::start(&simple_policy("orders-db", "shop", "orders", "shop/orders")).await;
+    let password = random_string(24);
+    env.bao
+        .put("shop/orders", &json!({ "password": password }))
+        .await;
+    let mut pod = job_pod("orders-db");
+    pod["metadata"]["annotations"] = json!({ "tessera.dev/api-client": "true" });
+    let response = admit(&env, &pod).await;
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    let mutated = patched(&pod, &response["response"]);
+    let app = &mutated.spec.as_ref().unwrap().containers[0];
+    let var = |name: &str| {
+        app.env
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .and_then(|v| v.value.clone())
+            .unwrap_or_else(|| panic!("{name} set"))
+    };
+    // As the kubelet would: the projected files at local paths (the CA from
+    // the annotation the downward API projects, the token minted for the pod).
+    let ca = env.dir.path().join("api-ca.crt");
+    std::fs::write(
+        &ca,
+        &mutated.metadata.annotations.as_ref().unwrap()["tessera.dev/broker-ca"],
+    )
+    .unwrap();
+    assert!(var("TESSERA_CA_FILE").ends_with("/ca.crt"));
+    assert!(var("TESSERA_TOKEN_FILE").ends_with("/token"));
+    let client = tessera_client::Client::new(tessera_client::BrokerTarget {
+        uri: var("TESSERA_BROKER"),
+        ca: tessera_client::TrustAnchors::File(ca),
+        server_name: None,
+        token_file: env.token_file("shop", "orders"),
+        client_identity: None,
+        connect_timeout: tessera_client::DEFAULT_CONNECT_TIMEOUT,
+    });
+    let set = client.fetch(&["orders-db"]).await.unwrap();
+    assert_eq!(
+        set.get("orders-db").unwrap().text("password"),
+        Some(password.as_str())
+    );
+}
