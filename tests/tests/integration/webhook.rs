@@ -221,7 +221,7 @@ async fn an_api_client_pod_gets_what_it_needs_to_call_the_broker_itself() {
     // As the kubelet would: the projected files at local paths (the CA from
     // the annotation the downward API projects, the token minted for the pod).
     let ca = env.dir.path().join("api-ca.crt");
-    std::fs::write(
+    fs::write(
         &ca,
         &mutated.metadata.annotations.as_ref().unwrap()["tessera.dev/broker-ca"],
     )
