@@ -108,3 +108,17 @@ ensure_checkov() {
   export TESSERA_CHECKOV=$CHECKOV
   echo "checkov $("$CHECKOV" --version)" >&2
 }
+
+# ensure_python_grpc: grpcio and grpcio-tools (PyPI, pinned) in their own
+# virtualenv under .tools/, for the Python client example and its test.
+ensure_python_grpc() {
+  local venv=$TOOLS/python-grpc
+  if ! "$venv/bin/python" -c "import grpc_tools, grpc_status" 2>/dev/null; then
+    log "installing grpcio, grpcio-tools and grpcio-status (PyPI) into .tools/python-grpc"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      grpcio==1.76.0 grpcio-tools==1.76.0 grpcio-status==1.76.0
+  fi
+  export TESSERA_PYTHON=$venv/bin/python
+  echo "python grpc $("$TESSERA_PYTHON" -c 'import grpc; print(grpc.__version__)')" >&2
+}

@@ -92,8 +92,9 @@ pub struct Outcome {
     pub orphaned: Vec<String>,
     /// Pods that should have started and did not.
     pub unstarted: Vec<String>,
-    /// From the heal until every pod held a confirmed credential again;
-    /// `None` when that did not happen within the limit.
+    /// From the heal until every pod held a confirmed credential again and
+    /// a database pod created at the heal got its user; `None` when that
+    /// did not happen within the limit.
     pub recovery: Option<Duration>,
     /// Pods still unsettled at the limit.
     pub unsettled: Vec<String>,
@@ -135,6 +136,9 @@ impl World {
     pub async fn run(&mut self, fault: Fault) -> Outcome {
         let _ = self.fleet.take_lost();
         let (healed, mut unstarted) = self.inject_and_heal(fault).await;
+        // Recovered means Vault-backed work is done again, not only that
+        // nothing looks wrong yet: a new database pod must get its user.
+        self.fleet.add(&self.env, Kind::Db, Some(fault.name()));
         let limit = self.timing.recovery_limit;
         let mut recovery = None;
         while healed.elapsed() < limit {

@@ -111,8 +111,9 @@ Checked twice a second for the whole run.\n\
 logs in or whose lease records remain once settled.\n\
 - **pods that could not start**: pods created during the fault that never got their files\n  \
 (KV pods created during the Vault outage must start during it).\n\
-- **recovered in**: from the heal until every live pod holds a valid credential that its\n  \
-sidecar reports confirmed (not stale, not last-known-good).\n\n\
+- **recovered in**: from the heal (the kill, for Vault's active node) until every live pod holds\n  \
+a valid credential that its sidecar reports confirmed (not stale, not last-known-good) and a\n  \
+database pod created at the heal has its user.\n\n\
 ## Results\n\n{}\n{}\n\n\
 The instrument's own check, run last: every database user was revoked in Vault behind the\n\
 broker's back, and the watcher saw {control} pod(s) lose a credential (a run where it sees none\n\

@@ -16,6 +16,7 @@ mod memory;
 mod observability;
 mod outage;
 mod policy;
+mod python;
 mod secrecy;
 mod sidecar;
 mod tls;
