@@ -144,6 +144,19 @@ impl Postgres {
         self.psql(user, password, "select 1").status.success()
     }
 
+    /// Whether the role `name` exists (Vault drops a revoked user's role).
+    pub fn role_exists(&self, name: &str) -> bool {
+        let output = self.psql(
+            "postgres",
+            &self.password,
+            &format!(
+                "select count(*) from pg_roles where rolname = '{}'",
+                name.replace('\'', "''")
+            ),
+        );
+        String::from_utf8_lossy(&output.stdout).trim() != "0"
+    }
+
     /// How many roles Vault created (names start with `v-`).
     pub fn vault_roles(&self) -> usize {
         let output = self.psql(

@@ -123,3 +123,64 @@ async fn a_denied_watch_ends_with_a_typed_error() {
     .unwrap_err();
     assert!(error.to_string().contains("no-such-token"), "{error}");
 }
+
+/// The example `name` of the client crate, built when missing.
+fn example(name: &str) -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || tessera_tests::workspace_root().join("target"),
+        std::path::PathBuf::from,
+    );
+    let path = target.join("debug/examples").join(name);
+    if !path.exists() {
+        let built = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "tessera-client", "--example", name])
+            .current_dir(tessera_tests::workspace_root())
+            .status()
+            .unwrap();
+        assert!(built.success(), "building example {name}");
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_following_rotations_fails_no_query_and_leaves_no_old_user() {
+    let pg = Postgres::start();
+    // Rotated about every 3 s (a 6 s lease, renewed at half, capped at 8 s),
+    // each old user valid 3 s past its successor.
+    let env = Env::start(&db_policy("6s", "0.5", "3s")).await;
+    env.bao.database_role(&pg, "orders", "6s", "8s");
+    let output = std::process::Command::new(example("rotating_pool"))
+        .env("TESSERA_BROKER", &env.broker_uri)
+        .env("TESSERA_CA_FILE", env.ca_file())
+        .env("TESSERA_TOKEN_FILE", env.token_file("shop", "orders"))
+        .env("TESSERA_POOL_BINDING", "db")
+        .env(
+            "TESSERA_POOL_DB",
+            format!("host=127.0.0.1 port={} dbname=postgres", pg.port),
+        )
+        .env("TESSERA_POOL_SECONDS", "14")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    let value = |key: &str| {
+        stdout
+            .split_whitespace()
+            .find_map(|part| part.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in {stdout}"))
+            .to_owned()
+    };
+    assert_eq!(value("failed"), "0", "{stdout}{stderr}");
+    assert!(value("queries").parse::<u64>().unwrap() > 300, "{stdout}");
+    let users: Vec<String> = value("users").split(',').map(str::to_owned).collect();
+    eprintln!("{stdout}");
+    assert!(users.len() >= 4, "three rotations at least: {users:?}");
+    assert!(users.iter().all(|u| u.starts_with("v-")), "Vault's users: {users:?}");
+    // Every superseded user is gone once its overlap ended.
+    let (old, _current) = users.split_at(users.len() - 1);
+    tessera_tests::wait_for(Duration::from_secs(20), "the old users' removal", || {
+        old.iter().all(|user| !pg.role_exists(user)).then_some(())
+    })
+    .await;
+}
