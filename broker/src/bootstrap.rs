@@ -424,7 +424,12 @@ fn write_if_changed(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Bootstra
     if std::fs::read(path).is_ok_and(|old| Zeroizing::new(old).as_slice() == bytes) {
         return Ok(());
     }
-    let aside = path.with_extension("new");
+    // Named after the file and this process: two files, or two writers of
+    // one directory, never share it.
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let aside = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
     let _ = std::fs::remove_file(&aside);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
