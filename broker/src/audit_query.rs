@@ -62,9 +62,14 @@ pub fn run(query: &Query, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
         "time\taction\toutcome\tnamespace/service-account\tpod (uid)\tnode\tbinding\tversion\treason"
     );
     for path in files {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        for (number, line) in BufReader::new(file).lines().enumerate() {
+        let reader: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
+            Box::new(std::io::stdin())
+        } else {
+            Box::new(
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+            )
+        };
+        for (number, line) in BufReader::new(reader).lines().enumerate() {
             let line = line.with_context(|| format!("reading {}", path.display()))?;
             let Ok(event) = serde_json::from_str::<Value>(&line) else {
                 eprintln!(

@@ -19,8 +19,23 @@ mod audit_query;
 #[global_allocator]
 static ALLOC: tessera_memory::ZeroOnFree = tessera_memory::ZERO_ON_FREE;
 
-/// EX_USAGE: invalid configuration or arguments.
-const EXIT_USAGE: u8 = 64;
+/// Exit statuses (sysexits.h), as docs/configuration.md lists them.
+mod exit {
+    /// EX_USAGE: the command line is wrong.
+    pub const USAGE: u8 = 64;
+    /// EX_NOINPUT: a file named on the command line does not exist.
+    pub const NO_INPUT: u8 = 66;
+    /// EX_UNAVAILABLE: a service the broker needs at start (Vault, the
+    /// Kubernetes API) cannot be reached.
+    pub const UNAVAILABLE: u8 = 69;
+    /// EX_NOPERM: a service refused the broker (its Vault or RBAC permissions).
+    pub const NO_PERMISSION: u8 = 77;
+    /// EX_CONFIG: the configuration (or a policy, key or certificate it
+    /// names) is invalid.
+    pub const CONFIG: u8 = 78;
+    /// `policy diff --exit-code` when the policies could not be compared.
+    pub const DIFF_ERROR: u8 = 2;
+}
 
 #[derive(Parser)]
 #[command(name = "tessera-broker", version, about = "Tessera credential broker")]
@@ -74,7 +89,7 @@ enum Command {
         /// Include denials and errors, not only deliveries.
         #[arg(long)]
         all: bool,
-        /// Audit log files.
+        /// Audit log files; `-` reads standard input (`kubectl logs … | tessera-broker audit -`).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -112,7 +127,8 @@ enum PolicyCommand {
         old: PathBuf,
         /// The policy after (file or directory).
         new: PathBuf,
-        /// Exit 1 when anything changed (for CI gates).
+        /// Exit 1 when anything changed, 0 when nothing did (2 when the
+        /// policies cannot be compared, as always).
         #[arg(long)]
         exit_code: bool,
     },
@@ -168,7 +184,18 @@ enum DevCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // --help and --version are not errors; anything else is EX_USAGE.
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(exit::USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     tessera_broker::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -198,6 +225,10 @@ fn main() -> ExitCode {
             all,
             files,
         } => {
+            if let Some(path) = files.iter().find(|p| p.as_os_str() != "-" && !p.exists()) {
+                eprintln!("{}: no such file", path.display());
+                return ExitCode::from(exit::NO_INPUT);
+            }
             let query = audit_query::Query {
                 binding,
                 namespace,
@@ -224,11 +255,15 @@ fn serve(
     path: &std::path::Path,
     listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<ExitCode> {
+    if !path.exists() {
+        tracing::error!("config {}: no such file", path.display());
+        return Ok(ExitCode::from(exit::NO_INPUT));
+    }
     let mut config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
             tracing::error!("{error}");
-            return Ok(ExitCode::from(EXIT_USAGE));
+            return Ok(ExitCode::from(exit::CONFIG));
         }
     };
     if let Some(listen) = listen {
@@ -250,7 +285,7 @@ fn serve(
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::error!("{error}");
-                return Ok(ExitCode::from(EXIT_USAGE));
+                return Ok(ExitCode::from(start_exit_code(&error)));
             }
         };
         let listener = tokio::net::TcpListener::bind(listen)
@@ -298,6 +333,22 @@ fn serve(
     })
 }
 
+/// The exit status for a broker that could not start.
+fn start_exit_code(error: &tessera_broker::StartError) -> u8 {
+    use tessera_broker::{StartError, bootstrap::BootstrapError};
+    match error {
+        StartError::Kubernetes(_) => exit::UNAVAILABLE,
+        StartError::Bootstrap(BootstrapError::Api { source, .. }) => match source.as_ref() {
+            kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
+                exit::NO_PERMISSION
+            }
+            _ => exit::UNAVAILABLE,
+        },
+        StartError::Serve(_) => 1,
+        _ => exit::CONFIG,
+    }
+}
+
 async fn wait_for_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(signal) => signal,
@@ -313,7 +364,13 @@ async fn wait_for_signal() {
     }
 }
 
-fn load_or_report(paths: &[PathBuf]) -> Result<Policy, ExitCode> {
+/// Loads a policy, or prints every problem: status 1 for problems, 66 for a
+/// path that does not exist (`missing` overrides the status, for `diff`).
+fn load_or_report(paths: &[PathBuf], missing: Option<u8>) -> Result<Policy, ExitCode> {
+    if let Some(path) = paths.iter().find(|p| !p.exists()) {
+        eprintln!("{}: no such file or directory", path.display());
+        return Err(ExitCode::from(missing.unwrap_or(exit::NO_INPUT)));
+    }
     Policy::load(paths).map_err(|error| {
         for problem in &error.problems {
             println!("{problem}");
@@ -323,13 +380,13 @@ fn load_or_report(paths: &[PathBuf]) -> Result<Policy, ExitCode> {
             error.problems.len(),
             if error.problems.len() == 1 { "" } else { "s" }
         );
-        ExitCode::FAILURE
+        ExitCode::from(missing.unwrap_or(1))
     })
 }
 
 fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
-        PolicyCommand::Check { paths } => Ok(match load_or_report(&paths) {
+        PolicyCommand::Check { paths } => Ok(match load_or_report(&paths, None) {
             Ok(policy) => {
                 println!(
                     "ok: {} binding{} in {} file{}",
@@ -348,7 +405,7 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             pod_labels,
             paths,
         } => {
-            let policy = match load_or_report(&paths) {
+            let policy = match load_or_report(&paths, None) {
                 Ok(policy) => policy,
                 Err(code) => return Ok(code),
             };
@@ -369,7 +426,8 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             new,
             exit_code,
         } => {
-            let (old, new) = match (load_or_report(&[old]), load_or_report(&[new])) {
+            let error = Some(exit::DIFF_ERROR);
+            let (old, new) = match (load_or_report(&[old], error), load_or_report(&[new], error)) {
                 (Ok(old), Ok(new)) => (old, new),
                 (Err(code), _) | (_, Err(code)) => return Ok(code),
             };
@@ -381,7 +439,7 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 println!("{line}");
             }
             Ok(if exit_code && !lines.is_empty() {
-                ExitCode::FAILURE
+                ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
             })

@@ -20,9 +20,22 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
 /// EX_NOPERM: the broker denied a binding.
 const EXIT_DENIED: u8 = 77;
+/// EX_NOINPUT: the token, CA or client certificate file cannot be read.
+const EXIT_NO_INPUT: u8 = 66;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // --help and --version are not errors; anything else is EX_USAGE.
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -129,9 +142,11 @@ async fn serve(cli: &Cli) -> ExitCode {
 }
 
 fn exit_code(error: &AgentError) -> u8 {
+    use tessera_client::SetupError;
     match error {
         AgentError::Broker(status) if status.code() == tonic::Code::PermissionDenied => EXIT_DENIED,
         AgentError::Broker(_) | AgentError::Incomplete(_) => EXIT_UNAVAILABLE,
+        AgentError::Client(SetupError::Token { .. } | SetupError::Ca { .. }) => EXIT_NO_INPUT,
         AgentError::Client(_) | AgentError::Write { .. } => 1,
     }
 }

@@ -176,7 +176,10 @@ async fn a_pool_following_rotations_fails_no_query_and_leaves_no_old_user() {
     let users: Vec<String> = value("users").split(',').map(str::to_owned).collect();
     eprintln!("{stdout}");
     assert!(users.len() >= 4, "three rotations at least: {users:?}");
-    assert!(users.iter().all(|u| u.starts_with("v-")), "Vault's users: {users:?}");
+    assert!(
+        users.iter().all(|u| u.starts_with("v-")),
+        "Vault's users: {users:?}"
+    );
     // Every superseded user is gone once its overlap ended.
     let (old, _current) = users.split_at(users.len() - 1);
     tessera_tests::wait_for(Duration::from_secs(20), "the old users' removal", || {

@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod bootstrap;
 mod chart;
+mod cli;
 mod client;
 mod delivery;
 mod hardening;

@@ -1,0 +1,162 @@
+//! The command lines' contracts, as docs/configuration.md states them:
+//! sysexits statuses (clap's usage errors included), `policy diff
+//! --exit-code`, `audit -` reading standard input, no colour off a terminal.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use tessera_tests::{binary, simple_policy};
+
+fn broker(args: &[&str]) -> std::process::Output {
+    Command::new(binary("tessera-broker"))
+        .args(args)
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap()
+}
+
+fn status(output: &std::process::Output) -> Option<i32> {
+    output.status.code()
+}
+
+#[test]
+fn the_broker_exits_with_sysexits_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    assert_eq!(status(&broker(&["--no-such-flag"])), Some(64), "usage");
+    assert_eq!(status(&broker(&["--help"])), Some(0));
+    let missing = broker(&["serve", "--config", &path("missing.yaml")]);
+    assert_eq!(status(&missing), Some(66), "missing configuration");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("missing.yaml"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour off a terminal: {stderr:?}"
+    );
+    std::fs::write(path("bad.yaml"), "listen: nowhere\n").unwrap();
+    assert_eq!(
+        status(&broker(&["serve", "--config", &path("bad.yaml")])),
+        Some(78),
+        "invalid configuration"
+    );
+    assert_eq!(
+        status(&broker(&["audit", &path("no-audit.jsonl")])),
+        Some(66)
+    );
+}
+
+#[test]
+fn policy_commands_separate_problems_missing_files_and_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    std::fs::write(
+        path("a.yaml"),
+        simple_policy("app", "shop", "orders", "shop/a"),
+    )
+    .unwrap();
+    std::fs::write(
+        path("b.yaml"),
+        simple_policy("app", "shop", "billing", "shop/a"),
+    )
+    .unwrap();
+    std::fs::write(
+        path("bad.yaml"),
+        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nbindings: 3\n",
+    )
+    .unwrap();
+
+    assert_eq!(
+        status(&broker(&["policy", "check", &path("a.yaml")])),
+        Some(0)
+    );
+    assert_eq!(
+        status(&broker(&["policy", "check", &path("bad.yaml")])),
+        Some(1)
+    );
+    assert_eq!(
+        status(&broker(&["policy", "check", &path("none.yaml")])),
+        Some(66)
+    );
+
+    let diff = |old: &str, new: &str| {
+        status(&broker(&[
+            "policy",
+            "diff",
+            "--exit-code",
+            &path(old),
+            &path(new),
+        ]))
+    };
+    assert_eq!(diff("a.yaml", "a.yaml"), Some(0), "nothing changed");
+    assert_eq!(diff("a.yaml", "b.yaml"), Some(1), "access changed");
+    assert_eq!(diff("a.yaml", "bad.yaml"), Some(2), "cannot compare");
+    assert_eq!(diff("a.yaml", "none.yaml"), Some(2), "cannot compare");
+}
+
+#[test]
+fn audit_reads_standard_input_for_a_dash() {
+    let mut child = Command::new(binary("tessera-broker"))
+        .args(["audit", "--all", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"time":"2026-12-01T10:00:00Z","action":"issue","outcome":"success","namespace":"shop","service_account":"orders","binding":"db","version":"7"}
+"#,
+        )
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("shop/orders") && l.contains("db")),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_sidecar_exits_with_sysexits_statuses() {
+    let sidecar = |args: &[&str]| {
+        Command::new(binary("tessera-sidecar"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(status(&sidecar(&["--no-such-flag"])), Some(64), "usage");
+    let out = tempfile::Builder::new()
+        .prefix("tessera-cli-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let once = sidecar(&[
+        "once",
+        "--broker",
+        "https://127.0.0.1:1",
+        "--ca-file",
+        "/nonexistent/ca.pem",
+        "--token-file",
+        "/nonexistent/token",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--binding",
+        "db",
+    ]);
+    assert_eq!(
+        status(&once),
+        Some(66),
+        "a missing CA or token file: {}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+}
