@@ -485,7 +485,9 @@ at 50 pods), or change notifications from Vault instead of polling (Vault Enterp
 {three_hour:.2} requests per pod-hour ({startup_3} at start + {steady_3} in the idle window) against {tessera_hour:.2} with one replica. \
 What more replicas add is the KV polling term only: each replica checks each KV secret of the policy every 15 s, \
 {polling_term:.2} per pod-hour for two more replicas and one secret at {fleet} pods; leases are issued and renewed once per pod, \
-whichever replica serves it."
+whichever replica serves it. Each replica also reads every lease record once an hour, at a random point of the hour (about three \
+requests per pod): an idle window that happens to hold such a pass counts it {:.0} times over.",
+        3600.0 / idle_window.as_secs_f64()
     ));
 
     // The remaining runs time change propagation: poll every second.

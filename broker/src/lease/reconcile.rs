@@ -215,9 +215,13 @@ impl Reconciler {
     }
 
     /// Sweeps every `interval` (±20 %, so replicas spread out) until
-    /// `shutdown`; one sweep in [`FULL_SWEEP_EVERY`] (and the first) is full.
+    /// `shutdown`; one sweep in [`FULL_SWEEP_EVERY`] is full, the first of
+    /// them at a random point of the cycle: replicas started together (a
+    /// rollout) spread their full passes instead of all reading every record
+    /// at once. (A record left by a crash costs nothing meanwhile: its
+    /// superseded lease was shortened in Vault, which ends it by itself.)
     pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
-        let mut count: u32 = 0;
+        let mut count: u32 = fastrand::u32(1..FULL_SWEEP_EVERY);
         loop {
             let wait = interval.mul_f64(0.8 + 0.4 * fastrand::f64());
             tokio::select! {

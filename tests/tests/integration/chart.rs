@@ -764,3 +764,143 @@ fn checkov_finds_no_failed_check_in_the_rendered_manifests() {
         }
     }
 }
+
+#[test]
+fn the_keys_every_chart_user_reaches_for_do_what_they_say() {
+    let rendered = typed(&render(&[
+        "fullnameOverride=creds",
+        "commonLabels.team=platform",
+        "global.imageRegistry=mirror.example",
+        "serviceAccount.name=custom-sa",
+        "serviceAccount.annotations.iam\\.example/role=broker",
+        "service.annotations.lb\\.example/scheme=internal",
+        "webhook.objectSelector.matchLabels.inject=yes",
+        "webhook.port=10250",
+        "hostNetwork=true",
+        "extraEnv[0].name=HTTPS_PROXY",
+        "extraEnv[0].value=http://proxy:3128",
+        "extraVolumes[0].name=extra",
+        "extraVolumes[0].configMap.name=extra-config",
+        "extraVolumeMounts[0].name=extra",
+        "extraVolumeMounts[0].mountPath=/etc/extra",
+        "podSecurityContext.runAsUser=null",
+        "podSecurityContext.runAsGroup=null",
+        "podSecurityContext.fsGroup=null",
+        "securityContext.runAsUser=null",
+        "securityContext.runAsGroup=null",
+    ]));
+    let deployment = &rendered.deployments[0];
+    assert_eq!(deployment.metadata.name.as_deref(), Some("creds"));
+    assert_eq!(
+        deployment.metadata.labels.as_ref().unwrap()["team"],
+        "platform"
+    );
+    let spec = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("custom-sa"));
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    // OpenShift's restricted-v2 assigns the user: none is fixed.
+    let pod_security = spec.security_context.as_ref().unwrap();
+    assert_eq!(pod_security.run_as_user, None);
+    assert_eq!(pod_security.fs_group, None);
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    let broker = &spec.containers[0];
+    assert_eq!(broker.security_context.as_ref().unwrap().run_as_user, None);
+    assert!(
+        broker
+            .image
+            .as_deref()
+            .unwrap()
+            .starts_with("mirror.example/ghcr.io/"),
+        "{:?}",
+        broker.image
+    );
+    assert!(broker.env.iter().flatten().any(|v| v.name == "HTTPS_PROXY"));
+    assert!(
+        broker
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "extra" && m.mount_path == "/etc/extra")
+    );
+    assert!(spec.volumes.iter().flatten().any(|v| v.name == "extra"));
+    assert!(
+        broker
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("webhook") && p.container_port == 10250)
+    );
+    let account = &rendered.service_accounts[0];
+    assert_eq!(account.metadata.name.as_deref(), Some("custom-sa"));
+    assert_eq!(
+        account.metadata.annotations.as_ref().unwrap()["iam.example/role"],
+        "broker"
+    );
+    assert!(
+        rendered
+            .cluster_role_bindings
+            .iter()
+            .flat_map(|b| b.subjects.clone().unwrap_or_default())
+            .all(|s| s.name == "custom-sa")
+    );
+    assert_eq!(
+        rendered.services[0].metadata.annotations.as_ref().unwrap()["lb.example/scheme"],
+        "internal"
+    );
+    let webhook = &rendered.webhooks[0].webhooks.as_ref().unwrap()[0];
+    assert_eq!(
+        webhook
+            .object_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["inject"],
+        "yes"
+    );
+    let config = broker_accepts_config(&rendered);
+    assert_eq!(config.webhook.unwrap().listen.port(), 10250);
+}
+
+#[test]
+fn the_chart_refuses_what_it_cannot_honour() {
+    let output = helm_on_chart(&["template", "tessera"], &["serviceAccount.create=false"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("serviceAccount.name is required"));
+    // The defaults need 1.30 (native sidecars, the preStop sleep).
+    let old = helm_on_chart(&["template", "tessera", "--kube-version", "1.29.0"], &[]);
+    assert!(!old.status.success());
+    assert!(
+        String::from_utf8_lossy(&old.stderr).contains("kubeVersion"),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+}
+
+#[test]
+fn install_notes_say_what_to_do_next() {
+    let output = helm_on_chart(&["install", "--dry-run=client", "tessera"], &[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let notes = text.split("NOTES:").nth(1).expect("NOTES.txt rendered");
+    for expected in [
+        "rollout status deployment/tessera",
+        "kubectl label namespace <ns> tessera.dev/injection=enabled",
+        "tessera.dev/inject: \"true\"",
+        "policy explain",
+    ] {
+        assert!(notes.contains(expected), "{expected}: {notes}");
+    }
+}
