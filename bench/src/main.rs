@@ -480,12 +480,13 @@ at 50 pods), or change notifications from Vault instead of polling (Vault Enterp
     // Each replica keeps every KV secret of the policy warm: one version
     // check per secret and replica per kvPollInterval.
     let polling_term = 2.0 * 3600.0 / 15.0 / fleet as f64;
+    let sweep_term = 2.0 * 3600.0 / 30.0 / fleet as f64;
     report.note(format!(
         "With 3 replicas behind a Service (a loopback round-robin balancer here), the same fleet of {fleet} costs Vault \
 {three_hour:.2} requests per pod-hour ({startup_3} at start + {steady_3} in the idle window) against {tessera_hour:.2} with one replica. \
-What more replicas add is the KV polling term only: each replica checks each KV secret of the policy every 15 s, \
-{polling_term:.2} per pod-hour for two more replicas and one secret at {fleet} pods; leases are issued and renewed once per pod, \
-whichever replica serves it. Each replica also reads every lease record once an hour, at a random point of the hour (about three \
+What more replicas add does not grow with pods: each replica checks each KV secret of the policy every 15 s \
+({polling_term:.2} per pod-hour for two more replicas and one secret at {fleet} pods) and lists the lease records every 30 s \
+({sweep_term:.2}); leases are issued and renewed once per pod, whichever replica serves it. Each replica also reads every lease record once an hour, at a random point of the hour (about three \
 requests per pod): an idle window that happens to hold such a pass counts it {:.0} times over.",
         3600.0 / idle_window.as_secs_f64()
     ));
