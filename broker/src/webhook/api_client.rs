@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     DownwardAPIProjection, DownwardAPIVolumeFile, EnvVar, ObjectFieldSelector, Pod,
-    ProjectedVolumeSource, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ProjectedVolumeSource, Volume, VolumeMount, VolumeProjection,
 };
 
 use super::{inject::Denial, settings::Injection};
@@ -93,16 +93,7 @@ pub fn add(pod: &mut Pod, injection: &Injection, ca_pem: &str) -> Result<(), Den
         name: VOLUME.to_owned(),
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![
-                VolumeProjection {
-                    service_account_token: Some(ServiceAccountTokenProjection {
-                        audience: Some(injection.audience.clone()),
-                        expiration_seconds: Some(
-                            i64::try_from(injection.token_expiration.as_secs()).unwrap_or(600),
-                        ),
-                        path: "token".to_owned(),
-                    }),
-                    ..VolumeProjection::default()
-                },
+                super::inject::token_projection(injection),
                 VolumeProjection {
                     downward_api: Some(DownwardAPIProjection {
                         items: Some(vec![DownwardAPIVolumeFile {

@@ -425,22 +425,27 @@ fn volumes(injection: &Injection) -> [Volume; 2] {
         Volume {
             name: TOKEN_VOLUME.to_owned(),
             projected: Some(ProjectedVolumeSource {
-                sources: Some(vec![VolumeProjection {
-                    service_account_token: Some(ServiceAccountTokenProjection {
-                        audience: Some(injection.audience.clone()),
-                        expiration_seconds: Some(
-                            i64::try_from(injection.token_expiration.as_secs()).unwrap_or(600),
-                        ),
-                        path: "token".to_owned(),
-                    }),
-                    ..VolumeProjection::default()
-                }]),
+                sources: Some(vec![token_projection(injection)]),
                 // Readable by the sidecar's user whatever it is.
                 default_mode: Some(0o444),
             }),
             ..Volume::default()
         },
     ]
+}
+
+/// The pod's service-account token for the broker's audience, as `token`.
+pub(super) fn token_projection(injection: &Injection) -> VolumeProjection {
+    VolumeProjection {
+        service_account_token: Some(ServiceAccountTokenProjection {
+            audience: Some(injection.audience.clone()),
+            expiration_seconds: Some(
+                i64::try_from(injection.token_expiration.as_secs()).unwrap_or(600),
+            ),
+            path: "token".to_owned(),
+        }),
+        ..VolumeProjection::default()
+    }
 }
 
 /// Everything one Tessera container is built from.
