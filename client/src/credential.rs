@@ -84,6 +84,10 @@ impl CredentialSet {
             .insert(credential.binding.clone(), credential);
     }
 
+    pub(crate) fn remove(&mut self, binding: &str) {
+        self.credentials.remove(binding);
+    }
+
     pub(crate) fn get_mut(&mut self, binding: &str) -> Option<&mut Credential> {
         self.credentials.get_mut(binding)
     }

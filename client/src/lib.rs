@@ -53,7 +53,10 @@ use std::{
 
 use futures::Stream;
 pub use tessera_proto as proto;
-use tessera_proto::v1::{FetchRequest, Held, RevokeRequest, WatchRequest, WatchResponse};
+use tessera_proto::v1::{
+    FetchRequest, Held, RevokeRequest, WatchRequest, WatchResponse, broker_client::BrokerClient,
+};
+use tonic::transport::Channel;
 
 use self::retry::{Backoff, Reaction};
 pub use self::{
@@ -137,11 +140,15 @@ impl Holdings {
     }
 }
 
-/// A client of the broker for one pod.
+/// A client of the broker for one pod. Clones share one connection and
+/// what the client holds.
 #[derive(Clone)]
 pub struct Client {
     target: BrokerTarget,
     holdings: Arc<Mutex<Holdings>>,
+    /// One channel for every call (HTTP/2 multiplexes them); dropped after
+    /// a transport failure so the next call reconnects, reading the CA again.
+    channel: Arc<Mutex<Option<BrokerClient<Channel>>>>,
 }
 
 impl Client {
@@ -150,6 +157,7 @@ impl Client {
         Self {
             target,
             holdings: Arc::default(),
+            channel: Arc::default(),
         }
     }
 
@@ -180,6 +188,31 @@ impl Client {
         self.holdings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The shared channel, built on first use.
+    fn broker(&self) -> Result<BrokerClient<Channel>, SetupError> {
+        let mut channel = self.channel.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(broker) = channel.as_ref() {
+            return Ok(broker.clone());
+        }
+        let broker = self.target.client()?;
+        *channel = Some(broker.clone());
+        Ok(broker)
+    }
+
+    /// Forgets the channel when `status` says the transport failed or the
+    /// replica is going away: the next call connects anew.
+    fn forget_broken(&self, status: &tonic::Status) {
+        if status.code() == tonic::Code::Unavailable {
+            *self.channel.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
+    /// The typed error for a failed call, forgetting a broken channel.
+    fn after(&self, status: tonic::Status) -> Error {
+        self.forget_broken(&status);
+        Error::from(status)
+    }
+
     /// The current credentials of `bindings`, all or none. Leased ones this
     /// client already holds are resumed (same values, no new lease).
     ///
@@ -192,7 +225,12 @@ impl Client {
             bindings: bindings.clone(),
             held,
         })?;
-        let answer = self.target.client()?.fetch(request).await?.into_inner();
+        let answer = self
+            .broker()?
+            .fetch(request)
+            .await
+            .map_err(|status| self.after(status))?
+            .into_inner();
         let mut holdings = self.holdings();
         for credential in answer.credentials {
             holdings.absorb(credential);
@@ -239,10 +277,17 @@ impl Client {
             bindings: bindings.clone(),
             held,
         })?;
-        let answer = self.target.client()?.revoke(request).await?.into_inner();
+        let answer = self
+            .broker()?
+            .revoke(request)
+            .await
+            .map_err(|status| self.after(status))?
+            .into_inner();
         let mut holdings = self.holdings();
         for binding in &answer.revoked {
+            // Given back: neither its handle nor its values are kept.
             holdings.handles.remove(binding);
+            holdings.set.remove(binding);
         }
         Ok(answer.revoked)
     }
@@ -348,6 +393,7 @@ impl Watching {
     /// The stream (or the call opening it) ended with `status`: the
     /// documented reaction to it; the error when the watch must end.
     fn ended(&mut self, status: tonic::Status) -> Option<Error> {
+        self.client.forget_broken(&status);
         match Reaction::to(&status) {
             Reaction::ReconnectNow(_) => {
                 self.delay = RECONNECT_SPREAD.mul_f64(fastrand::f64());

@@ -187,3 +187,35 @@ async fn a_pool_following_rotations_fails_no_query_and_leaves_no_old_user() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_share_one_connection_and_a_revoked_credential_is_not_kept() {
+    let pg = Postgres::start();
+    let env = Env::start(&db_policy("10m", "0.7", "5s")).await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
+    let app = client(&env, "orders");
+    let first = app.fetch(&["db"]).await.unwrap();
+    let again = app.fetch(&["db"]).await.unwrap();
+    assert_eq!(
+        first.get("db").unwrap().text("username"),
+        again.get("db").unwrap().text("username"),
+        "resumed"
+    );
+    assert_eq!(app.revoke(&["db"]).await.unwrap(), ["db"]);
+    // Nothing of the given-back credential is kept: the next fetch is a
+    // new user, not the revoked one resumed from memory.
+    let next = app.fetch(&["db"]).await.unwrap();
+    assert_ne!(
+        next.get("db").unwrap().text("username"),
+        first.get("db").unwrap().text("username")
+    );
+    // Every call (issue, revoke, issue again) came over one connection, one
+    // TLS handshake: the audit trail names one peer.
+    let events = env.audit_events();
+    assert!(events.len() >= 3, "{events:#?}");
+    let peers: std::collections::BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| e["peer"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+}
