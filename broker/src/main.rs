@@ -98,6 +98,16 @@ enum Command {
     Dev(DevCommand),
 }
 
+/// How `policy` subcommands print their answer.
+#[derive(Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// For people.
+    #[default]
+    Text,
+    /// One JSON document on stdout, for CI bots (docs/policy.md shows its shape).
+    Json,
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate policy files or directories; lists every problem as file:line:column.
@@ -105,6 +115,9 @@ enum PolicyCommand {
         /// Policy files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// `text` or `json`.
+        #[arg(long, short, default_value = "text")]
+        output: Output,
     },
     /// Print what an identity gets and why.
     Explain {
@@ -120,6 +133,9 @@ enum PolicyCommand {
         /// Policy files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// `text` or `json`.
+        #[arg(long, short, default_value = "text")]
+        output: Output,
     },
     /// Print the access a change grants and removes.
     Diff {
@@ -131,6 +147,9 @@ enum PolicyCommand {
         /// policies cannot be compared, as always).
         #[arg(long)]
         exit_code: bool,
+        /// `text` or `json`.
+        #[arg(long, short, default_value = "text")]
+        output: Output,
     },
 }
 
@@ -364,37 +383,97 @@ async fn wait_for_signal() {
     }
 }
 
+/// The answer of `policy check --output json`, and of any policy command
+/// whose policy does not load.
+#[derive(serde::Serialize)]
+struct CheckReport<'a> {
+    /// True when the policy loaded.
+    ok: bool,
+    /// Bindings defined.
+    bindings: usize,
+    /// Files read.
+    files: usize,
+    /// Every problem, located.
+    problems: &'a [tessera_broker::policy::Problem],
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(error) => eprintln!("cannot print JSON: {error}"),
+    }
+}
+
 /// Loads a policy, or prints every problem: status 1 for problems, 66 for a
 /// path that does not exist (`missing` overrides the status, for `diff`).
-fn load_or_report(paths: &[PathBuf], missing: Option<u8>) -> Result<Policy, ExitCode> {
-    if let Some(path) = paths.iter().find(|p| !p.exists()) {
-        eprintln!("{}: no such file or directory", path.display());
-        return Err(ExitCode::from(missing.unwrap_or(exit::NO_INPUT)));
-    }
-    Policy::load(paths).map_err(|error| {
-        for problem in &error.problems {
-            println!("{problem}");
+fn load_or_report(
+    paths: &[PathBuf],
+    missing: Option<u8>,
+    output: Output,
+) -> Result<Policy, ExitCode> {
+    let problems = if let Some(path) = paths.iter().find(|p| !p.exists()) {
+        let problem = tessera_broker::policy::Problem {
+            file: path.display().to_string(),
+            line: 0,
+            column: 0,
+            message: "no such file or directory".to_owned(),
+        };
+        match output {
+            Output::Text => eprintln!("{problem}"),
+            Output::Json => print_json(&CheckReport {
+                ok: false,
+                bindings: 0,
+                files: 0,
+                problems: &[problem],
+            }),
         }
-        println!(
-            "{} problem{} found",
-            error.problems.len(),
-            if error.problems.len() == 1 { "" } else { "s" }
-        );
-        ExitCode::from(missing.unwrap_or(1))
-    })
+        return Err(ExitCode::from(missing.unwrap_or(exit::NO_INPUT)));
+    } else {
+        match Policy::load(paths) {
+            Ok(policy) => return Ok(policy),
+            Err(error) => error.problems,
+        }
+    };
+    match output {
+        Output::Text => {
+            for problem in &problems {
+                println!("{problem}");
+            }
+            println!(
+                "{} problem{} found",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            );
+        }
+        Output::Json => print_json(&CheckReport {
+            ok: false,
+            bindings: 0,
+            files: 0,
+            problems: &problems,
+        }),
+    }
+    Err(ExitCode::from(missing.unwrap_or(1)))
 }
 
 fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
-        PolicyCommand::Check { paths } => Ok(match load_or_report(&paths, None) {
+        PolicyCommand::Check { paths, output } => Ok(match load_or_report(&paths, None, output) {
             Ok(policy) => {
-                println!(
-                    "ok: {} binding{} in {} file{}",
-                    policy.bindings.len(),
-                    if policy.bindings.len() == 1 { "" } else { "s" },
-                    policy.files.len(),
-                    if policy.files.len() == 1 { "" } else { "s" }
-                );
+                match output {
+                    Output::Text => println!(
+                        "ok: {} binding{} in {} file{}",
+                        policy.bindings.len(),
+                        if policy.bindings.len() == 1 { "" } else { "s" },
+                        policy.files.len(),
+                        if policy.files.len() == 1 { "" } else { "s" }
+                    ),
+                    Output::Json => print_json(&CheckReport {
+                        ok: true,
+                        bindings: policy.bindings.len(),
+                        files: policy.files.len(),
+                        problems: &[],
+                    }),
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -404,8 +483,9 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             service_account,
             pod_labels,
             paths,
+            output,
         } => {
-            let policy = match load_or_report(&paths, None) {
+            let policy = match load_or_report(&paths, None, output) {
                 Ok(policy) => policy,
                 Err(code) => return Ok(code),
             };
@@ -418,27 +498,40 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 pod_labels: (!pod_labels.is_empty()).then(|| pod_labels.into_iter().collect()),
                 expires_at: 0,
             };
-            print!("{}", report::explain(&policy, &identity));
+            let explanation = report::Explanation::of(&policy, &identity);
+            match output {
+                Output::Text => print!("{explanation}"),
+                Output::Json => print_json(&explanation),
+            }
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Diff {
             old,
             new,
             exit_code,
+            output,
         } => {
             let error = Some(exit::DIFF_ERROR);
-            let (old, new) = match (load_or_report(&[old], error), load_or_report(&[new], error)) {
-                (Ok(old), Ok(new)) => (old, new),
-                (Err(code), _) | (_, Err(code)) => return Ok(code),
+            let (old, new) = match load_or_report(&[old], error, output)
+                .and_then(|old| Ok((old, load_or_report(&[new], error, output)?)))
+            {
+                Ok(both) => both,
+                Err(code) => return Ok(code),
             };
-            let lines = report::diff(&old, &new);
-            if lines.is_empty() {
-                println!("no change in access");
+            let changes = report::diff(&old, &new);
+            match output {
+                Output::Text if changes.is_empty() => println!("no change in access"),
+                Output::Text => {
+                    for change in &changes {
+                        println!("{change}");
+                    }
+                }
+                Output::Json => print_json(&serde_json::json!({
+                    "changed": !changes.is_empty(),
+                    "changes": changes,
+                })),
             }
-            for line in &lines {
-                println!("{line}");
-            }
-            Ok(if exit_code && !lines.is_empty() {
+            Ok(if exit_code && !changes.is_empty() {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS

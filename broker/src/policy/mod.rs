@@ -30,7 +30,7 @@ use document::{Document, Spanned};
 use render::Template;
 
 /// One problem found in a policy, located in its file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Problem {
     /// The file.
     pub file: String,

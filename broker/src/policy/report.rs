@@ -1,7 +1,12 @@
 //! Reports for reviewers: what an identity gets and why (`policy explain`), and
 //! what access a change grants or removes (`policy diff`).
 
-use std::{collections::BTreeSet, fmt::Write};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
+
+use serde::Serialize;
 
 use super::{Binding, Policy, format_duration};
 use crate::identity::Identity;
@@ -32,68 +37,203 @@ fn describe_output(binding: &Binding) -> String {
     parts.join("; ")
 }
 
-/// Explains what `identity` gets from `policy`, binding by binding.
-pub fn explain(policy: &Policy, identity: &Identity) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "identity {}/{}",
-        identity.namespace, identity.service_account
-    );
-    match &identity.pod_labels {
-        Some(labels) if !labels.is_empty() => {
-            let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let _ = writeln!(out, "pod labels {}", shown.join(", "));
+/// What an identity gets from a policy and why (`policy explain`): printed
+/// as text, or serialized for CI bots (`--output json`).
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    /// The identity's namespace.
+    pub namespace: String,
+    /// The identity's service account.
+    pub service_account: String,
+    /// The pod labels assumed; `None`: subjects that require labels do not match.
+    pub pod_labels: Option<BTreeMap<String, String>>,
+    /// The bindings granted, in policy order.
+    pub granted: Vec<Grant>,
+    /// The bindings not granted.
+    pub not_granted: Vec<String>,
+}
+
+/// One granted binding and where each of its settings comes from.
+#[derive(Debug, Serialize)]
+pub struct Grant {
+    /// The binding's name.
+    pub binding: String,
+    /// `file:line` of its definition.
+    pub defined_at: String,
+    /// The subject that matched the identity.
+    pub subject: String,
+    /// The Vault source it reads.
+    pub source: String,
+    /// The credential's TTL, e.g. `15m`.
+    pub ttl: String,
+    /// Where the TTL comes from.
+    pub ttl_origin: String,
+    /// The policy's TTL ceiling (`limits.maxTtl`).
+    pub max_ttl: String,
+    /// The fraction of the TTL after which it is renewed.
+    pub renew_fraction: f64,
+    /// Where the renew fraction comes from.
+    pub renew_fraction_origin: String,
+    /// The policy's bounds on the renew fraction.
+    pub renew_fraction_limits: [f64; 2],
+    /// How often a KV secret is checked, when the binding sets it.
+    pub refresh_interval: Option<String>,
+    /// The files the sidecar writes.
+    pub files: String,
+}
+
+impl Explanation {
+    /// Explains what `identity` gets from `policy`, binding by binding.
+    pub fn of(policy: &Policy, identity: &Identity) -> Self {
+        let limits = &policy.limits;
+        let mut granted = Vec::new();
+        let mut not_granted = Vec::new();
+        for binding in &policy.bindings {
+            let Some(subject) = binding.matching_subject(identity) else {
+                not_granted.push(binding.name.clone());
+                continue;
+            };
+            granted.push(Grant {
+                binding: binding.name.clone(),
+                defined_at: binding.defined_at.clone(),
+                subject: subject.to_string(),
+                source: binding.source.to_string(),
+                ttl: format_duration(binding.ttl),
+                ttl_origin: binding.ttl_origin.to_string(),
+                max_ttl: format_duration(limits.max_ttl),
+                renew_fraction: binding.renew_fraction,
+                renew_fraction_origin: binding.renew_fraction_origin.to_string(),
+                renew_fraction_limits: [limits.min_renew_fraction, limits.max_renew_fraction],
+                refresh_interval: binding.refresh_interval.map(format_duration),
+                files: describe_output(binding),
+            });
         }
-        _ => {
-            let _ = writeln!(
+        Self {
+            namespace: identity.namespace.clone(),
+            service_account: identity.service_account.clone(),
+            pod_labels: identity
+                .pod_labels
+                .clone()
+                .filter(|labels| !labels.is_empty())
+                .map(|labels| labels.into_iter().collect()),
+            granted,
+            not_granted,
+        }
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(out, "identity {}/{}", self.namespace, self.service_account)?;
+        match &self.pod_labels {
+            Some(labels) => {
+                let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                writeln!(out, "pod labels {}", shown.join(", "))?;
+            }
+            None => writeln!(
                 out,
                 "pod labels none (subjects that require podLabels do not match)"
-            );
+            )?,
+        }
+        for grant in &self.granted {
+            writeln!(out, "\ngranted {} ({})", grant.binding, grant.defined_at)?;
+            writeln!(out, "  subject         {}", grant.subject)?;
+            writeln!(out, "  source          {}", grant.source)?;
+            writeln!(
+                out,
+                "  ttl             {} ({}; ceiling limits.maxTtl {})",
+                grant.ttl, grant.ttl_origin, grant.max_ttl
+            )?;
+            let [low, high] = grant.renew_fraction_limits;
+            writeln!(
+                out,
+                "  renew fraction  {} ({}; limits [{low}, {high}])",
+                grant.renew_fraction, grant.renew_fraction_origin
+            )?;
+            if let Some(interval) = &grant.refresh_interval {
+                writeln!(out, "  refresh         every {interval}")?;
+            }
+            writeln!(out, "  files           {}", grant.files)?;
+        }
+        if self.granted.is_empty() {
+            writeln!(
+                out,
+                "\nno binding names this identity: everything is denied (deny by default)"
+            )?;
+        }
+        if !self.not_granted.is_empty() {
+            writeln!(out, "\nnot granted {}", self.not_granted.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// One difference in access between two policies (`policy diff`).
+#[derive(Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Change {
+    /// A subject gains a binding.
+    Grant {
+        /// Who, as the policy writes it.
+        subject: String,
+        /// The binding.
+        binding: String,
+        /// Its Vault source.
+        source: String,
+    },
+    /// A subject loses a binding.
+    Remove {
+        /// Who, as the policy writes it.
+        subject: String,
+        /// The binding.
+        binding: String,
+        /// Its Vault source.
+        source: String,
+    },
+    /// A setting of a binding present in both changed.
+    Setting {
+        /// The binding.
+        binding: String,
+        /// The setting, as the policy spells it (`ttl`, `files`, ...).
+        setting: String,
+        /// Before.
+        from: String,
+        /// After.
+        to: String,
+    },
+    /// A policy-wide limit changed.
+    Limit {
+        /// The limit, as the policy spells it (`maxTtl`, ...).
+        limit: String,
+        /// Before.
+        from: String,
+        /// After.
+        to: String,
+    },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Grant {
+                subject,
+                binding,
+                source,
+            } => write!(f, "+ grant   {subject} -> {binding} ({source})"),
+            Change::Remove {
+                subject,
+                binding,
+                source,
+            } => write!(f, "- remove  {subject} -> {binding} ({source})"),
+            Change::Setting {
+                binding,
+                setting,
+                from,
+                to,
+            } => write!(f, "~ change  {binding}: {setting} {from} -> {to}"),
+            Change::Limit { limit, from, to } => write!(f, "~ limits  {limit} {from} -> {to}"),
         }
     }
-    let limits = &policy.limits;
-    let mut denied = Vec::new();
-    let mut granted = 0;
-    for binding in &policy.bindings {
-        let Some(subject) = binding.matching_subject(identity) else {
-            denied.push(binding.name.as_str());
-            continue;
-        };
-        granted += 1;
-        let _ = writeln!(out, "\ngranted {} ({})", binding.name, binding.defined_at);
-        let _ = writeln!(out, "  subject         {subject}");
-        let _ = writeln!(out, "  source          {}", binding.source);
-        let _ = writeln!(
-            out,
-            "  ttl             {} ({}; ceiling limits.maxTtl {})",
-            format_duration(binding.ttl),
-            binding.ttl_origin,
-            format_duration(limits.max_ttl)
-        );
-        let _ = writeln!(
-            out,
-            "  renew fraction  {} ({}; limits [{}, {}])",
-            binding.renew_fraction,
-            binding.renew_fraction_origin,
-            limits.min_renew_fraction,
-            limits.max_renew_fraction
-        );
-        if let Some(interval) = binding.refresh_interval {
-            let _ = writeln!(out, "  refresh         every {}", format_duration(interval));
-        }
-        let _ = writeln!(out, "  files           {}", describe_output(binding));
-    }
-    if granted == 0 {
-        let _ = writeln!(
-            out,
-            "\nno binding names this identity: everything is denied (deny by default)"
-        );
-    }
-    if !denied.is_empty() {
-        let _ = writeln!(out, "\nnot granted {}", denied.join(", "));
-    }
-    out
 }
 
 fn access(policy: &Policy) -> BTreeSet<(String, String, String)> {
@@ -110,23 +250,36 @@ fn access(policy: &Policy) -> BTreeSet<(String, String, String)> {
 
 /// The access granted and removed by going from `old` to `new`, and changes to
 /// the settings of bindings present in both. Empty when nothing changed.
-pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
+pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
     let (before, after) = (access(old), access(new));
     let mut lines = Vec::new();
     for (subject, binding, source) in after.difference(&before) {
-        lines.push(format!("+ grant   {subject} -> {binding} ({source})"));
+        lines.push(Change::Grant {
+            subject: subject.clone(),
+            binding: binding.clone(),
+            source: source.clone(),
+        });
     }
     for (subject, binding, source) in before.difference(&after) {
-        lines.push(format!("- remove  {subject} -> {binding} ({source})"));
+        lines.push(Change::Remove {
+            subject: subject.clone(),
+            binding: binding.clone(),
+            source: source.clone(),
+        });
     }
     for new_binding in &new.bindings {
         let Some(old_binding) = old.bindings.iter().find(|b| b.name == new_binding.name) else {
             continue;
         };
         let name = &new_binding.name;
-        let mut change = |what: &str, a: String, b: String| {
-            if a != b {
-                lines.push(format!("~ change  {name}: {what} {a} -> {b}"));
+        let mut change = |what: &str, from: String, to: String| {
+            if from != to {
+                lines.push(Change::Setting {
+                    binding: name.clone(),
+                    setting: what.to_owned(),
+                    from,
+                    to,
+                });
             }
         };
         change(
@@ -146,7 +299,7 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
         );
         let refresh = |b: &Binding| {
             b.refresh_interval
-                .map_or_else(|| "default".to_owned(), |d| format_duration(d).to_string())
+                .map_or_else(|| "default".to_owned(), format_duration)
         };
         change(
             "refreshInterval",
@@ -160,9 +313,13 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<String> {
         );
     }
     let (a, b) = (&old.limits, &new.limits);
-    let mut limit = |what: &str, x: String, y: String| {
-        if x != y {
-            lines.push(format!("~ limits  {what} {x} -> {y}"));
+    let mut limit = |what: &str, from: String, to: String| {
+        if from != to {
+            lines.push(Change::Limit {
+                limit: what.to_owned(),
+                from,
+                to,
+            });
         }
     };
     limit(

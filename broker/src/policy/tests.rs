@@ -230,7 +230,10 @@ fn diff_reports_every_changed_setting() {
         "new.yaml",
     )
     .unwrap();
-    let lines = report::diff(&old, &new);
+    let lines: Vec<String> = report::diff(&old, &new)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(lines, ["~ change  orders-db: overlap 30s -> 5m"]);
     assert!(report::diff(&old, &old).is_empty());
 }
@@ -344,6 +347,11 @@ fn refresh_interval_is_for_kv_sources_within_bounds_and_shows_in_diffs() {
     let old = Policy::parse(&binding_with(kv, ""), "old.yaml").unwrap();
     assert_eq!(
         report::diff(&old, &policy),
-        ["~ change  app: refreshInterval default -> 5m"]
+        [report::Change::Setting {
+            binding: "app".to_owned(),
+            setting: "refreshInterval".to_owned(),
+            from: "default".to_owned(),
+            to: "5m".to_owned(),
+        }]
     );
 }

@@ -1,6 +1,7 @@
 //! The command lines' contracts, as docs/configuration.md states them:
 //! sysexits statuses (clap's usage errors included), `policy diff
-//! --exit-code`, `audit -` reading standard input, no colour off a terminal.
+//! --exit-code`, `--output json` for the policy commands, `audit -` reading
+//! standard input, no colour off a terminal.
 
 use std::{
     io::Write as _,
@@ -93,6 +94,136 @@ fn policy_commands_separate_problems_missing_files_and_changes() {
     assert_eq!(diff("a.yaml", "b.yaml"), Some(1), "access changed");
     assert_eq!(diff("a.yaml", "bad.yaml"), Some(2), "cannot compare");
     assert_eq!(diff("a.yaml", "none.yaml"), Some(2), "cannot compare");
+}
+
+/// Runs a broker command that prints one JSON document; returns it and the status.
+fn broker_json(args: &[&str]) -> (serde_json::Value, Option<i32>) {
+    let output = broker(args);
+    let json = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?} printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (json, status(&output))
+}
+
+#[test]
+fn policy_commands_answer_ci_bots_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    std::fs::write(
+        path("a.yaml"),
+        simple_policy("app", "shop", "orders", "shop/a"),
+    )
+    .unwrap();
+    std::fs::write(
+        path("b.yaml"),
+        simple_policy("app", "shop", "billing", "shop/a"),
+    )
+    .unwrap();
+    std::fs::write(
+        path("bad.yaml"),
+        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nbindings: 3\n",
+    )
+    .unwrap();
+
+    let (ok, code) = broker_json(&["policy", "check", "-o", "json", &path("a.yaml")]);
+    assert_eq!(code, Some(0));
+    assert_eq!(ok["ok"], true);
+    assert_eq!(ok["bindings"], 1);
+    assert_eq!(ok["problems"], serde_json::json!([]));
+
+    let (bad, code) = broker_json(&["policy", "check", "--output", "json", &path("bad.yaml")]);
+    assert_eq!(code, Some(1));
+    assert_eq!(bad["ok"], false);
+    let problem = &bad["problems"][0];
+    assert!(
+        problem["file"].as_str().unwrap().ends_with("bad.yaml"),
+        "{bad}"
+    );
+    assert_eq!(problem["line"], 3, "{bad}");
+    assert!(problem["column"].as_u64().unwrap() > 0, "{bad}");
+    assert!(
+        problem["message"].as_str().unwrap().contains("sequence"),
+        "{bad}"
+    );
+
+    let (missing, code) = broker_json(&["policy", "check", "-o", "json", &path("none.yaml")]);
+    assert_eq!(code, Some(66));
+    assert_eq!(
+        missing["problems"][0]["message"],
+        "no such file or directory"
+    );
+
+    let (explained, code) = broker_json(&[
+        "policy",
+        "explain",
+        "-o",
+        "json",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "orders",
+        &path("a.yaml"),
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(explained["namespace"], "shop");
+    assert_eq!(explained["granted"][0]["binding"], "app");
+    assert_eq!(
+        explained["granted"][0]["source"], "kv2 secret/shop/a",
+        "{explained}"
+    );
+    assert_eq!(explained["not_granted"], serde_json::json!([]));
+
+    let (diff, code) = broker_json(&[
+        "policy",
+        "diff",
+        "--exit-code",
+        "-o",
+        "json",
+        &path("a.yaml"),
+        &path("b.yaml"),
+    ]);
+    assert_eq!(code, Some(1));
+    assert_eq!(diff["changed"], true);
+    let kinds: Vec<&str> = diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["grant", "remove"], "{diff}");
+    assert!(
+        diff["changes"][0]["subject"]
+            .as_str()
+            .unwrap()
+            .contains("billing"),
+        "{diff}"
+    );
+
+    let (same, code) = broker_json(&[
+        "policy",
+        "diff",
+        "-o",
+        "json",
+        &path("a.yaml"),
+        &path("a.yaml"),
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(same, serde_json::json!({"changed": false, "changes": []}));
+
+    let (broken, code) = broker_json(&[
+        "policy",
+        "diff",
+        "-o",
+        "json",
+        &path("a.yaml"),
+        &path("bad.yaml"),
+    ]);
+    assert_eq!(code, Some(2));
+    assert_eq!(broken["ok"], false);
 }
 
 #[test]
