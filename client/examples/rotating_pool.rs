@@ -14,7 +14,6 @@
 //! TESSERA_POOL_BINDING=orders-db TESSERA_POOL_DB="host=db port=5432 dbname=orders" \
 //!     cargo run -p tessera-client --example rotating_pool
 //! ```
-#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::time::{Duration, Instant};
 

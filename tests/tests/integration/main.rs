@@ -1,6 +1,6 @@
 //! Integration tests: a real OpenBao dev server, the real broker binary and the
 //! real sidecar binary, all on ephemeral loopback ports (see `tessera_tests`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
 
 mod audit;
 mod auth;
