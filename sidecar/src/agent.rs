@@ -7,7 +7,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tessera_proto::v1::{Credential, FetchRequest, Held, RevokeRequest, WatchRequest};
+use tessera_proto::v1::{
+    Credential, FetchRequest, Held, RevokeRequest, WatchRequest, WhoAmIRequest, WhoAmIResponse,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use zeroize::Zeroizing;
@@ -218,6 +220,16 @@ fn write_credential(
             Delivery::Failed(error)
         }
     }
+}
+
+/// The identity the broker verifies from `target`'s token, and the
+/// bindings the policy grants it.
+///
+/// # Errors
+/// An [`AgentError`]: the token, the CA, or the broker's answer.
+pub async fn who_am_i(target: &BrokerTarget) -> Result<WhoAmIResponse, AgentError> {
+    let request = client::request(target, WhoAmIRequest {})?;
+    Ok(target.client()?.who_am_i(request).await?.into_inner())
 }
 
 /// Fetches every binding and writes them; all or nothing from the broker.

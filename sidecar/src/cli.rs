@@ -48,6 +48,9 @@ pub enum Mode {
     Check(Volume),
     /// Fetch, write and exit 0 (init containers, Jobs).
     Once(Common),
+    /// Print the identity the broker verifies from the token and the
+    /// bindings the policy grants it; writes nothing (`helm test`, debugging).
+    Whoami(Connection),
     /// Write, then follow changes until SIGTERM.
     Run {
         /// Shared options.
@@ -83,9 +86,9 @@ pub struct Volume {
     pub bindings: Vec<String>,
 }
 
-/// Options shared by both modes.
+/// How to reach the broker and who to be there: every mode that calls it.
 #[derive(Debug, Args)]
-pub struct Common {
+pub struct Connection {
     /// Broker address, `https://host:port`.
     #[arg(long, env = "TESSERA_BROKER")]
     pub broker: String,
@@ -110,15 +113,26 @@ pub struct Common {
         default_value = "/var/run/secrets/tessera.dev/serviceaccount/token"
     )]
     pub token_file: PathBuf,
-    /// Where to write, and what.
-    #[command(flatten)]
-    pub volume: Volume,
     /// Client certificate (PEM) for mTLS to the broker.
     #[arg(long, env = "TESSERA_CLIENT_CERT", requires = "client_key")]
     pub client_cert: Option<PathBuf>,
     /// Client certificate key (PEM) for mTLS to the broker.
     #[arg(long, env = "TESSERA_CLIENT_KEY", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
+    /// Connect timeout.
+    #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+/// Options shared by both modes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// How to reach the broker.
+    #[command(flatten)]
+    pub connection: Connection,
+    /// Where to write, and what.
+    #[command(flatten)]
+    pub volume: Volume,
     /// Group id for files (0440) and directories (0550); owner-only (0400/0500) without it.
     #[arg(long, env = "TESSERA_GROUP")]
     pub group: Option<u32>,
@@ -141,9 +155,6 @@ pub struct Common {
     /// Shell command to run after a rotation (`TESSERA_BINDING`, `TESSERA_VERSION` set).
     #[arg(long, env = "TESSERA_NOTIFY_COMMAND")]
     pub notify_command: Option<String>,
-    /// Connect timeout.
-    #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub connect_timeout: Duration,
     /// Lock memory (`mlockall`) so secrets never reach swap, when the
     /// process may (it has CAP_IPC_LOCK or no memlock limit).
     #[arg(long, env = "TESSERA_LOCK_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -162,12 +173,6 @@ impl Common {
     /// # Errors
     /// A [`UsageError`] naming the bad option.
     pub fn job(&self) -> Result<Job, UsageError> {
-        if !self.broker.starts_with("https://") {
-            return Err(UsageError(format!(
-                "--broker `{}` must start with https:// (credentials only travel over TLS)",
-                self.broker
-            )));
-        }
         let mut bindings = self.volume.bindings.clone();
         bindings.retain(|b| !b.trim().is_empty());
         if bindings.is_empty() {
@@ -210,22 +215,38 @@ impl Common {
                 signal,
                 command: self.notify_command.clone(),
             },
-            target: BrokerTarget {
-                uri: self.broker.clone(),
-                ca: match (&self.ca_file, &self.ca_pem) {
-                    (Some(path), _) => TrustAnchors::File(path.clone()),
-                    (None, Some(pem)) => TrustAnchors::Pem(pem.clone()),
-                    (None, None) => {
-                        return Err(UsageError("set --ca-file or --ca-pem".to_owned()));
-                    }
-                },
-                server_name: self.server_name.clone(),
-                token_file: self.token_file.clone(),
-                client_identity: self.client_cert.clone().zip(self.client_key.clone()),
-                connect_timeout: self.connect_timeout,
-            },
+            target: self.connection.target()?,
             bindings,
             writer: Writer::new(self.volume.out.clone(), self.group),
+        })
+    }
+}
+
+impl Connection {
+    /// Validates the options into the broker's [`BrokerTarget`].
+    ///
+    /// # Errors
+    /// A [`UsageError`] naming the bad option.
+    pub fn target(&self) -> Result<BrokerTarget, UsageError> {
+        if !self.broker.starts_with("https://") {
+            return Err(UsageError(format!(
+                "--broker `{}` must start with https:// (credentials only travel over TLS)",
+                self.broker
+            )));
+        }
+        Ok(BrokerTarget {
+            uri: self.broker.clone(),
+            ca: match (&self.ca_file, &self.ca_pem) {
+                (Some(path), _) => TrustAnchors::File(path.clone()),
+                (None, Some(pem)) => TrustAnchors::Pem(pem.clone()),
+                (None, None) => {
+                    return Err(UsageError("set --ca-file or --ca-pem".to_owned()));
+                }
+            },
+            server_name: self.server_name.clone(),
+            token_file: self.token_file.clone(),
+            client_identity: self.client_cert.clone().zip(self.client_key.clone()),
+            connect_timeout: self.connect_timeout,
         })
     }
 }

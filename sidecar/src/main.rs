@@ -71,6 +71,7 @@ async fn serve(cli: &Cli) -> ExitCode {
                 }
             };
         }
+        Mode::Whoami(connection) => return whoami(connection).await,
         Mode::Once(common) => (common, None, false, None),
         Mode::Run {
             common,
@@ -136,6 +137,42 @@ async fn serve(cli: &Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+/// `whoami`: prints the verified identity and its granted bindings.
+async fn whoami(connection: &tessera_sidecar::cli::Connection) -> ExitCode {
+    let target = match connection.target() {
+        Ok(target) => target,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match agent::who_am_i(&target).await {
+        Ok(answer) => {
+            let identity = answer.identity.unwrap_or_default();
+            println!(
+                "namespace: {}\nservice account: {}\npod: {}\nbindings granted: {}",
+                identity.namespace,
+                identity.service_account,
+                if identity.pod_name.is_empty() {
+                    "(token not bound to a pod)"
+                } else {
+                    &identity.pod_name
+                },
+                if answer.bindings.is_empty() {
+                    "none".to_owned()
+                } else {
+                    answer.bindings.join(", ")
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
             ExitCode::from(exit_code(&error))
         }
     }

@@ -138,3 +138,54 @@ async fn a_reader_never_sees_fields_from_two_versions() {
         "the reader saw several rotations ({seen:?}, {reads} reads)"
     );
 }
+
+/// `tessera-sidecar whoami` (what `helm test` runs) against `token_file`.
+fn whoami(env: &Env, token_file: &Path) -> std::process::Output {
+    std::process::Command::new(tessera_tests::binary("tessera-sidecar"))
+        .args(["whoami", "--broker", &env.broker_uri, "--ca-file"])
+        .arg(env.ca_file())
+        .arg("--token-file")
+        .arg(token_file)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn whoami_prints_the_verified_identity_and_what_it_is_granted() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let granted = whoami(&env, &env.token_file("shop", "orders"));
+    let stdout = String::from_utf8_lossy(&granted.stdout);
+    assert!(
+        granted.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&granted.stderr)
+    );
+    assert!(stdout.contains("namespace: shop\n"), "{stdout}");
+    assert!(stdout.contains("service account: orders\n"), "{stdout}");
+    assert!(stdout.contains("pod: orders-0\n"), "{stdout}");
+    assert!(stdout.contains("bindings granted: app\n"), "{stdout}");
+
+    // Deny by default: a verified identity the policy names nowhere.
+    let stranger = whoami(&env, &env.token_file("shop", "billing"));
+    assert!(stranger.status.success());
+    assert!(
+        String::from_utf8_lossy(&stranger.stdout).contains("bindings granted: none\n"),
+        "{}",
+        String::from_utf8_lossy(&stranger.stdout)
+    );
+
+    // A token for another audience is refused, and the refusal says why.
+    let mut spec = tessera_broker::dev::TokenSpec::new("shop", "orders");
+    spec.audience = "vault".to_owned();
+    let wrong = env.dir.path().join("token-wrong-audience");
+    fs::write(&wrong, env.signer.mint(&spec)).unwrap();
+    let refused = whoami(&env, &wrong);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("token audience does not include `tessera`"),
+        "{stderr}"
+    );
+    assert!(refused.stdout.is_empty());
+}
