@@ -88,20 +88,16 @@ pub struct Volume {
 
 /// How to reach the broker and who to be there: every mode that calls it.
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("ca").required(true).args(["ca_file", "ca_pem"]))]
 pub struct Connection {
     /// Broker address, `https://host:port`.
     #[arg(long, env = "TESSERA_BROKER")]
     pub broker: String,
-    /// CA bundle that signed the broker's certificate.
-    #[arg(long, env = "TESSERA_CA_FILE", required_unless_present = "ca_pem")]
+    /// CA bundle that signed the broker's certificate (or `--ca-pem`).
+    #[arg(long, env = "TESSERA_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// The same CA bundle as PEM text (what the injection webhook sets).
-    #[arg(
-        long,
-        env = "TESSERA_CA_PEM",
-        conflicts_with = "ca_file",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "TESSERA_CA_PEM", hide_env_values = true)]
     pub ca_pem: Option<String>,
     /// TLS name to verify when it differs from the broker address's host.
     #[arg(long, env = "TESSERA_SERVER_NAME")]

@@ -267,6 +267,14 @@ fn the_sidecar_exits_with_sysexits_statuses() {
             .unwrap()
     };
     assert_eq!(status(&sidecar(&["--no-such-flag"])), Some(64), "usage");
+    // A missing CA names both ways to give it.
+    let no_ca = sidecar(&["whoami", "--broker", "https://127.0.0.1:1"]);
+    assert_eq!(status(&no_ca), Some(64));
+    let stderr = String::from_utf8_lossy(&no_ca.stderr);
+    assert!(
+        stderr.contains("--ca-file") && stderr.contains("--ca-pem"),
+        "{stderr}"
+    );
     let out = tempfile::Builder::new()
         .prefix("tessera-cli-")
         .tempdir_in("/dev/shm")
