@@ -151,6 +151,10 @@ pub struct Common {
     /// Shell command to run after a rotation (`TESSERA_BINDING`, `TESSERA_VERSION` set).
     #[arg(long, env = "TESSERA_NOTIFY_COMMAND")]
     pub notify_command: Option<String>,
+    /// URL on the pod's loopback to POST to after a rotation, e.g.
+    /// `http://127.0.0.1:9090/-/reload` (no shell needed).
+    #[arg(long, env = "TESSERA_NOTIFY_URL", value_parser = crate::notify::parse_reload_url)]
+    pub notify_url: Option<crate::notify::ReloadUrl>,
     /// Lock memory (`mlockall`) so secrets never reach swap, when the
     /// process may (it has CAP_IPC_LOCK or no memlock limit).
     #[arg(long, env = "TESSERA_LOCK_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -210,6 +214,7 @@ impl Common {
             notify: Notify {
                 signal,
                 command: self.notify_command.clone(),
+                url: self.notify_url.clone(),
             },
             target: self.connection.target()?,
             bindings,

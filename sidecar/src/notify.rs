@@ -1,6 +1,7 @@
 //! Telling the app that its credentials rotated: a signal to a process (by pid
-//! file, or by name when the pod shares its process namespace), and/or a
-//! command. File watchers can instead follow the `..data` symlink.
+//! file, or by name when the pod shares its process namespace), a `POST` to
+//! an HTTP endpoint on the pod's loopback (as Prometheus' `/-/reload`), and/or
+//! a command. File watchers can instead follow the `..data` symlink.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -8,6 +9,8 @@ use rustix::process::{Pid, Signal, kill_process};
 
 /// How long a notify command may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reload endpoint has to answer.
+const URL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which process to signal.
 #[derive(Clone, Debug)]
@@ -25,6 +28,72 @@ pub struct Notify {
     pub signal: Option<(Signal, Target)>,
     /// A shell command, run with `TESSERA_BINDING` and `TESSERA_VERSION` set.
     pub command: Option<String>,
+    /// An endpoint on the pod's loopback to `POST` to.
+    pub url: Option<ReloadUrl>,
+}
+
+/// `http://127.0.0.1:PORT/PATH` (or `localhost`, `[::1]`): only the pod's
+/// own loopback, so a credential rotation cannot be made to call elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReloadUrl {
+    /// Where to connect.
+    pub address: std::net::SocketAddr,
+    /// The request target, e.g. `/-/reload`.
+    pub path: String,
+}
+
+/// Parses a reload URL.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn parse_reload_url(text: &str) -> Result<ReloadUrl, String> {
+    let uri: hyper::Uri = text
+        .parse()
+        .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "`{text}` must start with http:// (the pod's loopback)"
+        ));
+    }
+    let ip: std::net::IpAddr = match uri.host() {
+        Some("localhost" | "127.0.0.1") => std::net::Ipv4Addr::LOCALHOST.into(),
+        Some("[::1]") => std::net::Ipv6Addr::LOCALHOST.into(),
+        _ => {
+            return Err(format!(
+                "`{text}` must name 127.0.0.1, localhost or [::1]: only the pod's own loopback"
+            ));
+        }
+    };
+    let port = uri
+        .port_u16()
+        .ok_or_else(|| format!("`{text}` must name a port"))?;
+    Ok(ReloadUrl {
+        address: std::net::SocketAddr::new(ip, port),
+        path: uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+    })
+}
+
+/// `POST`s to `url` with an empty body; the answer's status.
+async fn post(url: &ReloadUrl) -> Result<hyper::StatusCode, String> {
+    let stream = tokio::net::TcpStream::connect(url.address)
+        .await
+        .map_err(|e| format!("connect {}: {e}", url.address))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = hyper::Request::post(&url.path)
+        .header(hyper::header::HOST, url.address.to_string())
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(response.status())
 }
 
 /// Parses a signal name (`HUP`, `SIGHUP`, `USR1`, `USR2`, `TERM`, `INT`).
@@ -70,7 +139,7 @@ fn pids(target: &Target) -> Vec<Pid> {
 impl Notify {
     /// Whether anything is configured.
     pub fn is_empty(&self) -> bool {
-        self.signal.is_none() && self.command.is_none()
+        self.signal.is_none() && self.command.is_none() && self.url.is_none()
     }
 
     /// Tells the app that `binding` rotated to `version`. Failures are logged:
@@ -89,6 +158,22 @@ impl Notify {
                         "signalled the app"
                     ),
                     Err(error) => tracing::warn!(%error, binding, "cannot signal the app"),
+                }
+            }
+        }
+        if let Some(url) = &self.url {
+            match tokio::time::timeout(URL_TIMEOUT, post(url)).await {
+                Ok(Ok(status)) if status.is_success() => {
+                    tracing::info!(binding, %status, path = %url.path, "the app's reload endpoint answered");
+                }
+                Ok(Ok(status)) => {
+                    tracing::warn!(binding, %status, path = %url.path, "the app's reload endpoint refused");
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(binding, %error, path = %url.path, "cannot call the app's reload endpoint");
+                }
+                Err(_) => {
+                    tracing::warn!(binding, path = %url.path, "the app's reload endpoint did not answer in time")
                 }
             }
         }

@@ -108,6 +108,31 @@ pub struct Limits {
     pub allowed_sources: Option<BTreeSet<String>>,
     /// Vault mounts allowed; all when `None`.
     pub allowed_mounts: Option<BTreeSet<String>>,
+    /// What the webhook does for a pod whose containers name no single user.
+    pub image_user: ImageUser,
+}
+
+/// How the webhook makes the files readable when a pod sets no `fsGroup`
+/// and its containers do not all name one `runAsUser` (they run as their
+/// images' users): `limits.imageUser` in the policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageUser {
+    /// Set the pod's `fsGroup` to the sidecar's user id (with
+    /// `fsGroupChangePolicy: OnRootMismatch`): every container gets it as a
+    /// supplementary group and reads the 0440 files. The default.
+    #[default]
+    FsGroup,
+    /// Refuse the pod, naming its containers' users.
+    Refuse,
+}
+
+impl fmt::Display for ImageUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ImageUser::FsGroup => "fsGroup",
+            ImageUser::Refuse => "refuse",
+        })
+    }
 }
 
 impl Default for Limits {
@@ -118,6 +143,7 @@ impl Default for Limits {
             max_renew_fraction: 0.9,
             allowed_sources: None,
             allowed_mounts: None,
+            image_user: ImageUser::default(),
         }
     }
 }

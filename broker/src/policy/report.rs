@@ -347,5 +347,10 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
         format!("{:?}", a.allowed_mounts),
         format!("{:?}", b.allowed_mounts),
     );
+    limit(
+        "imageUser",
+        a.image_user.to_string(),
+        b.image_user.to_string(),
+    );
     lines
 }

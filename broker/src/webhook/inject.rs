@@ -15,7 +15,10 @@ use super::{
     api_client,
     settings::{Injection, SidecarMode},
 };
-use crate::{identity::Identity, policy::Policy};
+use crate::{
+    identity::Identity,
+    policy::{ImageUser, Policy},
+};
 
 /// `"true"` asks for injection.
 pub const INJECT: &str = "tessera.dev/inject";
@@ -26,6 +29,12 @@ pub const MOUNT_PATH: &str = "tessera.dev/mount-path";
 /// `run` (write and follow rotations, the default) or `once` (write before
 /// the app starts, no sidecar).
 pub const MODE: &str = "tessera.dev/mode";
+/// Signal the app gets after a rotation (`HUP`, `USR1`, `USR2`, `TERM`, `INT`).
+pub const RELOAD_SIGNAL: &str = "tessera.dev/reload-signal";
+/// Name of the app's process to signal (`/proc/<pid>/comm`, at most 15 characters).
+pub const RELOAD_PROCESS: &str = "tessera.dev/reload-process";
+/// `http://127.0.0.1:PORT/PATH` the sidecar `POST`s to after a rotation.
+pub const RELOAD_URL: &str = "tessera.dev/reload-url";
 /// Set by the webhook: `injected`.
 pub const STATUS: &str = "tessera.dev/status";
 /// Set by the webhook: what it injected, as JSON.
@@ -41,6 +50,9 @@ pub const CREDENTIALS_VOLUME: &str = "tessera-credentials";
 pub const TOKEN_VOLUME: &str = "tessera-token";
 /// Where the sidecar finds its token directory.
 pub const TOKEN_DIR: &str = "/var/run/secrets/tessera.dev/serviceaccount";
+/// Tessera's own directory in the pod (the sidecar's token, the api-client
+/// volume): no credentials mount path may overlap it.
+pub const RESERVED_DIR: &str = "/var/run/secrets/tessera.dev";
 /// The sidecar binary inside its image.
 const SIDECAR_BINARY: &str = "/tessera-sidecar";
 
@@ -82,6 +94,9 @@ pub struct Injected {
     /// The app containers got the token, CA and address to call the broker.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub api_client: bool,
+    /// What the pod's creator should know (sent back as admission warnings).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Why a pod was refused; the message goes back to whoever created it.
@@ -109,11 +124,95 @@ pub fn check_mount_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether one of two normalized absolute paths is the other or below it.
+fn overlaps(a: &str, b: &str) -> bool {
+    let below = |inner: &str, outer: &str| {
+        inner == outer
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    below(a, b) || below(b, a)
+}
+
 /// The parsed Tessera annotations of a pod that asks for injection.
 struct Request {
     bindings: Vec<String>,
     mount_path: String,
     once: bool,
+    /// How the app is told of a rotation.
+    reload: Reload,
+}
+
+/// How the sidecar tells the app that its credentials rotated.
+struct Reload {
+    /// Signal name and the name of the process to signal.
+    signal: Option<(String, String)>,
+    /// Loopback URL to `POST` to.
+    url: Option<String>,
+}
+
+/// Signals the sidecar sends (`--notify-signal`).
+const SIGNALS: [&str; 5] = ["HUP", "USR1", "USR2", "TERM", "INT"];
+
+fn parse_reload(annotations: &BTreeMap<String, String>, once: bool) -> Result<Reload, Denial> {
+    let signal = annotations.get(RELOAD_SIGNAL);
+    let process = annotations.get(RELOAD_PROCESS);
+    let url = annotations.get(RELOAD_URL);
+    if once && (signal.is_some() || url.is_some()) {
+        return Err(Denial(format!(
+            "annotations {RELOAD_SIGNAL} and {RELOAD_URL} need a running sidecar ({MODE}: run): with `once` nothing rotates"
+        )));
+    }
+    let signal = match (signal, process) {
+        (None, None) => None,
+        (Some(signal), Some(process)) => {
+            let name = signal.trim_start_matches("SIG");
+            if !SIGNALS.contains(&name) {
+                return Err(Denial(format!(
+                    "annotation {RELOAD_SIGNAL}: `{signal}` is not one of {}",
+                    SIGNALS.join(", ")
+                )));
+            }
+            if process.is_empty()
+                || process.len() > 15
+                || process.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control())
+            {
+                return Err(Denial(format!(
+                    "annotation {RELOAD_PROCESS}: `{}` is not a process name (the name `ps` shows, at most 15 characters)",
+                    process.escape_debug()
+                )));
+            }
+            Some((name.to_owned(), process.clone()))
+        }
+        (Some(_), None) => {
+            return Err(Denial(format!(
+                "annotation {RELOAD_SIGNAL} needs {RELOAD_PROCESS}: name the app's process to signal"
+            )));
+        }
+        (None, Some(_)) => {
+            return Err(Denial(format!(
+                "annotation {RELOAD_PROCESS} needs {RELOAD_SIGNAL}: say which signal to send"
+            )));
+        }
+    };
+    let url = match url {
+        None => None,
+        Some(url) => {
+            let loopback = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
+                .iter()
+                .any(|prefix| url.starts_with(prefix));
+            let port = url.parse::<http::Uri>().ok().and_then(|uri| uri.port_u16());
+            if !loopback || port.is_none() {
+                return Err(Denial(format!(
+                    "annotation {RELOAD_URL}: `{}` must be http://127.0.0.1:PORT/PATH (the pod's own loopback, with a port)",
+                    url.escape_debug()
+                )));
+            }
+            Some(url.clone())
+        }
+    };
+    Ok(Reload { signal, url })
 }
 
 fn parse_annotations(
@@ -158,6 +257,11 @@ fn parse_annotations(
         .cloned()
         .unwrap_or_else(|| injection.mount_path.clone());
     check_mount_path(&mount_path).map_err(|e| Denial(format!("annotation {MOUNT_PATH}: {e}")))?;
+    if overlaps(&mount_path, RESERVED_DIR) {
+        return Err(Denial(format!(
+            "annotation {MOUNT_PATH}: `{mount_path}` overlaps {RESERVED_DIR}, where Tessera mounts the pod's token; choose another path"
+        )));
+    }
     let once = match annotations.get(MODE).map(String::as_str) {
         None | Some("run") => false,
         Some("once") => true,
@@ -167,10 +271,12 @@ fn parse_annotations(
             )));
         }
     };
+    let reload = parse_reload(annotations, once)?;
     Ok(Some(Request {
         bindings,
         mount_path,
         once,
+        reload,
     }))
 }
 
@@ -235,30 +341,68 @@ enum Readers {
     User(i64),
 }
 
-fn readers(spec: &PodSpec) -> Result<Readers, Denial> {
+/// How the files become readable by the app.
+struct ReadersChoice {
+    readers: Readers,
+    /// `fsGroup` Tessera sets on a pod that names no user.
+    set_fs_group: Option<i64>,
+}
+
+fn readers(spec: &PodSpec, image_user: ImageUser, group: i64) -> Result<ReadersChoice, Denial> {
     let pod = spec.security_context.as_ref();
     if let Some(group) = pod.and_then(|s| s.fs_group) {
-        return Ok(Readers::Group(group));
+        return Ok(ReadersChoice {
+            readers: Readers::Group(group),
+            set_fs_group: None,
+        });
     }
     let pod_user = pod.and_then(|s| s.run_as_user);
-    let users: BTreeSet<Option<i64>> = app_containers(spec)
+    let users: Vec<(&str, Option<i64>)> = app_containers(spec)
         .map(|c| {
-            c.security_context
+            let user = c
+                .security_context
                 .as_ref()
                 .and_then(|s| s.run_as_user)
-                .or(pod_user)
+                .or(pod_user);
+            (c.name.as_str(), user)
         })
         .collect();
-    match users.into_iter().collect::<Vec<_>>().as_slice() {
-        [Some(user)] if *user > 0 => Ok(Readers::User(*user)),
-        [Some(_)] => Err(Denial(
-            "the app runs as root; set spec.securityContext.fsGroup so the files can be group-readable"
-                .to_owned(),
-        )),
-        _ => Err(Denial(
-            "cannot tell which user reads the credentials: set spec.securityContext.fsGroup (files become readable by that group) or one runAsUser for every container"
-                .to_owned(),
-        )),
+    let distinct: BTreeSet<Option<i64>> = users.iter().map(|(_, user)| *user).collect();
+    match distinct.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(user)] if *user > 0 => {
+            return Ok(ReadersChoice {
+                readers: Readers::User(*user),
+                set_fs_group: None,
+            });
+        }
+        [Some(_)] => {
+            return Err(Denial(
+                "the app runs as root; set spec.securityContext.fsGroup so the files can be group-readable"
+                    .to_owned(),
+            ));
+        }
+        _ => {}
+    }
+    // Containers run as the image's user, or as different users: one group
+    // they all get as a supplementary group makes the files readable.
+    match image_user {
+        ImageUser::FsGroup => Ok(ReadersChoice {
+            readers: Readers::Group(group),
+            set_fs_group: Some(group),
+        }),
+        ImageUser::Refuse => {
+            let who: Vec<String> = users
+                .iter()
+                .map(|(name, user)| match user {
+                    Some(uid) => format!("`{name}` runs as {uid}"),
+                    None => format!("`{name}` as its image's user"),
+                })
+                .collect();
+            Err(Denial(format!(
+                "cannot tell which user reads the credentials ({}): set spec.securityContext.fsGroup (files become readable by that group) or one runAsUser for every container (the policy's limits.imageUser is refuse)",
+                who.join(", ")
+            )))
+        }
     }
 }
 
@@ -293,11 +437,10 @@ pub fn decide(
     let Some(spec) = pod.spec.as_ref() else {
         return Err(Denial("the pod has no spec".to_owned()));
     };
-    if annotations.get(STATUS).map(String::as_str) == Some("injected")
-        || app_containers(spec).any(|c| c.name == SIDECAR || c.name == INIT)
-    {
+    if already_injected(annotations, spec)? {
         return Ok(Decision::Skip("already injected"));
     }
+    reaches_broker(spec, injection)?;
     let Some(request) = request else {
         let mut pod = pod.clone();
         api_client::add(&mut pod, injection, ca_pem)?;
@@ -307,15 +450,25 @@ pub fn decide(
             mount_path: String::new(),
             readers: String::new(),
             api_client,
+            warnings: Vec::new(),
         };
         record(&mut pod, &injected);
         return Ok(Decision::Inject(Box::new(pod), injected));
     };
+    refuse_windows(spec)?;
     let labels = injection
         .pod_labels_known
         .then(|| pod.metadata.labels.clone().unwrap_or_default());
     check_policy(policy, namespace, spec, labels.as_ref(), &request.bindings)?;
-    let readers = readers(spec)?;
+    let choice = readers(spec, policy.limits.image_user, injection.run_as_user)?;
+    let signal_as = request
+        .reload
+        .signal
+        .as_ref()
+        .map(|_| app_user(spec))
+        .transpose()?;
+    let mut warnings = Vec::new();
+    let metrics_port = metrics_port(spec, injection, &mut warnings);
     for name in [CREDENTIALS_VOLUME, TOKEN_VOLUME] {
         if spec.volumes.iter().flatten().any(|v| v.name == name) {
             return Err(Denial(format!(
@@ -349,17 +502,23 @@ pub fn decide(
         shape: Some(shape),
         bindings: request.bindings.clone(),
         mount_path: request.mount_path.clone(),
-        readers: match readers {
-            Readers::Group(gid) => format!("group {gid}"),
-            Readers::User(uid) => format!("user {uid}"),
+        readers: match (&choice.readers, choice.set_fs_group) {
+            (Readers::Group(gid), Some(_)) => {
+                format!("group {gid} (fsGroup set by Tessera: no container names a single user)")
+            }
+            (Readers::Group(gid), None) => format!("group {gid}"),
+            (Readers::User(uid), _) => format!("user {uid}"),
         },
         api_client,
+        warnings,
     };
     let sidecar = SidecarSpec {
         injection,
         request: &request,
-        readers: &readers,
+        readers: &choice.readers,
         ca_pem,
+        metrics_port,
+        run_as: signal_as,
     };
 
     let mut pod = pod.clone();
@@ -370,6 +529,17 @@ pub fn decide(
         ..VolumeMount::default()
     };
     let spec = pod.spec.get_or_insert_with(PodSpec::default);
+    if request.reload.signal.is_some() {
+        // The sidecar finds the app's process by name.
+        spec.share_process_namespace = Some(true);
+    }
+    if let Some(group) = choice.set_fs_group {
+        let context = spec.security_context.get_or_insert_with(Default::default);
+        context.fs_group = Some(group);
+        // Only the volume's root is checked: a large data volume is not
+        // re-owned file by file at every start.
+        context.fs_group_change_policy = Some("OnRootMismatch".to_owned());
+    }
     for container in spec
         .init_containers
         .iter_mut()
@@ -400,6 +570,138 @@ pub fn decide(
     }
     record(&mut pod, &injected);
     Ok(Decision::Inject(Box::new(pod), injected))
+}
+
+/// The one user the pod's containers run as, which the sidecar must run as
+/// to signal the app: a container that drops every capability may signal
+/// only its own user's processes.
+fn app_user(spec: &PodSpec) -> Result<i64, Denial> {
+    let pod_user = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    let users: BTreeSet<Option<i64>> = spec
+        .containers
+        .iter()
+        .map(|c| {
+            c.security_context
+                .as_ref()
+                .and_then(|s| s.run_as_user)
+                .or(pod_user)
+        })
+        .collect();
+    match users.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(user)] if *user > 0 => Ok(*user),
+        _ => Err(Denial(format!(
+            "annotation {RELOAD_SIGNAL}: the sidecar may signal only processes of its own user (it drops every capability), so the app's containers must run as one non-root runAsUser; set it, or reload with {RELOAD_URL}"
+        ))),
+    }
+}
+
+/// Whether this webhook already injected the pod (a second pass, e.g. a
+/// reinvocation): its record and what it added are both there. A status
+/// annotation without Tessera's parts (written by hand, copied from another
+/// pod) is not trusted; a container its owner named like Tessera's is
+/// refused, not mistaken for Tessera's.
+fn already_injected(
+    annotations: &BTreeMap<String, String>,
+    spec: &PodSpec,
+) -> Result<bool, Denial> {
+    let marked = annotations.get(STATUS).map(String::as_str) == Some("injected")
+        && annotations.contains_key(INJECTED);
+    let ours: Vec<&str> = app_containers(spec)
+        .map(|c| c.name.as_str())
+        .filter(|name| *name == SIDECAR || *name == INIT)
+        .collect();
+    let api_volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.name == api_client::VOLUME);
+    if marked && (!ours.is_empty() || api_volume) {
+        return Ok(true);
+    }
+    match ours.first() {
+        Some(name) => Err(Denial(format!(
+            "container name `{name}` is reserved for Tessera's sidecar; rename the container"
+        ))),
+        None => Ok(false),
+    }
+}
+
+/// Refuses pods whose resolver cannot find the broker: `hostNetwork` pods
+/// and `dnsPolicy: Default` use the node's resolver, which knows no Service
+/// names (an address given as an IP needs no resolver).
+fn reaches_broker(spec: &PodSpec, injection: &Injection) -> Result<(), Denial> {
+    let host = injection
+        .broker_address
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(str::to_owned))
+        .unwrap_or_default();
+    if host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let host_network = spec.host_network == Some(true);
+    let (resolver, fix) = match (
+        spec.dns_policy.as_deref().unwrap_or("ClusterFirst"),
+        host_network,
+    ) {
+        ("Default", true) => ("dnsPolicy: Default", "ClusterFirstWithHostNet"),
+        ("Default", false) => ("dnsPolicy: Default", "ClusterFirst"),
+        ("ClusterFirst", true) => ("hostNetwork: true", "ClusterFirstWithHostNet"),
+        _ => return Ok(()),
+    };
+    Err(Denial(format!(
+        "the pod resolves names with its node's resolver ({resolver}), which cannot resolve the broker's address {host}: set spec.dnsPolicy: {fix}"
+    )))
+}
+
+/// The sidecar is a Linux container on an in-memory volume: Windows pods
+/// cannot have it (they can still call the broker: `tessera.dev/api-client`).
+fn refuse_windows(spec: &PodSpec) -> Result<(), Denial> {
+    let os = spec.os.as_ref().map(|os| os.name.as_str());
+    let selected = spec
+        .node_selector
+        .as_ref()
+        .and_then(|s| s.get("kubernetes.io/os"))
+        .map(String::as_str);
+    if os == Some("windows") || selected == Some("windows") {
+        return Err(Denial(format!(
+            "Windows pods cannot get the sidecar (a Linux container on an in-memory volume); run the workload on Linux nodes, or remove {INJECT} and call the broker from the app with {}",
+            api_client::API_CLIENT
+        )));
+    }
+    Ok(())
+}
+
+/// The sidecar's metrics port for this pod: none when a container of the
+/// pod already uses it, or on the node's network (where every such pod on
+/// the node would want it), with a warning saying so.
+fn metrics_port(spec: &PodSpec, injection: &Injection, warnings: &mut Vec<String>) -> Option<u16> {
+    let port = injection.metrics_port?;
+    if spec.host_network == Some(true) {
+        warnings.push(format!(
+            "sidecar metrics are off: on the node's network (hostNetwork) port {port} would be shared by every such pod on the node"
+        ));
+        return None;
+    }
+    let taken = app_containers(spec).find(|c| {
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.container_port == i32::from(port))
+    });
+    if let Some(container) = taken {
+        warnings.push(format!(
+            "sidecar metrics are off: container `{}` uses port {port}, the sidecar's metrics port",
+            container.name
+        ));
+        return None;
+    }
+    Some(port)
 }
 
 /// Marks the pod injected, with the record of what was added.
@@ -454,6 +756,10 @@ struct SidecarSpec<'a> {
     request: &'a Request,
     readers: &'a Readers,
     ca_pem: &'a str,
+    /// The metrics port for this pod ([`metrics_port`]).
+    metrics_port: Option<u16>,
+    /// The app's user, when the sidecar signals it and so runs as it.
+    run_as: Option<i64>,
 }
 
 impl SidecarSpec<'_> {
@@ -475,17 +781,26 @@ impl SidecarSpec<'_> {
         if let Some(server_name) = &injection.server_name {
             vars.push(env("TESSERA_SERVER_NAME", server_name));
         }
-        let metrics_port = injection.metrics_port.filter(|_| command == "run");
+        let metrics_port = self.metrics_port.filter(|_| command == "run");
         if let Some(port) = metrics_port {
             vars.push(env("TESSERA_METRICS_LISTEN", &format!("0.0.0.0:{port}")));
         }
         let run_as_user = match *self.readers {
             Readers::Group(gid) => {
                 vars.push(env("TESSERA_GROUP", &gid.to_string()));
-                injection.run_as_user
+                self.run_as.unwrap_or(injection.run_as_user)
             }
             Readers::User(uid) => uid,
         };
+        if command == "run" {
+            if let Some((signal, process)) = &self.request.reload.signal {
+                vars.push(env("TESSERA_NOTIFY_SIGNAL", signal));
+                vars.push(env("TESSERA_NOTIFY_PROCESS", process));
+            }
+            if let Some(url) = &self.request.reload.url {
+                vars.push(env("TESSERA_NOTIFY_URL", url));
+            }
+        }
         Container {
             name: name.to_owned(),
             image: Some(injection.image.clone()),

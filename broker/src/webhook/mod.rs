@@ -5,6 +5,7 @@
 
 pub mod api_client;
 pub mod inject;
+mod patch;
 pub mod settings;
 #[cfg(test)]
 mod tests;
@@ -131,7 +132,7 @@ impl Webhook {
             }
             Ok(Decision::Inject(mutated, injected)) => {
                 let patch = match (serde_json::to_value(pod), serde_json::to_value(&*mutated)) {
-                    (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
+                    (Ok(before), Ok(after)) => patch::between(&before, &after),
                     (Err(error), _) | (_, Err(error)) => {
                         return (
                             "error",
@@ -154,6 +155,16 @@ impl Webhook {
                     Ok(mut response) => {
                         response.audit_annotations =
                             HashMap::from([("injected".to_owned(), injected.bindings.join(","))]);
+                        // Shown by kubectl to whoever created the pod.
+                        if !injected.warnings.is_empty() {
+                            response.warnings = Some(
+                                injected
+                                    .warnings
+                                    .iter()
+                                    .map(|w| format!("tessera: {w}"))
+                                    .collect(),
+                            );
+                        }
                         ("injected", response)
                     }
                     Err(error) => (

@@ -136,7 +136,7 @@ fn deployment_pod_gets_a_native_sidecar_exactly_as_expected() {
 
     // The JSON patch the API server applies gives the expected pod.
     let before = serde_json::to_value(pod(&original)).unwrap();
-    let patch = json_patch::diff(&before, &serde_json::to_value(&mutated).unwrap());
+    let patch = patch::between(&before, &serde_json::to_value(&mutated).unwrap());
     let mut patched = before.clone();
     json_patch::patch(&mut patched, &patch).unwrap();
 
@@ -440,10 +440,191 @@ fn files_are_readable_by_the_app_user_or_the_refusal_says_how() {
             .any(|e| e.name == "TESSERA_GROUP")
     );
 
-    value["spec"]["securityContext"] = json!({});
-    assert!(denial(&value).contains("set spec.securityContext.fsGroup"));
     value["spec"]["securityContext"] = json!({ "runAsUser": 0 });
     assert!(denial(&value).contains("runs as root"));
+}
+
+/// Adds a second container that runs as its image's user.
+fn with_image_user_container(mut value: Value) -> Value {
+    value["spec"]["securityContext"] = json!({});
+    value["spec"]["containers"][0]["securityContext"] = json!({ "runAsUser": 1001 });
+    value["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "proxy", "image": "envoy:1" }));
+    value["spec"]["initContainers"] = json!([
+        { "name": "migrate", "image": "flyway:10", "securityContext": { "runAsUser": 2002 } }
+    ]);
+    value
+}
+
+#[test]
+fn pods_that_rely_on_the_images_user_get_an_fs_group_or_a_refusal_naming_who_runs_as_whom() {
+    // No user anywhere: every container runs as its image's user.
+    let mut value = deployment_pod();
+    value["spec"]["securityContext"] = json!({});
+    let (mutated, record) = injected(&value, SidecarMode::Native);
+    let spec = mutated.spec.unwrap();
+    let context = spec.security_context.unwrap();
+    assert_eq!(context.fs_group, Some(65532));
+    assert_eq!(
+        context.fs_group_change_policy.as_deref(),
+        Some("OnRootMismatch")
+    );
+    assert!(
+        record
+            .readers
+            .starts_with("group 65532 (fsGroup set by Tessera"),
+        "{}",
+        record.readers
+    );
+    let sidecar = &spec.init_containers.unwrap()[0];
+    assert_eq!(
+        env_of_container(sidecar, "TESSERA_GROUP").as_deref(),
+        Some("65532")
+    );
+
+    // Containers that disagree (one names no user): the same group for all.
+    let mixed = with_image_user_container(deployment_pod());
+    let (mutated, _) = injected(&mixed, SidecarMode::Native);
+    assert_eq!(
+        mutated.spec.unwrap().security_context.unwrap().fs_group,
+        Some(65532)
+    );
+
+    // The security team may refuse instead; the refusal names each container's user.
+    let strict = Policy::parse(
+        &POLICY.replace("bindings:\n", "limits:\n  imageUser: refuse\nbindings:\n"),
+        "policy.yaml",
+    )
+    .unwrap();
+    let Err(Denial(message)) = inject::decide(
+        &pod(&mixed),
+        "shop",
+        &injection(),
+        SidecarMode::Native,
+        CA,
+        &strict,
+    ) else {
+        panic!("admitted");
+    };
+    assert!(
+        message.contains("`migrate` runs as 2002, `app` runs as 1001, `proxy` as its image's user"),
+        "{message}"
+    );
+    assert!(message.contains("limits.imageUser is refuse"), "{message}");
+}
+
+fn env_of_container(
+    container: &k8s_openapi::api::core::v1::Container,
+    name: &str,
+) -> Option<String> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
+#[test]
+fn windows_pods_are_refused_with_what_to_do_instead() {
+    for windows in [
+        json!({ "os": { "name": "windows" } }),
+        json!({ "nodeSelector": { "kubernetes.io/os": "windows" } }),
+    ] {
+        let mut value = deployment_pod();
+        for (key, field) in windows.as_object().unwrap() {
+            value["spec"][key] = field.clone();
+        }
+        let message = denial(&value);
+        assert!(
+            message.starts_with("Windows pods cannot get the sidecar"),
+            "{message}"
+        );
+        assert!(message.contains("tessera.dev/api-client"), "{message}");
+        assert!(
+            !message.contains("fsGroup"),
+            "advice Windows forbids: {message}"
+        );
+    }
+}
+
+#[test]
+fn pods_on_the_nodes_resolver_are_refused_unless_they_can_resolve_the_broker() {
+    let mut value = deployment_pod();
+    value["spec"]["hostNetwork"] = json!(true);
+    let message = denial(&value);
+    assert!(message.contains("(hostNetwork: true)"), "{message}");
+    assert!(message.contains("tessera.tessera.svc"), "{message}");
+    assert!(
+        message.ends_with("set spec.dnsPolicy: ClusterFirstWithHostNet"),
+        "{message}"
+    );
+    value["spec"]["dnsPolicy"] = json!("ClusterFirstWithHostNet");
+    assert!(matches!(
+        decide(&value, &injection(), SidecarMode::Native),
+        Ok(Decision::Inject(..))
+    ));
+
+    let mut value = deployment_pod();
+    value["spec"]["dnsPolicy"] = json!("Default");
+    assert!(denial(&value).ends_with("set spec.dnsPolicy: ClusterFirst"));
+    // An API-client-only pod calls the broker too.
+    let mut api_only = value.clone();
+    api_only["metadata"]["annotations"] = json!({ "tessera.dev/api-client": "true" });
+    assert!(denial(&api_only).contains("dnsPolicy: Default"));
+    // A broker address that is an IP needs no resolver.
+    let mut by_ip = injection();
+    by_ip.broker_address = "https://10.96.0.15:8443".to_owned();
+    by_ip.server_name = Some("tessera.tessera.svc".to_owned());
+    assert!(matches!(
+        decide(&value, &by_ip, SidecarMode::Native),
+        Ok(Decision::Inject(..))
+    ));
+}
+
+#[test]
+fn a_metrics_port_the_pod_uses_turns_the_sidecars_metrics_off_with_a_warning() {
+    let mut with_metrics = injection();
+    with_metrics.metrics_port = Some(9091);
+    let mut value = deployment_pod();
+    value["spec"]["containers"][0]["ports"] = json!([{ "containerPort": 9091 }]);
+    let Decision::Inject(pod, record) = decide(&value, &with_metrics, SidecarMode::Native).unwrap()
+    else {
+        panic!("not injected");
+    };
+    let sidecar = &pod.spec.unwrap().init_containers.unwrap()[0];
+    assert!(sidecar.ports.is_none());
+    assert_eq!(env_of_container(sidecar, "TESSERA_METRICS_LISTEN"), None);
+    assert_eq!(
+        record.warnings,
+        ["sidecar metrics are off: container `app` uses port 9091, the sidecar's metrics port"]
+    );
+    // The API server shows it to whoever created the pod.
+    let dir = tempfile::tempdir().unwrap();
+    let mut webhook = webhook(&dir);
+    webhook.injection.metrics_port = Some(9091);
+    let out = review_json(webhook.review(&review("CREATE", &value)));
+    assert_eq!(
+        out["response"]["warnings"][0],
+        "tessera: sidecar metrics are off: container `app` uses port 9091, the sidecar's metrics port"
+    );
+}
+
+#[test]
+fn a_status_annotation_or_a_container_name_does_not_pass_for_an_injection() {
+    // Written by hand (or copied from an injected pod's YAML): still injected.
+    let value = with_annotation(deployment_pod(), inject::STATUS, "injected");
+    let (mutated, _) = injected(&value, SidecarMode::Native);
+    assert_eq!(
+        mutated.spec.unwrap().init_containers.unwrap()[0].name,
+        "tessera-sidecar"
+    );
+    // An app container named like Tessera's is refused, not taken for it.
+    let mut value = deployment_pod();
+    value["spec"]["containers"][0]["name"] = json!("tessera-init");
+    assert!(denial(&value).contains("container name `tessera-init` is reserved"));
 }
 
 #[test]
@@ -461,6 +642,22 @@ fn name_and_path_collisions_are_refused() {
         .unwrap()
         .push(json!({ "name": "kube-api-access-x", "mountPath": "/var/run/secrets/tessera/" }));
     assert!(denial(&value).contains("container `app` already mounts something"));
+    // Tessera's own directory (the sidecar's token) is not a place for the files.
+    for reserved in [
+        "/var/run/secrets/tessera.dev/serviceaccount",
+        "/var/run/secrets/tessera.dev",
+        "/var/run/secrets/tessera.dev/api/x",
+    ] {
+        let message = denial(&with_annotation(
+            deployment_pod(),
+            inject::MOUNT_PATH,
+            reserved,
+        ));
+        assert!(
+            message.contains("overlaps /var/run/secrets/tessera.dev"),
+            "{message}"
+        );
+    }
 }
 
 // The HTTP-facing part: AdmissionReview JSON as the API server sends it.
@@ -677,4 +874,180 @@ fn api_client_pods_get_the_token_ca_and_address_with_or_without_a_sidecar() {
     // Anything but "true" or "false" is refused with the annotation named.
     let bad = with_annotation(deployment_pod(), API_CLIENT, "yes");
     assert!(denial(&bad).contains(API_CLIENT));
+}
+
+#[test]
+fn fields_the_typed_view_does_not_know_survive_the_patch_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let webhook = webhook(&dir);
+    let mut original = deployment_pod();
+    // Kubernetes' restart-all-containers example (1.35, after this build's
+    // typed view) and fields of a future version.
+    original["spec"]["initContainers"] = json!([
+        { "name": "setup-environment", "image": "busybox:1.37", "command": ["sh", "-c", "true"] },
+        {
+            "name": "watcher", "image": "busybox:1.37", "restartPolicy": "Always",
+            "restartPolicyRules": [
+                { "action": "RestartAllContainers", "exitCodes": { "operator": "In", "values": [88] } }
+            ]
+        }
+    ]);
+    original["spec"]["futurePodField"] = json!({ "enabled": true });
+    original["spec"]["containers"][0]["futureContainerField"] = json!("kept");
+    let out = review_json(webhook.review(&review("CREATE", &original)));
+    assert_eq!(out["response"]["allowed"], true, "{out}");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(out["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    // Only additions: nothing the pod had is rewritten.
+    for operation in &patch.0 {
+        assert!(
+            matches!(operation, json_patch::PatchOperation::Add(_)),
+            "{operation}"
+        );
+    }
+    // The sidecar is one operation, not the init containers rewritten.
+    let sidecar_ops: Vec<String> = patch
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .filter(|op| op.contains("\"/spec/initContainers/0\""))
+        .collect();
+    assert_eq!(sidecar_ops.len(), 1, "{sidecar_ops:?}");
+
+    let mut patched = original.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let init = patched["spec"]["initContainers"].as_array().unwrap();
+    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["tessera-sidecar", "setup-environment", "watcher"]);
+    assert_eq!(
+        init[2]["restartPolicyRules"],
+        original["spec"]["initContainers"][1]["restartPolicyRules"]
+    );
+    assert!(init[1].get("restartPolicyRules").is_none(), "{}", init[1]);
+    assert_eq!(
+        patched["spec"]["futurePodField"],
+        json!({ "enabled": true })
+    );
+    assert_eq!(
+        patched["spec"]["containers"][0]["futureContainerField"],
+        "kept"
+    );
+    // What the typed view sees is exactly the injection.
+    let (expected, _) = injected(&original, SidecarMode::Native);
+    assert_eq!(pod(&patched), expected);
+}
+
+#[test]
+fn reload_annotations_signal_the_app_by_name_or_call_its_loopback_endpoint() {
+    let mut value = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "SIGHUP");
+    value = with_annotation(value, inject::RELOAD_PROCESS, "nginx");
+    value = with_annotation(value, inject::RELOAD_URL, "http://127.0.0.1:9090/-/reload");
+    value["spec"]["securityContext"] = json!({ "fsGroup": 2000, "runAsUser": 101 });
+    let (mutated, _) = injected(&value, SidecarMode::Native);
+    let spec = mutated.spec.unwrap();
+    assert_eq!(spec.share_process_namespace, Some(true));
+    let sidecar = &spec.init_containers.unwrap()[0];
+    assert_eq!(
+        env_of_container(sidecar, "TESSERA_NOTIFY_SIGNAL").as_deref(),
+        Some("HUP")
+    );
+    assert_eq!(
+        env_of_container(sidecar, "TESSERA_NOTIFY_PROCESS").as_deref(),
+        Some("nginx")
+    );
+    assert_eq!(
+        env_of_container(sidecar, "TESSERA_NOTIFY_URL").as_deref(),
+        Some("http://127.0.0.1:9090/-/reload")
+    );
+    // A process may signal only its own user's processes: the sidecar runs as the app.
+    assert_eq!(
+        sidecar.security_context.as_ref().unwrap().run_as_user,
+        Some(101)
+    );
+    assert_eq!(
+        env_of_container(sidecar, "TESSERA_GROUP").as_deref(),
+        Some("2000")
+    );
+
+    // The URL alone changes neither the process namespace nor the user.
+    let url_only = with_annotation(
+        deployment_pod(),
+        inject::RELOAD_URL,
+        "http://localhost:8080/reload",
+    );
+    let (mutated, _) = injected(&url_only, SidecarMode::Native);
+    let spec = mutated.spec.unwrap();
+    assert_eq!(spec.share_process_namespace, None);
+    assert_eq!(
+        spec.init_containers.unwrap()[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .run_as_user,
+        Some(65532)
+    );
+}
+
+#[test]
+fn reload_annotations_that_cannot_work_are_refused_by_name() {
+    let signal = |value: Value, signal: &str, process: &str| {
+        with_annotation(
+            with_annotation(value, inject::RELOAD_SIGNAL, signal),
+            inject::RELOAD_PROCESS,
+            process,
+        )
+    };
+    let mut one_user = deployment_pod();
+    one_user["spec"]["securityContext"] = json!({ "fsGroup": 2000, "runAsUser": 101 });
+    for (value, expected) in [
+        (
+            with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP"),
+            "tessera.dev/reload-signal needs tessera.dev/reload-process",
+        ),
+        (
+            with_annotation(deployment_pod(), inject::RELOAD_PROCESS, "nginx"),
+            "tessera.dev/reload-process needs tessera.dev/reload-signal",
+        ),
+        (
+            signal(one_user.clone(), "KILL", "nginx"),
+            "`KILL` is not one of HUP",
+        ),
+        (
+            signal(one_user.clone(), "HUP", "a-very-long-process-name"),
+            "is not a process name",
+        ),
+        (
+            signal(deployment_pod(), "HUP", "nginx"),
+            "must run as one non-root runAsUser",
+        ),
+        (
+            with_annotation(
+                deployment_pod(),
+                inject::RELOAD_URL,
+                "http://10.0.0.1:80/reload",
+            ),
+            "the pod's own loopback",
+        ),
+        (
+            with_annotation(
+                deployment_pod(),
+                inject::RELOAD_URL,
+                "https://127.0.0.1/reload",
+            ),
+            "the pod's own loopback",
+        ),
+        (
+            with_annotation(
+                with_annotation(deployment_pod(), inject::MODE, "once"),
+                inject::RELOAD_URL,
+                "http://127.0.0.1:80/",
+            ),
+            "need a running sidecar",
+        ),
+    ] {
+        let message = denial(&value);
+        assert!(message.contains(expected), "{expected}: {message}");
+    }
 }

@@ -189,3 +189,93 @@ async fn whoami_prints_the_verified_identity_and_what_it_is_granted() {
     );
     assert!(refused.stdout.is_empty());
 }
+
+/// A loopback HTTP endpoint that answers 200 and keeps each request line.
+fn reload_endpoint() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            // The rest of the head, up to the blank line.
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            record.lock().unwrap().push(first.trim_end().to_owned());
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_version_reloads_the_app_by_signal_to_its_process_and_by_http() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "one" }))
+        .await;
+    // The app: a real process with a name of its own, which SIGHUP ends.
+    let bin = tempfile::tempdir().unwrap();
+    let app_binary = bin.path().join("tsr-reload-app");
+    fs::copy("/bin/sleep", &app_binary).unwrap();
+    let mut app = std::process::Command::new(&app_binary)
+        .arg("120")
+        .spawn()
+        .unwrap();
+    let (port, posts) = reload_endpoint();
+    let out = env.tmpfs_out();
+    let url = format!("http://127.0.0.1:{port}/-/reload");
+    let _run = env.sidecar_run_with(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["app"],
+        &[
+            "--notify-signal",
+            "HUP",
+            "--notify-process",
+            "tsr-reload-app",
+            "--notify-url",
+            &url,
+        ],
+    );
+    let password = |out: &Path| fs::read_to_string(out.join("app/password")).ok();
+    wait_for(Duration::from_secs(20), "delivery", || {
+        password(out.path()).filter(|p| p == "one")
+    })
+    .await;
+    // The first delivery is not a rotation: nothing is told.
+    assert!(
+        app.try_wait().unwrap().is_none(),
+        "signalled on first write"
+    );
+    assert!(posts.lock().unwrap().is_empty());
+
+    env.bao
+        .put("shop/orders", &json!({ "password": "two" }))
+        .await;
+    wait_for(Duration::from_secs(20), "the new version", || {
+        password(out.path()).filter(|p| p == "two")
+    })
+    .await;
+    let status = wait_for(Duration::from_secs(10), "the app to get SIGHUP", || {
+        app.try_wait().unwrap()
+    })
+    .await;
+    assert_eq!(status.signal(), Some(1), "ended by SIGHUP: {status:?}");
+    let seen = wait_for(Duration::from_secs(10), "the reload POST", || {
+        let seen = posts.lock().unwrap().clone();
+        (!seen.is_empty()).then_some(seen)
+    })
+    .await;
+    assert_eq!(seen, ["POST /-/reload HTTP/1.1"]);
+}

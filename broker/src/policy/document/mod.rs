@@ -9,9 +9,9 @@ use serde::Deserialize;
 pub use serde_saphyr::Spanned;
 
 use super::{
-    BUILT_IN_OVERLAP, BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Binding, DatabaseSource, Kv2Source,
-    Limits, Origin, PKI_NAME_FIELDS, PkiSource, Problem, Source, Subject, at, format_duration,
-    glob, render::Template, safe,
+    BUILT_IN_OVERLAP, BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Binding, DatabaseSource, ImageUser,
+    Kv2Source, Limits, Origin, PKI_NAME_FIELDS, PkiSource, Problem, Source, Subject, at,
+    format_duration, glob, render::Template, safe,
 };
 
 mod output;
@@ -43,6 +43,7 @@ pub(super) struct LimitsDoc {
     max_renew_fraction: Option<Spanned<f64>>,
     allowed_sources: Option<Spanned<Vec<String>>>,
     allowed_mounts: Option<Vec<String>>,
+    image_user: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +288,17 @@ pub(super) fn apply_limits(
     }
     if let Some(mounts) = &l.allowed_mounts {
         limits.allowed_mounts = Some(mounts.iter().cloned().collect::<BTreeSet<_>>());
+    }
+    if let Some(choice) = &l.image_user {
+        match choice.value.as_str() {
+            "fsGroup" => limits.image_user = ImageUser::FsGroup,
+            "refuse" => limits.image_user = ImageUser::Refuse,
+            other => problems.push(at(
+                file,
+                choice,
+                format!("limits.imageUser `{other}` is not known (use \"fsGroup\" or \"refuse\")"),
+            )),
+        }
     }
 }
 
