@@ -144,6 +144,38 @@ impl Postgres {
         self.psql(user, password, "select 1").status.success()
     }
 
+    /// Creates a login role `name` with `password` (any characters).
+    pub fn create_user(&self, name: &str, password: &str) {
+        let output = self.psql(
+            "postgres",
+            &self.password,
+            &format!(
+                "create role \"{}\" login password '{}'",
+                name.replace('"', "\"\""),
+                password.replace('\'', "''")
+            ),
+        );
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Whether `psql` connects with the connection URI `dsn`, as an app
+    /// given that DSN would (libpq decodes its percent-escapes).
+    pub fn can_connect(&self, dsn: &str) -> bool {
+        Command::new("psql")
+            .arg(dsn)
+            .args(["-tA", "-c", "select 1"])
+            .env("PGCONNECT_TIMEOUT", "5")
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
     /// Whether the role `name` exists (Vault drops a revoked user's role).
     pub fn role_exists(&self, name: &str) -> bool {
         let output = self.psql(

@@ -362,3 +362,45 @@ async fn a_bindings_refresh_interval_sets_how_often_vault_is_asked() {
     assert!(fast >= 5, "the default interval polls: {fast}");
     assert_eq!(slow, 0, "refreshInterval 1h: no check within 3 s");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_with_url_characters_makes_a_dsn_postgresql_accepts() {
+    let pg = tessera_tests::Postgres::start();
+    let password = format!("p@ss:w/rd%{}?#", random_string(8));
+    pg.create_user("orders_app", &password);
+    let policy = format!(
+        r#"apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: db
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source:
+      kv2: {{ mount: secret, path: shop/db, keys: [username, password] }}
+    output:
+      templates:
+        dsn: "postgresql://{{{{ username | urlencode }}}}:{{{{ password | urlencode }}}}@127.0.0.1:{port}/postgres"
+        raw-dsn: "postgresql://{{{{ username }}}}:{{{{ password }}}}@127.0.0.1:{port}/postgres"
+        .pgpass: "127.0.0.1:{port}:postgres:{{{{ username | pgpass }}}}:{{{{ password | pgpass }}}}"
+"#,
+        port = pg.port
+    );
+    let env = Env::start(&policy).await;
+    env.bao
+        .put(
+            "shop/db",
+            &json!({ "username": "orders_app", "password": password }),
+        )
+        .await;
+    let out = env.tmpfs_out();
+    let written = env.sidecar_once(&env.token_file("shop", "orders"), out.path(), &["db"], &[]);
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let read = |name: &str| fs::read_to_string(out.path().join("db").join(name)).unwrap();
+    assert!(pg.can_connect(&read("dsn")), "the urlencoded DSN logs in");
+    // Without the filter, `@`, `/`, `?` and `#` break the URI: the reason for it.
+    assert!(!pg.can_connect(&read("raw-dsn")));
+    assert!(read(".pgpass").contains("orders_app:p@ss\\:w/rd%"));
+}

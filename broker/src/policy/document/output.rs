@@ -52,7 +52,9 @@ pub(super) fn compile_output(
         match Template::parse(text) {
             Ok(template) => {
                 if let Some(keys) = &known
-                    && let Some(missing) = template.fields().find(|f| !keys.iter().any(|k| k == f))
+                    && let Some(missing) = template
+                        .required_fields()
+                        .find(|f| !keys.iter().any(|k| k == f))
                 {
                     problems.push(at(
                         file,
