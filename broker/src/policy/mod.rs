@@ -6,6 +6,7 @@
 //! Loading collects every problem with `file:line:column`, what is wrong and
 //! how to fix it, so `policy check` can list them all at once.
 
+mod compile;
 mod document;
 mod files;
 pub mod glob;
@@ -530,7 +531,7 @@ fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Pol
                 continue;
             }
             limits_file = Some(file);
-            document::apply_limits(file, l, &mut limits, problems);
+            compile::apply_limits(file, l, &mut limits, problems);
         }
         if let Some(d) = &doc.defaults {
             if defaults.is_some() {
@@ -544,7 +545,7 @@ fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Pol
             }
         }
     }
-    let defaults = defaults.map(|(file, d)| document::check_defaults(file, d, &limits, problems));
+    let defaults = defaults.map(|(file, d)| compile::check_defaults(file, d, &limits, problems));
 
     let mut bindings: Vec<Binding> = Vec::new();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -566,7 +567,7 @@ fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Pol
                 format!("{file}:{}", raw.name.referenced.line()),
             );
             if let Some(binding) =
-                document::compile_binding(file, raw, &limits, defaults.as_ref(), problems)
+                compile::compile_binding(file, raw, &limits, defaults.as_ref(), problems)
             {
                 bindings.push(binding);
             }

@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{BindingDoc, Defaults, mode};
-use crate::policy::{Output, Problem, Source, at, render::Template, safe};
+use super::{checks::mode, defaults::Defaults};
+use crate::policy::{Output, Problem, Source, at, document::BindingDoc, render::Template, safe};
 
 pub(super) fn compile_output(
     file: &str,

@@ -1,0 +1,54 @@
+//! Values as a policy writes them: durations and file modes.
+
+use std::time::Duration;
+
+use crate::policy::{Problem, at, document::Spanned, format_duration};
+
+/// The longest duration a policy may name (a year): anything longer is a typo.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+pub(super) fn duration(
+    file: &str,
+    text: &Spanned<String>,
+    what: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    match humantime::parse_duration(&text.value) {
+        Ok(d) if d > MAX_DURATION => {
+            problems.push(at(
+                file,
+                text,
+                format!(
+                    "{what} `{}` is longer than {} (no credential lives that long)",
+                    text.value,
+                    format_duration(MAX_DURATION)
+                ),
+            ));
+            None
+        }
+        Ok(d) if !d.is_zero() => Some(d),
+        _ => {
+            problems.push(at(
+                file,
+                text,
+                format!("{what} `{}` is not a duration like 15m or 1h", text.value),
+            ));
+            None
+        }
+    }
+}
+
+pub(super) fn mode(file: &str, text: &Spanned<String>, problems: &mut Vec<Problem>) -> Option<u32> {
+    match text.value.as_str() {
+        "0400" => Some(0o400),
+        "0440" => Some(0o440),
+        other => {
+            problems.push(at(
+                file,
+                text,
+                format!("mode `{other}` is not allowed (use \"0400\", or \"0440\" with a group)"),
+            ));
+            None
+        }
+    }
+}

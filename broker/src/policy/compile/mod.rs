@@ -1,0 +1,52 @@
+//! From the policy as written to [`Binding`]s: every check, in parts that
+//! depend one way (`subjects`, `source`, `timing`, `output` on `checks` and
+//! `defaults`; nothing here on the policy's runtime use).
+
+mod checks;
+mod defaults;
+mod limits;
+mod output;
+mod source;
+mod subjects;
+mod timing;
+
+pub(super) use defaults::{Defaults, check_defaults};
+pub(super) use limits::apply_limits;
+
+use super::{Binding, Limits, Problem, at, document::BindingDoc, safe};
+
+/// Checks one binding and applies the defaults; `None` when it has problems.
+pub(super) fn compile_binding(
+    file: &str,
+    raw: &BindingDoc,
+    limits: &Limits,
+    defaults: Option<&Defaults>,
+    problems: &mut Vec<Problem>,
+) -> Option<Binding> {
+    let before = problems.len();
+    let name = raw.name.value.clone();
+    if !safe(&name) {
+        problems.push(at(
+            file,
+            &raw.name,
+            format!("binding name `{name}` is not a safe directory name (no `/`, not `.`, no leading `..`)"),
+        ));
+    }
+    let subjects = subjects::compile_subjects(file, raw, &name, problems);
+    let source = source::compile_source(file, raw, &name, limits, problems);
+    let timing = timing::compile_timing(file, raw, &name, &source, limits, defaults, problems);
+    let output = output::compile_output(file, raw, &name, &source, defaults, problems);
+    (problems.len() == before).then(|| Binding {
+        defined_at: format!("{file}:{}", raw.name.referenced.line()),
+        name,
+        subjects,
+        source,
+        ttl: timing.ttl,
+        ttl_origin: timing.ttl_origin,
+        renew_fraction: timing.renew_fraction,
+        renew_fraction_origin: timing.renew_fraction_origin,
+        overlap: timing.overlap,
+        refresh_interval: timing.refresh_interval,
+        output,
+    })
+}
