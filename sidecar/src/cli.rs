@@ -48,6 +48,16 @@ pub enum Mode {
     Check(Volume),
     /// Fetch, write and exit 0 (init containers, Jobs).
     Once(Common),
+    /// Run a command with the credentials as environment variables
+    /// (`<BINDING>_<FIELD>`), as its PID 1: reap, forward signals, exit with
+    /// its status; restart it (or signal it) when a credential rotates.
+    Exec(Exec),
+    /// Copy this binary into DIR (an init container fills the volume that
+    /// `exec` runs from in the app's container) and exit.
+    Install {
+        /// The directory, e.g. an in-memory volume.
+        dir: PathBuf,
+    },
     /// Print the identity the broker verifies from the token and the
     /// bindings the policy grants it; writes nothing (`helm test`, debugging).
     Whoami(Connection),
@@ -84,6 +94,63 @@ pub struct Volume {
         required = true
     )]
     pub bindings: Vec<String>,
+}
+
+/// `exec`'s options.
+#[derive(Debug, Args)]
+pub struct Exec {
+    /// How to reach the broker.
+    #[command(flatten)]
+    pub connection: Connection,
+    /// Bindings (repeat, or separate with commas).
+    #[arg(
+        long = "binding",
+        env = "TESSERA_BINDINGS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub bindings: Vec<String>,
+    /// Prepended to every variable name, e.g. `APP_`.
+    #[arg(long, env = "TESSERA_ENV_PREFIX", default_value = "")]
+    pub env_prefix: String,
+    /// `restart` (SIGTERM, then start again with the new values) or
+    /// `signal:<NAME>` (e.g. `signal:HUP`; the environment stays as it was).
+    #[arg(long, env = "TESSERA_ON_ROTATE", default_value = "restart", value_parser = crate::exec::parse_on_rotate)]
+    pub on_rotate: crate::exec::OnRotate,
+    /// How long the command has to stop on a restart before it is killed.
+    #[arg(long, env = "TESSERA_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Give the pod's leases back when stopped by SIGTERM.
+    #[arg(long, env = "TESSERA_REVOKE_ON_EXIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub revoke_on_exit: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+impl Exec {
+    /// Validates the options into an [`crate::exec::ExecJob`].
+    ///
+    /// # Errors
+    /// A [`UsageError`] naming the bad option.
+    pub fn job(&self) -> Result<crate::exec::ExecJob, UsageError> {
+        let mut bindings = self.bindings.clone();
+        bindings.retain(|b| !b.trim().is_empty());
+        if bindings.is_empty() {
+            return Err(UsageError(
+                "--binding: name at least one binding".to_owned(),
+            ));
+        }
+        Ok(crate::exec::ExecJob {
+            target: self.connection.target()?,
+            bindings,
+            prefix: self.env_prefix.clone(),
+            on_rotate: self.on_rotate,
+            grace: self.grace,
+            revoke_on_exit: self.revoke_on_exit,
+            command: self.command.clone(),
+        })
+    }
 }
 
 /// How to reach the broker and who to be there: every mode that calls it.

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod cli;
 pub mod client;
+pub mod exec;
 pub mod metrics;
 pub mod notify;
 pub mod status;

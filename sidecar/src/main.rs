@@ -72,6 +72,19 @@ async fn serve(cli: &Cli) -> ExitCode {
             };
         }
         Mode::Whoami(connection) => return whoami(connection).await,
+        Mode::Exec(exec) => return run_exec(exec).await,
+        Mode::Install { dir } => {
+            return match tessera_sidecar::exec::install(dir) {
+                Ok(path) => {
+                    tracing::info!(path = %path.display(), "installed");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    tracing::error!(dir = %dir.display(), %error, "cannot install the binary");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Mode::Once(common) => (common, None, false, None),
         Mode::Run {
             common,
@@ -138,6 +151,37 @@ async fn serve(cli: &Cli) -> ExitCode {
         Err(error) => {
             tracing::error!("{error}");
             ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+/// `exec`: the app as a child with its credentials in the environment.
+async fn run_exec(exec: &tessera_sidecar::cli::Exec) -> ExitCode {
+    let job = match exec.job() {
+        Ok(job) => job,
+        Err(error) => {
+            tracing::error!("{error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // Not `harden`: its core-dump limit would be inherited by the app. Being
+    // non-dumpable is this process's alone (execve resets it for the child).
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    match tessera_sidecar::exec::run(job).await {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            tracing::error!("{error}");
+            ExitCode::from(match &error {
+                tessera_sidecar::exec::ExecError::Broker(
+                    tessera_client::Error::Denied { .. }
+                    | tessera_client::Error::Unauthenticated { .. },
+                ) => EXIT_DENIED,
+                tessera_sidecar::exec::ExecError::Broker(tessera_client::Error::Setup(_)) => {
+                    EXIT_NO_INPUT
+                }
+                tessera_sidecar::exec::ExecError::Spawn { .. } => 127,
+                _ => EXIT_UNAVAILABLE,
+            })
         }
     }
 }

@@ -427,6 +427,34 @@ impl Env {
             .await
     }
 
+    /// Starts `tessera-sidecar exec` for `bindings` running `command`, with
+    /// `extra` options before the `--`.
+    pub fn sidecar_exec(
+        &self,
+        token_file: &Path,
+        bindings: &[&str],
+        extra: &[&str],
+        command: &[&str],
+    ) -> Proc {
+        let mut exec = Command::new(binary("tessera-sidecar"));
+        exec.args(["exec", "--broker", &self.broker_uri, "--ca-file"])
+            .arg(self.ca_file())
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--binding")
+            .arg(bindings.join(","))
+            .args(extra)
+            .arg("--")
+            .args(command)
+            .env("RUST_LOG", &self.options.rust_log)
+            .env("NO_COLOR", "1");
+        let log = self
+            .dir
+            .path()
+            .join(format!("exec-{}.log", random_string(6)));
+        Proc::spawn("tessera-sidecar exec", exec, log)
+    }
+
     /// A fresh tmpfs output directory under /dev/shm, removed on drop.
     pub fn tmpfs_out(&self) -> tempfile::TempDir {
         tempfile::Builder::new()

@@ -50,6 +50,21 @@ impl Proc {
         self.child.try_wait().unwrap().is_some()
     }
 
+    /// The exit code, once the process has exited on its own.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child
+            .try_wait()
+            .unwrap()
+            .and_then(|status| status.code())
+    }
+
+    /// Sends `signal` (a name `kill` knows, e.g. `USR1`).
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status();
+    }
+
     /// Sends SIGTERM and waits up to 10 s for exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let _ = Command::new("kill")

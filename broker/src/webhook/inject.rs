@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
 use serde::Serialize;
 
 use super::{
-    api_client,
+    api_client, env_mode,
     settings::{Injection, SidecarMode},
 };
 use crate::{
@@ -75,6 +75,9 @@ pub enum Shape {
     ClassicSidecar,
     /// An init container that writes once (Jobs on classic clusters, `mode: once`).
     InitOnly,
+    /// An init container installs `tessera-sidecar`, which wraps the app's
+    /// command and gives it the credentials as environment variables.
+    Exec,
 }
 
 /// The record of one injection, kept in the `tessera.dev/injected` annotation.
@@ -142,6 +145,8 @@ struct Request {
     once: bool,
     /// How the app is told of a rotation.
     reload: Reload,
+    /// `mode: env`: variables instead of files.
+    env: Option<env_mode::EnvRequest>,
 }
 
 /// How the sidecar tells the app that its credentials rotated.
@@ -262,21 +267,32 @@ fn parse_annotations(
             "annotation {MOUNT_PATH}: `{mount_path}` overlaps {RESERVED_DIR}, where Tessera mounts the pod's token; choose another path"
         )));
     }
-    let once = match annotations.get(MODE).map(String::as_str) {
-        None | Some("run") => false,
-        Some("once") => true,
+    let (once, env) = match annotations.get(MODE).map(String::as_str) {
+        None | Some("run") => (false, false),
+        Some("once") => (true, false),
+        Some("env") => (false, true),
         Some(other) => {
             return Err(Denial(format!(
-                "annotation {MODE}: `{other}` must be \"run\" or \"once\""
+                "annotation {MODE}: `{other}` must be \"run\", \"once\" or \"env\""
             )));
         }
     };
     let reload = parse_reload(annotations, once)?;
+    if env && (reload.signal.is_some() || reload.url.is_some()) {
+        return Err(Denial(format!(
+            "annotations {RELOAD_SIGNAL} and {RELOAD_URL} apply to files; with {MODE}: env, say what a rotation does with {}",
+            env_mode::ENV_ON_ROTATE
+        )));
+    }
+    let env = env
+        .then(|| env_mode::parse(annotations, &SIGNALS))
+        .transpose()?;
     Ok(Some(Request {
         bindings,
         mount_path,
         once,
         reload,
+        env,
     }))
 }
 
@@ -460,6 +476,16 @@ pub fn decide(
         .pod_labels_known
         .then(|| pod.metadata.labels.clone().unwrap_or_default());
     check_policy(policy, namespace, spec, labels.as_ref(), &request.bindings)?;
+    if let Some(env_request) = &request.env {
+        return inject_env(
+            pod,
+            injection,
+            ca_pem,
+            &request.bindings,
+            env_request,
+            api_client,
+        );
+    }
     let choice = readers(spec, policy.limits.image_user, injection.run_as_user)?;
     let signal_as = request
         .reload
@@ -560,7 +586,8 @@ pub fn decide(
             spec.containers
                 .push(sidecar.container(SIDECAR, "run", false));
         }
-        Shape::InitOnly => init.insert(0, sidecar.container(INIT, "once", false)),
+        // Env mode returned earlier (`inject_env`); `once` is the only other shape.
+        Shape::InitOnly | Shape::Exec => init.insert(0, sidecar.container(INIT, "once", false)),
     }
     spec.volumes
         .get_or_insert_with(Vec::new)
@@ -608,7 +635,7 @@ fn already_injected(
         && annotations.contains_key(INJECTED);
     let ours: Vec<&str> = app_containers(spec)
         .map(|c| c.name.as_str())
-        .filter(|name| *name == SIDECAR || *name == INIT)
+        .filter(|name| env_mode::RESERVED.contains(name))
         .collect();
     let api_volume = spec
         .volumes
@@ -702,6 +729,74 @@ fn metrics_port(spec: &PodSpec, injection: &Injection, warnings: &mut Vec<String
         return None;
     }
     Some(port)
+}
+
+/// `mode: env`: wraps the app's commands; no credentials volume, no sidecar.
+fn inject_env(
+    pod: &Pod,
+    injection: &Injection,
+    ca_pem: &str,
+    bindings: &[String],
+    request: &env_mode::EnvRequest,
+    api_client: bool,
+) -> Result<Decision, Denial> {
+    let spec = pod
+        .spec
+        .as_ref()
+        .ok_or_else(|| Denial("the pod has no spec".to_owned()))?;
+    for name in [env_mode::BIN_VOLUME, TOKEN_VOLUME] {
+        if spec.volumes.iter().flatten().any(|v| v.name == name) {
+            return Err(Denial(format!(
+                "the pod already has a volume named `{name}`; rename it"
+            )));
+        }
+    }
+    let mut pod = pod.clone();
+    let wrapped = env_mode::EnvSpec {
+        injection,
+        bindings,
+        ca_pem,
+    }
+    .add(&mut pod, request)?;
+    let [_, token] = volumes(injection);
+    pod.spec
+        .get_or_insert_with(PodSpec::default)
+        .volumes
+        .get_or_insert_with(Vec::new)
+        .push(token);
+    if api_client {
+        api_client::add(&mut pod, injection, ca_pem)?;
+    }
+    let injected = Injected {
+        shape: Some(Shape::Exec),
+        bindings: bindings.to_vec(),
+        mount_path: String::new(),
+        readers: format!("the environment of {}", wrapped.join(", ")),
+        api_client,
+        warnings: Vec::new(),
+    };
+    record(&mut pod, &injected);
+    Ok(Decision::Inject(Box::new(pod), injected))
+}
+
+/// The security context of every container Tessera adds.
+pub(super) fn hardened(run_as_user: i64) -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(run_as_user),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
 }
 
 /// Marks the pod injected, with the record of what was added.
@@ -827,22 +922,7 @@ impl SidecarSpec<'_> {
                 failure_threshold: Some(300),
                 ..Probe::default()
             }),
-            security_context: Some(SecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(run_as_user),
-                read_only_root_filesystem: Some(true),
-                allow_privilege_escalation: Some(false),
-                privileged: Some(false),
-                capabilities: Some(Capabilities {
-                    drop: Some(vec!["ALL".to_owned()]),
-                    ..Capabilities::default()
-                }),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".to_owned(),
-                    ..SeccompProfile::default()
-                }),
-                ..SecurityContext::default()
-            }),
+            security_context: Some(hardened(run_as_user)),
             volume_mounts: Some(vec![
                 VolumeMount {
                     name: CREDENTIALS_VOLUME.to_owned(),

@@ -4,6 +4,7 @@
 //! Served over HTTPS (TLS 1.3) on its own port, `POST /mutate`.
 
 pub mod api_client;
+pub mod env_mode;
 pub mod inject;
 mod patch;
 pub mod settings;

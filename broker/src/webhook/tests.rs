@@ -371,7 +371,11 @@ fn malformed_annotations_are_refused_with_the_reason() {
         (inject::BINDINGS, "tls,tls", "`tls` is listed twice"),
         (inject::MOUNT_PATH, "secrets", "absolute path"),
         (inject::MOUNT_PATH, "/var/../etc", "normalized"),
-        (inject::MODE, "sometimes", "must be \"run\" or \"once\""),
+        (
+            inject::MODE,
+            "sometimes",
+            "must be \"run\", \"once\" or \"env\"",
+        ),
     ];
     for (key, value, expected) in cases {
         let message = denial(&with_annotation(deployment_pod(), key, value));
@@ -1050,4 +1054,137 @@ fn reload_annotations_that_cannot_work_are_refused_by_name() {
         let message = denial(&value);
         assert!(message.contains(expected), "{expected}: {message}");
     }
+}
+
+#[test]
+fn env_mode_wraps_each_containers_command_and_installs_the_binary_first() {
+    let mut value = with_annotation(deployment_pod(), inject::MODE, "env");
+    value = with_annotation(value, env_mode::ENV_PREFIX, "APP_");
+    value = with_annotation(value, env_mode::ENV_ON_ROTATE, "signal:HUP");
+    value["spec"]["containers"][0]["command"] = json!(["/app/orders", "--serve"]);
+    value["spec"]["containers"][0]["args"] = json!(["--port", "8080"]);
+    let (mutated, record) = injected(&value, SidecarMode::Native);
+    assert_eq!(record.shape, Some(Shape::Exec));
+    assert_eq!(record.readers, "the environment of app");
+    let spec = mutated.spec.unwrap();
+    let app = &spec.containers[0];
+    assert_eq!(
+        app.command.clone().unwrap(),
+        [
+            "/var/run/secrets/tessera.dev/bin/tessera-sidecar",
+            "exec",
+            "--",
+            "/app/orders",
+            "--serve"
+        ]
+    );
+    assert_eq!(
+        app.args.clone().unwrap(),
+        ["--port", "8080"],
+        "args untouched"
+    );
+    assert_eq!(
+        env_of_container(app, "TESSERA_BINDINGS").as_deref(),
+        Some("orders-db,tls")
+    );
+    assert_eq!(
+        env_of_container(app, "TESSERA_ENV_PREFIX").as_deref(),
+        Some("APP_")
+    );
+    assert_eq!(
+        env_of_container(app, "TESSERA_ON_ROTATE").as_deref(),
+        Some("signal:HUP")
+    );
+    let mounts: Vec<&str> = app
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"/var/run/secrets/tessera.dev/bin"),
+        "{mounts:?}"
+    );
+    assert!(mounts.contains(&inject::TOKEN_DIR), "{mounts:?}");
+    assert!(
+        !mounts.contains(&"/var/run/secrets/tessera"),
+        "no files volume"
+    );
+    let init = &spec.init_containers.unwrap()[0];
+    assert_eq!(init.name, "tessera-install");
+    assert_eq!(
+        init.args.clone().unwrap(),
+        ["install", "/var/run/secrets/tessera.dev/bin"]
+    );
+    assert_eq!(init.restart_policy, None, "runs once, before the app");
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(volumes.contains(&"tessera-bin") && volumes.contains(&"tessera-token"));
+    assert!(!volumes.contains(&"tessera-credentials"));
+
+    // A second pass leaves it alone.
+    let again = inject::decide(
+        &mutated_pod(&value),
+        "shop",
+        &injection(),
+        SidecarMode::Native,
+        CA,
+        &policy(),
+    );
+    assert!(matches!(again, Ok(Decision::Skip("already injected"))));
+}
+
+fn mutated_pod(value: &Value) -> Pod {
+    injected(value, SidecarMode::Native).0
+}
+
+#[test]
+fn env_mode_refuses_what_it_cannot_wrap_and_says_what_to_do() {
+    let env = |value: Value| with_annotation(value, inject::MODE, "env");
+    let mut commanded = deployment_pod();
+    commanded["spec"]["containers"][0]["command"] = json!(["/app/orders"]);
+    for (value, expected) in [
+        (
+            env(deployment_pod()),
+            "container `app` sets no `command`: environment variables are given by wrapping the command",
+        ),
+        (
+            with_annotation(env(commanded.clone()), env_mode::ENV_CONTAINERS, "worker"),
+            "the pod has no container `worker`",
+        ),
+        (
+            with_annotation(env(commanded.clone()), env_mode::ENV_PREFIX, "1X"),
+            "tessera.dev/env-prefix: `1X` is not the start of a variable name",
+        ),
+        (
+            with_annotation(env(commanded.clone()), env_mode::ENV_ON_ROTATE, "reload"),
+            "tessera.dev/env-on-rotate: `reload` is not `restart` or `signal:<HUP|USR1|USR2|TERM|INT>`",
+        ),
+        (
+            with_annotation(
+                env(commanded.clone()),
+                inject::RELOAD_URL,
+                "http://127.0.0.1:1/",
+            ),
+            "apply to files",
+        ),
+    ] {
+        let message = denial(&value);
+        assert!(message.contains(expected), "{expected}: {message}");
+    }
+    // The container named by the annotation is the only one wrapped.
+    let mut two = env(commanded);
+    two["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "proxy", "image": "envoy:1" }));
+    let two = with_annotation(two, env_mode::ENV_CONTAINERS, "app");
+    let (mutated, _) = injected(&two, SidecarMode::Native);
+    let containers = mutated.spec.unwrap().containers;
+    assert_eq!(containers[0].command.clone().unwrap()[1], "exec");
+    assert_eq!(containers[1].command, None, "proxy untouched");
 }

@@ -9,6 +9,7 @@ mod chart;
 mod cli;
 mod client;
 mod delivery;
+mod exec;
 mod hardening;
 mod kubernetes;
 mod leases;

@@ -1,0 +1,231 @@
+//! `tessera.dev/mode: env`: the app's containers get their credentials as
+//! environment variables. An init container copies the (static) sidecar
+//! binary into an in-memory volume, and each chosen container's `command`
+//! is wrapped: `tessera-sidecar exec -- <command>` starts the app with
+//! `<BINDING>_<FIELD>` set and restarts it when a credential rotates.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvVar, Pod, PodSpec, Volume, VolumeMount,
+};
+
+use super::{
+    inject::{Denial, INIT, SIDECAR, TOKEN_DIR, TOKEN_VOLUME},
+    settings::Injection,
+};
+
+/// Comma-separated names of the containers to wrap (default: every container).
+pub const ENV_CONTAINERS: &str = "tessera.dev/env-containers";
+/// Prepended to every variable name.
+pub const ENV_PREFIX: &str = "tessera.dev/env-prefix";
+/// `restart` (default) or `signal:<NAME>`.
+pub const ENV_ON_ROTATE: &str = "tessera.dev/env-on-rotate";
+/// The init container that copies the binary.
+pub const INSTALL: &str = "tessera-install";
+/// The in-memory volume holding the binary.
+pub const BIN_VOLUME: &str = "tessera-bin";
+/// Where the wrapped containers find it (inside Tessera's own directory).
+pub const BIN_DIR: &str = "/var/run/secrets/tessera.dev/bin";
+
+/// What the pod asked for, checked.
+pub struct EnvRequest {
+    containers: Option<Vec<String>>,
+    prefix: Option<String>,
+    on_rotate: Option<String>,
+}
+
+/// Reads the env-mode annotations.
+///
+/// # Errors
+/// A [`Denial`] naming the annotation that is wrong.
+pub fn parse(
+    annotations: &BTreeMap<String, String>,
+    signals: &[&str],
+) -> Result<EnvRequest, Denial> {
+    let containers = annotations.get(ENV_CONTAINERS).map(|list| {
+        list.split(',')
+            .map(|c| c.trim().to_owned())
+            .collect::<Vec<_>>()
+    });
+    if containers
+        .as_ref()
+        .is_some_and(|names| names.iter().any(String::is_empty))
+    {
+        return Err(Denial(format!(
+            "annotation {ENV_CONTAINERS}: name containers separated by single commas"
+        )));
+    }
+    let prefix = annotations.get(ENV_PREFIX).cloned();
+    if let Some(prefix) = &prefix
+        && (prefix.starts_with(|c: char| c.is_ascii_digit())
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        return Err(Denial(format!(
+            "annotation {ENV_PREFIX}: `{}` is not the start of a variable name (letters, digits, `_`)",
+            prefix.escape_debug()
+        )));
+    }
+    let on_rotate = annotations.get(ENV_ON_ROTATE).cloned();
+    if let Some(text) = &on_rotate {
+        let valid = text == "restart"
+            || text
+                .strip_prefix("signal:")
+                .is_some_and(|name| signals.contains(&name.trim_start_matches("SIG")));
+        if !valid {
+            return Err(Denial(format!(
+                "annotation {ENV_ON_ROTATE}: `{}` is not `restart` or `signal:<{}>`",
+                text.escape_debug(),
+                signals.join("|")
+            )));
+        }
+    }
+    Ok(EnvRequest {
+        containers,
+        prefix,
+        on_rotate,
+    })
+}
+
+/// The containers to wrap, each with a `command` to wrap.
+fn chosen(spec: &PodSpec, request: &EnvRequest) -> Result<Vec<String>, Denial> {
+    let names: Vec<String> = match &request.containers {
+        Some(names) => names.clone(),
+        None => spec.containers.iter().map(|c| c.name.clone()).collect(),
+    };
+    for name in &names {
+        let Some(container) = spec.containers.iter().find(|c| c.name == *name) else {
+            return Err(Denial(format!(
+                "annotation {ENV_CONTAINERS}: the pod has no container `{}`",
+                name.escape_debug()
+            )));
+        };
+        if container.command.as_ref().is_none_or(Vec::is_empty) {
+            return Err(Denial(format!(
+                "container `{name}` sets no `command`: environment variables are given by wrapping the command (tessera-sidecar exec -- <command>), and the image's ENTRYPOINT cannot be read at admission; set `command` to the image's entrypoint, or read files instead (remove tessera.dev/mode: env)"
+            )));
+        }
+    }
+    Ok(names)
+}
+
+/// Everything env mode adds to the pod.
+pub struct EnvSpec<'a> {
+    /// The webhook's settings.
+    pub injection: &'a Injection,
+    /// The pod's bindings.
+    pub bindings: &'a [String],
+    /// The broker's CA.
+    pub ca_pem: &'a str,
+}
+
+impl EnvSpec<'_> {
+    /// Wraps the chosen containers and adds the install container and the
+    /// volumes; returns the wrapped containers' names.
+    ///
+    /// # Errors
+    /// A [`Denial`] for a container that cannot be wrapped.
+    pub fn add(&self, pod: &mut Pod, request: &EnvRequest) -> Result<Vec<String>, Denial> {
+        let spec = pod.spec.get_or_insert_with(PodSpec::default);
+        let names = chosen(spec, request)?;
+        let injection = self.injection;
+        let env = |name: &str, value: &str| EnvVar {
+            name: name.to_owned(),
+            value: Some(value.to_owned()),
+            ..EnvVar::default()
+        };
+        let mut vars = vec![
+            env("TESSERA_BROKER", &injection.broker_address),
+            env("TESSERA_CA_PEM", self.ca_pem),
+            env("TESSERA_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
+            env("TESSERA_BINDINGS", &self.bindings.join(",")),
+            env("TESSERA_LOG_FORMAT", "json"),
+        ];
+        if let Some(server_name) = &injection.server_name {
+            vars.push(env("TESSERA_SERVER_NAME", server_name));
+        }
+        if let Some(prefix) = &request.prefix {
+            vars.push(env("TESSERA_ENV_PREFIX", prefix));
+        }
+        if let Some(on_rotate) = &request.on_rotate {
+            vars.push(env("TESSERA_ON_ROTATE", on_rotate));
+        }
+        let mounts = [
+            VolumeMount {
+                name: BIN_VOLUME.to_owned(),
+                mount_path: BIN_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: TOKEN_VOLUME.to_owned(),
+                mount_path: TOKEN_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ];
+        for container in spec
+            .containers
+            .iter_mut()
+            .filter(|c| names.contains(&c.name))
+        {
+            let original = container.command.take().unwrap_or_default();
+            let mut command = vec![
+                format!("{BIN_DIR}/{SIDECAR}"),
+                "exec".to_owned(),
+                "--".to_owned(),
+            ];
+            command.extend(original);
+            container.command = Some(command);
+            let set = container.env.get_or_insert_with(Vec::new);
+            for var in &vars {
+                if !set.iter().any(|v| v.name == var.name) {
+                    set.push(var.clone());
+                }
+            }
+            container
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .extend(mounts.iter().cloned());
+        }
+        spec.init_containers
+            .get_or_insert_with(Vec::new)
+            .insert(0, self.install_container());
+        spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: BIN_VOLUME.to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".to_owned()),
+                size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                    "64Mi".to_owned(),
+                )),
+            }),
+            ..Volume::default()
+        });
+        Ok(names)
+    }
+
+    /// Copies the binary into the volume and exits.
+    fn install_container(&self) -> Container {
+        let injection = self.injection;
+        Container {
+            name: INSTALL.to_owned(),
+            image: Some(injection.image.clone()),
+            image_pull_policy: Some(injection.image_pull_policy.clone()),
+            args: Some(vec!["install".to_owned(), BIN_DIR.to_owned()]),
+            resources: Some(injection.resources.clone()),
+            security_context: Some(super::inject::hardened(injection.run_as_user)),
+            volume_mounts: Some(vec![VolumeMount {
+                name: BIN_VOLUME.to_owned(),
+                mount_path: BIN_DIR.to_owned(),
+                ..VolumeMount::default()
+            }]),
+            termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+            ..Container::default()
+        }
+    }
+}
+
+/// Names env mode reserves, besides the sidecar's.
+pub const RESERVED: [&str; 3] = [INSTALL, SIDECAR, INIT];
