@@ -199,6 +199,11 @@ pub struct Common {
     /// Group id for files (0440) and directories (0550); owner-only (0400/0500) without it.
     #[arg(long, env = "TESSERA_GROUP")]
     pub group: Option<u32>,
+    /// The pod owner's renames and templates per binding, as JSON:
+    /// `{"<binding>": {"files": {"<field>": "<file>"}, "templates": {"<file>": "<template>"}}}`
+    /// (the webhook sets it from `tessera.dev/files.*` and `tessera.dev/templates.*`).
+    #[arg(long, env = "TESSERA_POD_OUTPUT", value_parser = crate::pod_output::parse, hide_env_values = true)]
+    pub pod_output: Option<crate::pod_output::PodOutput>,
     /// Allow an output directory that is not tmpfs/ramfs (local development only).
     #[arg(long, env = "TESSERA_ALLOW_NON_TMPFS")]
     pub allow_non_tmpfs: bool,
@@ -285,7 +290,8 @@ impl Common {
             },
             target: self.connection.target()?,
             bindings,
-            writer: Writer::new(self.volume.out.clone(), self.group),
+            writer: Writer::new(self.volume.out.clone(), self.group)
+                .with_output(self.pod_output.clone().unwrap_or_default()),
         })
     }
 }

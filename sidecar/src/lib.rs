@@ -10,5 +10,6 @@ pub mod client;
 pub mod exec;
 pub mod metrics;
 pub mod notify;
+pub mod pod_output;
 pub mod status;
 pub mod writer;

@@ -69,6 +69,9 @@ pub enum WriteError {
     /// A binding or field name could escape its directory or clash with the writer's entries.
     #[error("refusing unsafe name `{0}` (no `/`, not `.` or `..`, no leading `..`)")]
     UnsafeName(String),
+    /// The pod owner's renames or templates do not fit what was delivered.
+    #[error("{0}")]
+    PodOutput(String),
     /// The broker asked for a file mode other than 0400 or 0440.
     #[error("refusing file mode {0:o} from the broker (only 0400 and 0440 are written)")]
     UnsafeMode(u32),
@@ -159,6 +162,8 @@ impl Access {
 pub struct Writer {
     out: PathBuf,
     group: Option<u32>,
+    /// The pod owner's renames and templates.
+    output: crate::pod_output::PodOutput,
 }
 
 impl Writer {
@@ -166,7 +171,18 @@ impl Writer {
     /// are 0440 and directories 0550, so a non-root app in the group can read
     /// them; without it 0400 and 0500.
     pub fn new(out: PathBuf, group: Option<u32>) -> Self {
-        Self { out, group }
+        Self {
+            out,
+            group,
+            output: crate::pod_output::PodOutput::default(),
+        }
+    }
+
+    /// This writer, shaping each binding's files as the pod owner asked.
+    #[must_use]
+    pub fn with_output(mut self, output: crate::pod_output::PodOutput) -> Self {
+        self.output = output;
+        self
     }
 
     /// The access for a binding: the policy's mode and group (from the broker)
@@ -241,6 +257,11 @@ impl Writer {
         if !is_safe_name(binding) {
             return Err(WriteError::UnsafeName(binding.to_owned()));
         }
+        let shaped = self
+            .output
+            .apply(binding, fields)
+            .map_err(WriteError::PodOutput)?;
+        let fields = shaped.as_ref().unwrap_or(fields);
         if let Some(bad) = fields.keys().find(|name| !is_safe_name(name)) {
             return Err(WriteError::UnsafeName(bad.clone()));
         }

@@ -136,8 +136,8 @@ pub(super) fn pki_names(
         .chain(alt_names.iter().map(String::as_str))
         .map(|text| {
             let template = Template::parse(text)?;
-            let rendered = template.render(&values)?;
-            Ok(String::from_utf8_lossy(rendered.expose_secret()).into_owned())
+            let rendered = template.render(|name| values.get(name).map(Secret::expose_secret))?;
+            Ok(String::from_utf8_lossy(&rendered).into_owned())
         })
         .collect()
 }

@@ -29,6 +29,7 @@ pub(super) struct LimitsDoc {
     pub(super) allowed_sources: Option<Spanned<Vec<String>>>,
     pub(super) allowed_mounts: Option<Vec<String>>,
     pub(super) image_user: Option<Spanned<String>>,
+    pub(super) pod_templates: Option<bool>,
 }
 
 #[derive(Deserialize)]

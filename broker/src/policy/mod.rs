@@ -10,7 +10,7 @@ mod compile;
 mod document;
 mod files;
 pub mod glob;
-pub mod render;
+pub use tessera_template as render;
 pub mod report;
 pub mod store;
 
@@ -111,6 +111,9 @@ pub struct Limits {
     pub allowed_mounts: Option<BTreeSet<String>>,
     /// What the webhook does for a pod whose containers name no single user.
     pub image_user: ImageUser,
+    /// Whether pod owners may add templates of their own
+    /// (`tessera.dev/templates.<binding>`).
+    pub pod_templates: bool,
 }
 
 /// How the webhook makes the files readable when a pod sets no `fsGroup`
@@ -145,6 +148,7 @@ impl Default for Limits {
             allowed_sources: None,
             allowed_mounts: None,
             image_user: ImageUser::default(),
+            pod_templates: true,
         }
     }
 }
@@ -383,7 +387,10 @@ impl Binding {
             }
         }
         for (file, template) in &self.output.templates {
-            add(file, template.render(fields).map_err(RenderError::Missing)?)?;
+            let mut rendered = template
+                .render(|name| fields.get(name).map(Secret::expose_secret))
+                .map_err(RenderError::Missing)?;
+            add(file, Secret::new(std::mem::take(&mut *rendered)))?;
         }
         Ok(files)
     }

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
 use serde::Serialize;
 
 use super::{
-    api_client, env_mode,
+    api_client, env_mode, pod_output,
     settings::{Injection, SidecarMode},
 };
 use crate::{
@@ -35,6 +35,9 @@ pub const RELOAD_SIGNAL: &str = "tessera.dev/reload-signal";
 pub const RELOAD_PROCESS: &str = "tessera.dev/reload-process";
 /// `http://127.0.0.1:PORT/PATH` the sidecar `POST`s to after a rotation.
 pub const RELOAD_URL: &str = "tessera.dev/reload-url";
+/// Comma-separated names of the containers that mount the credentials
+/// (default: every container the pod brought).
+pub const MOUNT_CONTAINERS: &str = "tessera.dev/mount-containers";
 /// Set by the webhook: `injected`.
 pub const STATUS: &str = "tessera.dev/status";
 /// Set by the webhook: what it injected, as JSON.
@@ -476,7 +479,15 @@ pub fn decide(
         .pod_labels_known
         .then(|| pod.metadata.labels.clone().unwrap_or_default());
     check_policy(policy, namespace, spec, labels.as_ref(), &request.bindings)?;
+    let shaped = pod_output::check(annotations, &request.bindings, policy)?;
     if let Some(env_request) = &request.env {
+        if shaped.is_some() {
+            return Err(Denial(format!(
+                "annotations {}* and {}* shape files; with {MODE}: env there are none",
+                pod_output::FILES_PREFIX,
+                pod_output::TEMPLATES_PREFIX
+            )));
+        }
         return inject_env(
             pod,
             injection,
@@ -486,6 +497,7 @@ pub fn decide(
             api_client,
         );
     }
+    let mounted = mount_containers(annotations, spec)?;
     let choice = readers(spec, policy.limits.image_user, injection.run_as_user)?;
     let signal_as = request
         .reload
@@ -545,6 +557,7 @@ pub fn decide(
         ca_pem,
         metrics_port,
         run_as: signal_as,
+        pod_output: shaped.as_deref(),
     };
 
     let mut pod = pod.clone();
@@ -571,6 +584,7 @@ pub fn decide(
         .iter_mut()
         .flatten()
         .chain(spec.containers.iter_mut())
+        .filter(|c| mounted.as_ref().is_none_or(|names| names.contains(&c.name)))
     {
         container
             .volume_mounts
@@ -731,6 +745,27 @@ fn metrics_port(spec: &PodSpec, injection: &Injection, warnings: &mut Vec<String
     Some(port)
 }
 
+/// The containers `tessera.dev/mount-containers` names; `None`: all.
+fn mount_containers(
+    annotations: &BTreeMap<String, String>,
+    spec: &PodSpec,
+) -> Result<Option<Vec<String>>, Denial> {
+    let Some(list) = annotations.get(MOUNT_CONTAINERS) else {
+        return Ok(None);
+    };
+    let names: Vec<String> = list.split(',').map(|n| n.trim().to_owned()).collect();
+    if let Some(unknown) = names
+        .iter()
+        .find(|name| !app_containers(spec).any(|c| &c.name == *name))
+    {
+        return Err(Denial(format!(
+            "annotation {MOUNT_CONTAINERS}: the pod has no container `{}`",
+            unknown.escape_debug()
+        )));
+    }
+    Ok(Some(names))
+}
+
 /// `mode: env`: wraps the app's commands; no credentials volume, no sidecar.
 fn inject_env(
     pod: &Pod,
@@ -855,6 +890,8 @@ struct SidecarSpec<'a> {
     metrics_port: Option<u16>,
     /// The app's user, when the sidecar signals it and so runs as it.
     run_as: Option<i64>,
+    /// The pod owner's renames and templates (`TESSERA_POD_OUTPUT`).
+    pod_output: Option<&'a str>,
 }
 
 impl SidecarSpec<'_> {
@@ -875,6 +912,9 @@ impl SidecarSpec<'_> {
         ];
         if let Some(server_name) = &injection.server_name {
             vars.push(env("TESSERA_SERVER_NAME", server_name));
+        }
+        if let Some(output) = self.pod_output {
+            vars.push(env("TESSERA_POD_OUTPUT", output));
         }
         let metrics_port = self.metrics_port.filter(|_| command == "run");
         if let Some(port) = metrics_port {

@@ -7,6 +7,7 @@ pub mod api_client;
 pub mod env_mode;
 pub mod inject;
 mod patch;
+pub mod pod_output;
 pub mod settings;
 #[cfg(test)]
 mod tests;

@@ -1188,3 +1188,125 @@ fn env_mode_refuses_what_it_cannot_wrap_and_says_what_to_do() {
     assert_eq!(containers[0].command.clone().unwrap()[1], "exec");
     assert_eq!(containers[1].command, None, "proxy untouched");
 }
+
+#[test]
+fn pod_owners_reshape_files_within_what_the_binding_delivers() {
+    // A binding whose fields are known: a database credential.
+    let db_policy = Policy::parse(&db_policy_text(), "policy.yaml").unwrap();
+    let decide_with = |value: &Value, policy: &Policy| {
+        inject::decide(
+            &pod(value),
+            "shop",
+            &injection(),
+            SidecarMode::Native,
+            CA,
+            policy,
+        )
+    };
+    let mut value = with_annotation(deployment_pod(), inject::BINDINGS, "db,tls");
+    value = with_annotation(value, "tessera.dev/files.db", "password=db-password");
+    value = with_annotation(
+        value,
+        "tessera.dev/templates.db",
+        "dsn: postgresql://{{ username | urlencode }}:{{ password | urlencode }}@db:5432/orders\n",
+    );
+    value = with_annotation(value, inject::MOUNT_CONTAINERS, "app");
+    value["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "proxy", "image": "envoy:1" }));
+    let Ok(Decision::Inject(mutated, _)) = decide_with(&value, &db_policy) else {
+        panic!("refused");
+    };
+    let spec = mutated.spec.unwrap();
+    let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+    let output: Value =
+        serde_json::from_str(&env_of_container(sidecar, "TESSERA_POD_OUTPUT").unwrap()).unwrap();
+    assert_eq!(output["db"]["files"]["password"], "db-password");
+    assert!(
+        output["db"]["templates"]["dsn"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgresql://")
+    );
+    // Only the named container mounts the credentials.
+    let mounts = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "tessera-credentials")
+    };
+    assert!(mounts(&spec.containers[0]));
+    assert!(
+        !mounts(&spec.containers[1]),
+        "proxy does not see the credentials"
+    );
+
+    // Anything that would widen, or does not fit, is refused by annotation.
+    for (key, text, expected) in [
+        (
+            "tessera.dev/templates.db",
+            "x: \"{{ root_token }}\"",
+            "uses `root_token`, which binding `db` does not deliver",
+        ),
+        (
+            "tessera.dev/files.db",
+            "token=t",
+            "binding `db` delivers no `token`",
+        ),
+        (
+            "tessera.dev/files.payments",
+            "a=b",
+            "binding `payments` is not in tessera.dev/bindings",
+        ),
+        (
+            "tessera.dev/templates.db",
+            "../x: \"{{ username }}\"",
+            "is not a safe file name",
+        ),
+        (
+            "tessera.dev/templates.db",
+            "x: \"{{ username | nope }}\"",
+            "unknown filter `nope`",
+        ),
+        (
+            "tessera.dev/templates.db",
+            "username: \"{{ password }}\"",
+            "would be named `username`",
+        ),
+        (
+            inject::MOUNT_CONTAINERS,
+            "worker",
+            "the pod has no container `worker`",
+        ),
+    ] {
+        let bad = with_annotation(
+            with_annotation(deployment_pod(), inject::BINDINGS, "db"),
+            key,
+            text,
+        );
+        let Err(Denial(message)) = decide_with(&bad, &db_policy) else {
+            panic!("{key}: admitted");
+        };
+        assert!(message.contains(key), "{message}");
+        assert!(message.contains(expected), "{expected}: {message}");
+    }
+
+    // The security team may forbid pod templates.
+    let strict = Policy::parse(
+        &db_policy_text().replace("bindings:\n", "limits:\n  podTemplates: false\nbindings:\n"),
+        "policy.yaml",
+    )
+    .unwrap();
+    let Err(Denial(message)) = decide_with(&value, &strict) else {
+        panic!("admitted");
+    };
+    assert!(message.contains("limits.podTemplates: false"), "{message}");
+}
+
+fn db_policy_text() -> String {
+    POLICY.replace(
+        "bindings:\n",
+        "bindings:\n  - name: db\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { database: { mount: database, role: orders } }\n",
+    )
+}

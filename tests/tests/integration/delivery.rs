@@ -404,3 +404,55 @@ bindings:
     assert!(!pg.can_connect(&read("raw-dsn")));
     assert!(read(".pgpass").contains("orders_app:p@ss\\:w/rd%"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pods_own_renames_and_templates_shape_only_what_the_broker_delivered() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put(
+            "shop/orders",
+            &json!({ "username": "app", "password": "p@ss" }),
+        )
+        .await;
+    let out = env.tmpfs_out();
+    let output = r#"{"app": {"files": {"password": "db-password"},
+                              "templates": {"dsn": "postgresql://{{ username }}:{{ password | urlencode }}@db/orders"}}}"#;
+    let written = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["app"],
+        &["--pod-output", output],
+    );
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let dir = out.path().join("app");
+    assert_eq!(fs::read_to_string(dir.join("db-password")).unwrap(), "p@ss");
+    assert_eq!(
+        fs::read_to_string(dir.join("dsn")).unwrap(),
+        "postgresql://app:p%40ss@db/orders"
+    );
+    assert!(!dir.join("password").exists(), "renamed, not copied");
+
+    // A template that reaches for a field the binding does not deliver
+    // writes nothing new and says why.
+    let other = env.tmpfs_out();
+    let wider = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        other.path(),
+        &["app"],
+        &[
+            "--pod-output",
+            r#"{"app": {"templates": {"x": "{{ vault_token }}"}}}"#,
+        ],
+    );
+    assert!(!wider.status.success());
+    let stderr = String::from_utf8_lossy(&wider.stderr);
+    assert!(
+        stderr.contains("needs vault_token, which the broker did not deliver"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("p@ss"));
+}

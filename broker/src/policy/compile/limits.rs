@@ -80,6 +80,9 @@ pub(in crate::policy) fn apply_limits(
     if let Some(mounts) = &l.allowed_mounts {
         limits.allowed_mounts = Some(mounts.iter().cloned().collect::<BTreeSet<_>>());
     }
+    if let Some(allowed) = l.pod_templates {
+        limits.pod_templates = allowed;
+    }
     if let Some(choice) = &l.image_user {
         match choice.value.as_str() {
             "fsGroup" => limits.image_user = ImageUser::FsGroup,

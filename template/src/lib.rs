@@ -1,18 +1,19 @@
-//! Turns a source's fields into the files of a binding: renames, and templates
-//! that combine several fields into one file (a DSN, a `.pgpass`, a JSON config).
+//! # tessera-template
+//!
+//! Templates that combine a credential's fields into one file (a DSN, a
+//! `.pgpass`, a JSON config), for the policy's bindings (the broker) and a
+//! pod's own files (the sidecar).
 //!
 //! A template is text with `{{ field }}` references, each optionally passed
 //! through filters: `{{ password | urlencode }}`, `{{ port | default("5432") }}`.
 //! Nothing else: no logic, no loops, no file or environment access. Values
 //! stay in zeroizing buffers from the source to the rendered file.
 
-use std::{collections::BTreeMap, fmt};
+use std::fmt;
 
 use base64::Engine as _;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use zeroize::Zeroizing;
-
-use crate::secret::Secret;
 
 /// Every byte but RFC 3986's unreserved characters is percent-encoded: safe
 /// in a URL's user, password, path segment or query value.
@@ -257,20 +258,21 @@ impl Template {
             .map(|r| r.field.as_str())
     }
 
-    /// Renders with `fields`.
+    /// Renders with the values `field` looks up by name.
     ///
     /// # Errors
-    /// A field the template needs that `fields` lacks, or a filter that
-    /// cannot take its value (`json` of bytes that are not UTF-8).
-    pub fn render(&self, fields: &BTreeMap<String, Secret>) -> Result<Secret, String> {
+    /// A field the template needs that `field` lacks (its name), or a filter
+    /// that cannot take its value (`json` of bytes that are not UTF-8).
+    pub fn render<'a>(
+        &self,
+        field: impl Fn(&str) -> Option<&'a [u8]>,
+    ) -> Result<Zeroizing<Vec<u8>>, String> {
         let mut out = Zeroizing::new(Vec::new());
         for part in &self.parts {
             match part {
                 Part::Text(text) => out.extend_from_slice(text.as_bytes()),
                 Part::Field(reference) => {
-                    let mut value = fields
-                        .get(&reference.field)
-                        .map(|v| Zeroizing::new(v.expose_secret().to_vec()));
+                    let mut value = field(&reference.field).map(|v| Zeroizing::new(v.to_vec()));
                     for filter in &reference.filters {
                         let input = match (&value, filter) {
                             (Some(value), _) => value.as_slice(),
@@ -288,34 +290,39 @@ impl Template {
                 }
             }
         }
-        Ok(Secret::new(std::mem::take(&mut *out)))
+        Ok(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
-    fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
+    fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
         pairs
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), Secret::from((*v).to_owned())))
+            .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
             .collect()
     }
 
+    fn render(template: &Template, values: &BTreeMap<String, Vec<u8>>) -> Result<Vec<u8>, String> {
+        template
+            .render(|name| values.get(name).map(Vec::as_slice))
+            .map(|rendered| rendered.to_vec())
+    }
+
     fn rendered(template: &str, pairs: &[(&str, &str)]) -> String {
-        let secret = Template::parse(template)
-            .unwrap()
-            .render(&fields(pairs))
-            .unwrap();
-        String::from_utf8(secret.expose_secret().to_vec()).unwrap()
+        let bytes = render(&Template::parse(template).unwrap(), &fields(pairs)).unwrap();
+        String::from_utf8(bytes).unwrap()
     }
 
     #[test]
     fn renders_fields_into_text() {
         let t = Template::parse("{{host}}:5432:*:{{ username }}:{{password}}").unwrap();
         let values = fields(&[("host", "db"), ("username", "u"), ("password", "p")]);
-        assert_eq!(t.render(&values).unwrap().expose_secret(), b"db:5432:*:u:p");
+        assert_eq!(render(&t, &values).unwrap(), b"db:5432:*:u:p");
         assert_eq!(
             t.fields().collect::<Vec<_>>(),
             ["host", "username", "password"]
@@ -412,18 +419,11 @@ mod tests {
     #[test]
     fn rendering_names_what_is_missing_or_unencodable() {
         let t = Template::parse("{{ missing | urlencode }}").unwrap();
-        assert_eq!(t.render(&BTreeMap::new()).unwrap_err(), "missing");
-        let binary: BTreeMap<String, Secret> =
-            [("key".to_owned(), Secret::new(vec![0xff, 0xfe]))].into();
-        let error = Template::parse("{{ key | json }}")
-            .unwrap()
-            .render(&binary)
-            .unwrap_err();
+        assert_eq!(render(&t, &BTreeMap::new()).unwrap_err(), "missing");
+        let binary: BTreeMap<String, Vec<u8>> = [("key".to_owned(), vec![0xff, 0xfe])].into();
+        let error = render(&Template::parse("{{ key | json }}").unwrap(), &binary).unwrap_err();
         assert_eq!(error, "`key`: the `json` filter needs UTF-8 text");
-        let encoded = Template::parse("{{ key | base64 }}")
-            .unwrap()
-            .render(&binary)
-            .unwrap();
-        assert_eq!(encoded.expose_secret(), b"//4=");
+        let encoded = render(&Template::parse("{{ key | base64 }}").unwrap(), &binary).unwrap();
+        assert_eq!(encoded, b"//4=");
     }
 }
