@@ -6,14 +6,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction, Pod, PodSpec,
-    Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext, ServiceAccountTokenProjection,
-    Volume, VolumeMount, VolumeProjection,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
 
 use super::{
     api_client, env_mode, pod_output,
-    settings::{Injection, SidecarMode},
+    settings::{Injection, SidecarMode, quantity_value},
 };
 use crate::{
     identity::Identity,
@@ -38,6 +39,10 @@ pub const RELOAD_URL: &str = "tessera.dev/reload-url";
 /// Comma-separated names of the containers that mount the credentials
 /// (default: every container the pod brought).
 pub const MOUNT_CONTAINERS: &str = "tessera.dev/mount-containers";
+/// The sidecar's CPU limit, up to the platform's `maxResources.cpu`.
+pub const SIDECAR_CPU: &str = "tessera.dev/sidecar-cpu";
+/// The sidecar's memory limit, up to the platform's `maxResources.memory`.
+pub const SIDECAR_MEMORY: &str = "tessera.dev/sidecar-memory";
 /// Set by the webhook: `injected`.
 pub const STATUS: &str = "tessera.dev/status";
 /// Set by the webhook: what it injected, as JSON.
@@ -498,6 +503,7 @@ pub fn decide(
         );
     }
     let mounted = mount_containers(annotations, spec)?;
+    let resources = sidecar_resources(annotations, injection)?;
     let choice = readers(spec, policy.limits.image_user, injection.run_as_user)?;
     let signal_as = request
         .reload
@@ -558,6 +564,7 @@ pub fn decide(
         metrics_port,
         run_as: signal_as,
         pod_output: shaped.as_deref(),
+        resources,
     };
 
     let mut pod = pod.clone();
@@ -745,6 +752,49 @@ fn metrics_port(spec: &PodSpec, injection: &Injection, warnings: &mut Vec<String
     Some(port)
 }
 
+/// The sidecar's requests and limits: the platform's, with the limits a
+/// pod owner set (`tessera.dev/sidecar-cpu`, `-memory`) up to the platform's
+/// maximum; a request above a lowered limit comes down to it.
+fn sidecar_resources(
+    annotations: &BTreeMap<String, String>,
+    injection: &Injection,
+) -> Result<ResourceRequirements, Denial> {
+    let mut resources = injection.resources.clone();
+    for (annotation, resource) in [(SIDECAR_CPU, "cpu"), (SIDECAR_MEMORY, "memory")] {
+        let Some(text) = annotations.get(annotation) else {
+            continue;
+        };
+        let value = quantity_value(text).filter(|v| *v > 0.0).ok_or_else(|| {
+            Denial(format!(
+                "annotation {annotation}: `{}` is not a positive quantity like 200m or 64Mi",
+                text.escape_debug()
+            ))
+        })?;
+        if let Some(max) = injection.max_resources.get(resource)
+            && quantity_value(&max.0).is_some_and(|max| value > max)
+        {
+            return Err(Denial(format!(
+                "annotation {annotation}: {text} is above the {} the platform allows (chart value webhook.sidecarResourcesMax.{resource})",
+                max.0
+            )));
+        }
+        let quantity = Quantity(text.clone());
+        resources
+            .limits
+            .get_or_insert_with(Default::default)
+            .insert(resource.to_owned(), quantity.clone());
+        if let Some(requests) = resources.requests.as_mut()
+            && requests
+                .get(resource)
+                .and_then(|r| quantity_value(&r.0))
+                .is_some_and(|request| request > value)
+        {
+            requests.insert(resource.to_owned(), quantity);
+        }
+    }
+    Ok(resources)
+}
+
 /// The containers `tessera.dev/mount-containers` names; `None`: all.
 fn mount_containers(
     annotations: &BTreeMap<String, String>,
@@ -892,6 +942,8 @@ struct SidecarSpec<'a> {
     run_as: Option<i64>,
     /// The pod owner's renames and templates (`TESSERA_POD_OUTPUT`).
     pod_output: Option<&'a str>,
+    /// Requests and limits, the pod owner's within the platform's bounds.
+    resources: ResourceRequirements,
 }
 
 impl SidecarSpec<'_> {
@@ -950,7 +1002,7 @@ impl SidecarSpec<'_> {
                     ..ContainerPort::default()
                 }]
             }),
-            resources: Some(injection.resources.clone()),
+            resources: Some(self.resources.clone()),
             restart_policy: native.then(|| "Always".to_owned()),
             // The app containers start only once every binding is written.
             startup_probe: native.then(|| Probe {

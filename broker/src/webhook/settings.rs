@@ -64,6 +64,9 @@ pub struct Injection {
     pub volume_size_limit: Quantity,
     /// The sidecar's requests and limits.
     pub resources: ResourceRequirements,
+    /// The highest limits a pod owner may give the sidecar
+    /// (`tessera.dev/sidecar-cpu`, `tessera.dev/sidecar-memory`).
+    pub max_resources: std::collections::BTreeMap<String, Quantity>,
     /// User the sidecar runs as when the pod has an `fsGroup`.
     pub run_as_user: i64,
     /// Port of the sidecar's Prometheus metrics (credential expiry); none: off.
@@ -107,6 +110,8 @@ struct SidecarFile {
     volume_size_limit: Quantity,
     #[serde(default = "default_resources")]
     resources: ResourceRequirements,
+    #[serde(default = "default_max_resources")]
+    max_resources: std::collections::BTreeMap<String, Quantity>,
     #[serde(default = "default_run_as_user")]
     run_as_user: i64,
     metrics_port: Option<u16>,
@@ -150,6 +155,46 @@ pub fn default_resources() -> ResourceRequirements {
         limits: quantities(&[("cpu", "100m"), ("memory", "32Mi")]),
         ..ResourceRequirements::default()
     }
+}
+
+/// The most a pod owner may raise the sidecar's limits to, unless configured.
+fn default_max_resources() -> std::collections::BTreeMap<String, Quantity> {
+    [("cpu", "500m"), ("memory", "128Mi")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Quantity(v.to_owned())))
+        .collect()
+}
+
+/// A quantity's value in base units (cores, bytes); `None` when `text` is
+/// not a quantity.
+pub fn quantity_value(text: &str) -> Option<f64> {
+    if !is_quantity(text) {
+        return None;
+    }
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(end);
+    let number: f64 = number.parse().ok()?;
+    let binary = |power: i32| 1024_f64.powi(power);
+    let factor = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => binary(1),
+        "Mi" => binary(2),
+        "Gi" => binary(3),
+        "Ti" => binary(4),
+        "Pi" => binary(5),
+        "Ei" => binary(6),
+        exponent => 10_f64.powi(exponent.get(1..)?.parse().ok()?),
+    };
+    Some(number * factor)
 }
 
 /// Whether `text` is a Kubernetes quantity (`5m`, `16Mi`, `0.5`, `1e3`), so a
@@ -241,7 +286,13 @@ impl WebhookFile {
                     map.iter()
                         .flatten()
                         .map(move |(name, q)| (format!("resources.{kind}.{name}"), q))
-                }),
+                })
+                .chain(
+                    sidecar
+                        .max_resources
+                        .iter()
+                        .map(|(name, q)| (format!("maxResources.{name}"), q)),
+                ),
             );
         for (name, quantity) in quantities {
             if !is_quantity(&quantity.0) {
@@ -269,6 +320,7 @@ impl WebhookFile {
                 mount_path: sidecar.mount_path,
                 volume_size_limit: sidecar.volume_size_limit,
                 resources: sidecar.resources,
+                max_resources: sidecar.max_resources,
                 run_as_user: sidecar.run_as_user,
                 metrics_port: sidecar.metrics_port.filter(|p| *p != 0),
                 pod_labels_known: pod_lookup,

@@ -51,6 +51,15 @@ fn injection() -> Injection {
             "1Mi".to_owned(),
         ),
         resources: default_resources(),
+        max_resources: [("cpu", "500m"), ("memory", "128Mi")]
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_owned(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity(v.to_owned()),
+                )
+            })
+            .collect(),
         run_as_user: 65532,
         metrics_port: None,
         pod_labels_known: false,
@@ -1309,4 +1318,64 @@ fn db_policy_text() -> String {
         "bindings:\n",
         "bindings:\n  - name: db\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { database: { mount: database, role: orders } }\n",
     )
+}
+
+#[test]
+fn pod_owners_set_the_sidecars_limits_within_the_platforms_bounds() {
+    let quantity = |pod: &Pod, kind: &str, resource: &str| {
+        let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let resources = sidecar.resources.as_ref().unwrap();
+        let map = if kind == "limits" {
+            &resources.limits
+        } else {
+            &resources.requests
+        };
+        map.as_ref().unwrap()[resource].0.clone()
+    };
+    let value = with_annotation(
+        with_annotation(deployment_pod(), inject::SIDECAR_MEMORY, "96Mi"),
+        inject::SIDECAR_CPU,
+        "2m",
+    );
+    let (mutated, _) = injected(&value, SidecarMode::Native);
+    assert_eq!(quantity(&mutated, "limits", "memory"), "96Mi");
+    assert_eq!(
+        quantity(&mutated, "requests", "memory"),
+        "16Mi",
+        "request kept"
+    );
+    assert_eq!(quantity(&mutated, "limits", "cpu"), "2m");
+    assert_eq!(
+        quantity(&mutated, "requests", "cpu"),
+        "2m",
+        "request lowered to the limit"
+    );
+    for (key, text, expected) in [
+        (
+            inject::SIDECAR_MEMORY,
+            "1Gi",
+            "1Gi is above the 128Mi the platform allows",
+        ),
+        (
+            inject::SIDECAR_CPU,
+            "0.6",
+            "0.6 is above the 500m the platform allows",
+        ),
+        (
+            inject::SIDECAR_CPU,
+            "lots",
+            "`lots` is not a positive quantity",
+        ),
+        (
+            inject::SIDECAR_MEMORY,
+            "0",
+            "`0` is not a positive quantity",
+        ),
+    ] {
+        let message = denial(&with_annotation(deployment_pod(), key, text));
+        assert!(
+            message.contains(key) && message.contains(expected),
+            "{expected}: {message}"
+        );
+    }
 }
