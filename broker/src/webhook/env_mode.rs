@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, Pod, PodSpec, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, Pod, PodSpec, Volume, VolumeMount,
 };
 
 use super::{
-    inject::{Denial, INIT, SIDECAR, TOKEN_DIR, TOKEN_VOLUME},
+    inject::{Denial, INIT, SIDECAR, TOKEN_DIR, TOKEN_VOLUME, broker_env, env_var},
     settings::Injection,
 };
 
@@ -130,27 +130,12 @@ impl EnvSpec<'_> {
     pub fn add(&self, pod: &mut Pod, request: &EnvRequest) -> Result<Vec<String>, Denial> {
         let spec = pod.spec.get_or_insert_with(PodSpec::default);
         let names = chosen(spec, request)?;
-        let injection = self.injection;
-        let env = |name: &str, value: &str| EnvVar {
-            name: name.to_owned(),
-            value: Some(value.to_owned()),
-            ..EnvVar::default()
-        };
-        let mut vars = vec![
-            env("TESSERA_BROKER", &injection.broker_address),
-            env("TESSERA_CA_PEM", self.ca_pem),
-            env("TESSERA_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
-            env("TESSERA_BINDINGS", &self.bindings.join(",")),
-            env("TESSERA_LOG_FORMAT", "json"),
-        ];
-        if let Some(server_name) = &injection.server_name {
-            vars.push(env("TESSERA_SERVER_NAME", server_name));
-        }
+        let mut vars = broker_env(self.injection, self.ca_pem, self.bindings);
         if let Some(prefix) = &request.prefix {
-            vars.push(env("TESSERA_ENV_PREFIX", prefix));
+            vars.push(env_var("TESSERA_ENV_PREFIX", prefix));
         }
         if let Some(on_rotate) = &request.on_rotate {
-            vars.push(env("TESSERA_ON_ROTATE", on_rotate));
+            vars.push(env_var("TESSERA_ON_ROTATE", on_rotate));
         }
         let mounts = [
             VolumeMount {

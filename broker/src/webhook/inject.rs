@@ -864,6 +864,31 @@ fn inject_env(
     Ok(Decision::Inject(Box::new(pod), injected))
 }
 
+/// An environment variable with a value.
+pub(super) fn env_var(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
+    }
+}
+
+/// What every Tessera process in the pod needs to call the broker for
+/// `bindings`: its address, CA and TLS name, the token file, the bindings.
+pub(super) fn broker_env(injection: &Injection, ca_pem: &str, bindings: &[String]) -> Vec<EnvVar> {
+    let mut vars = vec![
+        env_var("TESSERA_BROKER", &injection.broker_address),
+        env_var("TESSERA_CA_PEM", ca_pem),
+        env_var("TESSERA_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
+        env_var("TESSERA_BINDINGS", &bindings.join(",")),
+        env_var("TESSERA_LOG_FORMAT", "json"),
+    ];
+    if let Some(server_name) = &injection.server_name {
+        vars.push(env_var("TESSERA_SERVER_NAME", server_name));
+    }
+    vars
+}
+
 /// The security context of every container Tessera adds.
 pub(super) fn hardened(run_as_user: i64) -> SecurityContext {
     SecurityContext {
@@ -949,43 +974,32 @@ struct SidecarSpec<'a> {
 impl SidecarSpec<'_> {
     fn container(&self, name: &str, command: &str, native: bool) -> Container {
         let injection = self.injection;
-        let env = |name: &str, value: &str| EnvVar {
-            name: name.to_owned(),
-            value: Some(value.to_owned()),
-            ..EnvVar::default()
-        };
-        let mut vars = vec![
-            env("TESSERA_BROKER", &injection.broker_address),
-            env("TESSERA_CA_PEM", self.ca_pem),
-            env("TESSERA_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
-            env("TESSERA_OUT", &self.request.mount_path),
-            env("TESSERA_BINDINGS", &self.request.bindings.join(",")),
-            env("TESSERA_LOG_FORMAT", "json"),
-        ];
-        if let Some(server_name) = &injection.server_name {
-            vars.push(env("TESSERA_SERVER_NAME", server_name));
-        }
+        let mut vars = broker_env(injection, self.ca_pem, &self.request.bindings);
+        vars.insert(3, env_var("TESSERA_OUT", &self.request.mount_path));
         if let Some(output) = self.pod_output {
-            vars.push(env("TESSERA_POD_OUTPUT", output));
+            vars.push(env_var("TESSERA_POD_OUTPUT", output));
         }
         let metrics_port = self.metrics_port.filter(|_| command == "run");
         if let Some(port) = metrics_port {
-            vars.push(env("TESSERA_METRICS_LISTEN", &format!("0.0.0.0:{port}")));
+            vars.push(env_var(
+                "TESSERA_METRICS_LISTEN",
+                &format!("0.0.0.0:{port}"),
+            ));
         }
         let run_as_user = match *self.readers {
             Readers::Group(gid) => {
-                vars.push(env("TESSERA_GROUP", &gid.to_string()));
+                vars.push(env_var("TESSERA_GROUP", &gid.to_string()));
                 self.run_as.unwrap_or(injection.run_as_user)
             }
             Readers::User(uid) => uid,
         };
         if command == "run" {
             if let Some((signal, process)) = &self.request.reload.signal {
-                vars.push(env("TESSERA_NOTIFY_SIGNAL", signal));
-                vars.push(env("TESSERA_NOTIFY_PROCESS", process));
+                vars.push(env_var("TESSERA_NOTIFY_SIGNAL", signal));
+                vars.push(env_var("TESSERA_NOTIFY_PROCESS", process));
             }
             if let Some(url) = &self.request.reload.url {
-                vars.push(env("TESSERA_NOTIFY_URL", url));
+                vars.push(env_var("TESSERA_NOTIFY_URL", url));
             }
         }
         Container {

@@ -48,25 +48,24 @@ fn the_broker_exits_with_sysexits_statuses() {
     );
 }
 
+/// `a.yaml` and `b.yaml` (one grant each, to different service accounts)
+/// and `bad.yaml` (not a policy).
+fn policy_files() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("a.yaml", &simple_policy("app", "shop", "orders", "shop/a"));
+    write("b.yaml", &simple_policy("app", "shop", "billing", "shop/a"));
+    write(
+        "bad.yaml",
+        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nbindings: 3\n",
+    );
+    dir
+}
+
 #[test]
 fn policy_commands_separate_problems_missing_files_and_changes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = policy_files();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    std::fs::write(
-        path("a.yaml"),
-        simple_policy("app", "shop", "orders", "shop/a"),
-    )
-    .unwrap();
-    std::fs::write(
-        path("b.yaml"),
-        simple_policy("app", "shop", "billing", "shop/a"),
-    )
-    .unwrap();
-    std::fs::write(
-        path("bad.yaml"),
-        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nbindings: 3\n",
-    )
-    .unwrap();
 
     assert_eq!(
         status(&broker(&["policy", "check", &path("a.yaml")])),
@@ -111,23 +110,8 @@ fn broker_json(args: &[&str]) -> (serde_json::Value, Option<i32>) {
 
 #[test]
 fn policy_commands_answer_ci_bots_in_json() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = policy_files();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    std::fs::write(
-        path("a.yaml"),
-        simple_policy("app", "shop", "orders", "shop/a"),
-    )
-    .unwrap();
-    std::fs::write(
-        path("b.yaml"),
-        simple_policy("app", "shop", "billing", "shop/a"),
-    )
-    .unwrap();
-    std::fs::write(
-        path("bad.yaml"),
-        "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nbindings: 3\n",
-    )
-    .unwrap();
 
     let (ok, code) = broker_json(&["policy", "check", "-o", "json", &path("a.yaml")]);
     assert_eq!(code, Some(0));
