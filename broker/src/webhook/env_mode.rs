@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 
 use super::{
-    inject::{Denial, INIT, SIDECAR, TOKEN_DIR, TOKEN_VOLUME, broker_env, env_var},
+    inject::{Denial, INIT, SIDECAR, broker_env, env_var, token_mount},
     settings::Injection,
 };
 
@@ -144,12 +144,7 @@ impl EnvSpec<'_> {
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
-            VolumeMount {
-                name: TOKEN_VOLUME.to_owned(),
-                mount_path: TOKEN_DIR.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
+            token_mount(),
         ];
         for container in spec
             .containers

@@ -864,6 +864,16 @@ fn inject_env(
     Ok(Decision::Inject(Box::new(pod), injected))
 }
 
+/// The pod's token for the broker, read-only, where Tessera's processes look.
+pub(super) fn token_mount() -> VolumeMount {
+    VolumeMount {
+        name: TOKEN_VOLUME.to_owned(),
+        mount_path: TOKEN_DIR.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
 /// An environment variable with a value.
 pub(super) fn env_var(name: &str, value: &str) -> EnvVar {
     EnvVar {
@@ -1035,12 +1045,7 @@ impl SidecarSpec<'_> {
                     mount_path: self.request.mount_path.clone(),
                     ..VolumeMount::default()
                 },
-                VolumeMount {
-                    name: TOKEN_VOLUME.to_owned(),
-                    mount_path: TOKEN_DIR.to_owned(),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                },
+                token_mount(),
             ]),
             termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
             ..Container::default()
