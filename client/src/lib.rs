@@ -224,6 +224,7 @@ impl Client {
         let request = self.target.request(FetchRequest {
             bindings: bindings.clone(),
             held,
+            ..Default::default()
         })?;
         let answer = self
             .broker()?
@@ -365,6 +366,7 @@ impl Watching {
         let request = self.client.target.request(WatchRequest {
             bindings: self.bindings.clone(),
             held,
+            ..Default::default()
         })?;
         Ok(self
             .client

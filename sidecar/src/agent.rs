@@ -68,6 +68,8 @@ pub struct Job {
     pub writer: Writer,
     /// What to do after a rotation.
     pub notify: Notify,
+    /// The pod's own shorter TTLs, in seconds, per binding.
+    pub max_ttl: BTreeMap<String, u32>,
 }
 
 impl Job {
@@ -248,6 +250,7 @@ pub async fn once(job: &Job) -> Result<(), AgentError> {
         FetchRequest {
             bindings: job.bindings.clone(),
             held: job.held(&unwritten),
+            max_ttl_seconds: job.max_ttl.clone(),
         },
     )?;
     let response = client.fetch(request).await?.into_inner();
@@ -426,6 +429,7 @@ async fn watch_once(
                     .into_iter()
                     .filter(|h| !lost.contains(&h.binding))
                     .collect(),
+                max_ttl_seconds: job.max_ttl.clone(),
             },
         )
     })?;

@@ -204,6 +204,12 @@ pub struct Common {
     /// (the webhook sets it from `tessera.dev/files.*` and `tessera.dev/templates.*`).
     #[arg(long, env = "TESSERA_POD_OUTPUT", value_parser = crate::pod_output::parse, hide_env_values = true)]
     pub pod_output: Option<crate::pod_output::PodOutput>,
+    /// The longest lifetime this pod wants for a binding's leased
+    /// credentials, `binding=duration` (repeat, or separate with commas); it
+    /// only shortens the policy's ttl (the webhook sets it from
+    /// `tessera.dev/ttl.<binding>`).
+    #[arg(long = "max-ttl", env = "TESSERA_MAX_TTL", value_delimiter = ',', value_parser = parse_max_ttl)]
+    pub max_ttl: Vec<(String, u32)>,
     /// Allow an output directory that is not tmpfs/ramfs (local development only).
     #[arg(long, env = "TESSERA_ALLOW_NON_TMPFS")]
     pub allow_non_tmpfs: bool,
@@ -231,6 +237,20 @@ pub struct Common {
     /// process may (it has CAP_IPC_LOCK or no memlock limit).
     #[arg(long, env = "TESSERA_LOCK_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     pub lock_memory: bool,
+}
+
+/// Parses `binding=duration` (e.g. `orders-db=10m`).
+fn parse_max_ttl(text: &str) -> Result<(String, u32), String> {
+    let (binding, duration) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not binding=duration (e.g. orders-db=10m)"))?;
+    let duration =
+        humantime::parse_duration(duration.trim()).map_err(|e| format!("`{text}`: {e}"))?;
+    let seconds = u32::try_from(duration.as_secs())
+        .ok()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| format!("`{text}`: between 1s and 136 years"))?;
+    Ok((binding.trim().to_owned(), seconds))
 }
 
 /// Invalid arguments, reported before anything starts.
@@ -290,6 +310,7 @@ impl Common {
             },
             target: self.connection.target()?,
             bindings,
+            max_ttl: self.max_ttl.iter().cloned().collect(),
             writer: Writer::new(self.volume.out.clone(), self.group)
                 .with_output(self.pod_output.clone().unwrap_or_default()),
         })

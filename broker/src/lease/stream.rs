@@ -143,9 +143,12 @@ struct Pending {
 pub struct OpenStream {
     shared: Arc<Streams>,
     caller: Caller,
-    /// The bindings as granted, and the policy generation that granted them.
+    /// The bindings as granted (and narrowed), and the policy generation
+    /// that granted them.
     bindings: Vec<Arc<Binding>>,
     generation: u64,
+    /// The caller's own shorter TTLs, per binding.
+    narrowing: Narrowing,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
     /// Per KV binding: the version sent, and whether it was sent as
     /// last-known-good.
@@ -160,7 +163,7 @@ impl OpenStream {
     pub fn new(
         shared: Arc<Streams>,
         caller: Caller,
-        (generation, bindings): (u64, Vec<Arc<Binding>>),
+        (generation, bindings, narrowing): (u64, Vec<Arc<Binding>>, Narrowing),
         tx: mpsc::Sender<Result<WatchResponse, Status>>,
         slots: Slots,
     ) -> Self {
@@ -169,6 +172,7 @@ impl OpenStream {
             caller,
             bindings,
             generation,
+            narrowing,
             tx,
             kv_sent: HashMap::new(),
             leased: HashMap::new(),
@@ -296,7 +300,10 @@ impl OpenStream {
         }
         self.generation = loaded.generation;
         let changed = changed_bindings(&self.bindings, |name| {
-            loaded.policy.lookup(&self.caller.identity, name)
+            loaded
+                .policy
+                .lookup(&self.caller.identity, name)
+                .map(|binding| self.narrowing.apply(binding))
         });
         if changed.is_empty() {
             return None;
@@ -467,17 +474,63 @@ impl OpenStream {
 
 /// The bindings of a stream that a new policy changed, as (name, whether the
 /// grant was withdrawn); `now` looks a binding up as the new policy grants it.
-fn changed_bindings<'p>(
+fn changed_bindings(
     bindings: &[Arc<Binding>],
-    now: impl Fn(&str) -> Option<&'p Binding>,
+    now: impl Fn(&str) -> Option<Binding>,
 ) -> Vec<(String, bool)> {
     bindings
         .iter()
         .filter_map(|binding| match now(&binding.name) {
-            Some(current) if current == binding.as_ref() => None,
+            Some(current) if current == **binding => None,
             current => Some((binding.name.clone(), current.is_none())),
         })
         .collect()
+}
+
+/// A caller's own shorter TTLs per binding (`max_ttl_seconds`).
+#[derive(Clone, Debug, Default)]
+pub struct Narrowing(std::collections::BTreeMap<String, Duration>);
+
+impl Narrowing {
+    /// Checks what a caller asked for against the bindings it asked for.
+    ///
+    /// # Errors
+    /// A sentence for `INVALID_ARGUMENT`: a binding not requested, a KV
+    /// binding (nothing to expire), or 0.
+    pub fn from_request(
+        asked: &std::collections::BTreeMap<String, u32>,
+        bindings: &[Arc<Binding>],
+    ) -> Result<Self, String> {
+        let mut narrowing = std::collections::BTreeMap::new();
+        for (name, seconds) in asked {
+            let Some(binding) = bindings.iter().find(|b| &b.name == name) else {
+                return Err(format!(
+                    "max_ttl_seconds names `{}`, which the request does not ask for",
+                    crate::error::printable(name)
+                ));
+            };
+            if !binding.source.is_leased() {
+                return Err(format!(
+                    "max_ttl_seconds: `{name}` is a KV secret; only leased credentials have a TTL"
+                ));
+            }
+            if *seconds == 0 {
+                return Err(format!(
+                    "max_ttl_seconds: `{name}` must be at least 1 second"
+                ));
+            }
+            narrowing.insert(name.clone(), Duration::from_secs(u64::from(*seconds)));
+        }
+        Ok(Self(narrowing))
+    }
+
+    /// `binding` as this caller gets it.
+    pub fn apply(&self, binding: &Binding) -> Binding {
+        match self.0.get(&binding.name) {
+            Some(max) => binding.narrowed(*max),
+            None => binding.clone(),
+        }
+    }
 }
 
 /// Runs `f` when dropped.

@@ -350,6 +350,19 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// This binding for a caller that wants its leased credentials to live
+    /// at most `max` (a pod's `tessera.dev/ttl.<binding>`): the TTL only
+    /// shortens, and the rotation overlap stays within a quarter of it.
+    #[must_use]
+    pub fn narrowed(&self, max: Duration) -> Binding {
+        let mut narrowed = self.clone();
+        if max < self.ttl {
+            narrowed.ttl = max;
+            narrowed.overlap = self.overlap.min(max / 4);
+        }
+        narrowed
+    }
+
     /// Whether `identity` may have this binding.
     pub fn grants(&self, identity: &Identity) -> bool {
         self.subjects.iter().any(|s| s.matches(identity))

@@ -160,6 +160,20 @@ impl BrokerService {
     }
 }
 
+/// The bindings as the caller asked for them: shorter TTLs applied.
+fn narrow(
+    bindings: Vec<Arc<Binding>>,
+    asked: &std::collections::BTreeMap<String, u32>,
+) -> Result<(Vec<Arc<Binding>>, stream::Narrowing), Status> {
+    let narrowing = stream::Narrowing::from_request(asked, &bindings)
+        .map_err(|message| log_failure(Error::InvalidRequest(message)))?;
+    let bindings = bindings
+        .iter()
+        .map(|binding| Arc::new(narrowing.apply(binding)))
+        .collect();
+    Ok((bindings, narrowing))
+}
+
 type WatchStreamOut = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -198,6 +212,7 @@ impl Broker for BrokerService {
             let _timer = self.parts.metrics.time_rpc("Fetch");
             let caller = self.authenticate(&request).await?;
             let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+            let (bindings, _) = narrow(bindings, &request.get_ref().max_ttl_seconds)?;
             let (delivered, undelivered) = self
                 .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
                 .await?;
@@ -221,6 +236,7 @@ impl Broker for BrokerService {
             let _timer = self.parts.metrics.time_rpc("Watch");
             let caller = self.authenticate(&request).await?;
             let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+            let (bindings, narrowing) = narrow(bindings, &request.get_ref().max_ttl_seconds)?;
             let slots = self.streams.open(&caller, &bindings).map_err(|error| {
                 self.audit(&stream::refusal(&caller, &error));
                 log_failure(error)
@@ -234,7 +250,7 @@ impl Broker for BrokerService {
             let mut stream = OpenStream::new(
                 self.streams.clone(),
                 caller,
-                (generation, bindings.clone()),
+                (generation, bindings.clone(), narrowing),
                 tx,
                 slots,
             );

@@ -39,6 +39,9 @@ pub const RELOAD_URL: &str = "tessera.dev/reload-url";
 /// Comma-separated names of the containers that mount the credentials
 /// (default: every container the pod brought).
 pub const MOUNT_CONTAINERS: &str = "tessera.dev/mount-containers";
+/// Prefix of the per-binding TTL annotations (`tessera.dev/ttl.orders-db: 10m`):
+/// a leased credential's lifetime, shorter than the policy's.
+pub const TTL_PREFIX: &str = "tessera.dev/ttl.";
 /// The sidecar's CPU limit, up to the platform's `maxResources.cpu`.
 pub const SIDECAR_CPU: &str = "tessera.dev/sidecar-cpu";
 /// The sidecar's memory limit, up to the platform's `maxResources.memory`.
@@ -485,7 +488,13 @@ pub fn decide(
         .then(|| pod.metadata.labels.clone().unwrap_or_default());
     check_policy(policy, namespace, spec, labels.as_ref(), &request.bindings)?;
     let shaped = pod_output::check(annotations, &request.bindings, policy)?;
+    let max_ttl = max_ttl(annotations, &request.bindings, policy)?;
     if let Some(env_request) = &request.env {
+        if max_ttl.is_some() {
+            return Err(Denial(format!(
+                "annotations {TTL_PREFIX}* apply to the sidecar's files; with {MODE}: env the policy's ttl holds"
+            )));
+        }
         if shaped.is_some() {
             return Err(Denial(format!(
                 "annotations {}* and {}* shape files; with {MODE}: env there are none",
@@ -564,6 +573,7 @@ pub fn decide(
         metrics_port,
         run_as: signal_as,
         pod_output: shaped.as_deref(),
+        max_ttl: max_ttl.as_deref(),
         resources,
     };
 
@@ -750,6 +760,56 @@ fn metrics_port(spec: &PodSpec, injection: &Injection, warnings: &mut Vec<String
         return None;
     }
     Some(port)
+}
+
+/// The pod's shorter TTLs as the sidecar's `--max-ttl` (`db=600s,...`).
+///
+/// # Errors
+/// A [`Denial`] naming the annotation: an unlisted binding, a KV binding,
+/// not a duration, or longer than the policy's ttl (it may only shorten).
+fn max_ttl(
+    annotations: &BTreeMap<String, String>,
+    bindings: &[String],
+    policy: &Policy,
+) -> Result<Option<String>, Denial> {
+    let mut asked = Vec::new();
+    for (key, text) in annotations {
+        let Some(name) = key.strip_prefix(TTL_PREFIX) else {
+            continue;
+        };
+        let binding = bindings
+            .iter()
+            .any(|b| b == name)
+            .then(|| policy.binding(name))
+            .flatten()
+            .ok_or_else(|| {
+                Denial(format!(
+                    "annotation {key}: binding `{name}` is not in {BINDINGS}"
+                ))
+            })?;
+        if !binding.source.is_leased() {
+            return Err(Denial(format!(
+                "annotation {key}: `{name}` is a KV secret; only leased credentials have a TTL"
+            )));
+        }
+        let ttl = humantime::parse_duration(text)
+            .ok()
+            .filter(|d| d.as_secs() > 0)
+            .ok_or_else(|| {
+                Denial(format!(
+                    "annotation {key}: `{}` is not a duration like 10m",
+                    text.escape_debug()
+                ))
+            })?;
+        if ttl > binding.ttl {
+            return Err(Denial(format!(
+                "annotation {key}: {text} is longer than the policy's ttl {} for `{name}` (a pod may only shorten it)",
+                crate::policy::format_duration(binding.ttl)
+            )));
+        }
+        asked.push(format!("{name}={}s", ttl.as_secs()));
+    }
+    Ok((!asked.is_empty()).then(|| asked.join(",")))
 }
 
 /// The sidecar's requests and limits: the platform's, with the limits a
@@ -977,6 +1037,8 @@ struct SidecarSpec<'a> {
     run_as: Option<i64>,
     /// The pod owner's renames and templates (`TESSERA_POD_OUTPUT`).
     pod_output: Option<&'a str>,
+    /// The pod's shorter TTLs (`TESSERA_MAX_TTL`).
+    max_ttl: Option<&'a str>,
     /// Requests and limits, the pod owner's within the platform's bounds.
     resources: ResourceRequirements,
 }
@@ -986,6 +1048,9 @@ impl SidecarSpec<'_> {
         let injection = self.injection;
         let mut vars = broker_env(injection, self.ca_pem, &self.request.bindings);
         vars.insert(3, env_var("TESSERA_OUT", &self.request.mount_path));
+        if let Some(max_ttl) = self.max_ttl {
+            vars.push(env_var("TESSERA_MAX_TTL", max_ttl));
+        }
         if let Some(output) = self.pod_output {
             vars.push(env_var("TESSERA_POD_OUTPUT", output));
         }

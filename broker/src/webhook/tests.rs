@@ -1379,3 +1379,58 @@ fn pod_owners_set_the_sidecars_limits_within_the_platforms_bounds() {
         );
     }
 }
+
+#[test]
+fn a_pod_may_shorten_a_leased_bindings_ttl_and_nothing_else() {
+    let policy = Policy::parse(&db_policy_text(), "policy.yaml").unwrap();
+    let decide_with = |value: &Value| {
+        inject::decide(
+            &pod(value),
+            "shop",
+            &injection(),
+            SidecarMode::Native,
+            CA,
+            &policy,
+        )
+    };
+    let value = with_annotation(
+        with_annotation(deployment_pod(), inject::BINDINGS, "db,tls"),
+        "tessera.dev/ttl.db",
+        "10m",
+    );
+    let Ok(Decision::Inject(mutated, _)) = decide_with(&value) else {
+        panic!("refused");
+    };
+    let sidecar = &mutated.spec.unwrap().init_containers.unwrap()[0];
+    assert_eq!(
+        env_of_container(sidecar, "TESSERA_MAX_TTL").as_deref(),
+        Some("db=600s")
+    );
+    for (key, text, expected) in [
+        (
+            "tessera.dev/ttl.db",
+            "48h",
+            "48h is longer than the policy's ttl",
+        ),
+        ("tessera.dev/ttl.db", "soon", "`soon` is not a duration"),
+        ("tessera.dev/ttl.tls", "1m", "`tls` is a KV secret"),
+        (
+            "tessera.dev/ttl.payments",
+            "1m",
+            "binding `payments` is not in tessera.dev/bindings",
+        ),
+    ] {
+        let bad = with_annotation(
+            with_annotation(deployment_pod(), inject::BINDINGS, "db,tls"),
+            key,
+            text,
+        );
+        let Err(Denial(message)) = decide_with(&bad) else {
+            panic!("{key}={text}: admitted");
+        };
+        assert!(
+            message.contains(key) && message.contains(expected),
+            "{expected}: {message}"
+        );
+    }
+}

@@ -580,6 +580,7 @@ async fn defect_12_a_pod_cannot_open_unbounded_watches_on_a_dynamic_binding() {
                 WatchRequest {
                     bindings: vec!["db".into()],
                     held: vec![],
+                    ..Default::default()
                 },
             ))
             .await

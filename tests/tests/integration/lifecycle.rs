@@ -175,6 +175,7 @@ async fn a_handle_presented_by_another_pod_is_refused() {
             FetchRequest {
                 bindings: vec!["db".into()],
                 held: held.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -210,6 +211,7 @@ async fn a_handle_presented_by_another_pod_is_refused() {
                     binding: "db".into(),
                     handle: forged,
                 }],
+                ..Default::default()
             },
         ))
         .await
@@ -488,4 +490,120 @@ bindings:
         rotate["ttl_seconds"].as_u64().is_some_and(|t| t > 0),
         "{rotate}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_may_ask_for_a_shorter_ttl_and_a_policy_reload_does_not_end_its_stream() {
+    use tessera_proto::v1::{FetchRequest, WatchRequest};
+    let policy = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: tls
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source:
+      pki: { mount: pki, role: pods, commonName: \"{{ pod }}.{{ namespace }}.pod\" }
+    ttl: 1h
+";
+    let env = Env::start(policy).await;
+    env.bao.pki_role("2h");
+    let token = env.token("shop", "orders");
+    let lifetime = |credential: &tessera_proto::v1::Credential| {
+        let not_after = credential.not_after.unwrap().seconds;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        not_after - now
+    };
+    let fetch = |max: Option<u32>| {
+        let request = FetchRequest {
+            bindings: vec!["tls".to_owned()],
+            max_ttl_seconds: max
+                .map(|s| [("tls".to_owned(), s)].into())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let env = &env;
+        let token = token.clone();
+        async move { env.client().await.fetch(with_token(&token, request)).await }
+    };
+    let policy_ttl = fetch(None).await.unwrap().into_inner().credentials[0].clone();
+    assert!(lifetime(&policy_ttl) > 3000, "{}", lifetime(&policy_ttl));
+    let shorter = fetch(Some(90)).await.unwrap().into_inner().credentials[0].clone();
+    let left = lifetime(&shorter);
+    assert!((60..=95).contains(&left), "asked for 90 s, got {left} s");
+    // Asking for more than the policy gives the policy's.
+    let longer = fetch(Some(7200)).await.unwrap().into_inner().credentials[0].clone();
+    assert!(lifetime(&longer) <= 3600, "{}", lifetime(&longer));
+    // A KV binding, or one not asked for, is an invalid request.
+    let invalid = env
+        .client()
+        .await
+        .fetch(with_token(
+            &token,
+            FetchRequest {
+                bindings: vec!["tls".to_owned()],
+                max_ttl_seconds: [("db".to_owned(), 60)].into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(
+        invalid.message().contains("does not ask for"),
+        "{}",
+        invalid.message()
+    );
+
+    // The sidecar asks for it with --max-ttl (what the webhook sets from
+    // tessera.dev/ttl.<binding>).
+    let out = env.tmpfs_out();
+    let written = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["tls"],
+        &["--max-ttl", "tls=90s"],
+    );
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(
+        &fs::read(out.path().join(tessera_sidecar::status::STATUS_FILE)).unwrap(),
+    )
+    .unwrap();
+    let not_after =
+        humantime::parse_rfc3339(status["bindings"]["tls"]["not_after"].as_str().unwrap()).unwrap();
+    let left = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs();
+    assert!(
+        (60..=95).contains(&left),
+        "the sidecar's certificate lives {left} s"
+    );
+
+    // A new policy generation that changes nothing for this pod leaves its
+    // narrowed stream open (it is not read as a changed binding).
+    let mut stream = env
+        .client()
+        .await
+        .watch(with_token(
+            &token,
+            WatchRequest {
+                bindings: vec!["tls".to_owned()],
+                max_ttl_seconds: [("tls".to_owned(), 90)].into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap().credential.unwrap();
+    assert!(lifetime(&first) <= 95);
+    env.set_policy(&format!("{policy}# reviewed\n"));
+    let next = tokio::time::timeout(Duration::from_secs(3), stream.message()).await;
+    assert!(next.is_err(), "the stream ended or sent: {next:?}");
 }

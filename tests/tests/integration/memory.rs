@@ -184,6 +184,7 @@ async fn a_client_that_keeps_its_stream_leaves_no_superseded_value_in_the_broker
             WatchRequest {
                 bindings: vec!["app".into()],
                 held: vec![],
+                ..Default::default()
             },
         ))
         .await

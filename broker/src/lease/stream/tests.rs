@@ -57,19 +57,19 @@ fn a_new_generation_ends_a_stream_only_for_bindings_it_changed() {
     let streamed = granted(&before);
     let same = policy("1h", true);
     assert!(
-        changed_bindings(&streamed, |name| same.lookup(&orders(), name)).is_empty(),
+        changed_bindings(&streamed, |name| same.lookup(&orders(), name).cloned()).is_empty(),
         "an identical policy changes nothing"
     );
 
     let longer = policy("2h", true);
     assert_eq!(
-        changed_bindings(&streamed, |name| longer.lookup(&orders(), name)),
+        changed_bindings(&streamed, |name| longer.lookup(&orders(), name).cloned()),
         [("db".to_owned(), false)],
         "a changed ttl changes db only"
     );
     let withdrawn = policy("1h", false);
     assert_eq!(
-        changed_bindings(&streamed, |name| withdrawn.lookup(&orders(), name)),
+        changed_bindings(&streamed, |name| withdrawn.lookup(&orders(), name).cloned()),
         [("cache".to_owned(), true)],
         "a removed grant is withdrawn"
     );
