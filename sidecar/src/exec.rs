@@ -135,6 +135,9 @@ pub enum ExecError {
         /// Why.
         source: std::io::Error,
     },
+    /// SIGCHLD cannot be handled, so the app's exit would go unseen.
+    #[error("cannot watch for the app's exit (SIGCHLD): {0}")]
+    ChildSignal(std::io::Error),
 }
 
 fn spawn(
@@ -197,10 +200,7 @@ fn reap(child: Pid) -> Option<u8> {
 pub async fn run(job: ExecJob) -> Result<u8, ExecError> {
     // Orphans of the app are ours to reap even when we are not PID 1.
     let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
-    let mut child_ended = signal(SignalKind::child()).map_err(|e| ExecError::Spawn {
-        program: "signal handler".to_owned(),
-        source: e,
-    })?;
+    let mut child_ended = signal(SignalKind::child()).map_err(ExecError::ChildSignal)?;
     let forwarded = [
         (SignalKind::terminate(), Signal::TERM),
         (SignalKind::interrupt(), Signal::INT),

@@ -805,17 +805,13 @@ fn webhook_messages_do_not_tell_missing_from_granted_to_others() {
 
 /// The env var `name` of the pod's container `container`.
 fn env_of(pod: &Pod, container: &str, name: &str) -> Option<String> {
-    pod.spec
+    let container = pod
+        .spec
         .as_ref()?
         .containers
         .iter()
-        .find(|c| c.name == container)?
-        .env
-        .iter()
-        .flatten()
-        .find(|v| v.name == name)?
-        .value
-        .clone()
+        .find(|c| c.name == container)?;
+    env_of_container(container, name)
 }
 
 #[test]
