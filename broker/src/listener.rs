@@ -231,6 +231,148 @@ impl tonic::transport::server::Connected for Guarded<TcpStream> {
     }
 }
 
+/// A TLS connection that must send its first HTTP/2 request (a HEADERS
+/// frame, after the preface and settings) before a deadline. Without it, a
+/// peer that finishes the handshake and then says nothing, or only the
+/// preface, holds a place under the cap for the whole idle timeout, and
+/// enough of them refuse every sidecar. Once a request came, only the idle
+/// timeout of the TCP [`Guarded`] below applies.
+pub struct FirstRequest<S> {
+    inner: S,
+    /// `None` once the first request has arrived.
+    deadline: Option<Pin<Box<Sleep>>>,
+    frames: FrameScan,
+}
+
+impl<S> FirstRequest<S> {
+    /// Wraps a connection whose handshake just finished.
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            frames: FrameScan::default(),
+        }
+    }
+}
+
+/// Reads HTTP/2 frame headers from a client's byte stream (RFC 9113 §3.4,
+/// §4.1) until it finds a HEADERS frame, skipping every payload.
+struct FrameScan {
+    preface_left: usize,
+    header: [u8; 9],
+    have: usize,
+    skip: usize,
+}
+
+impl Default for FrameScan {
+    fn default() -> Self {
+        Self {
+            preface_left: 24,
+            header: [0; 9],
+            have: 0,
+            skip: 0,
+        }
+    }
+}
+
+impl FrameScan {
+    /// Feeds what the client sent; true once a HEADERS frame has begun.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        const HEADERS: u8 = 0x1;
+        let take = |bytes: &mut &[u8], n: usize| {
+            let n = n.min(bytes.len());
+            *bytes = &bytes[n..];
+            n
+        };
+        self.preface_left -= take(&mut bytes, self.preface_left);
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                self.skip -= take(&mut bytes, self.skip);
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                if self.header[3] == HEADERS {
+                    return true;
+                }
+                let [a, b, c, ..] = self.header;
+                self.skip = u32::from_be_bytes([0, a, b, c]) as usize;
+                self.have = 0;
+            }
+        }
+        false
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstRequest<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if this.deadline.is_some() && this.frames.feed(&buf.filled()[before..]) {
+                    this.deadline = None;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request arrived before the deadline",
+                ))),
+                _ => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstRequest<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for FirstRequest<S>
+{
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 /// The webhook's acceptor: applies the [`Gate`] before TLS.
 #[derive(Clone)]
 pub struct GateAcceptor(pub Gate);
@@ -281,6 +423,70 @@ mod tests {
             assert_eq!(talker.read(&mut byte).await.unwrap(), 1);
         }
         drop(client);
+    }
+
+    /// An HTTP/2 frame header: length, type, flags, stream.
+    fn frame(kind: u8, payload: usize) -> Vec<u8> {
+        let len = u32::try_from(payload).unwrap().to_be_bytes();
+        let mut bytes = vec![len[1], len[2], len[3], kind, 0, 0, 0, 0, 1];
+        bytes.resize(9 + payload, 0);
+        bytes
+    }
+
+    #[test]
+    fn the_frame_scan_finds_the_first_request_in_any_chunking() {
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        stream.extend(frame(0x4, 12)); // SETTINGS
+        stream.extend(frame(0x8, 4)); // WINDOW_UPDATE
+        let before_request = stream.len();
+        stream.extend(frame(0x1, 30)); // HEADERS
+        for chunk in [1, 2, 7, 9, 100] {
+            let mut scan = FrameScan::default();
+            let found: Vec<bool> = stream.chunks(chunk).map(|c| scan.feed(c)).collect();
+            let first = found.iter().position(|f| *f).expect("found");
+            // Known once the HEADERS frame's ninth header byte is in.
+            assert_eq!(first, (before_request + 8) / chunk, "chunk {chunk}");
+        }
+        let mut idle = FrameScan::default();
+        assert!(
+            !idle.feed(&stream[..before_request]),
+            "preface and settings are not a request"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_without_a_request_is_closed_at_the_deadline() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let mut connection = FirstRequest::new(server, Duration::from_secs(3));
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(&frame(0x4, 0)).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(connection.read(&mut buf).await.unwrap(), 33);
+        let silent = connection.read(&mut buf).await.unwrap_err();
+        assert_eq!(silent.kind(), io::ErrorKind::TimedOut);
+
+        let (mut client, server) = tokio::io::duplex(256);
+        let mut served = FirstRequest::new(server, Duration::from_secs(3));
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(&frame(0x1, 4)).await.unwrap();
+        served.read_exact(&mut buf[..37]).await.unwrap();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            client.write_all(b"x").await.unwrap();
+            client
+        });
+        assert_eq!(
+            served.read(&mut buf).await.unwrap(),
+            1,
+            "no deadline once served"
+        );
+        drop(later.await.unwrap());
     }
 
     #[tokio::test]

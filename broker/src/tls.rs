@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::listener::{Gate, Guarded};
+use crate::listener::{FirstRequest, Gate, Guarded};
 
 /// Errors loading the serving certificate.
 #[derive(Debug, thiserror::Error)]
@@ -192,13 +192,14 @@ pub fn server_config(
 }
 
 /// Accepts TCP connections on `listener` within `gate`'s limits and yields
-/// finished TLS streams until `shutdown`.
+/// finished TLS streams, each with the handshake timeout again for its first
+/// request, until `shutdown`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     gate: Gate,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsStream<Guarded<tokio::net::TcpStream>>, io::Error>> {
+) -> ReceiverStream<Result<FirstRequest<TlsStream<Guarded<tokio::net::TcpStream>>>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let handshake_timeout = gate.limits().handshake_timeout;
@@ -231,6 +232,8 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
+                        // The same time again for the first request.
+                        let stream = FirstRequest::new(stream, handshake_timeout);
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),

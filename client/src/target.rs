@@ -90,6 +90,17 @@ impl BrokerTarget {
             uri: self.uri.clone(),
             detail,
         };
+        // tonic would connect to an http:// address in the clear, and every
+        // call carries the pod's token.
+        if !self
+            .uri
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+        {
+            return Err(endpoint_error(
+                "the address must start with https:// (the pod's token is sent with every call and must never travel in the clear)".to_owned(),
+            ));
+        }
         let ca = match &self.ca {
             TrustAnchors::File(path) => std::fs::read(path).map_err(|source| SetupError::Ca {
                 path: path.clone(),

@@ -40,6 +40,14 @@ enum Filter {
     Default(String),
 }
 
+/// The most filters one reference may chain (each `base64` grows its input
+/// by a third: a long chain is a way to fill memory, never a need).
+pub const MAX_FILTERS: usize = 8;
+
+/// The largest file a template may render: the default size of the pod's
+/// whole credential volume.
+pub const MAX_RENDERED_BYTES: usize = 1024 * 1024;
+
 /// Names filters take in a template, for messages.
 const FILTERS: &str = "urlencode, json, base64, pgpass, trim, default(\"text\")";
 
@@ -179,6 +187,11 @@ fn parse_reference(inner: &str) -> Result<Reference, String> {
             other => return Err(format!("unknown filter `{other}` (known: {FILTERS})")),
         };
         filters.push(filter);
+        if filters.len() > MAX_FILTERS {
+            return Err(format!(
+                "more than {MAX_FILTERS} filters on `{field}` (a chain that long only grows the file)"
+            ));
+        }
     }
     if filters
         .iter()
@@ -206,6 +219,39 @@ fn parse_argument(rest: &str) -> Option<(String, &str)> {
         }
     }
     None
+}
+
+impl fmt::Display for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Filter::UrlEncode => f.write_str("urlencode"),
+            Filter::Json => f.write_str("json"),
+            Filter::Base64 => f.write_str("base64"),
+            Filter::Pgpass => f.write_str("pgpass"),
+            Filter::Trim => f.write_str("trim"),
+            Filter::Default(text) => write!(f, "default({text:?})"),
+        }
+    }
+}
+
+/// The template in its canonical spelling (`{{ field | filter }}`), for
+/// reviewers: `policy diff` shows a changed template this way.
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => f.write_str(text)?,
+                Part::Field(reference) => {
+                    write!(f, "{{{{ {}", reference.field)?;
+                    for filter in &reference.filters {
+                        write!(f, " | {filter}")?;
+                    }
+                    f.write_str(" }}")?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Template {
@@ -279,18 +325,30 @@ impl Template {
                             (None, Filter::Default(_)) => &[],
                             (None, _) => return Err(reference.field.clone()),
                         };
-                        value = Some(
-                            filter
-                                .apply(input)
-                                .map_err(|e| format!("`{}`: {e}", reference.field))?,
-                        );
+                        let applied = filter
+                            .apply(input)
+                            .map_err(|e| format!("`{}`: {e}", reference.field))?;
+                        too_large(applied.len())?;
+                        value = Some(applied);
                     }
                     let value = value.ok_or_else(|| reference.field.clone())?;
                     out.extend_from_slice(&value);
                 }
             }
+            too_large(out.len())?;
         }
         Ok(out)
+    }
+}
+
+/// Refuses a rendering past [`MAX_RENDERED_BYTES`].
+fn too_large(len: usize) -> Result<(), String> {
+    if len > MAX_RENDERED_BYTES {
+        Err(format!(
+            "the rendered file would exceed {MAX_RENDERED_BYTES} bytes (the credential volume's default size)"
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -316,6 +374,18 @@ mod tests {
     fn rendered(template: &str, pairs: &[(&str, &str)]) -> String {
         let bytes = render(&Template::parse(template).unwrap(), &fields(pairs)).unwrap();
         String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_chain_of_filters_cannot_grow_a_file_without_bound() {
+        let chain = |n: usize| format!("{{{{ password{} }}}}", " | base64".repeat(n));
+        let error = Template::parse(&chain(45)).unwrap_err();
+        assert!(error.contains("more than 8 filters"), "{error}");
+        let eight = Template::parse(&chain(8)).unwrap();
+        let big = "x".repeat(200 * 1024);
+        let error = render(&eight, &fields(&[("password", &big)])).unwrap_err();
+        assert!(error.contains("would exceed 1048576 bytes"), "{error}");
+        assert!(render(&eight, &fields(&[("password", "p")])).is_ok());
     }
 
     #[test]

@@ -25,6 +25,14 @@ use crate::{
 pub const INJECT: &str = "tessera.dev/inject";
 /// Comma-separated binding names.
 pub const BINDINGS: &str = "tessera.dev/bindings";
+/// The largest value of any `tessera.dev/*` annotation the webhook reads:
+/// the API server allows 256 KiB of annotations, far more than a binding
+/// list or a few templates need, and each byte costs every replica work.
+pub const MAX_ANNOTATION_BYTES: usize = 16 * 1024;
+/// The most bindings one pod may list.
+pub const MAX_BINDINGS: usize = 64;
+/// The largest JSON patch the webhook answers with (a usual one is ~10 KiB).
+pub const MAX_PATCH_BYTES: usize = 256 * 1024;
 /// Where app containers see the files (absolute path).
 pub const MOUNT_PATH: &str = "tessera.dev/mount-path";
 /// `run` (write and follow rotations, the default) or `once` (write before
@@ -249,7 +257,14 @@ fn parse_annotations(
             "annotation {BINDINGS} is missing: name the bindings this pod needs, e.g. \"orders-db,tls\""
         )));
     };
+    let count = list.split(',').count();
+    if count > MAX_BINDINGS {
+        return Err(Denial(format!(
+            "annotation {BINDINGS}: {count} bindings listed, at most {MAX_BINDINGS} per pod (split the workload, or ask the policy owners for fewer, larger bindings)"
+        )));
+    }
     let mut bindings = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for name in list.split(',').map(str::trim) {
         if name.is_empty() {
             return Err(Denial(format!(
@@ -261,7 +276,7 @@ fn parse_annotations(
                 "annotation {BINDINGS}: `{name}` is not a binding name"
             )));
         }
-        if bindings.iter().any(|b| b == name) {
+        if !seen.insert(name) {
             return Err(Denial(format!(
                 "annotation {BINDINGS}: `{name}` is listed twice"
             )));
@@ -307,6 +322,21 @@ fn parse_annotations(
     }))
 }
 
+/// Refuses a `tessera.dev/*` annotation too large to be meant, naming it,
+/// before anything parses it.
+fn check_sizes(annotations: &BTreeMap<String, String>) -> Result<(), Denial> {
+    match annotations
+        .iter()
+        .find(|(key, value)| key.starts_with("tessera.dev/") && value.len() > MAX_ANNOTATION_BYTES)
+    {
+        Some((key, value)) => Err(Denial(format!(
+            "annotation {key} is {} bytes; Tessera's annotations hold at most {MAX_ANNOTATION_BYTES}",
+            value.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Refuses bindings the pod's service account may not have, naming each.
 fn check_policy(
     policy: &Policy,
@@ -334,23 +364,24 @@ fn check_policy(
     // exist (the gRPC API hides this too). The broker's log says which.
     let refused: Vec<&String> = bindings
         .iter()
-        .filter(|name| {
-            let granted = policy.binding(name).is_some_and(|b| b.grants(&identity));
-            if !granted {
-                tracing::info!(
-                    binding = %name.escape_debug(),
-                    namespace = %identity.namespace,
-                    service_account = %identity.service_account,
-                    exists = policy.binding(name).is_some(),
-                    "admission: binding not granted"
-                );
-            }
-            !granted
-        })
+        .filter(|name| !policy.binding(name).is_some_and(|b| b.grants(&identity)))
         .collect();
     if refused.is_empty() {
         Ok(())
     } else {
+        // One line per request, however many bindings it lists.
+        let missing: Vec<&str> = refused
+            .iter()
+            .filter(|name| policy.binding(name).is_none())
+            .map(|name| name.as_str())
+            .collect();
+        tracing::info!(
+            bindings = %refused.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(",").escape_debug(),
+            not_in_policy = %missing.join(",").escape_debug(),
+            namespace = %identity.namespace,
+            service_account = %identity.service_account,
+            "admission: bindings not granted"
+        );
         let names: Vec<String> = refused.iter().map(|n| format!("`{n}`")).collect();
         Err(Denial(format!(
             "binding {} not granted to service account {}/{} (fix {BINDINGS}, or ask the policy owners to grant it)",
@@ -456,6 +487,7 @@ pub fn decide(
 ) -> Result<Decision, Denial> {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    check_sizes(annotations)?;
     let api_client = api_client::requested(annotations)?;
     let request = parse_annotations(annotations, injection)?;
     if request.is_none() && !api_client {

@@ -146,6 +146,18 @@ impl Webhook {
                         );
                     }
                 };
+                let size = serde_json::to_vec(&patch).map_or(usize::MAX, |p| p.len());
+                if size > inject::MAX_PATCH_BYTES {
+                    let message = format!(
+                        "the injection patch would be {size} bytes, over the webhook's bound of {} (the pod's Tessera annotations ask for too much output)",
+                        inject::MAX_PATCH_BYTES
+                    );
+                    tracing::info!(namespace = %logged_namespace, pod = %pod_name, reason = %message, "pod refused");
+                    return (
+                        "denied",
+                        deny(response, 403, &format!("tessera: {message}")),
+                    );
+                }
                 tracing::info!(
                     namespace = %logged_namespace,
                     pod = %pod_name,

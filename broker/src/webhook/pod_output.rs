@@ -73,12 +73,11 @@ pub fn check(
                     "annotation {key}: the policy does not allow per-pod templates (limits.podTemplates: false); ask the policy owners for a template on the binding"
                 )));
             }
-            let templates: BTreeMap<String, String> =
-                serde_saphyr::from_str(value).map_err(|e| {
-                    Denial(format!(
-                        "annotation {key}: not a map of file name to template: {e}"
-                    ))
-                })?;
+            let templates = parse_templates(value).map_err(|e| {
+                Denial(format!(
+                    "annotation {key}: not a map of file name to template: {e}"
+                ))
+            })?;
             for (file, text) in templates {
                 check_name(key, &file)?;
                 let template = Template::parse(&text)
@@ -138,6 +137,25 @@ pub fn check(
         return Ok(None);
     }
     Ok(Some(serde_json::Value::Object(out).to_string()))
+}
+
+/// Parses a templates annotation as plain YAML: no aliases (one anchor
+/// repeated by aliases is how a small text expands into gigabytes), and a
+/// small event budget.
+fn parse_templates(value: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_aliases = 0;
+    budget.max_anchors = 0;
+    budget.max_events = 4096;
+    let options = serde_saphyr::options! { budget: Some(budget) };
+    serde_saphyr::from_str_with_options(value, options).map_err(|e| {
+        let text = e.to_string();
+        if value.contains('*') && text.contains("budget") {
+            "YAML aliases (`*name`) and anchors (`&name`) are not allowed here; write each template out".to_owned()
+        } else {
+            text
+        }
+    })
 }
 
 fn check_name(key: &str, file: &str) -> Result<(), Denial> {

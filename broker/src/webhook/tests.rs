@@ -759,6 +759,9 @@ fn admission_review_refusal_names_the_binding() {
         "{message}"
     );
     assert!(response.get("patch").is_none());
+    // The refusal docs/install.md quotes is the one a pod creator gets.
+    let install = include_str!("../../../docs/install.md");
+    assert!(install.contains(&format!("``{message}``")), "{message}");
 }
 
 #[test]
