@@ -34,25 +34,37 @@ ensure_bao() {
   "$BAO" version >&2
 }
 
-# ensure_postgres: PostgreSQL listening on 127.0.0.1:5432, started or installed
-# with apt when absent.
+# ensure_postgres: PostgreSQL's server binaries (initdb, pg_ctl), installed
+# with apt when absent. Nothing is started: the tests and the demo make
+# private clusters (start_postgres), never using one the machine runs.
 ensure_postgres() {
-  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return 0; fi
-  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     log "installing PostgreSQL with apt"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null \
       || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }
   fi
-  log "starting PostgreSQL"
-  local version
-  version=$(ls /etc/postgresql | sort -V | tail -n 1)
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
-  for _ in $(seq 1 50); do
-    pg_isready -q -h 127.0.0.1 -p 5432 && return 0
-    sleep 0.2
-  done
-  echo "PostgreSQL did not start on 127.0.0.1:5432" >&2
-  return 1
+  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+}
+
+# start_postgres DIR: a private PostgreSQL cluster in DIR on a free port of
+# 127.0.0.1 with password (SCRAM) authentication. Sets PG_PORT, PG_PASSWORD
+# (of the superuser postgres) and PG_PID; stop it with `kill $PG_PID`.
+start_postgres() {
+  local dir=$1 as=()
+  mkdir -p "$dir"
+  PG_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')
+  PG_PORT=$(free_port)
+  printf '%s' "$PG_PASSWORD" >"$dir/pw"
+  if [ "$(id -u)" = 0 ]; then
+    chown -R postgres "$dir"
+    as=(runuser -u postgres --)
+  fi
+  "${as[@]}" "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=scram-sha-256 -E UTF8 \
+    --pwfile="$dir/pw" >"$dir/initdb.log" 2>&1
+  rm -f "$dir/pw"
+  "${as[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
+    -o "-p $PG_PORT -k $dir -c listen_addresses=127.0.0.1" start >/dev/null
+  PG_PID=$(head -n 1 "$dir/data/postmaster.pid")
 }
 
 # ensure_prometheus: prometheus and promtool (Debian package), for the

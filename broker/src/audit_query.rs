@@ -1,7 +1,7 @@
 //! `tessera-broker audit`: who got which binding, and when, from audit logs.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     path::PathBuf,
     process::ExitCode,
     time::SystemTime,
@@ -58,9 +58,19 @@ impl Query {
 /// # Errors
 /// When a file cannot be read.
 pub fn run(query: &Query, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    println!(
+    let mut out = std::io::stdout().lock();
+    // A reader that stopped reading (`| head`) ends the query quietly.
+    let closed = |error: &std::io::Error| error.kind() == std::io::ErrorKind::BrokenPipe;
+    if let Err(error) = writeln!(
+        out,
         "time\taction\toutcome\tnamespace/service-account\tpod (uid)\tnode\tbinding\tversion\treason"
-    );
+    ) {
+        return if closed(&error) {
+            Ok(ExitCode::SUCCESS)
+        } else {
+            Err(error.into())
+        };
+    }
     for path in files {
         let reader: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
             Box::new(std::io::stdin())
@@ -82,7 +92,8 @@ pub fn run(query: &Query, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
             if !query.selects(&event) {
                 continue;
             }
-            println!(
+            if let Err(error) = writeln!(
+                out,
                 "{}\t{}\t{}\t{}/{}\t{} ({})\t{}\t{}\t{}\t{}",
                 text(&event, "time"),
                 text(&event, "action"),
@@ -95,7 +106,13 @@ pub fn run(query: &Query, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
                 text(&event, "binding"),
                 text(&event, "version"),
                 text(&event, "reason"),
-            );
+            ) {
+                return if closed(&error) {
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    Err(error.into())
+                };
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -399,8 +399,21 @@ struct CheckReport<'a> {
 
 fn print_json(value: &impl serde::Serialize) {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => emit(&format!("{text}\n")),
         Err(error) => eprintln!("cannot print JSON: {error}"),
+    }
+}
+
+/// Writes `text` to standard output. A reader that closed the pipe early
+/// (`policy diff -o json | head`) ends the command quietly, as any Unix
+/// filter does, instead of a panic in `println!`.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("cannot write to standard output: {error}");
     }
 }
 
@@ -436,14 +449,16 @@ fn load_or_report(
     };
     match output {
         Output::Text => {
+            let mut text = String::new();
             for problem in &problems {
-                println!("{problem}");
+                text.push_str(&format!("{problem}\n"));
             }
-            println!(
-                "{} problem{} found",
+            text.push_str(&format!(
+                "{} problem{} found\n",
                 problems.len(),
                 if problems.len() == 1 { "" } else { "s" }
-            );
+            ));
+            emit(&text);
         }
         Output::Json => print_json(&CheckReport {
             ok: false,
@@ -460,13 +475,13 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Check { paths, output } => Ok(match load_or_report(&paths, None, output) {
             Ok(policy) => {
                 match output {
-                    Output::Text => println!(
-                        "ok: {} binding{} in {} file{}",
+                    Output::Text => emit(&format!(
+                        "ok: {} binding{} in {} file{}\n",
                         policy.bindings.len(),
                         if policy.bindings.len() == 1 { "" } else { "s" },
                         policy.files.len(),
                         if policy.files.len() == 1 { "" } else { "s" }
-                    ),
+                    )),
                     Output::Json => print_json(&CheckReport {
                         ok: true,
                         bindings: policy.bindings.len(),
@@ -500,7 +515,7 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             };
             let explanation = report::Explanation::of(&policy, &identity);
             match output {
-                Output::Text => print!("{explanation}"),
+                Output::Text => emit(&explanation.to_string()),
                 Output::Json => print_json(&explanation),
             }
             Ok(ExitCode::SUCCESS)
@@ -520,12 +535,8 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             };
             let changes = report::diff(&old, &new);
             match output {
-                Output::Text if changes.is_empty() => println!("no change in access"),
-                Output::Text => {
-                    for change in &changes {
-                        println!("{change}");
-                    }
-                }
+                Output::Text if changes.is_empty() => emit("no change\n"),
+                Output::Text => emit(&changes.iter().map(|c| format!("{c}\n")).collect::<String>()),
                 Output::Json => print_json(&serde_json::json!({
                     "changed": !changes.is_empty(),
                     "changes": changes,

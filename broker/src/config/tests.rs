@@ -133,3 +133,20 @@ fn bootstrap_is_refused_where_it_would_not_meet_the_files_it_writes() {
     );
     assert_eq!(bootstrap.check_interval, Duration::from_secs(60));
 }
+
+/// The first YAML block of `docs/configuration.md`: the reference a reader copies.
+fn reference_example() -> String {
+    let doc = include_str!("../../../docs/configuration.md");
+    let start = doc.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let end = start + doc[start..].find("```").expect("the block ends");
+    doc[start..end].to_owned()
+}
+
+#[test]
+fn the_reference_configuration_in_the_docs_loads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("broker.yaml");
+    std::fs::write(&path, reference_example()).expect("write config");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("docs/configuration.md: {e}"));
+    assert!(config.bootstrap.is_some() && config.webhook.is_some());
+}

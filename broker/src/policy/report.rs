@@ -22,9 +22,10 @@ fn describe_output(binding: &Binding) -> String {
         let renames: Vec<String> = o.files.iter().map(|(f, n)| format!("{f} -> {n}")).collect();
         parts.push(format!("renamed {}", renames.join(", ")));
     }
-    if !o.templates.is_empty() {
-        let names: Vec<&str> = o.templates.keys().map(String::as_str).collect();
-        parts.push(format!("templates {}", names.join(", ")));
+    for (name, template) in &o.templates {
+        // Quoted as JSON so a newline in the template stays on one line.
+        let text = serde_json::Value::String(template.to_string());
+        parts.push(format!("template {name} = {text}"));
     }
     let mode = match o.mode {
         Some(m) => format!("mode {m:04o}"),
@@ -35,6 +36,19 @@ fn describe_output(binding: &Binding) -> String {
         parts.push(format!("group {g}"));
     }
     parts.join("; ")
+}
+
+/// A limit's set as a reviewer reads it: `any` when unset, else its members.
+fn describe_set(set: Option<&BTreeSet<String>>) -> String {
+    match set {
+        None => "any".to_owned(),
+        Some(set) if set.is_empty() => "none".to_owned(),
+        Some(set) => set
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 /// What an identity gets from a policy and why (`policy explain`): printed
@@ -339,13 +353,13 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
     );
     limit(
         "allowedSources",
-        format!("{:?}", a.allowed_sources),
-        format!("{:?}", b.allowed_sources),
+        describe_set(a.allowed_sources.as_ref()),
+        describe_set(b.allowed_sources.as_ref()),
     );
     limit(
         "allowedMounts",
-        format!("{:?}", a.allowed_mounts),
-        format!("{:?}", b.allowed_mounts),
+        describe_set(a.allowed_mounts.as_ref()),
+        describe_set(b.allowed_mounts.as_ref()),
     );
     limit(
         "imageUser",

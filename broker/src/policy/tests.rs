@@ -238,6 +238,47 @@ fn diff_reports_every_changed_setting() {
     assert!(report::diff(&old, &old).is_empty());
 }
 
+#[test]
+fn diff_reports_a_changed_template_or_filter_and_reads_sets_as_lists() {
+    let old = Policy::parse(POLICY, "old.yaml").unwrap();
+    let filtered = POLICY.replace("{{ password }}@db", "{{ password | urlencode }}@db");
+    let new = Policy::parse(&filtered, "new.yaml").unwrap();
+    let lines: Vec<String> = report::diff(&old, &new)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains(
+            r#"template dsn = "postgres://{{ username }}:{{ password | urlencode }}@db/orders""#
+        ),
+        "{}",
+        lines[0]
+    );
+    let sources = POLICY.replace("allowedSources: [kv2]", "allowedSources: [kv2, database]");
+    let new = Policy::parse(&sources, "new.yaml").unwrap();
+    let lines: Vec<String> = report::diff(&old, &new)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("allowedSources kv2 -> database, kv2"),
+        "{}",
+        lines[0]
+    );
+    let unset = POLICY.replace("  allowedMounts: [secret]\n", "");
+    let new = Policy::parse(&unset, "new.yaml").unwrap();
+    let lines: Vec<String> = report::diff(&old, &new)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        lines[0].contains("allowedMounts secret -> any"),
+        "{lines:?}"
+    );
+}
+
 /// A one-binding policy with `extra` lines added to the binding.
 fn binding_with(source: &str, extra: &str) -> String {
     format!(

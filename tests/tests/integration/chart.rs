@@ -26,7 +26,7 @@ use k8s_openapi::{
     serde::{Serialize, de::DeserializeOwned},
 };
 use serde_json::Value;
-use tessera_tests::workspace_root;
+use tessera_tests::{simple_policy, workspace_root};
 
 const NAMESPACE: &str = "tessera";
 
@@ -938,6 +938,149 @@ fn install_notes_say_what_to_do_next() {
     ] {
         assert!(notes.contains(expected), "{expected}: {notes}");
     }
+}
+
+#[test]
+fn install_notes_warn_when_a_monitoring_switch_renders_nothing() {
+    // A client dry run knows no cluster, so no monitoring CRDs: what a
+    // cluster without the Prometheus operator looks like.
+    let notes = |values: &[&str]| {
+        let output = helm_on_chart(&["install", "--dry-run=client", "tessera"], values);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.split("NOTES:")
+            .nth(1)
+            .expect("NOTES.txt rendered")
+            .to_owned()
+    };
+    let on = [
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.prometheusRule.enabled=true",
+    ];
+    let without_crds = notes(&on);
+    assert!(
+        without_crds.contains("metrics.prometheusRule, metrics.serviceMonitor rendered nothing"),
+        "{without_crds}"
+    );
+    assert!(
+        without_crds.contains("networkPolicy.metricsFrom is empty"),
+        "{without_crds}"
+    );
+    let scraped = notes(&[
+        on[0],
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
+    ]);
+    assert!(!scraped.contains("metricsFrom is empty"), "{scraped}");
+    assert!(
+        !notes(&[]).contains("WARNING"),
+        "nothing asked, nothing to warn of"
+    );
+}
+
+/// The `helm install` command of docs/install.md, exactly as written (its
+/// continuation lines joined), with `install` turned into a client dry run.
+fn documented_install_command() -> Vec<String> {
+    let doc = fs::read_to_string(workspace_root().join("docs/install.md")).unwrap();
+    let start = doc
+        .find("helm install tessera deploy/helm/tessera")
+        .expect("documented");
+    let mut command = String::new();
+    for line in doc[start..].lines() {
+        let line = line.split(" #").next().unwrap_or(line).trim_end();
+        match line.strip_suffix('\\') {
+            Some(continued) => command.push_str(continued),
+            None => {
+                command.push_str(line);
+                break;
+            }
+        }
+    }
+    command.split_whitespace().map(str::to_owned).collect()
+}
+
+#[test]
+fn the_documented_install_command_works_with_a_policy_file_as_written() {
+    let command = documented_install_command();
+    assert_eq!(command[..2], ["helm", "install"], "{command:?}");
+    assert!(
+        command.iter().any(|a| a == "policy.document=policy.yaml"),
+        "{command:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // The security team's file, comments and all.
+    let policy = format!(
+        "# reviewed in CI\n{}",
+        simple_policy("app", "shop", "orders", "shop/app")
+    );
+    fs::write(dir.path().join("policy.yaml"), &policy).unwrap();
+    let output = helm()
+        .current_dir(dir.path())
+        .args(["install", "--dry-run=client"])
+        .args(
+            command[2..]
+                .iter()
+                .map(|a| a.replace("deploy/helm/tessera", &chart().display().to_string())),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let start = text.find("policy.yaml: |").expect("the policy ConfigMap");
+    let rendered: String = text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert_eq!(rendered.trim_end(), policy.trim_end(), "kept verbatim");
+
+    fs::write(dir.path().join("policy.yaml"), "kind: Something\n").unwrap();
+    let refused = helm()
+        .current_dir(dir.path())
+        .args(["template", "tessera"])
+        .arg(chart())
+        .args(["--set-file", "policy.document=policy.yaml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("apiVersion: tessera.dev/v1alpha1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_documented_way_to_send_every_namespace_to_the_webhook_works() {
+    let doc = fs::read_to_string(workspace_root().join("docs/install.md")).unwrap();
+    let value = "webhook.namespaceSelector.matchLabels=null";
+    assert!(
+        doc.contains(&format!("--set {value}")),
+        "install.md documents it"
+    );
+    let rendered = typed(&render(&[value]));
+    let webhook = rendered.webhooks.first().expect("webhook configuration");
+    let selector = webhook.webhooks.as_ref().unwrap()[0]
+        .namespace_selector
+        .clone()
+        .unwrap();
+    assert_eq!(selector.match_labels, None, "no opt-in label left");
+    let excluded = &selector.match_expressions.unwrap()[0];
+    assert_eq!(excluded.operator, "NotIn");
+    assert!(
+        excluded
+            .values
+            .as_ref()
+            .unwrap()
+            .contains(&"kube-system".to_owned())
+    );
 }
 
 #[test]

@@ -211,6 +211,27 @@ fn policy_commands_answer_ci_bots_in_json() {
 }
 
 #[test]
+fn policy_diff_into_a_closed_pipe_ends_quietly() {
+    // `policy diff -o json | head -c0`: the reader is gone before the answer.
+    let dir = policy_files();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    for output in ["json", "text"] {
+        let mut child = Command::new(binary("tessera-broker"))
+            .args(["policy", "diff", "--exit-code", "-o", output])
+            .args([path("a.yaml"), path("b.yaml")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let result = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{output}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{output}: {stderr}");
+    }
+}
+
+#[test]
 fn audit_reads_standard_input_for_a_dash() {
     let mut child = Command::new(binary("tessera-broker"))
         .args(["audit", "--all", "-"])
