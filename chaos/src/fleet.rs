@@ -184,10 +184,11 @@ impl Fleet {
             *next += 1;
             format!("{}-{}", kind.prefix(), *next)
         };
-        let uid = pod_uid(NAMESPACE, &name);
-        if let Some(api) = &env.kube {
-            api.add_pod(NAMESPACE, &format!("{name}-0"), &uid, &[]);
-        }
+        // The pod in the real API server; its token is bound to it.
+        let uid = match &env.kube {
+            Some(cluster) => cluster.add_pod(NAMESPACE, &format!("{name}-0"), &name, &[]),
+            None => pod_uid(NAMESPACE, &name),
+        };
         let out = env.tmpfs_out();
         let token = env.token_file(NAMESPACE, &name);
         let sidecar = env.sidecar_run_at(&self.broker, &token, out.path(), &[kind.binding()]);
@@ -236,8 +237,8 @@ impl Fleet {
     pub fn delete(&self, env: &Env, name: &str) {
         let mut pods = self.pods.lock().unwrap();
         if let Some(pod) = pods.iter_mut().find(|p| p.name == name) {
-            if let Some(api) = &env.kube {
-                api.delete_pod(NAMESPACE, &format!("{name}-0"));
+            if let Some(cluster) = &env.kube {
+                cluster.delete_pod(NAMESPACE, &format!("{name}-0"));
             }
             pod.deleted = true;
         }

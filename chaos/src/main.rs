@@ -93,7 +93,7 @@ async fn setup(sizes: &Sizes) -> World {
         &policy,
         EnvOptions {
             vault_cluster: true,
-            kube_api: true,
+            kubernetes: true,
             pod_lookup: true,
             rust_log: "info".to_owned(),
             poll: "1s",

@@ -4,6 +4,7 @@
 //
 //	kube-cluster apiserver --dir DIR           etcd + kube-apiserver; writes DIR/kubeconfig
 //	kube-cluster controller-manager --dir DIR  kube-controller-manager against DIR's API server
+//	kube-cluster rotate-sa-key --dir DIR       a new token signing key; the old one still verifies
 //
 // The first command generates everything a cluster's control plane is given
 // by its installer (kubeadm does the same): a cluster CA, the API server's
@@ -55,6 +56,8 @@ func main() {
 		err = runAPIServer(*dir)
 	case "controller-manager":
 		err = runControllerManager(*dir)
+	case "rotate-sa-key":
+		err = rotateServiceAccountKey(filepath.Join(*dir, "pki"))
 	default:
 		usage()
 	}
@@ -65,7 +68,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: kube-cluster apiserver|controller-manager --dir DIR")
+	fmt.Fprintln(os.Stderr, "usage: kube-cluster apiserver|controller-manager|rotate-sa-key --dir DIR")
 	os.Exit(64)
 }
 
@@ -78,42 +81,69 @@ func runAPIServer(dir string) error {
 	if err := os.MkdirAll(pki, 0o700); err != nil {
 		return err
 	}
-	port, err := freePort()
+	// A restart (the same DIR) keeps the port, the keys and etcd's data, as
+	// a control-plane node's restart does.
+	port, err := savedPort(dir, "apiserver")
 	if err != nil {
 		return err
 	}
 	server := fmt.Sprintf("https://127.0.0.1:%d", port)
-	if err := writePKI(pki, dir, server); err != nil {
+	if _, err := os.Stat(filepath.Join(pki, "ca.crt")); errors.Is(err, os.ErrNotExist) {
+		if err := writePKI(pki, dir, server); err != nil {
+			return err
+		}
+	}
+	// Tokens are signed with sa.key; sa-retired-*.key still verify (a key
+	// rotation, as kubeadm documents it).
+	verify := []string{"--service-account-key-file=" + filepath.Join(pki, "sa.key")}
+	retired, err := filepath.Glob(filepath.Join(pki, "sa-retired-*.key"))
+	if err != nil {
 		return err
 	}
-	etcdURL, err := startEtcd(filepath.Join(dir, "etcd"))
+	for _, key := range retired {
+		verify = append(verify, "--service-account-key-file="+key)
+	}
+	etcdURL, err := startEtcd(dir)
 	if err != nil {
 		return err
 	}
 	cmd := apiserver.NewAPIServerCommand()
-	cmd.SetArgs([]string{
+	cmd.SetArgs(append(verify,
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
 		// The endpoint reconciler refuses a loopback address; no pod needs the
 		// kubernetes Service here.
 		"--endpoint-reconciler-type=none",
-		"--secure-port=" + strconv.Itoa(port),
-		"--etcd-servers=" + etcdURL,
-		"--cert-dir=" + filepath.Join(dir, "apiserver-certs"),
-		"--tls-cert-file=" + filepath.Join(pki, "apiserver.crt"),
-		"--tls-private-key-file=" + filepath.Join(pki, "apiserver.key"),
-		"--client-ca-file=" + filepath.Join(pki, "ca.crt"),
+		"--secure-port="+strconv.Itoa(port),
+		"--etcd-servers="+etcdURL,
+		"--cert-dir="+filepath.Join(dir, "apiserver-certs"),
+		"--tls-cert-file="+filepath.Join(pki, "apiserver.crt"),
+		"--tls-private-key-file="+filepath.Join(pki, "apiserver.key"),
+		"--client-ca-file="+filepath.Join(pki, "ca.crt"),
 		"--authorization-mode=Node,RBAC",
-		"--service-account-issuer=" + server,
-		"--service-account-key-file=" + filepath.Join(pki, "sa.key"),
-		"--service-account-signing-key-file=" + filepath.Join(pki, "sa.key"),
+		"--service-account-issuer="+server,
+		"--service-account-signing-key-file="+filepath.Join(pki, "sa.key"),
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--allow-privileged=true",
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 		"--v=0",
-	})
+	))
 	return cmd.Execute()
+}
+
+// savedPort returns the port saved as DIR/NAME.port, choosing and saving a
+// free one on the first start.
+func savedPort(dir, name string) (int, error) {
+	path := filepath.Join(dir, name+".port")
+	if text, err := os.ReadFile(path); err == nil {
+		return strconv.Atoi(string(text))
+	}
+	port, err := freePort()
+	if err != nil {
+		return 0, err
+	}
+	return port, os.WriteFile(path, []byte(strconv.Itoa(port)), 0o600)
 }
 
 // runControllerManager runs kube-controller-manager with its own identity
@@ -139,21 +169,21 @@ func runControllerManager(dir string) error {
 	return cmd.Execute()
 }
 
-// startEtcd runs a single-member etcd with its data in dataDir and returns
+// startEtcd runs a single-member etcd with its data in DIR/etcd and returns
 // its client URL once it serves.
-func startEtcd(dataDir string) (string, error) {
-	clientPort, err := freePort()
+func startEtcd(dir string) (string, error) {
+	clientPort, err := savedPort(dir, "etcd-client")
 	if err != nil {
 		return "", err
 	}
-	peerPort, err := freePort()
+	peerPort, err := savedPort(dir, "etcd-peer")
 	if err != nil {
 		return "", err
 	}
 	client := url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", clientPort)}
 	peer := url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", peerPort)}
 	cfg := embed.NewConfig()
-	cfg.Dir = dataDir
+	cfg.Dir = filepath.Join(dir, "etcd")
 	cfg.ListenClientUrls = []url.URL{client}
 	cfg.AdvertiseClientUrls = []url.URL{client}
 	cfg.ListenPeerUrls = []url.URL{peer}
@@ -242,11 +272,40 @@ func writePKI(pki, dir, server string) error {
 			return err
 		}
 	}
+	return writeServiceAccountKey(pki)
+}
+
+// rotateServiceAccountKey keeps the signing key as sa-retired-N.key (still
+// verifying) and makes a new one; the API server uses it after a restart.
+func rotateServiceAccountKey(pki string) error {
+	retired, err := filepath.Glob(filepath.Join(pki, "sa-retired-*.key"))
+	if err != nil {
+		return err
+	}
+	next := filepath.Join(pki, fmt.Sprintf("sa-retired-%d.key", len(retired)+1))
+	if err := os.Rename(filepath.Join(pki, "sa.key"), next); err != nil {
+		return err
+	}
+	return writeServiceAccountKey(pki)
+}
+
+// writeServiceAccountKey makes the token signing key sa.key and its public
+// half sa.pub.
+func writeServiceAccountKey(pki string) error {
 	saKey, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		return err
 	}
-	return writePEM(filepath.Join(pki, "sa.key"), "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(saKey))
+	if err := writePEM(filepath.Join(pki, "sa.key"), "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(saKey)); err != nil {
+		return err
+	}
+	// The public half as kubeadm leaves it on control-plane nodes (what
+	// Vault's jwt_validation_pubkeys takes).
+	public, err := x509.MarshalPKIXPublicKey(&saKey.PublicKey)
+	if err != nil {
+		return err
+	}
+	return writePEM(filepath.Join(pki, "sa.pub"), "PUBLIC KEY", public)
 }
 
 var serial int64 = 1

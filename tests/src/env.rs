@@ -37,10 +37,12 @@ pub struct EnvOptions {
     pub mtls: bool,
     /// Where tokens are checked: the dev JWKS file by default.
     pub identity_source: IdentitySource,
-    /// Look each caller's pod up (`identity.podLookup`, with `kube_api`).
+    /// Look each caller's pod up (`identity.podLookup`, with `kubernetes`).
     pub pod_lookup: bool,
-    /// Start an in-process Kubernetes API server and point the broker at it.
-    pub kube_api: bool,
+    /// Start a real Kubernetes control plane (`scripts/cluster`) and point
+    /// the broker at it: the issuer is the cluster's, tokens come from its
+    /// TokenRequest API, and a `jwksFile` holds the cluster's own keys.
+    pub kubernetes: bool,
     /// Run OpenBao with Raft storage, so it can be killed and restarted.
     pub persistent_vault: bool,
     /// Run a 3-node OpenBao cluster (Raft); the broker talks to a standby.
@@ -53,8 +55,8 @@ pub struct EnvOptions {
     /// The broker's `leases.sweepInterval`.
     pub sweep_interval: &'static str,
     /// The broker makes its CA, serving certificate and handle key in
-    /// Secrets of the Kubernetes API stand-in (`bootstrap:`), as the chart
-    /// has it, instead of using the dev files. Needs `kube_api`.
+    /// Secrets of the cluster (`bootstrap:`), as the chart has it, instead
+    /// of using the dev files. Needs `kubernetes`.
     pub bootstrap: bool,
 }
 
@@ -69,7 +71,7 @@ impl Default for EnvOptions {
             mtls: false,
             identity_source: IdentitySource::JwksFile,
             pod_lookup: false,
-            kube_api: false,
+            kubernetes: false,
             persistent_vault: false,
             vault_cluster: false,
             process_env: Vec::new(),
@@ -107,8 +109,8 @@ pub struct Env {
     pub signer: SigningKey,
     /// An RS256 key the broker also trusts.
     pub rsa_signer: SigningKey,
-    /// The in-process Kubernetes API server, when asked for.
-    pub kube: Option<kube_api::FakeApiServer>,
+    /// The Kubernetes control plane, when asked for.
+    pub kube: Option<Cluster>,
     /// The broker's configuration, as written to `broker.yaml`.
     pub config: BrokerConfig,
     options: EnvOptions,
@@ -197,33 +199,41 @@ impl Env {
                 }
             }
         };
-        let kube = if options.kube_api {
-            Some(
-                kube_api::FakeApiServer::start(
-                    &devdir,
-                    &devdir.join(dev::files::JWKS),
-                    dev::DEFAULT_ISSUER,
-                )
-                .await,
-            )
-        } else {
-            None
-        };
+        let kube = options.kubernetes.then(Cluster::start);
+        if let Some(cluster) = &kube {
+            // The cluster's own keys, as `kubectl get --raw /openid/v1/jwks`
+            // gives them (install.md's jwksFile recipe).
+            let jwks = cluster.run(&["get", "--raw", "/openid/v1/jwks"]);
+            fs::write(devdir.join(dev::files::JWKS), jwks).unwrap();
+        }
+        let issuer = kube
+            .as_ref()
+            .map_or(dev::DEFAULT_ISSUER, |c| c.issuer())
+            .to_owned();
         let port = free_port();
         let (tls_dir, ca_file) = if options.bootstrap {
-            kube.as_ref()
-                .expect("bootstrap needs kube_api")
-                .put_object(json!({
-                    "apiVersion": "admissionregistration.k8s.io/v1",
-                    "kind": "MutatingWebhookConfiguration",
-                    "metadata": { "name": "tessera" },
-                    "webhooks": [{
-                        "name": "inject.tessera.dev",
-                        "admissionReviewVersions": ["v1"],
-                        "sideEffects": "None",
-                        "clientConfig": { "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } },
-                    }],
-                }));
+            let cluster = kube.as_ref().expect("bootstrap needs kubernetes");
+            cluster.service_account("tessera", "tessera");
+            // What the chart renders: no caBundle; the broker keeps it.
+            let applied = cluster.apply(&json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": { "name": "tessera" },
+                "webhooks": [{
+                    "name": "inject.tessera.dev",
+                    "admissionReviewVersions": ["v1"],
+                    "sideEffects": "None",
+                    "failurePolicy": "Ignore",
+                    "namespaceSelector": { "matchLabels": { "tessera.dev/injection": "enabled" } },
+                    "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"] }],
+                    "clientConfig": { "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } },
+                }],
+            }));
+            assert!(
+                applied.status.success(),
+                "{}",
+                String::from_utf8_lossy(&applied.stderr)
+            );
             ("bootstrap", "bootstrap/ca.crt")
         } else {
             ("dev", "dev/ca.pem")
@@ -237,7 +247,7 @@ impl Env {
                 client_ca_file: options.mtls.then(|| "dev/ca.pem".to_owned()),
             },
             identity: IdentityConfig {
-                issuer: dev::DEFAULT_ISSUER.to_owned(),
+                issuer: issuer.clone(),
                 audiences: vec![dev::DEFAULT_AUDIENCE.to_owned()],
                 source: options.identity_source,
                 jwks_file: (options.identity_source == IdentitySource::JwksFile)
@@ -281,11 +291,16 @@ impl Env {
                     image: "tessera-sidecar:test".to_owned(),
                     broker_address: format!("https://127.0.0.1:{port}"),
                     ca_file: ca_file.to_owned(),
-                    mode: if options.kube_api { "auto" } else { "classic" }.to_owned(),
+                    mode: if options.kubernetes {
+                        "auto"
+                    } else {
+                        "classic"
+                    }
+                    .to_owned(),
                 },
             },
-            kubernetes: kube.as_ref().map(|api| KubernetesConfig {
-                kubeconfig: api.write_kubeconfig(dir.path()).display().to_string(),
+            kubernetes: kube.as_ref().map(|cluster| KubernetesConfig {
+                kubeconfig: cluster.kubeconfig.display().to_string(),
             }),
             bootstrap: options.bootstrap.then(|| BootstrapConfig {
                 namespace: "tessera".to_owned(),
@@ -349,9 +364,26 @@ impl Env {
     }
 
     /// A well-formed ES256 token for `namespace`/`service_account`.
+    ///
+    /// With a cluster, the token comes from its TokenRequest API, bound to
+    /// the pod `<service account>-0` when that pod exists.
     pub fn token(&self, namespace: &str, service_account: &str) -> String {
-        self.signer
-            .mint(&TokenSpec::new(namespace, service_account))
+        match &self.kube {
+            Some(cluster) => {
+                let pod = format!("{service_account}-0");
+                let bound = cluster.has_pod(namespace, &pod).then_some(pod.as_str());
+                cluster.token(
+                    namespace,
+                    service_account,
+                    dev::DEFAULT_AUDIENCE,
+                    bound,
+                    3600,
+                )
+            }
+            None => self
+                .signer
+                .mint(&TokenSpec::new(namespace, service_account)),
+        }
     }
 
     /// Writes a token file for the identity and returns its path.

@@ -19,7 +19,7 @@ mod cluster;
 pub mod config;
 mod env;
 mod http;
-pub mod kube_api;
+pub mod kube;
 mod openbao;
 pub mod otlp;
 mod postgres;
@@ -29,6 +29,7 @@ pub use balancer::Balancer;
 pub use config::{BrokerConfig, ConnectionsConfig, IdentitySource, MemoryConfig};
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, pod_uid};
 pub use http::{http_get, https_post};
+pub use kube::Cluster;
 pub use openbao::OpenBao;
 pub use postgres::Postgres;
 pub use proc::Proc;
@@ -199,10 +200,25 @@ pub async fn assert_resumed(
     user: &str,
     resumed_before: usize,
 ) {
-    wait_for(Duration::from_secs(30), "the sidecar to resume", || {
-        (sidecar.output().matches("files kept").count() > resumed_before).then_some(())
-    })
+    let resumed = tokio::time::timeout(
+        Duration::from_secs(30),
+        wait_for(Duration::from_secs(31), "the sidecar to resume", || {
+            (sidecar.output().matches("files kept").count() > resumed_before).then_some(())
+        }),
+    )
     .await;
+    assert!(
+        resumed.is_ok(),
+        "the sidecar did not resume within 30 s; its log:\n{}\nthe broker's log ends:\n{}",
+        sidecar.output(),
+        env.broker
+            .output()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(field(out, "db", "username").as_deref(), Some(user));
     assert_eq!(
         env.bao.leases("database/creds/orders").len(),

@@ -184,6 +184,10 @@ impl Reconciler {
                         .await;
                     }
                 }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    // Also after a re-list: the watch is live again.
+                    tracing::info!("watching pods: a deleted pod's leases are revoked at once");
+                }
                 Some(Ok(_)) => {}
                 Some(Err(error)) => {
                     tracing::warn!(%error, "the pod watch failed; retrying (the sweep still revokes what deleted pods held)");

@@ -1,8 +1,8 @@
 //! The broker makes its CA, serving certificate and handle key once, in
 //! Secrets, so the chart renders no random material (a GitOps sync or a
-//! second `helm template` changes nothing). Real OpenBao, PostgreSQL and
-//! broker processes; the Kubernetes API is the in-process stand-in
-//! (`tessera_tests::kube_api`), since no API server can be had here.
+//! second `helm template` changes nothing). Real OpenBao, PostgreSQL, broker
+//! processes and a real kube-apiserver (`scripts/cluster`): the Secrets and
+//! the MutatingWebhookConfiguration are the API server's objects.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use tessera_tests::{Env, EnvOptions, Postgres, assert_resumed, db_policy, field,
 
 fn bootstrapped() -> EnvOptions {
     EnvOptions {
-        kube_api: true,
+        kubernetes: true,
         bootstrap: true,
         ..EnvOptions::default()
     }
@@ -22,13 +22,24 @@ fn data(secret: &Value, key: &str) -> String {
 }
 
 fn ca_bundle(env: &Env) -> Option<String> {
+    webhook_configuration(env)["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn webhook_configuration(env: &Env) -> Value {
     env.kube
         .as_ref()
         .unwrap()
-        .webhook_configuration("tessera")
-        .unwrap()["webhooks"][0]["clientConfig"]["caBundle"]
-        .as_str()
-        .map(str::to_owned)
+        .get(None, "mutatingwebhookconfiguration/tessera")
+        .unwrap()
+}
+
+fn secret(env: &Env, name: &str) -> Option<Value> {
+    env.kube
+        .as_ref()
+        .unwrap()
+        .get(Some("tessera"), &format!("secret/{name}"))
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -41,13 +52,8 @@ async fn the_ca_and_handle_key_are_made_once_and_survive_restarts_and_other_repl
     let pg = Postgres::start();
     let mut env = Env::start_with(&db_policy("10m", "0.7", "5s"), bootstrapped()).await;
     env.bao.database_role(&pg, "orders", "10m", "1h");
-    let api = env.kube.as_ref().unwrap();
-    let tls = api
-        .secret("tessera", "tessera-tls")
-        .expect("the TLS Secret was made");
-    let handle = api
-        .secret("tessera", "tessera-handle-key")
-        .expect("the handle-key Secret was made");
+    let tls = secret(&env, "tessera-tls").expect("the TLS Secret was made");
+    let handle = secret(&env, "tessera-handle-key").expect("the handle-key Secret was made");
     assert_eq!(tls["type"], "kubernetes.io/tls");
     for key in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
         assert!(!data(&tls, key).is_empty(), "{key} in the TLS Secret");
@@ -64,6 +70,11 @@ async fn the_ca_and_handle_key_are_made_once_and_survive_restarts_and_other_repl
         "caBundle is the CA"
     );
 
+    // A pod-bound token: lease handles are only ever resumed by their pod.
+    env.kube
+        .as_ref()
+        .unwrap()
+        .add_pod("shop", "orders-0", "orders", &[]);
     let out = env.tmpfs_out();
     let token = env.token_file("shop", "orders");
     let sidecar = env.sidecar_run(&token, out.path(), &["db"]);
@@ -83,9 +94,8 @@ async fn the_ca_and_handle_key_are_made_once_and_survive_restarts_and_other_repl
     std::fs::remove_file(written.join("tls.crt")).unwrap();
     std::fs::remove_file(written.join("tls.key")).unwrap();
     env.restart_broker().await;
-    let api = env.kube.as_ref().unwrap();
-    let tls_after = api.secret("tessera", "tessera-tls").unwrap();
-    let handle_after = api.secret("tessera", "tessera-handle-key").unwrap();
+    let tls_after = secret(&env, "tessera-tls").unwrap();
+    let handle_after = secret(&env, "tessera-handle-key").unwrap();
     assert_eq!(
         tls_after["metadata"]["resourceVersion"],
         tls["metadata"]["resourceVersion"]
@@ -101,16 +111,16 @@ async fn the_ca_and_handle_key_are_made_once_and_survive_restarts_and_other_repl
 #[tokio::test(flavor = "multi_thread")]
 async fn an_emptied_ca_bundle_is_restored_and_a_due_certificate_is_renewed_under_the_same_ca() {
     let env = Env::start_with(&db_policy("10m", "0.7", "5s"), bootstrapped()).await;
-    let api = env.kube.as_ref().unwrap();
-    let first = api.secret("tessera", "tessera-tls").unwrap();
+    let cluster = env.kube.as_ref().unwrap();
+    let first = secret(&env, "tessera-tls").unwrap();
 
     // A GitOps sync applies the chart's configuration, which has no caBundle.
-    let mut synced = api.webhook_configuration("tessera").unwrap();
+    let mut synced = webhook_configuration(&env);
     synced["webhooks"][0]["clientConfig"]
         .as_object_mut()
         .unwrap()
         .remove("caBundle");
-    api.put_object(synced);
+    cluster.replace(&synced);
     assert_eq!(ca_bundle(&env), None);
     wait_for(
         Duration::from_secs(10),
@@ -123,10 +133,9 @@ async fn an_emptied_ca_bundle_is_restored_and_a_due_certificate_is_renewed_under
     // CA, and every replica's files follow.
     let mut due = first.clone();
     due["metadata"]["annotations"]["tessera.dev/renew-after"] = json!("2000-01-01T00:00:00Z");
-    api.put_object(due);
+    cluster.replace(&due);
     let renewed = wait_for(Duration::from_secs(10), "the renewal", || {
-        api.secret("tessera", "tessera-tls")
-            .filter(|s| data(s, "tls.crt") != data(&first, "tls.crt"))
+        secret(&env, "tessera-tls").filter(|s| data(s, "tls.crt") != data(&first, "tls.crt"))
     })
     .await;
     assert_eq!(data(&renewed, "ca.crt"), data(&first, "ca.crt"), "same CA");

@@ -1,104 +1,92 @@
-//! Identity from the cluster: OIDC discovery, TokenReview and pod lookup.
-//!
-//! No Kubernetes API server can be had on this machine, so these tests run the
-//! broker (a real process, with its real kube client) against an in-process
-//! HTTPS server that speaks the API's JSON with k8s-openapi types
-//! (`tessera_tests::kube_api`). Vault is the real OpenBao.
+//! Identity from the cluster: OIDC discovery, TokenReview and pod lookup,
+//! against a real kube-apiserver (`scripts/cluster`). Every token here comes
+//! from its TokenRequest API (`kubectl create token`), bound to a pod or not;
+//! Vault is the real OpenBao.
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tessera_broker::dev::{SigningKey, TokenSpec};
+use tessera_broker::dev::TokenSpec;
 use tessera_proto::v1::{FetchRequest, WhoAmIRequest};
-use tessera_tests::{Env, EnvOptions, IdentitySource, simple_policy, wait_for, with_token};
+use tessera_tests::{
+    Env, EnvOptions, IdentitySource, Postgres, simple_policy, wait_for, with_token,
+};
 use tonic::Code;
 
-fn uid(token_spec: &TokenSpec) -> String {
-    token_spec.claims()["kubernetes.io"]["pod"]["uid"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+fn options(source: IdentitySource, pod_lookup: bool) -> EnvOptions {
+    EnvOptions {
+        kubernetes: true,
+        identity_source: source,
+        pod_lookup,
+        ..EnvOptions::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn oidc_discovery_verifies_tokens_and_follows_key_rotation() {
-    let options = EnvOptions {
-        kube_api: true,
-        identity_source: IdentitySource::OidcDiscovery,
-        ..EnvOptions::default()
-    };
+async fn oidc_discovery_verifies_the_clusters_tokens_and_follows_its_key_rotation() {
     let env = Env::start_with(
         &simple_policy("app", "shop", "orders", "shop/orders"),
-        options,
+        options(IdentitySource::OidcDiscovery, false),
     )
     .await;
-    let api = env.kube.as_ref().unwrap();
-    assert_eq!(
-        api.calls("GET /.well-known/openid-configuration"),
-        1,
-        "discovered at start"
-    );
+    let cluster = env.kube.as_ref().unwrap();
     let mut client = env.client().await;
-    client
-        .who_am_i(with_token(&env.token("shop", "orders"), WhoAmIRequest {}))
-        .await
-        .unwrap();
-
-    // The cluster rotates its signing key: the broker refetches on the unknown kid.
-    let rotated = SigningKey::generate_es256().unwrap();
-    std::fs::write(
-        env.dir.path().join("dev/jwks.json"),
-        rotated.jwks().to_string(),
-    )
-    .unwrap();
-    let token = rotated.mint(&TokenSpec::new("shop", "orders"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .who_am_i(with_token(&token, WhoAmIRequest {}))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the rotated key was never fetched"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // An unbound token (`kubectl create token`) and one bound to a pod.
+    cluster.add_pod("shop", "orders-0", "orders", &[]);
+    for pod in [None, Some("orders-0")] {
+        let token = cluster.token("shop", "orders", "tessera", pod, 600);
+        let who = client
+            .who_am_i(with_token(&token, WhoAmIRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(who.bindings, ["app"]);
+        assert_eq!(who.identity.unwrap().pod_name, pod.unwrap_or_default());
     }
-    assert!(
-        api.calls("GET /openid/v1/jwks") >= 2,
-        "the JWKS was refetched"
-    );
-
-    // A token of the retired key no longer verifies (after the cache entry ages out
-    // it would fail; a fresh token of the old key fails at once).
+    // A token for another audience is refused, saying why.
+    let vault_token = cluster.token("shop", "orders", "vault", None, 600);
     let status = client
-        .who_am_i(with_token(
-            &env.signer.mint(&TokenSpec::new("shop", "orders")),
-            WhoAmIRequest {},
-        ))
+        .who_am_i(with_token(&vault_token, WhoAmIRequest {}))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("audience"), "{status:?}");
+
+    // The cluster rotates its signing key (kubeadm's way: a new key signs,
+    // the old one still verifies): the broker refetches on the unknown kid.
+    let rotated =
+        std::process::Command::new(tessera_tests::workspace_root().join("scripts/cluster"))
+            .args(["rotate-key", "--dir"])
+            .arg(cluster.dir())
+            .output()
+            .unwrap();
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let token = cluster.token("shop", "orders", "tessera", None, 600);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(status) = client.who_am_i(with_token(&token, WhoAmIRequest {})).await {
+        assert!(
+            Instant::now() < deadline,
+            "a token of the rotated key never verified: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods() {
-    let options = EnvOptions {
-        kube_api: true,
-        identity_source: IdentitySource::TokenReview,
-        pod_lookup: true,
-        ..EnvOptions::default()
-    };
     let policy = simple_policy("app", "shop", "orders", "shop/orders")
         + "  - name: gold\n    subjects: [{ namespace: shop, serviceAccount: orders, podLabels: { tier: gold } }]\n    source: { kv2: { mount: secret, path: shop/gold } }\n";
-    let env = Env::start_with(&policy, options).await;
+    let env = Env::start_with(&policy, options(IdentitySource::TokenReview, true)).await;
     env.bao
         .put("shop/gold", &json!({ "key": "gold-value" }))
         .await;
-    let api = env.kube.as_ref().unwrap();
-    let spec = TokenSpec::new("shop", "orders");
-    api.add_pod("shop", "orders-0", &uid(&spec), &[("tier", "gold")]);
-    let token = env.signer.mint(&spec);
+    let cluster = env.kube.as_ref().unwrap();
+    cluster.add_pod("shop", "orders-0", "orders", &[("tier", "gold")]);
+    let token = cluster.token("shop", "orders", "tessera", Some("orders-0"), 600);
     let mut client = env.client().await;
 
     let who = client
@@ -124,16 +112,13 @@ async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods()
         .unwrap()
         .into_inner();
     assert_eq!(fetched.credentials[0].fields["key"], b"gold-value");
-    assert!(api.calls("POST tokenreviews") >= 1);
-    assert!(api.calls("GET pods/shop/orders-0") >= 1);
 
     // A pod without the label is not granted `gold`.
-    let mut silver = TokenSpec::new("shop", "orders");
-    silver.pod = Some("orders-1".into());
-    api.add_pod("shop", "orders-1", &uid(&silver), &[("tier", "silver")]);
+    cluster.add_pod("shop", "orders-1", "orders", &[("tier", "silver")]);
+    let silver = cluster.token("shop", "orders", "tessera", Some("orders-1"), 600);
     let status = client
         .fetch(with_token(
-            &env.signer.mint(&silver),
+            &silver,
             FetchRequest {
                 bindings: vec!["gold".into()],
                 ..Default::default()
@@ -143,8 +128,9 @@ async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods()
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    // The pod is deleted: once the 1s cache entry ages out, its token is refused.
-    api.delete_pod("shop", "orders-0");
+    // The pod is deleted: the API server's review refuses its token, and so
+    // does the broker once its 1 s cache entry ages out.
+    cluster.delete_pod("shop", "orders-0");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match client.who_am_i(with_token(&token, WhoAmIRequest {})).await {
@@ -162,10 +148,8 @@ async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods()
         }
     }
 
-    // A forged token is rejected by the API server's review.
-    let forged = SigningKey::generate_es256()
-        .unwrap()
-        .mint(&TokenSpec::new("shop", "orders"));
+    // A token the cluster did not sign is refused by its review.
+    let forged = env.signer.mint(&TokenSpec::new("shop", "orders"));
     let status = client
         .who_am_i(with_token(&forged, WhoAmIRequest {}))
         .await
@@ -175,12 +159,7 @@ async fn token_review_with_pod_lookup_grants_by_label_and_refuses_deleted_pods()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn leases_of_a_deleted_pod_are_revoked_even_when_its_sidecar_was_killed() {
-    let pg = tessera_tests::Postgres::start();
-    let options = EnvOptions {
-        kube_api: true,
-        pod_lookup: true,
-        ..EnvOptions::default()
-    };
+    let pg = Postgres::start();
     let policy = "apiVersion: tessera.dev/v1alpha1
 kind: Policy
 bindings:
@@ -189,11 +168,10 @@ bindings:
     source: { database: { mount: database, role: orders } }
     ttl: 1m
 ";
-    let env = Env::start_with(policy, options).await;
+    let env = Env::start_with(policy, options(IdentitySource::JwksFile, true)).await;
     env.bao.database_role(&pg, "orders", "60s", "120s");
-    let api = env.kube.as_ref().unwrap();
-    let spec = TokenSpec::new("shop", "orders");
-    api.add_pod("shop", "orders-0", &uid(&spec), &[]);
+    let cluster = env.kube.as_ref().unwrap();
+    cluster.add_pod("shop", "orders-0", "orders", &[]);
     let out = env.tmpfs_out();
     let run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
     wait_for(Duration::from_secs(20), "delivery", || {
@@ -205,7 +183,7 @@ bindings:
     assert!(pg.can_login(&user, &password));
 
     // The pod is deleted and its sidecar dies without a chance to revoke.
-    api.delete_pod("shop", "orders-0");
+    cluster.delete_pod("shop", "orders-0");
     drop(run);
     wait_for(
         Duration::from_secs(20),

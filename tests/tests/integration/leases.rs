@@ -1,16 +1,14 @@
 //! Lease ownership lives in Vault, not in one replica's memory: real OpenBao,
-//! PostgreSQL and broker processes; the Kubernetes API is the in-process
-//! stand-in (`tessera_tests::kube_api`), since no API server can be had here.
+//! PostgreSQL and broker processes, and a real kube-apiserver whose pods the
+//! replicas watch (`scripts/cluster`).
 
 use std::time::{Duration, Instant};
 
-use tessera_tests::{
-    Env, EnvOptions, Postgres, assert_resumed, db_policy, field, pod_uid as uid_of, wait_for,
-};
+use tessera_tests::{Env, EnvOptions, Postgres, assert_resumed, db_policy, field, wait_for};
 
 fn with_pod_lookup() -> EnvOptions {
     EnvOptions {
-        kube_api: true,
+        kubernetes: true,
         pod_lookup: true,
         ..EnvOptions::default()
     }
@@ -21,9 +19,8 @@ async fn another_replica_revokes_a_deleted_pods_lease_after_its_issuer_and_sidec
     let pg = Postgres::start();
     let env = Env::start_with(&db_policy("1m", "0.7", "5s"), with_pod_lookup()).await;
     env.bao.database_role(&pg, "orders", "60s", "10m");
-    let api = env.kube.as_ref().unwrap();
-    let pod_uid = uid_of("shop", "orders");
-    api.add_pod("shop", "orders-0", &pod_uid, &[]);
+    let cluster = env.kube.as_ref().unwrap();
+    let pod_uid = cluster.add_pod("shop", "orders-0", "orders", &[]);
     let mut replica_a = env.start_replica("a").await;
     let replica_b = env.start_replica("b").await;
 
@@ -47,7 +44,7 @@ async fn another_replica_revokes_a_deleted_pods_lease_after_its_issuer_and_sidec
     // nobody is left who remembers the lease in memory.
     sidecar.kill();
     replica_a.proc.kill();
-    api.delete_pod("shop", "orders-0");
+    cluster.delete_pod("shop", "orders-0");
     let started = Instant::now();
     wait_for(
         Duration::from_secs(60),
@@ -207,9 +204,8 @@ async fn a_once_credential_is_revoked_when_its_pod_is_deleted() {
     };
     let env = Env::start_with(&db_policy("10m", "0.7", "5s"), options).await;
     env.bao.database_role(&pg, "orders", "10m", "1h");
-    let api = env.kube.as_ref().unwrap();
-    let pod_uid = uid_of("shop", "orders");
-    api.add_pod("shop", "orders-0", &pod_uid, &[]);
+    let cluster = env.kube.as_ref().unwrap();
+    let pod_uid = cluster.add_pod("shop", "orders-0", "orders", &[]);
     let out = env.tmpfs_out();
     let token = env.token_file("shop", "orders");
     let once = env.sidecar_once(&token, out.path(), &["db"], &[]);
@@ -224,10 +220,10 @@ async fn a_once_credential_is_revoked_when_its_pod_is_deleted() {
 
     // The Job's pod completes and is deleted; nothing streams its lease.
     wait_for(Duration::from_secs(20), "the broker to watch pods", || {
-        api.watched().then_some(())
+        env.broker.output().contains("watching pods").then_some(())
     })
     .await;
-    api.delete_pod("shop", "orders-0");
+    cluster.delete_pod("shop", "orders-0");
     wait_for(
         Duration::from_secs(20),
         "the pod watch to revoke the deleted Job pod's lease (TTL 10 min)",

@@ -1,0 +1,296 @@
+//! A real Kubernetes control plane for a test: kube-apiserver, etcd and
+//! kube-controller-manager built from Kubernetes' own Go modules, started by
+//! `scripts/cluster up` in a temporary directory and stopped by PID when the
+//! guard drops (also when the test fails). Tests talk to it the way people
+//! do, with `kubectl`; tokens come from the TokenRequest API (`kubectl create
+//! token`), so the issuer, keys and pod binding are the cluster's own.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::OnceLock,
+};
+
+use serde_json::{Value, json};
+
+use crate::workspace_root;
+
+/// A running control plane.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    /// cluster-admin's kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:PORT`: the API server, which is also the
+    /// service-account issuer (it serves the OIDC discovery document).
+    pub server: String,
+}
+
+/// The kubectl the scripts install (`TESSERA_KUBECTL`, `.tools/bin/kubectl`, or PATH).
+pub fn kubectl_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TESSERA_KUBECTL") {
+        return PathBuf::from(path);
+    }
+    let local = workspace_root().join(".tools/bin/kubectl");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("kubectl")
+    }
+}
+
+/// Builds the control plane once per test process (cached across runs).
+fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let built = Command::new(workspace_root().join("scripts/cluster"))
+            .arg("build")
+            .stdout(Stdio::null())
+            .status()
+            .expect("scripts/cluster runs");
+        assert!(built.success(), "scripts/cluster build failed");
+    });
+}
+
+impl Cluster {
+    /// Starts a control plane and waits until it serves and its controllers run.
+    pub fn start() -> Self {
+        ensure_built();
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-kube-")
+            .tempdir()
+            .unwrap();
+        let up = Command::new(workspace_root().join("scripts/cluster"))
+            .args(["up", "--dir"])
+            .arg(dir.path())
+            .output()
+            .expect("scripts/cluster runs");
+        assert!(
+            up.status.success(),
+            "scripts/cluster up failed: {}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let kubeconfig = dir.path().join("kubeconfig");
+        let text = std::fs::read_to_string(&kubeconfig).unwrap();
+        let server = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .expect("a server in the kubeconfig")
+            .to_owned();
+        Self {
+            dir,
+            kubeconfig,
+            server,
+        }
+    }
+
+    /// The cluster's directory (its state, keys and logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The cluster CA (PEM file): what signs the API server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("pki/ca.crt")
+    }
+
+    /// The service-account issuer (`iss` of every token it mints).
+    pub fn issuer(&self) -> &str {
+        &self.server
+    }
+
+    /// The process IDs: the API server (with etcd) first, then the
+    /// controller manager.
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.path().join("pids"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// `kubectl` as cluster-admin.
+    pub fn kubectl(&self) -> Command {
+        let mut command = Command::new(kubectl_binary());
+        command.arg("--kubeconfig").arg(&self.kubeconfig);
+        command
+    }
+
+    /// Runs kubectl with `args`; panics with its error when it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = self.kubectl().args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// `kubectl apply` of `object` (JSON); the output.
+    pub fn apply(&self, object: &Value) -> Output {
+        self.with_stdin(&["apply", "-f", "-"], &object.to_string())
+    }
+
+    /// Runs kubectl with `args` and `input` on its standard input.
+    pub fn with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write as _;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `kubectl replace` of `object` (JSON): exactly this object, whatever
+    /// the stored one's version, as a GitOps sync or an operator's edit
+    /// writes it.
+    pub fn replace(&self, object: &Value) {
+        let mut object = object.clone();
+        if let Some(metadata) = object["metadata"].as_object_mut() {
+            metadata.remove("resourceVersion");
+        }
+        let replaced = self.with_stdin(&["replace", "-f", "-"], &object.to_string());
+        assert!(
+            replaced.status.success(),
+            "{}",
+            String::from_utf8_lossy(&replaced.stderr)
+        );
+    }
+
+    /// The object at `kind/name` in `namespace` (`None` for cluster-scoped),
+    /// or `None` when it does not exist.
+    pub fn get(&self, namespace: Option<&str>, what: &str) -> Option<Value> {
+        let mut command = self.kubectl();
+        command.args(["get", what, "-o", "json"]);
+        if let Some(namespace) = namespace {
+            command.args(["-n", namespace]);
+        }
+        let output = command.output().unwrap();
+        output
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&output.stdout).unwrap())
+    }
+
+    /// Makes the namespace and the service account unless they exist.
+    pub fn service_account(&self, namespace: &str, name: &str) {
+        for object in [
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": namespace } }),
+            json!({ "apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": { "name": name, "namespace": namespace } }),
+        ] {
+            let applied = self.apply(&object);
+            assert!(
+                applied.status.success(),
+                "{}",
+                String::from_utf8_lossy(&applied.stderr)
+            );
+        }
+    }
+
+    /// Creates a pod of `service_account` with `labels` (not scheduled to any
+    /// node: it exists for lookups and token binding, and runs nowhere);
+    /// returns its UID, which the API server assigns.
+    pub fn add_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> String {
+        self.service_account(namespace, service_account);
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        let pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "namespace": namespace, "labels": labels },
+            "spec": {
+                "serviceAccountName": service_account,
+                "automountServiceAccountToken": false,
+                "containers": [{ "name": "app", "image": "registry.example/app:1" }]
+            }
+        });
+        let created = self.with_stdin(&["create", "-f", "-", "-o", "json"], &pod.to_string());
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let pod: Value = serde_json::from_slice(&created.stdout).unwrap();
+        pod["metadata"]["uid"].as_str().unwrap().to_owned()
+    }
+
+    /// Deletes a pod at once (no kubelet is there to wait for).
+    pub fn delete_pod(&self, namespace: &str, name: &str) {
+        self.run(&[
+            "delete",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ]);
+    }
+
+    /// A token from the TokenRequest API for `audience`, bound to `pod` when
+    /// given (the API server then puts the pod's name and UID in it, and
+    /// refuses it once the pod is gone), valid for `seconds`.
+    pub fn token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        pod: Option<&str>,
+        seconds: u32,
+    ) -> String {
+        self.service_account(namespace, service_account);
+        let duration = format!("--duration={seconds}s");
+        let audience = format!("--audience={audience}");
+        let mut args = vec![
+            "create",
+            "token",
+            service_account,
+            "-n",
+            namespace,
+            &audience,
+            &duration,
+        ];
+        let bound;
+        if let Some(pod) = pod {
+            bound = format!("--bound-object-name={pod}");
+            args.extend(["--bound-object-kind=Pod", &bound]);
+        }
+        self.run(&args).trim().to_owned()
+    }
+
+    /// Whether the pod exists.
+    pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
+        self.get(Some(namespace), &format!("pod/{name}")).is_some()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace_root().join("scripts/cluster"))
+            .args(["down", "--dir"])
+            .arg(self.dir.path())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
