@@ -13,6 +13,7 @@ mod docs;
 mod exec;
 mod hardening;
 mod hardening_round3;
+mod in_cluster;
 mod kubernetes;
 mod leases;
 mod lifecycle;

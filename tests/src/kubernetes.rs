@@ -83,6 +83,15 @@ impl Cluster {
         }
     }
 
+    /// A Kubernetes client as cluster-admin.
+    pub async fn client(&self) -> ::kube::Client {
+        let kubeconfig = ::kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let config = ::kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        ::kube::Client::try_from(config).unwrap()
+    }
+
     /// The cluster's directory (its state, keys and logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()

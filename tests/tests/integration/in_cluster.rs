@@ -1,0 +1,348 @@
+//! From `kubectl apply` to files and back, through a real kube-apiserver and
+//! kube-controller-manager (`scripts/cluster`): the API server itself calls
+//! the broker's webhook (a URL-form MutatingWebhookConfiguration with the
+//! release CA), the controllers make and delete the pods, and the node agent
+//! (`tessera_tests::NodeAgent`, standing in for the kubelet) runs the stored
+//! pods with tokens from the TokenRequest API. Vault is the real OpenBao,
+//! the database a private PostgreSQL.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tessera_tests::{Cluster, Env, EnvOptions, NodeAgent, Postgres, wait_for};
+
+/// A KV binding `config` and a database binding `db` for shop/orders.
+const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: config
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { kv2: { mount: secret, path: shop/config } }
+  - name: db
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { database: { mount: database, role: orders } }
+    ttl: 20s
+    renewFraction: 0.5
+    overlap: 3s
+";
+
+/// The broker with a real cluster whose API server calls its webhook for
+/// namespaces labelled `tessera.dev/injection: enabled` (`shop`).
+async fn setup() -> (Env, Postgres) {
+    let pg = Postgres::start();
+    let env = Env::start_with(
+        POLICY,
+        EnvOptions {
+            kubernetes: true,
+            pod_lookup: true,
+            ..EnvOptions::default()
+        },
+    )
+    .await;
+    env.bao.database_role(&pg, "orders", "10s", "20s");
+    env.bao.put("shop/config", &json!({ "mode": "blue" })).await;
+    let cluster = env.kube.as_ref().unwrap();
+    register_webhook(&env, cluster);
+    cluster.service_account("shop", "orders");
+    cluster.run(&[
+        "label",
+        "namespace",
+        "shop",
+        "tessera.dev/injection=enabled",
+    ]);
+    (env, pg)
+}
+
+/// The chart's MutatingWebhookConfiguration in URL form: the broker on
+/// loopback, trusted through the release CA.
+fn register_webhook(env: &Env, cluster: &Cluster) {
+    let ca = std::fs::read(env.dir.path().join("dev/ca.pem")).unwrap();
+    let url = env.webhook_url.replace("127.0.0.1", "localhost");
+    let applied = cluster.apply(&json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": "tessera" },
+        "webhooks": [{
+            "name": "inject.tessera.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "reinvocationPolicy": "Never",
+            "namespaceSelector": { "matchLabels": { "tessera.dev/injection": "enabled" } },
+            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                        "resources": ["pods"], "scope": "Namespaced" }],
+            "clientConfig": {
+                "url": url,
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
+            },
+        }],
+    }));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+}
+
+/// The pods of `selector` in shop.
+fn get_pods(cluster: &Cluster, selector: &str) -> Vec<Value> {
+    let output = cluster
+        .kubectl()
+        .args(["get", "pods", "-n", "shop", "-l", selector, "-o", "json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&output.stdout)
+        .ok()
+        .and_then(|l| l["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn read(dir: &std::path::Path, binding: &str, field: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(binding).join(field)).ok()
+}
+
+/// The credentials volume of the one pod of `selector`, once the node runs it.
+async fn credentials_dir(cluster: &Cluster, node: &NodeAgent, selector: &str) -> (String, PathBuf) {
+    wait_for(
+        Duration::from_secs(60),
+        "the pod to run on the node",
+        || {
+            let pod = get_pods(cluster, selector).into_iter().next()?;
+            let name = pod["metadata"]["name"].as_str()?.to_owned();
+            let dir = node.volume("shop", &name, "tessera-credentials")?;
+            Some((name, dir))
+        },
+    )
+    .await
+}
+
+fn deployment() -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "orders", "namespace": "shop" },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": "orders" } },
+            "template": {
+                "metadata": {
+                    "labels": { "app": "orders" },
+                    "annotations": { "tessera.dev/inject": "true", "tessera.dev/bindings": "config,db" }
+                },
+                "spec": {
+                    "serviceAccountName": "orders",
+                    "securityContext": { "fsGroup": 2000 },
+                    "terminationGracePeriodSeconds": 10,
+                    "containers": [{
+                        "name": "app",
+                        "image": "registry.example/orders:1.4.2",
+                        "command": ["sh", "-c", "cat /var/run/secrets/tessera/config/mode; sleep 3600"]
+                    }]
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_applied_with_kubectl_gets_its_credentials_follows_changes_and_loses_them_when_deleted()
+ {
+    let (env, pg) = setup().await;
+    let cluster = env.kube.as_ref().unwrap();
+    let node = NodeAgent::start(cluster).await;
+    let applied = cluster.apply(&deployment());
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // The controllers made the pod; the API server stored it injected.
+    let (name, dir) = credentials_dir(cluster, &node, "app=orders").await;
+    let stored = cluster.get(Some("shop"), &format!("pod/{name}")).unwrap();
+    assert_eq!(
+        stored["metadata"]["annotations"]["tessera.dev/status"],
+        "injected"
+    );
+    let sidecar = &stored["spec"]["initContainers"][0];
+    assert_eq!(sidecar["name"], "tessera-sidecar");
+    assert_eq!(sidecar["restartPolicy"], "Always", "a native sidecar");
+
+    // The files appear, read by the app through its mount.
+    wait_for(Duration::from_secs(30), "the KV file", || {
+        read(&dir, "config", "mode")
+    })
+    .await;
+    assert_eq!(read(&dir, "config", "mode").as_deref(), Some("blue"));
+    let user = wait_for(Duration::from_secs(30), "the database user", || {
+        read(&dir, "db", "username")
+    })
+    .await;
+    let password = read(&dir, "db", "password").unwrap();
+    assert!(pg.can_login(&user, &password), "the delivered user logs in");
+    wait_for(Duration::from_secs(10), "the app to read its file", || {
+        node.logs("shop", &name, "app")
+            .contains("blue")
+            .then_some(())
+    })
+    .await;
+
+    // A KV change arrives, and the database user is rotated before its max TTL.
+    env.bao
+        .put("shop/config", &json!({ "mode": "green" }))
+        .await;
+    wait_for(Duration::from_secs(30), "the KV change", || {
+        (read(&dir, "config", "mode").as_deref() == Some("green")).then_some(())
+    })
+    .await;
+    let rotated = wait_for(Duration::from_secs(40), "the database rotation", || {
+        read(&dir, "db", "username").filter(|u| *u != user)
+    })
+    .await;
+    let rotated_password = read(&dir, "db", "password").unwrap();
+    assert!(pg.can_login(&rotated, &rotated_password));
+
+    // `kubectl delete deployment`: the garbage collector deletes the pod, the
+    // node stops it, and its database user stops working.
+    cluster.run(&[
+        "delete",
+        "deployment",
+        "orders",
+        "-n",
+        "shop",
+        "--wait=false",
+    ]);
+    let started = Instant::now();
+    wait_for(
+        Duration::from_secs(30),
+        "the deleted pod's user to be revoked",
+        || (!pg.can_login(&rotated, &rotated_password)).then_some(()),
+    )
+    .await;
+    eprintln!("revoked {:?} after kubectl delete", started.elapsed());
+    wait_for(Duration::from_secs(30), "the pod to be gone", || {
+        get_pods(cluster, "app=orders").is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        env.audit_events()
+            .iter()
+            .any(|e| e["action"] == "revoke" && e["pod_name"] == name.as_str()),
+        "the revocation is audited with the pod"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_app_exits_completes_and_its_leases_are_revoked() {
+    let (env, pg) = setup().await;
+    let cluster = env.kube.as_ref().unwrap();
+    let node = NodeAgent::start(cluster).await;
+    let job = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": { "name": "report", "namespace": "shop" },
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {
+                    "annotations": { "tessera.dev/inject": "true", "tessera.dev/bindings": "db" }
+                },
+                "spec": {
+                    "serviceAccountName": "orders",
+                    "restartPolicy": "Never",
+                    "securityContext": { "runAsUser": 1001 },
+                    "containers": [{
+                        "name": "report",
+                        "image": "registry.example/report:2",
+                        "command": ["sh", "-c", "cat /var/run/secrets/tessera/db/username; sleep 2"]
+                    }]
+                }
+            }
+        }
+    });
+    let applied = cluster.apply(&job);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let (name, dir) = credentials_dir(cluster, &node, "job-name=report").await;
+    let user = wait_for(Duration::from_secs(30), "the database user", || {
+        read(&dir, "db", "username")
+    })
+    .await;
+    let password = read(&dir, "db", "password").unwrap();
+    assert!(pg.can_login(&user, &password));
+
+    // The app exits 0: the pod succeeds, the Job completes, the sidecar stops
+    // and gives the lease back.
+    wait_for(Duration::from_secs(60), "the Job to complete", || {
+        let job = cluster.get(Some("shop"), "job/report")?;
+        (job["status"]["succeeded"] == 1).then_some(())
+    })
+    .await;
+    let pod = cluster.get(Some("shop"), &format!("pod/{name}")).unwrap();
+    assert_eq!(pod["status"]["phase"], "Succeeded");
+    assert!(
+        node.logs("shop", &name, "report").starts_with("v-"),
+        "the app read the user from its file"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the completed pod's user to be revoked",
+        || (!pg.can_login(&user, &password)).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_users_see_the_refusal_and_a_stopped_broker_refuses_only_opted_in_namespaces() {
+    let (mut env, _pg) = setup().await;
+    let cluster = env.kube.as_ref().unwrap();
+    let pod = |namespace: &str, bindings: &str| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": "p", "namespace": namespace,
+                          "annotations": { "tessera.dev/inject": "true", "tessera.dev/bindings": bindings } },
+            "spec": { "serviceAccountName": "orders",
+                      "containers": [{ "name": "app", "image": "registry.example/app:1" }] }
+        })
+    };
+    let refused = cluster.apply(&pod("shop", "config,payments"));
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("denied the request: tessera: binding `payments` not granted to service account shop/orders"),
+        "{stderr}"
+    );
+
+    // Every replica down: fail closed in opted-in namespaces only.
+    cluster.service_account("elsewhere", "orders");
+    env.broker.kill();
+    let cluster = env.kube.as_ref().unwrap();
+    let closed = cluster.apply(&pod("shop", "config"));
+    assert!(!closed.status.success());
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(stderr.contains("failed calling webhook"), "{stderr}");
+    let other = cluster.apply(&pod("elsewhere", "config"));
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    // The broker is back: pods are admitted again.
+    env.restart_broker().await;
+    let cluster = env.kube.as_ref().unwrap();
+    let admitted = cluster.apply(&pod("shop", "config"));
+    assert!(
+        admitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admitted.stderr)
+    );
+}
