@@ -20,6 +20,7 @@ mod lifecycle;
 mod memory;
 mod observability;
 mod outage;
+mod pod_shapes;
 mod policy;
 mod python;
 mod secrecy;
