@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod bootstrap;
 mod chart;
+mod chart_install;
 mod cli;
 mod client;
 mod delivery;
