@@ -9,15 +9,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tessera_tests::{Balancer, Env, Postgres, Replica};
+use tessera_tests::{Balancer, Env, Postgres, Replica, binary};
 
-use crate::fleet::{Fleet, Kind};
+use crate::fleet::{Fleet, Kind, NAMESPACE};
 
 /// How long the faults last.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     /// How long every Vault node stays down.
     pub vault_down: Duration,
+    /// How long the Kubernetes API server stays down.
+    pub api_down: Duration,
     /// How long other faults are held before they are healed.
     pub hold: Duration,
     /// Longest wait for the fleet to settle after a heal.
@@ -48,11 +50,14 @@ pub enum Fault {
     /// The handle key is rotated (the old one retired) and every replica
     /// restarted with it.
     HandleKeyRotated,
+    /// The Kubernetes API server is down, then back; pods whose sidecars
+    /// died with their node meanwhile are deleted once it is back.
+    ApiServerDown,
 }
 
 impl Fault {
     /// Every fault, in the order they run.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::VaultActiveKilled,
         Self::VaultDown,
         Self::ReplicaKilled,
@@ -61,6 +66,7 @@ impl Fault {
         Self::PostgresRestarted,
         Self::PolicyBroken,
         Self::HandleKeyRotated,
+        Self::ApiServerDown,
     ];
 
     /// Its name in the report.
@@ -74,6 +80,7 @@ impl Fault {
             Self::PostgresRestarted => "PostgreSQL restarted",
             Self::PolicyBroken => "policy broken, then fixed",
             Self::HandleKeyRotated => "handle key rotated",
+            Self::ApiServerDown => "Kubernetes API server down, then back",
         }
     }
 }
@@ -98,6 +105,9 @@ pub struct Outcome {
     pub recovery: Option<Duration>,
     /// Pods still unsettled at the limit.
     pub unsettled: Vec<String>,
+    /// Calls answered other than the design says (e.g. a pod lookup
+    /// while the API server is down must fail `UNAVAILABLE`, saying why).
+    pub misanswered: Vec<String>,
 }
 
 impl Outcome {
@@ -107,13 +117,14 @@ impl Outcome {
             && self.double_minted == 0
             && self.orphaned.is_empty()
             && self.unstarted.is_empty()
+            && self.misanswered.is_empty()
             && self.recovery.is_some()
     }
 }
 
 /// Everything the faults act on.
 pub struct World {
-    /// OpenBao (3 nodes), the Kubernetes API stand-in, the policy.
+    /// OpenBao (3 nodes), the Kubernetes control plane, the policy.
     pub env: Env,
     /// The broker replicas behind the balancer.
     pub replicas: Vec<Replica>,
@@ -135,7 +146,8 @@ impl World {
     /// Injects `fault`, heals it, and measures.
     pub async fn run(&mut self, fault: Fault) -> Outcome {
         let _ = self.fleet.take_lost();
-        let (healed, mut unstarted) = self.inject_and_heal(fault).await;
+        let mut misanswered = Vec::new();
+        let (healed, mut unstarted) = self.inject_and_heal(fault, &mut misanswered).await;
         // Recovered means Vault-backed work is done again, not only that
         // nothing looks wrong yet: a new database pod must get its user.
         self.fleet.add(&self.env, Kind::Db, Some(fault.name()));
@@ -173,6 +185,7 @@ impl World {
             unstarted,
             recovery,
             unsettled,
+            misanswered,
         }
     }
 
@@ -203,7 +216,11 @@ impl World {
     /// Injects and heals `fault`; returns when recovery is measured from
     /// (the heal; the kill, for a fault that heals itself), and pods that
     /// should have started while it held and did not.
-    async fn inject_and_heal(&mut self, fault: Fault) -> (Instant, Vec<String>) {
+    async fn inject_and_heal(
+        &mut self,
+        fault: Fault,
+        misanswered: &mut Vec<String>,
+    ) -> (Instant, Vec<String>) {
         let hold = self.timing.hold;
         let mut unstarted = Vec::new();
         match fault {
@@ -265,6 +282,12 @@ impl World {
                 tokio::time::sleep(hold / 2).await;
                 self.env.set_policy(&self.policy);
             }
+            Fault::ApiServerDown => {
+                let gone = self.api_server_down(misanswered).await;
+                for name in &gone {
+                    self.fleet.delete(&self.env, name);
+                }
+            }
             Fault::HandleKeyRotated => {
                 let retired = self.env.rotate_handle_key();
                 for replica in &mut self.replicas {
@@ -277,6 +300,49 @@ impl World {
             }
         }
         (Instant::now(), unstarted)
+    }
+
+    /// Stops the API server while the fleet runs; returns the pods whose
+    /// sidecars died meanwhile, to be deleted once it is back.
+    async fn api_server_down(&self, misanswered: &mut Vec<String>) -> Vec<String> {
+        let cluster = self.env.kube.as_ref().expect("chaos runs a cluster");
+        // A pod-bound token minted while the API is up, to ask with later.
+        cluster.add_pod(NAMESPACE, "probe-0", "probe", &[]);
+        let token = self.env.dir.path().join("probe-token");
+        std::fs::write(
+            &token,
+            cluster.token(NAMESPACE, "probe", "tessera", Some("probe-0"), 3600),
+        )
+        .unwrap();
+        // Two database pods lose their node with the control plane.
+        let mut dying = 0;
+        let gone = self.fleet.kill(|_, pod| {
+            let pick = pod.kind == Kind::Db && dying < 2;
+            dying += usize::from(pick);
+            pick
+        });
+        cluster.stop_api_server();
+        // Past the identity cache (1 s): the pod cannot be looked up now.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let asked = std::process::Command::new(binary("tessera-sidecar"))
+            .args(["whoami", "--broker", self.fleet.broker(), "--ca-file"])
+            .arg(self.env.ca_file())
+            .arg("--token-file")
+            .arg(&token)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&asked.stderr);
+        if asked.status.code() != Some(69) || !said.contains("Kubernetes API") {
+            misanswered.push(format!(
+                "a pod lookup while the API server is down: exit {:?}, {}",
+                asked.status.code(),
+                said.trim()
+            ));
+        }
+        tokio::time::sleep(self.timing.api_down.saturating_sub(Duration::from_secs(3))).await;
+        cluster.start_api_server();
+        gone
     }
 
     /// Waits until the database leases are one per live pod and no deleted

@@ -177,6 +177,11 @@ impl Fleet {
         })
     }
 
+    /// The address the sidecars dial (the balancer standing in for the Service).
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+
     /// Creates a pod of `kind` in the API server and starts its sidecar.
     pub fn add(&self, env: &Env, kind: Kind, born_in: Option<&str>) -> String {
         let name = {

@@ -39,6 +39,7 @@ impl Sizes {
             pods_per_kind: 2,
             timing: Timing {
                 vault_down: Duration::from_secs(15),
+                api_down: Duration::from_secs(15),
                 hold: Duration::from_secs(4),
                 recovery_limit: Duration::from_secs(60),
                 lease_limit: Duration::from_secs(30),
@@ -52,6 +53,7 @@ impl Sizes {
             pods_per_kind: 8,
             timing: Timing {
                 vault_down: Duration::from_secs(120),
+                api_down: Duration::from_secs(60),
                 hold: Duration::from_secs(10),
                 recovery_limit: Duration::from_secs(120),
                 lease_limit: Duration::from_secs(60),
@@ -142,16 +144,17 @@ fn describe(sizes: &Sizes) -> String {
         "- OpenBao: 3 nodes with integrated (Raft) storage on loopback, initialised, unsealed and joined\n  \
 by script; clients reach the active node through a loopback proxy (the `openbao-active` Service).\n\
 - Broker: 3 replicas (the debug build) behind a round-robin loopback TCP balancer (the Service),\n  \
-pod lookup and deletion watch against the Kubernetes API stand-in, sweep every 5 s.\n\
+pod lookup and deletion watch against a real kube-apiserver (scripts/cluster), sweep every 5 s.\n\
 - PostgreSQL: a private cluster with password authentication; database users from Vault's\n  \
 database engine (role TTL {}, max {}), renewed at half their life, 20 s overlap on rotation.\n\
 - Fleet: {} sidecars ({} each of KV, database, PKI), each its own pod and tmpfs volume, plus the\n  \
-pods the faults create. Vault down for {} s; other faults held {} s.",
+pods the faults create. Vault down for {} s, the API server for {} s; other faults held {} s.",
         sizes.db_ttl.0,
         sizes.db_ttl.1,
         sizes.pods_per_kind * 3,
         sizes.pods_per_kind,
         sizes.timing.vault_down.as_secs(),
+        sizes.timing.api_down.as_secs(),
         sizes.timing.hold.as_secs(),
     )
 }

@@ -55,6 +55,12 @@ pub fn details(outcomes: &[Outcome]) -> String {
                     .iter()
                     .map(|u| format!("not recovered: {u}")),
             )
+            .chain(
+                outcome
+                    .misanswered
+                    .iter()
+                    .map(|m| format!("answered wrongly: {m}")),
+            )
         {
             let _ = writeln!(text, "  {line}");
         }

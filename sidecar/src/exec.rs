@@ -49,11 +49,25 @@ pub fn parse_on_rotate(text: &str) -> Result<OnRotate, String> {
 /// # Errors
 /// When the binary cannot be read or `dir` written.
 pub fn install(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let target = dir.join("tessera-sidecar");
     let partial = dir.join(".tessera-sidecar.partial");
-    std::fs::copy("/proc/self/exe", &partial)?;
-    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o555))?;
+    // Whatever is planted under the partial name (a symlink to a file to
+    // overwrite) goes first; the new file is created, never followed.
+    match std::fs::remove_file(&partial) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&partial)?;
+    std::io::copy(&mut std::fs::File::open("/proc/self/exe")?, &mut file)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o555))?;
+    file.sync_all()?;
+    drop(file);
     std::fs::rename(&partial, &target)?;
     Ok(target)
 }
@@ -92,27 +106,88 @@ pub fn variable_name(prefix: &str, binding: &str, field: &str) -> String {
         .collect()
 }
 
-/// The variables of every field of `set`.
-///
-/// # Errors
-/// Two fields that map to one name (`db-user` and `db_user`).
-fn environment(
-    set: &CredentialSet,
-    prefix: &str,
-) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, String> {
+/// The longest value a variable may hold: Linux refuses a single
+/// environment string over 32 pages (`MAX_ARG_STRLEN`, 128 KiB).
+pub const MAX_VALUE_BYTES: usize = 128 * 1024 - 1;
+
+/// The most all credential variables together may hold, well inside what
+/// `execve` accepts beside the app's own arguments and environment.
+pub const MAX_ENVIRONMENT_BYTES: usize = 1024 * 1024;
+
+/// The variables of `set`, binding by binding.
+struct Environment {
+    variables: BTreeMap<String, Zeroizing<Vec<u8>>>,
+    /// Bindings left out whole, and why: a NUL byte, a value over
+    /// [`MAX_VALUE_BYTES`], two fields making one name (`password` and
+    /// `PASSWORD`), or too much in all.
+    refused: Vec<String>,
+    /// Variables the container's own spec sets: the spec's value wins.
+    kept: Vec<String>,
+}
+
+fn environment(set: &CredentialSet, prefix: &str, taken: &dyn Fn(&str) -> bool) -> Environment {
     let mut variables = BTreeMap::new();
-    for credential in set.iter() {
+    let mut refused = Vec::new();
+    let mut kept = Vec::new();
+    let mut total = 0;
+    'bindings: for credential in set.iter() {
+        let mut own = BTreeMap::new();
         for (field, value) in &credential.fields {
             let name = variable_name(prefix, &credential.binding, field);
-            if variables.insert(name.clone(), value.clone()).is_some() {
-                return Err(format!(
-                    "two fields of binding `{}` make the variable {name}; rename one in the policy (output.files)",
+            let refuse = if value.contains(&0) {
+                Some(format!(
+                    "field `{field}` holds a NUL byte, which no environment variable can"
+                ))
+            } else if value.len() > MAX_VALUE_BYTES {
+                Some(format!(
+                    "field `{field}` is {} bytes, over the kernel's {MAX_VALUE_BYTES} per variable (read it from a file instead)",
+                    value.len()
+                ))
+            } else if own.contains_key(&name) {
+                Some(format!(
+                    "two of its fields make the variable {name} (names are upper-cased); rename one in the policy (output.files)"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = refuse {
+                refused.push(format!(
+                    "binding `{}` is not passed to the app: {why}",
                     credential.binding
                 ));
+                continue 'bindings;
             }
+            if taken(&name) {
+                kept.push(format!(
+                    "{name} is set by the container's spec and keeps that value (binding `{}`, field `{field}`)",
+                    credential.binding
+                ));
+                continue;
+            }
+            own.insert(name, value.clone());
         }
+        let size: usize = own.iter().map(|(n, v)| n.len() + v.len() + 2).sum();
+        if total + size > MAX_ENVIRONMENT_BYTES {
+            refused.push(format!(
+                "binding `{}` is not passed to the app: the credentials' variables would exceed {MAX_ENVIRONMENT_BYTES} bytes",
+                credential.binding
+            ));
+            continue;
+        }
+        total += size;
+        variables.extend(own);
     }
-    Ok(variables)
+    Environment {
+        variables,
+        refused,
+        kept,
+    }
+}
+
+/// Whether the wrapper's own environment (what the container's spec set)
+/// has `name`.
+fn set_by_spec(name: &str) -> bool {
+    std::env::var_os(name).is_some()
 }
 
 /// Why `exec` could not start the app.
@@ -224,8 +299,23 @@ pub async fn run(job: ExecJob) -> Result<u8, ExecError> {
     let client = Client::new(job.target.clone());
     let bindings: Vec<&str> = job.bindings.iter().map(String::as_str).collect();
     let mut watch = Box::pin(client.watch(&bindings));
-    let first = watch.next().await.ok_or(ExecError::NoCredentials)??;
-    let mut variables = environment(&first, &job.prefix).map_err(ExecError::Variables)?;
+    // Until the first credentials, a stop request ends the wrapper at once
+    // (the pod is going away; there is no app to forward it to).
+    let first = tokio::select! {
+        first = watch.next() => first.ok_or(ExecError::NoCredentials)??,
+        Some(signal) = incoming.next() => {
+            tracing::info!(?signal, "stopped before the app started");
+            return Ok(128 + u8::try_from(signal.as_raw()).unwrap_or(15));
+        }
+    };
+    let started = environment(&first, &job.prefix, &set_by_spec);
+    for problem in &started.refused {
+        tracing::error!("{problem}");
+    }
+    for kept in &started.kept {
+        tracing::warn!("{kept}");
+    }
+    let mut variables = started.variables;
     drop(first);
     let mut child = spawn(&job.command, &variables)?;
     tracing::info!(
@@ -258,8 +348,17 @@ pub async fn run(job: ExecJob) -> Result<u8, ExecError> {
                 let _ = kill_process(child, signal);
             }
             item = watch.next(), if watching => match item {
-                Some(Ok(set)) => match environment(&set, &job.prefix) {
-                    Ok(next) if next != variables => {
+                Some(Ok(set)) => match environment(&set, &job.prefix, &set_by_spec) {
+                    // Values the app could not be started with: it is not
+                    // stopped for them, and runs on what it has.
+                    Environment { refused, .. } if !refused.is_empty() => {
+                        for problem in &refused {
+                            tracing::error!("{problem}; the app keeps running on its current variables");
+                        }
+                    }
+                    // Stopping: the app drains on what it has.
+                    _ if stopping => {}
+                    Environment { variables: next, .. } if next != variables => {
                         variables = next;
                         match job.on_rotate {
                             // A restart under way starts with the newest values.
@@ -276,8 +375,7 @@ pub async fn run(job: ExecJob) -> Result<u8, ExecError> {
                             }
                         }
                     }
-                    Ok(_) => {}
-                    Err(problem) => tracing::warn!("{problem}; the app keeps its current variables"),
+                    _ => {}
                 },
                 Some(Err(error)) => {
                     tracing::warn!(%error, "the broker ended the watch; the app keeps its current variables");

@@ -117,6 +117,36 @@ impl Cluster {
             .collect()
     }
 
+    /// Stops the API server (SIGTERM, then SIGKILL): the control plane is
+    /// down, etcd's data and the keys stay.
+    pub fn stop_api_server(&self) {
+        if let Some(pid) = self.pids().first() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+
+    /// Starts the API server again in the same directory (same port, keys
+    /// and data) and waits until it is ready.
+    pub fn start_api_server(&self) {
+        let restarted = Command::new(workspace_root().join("scripts/cluster"))
+            .args(["restart", "--dir"])
+            .arg(self.dir.path())
+            .output()
+            .expect("scripts/cluster runs");
+        assert!(
+            restarted.status.success(),
+            "scripts/cluster restart failed: {}",
+            String::from_utf8_lossy(&restarted.stderr)
+        );
+    }
+
     /// `kubectl` as cluster-admin.
     pub fn kubectl(&self) -> Command {
         let mut command = Command::new(kubectl_binary());

@@ -313,3 +313,217 @@ async fn defect_9_a_connection_that_sends_no_request_loses_its_slot_at_the_deadl
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
 }
+
+fn app_lines(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_10_exec_stops_promptly_on_sigterm_before_its_first_credentials() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    let token = env.token_file("shop", "orders");
+    // A broker address nobody answers on: the wrapper waits, retrying.
+    let port = tessera_tests::free_port();
+    let mut exec = std::process::Command::new(tessera_tests::binary("tessera-sidecar"));
+    exec.args([
+        "exec",
+        "--broker",
+        &format!("https://127.0.0.1:{port}"),
+        "--ca-file",
+    ])
+    .arg(env.ca_file())
+    .arg("--token-file")
+    .arg(&token)
+    .args(["--binding", "app", "--", "sh", "-c", "exit 0"])
+    .env("NO_COLOR", "1");
+    let mut exec = tessera_tests::Proc::spawn("exec", exec, env.dir.path().join("exec.log"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!exec.exited(), "still waiting for its credentials");
+    let started = Instant::now();
+    let code = exec.terminate();
+    assert_eq!(code, Some(143), "128 + SIGTERM: {}", exec.output());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// An app that logs its start with its password, and takes `drain` to stop.
+fn draining_app(log: &std::path::Path, drain: &str) -> String {
+    format!(
+        r#"echo "start $APP_PASSWORD ${{APP_HOST:-none}}" >> {log}; trap 'echo term >> {log}; sleep {drain}; echo drained >> {log}; exit 0' TERM; while true; do sleep 0.05; done"#,
+        log = log.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_6_a_value_the_environment_cannot_hold_keeps_the_app_running() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "one" }))
+        .await;
+    let log = env.dir.path().join("app.log");
+    let mut exec = env.sidecar_exec(
+        &env.token_file("shop", "orders"),
+        &["app"],
+        &["--env-prefix", ""],
+        &["sh", "-c", &draining_app(&log, "0")],
+    );
+    tessera_tests::wait_for(Duration::from_secs(20), "the app", || {
+        app_lines(&log).first().cloned()
+    })
+    .await;
+    // A rotation to values no environment variable can hold: a NUL byte,
+    // and one over the kernel's per-string limit.
+    for bad in [json!("two\u{0}three"), json!("x".repeat(200 * 1024))] {
+        env.bao
+            .put("shop/orders", &json!({ "password": bad }))
+            .await;
+        tessera_tests::wait_for(Duration::from_secs(20), "the refusal in the log", || {
+            exec.output()
+                .matches("binding `app` is not passed to the app")
+                .nth(0)
+                .map(|_| ())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!exec.exited(), "{}", exec.output());
+    assert_eq!(
+        app_lines(&log),
+        ["start one none"],
+        "the app was never stopped: {}",
+        exec.output()
+    );
+    // A good value again: one restart with it.
+    env.bao
+        .put("shop/orders", &json!({ "password": "four" }))
+        .await;
+    tessera_tests::wait_for(Duration::from_secs(20), "the restart", || {
+        app_lines(&log)
+            .contains(&"start four none".to_owned())
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_7_the_pods_own_variables_win_and_case_collisions_refuse_one_binding() {
+    let policy = simple_policy("app", "shop", "orders", "shop/orders")
+        + "  - name: other\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/other } }\n";
+    let env = Env::start(&policy).await;
+    env.bao
+        .put(
+            "shop/orders",
+            &json!({ "password": "pw", "host": "evil.example" }),
+        )
+        .await;
+    env.bao
+        .put("shop/other", &json!({ "password": "a", "PASSWORD": "b" }))
+        .await;
+    let log = env.dir.path().join("app.log");
+    let mut command = std::process::Command::new(tessera_tests::binary("tessera-sidecar"));
+    command
+        .args(["exec", "--broker", &env.broker_uri, "--ca-file"])
+        .arg(env.ca_file())
+        .arg("--token-file")
+        .arg(env.token_file("shop", "orders"))
+        .args(["--binding", "app,other", "--", "sh", "-c"])
+        .arg(format!(
+            r#"echo "host=$APP_HOST pw=$APP_PASSWORD other=${{OTHER_PASSWORD:-unset}}" >> {}; sleep 30"#,
+            log.display()
+        ))
+        // What the container's spec sets.
+        .env("APP_HOST", "db.shop.svc")
+        .env("NO_COLOR", "1");
+    let exec = tessera_tests::Proc::spawn("exec", command, env.dir.path().join("exec.log"));
+    let line = tessera_tests::wait_for(Duration::from_secs(20), "the app", || {
+        app_lines(&log).first().cloned()
+    })
+    .await;
+    assert_eq!(
+        line,
+        "host=db.shop.svc pw=pw other=unset",
+        "{}",
+        exec.output()
+    );
+    let output = exec.output();
+    assert!(
+        output.contains("APP_HOST is set by the container's spec"),
+        "{output}"
+    );
+    assert!(
+        output.contains("binding `other` is not passed to the app: two of its fields make the variable OTHER_PASSWORD"),
+        "{output}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_11_a_rotation_during_a_graceful_stop_lets_the_app_drain() {
+    let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "one" }))
+        .await;
+    let log = env.dir.path().join("app.log");
+    let mut exec = env.sidecar_exec(
+        &env.token_file("shop", "orders"),
+        &["app"],
+        &["--env-prefix", "", "--grace", "1s"],
+        &["sh", "-c", &draining_app(&log, "3")],
+    );
+    tessera_tests::wait_for(Duration::from_secs(20), "the app", || {
+        app_lines(&log).first().cloned()
+    })
+    .await;
+    exec.signal("TERM");
+    tessera_tests::wait_for(Duration::from_secs(5), "the drain to begin", || {
+        app_lines(&log).contains(&"term".to_owned()).then_some(())
+    })
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "two" }))
+        .await;
+    tessera_tests::wait_for(Duration::from_secs(10), "the wrapper to exit", || {
+        exec.exited().then_some(())
+    })
+    .await;
+    assert_eq!(
+        exec.exit_code(),
+        Some(0),
+        "drained, not SIGKILLed: {}",
+        exec.output()
+    );
+    assert_eq!(app_lines(&log), ["start one none", "term", "drained"]);
+}
+
+#[test]
+fn defect_11_install_never_follows_a_planted_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let out = dir.path().join("bin");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join(".tessera-sidecar.partial")).unwrap();
+    let installed = std::process::Command::new(tessera_tests::binary("tessera-sidecar"))
+        .arg("install")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    assert!(out.join("tessera-sidecar").is_file());
+}
