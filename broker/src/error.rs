@@ -24,6 +24,14 @@ pub fn printable(name: &str) -> String {
         .collect()
 }
 
+/// Whether a token was refused or could not be checked at all.
+fn verdict(error: &TokenError) -> &'static str {
+    match error {
+        TokenError::Unavailable(_) => "not checked",
+        _ => "rejected",
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,7 +39,7 @@ pub enum Error {
     #[error("{0}")]
     MissingToken(&'static str),
     /// The token did not verify.
-    #[error("service-account token rejected: {0}")]
+    #[error("service-account token {}: {}", verdict(.0), .0)]
     Token(#[from] TokenError),
     /// The policy does not grant the binding to the caller (or it does not exist).
     #[error("binding `{binding}` is not granted to {namespace}/{service_account}")]

@@ -6,6 +6,9 @@
 
 pub mod codec;
 pub mod reason;
+mod reload_url;
+
+pub use reload_url::{ReloadUrl, parse_reload_url};
 
 /// Messages and the `Broker` client and server of `tessera.v1`.
 pub mod v1 {

@@ -32,48 +32,7 @@ pub struct Notify {
     pub url: Option<ReloadUrl>,
 }
 
-/// `http://127.0.0.1:PORT/PATH` (or `localhost`, `[::1]`): only the pod's
-/// own loopback, so a credential rotation cannot be made to call elsewhere.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReloadUrl {
-    /// Where to connect.
-    pub address: std::net::SocketAddr,
-    /// The request target, e.g. `/-/reload`.
-    pub path: String,
-}
-
-/// Parses a reload URL.
-///
-/// # Errors
-/// What is wrong with it.
-pub fn parse_reload_url(text: &str) -> Result<ReloadUrl, String> {
-    let uri: hyper::Uri = text
-        .parse()
-        .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!(
-            "`{text}` must start with http:// (the pod's loopback)"
-        ));
-    }
-    let ip: std::net::IpAddr = match uri.host() {
-        Some("localhost" | "127.0.0.1") => std::net::Ipv4Addr::LOCALHOST.into(),
-        Some("[::1]") => std::net::Ipv6Addr::LOCALHOST.into(),
-        _ => {
-            return Err(format!(
-                "`{text}` must name 127.0.0.1, localhost or [::1]: only the pod's own loopback"
-            ));
-        }
-    };
-    let port = uri
-        .port_u16()
-        .ok_or_else(|| format!("`{text}` must name a port"))?;
-    Ok(ReloadUrl {
-        address: std::net::SocketAddr::new(ip, port),
-        path: uri
-            .path_and_query()
-            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-    })
-}
+pub use tessera_proto::{ReloadUrl, parse_reload_url};
 
 /// `POST`s to `url` with an empty body; the answer's status.
 async fn post(url: &ReloadUrl) -> Result<hyper::StatusCode, String> {

@@ -108,7 +108,7 @@ pub enum TokenError {
     #[error("pod `{0}` no longer exists")]
     PodGone(String),
     /// The API server could not be asked (TokenReview, pod lookup): retry.
-    #[error("cannot check the token with the API server: {0}")]
+    #[error("the Kubernetes API server cannot be reached ({0}); retry shortly")]
     Unavailable(String),
     /// `sub` does not match the `kubernetes.io` namespace and service account.
     #[error("token subject does not match its kubernetes.io claims")]

@@ -83,8 +83,12 @@ pub fn add(pod: &mut Pod, injection: &Injection, ca_pem: &str) -> Result<(), Den
             .get_or_insert_with(Vec::new)
             .push(mount.clone());
         let set = container.env.get_or_insert_with(Vec::new);
+        // A container env mode wraps already has the CA as PEM: a second
+        // CA variable would make `exec` refuse its options.
+        let has_ca = set.iter().any(|v| v.name == "TESSERA_CA_PEM");
         for var in &vars {
-            if !set.iter().any(|v| v.name == var.name) {
+            let another_ca = has_ca && var.name == "TESSERA_CA_FILE";
+            if !another_ca && !set.iter().any(|v| v.name == var.name) {
                 set.push(var.clone());
             }
         }

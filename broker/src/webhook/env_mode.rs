@@ -21,6 +21,8 @@ pub const ENV_CONTAINERS: &str = "tessera.dev/env-containers";
 pub const ENV_PREFIX: &str = "tessera.dev/env-prefix";
 /// `restart` (default) or `signal:<NAME>`.
 pub const ENV_ON_ROTATE: &str = "tessera.dev/env-on-rotate";
+/// The longest variable prefix a pod may ask for.
+pub const MAX_PREFIX: usize = 32;
 /// The init container that copies the binary.
 pub const INSTALL: &str = "tessera-install";
 /// The in-memory volume holding the binary.
@@ -57,6 +59,14 @@ pub fn parse(
         )));
     }
     let prefix = annotations.get(ENV_PREFIX).cloned();
+    if let Some(prefix) = &prefix
+        && prefix.len() > MAX_PREFIX
+    {
+        return Err(Denial(format!(
+            "annotation {ENV_PREFIX}: {} characters, at most {MAX_PREFIX}",
+            prefix.len()
+        )));
+    }
     if let Some(prefix) = &prefix
         && (prefix.starts_with(|c: char| c.is_ascii_digit())
             || !prefix
@@ -102,7 +112,12 @@ fn chosen(spec: &PodSpec, request: &EnvRequest) -> Result<Vec<String>, Denial> {
                 name.escape_debug()
             )));
         };
-        if container.command.as_ref().is_none_or(Vec::is_empty) {
+        if container
+            .command
+            .as_ref()
+            .and_then(|c| c.first())
+            .is_none_or(|program| program.trim().is_empty())
+        {
             return Err(Denial(format!(
                 "container `{name}` sets no `command`: environment variables are given by wrapping the command (tessera-sidecar exec -- <command>), and the image's ENTRYPOINT cannot be read at admission; set `command` to the image's entrypoint, or read files instead (remove tessera.dev/mode: env)"
             )));

@@ -223,16 +223,9 @@ fn parse_reload(annotations: &BTreeMap<String, String>, once: bool) -> Result<Re
     let url = match url {
         None => None,
         Some(url) => {
-            let loopback = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
-                .iter()
-                .any(|prefix| url.starts_with(prefix));
-            let port = url.parse::<http::Uri>().ok().and_then(|uri| uri.port_u16());
-            if !loopback || port.is_none() {
-                return Err(Denial(format!(
-                    "annotation {RELOAD_URL}: `{}` must be http://127.0.0.1:PORT/PATH (the pod's own loopback, with a port)",
-                    url.escape_debug()
-                )));
-            }
+            // The sidecar's own parser: what is admitted here, it accepts.
+            tessera_proto::parse_reload_url(url)
+                .map_err(|e| Denial(format!("annotation {RELOAD_URL}: {e}")))?;
             Some(url.clone())
         }
     };
@@ -515,6 +508,11 @@ pub fn decide(
         return Ok(Decision::Inject(Box::new(pod), injected));
     };
     refuse_windows(spec)?;
+    if request.reload.signal.is_some() && spec.host_pid == Some(true) {
+        return Err(Denial(format!(
+            "annotation {RELOAD_SIGNAL} on a hostPID pod: the API server refuses shareProcessNamespace beside hostPID, and in the node's process namespace a name could match another pod's process; use {RELOAD_URL}, or {MODE}: env with tessera.dev/env-on-rotate"
+        )));
+    }
     let labels = injection
         .pod_labels_known
         .then(|| pod.metadata.labels.clone().unwrap_or_default());
@@ -562,14 +560,24 @@ pub fn decide(
         }
     }
     for container in app_containers(spec) {
-        if container
+        // Nested mounts fail at the runtime: the inner mount point cannot be
+        // made in a (read-only) volume, and the container never starts.
+        if let Some(existing) = container
             .volume_mounts
             .iter()
             .flatten()
-            .any(|m| m.mount_path.trim_end_matches('/') == request.mount_path)
+            .map(|m| m.mount_path.trim_end_matches('/'))
+            .find(|path| overlaps(path, &request.mount_path))
         {
+            let relation = if existing == request.mount_path {
+                "at"
+            } else if existing.starts_with(request.mount_path.as_str()) {
+                "below"
+            } else {
+                "above"
+            };
             return Err(Denial(format!(
-                "container `{}` already mounts something at {}; choose another path with {MOUNT_PATH}",
+                "container `{}` already mounts {existing}, {relation} {}; a mount inside another cannot be made at start, so choose a path apart from the container's mounts with {MOUNT_PATH}",
                 container.name, request.mount_path
             )));
         }
@@ -758,7 +766,28 @@ fn refuse_windows(spec: &PodSpec) -> Result<(), Denial> {
         .as_ref()
         .and_then(|s| s.get("kubernetes.io/os"))
         .map(String::as_str);
-    if os == Some("windows") || selected == Some("windows") {
+    // Required node affinity whose every term asks for Windows nodes only.
+    let terms = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    let windows_only = |term: &k8s_openapi::api::core::v1::NodeSelectorTerm| {
+        term.match_expressions.iter().flatten().any(|e| {
+            e.key == "kubernetes.io/os"
+                && e.operator == "In"
+                && e.values
+                    .as_ref()
+                    .is_some_and(|v| !v.is_empty() && v.iter().all(|v| v == "windows"))
+        })
+    };
+    let affinity = !terms.is_empty() && terms.iter().all(windows_only);
+    if os == Some("windows") || selected == Some("windows") || affinity {
         return Err(Denial(format!(
             "Windows pods cannot get the sidecar (a Linux container on an in-memory volume); run the workload on Linux nodes, or remove {INJECT} and call the broker from the app with {}",
             api_client::API_CLIENT

@@ -654,7 +654,9 @@ fn name_and_path_collisions_are_refused() {
         .as_array_mut()
         .unwrap()
         .push(json!({ "name": "kube-api-access-x", "mountPath": "/var/run/secrets/tessera/" }));
-    assert!(denial(&value).contains("container `app` already mounts something"));
+    assert!(denial(&value).contains(
+        "container `app` already mounts /var/run/secrets/tessera, at /var/run/secrets/tessera"
+    ));
     // Tessera's own directory (the sidecar's token) is not a place for the files.
     for reserved in [
         "/var/run/secrets/tessera.dev/serviceaccount",
@@ -1432,4 +1434,86 @@ fn a_pod_may_shorten_a_leased_bindings_ttl_and_nothing_else() {
             "{expected}: {message}"
         );
     }
+}
+
+#[test]
+fn defect_11_reload_urls_are_checked_by_the_sidecars_own_parser() {
+    let signal_free = |url: &str| with_annotation(deployment_pod(), inject::RELOAD_URL, url);
+    let message = denial(&signal_free("http://127.0.0.1:80@host:8080/"));
+    assert!(message.contains("user information"), "{message}");
+    injected(
+        &signal_free("http://127.0.0.1:9090/-/reload"),
+        SidecarMode::Native,
+    );
+}
+
+#[test]
+fn defect_12_reload_signal_on_a_host_pid_pod_is_refused_with_the_reason() {
+    let mut value = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP");
+    value = with_annotation(value, inject::RELOAD_PROCESS, "node_exporter");
+    value["spec"]["hostPID"] = json!(true);
+    value["spec"]["securityContext"]["runAsUser"] = json!(65534);
+    let message = denial(&value);
+    assert!(
+        message.contains("hostPID") && message.contains("reload-url"),
+        "{message}"
+    );
+}
+
+#[test]
+fn defect_12_env_mode_with_api_client_gives_the_wrapped_container_one_ca() {
+    let mut value = with_annotation(deployment_pod(), inject::MODE, "env");
+    value = with_annotation(value, api_client::API_CLIENT, "true");
+    value["spec"]["containers"][0]["command"] = json!(["/bin/orders"]);
+    let (pod, _) = injected(&value, SidecarMode::Native);
+    let app = &pod.spec.as_ref().unwrap().containers[0];
+    let cas: Vec<&str> = app
+        .env
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .filter(|n| n.starts_with("TESSERA_CA_"))
+        .collect();
+    assert_eq!(cas, ["TESSERA_CA_PEM"]);
+}
+
+#[test]
+fn defect_12_a_mount_path_above_or_below_an_existing_mount_is_refused() {
+    for (existing, path, relation) in [
+        ("/etc/grafana/grafana.ini", "/etc/grafana", "below"),
+        ("/app/config", "/app/config/tessera", "above"),
+    ] {
+        let mut value = with_annotation(deployment_pod(), inject::MOUNT_PATH, path);
+        value["spec"]["volumes"] = json!([{ "name": "cfg", "configMap": { "name": "c" } }]);
+        value["spec"]["containers"][0]["volumeMounts"] =
+            json!([{ "name": "cfg", "mountPath": existing, "subPath": "x" }]);
+        let message = denial(&value);
+        assert!(
+            message.contains(&format!("already mounts {existing}, {relation} {path}")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn defect_12_windows_chosen_by_node_affinity_is_refused() {
+    let mut value = deployment_pod();
+    value["spec"]["affinity"] = json!({ "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{ "matchExpressions": [
+            { "key": "kubernetes.io/os", "operator": "In", "values": ["windows"] }] }] } } });
+    assert!(denial(&value).contains("Windows pods"));
+    // Linux or either: injected.
+    value["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        [0]["matchExpressions"][0]["values"] = json!(["linux", "windows"]);
+    injected(&value, SidecarMode::Native);
+}
+
+#[test]
+fn defect_11_env_mode_refuses_an_empty_command_and_a_long_prefix() {
+    let mut value = with_annotation(deployment_pod(), inject::MODE, "env");
+    value["spec"]["containers"][0]["command"] = json!([""]);
+    assert!(denial(&value).contains("sets no `command`"));
+    value["spec"]["containers"][0]["command"] = json!(["/bin/orders"]);
+    let long = with_annotation(value, env_mode::ENV_PREFIX, &"P".repeat(33));
+    assert!(denial(&long).contains("33 characters, at most 32"));
 }
