@@ -15,6 +15,7 @@ mod exec;
 mod hardening;
 mod hardening_round3;
 mod in_cluster;
+mod install_doc;
 mod kubernetes;
 mod leases;
 mod lifecycle;
