@@ -46,12 +46,16 @@ ensure_postgres() {
   PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 }
 
-# start_postgres DIR: a private PostgreSQL cluster in DIR on a free port of
-# 127.0.0.1 with password (SCRAM) authentication. Sets PG_PORT, PG_PASSWORD
-# (of the superuser postgres) and PG_PID; stop it with `kill $PG_PID`.
+# start_postgres: a private PostgreSQL cluster in a new temporary directory
+# on a free port of 127.0.0.1 with password (SCRAM) authentication. Sets
+# PG_DIR (remove it when done), PG_PORT, PG_PASSWORD (of the superuser
+# postgres) and PG_PID; stop it with `kill $PG_PID`.
 start_postgres() {
-  local dir=$1 as=()
-  mkdir -p "$dir"
+  local as=() dir
+  dir=$(mktemp -d -t tessera-pg.XXXXXX)
+  PG_DIR=$dir
+  # The server runs as postgres (it refuses root): its directory only.
+  chmod 0755 "$dir"
   PG_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')
   PG_PORT=$(free_port)
   printf '%s' "$PG_PASSWORD" >"$dir/pw"
@@ -60,7 +64,8 @@ start_postgres() {
     as=(runuser -u postgres --)
   fi
   "${as[@]}" "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=scram-sha-256 -E UTF8 \
-    --pwfile="$dir/pw" >"$dir/initdb.log" 2>&1
+    --pwfile="$dir/pw" >"$dir/initdb.log" 2>&1 \
+    || { echo "initdb failed; its log ($dir/initdb.log):" >&2; cat "$dir/initdb.log" >&2; return 1; }
   rm -f "$dir/pw"
   "${as[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 \
     -o "-p $PG_PORT -k $dir -c listen_addresses=127.0.0.1" start >/dev/null

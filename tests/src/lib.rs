@@ -17,6 +17,7 @@ mod balancer;
 pub mod chart_readme;
 mod cluster;
 pub mod config;
+pub mod doc_commands;
 mod env;
 mod http;
 pub mod kubernetes;

@@ -8,38 +8,9 @@
 use std::process::Command;
 
 use tessera_tests::{
-    Cluster, OpenBao, Postgres, bao_binary, kubernetes::kubectl_binary, simple_policy,
-    workspace_root,
+    Cluster, OpenBao, Postgres, bao_binary, doc_commands::commands, kubernetes::kubectl_binary,
+    simple_policy, workspace_root,
 };
-
-/// The commands of the document's `sh` blocks, continuation lines joined;
-/// `#   command` lines (documented alternatives) included.
-fn commands(doc: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut in_block = false;
-    let mut current = String::new();
-    for line in doc.lines() {
-        if line.starts_with("```") {
-            in_block = line == "```sh";
-            continue;
-        }
-        if !in_block {
-            continue;
-        }
-        let line = line.strip_prefix("#   ").unwrap_or(line);
-        if current.is_empty() && (line.starts_with('#') || line.trim().is_empty()) {
-            continue;
-        }
-        match line.strip_suffix('\\') {
-            Some(part) => current.push_str(part),
-            None => {
-                current.push_str(line);
-                out.push(std::mem::take(&mut current));
-            }
-        }
-    }
-    out
-}
 
 /// The `hcl` block: the broker's Vault policy.
 fn hcl(doc: &str) -> String {
@@ -134,7 +105,9 @@ async fn every_command_in_install_md_runs_as_documented() {
         "discovery, JWKS URL, public key: {configs:#?}"
     );
 
-    // Each way of giving Vault the keys lets the broker log in.
+    // Each way of giving Vault the keys lets the broker log in (its
+    // service account, whatever the document did with the release since).
+    cluster.service_account("tessera", "tessera");
     let token = cluster.token("tessera", "tessera", "vault", None, 600);
     for config in &configs {
         let output = run(config);

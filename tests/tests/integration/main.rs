@@ -25,6 +25,7 @@ mod outage;
 mod pod_shapes;
 mod policy;
 mod python;
+mod quickstart;
 mod secrecy;
 mod sidecar;
 mod tls;
