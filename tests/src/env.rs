@@ -602,8 +602,19 @@ impl Env {
     /// shared handle key, Kubernetes API) on ports of its own, auditing to
     /// `audit-<name>.jsonl`.
     pub async fn start_replica(&self, name: &str) -> Replica {
+        self.start_replica_with(name, |_| {}).await
+    }
+
+    /// Starts another replica, as [`Env::start_replica`], with `edit` made
+    /// to its configuration.
+    pub async fn start_replica_with(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut BrokerConfig),
+    ) -> Replica {
         let port = free_port();
         let mut config = self.config.clone();
+        edit(&mut config);
         config.listen = format!("127.0.0.1:{port}");
         config.admin.listen = format!("127.0.0.1:{}", free_port());
         config.webhook.listen = format!("127.0.0.1:{}", free_port());

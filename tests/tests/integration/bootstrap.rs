@@ -160,3 +160,65 @@ async fn an_emptied_ca_bundle_is_restored_and_a_due_certificate_is_renewed_under
         .unwrap();
     assert_eq!(answer.into_inner().status, 1, "SERVING");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_started_together_settle_on_one_ca_and_one_handle_key() {
+    let mut env = Env::start_with(&db_policy("10m", "0.7", "5s"), bootstrapped()).await;
+    env.broker.kill();
+    let cluster = env.kube.as_ref().unwrap();
+    cluster.run(&[
+        "delete",
+        "secret",
+        "tessera-tls",
+        "tessera-handle-key",
+        "-n",
+        "tessera",
+    ]);
+    // Three replicas of a fresh install start at once, each with its own
+    // in-memory volume: their creates race (the losers get 409 Conflict).
+    let own_volume = |name: &'static str| {
+        move |config: &mut tessera_tests::BrokerConfig| {
+            let dir = format!("bootstrap-{name}");
+            config.tls.cert_file = format!("{dir}/tls.crt");
+            config.tls.key_file = format!("{dir}/tls.key");
+            config.webhook.sidecar.ca_file = format!("{dir}/ca.crt");
+            config.bootstrap.as_mut().unwrap().directory = dir;
+        }
+    };
+    let (a, b, c) = tokio::join!(
+        env.start_replica_with("a", own_volume("a")),
+        env.start_replica_with("b", own_volume("b")),
+        env.start_replica_with("c", own_volume("c")),
+    );
+    let read = |name: &str, file: &str| {
+        std::fs::read(env.dir.path().join(format!("bootstrap-{name}/{file}"))).unwrap()
+    };
+    assert_eq!(read("a", "ca.crt"), read("b", "ca.crt"));
+    assert_eq!(read("a", "ca.crt"), read("c", "ca.crt"));
+    let tls = secret(&env, "tessera-tls").unwrap();
+    assert_eq!(
+        base64(&read("a", "ca.crt")),
+        data(&tls, "ca.crt"),
+        "the Secret's CA"
+    );
+    let created: usize = [&a, &b, &c]
+        .iter()
+        .map(|r| {
+            r.proc
+                .output()
+                .matches("created the serving CA and certificate")
+                .count()
+        })
+        .sum();
+    assert_eq!(created, 1, "one replica's create won");
+    let keys: usize = [&a, &b, &c]
+        .iter()
+        .map(|r| {
+            r.proc
+                .output()
+                .matches("created the lease handle key")
+                .count()
+        })
+        .sum();
+    assert_eq!(keys, 1);
+}
