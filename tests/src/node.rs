@@ -471,8 +471,8 @@ fn rewrite(text: &str, container: &Container, volumes: &BTreeMap<String, PathBuf
     // Longest first, so a nested mount wins.
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
     for (path, dir) in mounts {
-        if text.starts_with(path) {
-            return format!("{}{}", dir.display(), &text[path.len()..]);
+        if let Some(rest) = text.strip_prefix(path) {
+            return format!("{}{rest}", dir.display());
         }
         if text.contains(path) {
             return text.replace(path, &dir.display().to_string());

@@ -260,11 +260,20 @@ impl Engine {
                     .await
                     .map_err(Self::vault_error(binding))?;
                 let lease = LeaseId::new(leased.lease_id);
+                // The role's TTL may be longer than the binding's (or than a
+                // pod asked for, `max_ttl_seconds`): the credential must never
+                // end later than asked, so the lease is cut down to it now.
+                let ttl = if leased.ttl > binding.ttl {
+                    self.shorten(binding, &lease, leased.renewable, &vault_stamp)
+                        .await?
+                } else {
+                    leased.ttl
+                };
                 let live = Live {
                     binding: binding.clone(),
                     version: lease.version(),
                     issued_at: leased.issued,
-                    not_after: Some(leased.issued + leased.ttl),
+                    not_after: Some(leased.issued + ttl),
                     renewable: leased.renewable,
                     lease: Some(lease),
                     handle: Handle::default(),
@@ -454,6 +463,45 @@ impl Engine {
             jitter,
             SystemTime::now(),
         ))
+    }
+
+    /// Cuts a just-issued lease down to the binding's TTL (a renewal with
+    /// that increment sets its end); returns the lifetime it has. A lease
+    /// that cannot be cut down is revoked rather than delivered.
+    ///
+    /// # Errors
+    /// A Vault [`Error`], the lease revoked.
+    async fn shorten(
+        &self,
+        binding: &Binding,
+        lease: &LeaseId,
+        renewable: bool,
+        vault_stamp: &str,
+    ) -> Result<Duration, Error> {
+        let cut = if renewable {
+            self.vault
+                .lease_renew(lease.expose(), binding.ttl, Some(vault_stamp))
+                .await
+        } else {
+            Err(VaultError::Invalid(format!(
+                "shortening a non-renewable lease of {} to the binding's ttl {} (make the Vault role's default_ttl at most the binding's ttl)",
+                lease.expose(),
+                crate::policy::format_duration(binding.ttl)
+            )))
+        };
+        match cut {
+            Ok(granted) => Ok(granted.min(binding.ttl)),
+            Err(error) => {
+                if let Err(revoke) = self
+                    .vault
+                    .lease_revoke(lease.expose(), Some(vault_stamp))
+                    .await
+                {
+                    tracing::warn!(binding = %binding.name, error = %revoke, "a lease that could not be shortened could not be revoked either; it ends by its TTL");
+                }
+                Err(Self::vault_error(binding)(error))
+            }
+        }
     }
 
     /// Renews `live` if Vault will extend it meaningfully; otherwise issues

@@ -267,15 +267,14 @@ fn without_additions(pod: &Value, baseline: bool) -> Value {
         }
     }
     // The group the files are shared with, when the pod named none.
-    if !baseline {
-        if let Some(map) = spec
+    if !baseline
+        && let Some(map) = spec
             .get_mut("securityContext")
             .and_then(Value::as_object_mut)
-            && map.get("fsGroup") == Some(&json!(65532))
-        {
-            map.remove("fsGroup");
-            map.remove("fsGroupChangePolicy");
-        }
+        && map.get("fsGroup") == Some(&json!(65532))
+    {
+        map.remove("fsGroup");
+        map.remove("fsGroupChangePolicy");
     }
     // The ServiceAccount admission plugin names its volume with a random suffix.
     let text = pod.to_string();
