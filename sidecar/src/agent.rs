@@ -18,7 +18,7 @@ use tessera_client::retry::{self, Backoff, Reaction};
 
 use crate::{
     client::{self, BrokerTarget, SetupError},
-    notify::Notify,
+    notify::{Notifier, Notify},
     status::{Status, Vouched},
     writer::{Access, Fields, Meta, WriteError, Writer},
 };
@@ -324,10 +324,11 @@ pub async fn run(
     // Bindings whose lease the broker lost: their handles are not presented
     // again until a new credential replaces them.
     let mut lost = BTreeSet::new();
+    let notifier = Notifier::start(job.notify.clone());
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            result = watch_once(job, &mut backoff, &mut status, &mut unwritten, &mut lost) => result,
+            result = watch_once(job, &notifier, &mut backoff, &mut status, &mut unwritten, &mut lost) => result,
         };
         if let Err(error) = &result {
             status.stale(&error.to_string());
@@ -410,6 +411,7 @@ const WRITE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::fro
 
 async fn watch_once(
     job: &Job,
+    notifier: &Notifier,
     backoff: &mut Backoff,
     status: &mut Status,
     unwritten: &mut Unwritten,
@@ -451,7 +453,7 @@ async fn watch_once(
             () = sleep_until(retry_at) => {
                 retry_at = None;
                 for (binding, version) in unwritten.retry(&job.writer, status) {
-                    job.notify.rotated(&binding, &version).await;
+                    notifier.rotated(&binding, &version);
                 }
                 status.write(job.writer.out());
                 continue;
@@ -476,7 +478,7 @@ async fn watch_once(
             status.write(job.writer.out());
             backoff.reset();
             if let Delivery::Written(true) = delivery {
-                job.notify.rotated(&binding, &version).await;
+                notifier.rotated(&binding, &version);
                 return Ok(Ended::Rotated);
             }
         }

@@ -95,6 +95,54 @@ fn pids(target: &Target) -> Vec<Pid> {
     }
 }
 
+/// Runs the app's notifications off the delivery path: a slow or hung hook
+/// delays only later notifications, never a write or the stream. Rotations
+/// that arrive while a hook runs are coalesced per binding (its latest
+/// version), so what waits is bounded by the pod's bindings.
+#[derive(Clone)]
+pub struct Notifier {
+    pending: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Notifier {
+    /// Starts the task that runs `notify`'s hooks; it ends with the process.
+    pub fn start(notify: Notify) -> Self {
+        let notifier = Self {
+            pending: std::sync::Arc::default(),
+            wake: std::sync::Arc::default(),
+        };
+        if !notify.is_empty() {
+            let worker = notifier.clone();
+            tokio::spawn(async move {
+                loop {
+                    worker.wake.notified().await;
+                    let batch = std::mem::take(
+                        &mut *worker
+                            .pending
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    );
+                    for (binding, version) in batch {
+                        notify.rotated(&binding, &version).await;
+                    }
+                }
+            });
+        }
+        notifier
+    }
+
+    /// Queues the notification that `binding` rotated to `version`; returns
+    /// at once.
+    pub fn rotated(&self, binding: &str, version: &str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(binding.to_owned(), version.to_owned());
+        self.wake.notify_one();
+    }
+}
+
 impl Notify {
     /// Whether anything is configured.
     pub fn is_empty(&self) -> bool {

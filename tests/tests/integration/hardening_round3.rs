@@ -616,3 +616,53 @@ async fn defect_5_a_narrowed_database_lease_ends_when_asked_and_is_renewed_not_r
         "{users} leases: one for the fetch, one for the stream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_11_a_hung_reload_endpoint_does_not_hold_up_delivery() {
+    let policy = simple_policy("app", "shop", "orders", "shop/orders")
+        + "  - name: other\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/other } }\n";
+    let env = Env::start(&policy).await;
+    env.bao.put("shop/orders", &json!({ "k": "one" })).await;
+    env.bao.put("shop/other", &json!({ "k": "one" })).await;
+    // An app endpoint that accepts and never answers (the sidecar gives up
+    // on it after 10 s).
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in hung.incoming().take(4).flatten() {
+            open.push(stream);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let out = env.tmpfs_out();
+    let read = |binding: &str| std::fs::read_to_string(out.path().join(binding).join("k")).ok();
+    let _run = env.sidecar_run_with(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["app", "other"],
+        &["--notify-url", &format!("http://127.0.0.1:{port}/-/reload")],
+    );
+    tessera_tests::wait_for(Duration::from_secs(20), "delivery", || {
+        (read("app")? == "one" && read("other")? == "one").then_some(())
+    })
+    .await;
+    env.bao.put("shop/orders", &json!({ "k": "two" })).await;
+    tessera_tests::wait_for(Duration::from_secs(10), "the first rotation", || {
+        (read("app")? == "two").then_some(())
+    })
+    .await;
+    // The hook for `app` hangs; `other`'s change still arrives at once.
+    let started = Instant::now();
+    env.bao.put("shop/other", &json!({ "k": "two" })).await;
+    tessera_tests::wait_for(Duration::from_secs(20), "the second rotation", || {
+        (read("other")? == "two").then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "held up {:?} by the hung reload endpoint",
+        started.elapsed()
+    );
+    drop(held);
+}
