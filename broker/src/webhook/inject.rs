@@ -542,7 +542,7 @@ pub fn decide(
         );
     }
     let mounted = mount_containers(annotations, spec)?;
-    let resources = sidecar_resources(annotations, injection)?;
+    let resources = fit_pod(spec, sidecar_resources(annotations, injection)?)?;
     let choice = readers(spec, policy.limits.image_user, injection.run_as_user)?;
     let signal_as = request
         .reload
@@ -871,6 +871,91 @@ fn max_ttl(
         asked.push(format!("{name}={}s", ttl.as_secs()));
     }
     Ok((!asked.is_empty()).then(|| asked.join(",")))
+}
+
+/// The sidecar's resources fitted to the pod: in a Guaranteed pod (every
+/// container's requests equal its limits) the sidecar's requests are raised
+/// to its limits so the pod keeps its QoS class; within pod-level
+/// `spec.resources` (on by default since Kubernetes 1.34) the containers'
+/// requests plus the sidecar's must fit, or the API server would refuse the
+/// pod with a 422 its owner cannot place; that is refused here, with the
+/// numbers.
+fn fit_pod(
+    spec: &PodSpec,
+    mut resources: ResourceRequirements,
+) -> Result<ResourceRequirements, Denial> {
+    let value = |map: Option<&BTreeMap<String, Quantity>>, resource: &str| {
+        map.and_then(|m| m.get(resource))
+            .and_then(|q| quantity_value(&q.0))
+    };
+    let containers: Vec<&Container> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .collect();
+    let guaranteed = containers.iter().all(|c| {
+        let r = c.resources.as_ref();
+        ["cpu", "memory"].iter().all(|resource| {
+            let limit = value(r.and_then(|r| r.limits.as_ref()), resource);
+            let request = value(r.and_then(|r| r.requests.as_ref()), resource).or(limit);
+            limit.is_some() && request == limit
+        })
+    });
+    if guaranteed && let Some(limits) = resources.limits.clone() {
+        let requests = resources.requests.get_or_insert_with(Default::default);
+        for resource in ["cpu", "memory"] {
+            if let Some(limit) = limits.get(resource) {
+                requests.insert(resource.to_owned(), limit.clone());
+            }
+        }
+    }
+    let Some(pod) = spec.resources.as_ref() else {
+        return Ok(resources);
+    };
+    let show = |resource: &str, v: f64| {
+        if resource == "cpu" {
+            format!("{}m", (v * 1000.0).round())
+        } else {
+            format!("{}Mi", (v / 1_048_576.0).ceil())
+        }
+    };
+    for resource in ["cpu", "memory"] {
+        let sidecar_request = value(resources.requests.as_ref(), resource).unwrap_or(0.0);
+        if let Some(budget) = value(pod.requests.as_ref(), resource) {
+            let used: f64 = spec
+                .containers
+                .iter()
+                .filter_map(|c| {
+                    value(
+                        c.resources.as_ref().and_then(|r| r.requests.as_ref()),
+                        resource,
+                    )
+                })
+                .sum();
+            if used + sidecar_request > budget {
+                return Err(Denial(format!(
+                    "the pod's spec.resources.requests.{resource} is {}; its containers request {} and Tessera's sidecar {} more: raise the pod-level request to at least {}",
+                    show(resource, budget),
+                    show(resource, used),
+                    show(resource, sidecar_request),
+                    show(resource, used + sidecar_request)
+                )));
+            }
+        }
+        if let (Some(budget), Some(limit)) = (
+            value(pod.limits.as_ref(), resource),
+            value(resources.limits.as_ref(), resource),
+        ) && limit > budget
+        {
+            return Err(Denial(format!(
+                "the pod's spec.resources.limits.{resource} is {}, below the sidecar's limit {}: raise it, or lower the sidecar's with tessera.dev/sidecar-{resource}",
+                show(resource, budget),
+                show(resource, limit)
+            )));
+        }
+    }
+    Ok(resources)
 }
 
 /// The sidecar's requests and limits: the platform's, with the limits a

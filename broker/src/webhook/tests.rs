@@ -1517,3 +1517,41 @@ fn defect_11_env_mode_refuses_an_empty_command_and_a_long_prefix() {
     let long = with_annotation(value, env_mode::ENV_PREFIX, &"P".repeat(33));
     assert!(denial(&long).contains("33 characters, at most 32"));
 }
+
+fn sidecar_of(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
+    &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0]
+}
+
+#[test]
+fn defect_12_a_guaranteed_pod_stays_guaranteed() {
+    let mut value = deployment_pod();
+    value["spec"]["containers"][0]["resources"] = json!({
+        "requests": { "cpu": "500m", "memory": "256Mi" },
+        "limits": { "cpu": "500m", "memory": "256Mi" } });
+    let (pod, _) = injected(&value, SidecarMode::Native);
+    let resources = sidecar_of(&pod).resources.as_ref().unwrap();
+    assert_eq!(
+        resources.requests, resources.limits,
+        "requests = limits keeps the QoS class"
+    );
+    // A Burstable pod keeps the sidecar's small requests.
+    let (pod, _) = injected(&deployment_pod(), SidecarMode::Native);
+    let resources = sidecar_of(&pod).resources.as_ref().unwrap();
+    assert_ne!(resources.requests, resources.limits);
+}
+
+#[test]
+fn defect_12_pod_level_resources_must_hold_the_sidecar() {
+    let mut value = deployment_pod();
+    value["spec"]["containers"][0]["resources"] = json!({ "requests": { "cpu": "500m" } });
+    value["spec"]["resources"] = json!({ "requests": { "cpu": "500m", "memory": "1Gi" } });
+    let message = denial(&value);
+    assert!(
+        message.contains("spec.resources.requests.cpu is 500m; its containers request 500m and Tessera's sidecar 5m more: raise the pod-level request to at least 505m"),
+        "{message}"
+    );
+    value["spec"]["resources"]["requests"]["cpu"] = json!("1");
+    injected(&value, SidecarMode::Native);
+    value["spec"]["resources"]["limits"] = json!({ "memory": "16Mi" });
+    assert!(denial(&value).contains("below the sidecar's limit 32Mi"));
+}

@@ -113,6 +113,14 @@ fn shapes() -> Vec<(&'static str, Value, Value)> {
             "resources": { "requests": { "cpu": "500m", "memory": "256Mi" }, "limits": { "cpu": "500m", "memory": "256Mi" } } }] }),
         ),
         (
+            "pod-level resources (Kubernetes 1.34+)",
+            files.clone(),
+            json!({
+                "resources": { "requests": { "cpu": "1", "memory": "512Mi" }, "limits": { "cpu": "2", "memory": "1Gi" } },
+                "containers": [{ "name": "app", "image": "registry.example/app:1",
+                                 "resources": { "requests": { "cpu": "500m", "memory": "256Mi" } } }] }),
+        ),
+        (
             "probes",
             files.clone(),
             json!({ "containers": [{ "name": "web", "image": "registry.example/web:1",
