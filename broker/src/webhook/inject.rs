@@ -198,8 +198,15 @@ fn parse_reload(annotations: &BTreeMap<String, String>, once: bool) -> Result<Re
                     SIGNALS.join(", ")
                 )));
             }
+            if process.len() > 15 && !process.contains(|c: char| c == '/' || c.is_control()) {
+                let shown: String = process.chars().take(15).collect();
+                return Err(Denial(format!(
+                    "annotation {RELOAD_PROCESS}: `{}` is longer than the 15 characters the kernel keeps of a process name; write what `ps` shows: `{}`",
+                    process.escape_debug(),
+                    shown.escape_debug()
+                )));
+            }
             if process.is_empty()
-                || process.len() > 15
                 || process.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control())
             {
                 return Err(Denial(format!(
@@ -492,6 +499,10 @@ pub fn decide(
     if already_injected(annotations, spec)? {
         return Ok(Decision::Skip("already injected"));
     }
+    // Windows first: no DNS setting would make the sidecar run there.
+    if request.is_some() {
+        refuse_windows(spec)?;
+    }
     reaches_broker(spec, injection)?;
     let Some(request) = request else {
         let mut pod = pod.clone();
@@ -507,7 +518,6 @@ pub fn decide(
         record(&mut pod, &injected);
         return Ok(Decision::Inject(Box::new(pod), injected));
     };
-    refuse_windows(spec)?;
     if request.reload.signal.is_some() && spec.host_pid == Some(true) {
         return Err(Denial(format!(
             "annotation {RELOAD_SIGNAL} on a hostPID pod: the API server refuses shareProcessNamespace beside hostPID, and in the node's process namespace a name could match another pod's process; use {RELOAD_URL}, or {MODE}: env with tessera.dev/env-on-rotate"
@@ -551,6 +561,12 @@ pub fn decide(
         .map(|_| app_user(spec))
         .transpose()?;
     let mut warnings = Vec::new();
+    if spec.dns_policy.as_deref() == Some("None") {
+        warnings.push(format!(
+            "dnsPolicy: None: the pod's dnsConfig must resolve the broker's address {} or the sidecar cannot start",
+            injection.broker_address
+        ));
+    }
     let metrics_port = metrics_port(spec, injection, &mut warnings);
     for name in [CREDENTIALS_VOLUME, TOKEN_VOLUME] {
         if spec.volumes.iter().flatten().any(|v| v.name == name) {
@@ -687,9 +703,28 @@ fn app_user(spec: &PodSpec) -> Result<i64, Denial> {
         .collect();
     match users.into_iter().collect::<Vec<_>>().as_slice() {
         [Some(user)] if *user > 0 => Ok(*user),
-        _ => Err(Denial(format!(
-            "annotation {RELOAD_SIGNAL}: the sidecar may signal only processes of its own user (it drops every capability), so the app's containers must run as one non-root runAsUser; set it, or reload with {RELOAD_URL}"
-        ))),
+        _ => {
+            let each: Vec<String> = spec
+                .containers
+                .iter()
+                .map(|c| {
+                    let user = c
+                        .security_context
+                        .as_ref()
+                        .and_then(|s| s.run_as_user)
+                        .or(pod_user);
+                    format!(
+                        "`{}` as {}",
+                        c.name,
+                        user.map_or_else(|| "its image's user".to_owned(), |u| u.to_string())
+                    )
+                })
+                .collect();
+            Err(Denial(format!(
+                "annotation {RELOAD_SIGNAL}: the sidecar may signal only processes of its own user (it drops every capability), so the app's containers must run as one non-root runAsUser, and they run {}; set one, or reload with {RELOAD_URL}",
+                each.join(", ")
+            )))
+        }
     }
 }
 
@@ -753,7 +788,7 @@ fn reaches_broker(spec: &PodSpec, injection: &Injection) -> Result<(), Denial> {
         _ => return Ok(()),
     };
     Err(Denial(format!(
-        "the pod resolves names with its node's resolver ({resolver}), which cannot resolve the broker's address {host}: set spec.dnsPolicy: {fix}"
+        "the pod resolves names with its node's resolver ({resolver}), which cannot resolve the broker's address {host}: set spec.dnsPolicy: {fix} (a pod the cluster's DNS itself runs in, such as CoreDNS, cannot use the cluster's DNS: do not inject it)"
     )))
 }
 
@@ -1058,13 +1093,20 @@ fn inject_env(
     if api_client {
         api_client::add(&mut pod, injection, ca_pem)?;
     }
+    // What env mode has no use for is said, not silently dropped.
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let warnings = [MOUNT_PATH, MOUNT_CONTAINERS, SIDECAR_CPU, SIDECAR_MEMORY]
+        .into_iter()
+        .filter(|key| annotations.contains_key(*key))
+        .map(|key| format!("annotation {key} is ignored with {MODE}: env (there is no credentials volume and no sidecar)"))
+        .collect();
     let injected = Injected {
         shape: Some(Shape::Exec),
         bindings: bindings.to_vec(),
         mount_path: String::new(),
         readers: format!("the environment of {}", wrapped.join(", ")),
         api_client,
-        warnings: Vec::new(),
+        warnings,
     };
     record(&mut pod, &injected);
     Ok(Decision::Inject(Box::new(pod), injected))

@@ -152,6 +152,9 @@ fn parse_templates(value: &str) -> Result<BTreeMap<String, String>, String> {
         let text = e.to_string();
         if value.contains('*') && text.contains("budget") {
             "YAML aliases (`*name`) and anchors (`&name`) are not allowed here; write each template out".to_owned()
+        } else if value.contains(": {{") {
+            // `file: {{ field }}` is a YAML map inside a map, not text.
+            "a template starting with `{{` must be quoted (file: \"{{ field }}\")".to_owned()
         } else {
             text
         }

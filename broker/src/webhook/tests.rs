@@ -571,7 +571,7 @@ fn pods_on_the_nodes_resolver_are_refused_unless_they_can_resolve_the_broker() {
     assert!(message.contains("(hostNetwork: true)"), "{message}");
     assert!(message.contains("tessera.tessera.svc"), "{message}");
     assert!(
-        message.ends_with("set spec.dnsPolicy: ClusterFirstWithHostNet"),
+        message.contains("set spec.dnsPolicy: ClusterFirstWithHostNet"),
         "{message}"
     );
     value["spec"]["dnsPolicy"] = json!("ClusterFirstWithHostNet");
@@ -582,7 +582,7 @@ fn pods_on_the_nodes_resolver_are_refused_unless_they_can_resolve_the_broker() {
 
     let mut value = deployment_pod();
     value["spec"]["dnsPolicy"] = json!("Default");
-    assert!(denial(&value).ends_with("set spec.dnsPolicy: ClusterFirst"));
+    assert!(denial(&value).contains("set spec.dnsPolicy: ClusterFirst "));
     // An API-client-only pod calls the broker too.
     let mut api_only = value.clone();
     api_only["metadata"]["annotations"] = json!({ "tessera.dev/api-client": "true" });
@@ -1030,7 +1030,7 @@ fn reload_annotations_that_cannot_work_are_refused_by_name() {
         ),
         (
             signal(one_user.clone(), "HUP", "a-very-long-process-name"),
-            "is not a process name",
+            "write what `ps` shows: `a-very-long-pro`",
         ),
         (
             signal(deployment_pod(), "HUP", "nginx"),
@@ -1554,4 +1554,70 @@ fn defect_12_pod_level_resources_must_hold_the_sidecar() {
     injected(&value, SidecarMode::Native);
     value["spec"]["resources"]["limits"] = json!({ "memory": "16Mi" });
     assert!(denial(&value).contains("below the sidecar's limit 32Mi"));
+}
+
+#[test]
+fn defect_12_refusals_that_help() {
+    // Windows with hostNetwork: told about Windows, not DNS.
+    let mut windows = deployment_pod();
+    windows["spec"]["nodeSelector"] = json!({ "kubernetes.io/os": "windows" });
+    windows["spec"]["hostNetwork"] = json!(true);
+    assert!(
+        denial(&windows).contains("Windows pods"),
+        "{}",
+        denial(&windows)
+    );
+    // An unquoted template gets the fix, not a raw YAML error.
+    let unquoted = with_annotation(
+        deployment_pod(),
+        "tessera.dev/templates.orders-db",
+        "dsn: {{ password }}",
+    );
+    assert!(
+        denial(&unquoted).contains("must be quoted"),
+        "{}",
+        denial(&unquoted)
+    );
+    // A long process name is told the name the kernel shows.
+    let mut long = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP");
+    long = with_annotation(long, inject::RELOAD_PROCESS, "prometheus-config-reloader");
+    long["spec"]["securityContext"]["runAsUser"] = json!(1000);
+    assert!(
+        denial(&long).contains("write what `ps` shows: `prometheus-conf`"),
+        "{}",
+        denial(&long)
+    );
+    // Mixed users: the containers are named.
+    let mut mixed = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP");
+    mixed = with_annotation(mixed, inject::RELOAD_PROCESS, "orders");
+    mixed["spec"]["containers"][0]["securityContext"] = json!({ "runAsUser": 1000 });
+    mixed["spec"]["containers"].as_array_mut().unwrap().push(
+        json!({ "name": "cache", "image": "redis:7", "securityContext": { "runAsUser": 999 } }),
+    );
+    assert!(
+        denial(&mixed).contains("`app` as 1000, `cache` as 999"),
+        "{}",
+        denial(&mixed)
+    );
+    // Env mode says what it ignores; dnsPolicy None gets a warning.
+    let mut env = with_annotation(deployment_pod(), inject::MODE, "env");
+    env = with_annotation(env, inject::MOUNT_PATH, "/etc/creds");
+    env["spec"]["containers"][0]["command"] = json!(["/bin/orders"]);
+    let (_, record) = injected(&env, SidecarMode::Native);
+    assert!(
+        record
+            .warnings
+            .iter()
+            .any(|w| w.contains("tessera.dev/mount-path is ignored"))
+    );
+    let mut none = deployment_pod();
+    none["spec"]["dnsPolicy"] = json!("None");
+    none["spec"]["dnsConfig"] = json!({ "nameservers": ["10.96.0.10"] });
+    let (_, record) = injected(&none, SidecarMode::Native);
+    assert!(
+        record
+            .warnings
+            .iter()
+            .any(|w| w.contains("dnsPolicy: None"))
+    );
 }
