@@ -159,6 +159,14 @@ impl From<Error> for Status {
             _ if code == Code::Unavailable => Some(Duration::from_secs(1)),
             _ => None,
         };
+        // One binding's source, not the request: say which, so a client can
+        // ask for the others without it.
+        if code == Code::FailedPrecondition
+            && let Some(binding) = error.binding()
+        {
+            return tessera_proto::reason::StreamEnd::BindingUnservable
+                .status_for(message, Some(binding));
+        }
         match retry_after {
             Some(delay) => Status::with_error_details(
                 code,

@@ -406,7 +406,8 @@ impl Watching {
                 self.delay = self.backoff.next_delay();
                 None
             }
-            Reaction::Slow => {
+            // A watch here is of one set of bindings, all or none.
+            Reaction::Slow | Reaction::SetAside(_) => {
                 self.delay = BACKOFF.1;
                 None
             }

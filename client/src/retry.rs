@@ -18,6 +18,9 @@ pub enum Reaction {
     DropHandle(String),
     /// The binding's source cannot be served as it stands: ask again slowly.
     Slow,
+    /// This binding's source cannot be served as it stands: ask for the
+    /// others without it now, and for it alone, slowly.
+    SetAside(String),
     /// Reconnect with backoff.
     Backoff,
     /// Retrying cannot help (denied, invalid request).
@@ -35,6 +38,10 @@ impl Reaction {
             Some(StreamEnd::LeaseLost) => match StreamEnd::binding(status) {
                 Some(binding) => Self::DropHandle(binding),
                 None => Self::Backoff,
+            },
+            Some(StreamEnd::BindingUnservable) => match StreamEnd::binding(status) {
+                Some(binding) => Self::SetAside(binding),
+                None => Self::Slow,
             },
             None if status.code() == Code::FailedPrecondition => Self::Slow,
             None if is_retryable(status.code()) => Self::Backoff,

@@ -27,15 +27,21 @@ pub enum StreamEnd {
     /// stream (changed its source or withdrew the grant). Reconnect now: the
     /// new stream follows the new policy, or is refused with the reason.
     PolicyChanged,
+    /// One binding's source cannot be served as it stands (a KV key that is
+    /// no safe file name, two outputs of one name, Vault refusing its path):
+    /// `FAILED_PRECONDITION`, the binding in the metadata. The others can be
+    /// asked for without it; it can be asked for again, slowly, on its own.
+    BindingUnservable,
 }
 
 impl StreamEnd {
     /// Every reason.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::TokenExpired,
         Self::ShuttingDown,
         Self::LeaseLost,
         Self::PolicyChanged,
+        Self::BindingUnservable,
     ];
 
     /// The stable `ErrorInfo.reason`.
@@ -45,6 +51,7 @@ impl StreamEnd {
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::LeaseLost => "LEASE_LOST",
             Self::PolicyChanged => "POLICY_CHANGED",
+            Self::BindingUnservable => "BINDING_UNSERVABLE",
         }
     }
 
@@ -54,6 +61,7 @@ impl StreamEnd {
             Self::TokenExpired => Code::Unauthenticated,
             Self::ShuttingDown | Self::LeaseLost => Code::Unavailable,
             Self::PolicyChanged => Code::Aborted,
+            Self::BindingUnservable => Code::FailedPrecondition,
         }
     }
 

@@ -73,6 +73,14 @@ pub struct Job {
 }
 
 impl Job {
+    /// This job for the bindings `keep` accepts (and their TTLs only).
+    fn only(&self, keep: impl Fn(&str) -> bool) -> Job {
+        let mut job = self.clone();
+        job.bindings.retain(|b| keep(b));
+        job.max_ttl.retain(|b, _| keep(b));
+        job
+    }
+
     /// The handles the pod holds: those of credentials delivered but not yet
     /// written, else those stored with the bindings' current files.
     fn held(&self, unwritten: &Unwritten) -> Vec<Held> {
@@ -243,6 +251,41 @@ pub async fn who_am_i(target: &BrokerTarget) -> Result<WhoAmIResponse, AgentErro
 /// An [`AgentError`]; files already written stay.
 #[tracing::instrument(name = "sidecar.once", skip_all, fields(bindings = job.bindings.len()))]
 pub async fn once(job: &Job) -> Result<(), AgentError> {
+    // A binding the broker cannot serve as its source stands is left out and
+    // the others are fetched without it: the pod gets what can be served,
+    // and the refusal is still the answer (the init container fails and the
+    // kubelet runs it again; what was written is resumed, not re-issued).
+    let mut aside = BTreeSet::new();
+    let mut refused = None;
+    loop {
+        let active = job.only(|b| !aside.contains(b));
+        if active.bindings.is_empty() {
+            break;
+        }
+        match fetch_and_write(&active).await {
+            Err(AgentError::Broker(status)) => match Reaction::to(&status) {
+                Reaction::SetAside(binding) if !aside.contains(&binding) => {
+                    tracing::warn!(%binding, message = status.message(), "the broker cannot serve this binding as its source stands; writing the others without it");
+                    let mut file_status = Status::read(job.writer.out());
+                    file_status.unservable(&binding, status.message());
+                    file_status.write(job.writer.out());
+                    aside.insert(binding);
+                    refused.get_or_insert(AgentError::Broker(status));
+                }
+                _ => return Err(AgentError::Broker(status)),
+            },
+            other => {
+                other?;
+                break;
+            }
+        }
+    }
+    refused.map_or(Ok(()), Err)
+}
+
+/// Fetches every binding of `job` and writes them, all or none from the
+/// broker's side.
+async fn fetch_and_write(job: &Job) -> Result<(), AgentError> {
     let mut client = job.target.client()?;
     let mut unwritten = Unwritten::default();
     let request = client::request(
@@ -325,12 +368,53 @@ pub async fn run(
     // again until a new credential replaces them.
     let mut lost = BTreeSet::new();
     let notifier = Notifier::start(job.notify.clone());
+    // Bindings the broker cannot serve as their sources stand, and when to
+    // ask for each again, alone: the others are watched without them, so
+    // one bad secret never costs the pod its other credentials or leases.
+    let mut aside: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     loop {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = aside
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(binding, _)| binding.clone())
+            .collect();
+        for binding in due {
+            match once(&job.only(|b| b == binding)).await {
+                Ok(()) => {
+                    tracing::info!(%binding, "the binding set aside is served again");
+                    aside.remove(&binding);
+                    status = Status::read(job.writer.out());
+                }
+                Err(error) => {
+                    tracing::warn!(%binding, %error, retry_in = ?backoff_max, "the binding set aside is still not served");
+                    aside.insert(binding, now + backoff_max);
+                }
+            }
+        }
+        let active = job.only(|b| !aside.contains_key(b));
+        if active.bindings.is_empty() {
+            let next = aside.values().min().copied();
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = sleep_until(next) => {}
+            }
+            continue;
+        }
+        // A binding set aside is asked for again when its time comes: the
+        // stream of the others ends then and resumes right after (its leases
+        // are resumed with their handles, nothing is re-issued).
+        let next_aside = aside.values().min().copied();
         let result = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            result = watch_once(job, &notifier, &mut backoff, &mut status, &mut unwritten, &mut lost) => result,
+            result = watch_once(&active, &notifier, &mut backoff, &mut status, &mut unwritten, &mut lost) => result,
+            () = sleep_until(next_aside) => continue,
         };
-        if let Err(error) = &result {
+        let one_binding = matches!(&result, Err(AgentError::Broker(s)) if matches!(Reaction::to(s), Reaction::SetAside(_)));
+        let mut refused = None;
+        if let Err(error) = &result
+            && !one_binding
+        {
             status.stale(&error.to_string());
             status.write(job.writer.out());
         }
@@ -364,6 +448,11 @@ pub async fn run(
                 // The source's data does not make the binding's files (an
                 // unsafe key, a collision): the security team can fix the
                 // secret, so the sidecar keeps its files and asks again, slowly.
+                Reaction::SetAside(binding) => {
+                    tracing::warn!(%binding, message = status.message(), retry_in = ?backoff_max, "the broker cannot serve this binding as its source stands; serving the others without it and asking for it alone");
+                    refused = Some((binding, status.message().to_owned()));
+                    Duration::ZERO
+                }
                 Reaction::Slow => {
                     tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?backoff_max, "the broker cannot serve a binding as its source stands; keeping current files");
                     backoff_max
@@ -382,6 +471,11 @@ pub async fn run(
             }
             Err(error) => return Err(error),
         };
+        if let Some((binding, message)) = refused {
+            status.unservable(&binding, &message);
+            status.write(job.writer.out());
+            aside.insert(binding, tokio::time::Instant::now() + backoff_max);
+        }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}

@@ -117,6 +117,14 @@ impl Status {
         status.write_failures = status.write_failures.saturating_add(1);
     }
 
+    /// Records that the broker cannot serve `binding` as its source stands:
+    /// its current files (if any) stay, marked stale with the reason.
+    pub fn unservable(&mut self, binding: &str, error: &str) {
+        let status = self.bindings.entry(binding.to_owned()).or_default();
+        status.stale = true;
+        status.error = Some(error.chars().take(512).collect());
+    }
+
     /// Marks stale every binding whose credential expired at or before `now`
     /// without a successor (Vault or the broker away longer than its TTL);
     /// returns whether anything changed.

@@ -33,11 +33,14 @@ impl BrokerService {
         let engine = &self.parts.engine;
         // Every binding runs to its end (no early cancel), so each lease
         // Vault minted is known and can be revoked if another binding fails.
-        let results = join_all(bindings.iter().map(|binding| async move {
+        // KV bindings (no lease, nothing minted) are served first: one that
+        // cannot be served fails the request before any lease is issued, so
+        // a bad secret never costs the other bindings a lease.
+        let serve = |binding: Arc<Binding>| async move {
             let handle = held.iter().find(|h| h.binding == binding.name);
             if let Some(handle) = handle {
                 match engine
-                    .resume(binding, caller, &Handle::presented(&handle.handle))
+                    .resume(&binding, caller, &Handle::presented(&handle.handle))
                     .await?
                 {
                     Some(Resumed::Held(live, credential)) => {
@@ -49,10 +52,17 @@ impl BrokerService {
                     None => {}
                 }
             }
-            let (live, credential) = engine.issue(binding, caller).await?;
+            let (live, credential) = engine.issue(&binding, caller).await?;
             Ok((live, credential, false))
-        }))
-        .await;
+        };
+        let (unleased, leased): (Vec<_>, Vec<_>) = bindings
+            .iter()
+            .cloned()
+            .partition(|b| !b.source.is_leased());
+        let mut results = join_all(unleased.into_iter().map(serve)).await;
+        if results.iter().all(Result::is_ok) {
+            results.extend(join_all(leased.into_iter().map(serve)).await);
+        }
         let mut guard = Undelivered {
             engine: engine.clone(),
             caller: caller.clone(),

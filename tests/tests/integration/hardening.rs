@@ -689,7 +689,38 @@ async fn defect_4_a_request_that_fails_for_one_binding_leaks_no_database_user() 
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    // The user Vault minted for `db` is revoked, not left to its TTL.
+    assert_eq!(
+        tessera_proto::reason::StreamEnd::binding(&status).as_deref(),
+        Some("missing"),
+        "the binding at fault is named"
+    );
+    // KV bindings are served first: the request fails before Vault mints a
+    // user for `db`, so there is none to leak (or to revoke).
+    assert_eq!(pg.vault_roles(), 0);
+    assert!(env.bao.leases("database/creds/orders").is_empty());
+    // A database binding Vault refuses (no role) after a good one is issued:
+    // the good one's user is revoked, not left to its TTL.
+    let policy = format!(
+        "{}  - name: norole
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source: {{ database: {{ mount: database, role: nobody }} }}
+",
+        db_policy("1m", "0.7", "1s")
+    );
+    env.set_policy(&policy);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = env
+            .fetch(&env.token("shop", "orders"), &["db", "norole"])
+            .await
+            .unwrap_err();
+        // Until the reload, `norole` is not in the policy yet.
+        if status.code() != Code::PermissionDenied || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     wait_for(
         Duration::from_secs(10),
         "the undelivered lease's revocation",

@@ -666,3 +666,88 @@ async fn defect_11_a_hung_reload_endpoint_does_not_hold_up_delivery() {
     );
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_3_one_unsafe_key_never_costs_the_pods_other_bindings() {
+    let pg = tessera_tests::Postgres::start();
+    let policy = tessera_tests::db_policy("10m", "0.7", "5s")
+        + "  - name: config\n    subjects: [{ namespace: shop, serviceAccount: orders }]\n    source: { kv2: { mount: secret, path: shop/config } }\n";
+    let env = Env::start(&policy).await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
+    // A KV secret with a key that is no safe file name.
+    env.bao
+        .put("shop/config", &json!({ "mode": "blue", "../escape": "x" }))
+        .await;
+    let read = |out: &std::path::Path, binding: &str, field: &str| {
+        std::fs::read_to_string(out.join(binding).join(field)).ok()
+    };
+
+    // A new pod (`once`, an init container): the database binding is
+    // written, the refusal is still the answer.
+    let first = env.tmpfs_out();
+    let once = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        first.path(),
+        &["config", "db"],
+        &[],
+    );
+    assert!(!once.status.success(), "the refusal is the answer");
+    assert!(
+        String::from_utf8_lossy(&once.stderr).contains("config"),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    assert!(read(first.path(), "db", "username").is_some(), "db written");
+
+    // A running sidecar: the database binding is served and stays one lease,
+    // the refused one is asked for alone, and written once the secret is fixed.
+    let out = env.tmpfs_out();
+    let run = env.sidecar_run_with(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["config", "db"],
+        &["--backoff-max", "2s"],
+    );
+    let user = tessera_tests::wait_for(Duration::from_secs(20), "the database user", || {
+        read(out.path(), "db", "username")
+    })
+    .await;
+    let password = read(out.path(), "db", "password").unwrap();
+    assert!(pg.can_login(&user, &password));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        read(out.path(), "db", "username"),
+        Some(user.clone()),
+        "no new user"
+    );
+    let revoked_undelivered = env
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["action"] == "revoke" && e["binding"] == "db")
+        .count();
+    assert_eq!(
+        revoked_undelivered, 0,
+        "no lease issued and revoked for the refused binding"
+    );
+    assert!(read(out.path(), "config", "mode").is_none());
+    let status =
+        std::fs::read_to_string(out.path().join(tessera_sidecar::status::STATUS_FILE)).unwrap();
+    assert!(
+        status.contains("../escape") || status.contains("no safe file name"),
+        "{status}"
+    );
+
+    env.bao
+        .put("shop/config", &json!({ "mode": "green" }))
+        .await;
+    tessera_tests::wait_for(Duration::from_secs(20), "the fixed secret", || {
+        (read(out.path(), "config", "mode")? == "green").then_some(())
+    })
+    .await;
+    assert_eq!(
+        read(out.path(), "db", "username"),
+        Some(user),
+        "still the same user"
+    );
+    drop(run);
+}
