@@ -708,14 +708,14 @@ async fn defect_4_a_request_that_fails_for_one_binding_leaks_no_database_user() 
         db_policy("1m", "0.7", "1s")
     );
     env.set_policy(&policy);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let status = env
             .fetch(&env.token("shop", "orders"), &["db", "norole"])
             .await
             .unwrap_err();
         // Until the reload, `norole` is not in the policy yet.
-        if status.code() != Code::PermissionDenied || std::time::Instant::now() > deadline {
+        if status.code() != Code::PermissionDenied || Instant::now() > deadline {
             break status;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
