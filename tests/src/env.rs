@@ -215,20 +215,10 @@ impl Env {
             let cluster = kube.as_ref().expect("bootstrap needs kubernetes");
             cluster.service_account("tessera", "tessera");
             // What the chart renders: no caBundle; the broker keeps it.
-            let applied = cluster.apply(&json!({
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "MutatingWebhookConfiguration",
-                "metadata": { "name": "tessera" },
-                "webhooks": [{
-                    "name": "inject.tessera.dev",
-                    "admissionReviewVersions": ["v1"],
-                    "sideEffects": "None",
-                    "failurePolicy": "Ignore",
-                    "namespaceSelector": { "matchLabels": { "tessera.dev/injection": "enabled" } },
-                    "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"] }],
-                    "clientConfig": { "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } },
-                }],
-            }));
+            let applied = cluster.apply(&kubernetes::webhook_configuration(
+                json!({ "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } }),
+                "Ignore",
+            ));
             assert!(
                 applied.status.success(),
                 "{}",

@@ -15,6 +15,29 @@ use serde_json::{Value, json};
 
 use crate::workspace_root;
 
+/// Tessera's MutatingWebhookConfiguration `tessera` as the chart renders it
+/// (pod `CREATE`s in namespaces labelled `tessera.dev/injection: enabled`),
+/// with `client_config` (a `url` and `caBundle`, or a `service`) and
+/// `failure_policy`.
+pub fn webhook_configuration(client_config: Value, failure_policy: &str) -> Value {
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": "tessera" },
+        "webhooks": [{
+            "name": "inject.tessera.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": failure_policy,
+            "timeoutSeconds": 5,
+            "namespaceSelector": { "matchLabels": { "tessera.dev/injection": "enabled" } },
+            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                        "resources": ["pods"], "scope": "Namespaced" }],
+            "clientConfig": client_config,
+        }],
+    })
+}
+
 /// A running control plane.
 pub struct Cluster {
     dir: tempfile::TempDir,

@@ -13,7 +13,9 @@ use std::{
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tessera_tests::{Cluster, Env, EnvOptions, NodeAgent, Postgres, wait_for};
+use tessera_tests::{
+    Cluster, Env, EnvOptions, NodeAgent, Postgres, kubernetes::webhook_configuration, wait_for,
+};
 
 /// A KV binding `config` and a database binding `db` for shop/orders.
 const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
@@ -61,27 +63,13 @@ async fn setup() -> (Env, Postgres) {
 /// loopback, trusted through the release CA.
 fn register_webhook(env: &Env, cluster: &Cluster) {
     let ca = std::fs::read(env.dir.path().join("dev/ca.pem")).unwrap();
-    let url = env.webhook_url.replace("127.0.0.1", "localhost");
-    let applied = cluster.apply(&json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": { "name": "tessera" },
-        "webhooks": [{
-            "name": "inject.tessera.dev",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-            "reinvocationPolicy": "Never",
-            "namespaceSelector": { "matchLabels": { "tessera.dev/injection": "enabled" } },
-            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                        "resources": ["pods"], "scope": "Namespaced" }],
-            "clientConfig": {
-                "url": url,
-                "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
-            },
-        }],
-    }));
+    let applied = cluster.apply(&webhook_configuration(
+        json!({
+            "url": env.webhook_url.replace("127.0.0.1", "localhost"),
+            "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
+        }),
+        "Fail",
+    ));
     assert!(
         applied.status.success(),
         "{}",

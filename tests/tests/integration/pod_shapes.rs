@@ -6,7 +6,7 @@
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tessera_tests::{Cluster, Env, EnvOptions};
+use tessera_tests::{Cluster, Env, EnvOptions, kubernetes::webhook_configuration};
 
 const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
 kind: Policy
@@ -309,19 +309,13 @@ async fn real_world_pod_shapes_are_stored_as_submitted_plus_tessera_additions() 
     .await;
     let cluster = env.kube.as_ref().unwrap();
     let ca = std::fs::read(env.dir.path().join("dev/ca.pem")).unwrap();
-    let applied = cluster.apply(&json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": { "name": "tessera" },
-        "webhooks": [{
-            "name": "inject.tessera.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-            "failurePolicy": "Fail", "timeoutSeconds": 5,
-            "namespaceSelector": { "matchLabels": { "tessera.dev/injection": "enabled" } },
-            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"] }],
-            "clientConfig": { "url": env.webhook_url.replace("127.0.0.1", "localhost"),
-                              "caBundle": base64::engine::general_purpose::STANDARD.encode(ca) },
-        }],
-    }));
+    let applied = cluster.apply(&webhook_configuration(
+        json!({
+            "url": env.webhook_url.replace("127.0.0.1", "localhost"),
+            "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
+        }),
+        "Fail",
+    ));
     assert!(
         applied.status.success(),
         "{}",
