@@ -105,6 +105,20 @@ async fn every_command_in_install_md_runs_as_documented() {
         "discovery, JWKS URL, public key: {configs:#?}"
     );
 
+    // The sizing section's HorizontalPodAutoscaler is one the API server
+    // takes (Argo CD's Application needs Argo CD's CRDs, which are not here).
+    let start = doc
+        .find("kind: HorizontalPodAutoscaler")
+        .expect("the HPA example");
+    let block_start = doc[..start].rfind("```yaml\n").unwrap() + "```yaml\n".len();
+    let hpa = &doc[block_start..start + doc[start..].find("```").unwrap()];
+    let applied = cluster.with_stdin(&["apply", "--dry-run=server", "-f", "-"], hpa);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
     // Each way of giving Vault the keys lets the broker log in (its
     // service account, whatever the document did with the release since).
     cluster.service_account("tessera", "tessera");
