@@ -958,9 +958,18 @@ fn fit_pod(
     for resource in ["cpu", "memory"] {
         let sidecar_request = value(resources.requests.as_ref(), resource).unwrap_or(0.0);
         if let Some(budget) = value(pod.requests.as_ref(), resource) {
+            // What runs alongside: the containers and the pod's own native
+            // sidecars (init containers that keep running), as the API
+            // server adds them up.
             let used: f64 = spec
                 .containers
                 .iter()
+                .chain(
+                    spec.init_containers
+                        .iter()
+                        .flatten()
+                        .filter(|c| c.restart_policy.as_deref() == Some("Always")),
+                )
                 .filter_map(|c| {
                     value(
                         c.resources.as_ref().and_then(|r| r.requests.as_ref()),

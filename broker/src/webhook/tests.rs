@@ -1550,7 +1550,16 @@ fn defect_12_pod_level_resources_must_hold_the_sidecar() {
         message.contains("spec.resources.requests.cpu is 500m; its containers request 500m and Tessera's sidecar 5m more: raise the pod-level request to at least 505m"),
         "{message}"
     );
+    // The pod's own native sidecar counts against the budget too.
+    value["spec"]["initContainers"] = json!([{ "name": "proxy", "image": "registry.example/proxy:1",
+        "restartPolicy": "Always", "resources": { "requests": { "cpu": "498m" } } }]);
     value["spec"]["resources"]["requests"]["cpu"] = json!("1");
+    assert!(
+        denial(&value).contains("its containers request 998m"),
+        "{}",
+        denial(&value)
+    );
+    value["spec"]["initContainers"][0]["resources"]["requests"]["cpu"] = json!("100m");
     injected(&value, SidecarMode::Native);
     value["spec"]["resources"]["limits"] = json!({ "memory": "16Mi" });
     assert!(denial(&value).contains("below the sidecar's limit 32Mi"));
