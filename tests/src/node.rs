@@ -442,16 +442,27 @@ impl Work {
     }
 }
 
-/// SIGTERM to every process (apps first, sidecars last, as the kubelet
-/// orders it), the grace period, then SIGKILL.
+/// Stops a deleted pod as the kubelet does: SIGTERM to the app containers,
+/// then, once they have exited, to the sidecars (which give their leases
+/// back on the way out), all within the grace period; SIGKILL after it.
 async fn stop_pod(mut running: RunningPod, grace: Duration) {
-    running.processes.reverse();
-    for (_, proc) in &running.processes {
-        proc.signal("TERM");
-    }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && running.processes.iter_mut().any(|(_, p)| !p.exited()) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let apps = running.apps.clone();
+    for wave in [true, false] {
+        let in_wave = |name: &str| apps.iter().any(|a| a == name) == wave;
+        for (name, proc) in &running.processes {
+            if in_wave(name) {
+                proc.signal("TERM");
+            }
+        }
+        while Instant::now() < deadline
+            && running
+                .processes
+                .iter_mut()
+                .any(|(name, p)| in_wave(name) && !p.exited())
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     // Dropping kills what is left.
 }
