@@ -322,6 +322,30 @@ impl Env {
         }
     }
 
+    /// Registers the broker's webhook with the cluster's API server as the
+    /// chart does, in URL form (the broker on loopback, trusted through the
+    /// release CA), failing closed.
+    pub fn register_webhook(&self) {
+        use base64::Engine as _;
+        let cluster = self
+            .kube
+            .as_ref()
+            .expect("register_webhook needs kubernetes");
+        let ca = fs::read(self.dir.path().join("dev/ca.pem")).unwrap();
+        let applied = cluster.apply(&kubernetes::webhook_configuration(
+            json!({
+                "url": self.webhook_url.replace("127.0.0.1", "localhost"),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
+            }),
+            "Fail",
+        ));
+        assert!(
+            applied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+    }
+
     /// Kills the broker (SIGKILL) and starts a new one with the same
     /// configuration and port, as a replacement replica would.
     pub async fn restart_broker(&mut self) {

@@ -47,6 +47,35 @@ use tonic::{
 };
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 
+/// The lines of a file (an app's log), none when it does not exist yet.
+pub fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An AdmissionReview of a pod `CREATE` in namespace `shop` by `username`,
+/// as the API server sends it to the webhook.
+pub fn admission_review(pod: &Value, username: &str) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0d5b8c71-3c55-4a1c-9d5e-b1b2f6a4c001",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": { "username": username },
+            "object": pod,
+            "dryRun": false
+        }
+    })
+    .to_string()
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

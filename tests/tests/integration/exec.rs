@@ -1,10 +1,10 @@
 //! `tessera-sidecar exec`: the app as a child with its credentials in the
 //! environment, against the real broker and OpenBao.
 
-use std::{fs, path::Path, time::Duration};
+use std::{fs, time::Duration};
 
 use serde_json::json;
-use tessera_tests::{Env, simple_policy, wait_for};
+use tessera_tests::{Env, lines, simple_policy, wait_for};
 
 /// A shell app that logs what it sees: its password at start, the signals
 /// it gets, and exits 7 on SIGTERM.
@@ -12,14 +12,6 @@ const APP: &str = r#"echo "start $APP_PASSWORD" >> "$LOG"
 trap 'echo usr1 >> "$LOG"' USR1
 trap 'echo term >> "$LOG"; exit 7' TERM
 while true; do sleep 0.05; done"#;
-
-fn lines(log: &Path) -> Vec<String> {
-    fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_puts_credentials_in_the_environment_and_restarts_the_app_once_per_rotation() {

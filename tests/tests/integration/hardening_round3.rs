@@ -13,21 +13,7 @@ use tessera_client::{BrokerTarget, Client, DEFAULT_CONNECT_TIMEOUT, Error, Trust
 use tessera_tests::{ConnectionsConfig, Env, https_post, simple_policy};
 
 fn review(pod: &Value) -> String {
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "5c1f3d2e-0000-4000-8000-00000000a027",
-            "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "namespace": "shop",
-            "operation": "CREATE",
-            "userInfo": { "username": "hostile" },
-            "object": pod,
-            "dryRun": false
-        }
-    })
-    .to_string()
+    tessera_tests::admission_review(pod, "hostile")
 }
 
 /// A pod of shop/orders with `annotations` besides the injection request.
@@ -314,14 +300,6 @@ async fn defect_9_a_connection_that_sends_no_request_loses_its_slot_at_the_deadl
     }
 }
 
-fn app_lines(log: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn defect_10_exec_stops_promptly_on_sigterm_before_its_first_credentials() {
     let env = Env::start(&simple_policy("app", "shop", "orders", "shop/orders")).await;
@@ -375,7 +353,7 @@ async fn defect_6_a_value_the_environment_cannot_hold_keeps_the_app_running() {
         &["sh", "-c", &draining_app(&log, "0")],
     );
     tessera_tests::wait_for(Duration::from_secs(20), "the app", || {
-        app_lines(&log).first().cloned()
+        tessera_tests::lines(&log).first().cloned()
     })
     .await;
     // A rotation to values no environment variable can hold: a NUL byte,
@@ -400,7 +378,7 @@ async fn defect_6_a_value_the_environment_cannot_hold_keeps_the_app_running() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!exec.exited(), "{}", exec.output());
     assert_eq!(
-        app_lines(&log),
+        tessera_tests::lines(&log),
         ["start one none"],
         "the app was never stopped: {}",
         exec.output()
@@ -410,7 +388,7 @@ async fn defect_6_a_value_the_environment_cannot_hold_keeps_the_app_running() {
         .put("shop/orders", &json!({ "password": "four" }))
         .await;
     tessera_tests::wait_for(Duration::from_secs(20), "the restart", || {
-        app_lines(&log)
+        tessera_tests::lines(&log)
             .contains(&"start four none".to_owned())
             .then_some(())
     })
@@ -448,7 +426,7 @@ async fn defect_7_the_pods_own_variables_win_and_case_collisions_refuse_one_bind
         .env("NO_COLOR", "1");
     let exec = tessera_tests::Proc::spawn("exec", command, env.dir.path().join("exec.log"));
     let line = tessera_tests::wait_for(Duration::from_secs(20), "the app", || {
-        app_lines(&log).first().cloned()
+        tessera_tests::lines(&log).first().cloned()
     })
     .await;
     assert_eq!(
@@ -482,12 +460,14 @@ async fn defect_11_a_rotation_during_a_graceful_stop_lets_the_app_drain() {
         &["sh", "-c", &draining_app(&log, "3")],
     );
     tessera_tests::wait_for(Duration::from_secs(20), "the app", || {
-        app_lines(&log).first().cloned()
+        tessera_tests::lines(&log).first().cloned()
     })
     .await;
     exec.signal("TERM");
     tessera_tests::wait_for(Duration::from_secs(5), "the drain to begin", || {
-        app_lines(&log).contains(&"term".to_owned()).then_some(())
+        tessera_tests::lines(&log)
+            .contains(&"term".to_owned())
+            .then_some(())
     })
     .await;
     env.bao
@@ -503,7 +483,10 @@ async fn defect_11_a_rotation_during_a_graceful_stop_lets_the_app_drain() {
         "drained, not SIGKILLed: {}",
         exec.output()
     );
-    assert_eq!(app_lines(&log), ["start one none", "term", "drained"]);
+    assert_eq!(
+        tessera_tests::lines(&log),
+        ["start one none", "term", "drained"]
+    );
 }
 
 #[test]

@@ -11,11 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine as _;
 use serde_json::{Value, json};
-use tessera_tests::{
-    Cluster, Env, EnvOptions, NodeAgent, Postgres, kubernetes::webhook_configuration, wait_for,
-};
+use tessera_tests::{Cluster, Env, EnvOptions, NodeAgent, Postgres, wait_for};
 
 /// A KV binding `config` and a database binding `db` for shop/orders.
 const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
@@ -48,7 +45,7 @@ async fn setup() -> (Env, Postgres) {
     env.bao.database_role(&pg, "orders", "10s", "20s");
     env.bao.put("shop/config", &json!({ "mode": "blue" })).await;
     let cluster = env.kube.as_ref().unwrap();
-    register_webhook(&env, cluster);
+    env.register_webhook();
     cluster.service_account("shop", "orders");
     cluster.run(&[
         "label",
@@ -57,24 +54,6 @@ async fn setup() -> (Env, Postgres) {
         "tessera.dev/injection=enabled",
     ]);
     (env, pg)
-}
-
-/// The chart's MutatingWebhookConfiguration in URL form: the broker on
-/// loopback, trusted through the release CA.
-fn register_webhook(env: &Env, cluster: &Cluster) {
-    let ca = std::fs::read(env.dir.path().join("dev/ca.pem")).unwrap();
-    let applied = cluster.apply(&webhook_configuration(
-        json!({
-            "url": env.webhook_url.replace("127.0.0.1", "localhost"),
-            "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
-        }),
-        "Fail",
-    ));
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
 }
 
 /// The pods of `selector` in shop.

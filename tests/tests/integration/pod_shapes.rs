@@ -4,9 +4,8 @@
 //! injected pod must pass the API server's own validation and equal the
 //! stored baseline plus exactly Tessera's additions.
 
-use base64::Engine as _;
 use serde_json::{Value, json};
-use tessera_tests::{Cluster, Env, EnvOptions, kubernetes::webhook_configuration};
+use tessera_tests::{Cluster, Env, EnvOptions};
 
 const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
 kind: Policy
@@ -308,19 +307,7 @@ async fn real_world_pod_shapes_are_stored_as_submitted_plus_tessera_additions() 
     )
     .await;
     let cluster = env.kube.as_ref().unwrap();
-    let ca = std::fs::read(env.dir.path().join("dev/ca.pem")).unwrap();
-    let applied = cluster.apply(&webhook_configuration(
-        json!({
-            "url": env.webhook_url.replace("127.0.0.1", "localhost"),
-            "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
-        }),
-        "Fail",
-    ));
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    env.register_webhook();
     for namespace in ["shapes", "baseline"] {
         cluster.service_account(namespace, "app");
     }

@@ -9,21 +9,7 @@ use serde_json::{Value, json};
 use tessera_tests::{Env, EnvOptions, binary, https_post, random_string, simple_policy};
 
 fn review(pod: &Value) -> String {
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "0d5b8c71-3c55-4a1c-9d5e-b1b2f6a4c001",
-            "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "namespace": "shop",
-            "operation": "CREATE",
-            "userInfo": { "username": "system:serviceaccount:kube-system:job-controller" },
-            "object": pod,
-            "dryRun": false
-        }
-    })
-    .to_string()
+    tessera_tests::admission_review(pod, "system:serviceaccount:kube-system:job-controller")
 }
 
 fn job_pod(bindings: &str) -> Value {
