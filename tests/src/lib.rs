@@ -205,11 +205,14 @@ pub fn with_token<T>(token: &str, message: T) -> Request<T> {
 }
 
 /// A policy granting binding `db` (dynamic users of the `database` mount's role
-/// `orders`) to shop/orders.
+/// `orders`) to shop/orders. Its TTL floor is lowered to one second so tests
+/// can watch renewals and rotations in seconds.
 pub fn db_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
     format!(
         "apiVersion: tessera.dev/v1alpha1
 kind: Policy
+limits:
+  minTtl: {{ database: 1s }}
 bindings:
   - name: db
     subjects: [{{ namespace: shop, serviceAccount: orders }}]

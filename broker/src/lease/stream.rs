@@ -496,7 +496,7 @@ impl Narrowing {
     ///
     /// # Errors
     /// A sentence for `INVALID_ARGUMENT`: a binding not requested, a KV
-    /// binding (nothing to expire), or 0.
+    /// binding (nothing to expire), or a TTL below the policy's floor.
     pub fn from_request(
         asked: &std::collections::BTreeMap<String, u32>,
         bindings: &[Arc<Binding>],
@@ -514,20 +514,22 @@ impl Narrowing {
                     "max_ttl_seconds: `{name}` is a KV secret; only leased credentials have a TTL"
                 ));
             }
-            if *seconds == 0 {
-                return Err(format!(
-                    "max_ttl_seconds: `{name}` must be at least 1 second"
-                ));
+            let max = Duration::from_secs(u64::from(*seconds));
+            if let Err(floor) = binding.narrowed(max) {
+                return Err(format!("max_ttl_seconds: `{name}`: {floor}"));
             }
-            narrowing.insert(name.clone(), Duration::from_secs(u64::from(*seconds)));
+            narrowing.insert(name.clone(), max);
         }
         Ok(Self(narrowing))
     }
 
-    /// `binding` as this caller gets it.
+    /// `binding` as this caller gets it. A TTL the policy's floor no longer
+    /// allows (the floor was raised since the request) leaves the binding
+    /// as the policy has it; an open stream then ends `POLICY_CHANGED` and
+    /// the caller's next request is refused, naming the floor.
     pub fn apply(&self, binding: &Binding) -> Binding {
         match self.0.get(&binding.name) {
-            Some(max) => binding.narrowed(*max),
+            Some(max) => binding.narrowed(*max).unwrap_or_else(|_| binding.clone()),
             None => binding.clone(),
         }
     }

@@ -24,6 +24,7 @@ pub(super) struct Document {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct LimitsDoc {
     pub(super) max_ttl: Option<Spanned<String>>,
+    pub(super) min_ttl: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub(super) min_renew_fraction: Option<Spanned<f64>>,
     pub(super) max_renew_fraction: Option<Spanned<f64>>,
     pub(super) allowed_sources: Option<Spanned<Vec<String>>>,

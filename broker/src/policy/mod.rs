@@ -101,6 +101,10 @@ impl fmt::Display for Origin {
 pub struct Limits {
     /// Longest TTL any binding may ask for.
     pub max_ttl: Duration,
+    /// Shortest TTL per leased source kind (`limits.minTtl`): no binding,
+    /// pod annotation or API caller may ask Vault for less, so one pod
+    /// cannot make the broker mint a credential every second.
+    pub min_ttl: BTreeMap<String, Duration>,
     /// Lowest renew fraction (renewing earlier than this is refused).
     pub min_renew_fraction: f64,
     /// Highest renew fraction (renewing later than this is refused).
@@ -139,10 +143,32 @@ impl fmt::Display for ImageUser {
     }
 }
 
+/// The TTL floors of `limits.minTtl` when the policy sets none: five
+/// minutes for database users and certificates.
+pub const DEFAULT_MIN_TTL: &[(&str, Duration)] = &[
+    ("database", Duration::from_secs(300)),
+    ("pki", Duration::from_secs(300)),
+];
+
+impl Limits {
+    /// The shortest TTL a credential of source kind `kind` may have; one
+    /// second for a kind without a floor.
+    pub fn min_ttl_for(&self, kind: &str) -> Duration {
+        self.min_ttl
+            .get(kind)
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_ttl: Duration::from_secs(24 * 3600),
+            min_ttl: DEFAULT_MIN_TTL
+                .iter()
+                .map(|(kind, floor)| ((*kind).to_owned(), *floor))
+                .collect(),
             min_renew_fraction: 0.5,
             max_renew_fraction: 0.9,
             allowed_sources: None,
@@ -333,6 +359,9 @@ pub struct Binding {
     pub ttl: Duration,
     /// Where the TTL came from.
     pub ttl_origin: Origin,
+    /// The shortest TTL a caller may narrow this binding to: the policy's
+    /// `limits.minTtl` for its source kind.
+    pub min_ttl: Duration,
     /// Fraction of the lifetime after which the credential is renewed.
     pub renew_fraction: f64,
     /// How long a superseded lease stays valid after its successor is delivered.
@@ -353,14 +382,26 @@ impl Binding {
     /// This binding for a caller that wants its leased credentials to live
     /// at most `max` (a pod's `tessera.dev/ttl.<binding>`): the TTL only
     /// shortens, and the rotation overlap stays within a quarter of it.
-    #[must_use]
-    pub fn narrowed(&self, max: Duration) -> Binding {
+    ///
+    /// # Errors
+    /// A sentence naming the floor when `max` is below the policy's
+    /// `limits.minTtl` for this binding's kind.
+    pub fn narrowed(&self, max: Duration) -> Result<Binding, String> {
+        if max < self.min_ttl {
+            return Err(format!(
+                "{} is below the policy's floor {} for {} credentials (limits.minTtl.{})",
+                format_duration(max),
+                format_duration(self.min_ttl),
+                self.source.kind(),
+                self.source.kind()
+            ));
+        }
         let mut narrowed = self.clone();
         if max < self.ttl {
             narrowed.ttl = max;
             narrowed.overlap = self.overlap.min(max / 4);
         }
-        narrowed
+        Ok(narrowed)
     }
 
     /// Whether `identity` may have this binding.

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -84,6 +85,9 @@ pub struct Grant {
     pub ttl_origin: String,
     /// The policy's TTL ceiling (`limits.maxTtl`).
     pub max_ttl: String,
+    /// The floor a pod or caller may narrow the TTL to
+    /// (`limits.minTtl.<kind>`); leased sources only.
+    pub min_ttl: Option<String>,
     /// The fraction of the TTL after which it is renewed.
     pub renew_fraction: f64,
     /// Where the renew fraction comes from.
@@ -115,6 +119,10 @@ impl Explanation {
                 ttl: format_duration(binding.ttl),
                 ttl_origin: binding.ttl_origin.to_string(),
                 max_ttl: format_duration(limits.max_ttl),
+                min_ttl: binding
+                    .source
+                    .is_leased()
+                    .then(|| format_duration(binding.min_ttl)),
                 renew_fraction: binding.renew_fraction,
                 renew_fraction_origin: binding.renew_fraction_origin.to_string(),
                 renew_fraction_limits: [limits.min_renew_fraction, limits.max_renew_fraction],
@@ -153,9 +161,13 @@ impl fmt::Display for Explanation {
             writeln!(out, "\ngranted {} ({})", grant.binding, grant.defined_at)?;
             writeln!(out, "  subject         {}", grant.subject)?;
             writeln!(out, "  source          {}", grant.source)?;
+            let floor = match &grant.min_ttl {
+                Some(min) => format!("floor limits.minTtl {min}, "),
+                None => String::new(),
+            };
             writeln!(
                 out,
-                "  ttl             {} ({}; ceiling limits.maxTtl {})",
+                "  ttl             {} ({}; {floor}ceiling limits.maxTtl {})",
                 grant.ttl, grant.ttl_origin, grant.max_ttl
             )?;
             let [low, high] = grant.renew_fraction_limits;
@@ -342,6 +354,11 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
         format_duration(b.max_ttl),
     );
     limit(
+        "minTtl",
+        describe_floors(&a.min_ttl),
+        describe_floors(&b.min_ttl),
+    );
+    limit(
         "minRenewFraction",
         a.min_renew_fraction.to_string(),
         b.min_renew_fraction.to_string(),
@@ -367,4 +384,13 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
         b.image_user.to_string(),
     );
     lines
+}
+
+/// `limits.minTtl` as one line: `database 5m, pki 5m`.
+fn describe_floors(floors: &BTreeMap<String, Duration>) -> String {
+    let shown: Vec<String> = floors
+        .iter()
+        .map(|(kind, floor)| format!("{kind} {}", format_duration(*floor)))
+        .collect();
+    shown.join(", ")
 }

@@ -396,3 +396,80 @@ fn refresh_interval_is_for_kv_sources_within_bounds_and_shows_in_diffs() {
         }]
     );
 }
+
+/// Defect 4 of the third hardening round: a 1-second TTL minted a
+/// certificate every second. Leased kinds have a floor the security team
+/// sets per kind; bindings below it are refused where they are written.
+#[test]
+fn ttl_floors_per_source_kind_default_to_five_minutes() {
+    let db = "database: { mount: database, role: app }";
+    let pki = "pki: { mount: pki, role: pods, commonName: \"{{ pod }}\" }";
+    let found = problems(&binding_with(db, "    ttl: 1s"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].to_string(),
+        "p.yaml:8:10: binding `app`: ttl 1s is below the floor 5m for database credentials (raise the ttl or lower limits.minTtl.database)"
+    );
+    assert!(
+        problems(&binding_with(pki, "    ttl: 4m"))[0]
+            .message
+            .contains("floor 5m for pki")
+    );
+    let kv = "kv2: { mount: secret, path: app }";
+    assert!(Policy::parse(&binding_with(kv, ""), "p.yaml").is_ok());
+
+    let lowered = |floors: &str, source: &str, ttl: &str| {
+        format!(
+            "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+limits:
+  minTtl: {floors}
+{}",
+            binding_with(source, ttl)
+                .lines()
+                .skip(2)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    };
+    let policy =
+        Policy::parse(&lowered("{ database: 10s }", db, "    ttl: 10s"), "p.yaml").unwrap();
+    assert_eq!(policy.bindings[0].min_ttl, Duration::from_secs(10));
+    assert_eq!(
+        policy.limits.min_ttl_for("pki"),
+        Duration::from_secs(300),
+        "a kind the policy does not name keeps its default"
+    );
+    let narrowed = policy.bindings[0].narrowed(Duration::from_secs(5));
+    assert_eq!(
+        narrowed.unwrap_err(),
+        "5s is below the policy's floor 10s for database credentials (limits.minTtl.database)"
+    );
+    assert_eq!(
+        policy.bindings[0]
+            .narrowed(Duration::from_secs(10))
+            .unwrap()
+            .ttl,
+        Duration::from_secs(10)
+    );
+
+    for (floors, named) in [
+        ("{ kv2: 1m }", "`kv2` is not a leased source kind"),
+        ("{ database: soon }", "not a duration"),
+        ("{ database: 48h }", "exceeds limits.maxTtl 24h"),
+    ] {
+        let found = problems(&lowered(floors, db, ""));
+        assert!(
+            found.iter().any(|p| p.message.contains(named)),
+            "{floors}: {found:?}"
+        );
+    }
+
+    let old = Policy::parse(&binding_with(db, ""), "old.yaml").unwrap();
+    let new = Policy::parse(&lowered("{ database: 10m }", db, ""), "new.yaml").unwrap();
+    assert!(report::diff(&old, &new).contains(&report::Change::Limit {
+        limit: "minTtl".to_owned(),
+        from: "database 5m, pki 5m".to_owned(),
+        to: "database 10m, pki 5m".to_owned(),
+    }));
+}

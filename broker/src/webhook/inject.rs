@@ -862,7 +862,8 @@ fn metrics_port(spec: &PodSpec, injection: &Injection, warnings: &mut Vec<String
 ///
 /// # Errors
 /// A [`Denial`] naming the annotation: an unlisted binding, a KV binding,
-/// not a duration, or longer than the policy's ttl (it may only shorten).
+/// not a duration, longer than the policy's ttl (it may only shorten) or
+/// below its floor (`limits.minTtl`).
 fn max_ttl(
     annotations: &BTreeMap<String, String>,
     bindings: &[String],
@@ -902,6 +903,9 @@ fn max_ttl(
                 "annotation {key}: {text} is longer than the policy's ttl {} for `{name}` (a pod may only shorten it)",
                 crate::policy::format_duration(binding.ttl)
             )));
+        }
+        if let Err(floor) = binding.narrowed(ttl) {
+            return Err(Denial(format!("annotation {key}: {floor}")));
         }
         asked.push(format!("{name}={}s", ttl.as_secs()));
     }

@@ -1414,6 +1414,11 @@ fn a_pod_may_shorten_a_leased_bindings_ttl_and_nothing_else() {
             "48h is longer than the policy's ttl",
         ),
         ("tessera.dev/ttl.db", "soon", "`soon` is not a duration"),
+        (
+            "tessera.dev/ttl.db",
+            "1s",
+            "1s is below the policy's floor 5m for database credentials (limits.minTtl.database)",
+        ),
         ("tessera.dev/ttl.tls", "1m", "`tls` is a KV secret"),
         (
             "tessera.dev/ttl.payments",

@@ -734,3 +734,118 @@ async fn defect_3_one_unsafe_key_never_costs_the_pods_other_bindings() {
     );
     drop(run);
 }
+
+/// A policy granting shop/orders a certificate `tls` for an hour, with the
+/// default TTL floors unless `limits` says otherwise.
+fn pki_policy(limits: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+{limits}bindings:
+  - name: tls
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source: {{ pki: {{ mount: pki, role: pods, commonName: \"{{{{ pod }}}}.shop\" }} }}
+    ttl: 1h
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_4_a_ttl_below_the_kinds_floor_is_refused_at_admission_in_the_api_and_on_renewal() {
+    use tessera_proto::{
+        reason::StreamEnd,
+        v1::{FetchRequest, WatchRequest},
+    };
+    let env = Env::start(&pki_policy("")).await;
+    env.bao.pki_role("2h");
+    let token = env.token("shop", "orders");
+
+    // Admission: a pod asking for one second is refused, naming the floor.
+    let asked = |ttl: &str| vec![("tessera.dev/ttl.tls".to_owned(), ttl.to_owned())];
+    let (allowed, message) = admit(&env, &pod("tls", &asked("1s"))).await;
+    assert!(!allowed);
+    assert!(
+        message.contains("tessera.dev/ttl.tls")
+            && message.contains("1s is below the policy's floor 5m for pki credentials"),
+        "{message}"
+    );
+    assert!(admit(&env, &pod("tls", &asked("5m"))).await.0);
+
+    // The API: the same floor, INVALID_ARGUMENT before Vault is asked.
+    let watch = |seconds: u32| {
+        let request = WatchRequest {
+            bindings: vec!["tls".to_owned()],
+            max_ttl_seconds: [("tls".to_owned(), seconds)].into(),
+            ..Default::default()
+        };
+        let env = &env;
+        let token = token.clone();
+        async move {
+            env.client()
+                .await
+                .watch(tessera_tests::with_token(&token, request))
+                .await
+        }
+    };
+    for refused in [1, 299] {
+        let status = watch(refused).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("below the policy's floor 5m"),
+            "{}",
+            status.message()
+        );
+    }
+    let fetched = env
+        .client()
+        .await
+        .fetch(tessera_tests::with_token(
+            &token,
+            FetchRequest {
+                bindings: vec!["tls".to_owned()],
+                max_ttl_seconds: [("tls".to_owned(), 1)].into(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_eq!(fetched.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert!(
+        env.bao.list("pki/certs").len() <= 1,
+        "only the CA is in Vault: {:?}",
+        env.bao.list("pki/certs")
+    );
+
+    // At the floor: one certificate for five minutes, the stream held.
+    let mut stream = watch(300).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap().credential.unwrap();
+    let left = first.not_after.unwrap().seconds
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+    assert!((250..=300).contains(&left), "asked for 300 s, got {left} s");
+
+    // Renewal: the security team raises the floor above what the stream
+    // asked for. The stream ends POLICY_CHANGED and the next request is
+    // refused with the new floor; the certificate delivered stays valid.
+    env.set_policy(&pki_policy("limits:\n  minTtl: { pki: 10m }\n"));
+    let ended = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("the stream to end within 20 s")
+        .unwrap_err();
+    assert_eq!(
+        StreamEnd::of(&ended),
+        Some(StreamEnd::PolicyChanged),
+        "{ended:?}"
+    );
+    let status = watch(300).await.unwrap_err();
+    assert!(
+        status
+            .message()
+            .contains("5m is below the policy's floor 10m"),
+        "{}",
+        status.message()
+    );
+    let issued = env.bao.list("pki/certs").len();
+    assert!(issued <= 2, "the CA and one certificate: {issued}");
+}

@@ -14,9 +14,12 @@ use std::{
 use serde_json::{Value, json};
 use tessera_tests::{Cluster, Env, EnvOptions, NodeAgent, Postgres, wait_for};
 
-/// A KV binding `config` and a database binding `db` for shop/orders.
+/// A KV binding `config` and a database binding `db` for shop/orders (whose
+/// TTL floor is lowered so it rotates within the test).
 const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
 kind: Policy
+limits:
+  minTtl: { database: 1s }
 bindings:
   - name: config
     subjects: [{ namespace: shop, serviceAccount: orders }]

@@ -162,6 +162,8 @@ async fn leases_of_a_deleted_pod_are_revoked_even_when_its_sidecar_was_killed() 
     let pg = Postgres::start();
     let policy = "apiVersion: tessera.dev/v1alpha1
 kind: Policy
+limits:
+  minTtl: { database: 1m }
 bindings:
   - name: db
     subjects: [{ namespace: shop, serviceAccount: orders }]

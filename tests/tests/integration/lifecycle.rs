@@ -426,6 +426,8 @@ fn valid_now(der: &[u8], ca_pem: &str) -> bool {
 async fn pki_certificates_name_the_pod_verify_and_renew_before_expiry() {
     let policy = "apiVersion: tessera.dev/v1alpha1
 kind: Policy
+limits:
+  minTtl: { pki: 1s }
 bindings:
   - name: tls
     subjects: [{ namespace: shop, serviceAccount: orders }]
@@ -528,14 +530,14 @@ bindings:
     };
     let policy_ttl = fetch(&[]).await.unwrap().into_inner().credentials[0].clone();
     assert!(lifetime(&policy_ttl) > 3000, "{}", lifetime(&policy_ttl));
-    let shorter = fetch(&[("tls", 90)])
+    let shorter = fetch(&[("tls", 600)])
         .await
         .unwrap()
         .into_inner()
         .credentials[0]
         .clone();
     let left = lifetime(&shorter);
-    assert!((60..=95).contains(&left), "asked for 90 s, got {left} s");
+    assert!((560..=605).contains(&left), "asked for 600 s, got {left} s");
     // Asking for more than the policy gives the policy's.
     let longer = fetch(&[("tls", 7200)])
         .await
@@ -560,7 +562,7 @@ bindings:
         &env.token_file("shop", "orders"),
         out.path(),
         &["tls"],
-        &["--max-ttl", "tls=90s"],
+        &["--max-ttl", "tls=600s"],
     );
     assert!(
         written.status.success(),
@@ -578,7 +580,7 @@ bindings:
         .unwrap()
         .as_secs();
     assert!(
-        (60..=95).contains(&left),
+        (560..=605).contains(&left),
         "the sidecar's certificate lives {left} s"
     );
 
@@ -591,7 +593,7 @@ bindings:
             &token,
             WatchRequest {
                 bindings: vec!["tls".to_owned()],
-                max_ttl_seconds: [("tls".to_owned(), 90)].into(),
+                max_ttl_seconds: [("tls".to_owned(), 600)].into(),
                 ..Default::default()
             },
         ))
@@ -599,7 +601,7 @@ bindings:
         .unwrap()
         .into_inner();
     let first = stream.message().await.unwrap().unwrap().credential.unwrap();
-    assert!(lifetime(&first) <= 95);
+    assert!(lifetime(&first) <= 605);
     env.set_policy(&format!("{policy}# reviewed\n"));
     let next = tokio::time::timeout(Duration::from_secs(3), stream.message()).await;
     assert!(next.is_err(), "the stream ended or sent: {next:?}");

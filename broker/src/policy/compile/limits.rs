@@ -6,10 +6,14 @@ use super::checks::duration;
 use crate::policy::{
     ImageUser, Limits, Problem, at,
     document::{LimitsDoc, Spanned},
+    format_duration,
 };
 
 /// Source kinds this broker knows, as named in `limits.allowedSources`.
 const SOURCE_KINDS: &[&str] = &["kv2", "database", "pki"];
+
+/// Source kinds whose credentials have a TTL, as named in `limits.minTtl`.
+const LEASED_KINDS: &[&str] = &["database", "pki"];
 
 /// Applies a `limits` block.
 pub(in crate::policy) fn apply_limits(
@@ -25,6 +29,39 @@ pub(in crate::policy) fn apply_limits(
         .and_then(|t| duration(file, t, "limits.maxTtl", problems))
     {
         limits.max_ttl = max;
+    }
+    if let Some(floors) = &l.min_ttl {
+        for (kind, text) in &floors.value {
+            if !LEASED_KINDS.contains(&kind.as_str()) {
+                problems.push(at(
+                    file,
+                    floors,
+                    format!(
+                        "limits.minTtl: `{}` is not a leased source kind (known: {})",
+                        crate::error::printable(kind),
+                        LEASED_KINDS.join(", ")
+                    ),
+                ));
+                continue;
+            }
+            let what = format!("limits.minTtl.{kind}");
+            let Some(floor) = duration(file, text, &what, problems) else {
+                continue;
+            };
+            if floor > limits.max_ttl {
+                problems.push(at(
+                    file,
+                    text,
+                    format!(
+                        "{what} {} exceeds limits.maxTtl {}",
+                        format_duration(floor),
+                        format_duration(limits.max_ttl)
+                    ),
+                ));
+                continue;
+            }
+            limits.min_ttl.insert(kind.clone(), floor);
+        }
     }
     for (field, name, target) in [
         (

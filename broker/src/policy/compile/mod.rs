@@ -43,6 +43,7 @@ pub(super) fn compile_binding(
         source,
         ttl: timing.ttl,
         ttl_origin: timing.ttl_origin,
+        min_ttl: timing.min_ttl,
         renew_fraction: timing.renew_fraction,
         renew_fraction_origin: timing.renew_fraction_origin,
         overlap: timing.overlap,

@@ -13,6 +13,7 @@ use crate::policy::{
 pub(super) struct Timing {
     pub(super) ttl: Duration,
     pub(super) ttl_origin: Origin,
+    pub(super) min_ttl: Duration,
     pub(super) renew_fraction: f64,
     pub(super) renew_fraction_origin: Origin,
     pub(super) overlap: Duration,
@@ -38,6 +39,25 @@ pub(super) fn compile_timing(
         (None, Some(d)) => (d, Origin::Default),
         (None, None) => (BUILT_IN_TTL.min(limits.max_ttl), Origin::BuiltIn),
     };
+    let min_ttl = limits.min_ttl_for(source.kind());
+    if source.is_leased() && ttl < min_ttl {
+        let origin = if raw.ttl.is_some() {
+            ""
+        } else {
+            " (from defaults.ttl)"
+        };
+        let message = format!(
+            "binding `{name}`: ttl {}{origin} is below the floor {} for {} credentials (raise the ttl or lower limits.minTtl.{})",
+            format_duration(ttl),
+            format_duration(min_ttl),
+            source.kind(),
+            source.kind()
+        );
+        problems.push(match &raw.ttl {
+            Some(t) => at(file, t, message),
+            None => at(file, &raw.name, message),
+        });
+    }
     let (renew_fraction, renew_fraction_origin) =
         match (&raw.renew_fraction, defaults.and_then(|d| d.renew_fraction)) {
             (Some(f), _) => (
@@ -78,6 +98,7 @@ pub(super) fn compile_timing(
     Timing {
         ttl,
         ttl_origin,
+        min_ttl,
         renew_fraction,
         renew_fraction_origin,
         overlap,
