@@ -165,6 +165,15 @@ async fn report_health(
 }
 
 /// Builds the Kubernetes client from the kubeconfig, or in-cluster.
+/// The webhook's view of KV secrets: the keys of the feed's last good read.
+fn kv_keys(feeds: Arc<Feeds>) -> webhook::KvKeysLookup {
+    Box::new(move |source| {
+        feeds
+            .latest(source)
+            .map(|fed| fed.secret.fields.keys().cloned().collect())
+    })
+}
+
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, StartError> {
     let config = match kubeconfig {
         Some(path) => {
@@ -248,6 +257,11 @@ pub async fn prepare(
     tokio::spawn(cert.follow(config.tls_reload_interval, shutdown.clone()));
     let metrics = Arc::new(metrics::Metrics::new());
     let vault = Arc::new(Vault::new(config.vault.clone(), metrics.clone())?);
+    let feeds = Arc::new(Feeds::new(
+        vault.clone(),
+        config.kv_poll_interval,
+        shutdown.clone(),
+    ));
     let webhook = match &config.webhook {
         None => None,
         Some(settings) => {
@@ -268,16 +282,12 @@ pub async fn prepare(
                     mode,
                     policy.clone(),
                     metrics.clone(),
+                    kv_keys(feeds.clone()),
                 )),
                 tls,
             })
         }
     };
-    let feeds = Arc::new(Feeds::new(
-        vault.clone(),
-        config.kv_poll_interval,
-        shutdown.clone(),
-    ));
     tokio::spawn(feed::keep_warm(
         policy.clone(),
         feeds.clone(),

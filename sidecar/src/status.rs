@@ -185,6 +185,11 @@ pub enum CheckError {
     /// The binding has no files yet.
     #[error("binding `{0}` has not been written yet")]
     Missing(String),
+    /// The binding has no files, and the sidecar recorded why (a pod
+    /// annotation that does not fit what the broker delivers, a source the
+    /// broker cannot serve): the probe's output says it at once.
+    #[error("binding `{0}` has not been written: {1}")]
+    NotWritten(String, String),
     /// The binding's credential has expired.
     #[error("binding `{0}` expired at {1} and was not renewed")]
     Expired(String, String),
@@ -198,7 +203,12 @@ pub fn check(out: &Path, bindings: &[String]) -> Result<(), CheckError> {
     let status = Status::read(out);
     for binding in bindings {
         if !out.join(binding).join("..data").is_dir() {
-            return Err(CheckError::Missing(binding.clone()));
+            return Err(
+                match status.bindings.get(binding).and_then(|s| s.error.clone()) {
+                    Some(error) => CheckError::NotWritten(binding.clone(), error),
+                    None => CheckError::Missing(binding.clone()),
+                },
+            );
         }
         if let Some(not_after) = status
             .bindings
@@ -224,6 +234,17 @@ mod tests {
         assert_eq!(
             check(out.path(), &["db".into()]),
             Err(CheckError::Missing("db".into()))
+        );
+        // A write refused for good: the probe names the reason.
+        let mut status = Status::default();
+        status.write_failed(
+            "db",
+            "tessera.dev/files renames `pasword`, which the broker did not deliver",
+        );
+        status.write(out.path());
+        assert_eq!(
+            check(out.path(), &["db".into()]).unwrap_err().to_string(),
+            "binding `db` has not been written: tessera.dev/files renames `pasword`, which the broker did not deliver"
         );
         fs::create_dir_all(out.path().join("db/..data")).unwrap();
         let mut status = Status::default();

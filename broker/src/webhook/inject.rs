@@ -402,8 +402,9 @@ enum Readers {
 /// How the files become readable by the app.
 struct ReadersChoice {
     readers: Readers,
-    /// `fsGroup` Tessera sets on a pod that names no user.
-    set_fs_group: Option<i64>,
+    /// `fsGroup` Tessera sets on a pod that names no single non-root user,
+    /// and the admission warning that says so.
+    set_fs_group: Option<(i64, String)>,
 }
 
 fn readers(spec: &PodSpec, image_user: ImageUser, group: i64) -> Result<ReadersChoice, Denial> {
@@ -433,34 +434,35 @@ fn readers(spec: &PodSpec, image_user: ImageUser, group: i64) -> Result<ReadersC
                 set_fs_group: None,
             });
         }
-        [Some(_)] => {
-            return Err(Denial(
-                "the app runs as root; set spec.securityContext.fsGroup so the files can be group-readable"
-                    .to_owned(),
-            ));
-        }
         _ => {}
     }
-    // Containers run as the image's user, or as different users: one group
-    // they all get as a supplementary group makes the files readable.
+    // Containers run as root (named, or perhaps by their image), as their
+    // images' users or as different users: one group they all get as a
+    // supplementary group makes the files readable (the sidecar itself
+    // never runs as root). Both cases are treated alike and said out loud.
+    let who: Vec<String> = users
+        .iter()
+        .map(|(name, user)| match user {
+            Some(0) => format!("`{name}` runs as root"),
+            Some(uid) => format!("`{name}` runs as {uid}"),
+            None => format!("`{name}` as its image's user"),
+        })
+        .collect();
     match image_user {
         ImageUser::FsGroup => Ok(ReadersChoice {
             readers: Readers::Group(group),
-            set_fs_group: Some(group),
+            set_fs_group: Some((
+                group,
+                format!(
+                    "Tessera set spec.securityContext.fsGroup {group} so the credentials are readable ({}); set fsGroup, or one non-root runAsUser for every container, to choose yourself",
+                    who.join(", ")
+                ),
+            )),
         }),
-        ImageUser::Refuse => {
-            let who: Vec<String> = users
-                .iter()
-                .map(|(name, user)| match user {
-                    Some(uid) => format!("`{name}` runs as {uid}"),
-                    None => format!("`{name}` as its image's user"),
-                })
-                .collect();
-            Err(Denial(format!(
-                "cannot tell which user reads the credentials ({}): set spec.securityContext.fsGroup (files become readable by that group) or one runAsUser for every container (the policy's limits.imageUser is refuse)",
-                who.join(", ")
-            )))
-        }
+        ImageUser::Refuse => Err(Denial(format!(
+            "no single non-root user reads the credentials ({}): set spec.securityContext.fsGroup (files become readable by that group) or one non-root runAsUser for every container (the policy's limits.imageUser is refuse)",
+            who.join(", ")
+        ))),
     }
 }
 
@@ -484,6 +486,7 @@ pub fn decide(
     mode: SidecarMode,
     ca_pem: &str,
     policy: &Policy,
+    kv_keys: &pod_output::KvKeys<'_>,
 ) -> Result<Decision, Denial> {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
@@ -527,7 +530,7 @@ pub fn decide(
         .pod_labels_known
         .then(|| pod.metadata.labels.clone().unwrap_or_default());
     check_policy(policy, namespace, spec, labels.as_ref(), &request.bindings)?;
-    let shaped = pod_output::check(annotations, &request.bindings, policy)?;
+    let shaped = pod_output::check(annotations, &request.bindings, policy, kv_keys)?;
     let max_ttl = max_ttl(annotations, &request.bindings, policy)?;
     if let Some(env_request) = &request.env {
         if max_ttl.is_some() {
@@ -560,7 +563,11 @@ pub fn decide(
         .as_ref()
         .map(|_| app_user(spec))
         .transpose()?;
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = choice
+        .set_fs_group
+        .iter()
+        .map(|(_, warning)| warning.clone())
+        .collect();
     if spec.dns_policy.as_deref() == Some("None") {
         warnings.push(format!(
             "dnsPolicy: None: the pod's dnsConfig must resolve the broker's address {} or the sidecar cannot start",
@@ -611,9 +618,9 @@ pub fn decide(
         shape: Some(shape),
         bindings: request.bindings.clone(),
         mount_path: request.mount_path.clone(),
-        readers: match (&choice.readers, choice.set_fs_group) {
+        readers: match (&choice.readers, &choice.set_fs_group) {
             (Readers::Group(gid), Some(_)) => {
-                format!("group {gid} (fsGroup set by Tessera: no container names a single user)")
+                format!("group {gid} (fsGroup set by Tessera: no single non-root user)")
             }
             (Readers::Group(gid), None) => format!("group {gid}"),
             (Readers::User(uid), _) => format!("user {uid}"),
@@ -645,7 +652,7 @@ pub fn decide(
         // The sidecar finds the app's process by name.
         spec.share_process_namespace = Some(true);
     }
-    if let Some(group) = choice.set_fs_group {
+    if let Some((group, _)) = choice.set_fs_group {
         let context = spec.security_context.get_or_insert_with(Default::default);
         context.fs_group = Some(group);
         // Only the volume's root is checked: a large data volume is not

@@ -28,11 +28,15 @@ pub use self::settings::{Injection, Settings, SidecarMode};
 use crate::{
     listener::{ConnectionLimits, Gate, GateAcceptor},
     metrics::Metrics,
-    policy::store::PolicyStore,
+    policy::{Kv2Source, store::PolicyStore},
 };
 
 /// The AdmissionReview version the webhook speaks (the chart registers only it).
 pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// The keys of a KV secret as the broker last read it (its feeds), for
+/// checking a pod's renames of a binding that delivers the whole secret.
+pub type KvKeysLookup = Box<dyn Fn(&Kv2Source) -> Option<Vec<String>> + Send + Sync>;
 
 /// What the webhook needs to answer.
 pub struct Webhook {
@@ -40,21 +44,25 @@ pub struct Webhook {
     mode: SidecarMode,
     policy: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
+    kv_keys: KvKeysLookup,
 }
 
 impl Webhook {
-    /// A webhook injecting `injection`, with `mode` already resolved (not `Auto`).
+    /// A webhook injecting `injection`, with `mode` already resolved (not
+    /// `Auto`), checking renames of whole KV secrets against `kv_keys`.
     pub fn new(
         injection: Injection,
         mode: SidecarMode,
         policy: Arc<PolicyStore>,
         metrics: Arc<Metrics>,
+        kv_keys: KvKeysLookup,
     ) -> Self {
         Self {
             injection,
             mode,
             policy,
             metrics,
+            kv_keys,
         }
     }
 
@@ -127,6 +135,7 @@ impl Webhook {
             self.mode,
             &ca_pem,
             &policy.policy,
+            &self.kv_keys,
         ) {
             Ok(Decision::Skip(reason)) => {
                 tracing::debug!(namespace = %logged_namespace, pod = %pod_name, reason, "not injecting");

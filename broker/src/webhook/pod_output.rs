@@ -12,17 +12,28 @@ use serde_json::json;
 use tessera_template::Template;
 
 use super::inject::{BINDINGS, Denial};
-use crate::policy::Policy;
+use crate::policy::{Kv2Source, Policy, Source};
+
+/// The keys a KV secret has now, as far as the broker knows (its last good
+/// read of the secret); `None` when it has not read it.
+pub type KvKeys<'a> = dyn Fn(&Kv2Source) -> Option<Vec<String>> + 'a;
 
 /// Prefix of the per-binding rename annotations.
 pub const FILES_PREFIX: &str = "tessera.dev/files.";
 /// Prefix of the per-binding template annotations.
 pub const TEMPLATES_PREFIX: &str = "tessera.dev/templates.";
 
-/// The files a binding delivers, when the policy knows them.
-fn delivered(policy: &Policy, binding: &str) -> Option<BTreeSet<String>> {
+/// The files a binding delivers, when the policy names its fields or the
+/// broker has read the KV secret it delivers whole.
+fn delivered(policy: &Policy, binding: &str, kv_keys: &KvKeys<'_>) -> Option<BTreeSet<String>> {
     let binding = policy.binding(binding)?;
-    let fields = binding.source.known_fields()?;
+    let fields = binding
+        .source
+        .known_fields()
+        .or_else(|| match &binding.source {
+            Source::Kv2(kv) => kv_keys(kv),
+            _ => None,
+        })?;
     let output = &binding.output;
     let mut files: BTreeSet<String> = BTreeSet::new();
     if !output.templates_only {
@@ -42,11 +53,13 @@ fn delivered(policy: &Policy, binding: &str) -> Option<BTreeSet<String>> {
 /// # Errors
 /// A [`Denial`] naming the annotation: an unlisted binding, an unsafe or
 /// clashing file name, a rename or template field the binding does not
-/// deliver, a template error, or templates the policy forbids.
+/// deliver (for a KV binding without `keys`, the keys the secret has now),
+/// a template error, or templates the policy forbids.
 pub fn check(
     annotations: &BTreeMap<String, String>,
     bindings: &[String],
     policy: &Policy,
+    kv_keys: &KvKeys<'_>,
 ) -> Result<Option<String>, Denial> {
     let mut out = serde_json::Map::new();
     for (key, value) in annotations {
@@ -63,7 +76,7 @@ pub fn check(
                 "annotation {key}: binding `{binding}` is not in {BINDINGS}"
             )));
         }
-        let known = delivered(policy, binding);
+        let known = delivered(policy, binding, kv_keys);
         let entry = out
             .entry(binding.to_owned())
             .or_insert_with(|| json!({ "files": {}, "templates": {} }));
@@ -106,7 +119,8 @@ pub fn check(
                     && !known.contains(field)
                 {
                     return Err(Denial(format!(
-                        "annotation {key}: binding `{binding}` delivers no `{field}`"
+                        "annotation {key}: binding `{binding}` delivers no `{field}` (it delivers {})",
+                        known.iter().cloned().collect::<Vec<_>>().join(", ")
                     )));
                 }
                 entry["files"][field] = json!(file);
@@ -114,7 +128,7 @@ pub fn check(
         }
     }
     for (binding, entry) in &out {
-        let Some(known) = delivered(policy, binding) else {
+        let Some(known) = delivered(policy, binding, kv_keys) else {
             continue;
         };
         let renamed = |file: &String| {

@@ -114,7 +114,9 @@ fn pod(value: &Value) -> Pod {
 }
 
 fn decide(value: &Value, injection: &Injection, mode: SidecarMode) -> Result<Decision, Denial> {
-    inject::decide(&pod(value), "shop", injection, mode, CA, &policy())
+    inject::decide(&pod(value), "shop", injection, mode, CA, &policy(), &|_| {
+        None
+    })
 }
 
 fn injected(value: &Value, mode: SidecarMode) -> (Pod, inject::Injected) {
@@ -214,6 +216,7 @@ fn a_second_pass_changes_nothing() {
         SidecarMode::Native,
         CA,
         &policy(),
+        &|_| None,
     )
     .unwrap();
     assert!(matches!(again, Decision::Skip("already injected")));
@@ -453,8 +456,43 @@ fn files_are_readable_by_the_app_user_or_the_refusal_says_how() {
             .any(|e| e.name == "TESSERA_GROUP")
     );
 
+    // Root, named or by the image, is treated like any image user: an
+    // fsGroup the sidecar's files are readable by, and a warning saying so
+    // (hardening round 3, defect 12: root was refused, the image's root not).
     value["spec"]["securityContext"] = json!({ "runAsUser": 0 });
-    assert!(denial(&value).contains("runs as root"));
+    let (mutated, record) = injected(&value, SidecarMode::Native);
+    let context = mutated.spec.unwrap().security_context.unwrap();
+    assert_eq!(context.fs_group, Some(65532));
+    assert_eq!(context.run_as_user, Some(0), "the pod's own user is kept");
+    assert_eq!(
+        record.warnings,
+        [
+            "Tessera set spec.securityContext.fsGroup 65532 so the credentials are readable (`app` runs as root); set fsGroup, or one non-root runAsUser for every container, to choose yourself"
+        ]
+    );
+    value["spec"]["securityContext"] = json!({});
+    let (_, image_user) = injected(&value, SidecarMode::Native);
+    assert_eq!(image_user.warnings.len(), 1, "{:?}", image_user.warnings);
+    assert!(image_user.warnings[0].contains("`app` as its image's user"));
+    let refusing = Policy::parse(
+        &POLICY.replace("bindings:", "limits: { imageUser: refuse }\nbindings:"),
+        "p.yaml",
+    )
+    .unwrap();
+    value["spec"]["securityContext"] = json!({ "runAsUser": 0 });
+    let refused = inject::decide(
+        &pod(&value),
+        "shop",
+        &injection(),
+        SidecarMode::Native,
+        CA,
+        &refusing,
+        &|_| None,
+    );
+    let Err(Denial(message)) = refused else {
+        panic!("admitted with limits.imageUser: refuse");
+    };
+    assert!(message.contains("(`app` runs as root)"), "{message}");
 }
 
 /// Adds a second container that runs as its image's user.
@@ -518,6 +556,7 @@ fn pods_that_rely_on_the_images_user_get_an_fs_group_or_a_refusal_naming_who_run
         SidecarMode::Native,
         CA,
         &strict,
+        &|_| None,
     ) else {
         panic!("admitted");
     };
@@ -689,6 +728,7 @@ fn webhook(dir: &tempfile::TempDir) -> Webhook {
         SidecarMode::Native,
         Arc::new(PolicyStore::load(vec![policy_path]).unwrap()),
         Arc::new(Metrics::new()),
+        Box::new(|_| None),
     )
 }
 
@@ -1144,6 +1184,7 @@ fn env_mode_wraps_each_containers_command_and_installs_the_binary_first() {
         SidecarMode::Native,
         CA,
         &policy(),
+        &|_| None,
     );
     assert!(matches!(again, Ok(Decision::Skip("already injected"))));
 }
@@ -1211,6 +1252,7 @@ fn pod_owners_reshape_files_within_what_the_binding_delivers() {
             SidecarMode::Native,
             CA,
             policy,
+            &|_| None,
         )
     };
     let mut value = with_annotation(deployment_pod(), inject::BINDINGS, "db,tls");
@@ -1392,6 +1434,7 @@ fn a_pod_may_shorten_a_leased_bindings_ttl_and_nothing_else() {
             SidecarMode::Native,
             CA,
             &policy,
+            &|_| None,
         )
     };
     let value = with_annotation(
@@ -1633,5 +1676,62 @@ fn defect_12_refusals_that_help() {
             .warnings
             .iter()
             .any(|w| w.contains("dnsPolicy: None"))
+    );
+}
+
+/// Hardening round 3, defect 12: a rename of a field that a binding
+/// delivering a whole KV secret does not have was admitted, and the
+/// sidecar's probe then held the app. The broker's last read of the secret
+/// knows its keys; before any read the sidecar's check names the reason.
+#[test]
+fn defect_12_a_rename_of_a_key_the_kv_secret_lacks_is_refused_when_the_broker_knows_its_keys() {
+    let policy = Policy::parse(POLICY, "policy.yaml").unwrap();
+    let value = with_annotation(
+        with_annotation(deployment_pod(), inject::BINDINGS, "orders-db"),
+        "tessera.dev/files.orders-db",
+        "pasword=db-password",
+    );
+    let keys = |source: &crate::policy::Kv2Source| {
+        (source.path == "shop/orders").then(|| vec!["password".to_owned(), "username".to_owned()])
+    };
+    let decided = inject::decide(
+        &pod(&value),
+        "shop",
+        &injection(),
+        SidecarMode::Native,
+        CA,
+        &policy,
+        &keys,
+    );
+    let Err(Denial(message)) = decided else {
+        panic!("admitted a rename of a key the secret lacks");
+    };
+    assert_eq!(
+        message,
+        "annotation tessera.dev/files.orders-db: binding `orders-db` delivers no `pasword` (it delivers password, username)"
+    );
+    let right = with_annotation(
+        with_annotation(deployment_pod(), inject::BINDINGS, "orders-db"),
+        "tessera.dev/files.orders-db",
+        "password=db-password",
+    );
+    let admitted = |value: &Value, keys: &pod_output::KvKeys<'_>| {
+        matches!(
+            inject::decide(
+                &pod(value),
+                "shop",
+                &injection(),
+                SidecarMode::Native,
+                CA,
+                &policy,
+                keys
+            ),
+            Ok(Decision::Inject(..))
+        )
+    };
+    assert!(admitted(&right, &keys));
+    assert!(
+        admitted(&value, &|_| None),
+        "before the broker has read the secret it cannot tell"
     );
 }

@@ -849,3 +849,64 @@ async fn defect_4_a_ttl_below_the_kinds_floor_is_refused_at_admission_in_the_api
     let issued = env.bao.list("pki/certs").len();
     assert!(issued <= 2, "the CA and one certificate: {issued}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn defect_12_a_rename_of_a_key_the_secret_lacks_is_refused_and_the_probe_says_why() {
+    let env = Env::start(&simple_policy("config", "shop", "orders", "shop/config")).await;
+    env.bao
+        .put("shop/config", &json!({ "password": "p", "username": "u" }))
+        .await;
+    let renamed = |field: &str| {
+        pod(
+            "config",
+            &[(
+                "tessera.dev/files.config".to_owned(),
+                format!("{field}=db-password"),
+            )],
+        )
+    };
+    // The broker reads the secret within a poll; from then on the webhook
+    // knows its keys.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let message = loop {
+        let (allowed, message) = admit(&env, &renamed("pasword")).await;
+        if !allowed {
+            break message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a rename of a key the secret lacks was still admitted after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        message,
+        "tessera: annotation tessera.dev/files.config: binding `config` delivers no `pasword` (it delivers password, username)"
+    );
+    assert!(admit(&env, &renamed("password")).await.0);
+
+    // A pod admitted before the broker had read the secret (or whose secret
+    // lost the key since): the sidecar's probe names the reason at once.
+    let out = env.tmpfs_out();
+    let once = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["config"],
+        &[
+            "--pod-output",
+            r#"{"config":{"files":{"pasword":"db-password"},"templates":{}}}"#,
+        ],
+    );
+    assert!(!once.status.success());
+    let check = std::process::Command::new(tessera_tests::binary("tessera-sidecar"))
+        .args(["check", "--binding", "config", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        said.contains("binding `config` has not been written: binding `config`: tessera.dev/files renames `pasword`, which the broker did not deliver"),
+        "{said}"
+    );
+}
