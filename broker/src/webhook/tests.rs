@@ -1691,7 +1691,7 @@ fn defect_12_a_rename_of_a_key_the_kv_secret_lacks_is_refused_when_the_broker_kn
         "tessera.dev/files.orders-db",
         "pasword=db-password",
     );
-    let keys = |source: &crate::policy::Kv2Source| {
+    let keys = |source: &Kv2Source| {
         (source.path == "shop/orders").then(|| vec!["password".to_owned(), "username".to_owned()])
     };
     let decided = inject::decide(
