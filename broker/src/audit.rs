@@ -151,14 +151,24 @@ impl Event {
 /// The audit sink.
 pub struct Audit {
     sink: Mutex<Box<dyn Write + Send>>,
+    cluster: String,
+}
+
+/// One audit line: the cluster's name, then the event.
+#[derive(Serialize)]
+struct Line<'a> {
+    cluster: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
 }
 
 impl Audit {
-    /// Opens `target`.
+    /// Opens `target` for the events of `cluster` (named in every line, so
+    /// several clusters' trails can be read together).
     ///
     /// # Errors
     /// When the file cannot be opened for appending.
-    pub fn open(target: &AuditTarget) -> io::Result<Self> {
+    pub fn open(target: &AuditTarget, cluster: &str) -> io::Result<Self> {
         let sink: Box<dyn Write + Send> = match target {
             AuditTarget::Stdout => Box::new(io::stdout()),
             AuditTarget::File(path) => Box::new(
@@ -171,13 +181,17 @@ impl Audit {
         };
         Ok(Self {
             sink: Mutex::new(sink),
+            cluster: cluster.to_owned(),
         })
     }
 
     /// Writes one event as a JSON line. A write failure is logged, not
     /// returned: the request was already decided.
     pub fn record(&self, event: &Event) {
-        let Ok(mut line) = serde_json::to_vec(event) else {
+        let Ok(mut line) = serde_json::to_vec(&Line {
+            cluster: &self.cluster,
+            event,
+        }) else {
             return;
         };
         line.push(b'\n');

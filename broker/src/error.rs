@@ -67,6 +67,14 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A leased binding asked for with a token that names no pod.
+    #[error(
+        "binding `{binding}` gives its leased credentials only to tokens bound to a pod (a projected service-account token), so they are revoked with the pod; this token names no pod. Use the pod's projected token, or ask the policy owners for `callers: {{ unbound: allow }}` on the binding"
+    )]
+    UnboundCaller {
+        /// The binding.
+        binding: String,
+    },
     /// A held lease handle was refused.
     #[error(transparent)]
     Handle(#[from] crate::lease::handle::HandleError),
@@ -112,6 +120,7 @@ impl Error {
             | Error::LeaseRecord { binding, .. }
             | Error::Render { binding, .. }
             | Error::TooManyStreams { binding, .. }
+            | Error::UnboundCaller { binding }
             | Error::Denied { binding, .. } => Some(binding),
             _ => None,
         }
@@ -123,7 +132,7 @@ impl From<Error> for Status {
         let code = match &error {
             Error::Token(TokenError::Unavailable(_)) => Code::Unavailable,
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
-            Error::Denied { .. } => Code::PermissionDenied,
+            Error::Denied { .. } | Error::UnboundCaller { .. } => Code::PermissionDenied,
             Error::InvalidRequest(_) => Code::InvalidArgument,
             Error::Handle(crate::lease::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
             Error::Handle(crate::lease::handle::HandleError::NotYours(_)) => Code::PermissionDenied,

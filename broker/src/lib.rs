@@ -241,7 +241,10 @@ pub async fn prepare(
     if let (true, Some(client)) = (id.pod_lookup, &kube) {
         verifier = verifier.with_pod_lookup(client.clone());
     }
-    let policy = Arc::new(PolicyStore::load(config.policy_paths.clone())?);
+    let policy = Arc::new(PolicyStore::load(
+        config.policy_paths.clone(),
+        &config.cluster,
+    )?);
     let loaded = policy.current();
     tracing::info!(
         bindings = loaded.policy.bindings.len(),
@@ -293,13 +296,12 @@ pub async fn prepare(
         feeds.clone(),
         shutdown.clone(),
     ));
-    let audit =
-        Arc::new(
-            audit::Audit::open(&config.audit).map_err(|source| StartError::Audit {
-                target: format!("{:?}", config.audit),
-                source,
-            })?,
-        );
+    let audit = Arc::new(
+        audit::Audit::open(&config.audit, &config.cluster).map_err(|source| StartError::Audit {
+            target: format!("{:?}", config.audit),
+            source,
+        })?,
+    );
     let limiter = Arc::new(ratelimit::Limiter::new(config.rate_limit));
     let handle_key = Arc::new(match &config.handle_key_file {
         Some(path) => {
@@ -315,7 +317,7 @@ pub async fn prepare(
     tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
     let engine = Arc::new(lease::Engine::new(
         vault.clone(),
-        handle_key.clone(),
+        handle_key,
         feeds.clone(),
         config.leases.clone(),
         audit,
@@ -326,7 +328,6 @@ pub async fn prepare(
     let reconciler = Arc::new(lease::reconcile::Reconciler::new(
         engine.clone(),
         verifier.clone(),
-        handle_key,
     ));
     // A deleted pod's leases are revoked at once where the broker may see
     // pods; the sweep is the backstop everywhere.
@@ -383,11 +384,11 @@ pub async fn run(
         health.clone(),
         shutdown.clone(),
     ));
-    tokio::spawn(
-        prepared
-            .reconciler
-            .run(prepared.config.leases.sweep_interval, shutdown.clone()),
-    );
+    tokio::spawn(prepared.reconciler.run(
+        prepared.config.leases.sweep_interval,
+        prepared.config.leases.full_sweep_interval,
+        shutdown.clone(),
+    ));
     // Reflection v1 and v1alpha: grpcurl and older clients (grpcio's) ask
     // for the latter.
     let reflection = || {

@@ -130,6 +130,11 @@ enum PolicyCommand {
         /// A pod label `key=value` (repeat), as pod lookup would report it.
         #[arg(long = "pod-label", value_parser = parse_label)]
         pod_labels: Vec<(String, String)>,
+        /// The cluster (`cluster.name`) the identity is in: subjects naming
+        /// other clusters do not match. Without it, only subjects that name
+        /// no cluster match.
+        #[arg(long)]
+        cluster: Option<String>,
         /// Policy files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -497,11 +502,15 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             namespace,
             service_account,
             pod_labels,
+            cluster,
             paths,
             output,
         } => {
             let policy = match load_or_report(&paths, None, output) {
-                Ok(policy) => policy,
+                Ok(policy) => match &cluster {
+                    Some(name) => policy.for_cluster(name),
+                    None => policy.for_cluster_unnamed(),
+                },
                 Err(code) => return Ok(code),
             };
             let identity = Identity {
@@ -513,7 +522,8 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<ExitCode> {
                 pod_labels: (!pod_labels.is_empty()).then(|| pod_labels.into_iter().collect()),
                 expires_at: 0,
             };
-            let explanation = report::Explanation::of(&policy, &identity);
+            let mut explanation = report::Explanation::of(&policy, &identity);
+            explanation.cluster = cluster;
             match output {
                 Output::Text => emit(&explanation.to_string()),
                 Output::Json => print_json(&explanation),

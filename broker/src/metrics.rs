@@ -95,6 +95,13 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
+/// Labels of `tessera_lease_sweeps_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SweepLabels {
+    /// `full` (every record read) or `light`.
+    kind: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -132,8 +139,12 @@ pub struct Metrics {
     pub vault_up: Gauge,
     /// Open `Watch` streams.
     pub watch_streams: Gauge,
+    /// Lease records left alone because this replica cannot open or
+    /// attribute them (sealed under an unknown key, another cluster's).
+    pub lease_records_left_alone: Counter,
     admission_reviews: Family<DecisionLabels, Counter>,
     admission_duration: Histogram,
+    lease_sweeps: Family<SweepLabels, Counter>,
     active_leases: Family<BindingLabels, Gauge>,
     ready: AtomicBool,
 }
@@ -193,6 +204,18 @@ impl Metrics {
         );
         let watch_streams = Gauge::default();
         registry.register("watch_streams", "Open Watch streams", watch_streams.clone());
+        let lease_records_left_alone = Counter::default();
+        registry.register(
+            "lease_records_left_alone",
+            "Lease records a sweep found but left alone, neither revoked nor deleted: sealed under a key this replica does not hold (the log names each path)",
+            lease_records_left_alone.clone(),
+        );
+        let lease_sweeps = Family::<SweepLabels, Counter>::default();
+        registry.register(
+            "lease_sweeps",
+            "Sweeps of this cluster's lease records that completed, by kind (light: pods that ended; full: every record)",
+            lease_sweeps.clone(),
+        );
         let active_leases = Family::<BindingLabels, Gauge>::default();
         registry.register(
             "active_leases",
@@ -221,8 +244,10 @@ impl Metrics {
             policy_reload_failing,
             vault_up,
             watch_streams,
+            lease_records_left_alone,
             admission_reviews,
             admission_duration,
+            lease_sweeps,
             active_leases,
             ready: AtomicBool::new(false),
         }
@@ -276,6 +301,12 @@ impl Metrics {
             .get_or_create(&DecisionLabels { decision })
             .inc();
         self.admission_duration.observe(seconds);
+    }
+
+    /// Counts a completed sweep of the lease records.
+    pub fn sweep(&self, full: bool) {
+        let kind = if full { "full" } else { "light" };
+        self.lease_sweeps.get_or_create(&SweepLabels { kind }).inc();
     }
 
     /// Whether this replica can serve: started, not shutting down (Vault's

@@ -12,6 +12,8 @@ use super::*;
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerConfig {
+    /// This cluster's name.
+    pub cluster: ClusterConfig,
     /// gRPC address.
     pub listen: String,
     /// Serving certificate.
@@ -46,6 +48,14 @@ pub struct BrokerConfig {
     /// Memory locking; the broker's default when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryConfig>,
+}
+
+/// `cluster:`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterConfig {
+    /// `cluster.name`.
+    pub name: String,
 }
 
 /// `tls:`.
@@ -178,6 +188,8 @@ pub struct LeasesConfig {
     pub retired_handle_key_files: Vec<String>,
     /// How often owed revocations are swept.
     pub sweep_interval: String,
+    /// How often a sweep reads every record.
+    pub full_sweep_interval: String,
 }
 
 /// `admin:`.

@@ -3,9 +3,12 @@
 //! sidecar processes.
 
 use super::*;
+
+/// The cluster name every test broker runs with (`cluster.name`).
+pub const TEST_CLUSTER: &str = "test-1";
 use crate::config::{
-    AdminConfig, AuditConfig, BootstrapConfig, IdentityConfig, KubernetesConfig, LeasesConfig,
-    PolicyConfig, RateLimitConfig, SidecarConfig, TlsConfig, VaultConfig, VaultLogin,
+    AdminConfig, AuditConfig, BootstrapConfig, ClusterConfig, IdentityConfig, KubernetesConfig,
+    LeasesConfig, PolicyConfig, RateLimitConfig, SidecarConfig, TlsConfig, VaultConfig, VaultLogin,
     WebhookConfig,
 };
 
@@ -229,6 +232,9 @@ impl Env {
             ("dev", "dev/ca.pem")
         };
         let config = BrokerConfig {
+            cluster: ClusterConfig {
+                name: TEST_CLUSTER.to_owned(),
+            },
             listen: format!("127.0.0.1:{port}"),
             tls: TlsConfig {
                 cert_file: format!("{tls_dir}/tls.crt"),
@@ -271,6 +277,7 @@ impl Env {
                 handle_key_file: (!options.bootstrap).then(|| "dev/handle.key".to_owned()),
                 retired_handle_key_files: Vec::new(),
                 sweep_interval: options.sweep_interval.to_owned(),
+                full_sweep_interval: "1h".to_owned(),
             },
             admin: AdminConfig {
                 listen: format!("127.0.0.1:{}", free_port()),
@@ -691,6 +698,11 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// `http://ADDR` of its admin endpoints (`/metrics`).
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.config.admin.listen)
+    }
+
     /// Stops the replica (SIGTERM and its drain when `graceful`, SIGKILL
     /// otherwise) and starts it again with its configuration and port, as
     /// a rolling update or a crash would replace it.

@@ -28,8 +28,10 @@ mod postgres;
 mod proc;
 
 pub use balancer::Balancer;
-pub use config::{BrokerConfig, ConnectionsConfig, IdentitySource, MemoryConfig};
-pub use env::{BrokerLogin, Env, EnvOptions, Replica, pod_uid};
+pub use config::{
+    BrokerConfig, ClusterConfig, ConnectionsConfig, IdentitySource, KubernetesConfig, MemoryConfig,
+};
+pub use env::{BrokerLogin, Env, EnvOptions, Replica, TEST_CLUSTER, pod_uid};
 pub use http::{http_get, https_post};
 pub use kubernetes::Cluster;
 pub use node::{NODE, NodeAgent};

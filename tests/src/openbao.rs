@@ -134,12 +134,17 @@ impl OpenBao {
         ]);
     }
 
-    /// The lease records the broker keeps for one pod (their JSON documents).
+    /// The lease records the brokers keep for one pod (their JSON
+    /// documents), whatever cluster filed them, and in the layout from
+    /// before clusters had names.
     pub fn lease_records(&self, pod_uid: &str) -> Vec<Value> {
         let mut records = Vec::new();
         // Folders are `<namespace>_<pod>_<uid>/`.
         let suffix = format!("_{pod_uid}/");
-        let folders = self.list("tessera-leases/pods");
+        let mut folders = self.list("tessera-leases/pods");
+        for cluster in self.list("tessera-leases/clusters") {
+            folders.extend(self.list(&format!("{}pods", cluster)));
+        }
         for folder in folders.iter().filter(|f| f.ends_with(&suffix)) {
             for binding in self.list(folder.trim_end_matches('/')) {
                 for id in self.list(binding.trim_end_matches('/')) {

@@ -74,6 +74,10 @@ impl IdentityConfig {
 /// The validated broker configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// This Kubernetes cluster's name (`cluster.name`): it files the lease
+    /// records apart from other clusters' in a shared Vault and is named in
+    /// every audit line and Vault request.
+    pub cluster: String,
     /// Address the gRPC server listens on (used by `main`; tests pass their own listener).
     pub listen: SocketAddr,
     /// Serving certificate and optional client CA (mTLS).
@@ -144,6 +148,38 @@ struct File {
     memory: MemoryFile,
     webhook: Option<WebhookFile>,
     bootstrap: Option<BootstrapFile>,
+    cluster: Option<ClusterFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ClusterFile {
+    name: String,
+}
+
+/// Checks `cluster.name`: a DNS label (lowercase letters, digits and `-`,
+/// at most 63), so it is safe in Vault paths, headers and audit lines.
+fn cluster_name(file: Option<ClusterFile>) -> Result<String, String> {
+    let Some(ClusterFile { name }) = file else {
+        return Err(
+            "cluster.name is required: name this Kubernetes cluster (e.g. prod-eu-1); it keeps this cluster's lease records apart from other clusters' in a shared Vault (docs/install.md, \"Several clusters on one Vault\")".to_owned(),
+        );
+    };
+    let label = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if label {
+        Ok(name)
+    } else {
+        Err(format!(
+            "cluster.name `{}` is not a DNS label (lowercase letters, digits and `-`, at most 63 characters, starting and ending with a letter or digit)",
+            name.escape_debug()
+        ))
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -440,7 +476,9 @@ impl Config {
             ));
         }
         let connections = file.connections.limits().map_err(error)?;
-        let leases = file.leases.settings().map_err(error)?;
+        let cluster = cluster_name(file.cluster).map_err(error)?;
+        let mut leases = file.leases.settings().map_err(error)?;
+        leases.cluster.clone_from(&cluster);
         let (Some(per_second), Some(burst)) = (
             NonZeroU32::new(file.rate_limit.per_second),
             NonZeroU32::new(file.rate_limit.burst),
@@ -477,6 +515,7 @@ impl Config {
             path => AuditTarget::File(resolve(PathBuf::from(path))),
         };
         Ok(Self {
+            cluster: cluster.clone(),
             audit,
             rate_limit: RateLimit { per_second, burst },
             listen: file.listen,
@@ -504,6 +543,7 @@ impl Config {
                 auth,
                 timeout: file.vault.timeout,
                 health_check_interval: file.vault.health_check_interval,
+                cluster,
             },
             kv_poll_interval: file.vault.kv_poll_interval,
             shutdown_grace: file.shutdown_grace,

@@ -158,6 +158,8 @@ pub(super) struct LeasesFile {
     pub(super) max_per_pod_binding: usize,
     #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
     pub(super) sweep_interval: Duration,
+    #[serde(default = "default_full_sweep_interval", deserialize_with = "duration")]
+    pub(super) full_sweep_interval: Duration,
 }
 
 impl Default for LeasesFile {
@@ -168,6 +170,7 @@ impl Default for LeasesFile {
             record_mount: default_record_mount(),
             max_per_pod_binding: default_max_per_pod_binding(),
             sweep_interval: default_sweep_interval(),
+            full_sweep_interval: default_full_sweep_interval(),
         }
     }
 }
@@ -180,6 +183,9 @@ fn default_max_per_pod_binding() -> usize {
 }
 fn default_sweep_interval() -> Duration {
     LeaseSettings::default().sweep_interval
+}
+fn default_full_sweep_interval() -> Duration {
+    LeaseSettings::default().full_sweep_interval
 }
 
 /// Most live leases per pod and binding a configuration may allow.
@@ -216,6 +222,9 @@ impl LeasesFile {
             record_mount: self.record_mount.clone(),
             max_per_pod_binding: self.max_per_pod_binding,
             sweep_interval: self.sweep_interval,
+            full_sweep_interval: self.full_sweep_interval,
+            // Set from `cluster.name` by the caller.
+            cluster: String::new(),
         };
         if leases.record_mount.is_empty()
             || leases.record_mount.starts_with('/')
@@ -240,6 +249,12 @@ impl LeasesFile {
         }
         if leases.sweep_interval < Duration::from_secs(1) {
             return Err("leases.sweepInterval must be at least 1s".to_owned());
+        }
+        if leases.full_sweep_interval < leases.sweep_interval {
+            return Err(
+                "leases.fullSweepInterval must be at least leases.sweepInterval (a full sweep is one of the sweeps)"
+                    .to_owned(),
+            );
         }
         Ok(leases)
     }

@@ -7,10 +7,20 @@ fn load(extra_policy: &str, extra_vault: &str) -> Result<Config, ConfigError> {
 }
 
 fn load_with(extra_policy: &str, extra_vault: &str, top: &str) -> Result<Config, ConfigError> {
+    load_naming_cluster("cluster: { name: test-1 }", extra_policy, extra_vault, top)
+}
+
+fn load_naming_cluster(
+    cluster: &str,
+    extra_policy: &str,
+    extra_vault: &str,
+    top: &str,
+) -> Result<Config, ConfigError> {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("broker.yaml");
     let text = format!(
-        "tls: {{ certFile: tls.crt, keyFile: tls.key }}
+        "{cluster}
+tls: {{ certFile: tls.crt, keyFile: tls.key }}
 identity: {{ issuer: https://kubernetes.default.svc, audiences: [tessera], jwksFile: jwks.json }}
 policy:
   paths: [policy]
@@ -49,7 +59,13 @@ fn zero_or_absurd_intervals_are_refused() {
 #[test]
 fn leases_default_to_records_in_tessera_leases_and_two_per_binding() {
     let config = load("", "").expect("valid");
-    assert_eq!(config.leases, LeaseSettings::default());
+    assert_eq!(
+        config.leases,
+        LeaseSettings {
+            cluster: "test-1".to_owned(),
+            ..LeaseSettings::default()
+        }
+    );
     assert_eq!(config.leases.record_mount, "tessera-leases");
     assert_eq!(config.leases.max_per_pod_binding, 2);
     let config = load_with(
@@ -149,4 +165,27 @@ fn the_reference_configuration_in_the_docs_loads() {
     std::fs::write(&path, reference_example()).expect("write config");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("docs/configuration.md: {e}"));
     assert!(config.bootstrap.is_some() && config.webhook.is_some());
+}
+
+#[test]
+fn the_cluster_has_a_name_that_is_a_dns_label() {
+    let config = load("", "").expect("valid");
+    assert_eq!(config.cluster, "test-1");
+    let missing = load_naming_cluster("", "", "", "").expect_err("no cluster name");
+    assert!(
+        missing
+            .detail
+            .starts_with("cluster.name is required: name this Kubernetes cluster"),
+        "{missing}"
+    );
+    for bad in ["Prod", "-prod", "prod_eu", "", &"a".repeat(64)] {
+        let error = load_naming_cluster(&format!("cluster: {{ name: \"{bad}\" }}"), "", "", "")
+            .expect_err(bad);
+        assert!(
+            error.detail.contains("is not a DNS label"),
+            "{bad}: {error}"
+        );
+    }
+    let config = load_naming_cluster("cluster: { name: prod-eu-1 }", "", "", "").unwrap();
+    assert_eq!(config.leases.cluster, "prod-eu-1");
 }

@@ -84,6 +84,40 @@ pub async fn review(
     Ok((identity, super::jwt::expiry_unverified(&parsed)))
 }
 
+/// Where the identity's pod is in its life: gone (or replaced by another
+/// pod of the same name), completed (`Succeeded`/`Failed`), or running.
+///
+/// # Errors
+/// [`TokenError::Unavailable`] when the API server cannot be asked.
+pub async fn pod_life(
+    client: &kube::Client,
+    identity: &Identity,
+) -> Result<super::PodLife, TokenError> {
+    let Some(pod_ref) = &identity.pod else {
+        return Ok(super::PodLife::Running);
+    };
+    let pod = Api::<Pod>::namespaced(client.clone(), &identity.namespace)
+        .get_opt(&pod_ref.name)
+        .await
+        .map_err(|e| unavailable("pod lookup", &e))?;
+    Ok(match pod {
+        Some(pod) if pod.metadata.uid.as_deref() == Some(pod_ref.uid.as_str()) => {
+            let phase = pod.status.and_then(|s| s.phase);
+            if is_completed(phase.as_deref()) {
+                super::PodLife::Completed
+            } else {
+                super::PodLife::Running
+            }
+        }
+        _ => super::PodLife::Gone,
+    })
+}
+
+/// Whether a pod phase is final: its containers will not run again.
+pub fn is_completed(phase: Option<&str>) -> bool {
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
 /// Looks the identity's pod up: refuses a pod that is gone or was replaced
 /// (different UID), and returns its labels.
 ///

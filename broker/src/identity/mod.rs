@@ -20,6 +20,7 @@ use std::{
 use serde::Deserialize;
 
 pub use self::keys::{JwksError, JwksFile, OidcKeys};
+pub use self::kube::is_completed;
 use crate::secret::Secret;
 
 /// A verified workload identity.
@@ -146,6 +147,18 @@ struct CacheEntry {
     until: u64,
 }
 
+/// Where a pod is in its life, as the API server says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodLife {
+    /// The pod exists and may still run containers.
+    Running,
+    /// The pod has completed (phase `Succeeded` or `Failed`): its containers
+    /// will never run again, so its leases are owed back.
+    Completed,
+    /// The pod (with this UID) no longer exists.
+    Gone,
+}
+
 /// Verifies tokens and remembers verified ones by SHA-256 digest until they
 /// expire (or for `cache_ttl`, when set), so the hot path does no signature
 /// work or API call twice.
@@ -233,16 +246,12 @@ impl Verifier {
         Ok(identity)
     }
 
-    /// Whether the identity's pod still exists: `None` without pod lookup (or
-    /// when the API server cannot be asked).
-    pub async fn pod_exists(&self, identity: &Identity) -> Option<bool> {
+    /// Where the identity's pod is in its life: `None` without pod lookup
+    /// (or when the API server cannot be asked).
+    pub async fn pod_life(&self, identity: &Identity) -> Option<PodLife> {
         let client = self.pods.as_ref()?;
         identity.pod.as_ref()?;
-        match kube::pod_labels(client, identity).await {
-            Ok(_) => Some(true),
-            Err(TokenError::PodGone(_)) => Some(false),
-            Err(_) => None,
-        }
+        kube::pod_life(client, identity).await.ok()
     }
 
     /// Verifies a token as of `now` (seconds since the Unix epoch), without

@@ -13,6 +13,7 @@ pub mod credential;
 pub mod handle;
 pub mod id;
 mod ownership;
+pub use ownership::Revoked;
 pub mod reconcile;
 pub mod records;
 pub mod schedule;
@@ -49,20 +50,28 @@ use crate::{
 pub struct LeaseSettings {
     /// The KV version 1 mount holding lease records.
     pub record_mount: String,
+    /// The cluster whose records this broker keeps (`cluster.name`): it
+    /// reads, revokes and forgets only those under `clusters/<name>/`.
+    pub cluster: String,
     /// Most live leases one pod may hold on one binding; past it the oldest
     /// is revoked. Two leave room for one rotation overlap.
     pub max_per_pod_binding: usize,
     /// How often each replica sweeps the records for leases owed a
     /// revocation (deleted pods, ended overlaps).
     pub sweep_interval: Duration,
+    /// How often a sweep also reads every record (ended overlaps, leases
+    /// ended on their own, records from before clusters had names).
+    pub full_sweep_interval: Duration,
 }
 
 impl Default for LeaseSettings {
     fn default() -> Self {
         Self {
             record_mount: "tessera-leases".to_owned(),
+            cluster: String::new(),
             max_per_pod_binding: 2,
             sweep_interval: Duration::from_secs(30),
+            full_sweep_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -151,7 +160,11 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            records: Records::new(vault.clone(), settings.record_mount.clone()),
+            records: Records::new(
+                vault.clone(),
+                settings.record_mount.clone(),
+                settings.cluster.clone(),
+            ),
             vault,
             keys,
             feeds,
@@ -231,6 +244,11 @@ impl Engine {
         caller: &Caller,
     ) -> Result<(Live, Credential), Error> {
         let identity = &caller.identity;
+        if binding.source.is_leased() && identity.pod.is_none() && !binding.allow_unbound {
+            return Err(Error::UnboundCaller {
+                binding: binding.name.clone(),
+            });
+        }
         let vault_stamp = stamp(identity);
         let pod = owner(identity).filter(|_| binding.source.is_leased());
         if let Some(pod) = &pod {
@@ -580,7 +598,7 @@ impl Engine {
         if outcome.is_ok()
             && let (Some(pod), Some(lease)) = (owner(&caller.identity), &live.lease)
         {
-            let path = record_path(&pod, &binding.name, &lease.digest());
+            let path = record_path(self.records.cluster(), &pod, &binding.name, &lease.digest());
             if let Err(error) = self.records.delete(&path).await {
                 tracing::warn!(binding = %binding.name, %error, "lease revoked, but its record stays (the sweep removes it)");
             }

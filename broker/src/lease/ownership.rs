@@ -21,6 +21,16 @@ use crate::{
     vault::VaultError,
 };
 
+/// What became of a record the broker was asked to revoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    /// The lease was revoked and its record deleted.
+    Done,
+    /// The record's handle does not open with this replica's keys: nothing
+    /// was done to it (see [`Engine::revoke_record`]).
+    LeftAlone,
+}
+
 impl Engine {
     /// Maps a failure of the record store to the error the caller sees.
     pub(super) fn record_error<'a>(
@@ -44,6 +54,7 @@ impl Engine {
     ) -> Option<LeaseRecord> {
         let lease = live.lease.as_ref()?;
         Some(LeaseRecord {
+            cluster: self.records.cluster().to_owned(),
             namespace: identity.namespace.clone(),
             service_account: identity.service_account.clone(),
             pod: pod.pod.clone(),
@@ -89,6 +100,8 @@ impl Engine {
                 "the pod already held {limit} live leases on this binding (leases.maxPerPodBinding); the oldest is revoked"
             );
             tracing::info!(binding = %binding.name, version = %record.version, "{reason}");
+            // A record left alone (sealed under a key this replica lacks)
+            // ends by its TTL; it does not hold the new lease back.
             self.revoke_record(&record, caller, &reason)
                 .await
                 .map_err(Self::vault_error(binding))?;
@@ -99,6 +112,9 @@ impl Engine {
     /// Revokes the lease a record names and deletes the record, audited
     /// as done for `caller` (the pod, or the broker's sweep). Needs no
     /// policy: a binding removed from the policy still has its leases ended.
+    /// A record whose handle this replica cannot open (sealed under a key it
+    /// does not hold: another install's, or one retired) is left alone,
+    /// neither revoked nor deleted nor audited as revoked.
     ///
     /// # Errors
     /// A [`VaultError`] when the revocation failed (the record stays, so a
@@ -108,18 +124,9 @@ impl Engine {
         record: &LeaseRecord,
         caller: &Caller,
         reason: &str,
-    ) -> Result<(), VaultError> {
-        let lease = self
-            .keys
-            .open(&record.handle, &record.binding, &record.pod_uid)
-            .ok()
-            .filter(|claims| !claims.lease.is_empty())
-            .map(|claims| claims.lease);
-        let Some(lease) = lease else {
-            // Sealed under another key (the shared key was replaced): the
-            // lease ends by its TTL; the record is only clutter now.
-            tracing::warn!(binding = %record.binding, version = %record.version, "a lease record's handle does not open with the current key; the lease ends by its TTL");
-            return self.records.delete(&record.path()).await;
+    ) -> Result<Revoked, VaultError> {
+        let Some(lease) = self.lease_of(record) else {
+            return Ok(Revoked::LeftAlone);
         };
         let vault_stamp = stamp(&record.identity());
         let outcome = match record.kind {
@@ -134,6 +141,7 @@ impl Engine {
             Ok(()) => self.records.delete(&record.path()).await,
             Err(error) => Err(error),
         };
+        let outcome = outcome.map(|()| Revoked::Done);
         let mut event = Event::new(
             Action::Revoke,
             if outcome.is_ok() {
@@ -149,11 +157,31 @@ impl Engine {
         event.lease_id_sha256 = Some(record.lease_sha256.clone());
         event.peer = caller.peer.clone();
         event.reason = Some(match &outcome {
-            Ok(()) => reason.to_owned(),
+            Ok(_) => reason.to_owned(),
             Err(error) => format!("{reason}: {error}"),
         });
         self.report(&event);
         outcome
+    }
+
+    /// The lease id a record's handle seals; `None`, logged with the
+    /// record's path and counted, when this replica cannot open it.
+    pub(super) fn lease_of(&self, record: &LeaseRecord) -> Option<String> {
+        let lease = self
+            .keys
+            .open(&record.handle, &record.binding, &record.pod_uid)
+            .ok()
+            .filter(|claims| !claims.lease.is_empty())
+            .map(|claims| claims.lease);
+        if lease.is_none() {
+            self.metrics.lease_records_left_alone.inc();
+            tracing::warn!(
+                mount = %self.records.mount(),
+                path = %record.path(),
+                "a lease record's handle does not open with this replica's keys (another install's key, or one retired); left alone: its lease ends by its TTL, and an operator may delete the record"
+            );
+        }
+        lease
     }
 
     /// Rewrites the record of `live` (its new end, or when its revocation

@@ -1,7 +1,11 @@
 //! Lease records: every dynamic credential issued to a pod is written to a KV
 //! version 1 mount of Tessera's own in Vault (`leases.recordMount`, default
-//! `tessera-leases`), at `pods/<namespace>_<pod>_<uid>/<binding>/<lease
-//! digest>`: one LIST names every pod that holds leases, so a sweep asks
+//! `tessera-leases`), at `clusters/<cluster>/pods/<namespace>_<pod>_<uid>/
+//! <binding>/<lease digest>`. Several clusters may share one Vault and one
+//! mount: each broker reads and acts only under its own cluster's name.
+//! Records of the layout before cluster names (`pods/…`) are adopted by the
+//! cluster whose handle key opens them. One LIST names every pod of the
+//! cluster that holds leases, so a sweep asks
 //! Vault once and the API server per pod, and reads records only of pods that
 //! are gone (or in an occasional full pass). Vault is
 //! the replicated, durable store every install already has, so any replica
@@ -23,6 +27,10 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseRecord {
+    /// The cluster the pod runs in; empty in records written before
+    /// clusters had names (they live under `pods/` until adopted).
+    #[serde(default)]
+    pub cluster: String,
     /// The pod's namespace.
     pub namespace: String,
     /// The pod's service account.
@@ -69,7 +77,12 @@ impl LeaseRecord {
 
     /// Where the record lives in the mount.
     pub fn path(&self) -> String {
-        record_path(&self.owner(), &self.binding, &self.lease_sha256)
+        record_path(
+            &self.cluster,
+            &self.owner(),
+            &self.binding,
+            &self.lease_sha256,
+        )
     }
 
     /// The pod the lease was issued to, as an identity (for Vault's audit
@@ -153,22 +166,46 @@ impl PodKey {
     }
 }
 
-/// `pods/<folder>/<binding>/<first 32 hex digits of the lease digest>`.
-pub fn record_path(owner: &PodKey, binding: &str, lease_sha256: &str) -> String {
+/// `clusters/<cluster>/pods/<folder>/<binding>/<first 32 hex digits of the
+/// lease digest>`; `pods/…` for a record from before clusters had names.
+pub fn record_path(cluster: &str, owner: &PodKey, binding: &str, lease_sha256: &str) -> String {
     let id = lease_sha256.get(..32).unwrap_or(lease_sha256);
-    format!("pods/{}/{binding}/{id}", owner.folder())
+    format!("{}/{}/{binding}/{id}", pods_folder(cluster), owner.folder())
 }
 
-/// The records in one KV v1 mount.
+/// The folder of a cluster's pods: `clusters/<cluster>/pods`, or `pods` for
+/// the layout before clusters had names (`cluster` empty).
+fn pods_folder(cluster: &str) -> String {
+    if cluster.is_empty() {
+        LEGACY_PODS.to_owned()
+    } else {
+        format!("clusters/{cluster}/pods")
+    }
+}
+
+/// Where records were kept before clusters had names.
+const LEGACY_PODS: &str = "pods";
+
+/// One cluster's records in one KV v1 mount.
 pub struct Records {
     vault: Arc<Vault>,
     mount: String,
+    cluster: String,
 }
 
 impl Records {
-    /// The records kept in `mount`.
-    pub fn new(vault: Arc<Vault>, mount: String) -> Self {
-        Self { vault, mount }
+    /// The records of `cluster` kept in `mount`.
+    pub fn new(vault: Arc<Vault>, mount: String, cluster: String) -> Self {
+        Self {
+            vault,
+            mount,
+            cluster,
+        }
+    }
+
+    /// The cluster whose records these are.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// The mount, for errors that tell the operator what to grant.
@@ -198,30 +235,67 @@ impl Records {
         self.vault.kv1_delete(&self.mount, path).await
     }
 
-    /// The pods that have records: one LIST.
+    /// The cluster's pods that have records: one LIST.
     ///
     /// # Errors
     /// A [`VaultError`].
     pub async fn pods(&self) -> Result<Vec<PodKey>, VaultError> {
-        Ok(folders(self.vault.kv1_list(&self.mount, "pods").await?)
-            .iter()
-            .filter_map(|folder| PodKey::parse(folder))
-            .collect())
+        self.pods_in(&self.cluster).await
     }
 
-    /// Every record of one pod.
+    /// The pods with records from before clusters had names, waiting to be
+    /// adopted: one LIST.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn legacy_pods(&self) -> Result<Vec<PodKey>, VaultError> {
+        self.pods_in("").await
+    }
+
+    async fn pods_in(&self, cluster: &str) -> Result<Vec<PodKey>, VaultError> {
+        let folder = pods_folder(cluster);
+        let mut pods = Vec::new();
+        for name in folders(self.vault.kv1_list(&self.mount, &folder).await?) {
+            match PodKey::parse(&name) {
+                Some(pod) => pods.push(pod),
+                // Not written by a broker: never acted on.
+                None => {
+                    tracing::warn!(mount = %self.mount, path = %format!("{folder}/{name}"), "a folder among the lease records that names no pod; left alone")
+                }
+            }
+        }
+        Ok(pods)
+    }
+
+    /// Every record of one of the cluster's pods.
     ///
     /// # Errors
     /// A [`VaultError`].
     pub async fn of_pod(&self, owner: &PodKey) -> Result<Vec<LeaseRecord>, VaultError> {
-        let bindings = folders(
-            self.vault
-                .kv1_list(&self.mount, &format!("pods/{}", owner.folder()))
-                .await?,
-        );
+        self.of_pod_in(&self.cluster, owner).await
+    }
+
+    /// Every record of one pod in the layout before clusters had names.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn legacy_of_pod(&self, owner: &PodKey) -> Result<Vec<LeaseRecord>, VaultError> {
+        self.of_pod_in("", owner).await
+    }
+
+    async fn of_pod_in(
+        &self,
+        cluster: &str,
+        owner: &PodKey,
+    ) -> Result<Vec<LeaseRecord>, VaultError> {
+        let pod = format!("{}/{}", pods_folder(cluster), owner.folder());
+        let bindings = folders(self.vault.kv1_list(&self.mount, &pod).await?);
         let mut records = Vec::new();
         for binding in bindings {
-            records.extend(self.of_binding(owner, &binding).await?);
+            records.extend(
+                self.read_folder(cluster, &format!("{pod}/{binding}"))
+                    .await?,
+            );
         }
         Ok(records)
     }
@@ -236,7 +310,22 @@ impl Records {
         owner: &PodKey,
         binding: &str,
     ) -> Result<Vec<LeaseRecord>, VaultError> {
-        let folder = format!("pods/{}/{binding}", owner.folder());
+        let folder = format!(
+            "{}/{}/{binding}",
+            pods_folder(&self.cluster),
+            owner.folder()
+        );
+        self.read_folder(&self.cluster, &folder).await
+    }
+
+    /// The records in one binding folder of `cluster`'s layout. A record
+    /// that names another cluster than the folder it is in is skipped (and
+    /// said): it is never acted on from here.
+    async fn read_folder(
+        &self,
+        cluster: &str,
+        folder: &str,
+    ) -> Result<Vec<LeaseRecord>, VaultError> {
         let mut records = Vec::new();
         for id in self.vault.kv1_list(&self.mount, &folder).await? {
             if id.ends_with('/') {
@@ -247,7 +336,10 @@ impl Records {
                 continue;
             };
             match serde_json::from_value::<LeaseRecord>(document) {
-                Ok(record) => records.push(record),
+                Ok(record) if record.cluster == cluster => records.push(record),
+                Ok(record) => {
+                    tracing::warn!(mount = %self.mount, %path, names = %record.cluster.escape_debug(), "a lease record names another cluster than its folder; left alone");
+                }
                 // Not ours to interpret: left for an operator, never fatal.
                 Err(error) => {
                     tracing::warn!(mount = %self.mount, %path, %error, "unreadable lease record; skipped");
@@ -280,11 +372,19 @@ mod tests {
         };
         let digest = "ab".repeat(32);
         assert_eq!(
-            record_path(&owner, "db", &digest),
+            record_path("prod-eu", &owner, "db", &digest),
+            format!(
+                "clusters/prod-eu/pods/shop_orders-7d9f.x_6f1c2a9e-0b7d/db/{}",
+                "ab".repeat(16)
+            )
+        );
+        assert_eq!(
+            record_path("", &owner, "db", &digest),
             format!(
                 "pods/shop_orders-7d9f.x_6f1c2a9e-0b7d/db/{}",
                 "ab".repeat(16)
-            )
+            ),
+            "the layout before clusters had names"
         );
         assert_eq!(PodKey::parse(&owner.folder()), Some(owner));
         for odd in ["", "a_b", "a__c", "a_b_c_d", "uid-only"] {

@@ -452,21 +452,23 @@ impl OpenStream {
     }
 
     /// The caller hung up. A restarting sidecar resumes with its handles; a
-    /// deleted pod will not, so its leases are revoked now (when the broker
-    /// can see pods). Otherwise the reconciler revokes them once the pod is
-    /// gone, or they expire by their TTL.
+    /// deleted or completed pod will not, so its leases are revoked now
+    /// (when the broker can see pods). Otherwise the reconciler revokes them
+    /// once the pod is gone or completed, or they expire by their TTL.
     async fn closed(&mut self) {
         if self.leased.is_empty() {
             return;
         }
-        if self.shared.verifier.pod_exists(&self.caller.identity).await != Some(false) {
-            return;
-        }
+        let reason = match self.shared.verifier.pod_life(&self.caller.identity).await {
+            Some(crate::identity::PodLife::Gone) => "pod deleted",
+            Some(crate::identity::PodLife::Completed) => "pod completed",
+            _ => return,
+        };
         for pending in self.leased.values() {
             let _ = self
                 .shared
                 .engine
-                .revoke(&pending.live, &self.caller, "pod deleted")
+                .revoke(&pending.live, &self.caller, reason)
                 .await;
         }
     }

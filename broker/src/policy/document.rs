@@ -56,11 +56,19 @@ pub(super) struct BindingDoc {
     pub(super) overlap: Option<Spanned<String>>,
     pub(super) refresh_interval: Option<Spanned<String>>,
     pub(super) output: Option<Spanned<OutputDoc>>,
+    pub(super) callers: Option<Spanned<CallersDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct CallersDoc {
+    pub(super) unbound: Spanned<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct SubjectDoc {
+    pub(super) cluster: Option<Spanned<String>>,
     pub(super) namespace: Spanned<String>,
     pub(super) service_account: Spanned<String>,
     #[serde(default)]

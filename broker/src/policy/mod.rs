@@ -185,6 +185,10 @@ impl Default for Limits {
 /// matches, which is the safe side).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subject {
+    /// The clusters (`cluster.name`, exact or glob) the subject is in; any
+    /// cluster when `None`. A broker keeps only its own cluster's subjects
+    /// ([`Policy::for_cluster`]).
+    pub cluster: Option<String>,
     /// Namespace name or glob.
     pub namespace: String,
     /// Service-account name or glob.
@@ -209,6 +213,9 @@ impl Subject {
 
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(cluster) = &self.cluster {
+            write!(f, "{cluster}:")?;
+        }
         write!(f, "{}/{}", self.namespace, self.service_account)?;
         for (k, v) in &self.pod_labels {
             write!(f, " [{k}={v}]")?;
@@ -374,6 +381,10 @@ pub struct Binding {
     pub renew_fraction_origin: Origin,
     /// How files are written.
     pub output: Output,
+    /// Whether callers whose token names no pod (`kubectl create token`)
+    /// may have its leased credentials (`callers: { unbound: allow }`):
+    /// nothing can revoke those with a pod, so by default they may not.
+    pub allow_unbound: bool,
     /// `file:line` of the binding.
     pub defined_at: String,
 }
@@ -492,6 +503,33 @@ impl Policy {
         let mut policy = Self::parse_many(&sources.texts)?;
         policy.files = sources.files;
         Ok(policy)
+    }
+
+    /// The policy for an identity whose cluster is not known: only subjects
+    /// that name no cluster are kept.
+    #[must_use]
+    pub fn for_cluster_unnamed(mut self) -> Self {
+        for binding in &mut self.bindings {
+            binding.subjects.retain(|subject| subject.cluster.is_none());
+        }
+        self
+    }
+
+    /// The policy as the broker of cluster `name` applies it: subjects that
+    /// name other clusters are dropped (a binding left without subjects
+    /// grants nobody here); the others keep their pattern, which `policy
+    /// explain` shows.
+    #[must_use]
+    pub fn for_cluster(mut self, name: &str) -> Self {
+        for binding in &mut self.bindings {
+            binding.subjects.retain(|subject| {
+                subject
+                    .cluster
+                    .as_deref()
+                    .is_none_or(|pattern| glob::matches(pattern, name))
+            });
+        }
+        self
     }
 
     /// Parses one policy document; `origin` names it in problems.

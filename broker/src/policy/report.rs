@@ -56,6 +56,9 @@ fn describe_set(set: Option<&BTreeSet<String>>) -> String {
 /// as text, or serialized for CI bots (`--output json`).
 #[derive(Debug, Serialize)]
 pub struct Explanation {
+    /// The identity's cluster (`--cluster`), when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// The identity's namespace.
     pub namespace: String,
     /// The identity's service account.
@@ -131,6 +134,7 @@ impl Explanation {
             });
         }
         Self {
+            cluster: None,
             namespace: identity.namespace.clone(),
             service_account: identity.service_account.clone(),
             pod_labels: identity
@@ -147,6 +151,9 @@ impl Explanation {
 impl fmt::Display for Explanation {
     fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(out, "identity {}/{}", self.namespace, self.service_account)?;
+        if let Some(cluster) = &self.cluster {
+            writeln!(out, "cluster {cluster}")?;
+        }
         match &self.pod_labels {
             Some(labels) => {
                 let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -336,6 +343,12 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
             "files",
             describe_output(old_binding),
             describe_output(new_binding),
+        );
+        let unbound = |b: &Binding| if b.allow_unbound { "allow" } else { "refuse" }.to_owned();
+        change(
+            "callers.unbound",
+            unbound(old_binding),
+            unbound(new_binding),
         );
     }
     let (a, b) = (&old.limits, &new.limits);

@@ -26,6 +26,8 @@ pub struct Loaded {
 /// The current policy plus what the last reload said.
 pub struct PolicyStore {
     paths: Vec<PathBuf>,
+    /// The cluster whose subjects apply.
+    cluster: String,
     current: ArcSwap<Loaded>,
     last_error: Mutex<Option<String>>,
     /// The generation in force, for those who wait for a change.
@@ -44,16 +46,18 @@ fn fingerprint(texts: &[(String, String)]) -> Vec<u8> {
 }
 
 impl PolicyStore {
-    /// Loads the policy at `paths` (files or directories).
+    /// Loads the policy at `paths` (files or directories) as the broker of
+    /// `cluster` applies it ([`Policy::for_cluster`]).
     ///
     /// # Errors
     /// A [`PolicyError`] listing every problem.
-    pub fn load(paths: Vec<PathBuf>) -> Result<Self, PolicyError> {
+    pub fn load(paths: Vec<PathBuf>, cluster: &str) -> Result<Self, PolicyError> {
         let sources = read_sources(&paths)?;
-        let mut policy = Policy::parse_many(&sources.texts)?;
+        let mut policy = Policy::parse_many(&sources.texts)?.for_cluster(cluster);
         policy.files = sources.files;
         Ok(Self {
             paths,
+            cluster: cluster.to_owned(),
             current: ArcSwap::from_pointee(Loaded {
                 policy,
                 generation: 1,
@@ -96,7 +100,7 @@ impl PolicyStore {
             if print == current.fingerprint {
                 return Ok(false);
             }
-            let mut policy = Policy::parse_many(&sources.texts)?;
+            let mut policy = Policy::parse_many(&sources.texts)?.for_cluster(&self.cluster);
             policy.files = sources.files;
             let generation = current.generation + 1;
             self.current.store(Arc::new(Loaded {

@@ -72,6 +72,8 @@ pub struct VaultSettings {
     /// Longest time without a successful request before the broker checks
     /// that Vault answers (a token self-lookup).
     pub health_check_interval: Duration,
+    /// The cluster's name, first in the caller header of every request.
+    pub cluster: String,
 }
 
 /// Errors talking to Vault, sorted by what the caller can do about them.
@@ -135,7 +137,8 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The Vault request header that names the pod a request is made for. Vault's
+/// The Vault request header that names the pod a request is made for
+/// (`<cluster>/<namespace>/<service account>/<pod>/<pod uid>`). Vault's
 /// audit devices record it once it is listed in
 /// `sys/config/auditing/request-headers`, so Vault's own audit log says which
 /// pod got what.
@@ -148,10 +151,11 @@ struct Stamped<'a> {
 }
 
 impl<'a> Stamped<'a> {
-    fn new(client: &'a VaultClient, caller: Option<&str>) -> Self {
+    fn new(client: &'a VaultClient, cluster: &str, caller: Option<&str>) -> Self {
         Self {
             inner: client.middle(),
-            caller: caller.and_then(|c| http::HeaderValue::from_str(c).ok()),
+            caller: caller
+                .and_then(|c| http::HeaderValue::from_str(&format!("{cluster}/{c}")).ok()),
         }
     }
 }
@@ -444,7 +448,7 @@ impl Vault {
         caller: Option<&str>,
     ) -> Result<EndpointResult<E::Response>, VaultError> {
         let client = self.authed().await?;
-        let stamped = Stamped::new(&client, caller);
+        let stamped = Stamped::new(&client, &self.settings.cluster, caller);
         let started = Instant::now();
         let result = endpoint
             .with_middleware(&stamped)
@@ -501,7 +505,7 @@ impl Vault {
         caller: Option<&str>,
     ) -> Result<(), VaultError> {
         let client = self.authed().await?;
-        let stamped = Stamped::new(&client, caller);
+        let stamped = Stamped::new(&client, &self.settings.cluster, caller);
         let started = Instant::now();
         let result = endpoint
             .with_middleware(&stamped)

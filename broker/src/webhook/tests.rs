@@ -726,7 +726,7 @@ fn webhook(dir: &tempfile::TempDir) -> Webhook {
     Webhook::new(
         injection,
         SidecarMode::Native,
-        Arc::new(PolicyStore::load(vec![policy_path]).unwrap()),
+        Arc::new(PolicyStore::load(vec![policy_path], "test-1").unwrap()),
         Arc::new(Metrics::new()),
         Box::new(|_| None),
     )

@@ -9,6 +9,7 @@ mod chart;
 mod chart_install;
 mod cli;
 mod client;
+mod clusters;
 mod delivery;
 mod docs;
 mod exec;

@@ -36,6 +36,7 @@ pub(super) fn compile_binding(
     let source = source::compile_source(file, raw, &name, limits, problems);
     let timing = timing::compile_timing(file, raw, &name, &source, limits, defaults, problems);
     let output = output::compile_output(file, raw, &name, &source, defaults, problems);
+    let allow_unbound = compile_callers(file, raw, &name, &source, problems);
     (problems.len() == before).then(|| Binding {
         defined_at: format!("{file}:{}", raw.name.referenced.line()),
         name,
@@ -44,10 +45,46 @@ pub(super) fn compile_binding(
         ttl: timing.ttl,
         ttl_origin: timing.ttl_origin,
         min_ttl: timing.min_ttl,
+        allow_unbound,
         renew_fraction: timing.renew_fraction,
         renew_fraction_origin: timing.renew_fraction_origin,
         overlap: timing.overlap,
         refresh_interval: timing.refresh_interval,
         output,
     })
+}
+
+/// `callers: { unbound: allow | refuse }`: whether tokens bound to no pod
+/// may have a leased binding (refused when absent).
+fn compile_callers(
+    file: &str,
+    raw: &BindingDoc,
+    name: &str,
+    source: &super::Source,
+    problems: &mut Vec<Problem>,
+) -> bool {
+    let Some(callers) = &raw.callers else {
+        return false;
+    };
+    let unbound = &callers.value.unbound;
+    if !source.is_leased() {
+        problems.push(at(
+            file,
+            callers,
+            format!("binding `{name}`: callers.unbound applies to leased sources (database, pki); any caller may read a KV secret it is granted"),
+        ));
+        return false;
+    }
+    match unbound.value.as_str() {
+        "allow" => true,
+        "refuse" => false,
+        other => {
+            problems.push(at(
+                file,
+                unbound,
+                format!("binding `{name}`: callers.unbound `{other}` is not known (use \"allow\" or \"refuse\")"),
+            ));
+            false
+        }
+    }
 }

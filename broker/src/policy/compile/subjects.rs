@@ -41,7 +41,20 @@ pub(super) fn compile_subjects(
                 ));
             }
         }
+        if let Some(cluster) = &s.cluster
+            && (cluster.value.is_empty() || cluster.value.contains('/'))
+        {
+            problems.push(at(
+                file,
+                cluster,
+                format!(
+                    "binding `{name}`: subject cluster `{}` is empty or contains `/` (a cluster.name, or a glob like prod-*)",
+                    cluster.value
+                ),
+            ));
+        }
         subjects.push(Subject {
+            cluster: s.cluster.as_ref().map(|c| c.value.clone()),
             namespace: s.namespace.value.clone(),
             service_account: s.service_account.value.clone(),
             pod_labels: s.pod_labels.clone(),
