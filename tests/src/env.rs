@@ -526,7 +526,9 @@ impl Env {
         self.sidecar_command_at(&self.broker_uri, mode, token_file, out, bindings)
     }
 
-    fn sidecar_command_at(
+    /// `tessera-sidecar MODE` against the broker at `broker_uri` (a
+    /// replica), not yet started.
+    pub fn sidecar_command_at(
         &self,
         broker_uri: &str,
         mode: &str,

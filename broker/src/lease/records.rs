@@ -327,7 +327,7 @@ impl Records {
         folder: &str,
     ) -> Result<Vec<LeaseRecord>, VaultError> {
         let mut records = Vec::new();
-        for id in self.vault.kv1_list(&self.mount, &folder).await? {
+        for id in self.vault.kv1_list(&self.mount, folder).await? {
             if id.ends_with('/') {
                 continue;
             }

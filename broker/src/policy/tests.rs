@@ -473,3 +473,80 @@ limits:
         to: "database 10m, pki 5m".to_owned(),
     }));
 }
+
+#[test]
+fn subjects_may_name_clusters_and_a_broker_keeps_its_own() {
+    let text = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: app
+    subjects:
+      - { cluster: prod-*, namespace: shop, serviceAccount: api }
+      - { cluster: staging, namespace: shop, serviceAccount: api-canary }
+      - { namespace: ops, serviceAccount: debug }
+    source: { kv2: { mount: secret, path: shop/app } }
+";
+    let policy = Policy::parse(text, "p.yaml").unwrap();
+    let api = identity("shop", "api");
+    let canary = identity("shop", "api-canary");
+    let debug = identity("ops", "debug");
+    let prod = policy.clone().for_cluster("prod-eu-1");
+    assert!(prod.bindings[0].grants(&api));
+    assert!(!prod.bindings[0].grants(&canary), "staging's subject");
+    assert!(
+        prod.bindings[0].grants(&debug),
+        "a subject naming no cluster"
+    );
+    let staging = policy.clone().for_cluster("staging");
+    assert!(!staging.bindings[0].grants(&api));
+    assert!(staging.bindings[0].grants(&canary));
+    let unnamed = policy.for_cluster_unnamed();
+    assert!(!unnamed.bindings[0].grants(&api));
+    assert!(unnamed.bindings[0].grants(&debug));
+    let explained = report::Explanation::of(&prod, &api).to_string();
+    assert!(
+        explained.contains("subject         prod-*:shop/api"),
+        "{explained}"
+    );
+
+    let bad = problems(&text.replace("cluster: staging", "cluster: \"a/b\""));
+    assert!(bad[0].message.contains("subject cluster `a/b`"), "{bad:?}");
+}
+
+#[test]
+fn unbound_callers_are_a_per_binding_choice_for_leased_sources() {
+    let db = "database: { mount: database, role: app }";
+    let kv = "kv2: { mount: secret, path: app }";
+    let refused = Policy::parse(&binding_with(db, ""), "p.yaml").unwrap();
+    assert!(!refused.bindings[0].allow_unbound, "refused by default");
+    let allowed = Policy::parse(
+        &binding_with(db, "    callers: { unbound: allow }"),
+        "p.yaml",
+    )
+    .unwrap();
+    assert!(allowed.bindings[0].allow_unbound);
+    assert_eq!(
+        report::diff(&refused, &allowed),
+        [report::Change::Setting {
+            binding: "app".to_owned(),
+            setting: "callers.unbound".to_owned(),
+            from: "refuse".to_owned(),
+            to: "allow".to_owned(),
+        }]
+    );
+    for (source, extra, named) in [
+        (
+            kv,
+            "    callers: { unbound: allow }",
+            "applies to leased sources",
+        ),
+        (
+            db,
+            "    callers: { unbound: maybe }",
+            "`maybe` is not known",
+        ),
+    ] {
+        let found = problems(&binding_with(source, extra));
+        assert!(found[0].message.contains(named), "{extra}: {found:?}");
+    }
+}

@@ -5,7 +5,9 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 use tessera_proto::v1::{FetchRequest, RevokeRequest, WhoAmIRequest};
-use tessera_tests::{Env, EnvOptions, binary, random_string, simple_policy, with_token};
+use tessera_tests::{
+    Env, EnvOptions, TEST_CLUSTER, binary, random_string, simple_policy, with_token,
+};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -230,7 +232,7 @@ async fn vaults_own_audit_log_names_the_pod() {
     let header = &stamped[0]["request"]["headers"]["x-tessera-caller"][0];
     assert_eq!(
         header.as_str(),
-        Some(format!("shop/orders/orders-0/{pod_uid}").as_str()),
+        Some(format!("{TEST_CLUSTER}/shop/orders/orders-0/{pod_uid}").as_str()),
         "{}",
         stamped[0]
     );

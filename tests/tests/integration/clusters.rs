@@ -155,3 +155,153 @@ async fn two_clusters_sharing_one_vault_never_revoke_each_others_leases() {
     })
     .await;
 }
+
+/// Moves a record to where brokers before cluster names kept it (`pods/…`,
+/// no `cluster` field), as an upgrade finds it.
+async fn as_before_cluster_names(env: &Env, path: &str) -> String {
+    use std::collections::HashMap;
+    let client = env.bao.client();
+    let mut record: HashMap<String, serde_json::Value> =
+        vaultrs::kv1::get(&client, "tessera-leases", path)
+            .await
+            .unwrap();
+    record.remove("cluster");
+    let legacy = path.replacen(&format!("clusters/{TEST_CLUSTER}/"), "", 1);
+    let data: HashMap<&str, serde_json::Value> = record
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    vaultrs::kv1::set(&client, "tessera-leases", &legacy, &data)
+        .await
+        .unwrap();
+    vaultrs::kv1::delete(&client, "tessera-leases", path)
+        .await
+        .unwrap();
+    legacy
+}
+
+/// Every record path under `folder` of the record mount (recursively).
+fn record_paths(env: &Env, folder: &str) -> Vec<String> {
+    let mut paths = Vec::new();
+    for entry in env.bao.list(&format!("tessera-leases/{folder}")) {
+        let relative = entry.trim_start_matches("tessera-leases/").to_owned();
+        if relative.ends_with('/') {
+            paths.extend(record_paths(env, relative.trim_end_matches('/')));
+        } else {
+            paths.push(relative);
+        }
+    }
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_from_before_cluster_names_are_adopted_and_one_sealed_elsewhere_is_left_alone() {
+    let pg = Postgres::start();
+    let mut env = Env::start_with(&db_policy("10m", "0.7", "5s"), in_a_cluster()).await;
+    sweep_often(&mut env);
+    env.restart_broker().await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
+    let cluster = env.kube.as_ref().unwrap();
+
+    // Pod 0 gets its user from this install; pod 1 from a broker holding
+    // another install's handle key (what a record sealed elsewhere is).
+    let uid_0 = cluster.add_pod("shop", "orders-0", "orders", &[]);
+    cluster.add_pod("shop", "orders-1", "orders", &[]);
+    let out_0 = env.tmpfs_out();
+    let once = env.sidecar_once(
+        &env.token_file("shop", "orders"),
+        out_0.path(),
+        &["db"],
+        &[],
+    );
+    assert!(
+        once.status.success(),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let user_0 = field(out_0.path(), "db", "username").unwrap();
+    let password_0 = field(out_0.path(), "db", "password").unwrap();
+    fs::write(
+        env.dir.path().join("other.key"),
+        "another install's key, 48 bytes long....",
+    )
+    .unwrap();
+    let mut elsewhere = env
+        .start_replica_with("elsewhere", |config| {
+            config.leases.handle_key_file = Some("other.key".to_owned());
+        })
+        .await;
+    let token_1 = env.dir.path().join("token-1");
+    fs::write(
+        &token_1,
+        cluster.token("shop", "orders", "tessera", Some("orders-1"), 3600),
+    )
+    .unwrap();
+    let out_1 = env.tmpfs_out();
+    let once = env
+        .sidecar_command_at(&elsewhere.uri, "once", &token_1, out_1.path(), &["db"])
+        .output()
+        .unwrap();
+    assert!(
+        once.status.success(),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let user_1 = field(out_1.path(), "db", "username").unwrap();
+    let password_1 = field(out_1.path(), "db", "password").unwrap();
+    elsewhere.proc.kill();
+
+    // The upgrade: this install's record is where brokers before cluster
+    // names kept it.
+    let ours = record_paths(&env, &format!("clusters/{TEST_CLUSTER}/pods"));
+    assert_eq!(ours.len(), 2, "{ours:?}");
+    let pod_0_record = ours.iter().find(|p| p.contains(&uid_0)).unwrap();
+    let legacy = as_before_cluster_names(&env, pod_0_record).await;
+    env.restart_broker().await;
+    wait_for(
+        Duration::from_secs(20),
+        "the old record to be adopted",
+        || record_paths(&env, "pods").is_empty().then_some(()),
+    )
+    .await;
+    assert_eq!(env.bao.lease_records(&uid_0)[0]["cluster"], TEST_CLUSTER);
+    assert!(!legacy.starts_with("clusters/"));
+
+    let cluster = env.kube.as_ref().unwrap();
+    // Pod 1 goes; this broker cannot open its record: it is left alone,
+    // counted and logged with its path, through several full sweeps.
+    cluster.delete_pod("shop", "orders-1");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let left = record_paths(&env, &format!("clusters/{TEST_CLUSTER}/pods"));
+    let sealed_elsewhere = left.iter().find(|p| !p.contains(&uid_0)).unwrap();
+    assert_eq!(left.len(), 2, "nothing deleted: {left:?}");
+    let (_, metrics) = http_get(&format!("{}/metrics", env.admin_url)).await;
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_lease_records_left_alone_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(counted > 0, "{metrics}");
+    let log = fs::read_to_string(env.dir.path().join("broker.log")).unwrap();
+    assert!(
+        log.contains(sealed_elsewhere.as_str()),
+        "the log names {sealed_elsewhere}"
+    );
+    assert!(
+        env.audit_events().iter().all(|e| e["action"] != "revoke"),
+        "nothing audited as revoked"
+    );
+    assert!(
+        pg.can_login(&user_1, &password_1),
+        "its lease ends by its TTL, not by us"
+    );
+
+    // The adopted record works as any other: pod 0 goes, its user is revoked.
+    cluster.delete_pod("shop", "orders-0");
+    wait_for(
+        Duration::from_secs(20),
+        "pod 0's user to be revoked",
+        || (!pg.can_login(&user_0, &password_0)).then_some(()),
+    )
+    .await;
+}

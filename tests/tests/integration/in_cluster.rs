@@ -207,21 +207,29 @@ async fn a_deployment_applied_with_kubectl_gets_its_credentials_follows_changes_
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_whose_app_exits_completes_and_its_leases_are_revoked() {
-    let (env, pg) = setup().await;
+/// Runs Job `name` (its pod annotated with `annotations` besides the
+/// injection request) to completion, and checks its database user is
+/// revoked within 5 s of the pod completing.
+async fn a_completed_jobs_user_is_revoked(
+    env: &Env,
+    pg: &Postgres,
+    node: &NodeAgent,
+    name: &str,
+    annotations: &[(&str, &str)],
+) {
     let cluster = env.kube.as_ref().unwrap();
-    let node = NodeAgent::start(cluster).await;
+    let mut all = json!({ "tessera.dev/inject": "true", "tessera.dev/bindings": "db" });
+    for (key, value) in annotations {
+        all[*key] = json!(value);
+    }
     let job = json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": { "name": "report", "namespace": "shop" },
+        "metadata": { "name": name, "namespace": "shop" },
         "spec": {
             "backoffLimit": 0,
             "template": {
-                "metadata": {
-                    "annotations": { "tessera.dev/inject": "true", "tessera.dev/bindings": "db" }
-                },
+                "metadata": { "annotations": all },
                 "spec": {
                     "serviceAccountName": "orders",
                     "restartPolicy": "Never",
@@ -241,7 +249,8 @@ async fn a_job_whose_app_exits_completes_and_its_leases_are_revoked() {
         "{}",
         String::from_utf8_lossy(&applied.stderr)
     );
-    let (name, dir) = credentials_dir(cluster, &node, "job-name=report").await;
+    let selector = format!("job-name={name}");
+    let (pod_name, dir) = credentials_dir(cluster, node, &selector).await;
     let user = wait_for(Duration::from_secs(30), "the database user", || {
         read(&dir, "db", "username")
     })
@@ -249,25 +258,39 @@ async fn a_job_whose_app_exits_completes_and_its_leases_are_revoked() {
     let password = read(&dir, "db", "password").unwrap();
     assert!(pg.can_login(&user, &password));
 
-    // The app exits 0: the pod succeeds, the Job completes, the sidecar stops
-    // and gives the lease back.
-    wait_for(Duration::from_secs(60), "the Job to complete", || {
-        let job = cluster.get(Some("shop"), "job/report")?;
-        (job["status"]["succeeded"] == 1).then_some(())
+    // The app exits 0: the pod succeeds and the Job completes. The pod is
+    // kept (as completed Jobs' pods are), yet its user is given back.
+    wait_for(Duration::from_secs(60), "the pod to complete", || {
+        let pod = cluster.get(Some("shop"), &format!("pod/{pod_name}"))?;
+        (pod["status"]["phase"] == "Succeeded").then_some(())
     })
     .await;
-    let pod = cluster.get(Some("shop"), &format!("pod/{name}")).unwrap();
-    assert_eq!(pod["status"]["phase"], "Succeeded");
     assert!(
-        node.logs("shop", &name, "report").starts_with("v-"),
+        node.logs("shop", &pod_name, "report").starts_with("v-"),
         "the app read the user from its file"
     );
     wait_for(
-        Duration::from_secs(20),
+        Duration::from_secs(5),
         "the completed pod's user to be revoked",
         || (!pg.can_login(&user, &password)).then_some(()),
     )
     .await;
+    assert!(cluster.has_pod("shop", &pod_name), "the pod is kept");
+    assert!(
+        env.audit_events().iter().any(|e| e["action"] == "revoke"
+            && e["pod_name"] == pod_name.as_str()
+            && e["reason"] == "pod completed"),
+        "the revocation is audited with the reason"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completed_jobs_give_their_database_users_back_with_a_sidecar_or_in_once_mode() {
+    let (env, pg) = setup().await;
+    let node = NodeAgent::start(env.kube.as_ref().unwrap()).await;
+    a_completed_jobs_user_is_revoked(&env, &pg, &node, "report", &[]).await;
+    a_completed_jobs_user_is_revoked(&env, &pg, &node, "export", &[("tessera.dev/mode", "once")])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -206,3 +206,58 @@ bindings:
     .await;
     assert_eq!(event["reason"], "pod deleted");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_bound_to_no_pod_gets_no_dynamic_credential_unless_the_policy_allows_it() {
+    let pg = Postgres::start();
+    let policy = tessera_tests::db_policy("10m", "0.7", "5s")
+        + "  - name: db-batch
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { database: { mount: database, role: orders } }
+    ttl: 10m
+    callers: { unbound: allow }
+  - name: config
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { kv2: { mount: secret, path: shop/config } }
+";
+    let env = Env::start_with(&policy, options(IdentitySource::JwksFile, false)).await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
+    env.bao.put("shop/config", &json!({ "mode": "blue" })).await;
+    let cluster = env.kube.as_ref().unwrap();
+    // `kubectl create token`: valid, but bound to no pod.
+    let unbound = cluster.token("shop", "orders", "tessera", None, 600);
+
+    let refused = env.fetch(&unbound, &["db"]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused
+            .message()
+            .contains("binding `db` gives its leased credentials only to tokens bound to a pod")
+            && refused.message().contains("callers: { unbound: allow }"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        env.bao.leases("database/creds/orders").is_empty(),
+        "Vault was not asked"
+    );
+    // A KV secret has no lease to outlive the caller: served.
+    assert_eq!(
+        env.fetch(&unbound, &["config"]).await.unwrap().credentials[0].fields["mode"],
+        b"blue".to_vec()
+    );
+    // Where the policy allows unbound callers, the lease lives its TTL.
+    let allowed = env.fetch(&unbound, &["db-batch"]).await.unwrap();
+    let credential = &allowed.credentials[0];
+    assert!(pg.can_login(
+        &String::from_utf8(credential.fields["username"].clone()).unwrap(),
+        &String::from_utf8(credential.fields["password"].clone()).unwrap()
+    ));
+    // A token bound to the pod gets `db` as always.
+    cluster.add_pod("shop", "orders-0", "orders", &[]);
+    let bound = cluster.token("shop", "orders", "tessera", Some("orders-0"), 600);
+    assert_eq!(
+        env.fetch(&bound, &["db"]).await.unwrap().credentials.len(),
+        1
+    );
+}
