@@ -93,6 +93,27 @@ impl CredentialSet {
     }
 }
 
+impl Credential {
+    /// The credential as the broker sent it, with its lease `handle` (for
+    /// the store; the copy's values are cleared by whoever drops it).
+    pub(crate) fn to_wire(&self, handle: Option<&String>) -> tessera_proto::v1::Credential {
+        tessera_proto::v1::Credential {
+            binding: self.binding.clone(),
+            fields: self
+                .fields
+                .iter()
+                .map(|(name, value)| (name.clone(), value.to_vec()))
+                .collect(),
+            version: self.version.clone(),
+            not_after: self.not_after.map(Into::into),
+            confirmed_at: self.confirmed_at.map(Into::into),
+            last_known_good: self.last_known_good,
+            handle: handle.cloned().unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+}
+
 /// A wire timestamp as a `SystemTime`; `None` when absent or out of range.
 fn time<T>(at: Option<T>) -> Option<SystemTime>
 where

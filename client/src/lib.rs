@@ -43,10 +43,12 @@
 mod credential;
 mod error;
 pub mod retry;
+mod store;
 mod target;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::Path,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -58,11 +60,14 @@ use tessera_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use self::retry::{Backoff, Reaction};
 pub use self::{
     credential::{Credential, CredentialSet},
     error::Error,
     target::{BrokerTarget, DEFAULT_CONNECT_TIMEOUT, SetupError, TrustAnchors},
+};
+use self::{
+    retry::{Backoff, Reaction},
+    store::Store,
 };
 
 /// The broker's address (`https://host:port`), as the webhook sets it.
@@ -81,16 +86,36 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::fro
 const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
 
 /// What a client holds: every credential received and the handles of the
-/// leased ones, shared by its calls and streams.
+/// leased ones, shared by its calls and streams; kept in its store too,
+/// when it has one.
 #[derive(Default)]
 struct Holdings {
     set: CredentialSet,
     handles: BTreeMap<String, String>,
+    store: Option<Store>,
 }
 
 impl Holdings {
     /// Takes in one credential from the broker; whether anything changed.
     fn absorb(&mut self, wire: proto::v1::Credential) -> bool {
+        let binding = wire.binding.clone();
+        let changed = self.take(wire);
+        if let (Some(store), Some(credential)) = (&self.store, self.set.get(&binding)) {
+            store.save(credential.to_wire(self.handles.get(&binding)));
+        }
+        changed
+    }
+
+    /// Forgets `binding`, here and in the store.
+    fn forget(&mut self, binding: &str) {
+        self.handles.remove(binding);
+        self.set.remove(binding);
+        if let Some(store) = &self.store {
+            store.remove(binding);
+        }
+    }
+
+    fn take(&mut self, wire: proto::v1::Credential) -> bool {
         if !wire.handle.is_empty() {
             self.handles
                 .insert(wire.binding.clone(), wire.handle.clone());
@@ -184,6 +209,27 @@ impl Client {
         }))
     }
 
+    /// Keeps what this client holds in `dir` as well, a directory on a
+    /// memory-backed volume of the pod, and takes back what an earlier
+    /// process of the pod left there: after a restart, its leases are
+    /// resumed with their handles (the same database user), not reissued.
+    ///
+    /// # Errors
+    /// [`SetupError::Store`] when `dir` cannot be made or is not on tmpfs
+    /// or ramfs.
+    pub fn with_store(self, dir: &Path) -> Result<Self, SetupError> {
+        let store = Store::open(dir)?;
+        let stored = store.load();
+        {
+            let mut holdings = self.holdings();
+            for wire in stored {
+                holdings.take(wire);
+            }
+            holdings.store = Some(store);
+        }
+        Ok(self)
+    }
+
     fn holdings(&self) -> std::sync::MutexGuard<'_, Holdings> {
         self.holdings.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -257,6 +303,7 @@ impl Client {
             dropped: BTreeSet::new(),
             to_receive: 0,
             changed: false,
+            yielded: false,
             done: false,
         };
         futures::stream::unfold(state, |mut state| async move {
@@ -287,8 +334,7 @@ impl Client {
         let mut holdings = self.holdings();
         for binding in &answer.revoked {
             // Given back: neither its handle nor its values are kept.
-            holdings.handles.remove(binding);
-            holdings.set.remove(binding);
+            holdings.forget(binding);
         }
         Ok(answer.revoked)
     }
@@ -307,6 +353,9 @@ struct Watching {
     /// First messages still to come on the current stream (one per binding).
     to_receive: usize,
     changed: bool,
+    /// Whether the first item went out: it does once every binding is
+    /// there, even when everything was resumed from the store unchanged.
+    yielded: bool,
     done: bool,
 }
 
@@ -342,8 +391,9 @@ impl Watching {
                     }
                     self.changed |= self.client.holdings().absorb(credential);
                     self.to_receive = self.to_receive.saturating_sub(1);
-                    if self.to_receive == 0 && self.changed {
+                    if self.to_receive == 0 && (self.changed || !self.yielded) {
                         self.changed = false;
+                        self.yielded = true;
                         return Some(Ok(self.client.holdings().subset(&self.bindings)));
                     }
                 }

@@ -14,6 +14,15 @@ use zeroize::Zeroizing;
 /// A call that could not be prepared: the token, the CA or the address.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// The directory for [`crate::Client::with_store`] cannot hold
+    /// credentials.
+    #[error("credential store {dir}: {reason}")]
+    Store {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A setting the environment should carry is missing.
     #[error(
         "environment variable {0} is not set (the webhook sets it for pods annotated tessera.dev/api-client: \"true\")"

@@ -123,6 +123,12 @@ pub struct Exec {
     /// Give the pod's leases back when stopped by SIGTERM.
     #[arg(long, env = "TESSERA_REVOKE_ON_EXIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub revoke_on_exit: bool,
+    /// A directory on a memory-backed volume of the pod where the wrapper
+    /// keeps its credentials and lease handles, so a restarted container
+    /// resumes its leases (the same database user) instead of minting new
+    /// ones. The webhook sets it in env mode.
+    #[arg(long, env = "TESSERA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     pub command: Vec<std::ffi::OsString>,
@@ -148,6 +154,7 @@ impl Exec {
             on_rotate: self.on_rotate,
             grace: self.grace,
             revoke_on_exit: self.revoke_on_exit,
+            state_dir: self.state_dir.clone(),
             command: self.command.clone(),
         })
     }

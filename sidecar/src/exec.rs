@@ -87,6 +87,8 @@ pub struct ExecJob {
     pub grace: Duration,
     /// Give the pod's leases back when stopped by SIGTERM.
     pub revoke_on_exit: bool,
+    /// Where credentials and handles outlive the process (`--state-dir`).
+    pub state_dir: Option<std::path::PathBuf>,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -296,7 +298,12 @@ pub async fn run(job: ExecJob) -> Result<u8, ExecError> {
             )))
         }));
 
-    let client = Client::new(job.target.clone());
+    let client = match &job.state_dir {
+        Some(dir) => Client::new(job.target.clone())
+            .with_store(dir)
+            .map_err(|e| ExecError::Broker(e.into()))?,
+        None => Client::new(job.target.clone()),
+    };
     let bindings: Vec<&str> = job.bindings.iter().map(String::as_str).collect();
     let mut watch = Box::pin(client.watch(&bindings));
     // Until the first credentials, a stop request ends the wrapper at once

@@ -222,12 +222,10 @@ impl Engine {
                 .unwrap_or_default(),
             version: live.version.clone(),
             issued_at: unix(live.issued_at),
-            // Certificates cannot be extended: their end travels in the handle.
-            // Leases are looked up in Vault instead.
-            not_after: match binding.source {
-                Source::Pki(_) => live.not_after.map_or(0, unix),
-                _ => 0,
-            },
+            // Certificates cannot be extended: their end travels in the
+            // handle. A lease is looked up in Vault instead; the end it had
+            // when sealed is what the broker can vouch for while Vault is away.
+            not_after: live.not_after.map_or(0, unix),
         })
     }
 
@@ -406,12 +404,33 @@ impl Engine {
         let live = match &binding.source {
             Source::Kv2(_) => return Ok(None),
             Source::Database(_) => {
-                let Some(lookup) = self
-                    .vault
-                    .lease_lookup(&claims.lease)
-                    .await
-                    .map_err(Self::vault_error(binding))?
-                else {
+                let lookup = match self.vault.lease_lookup(&claims.lease).await {
+                    Ok(lookup) => lookup,
+                    // Vault away: the lease stands at least until the end
+                    // sealed in its handle, so the pod keeps it, marked as
+                    // not confirmed; only an ended one fails the request.
+                    Err(error @ VaultError::Unavailable(_)) => {
+                        let not_after = from_unix(claims.not_after);
+                        if claims.not_after == 0 || not_after <= now {
+                            return Err(Self::vault_error(binding)(error));
+                        }
+                        let live = Live {
+                            binding: binding.clone(),
+                            version: claims.version,
+                            issued_at,
+                            not_after: Some(not_after),
+                            renewable: true,
+                            lease: Some(LeaseId::new(claims.lease)),
+                            handle: held.clone(),
+                            freshness: not_renewed(issued_at),
+                        };
+                        tracing::warn!(binding = %binding.name, %error, "Vault does not answer; the pod keeps its held lease, not yet renewed");
+                        let credential = credential::credential(&live, None)?;
+                        return Ok(Some(Resumed::Held(live, credential)));
+                    }
+                    Err(error) => return Err(Self::vault_error(binding)(error)),
+                };
+                let Some(lookup) = lookup else {
                     return Ok(None);
                 };
                 if lookup.ttl == 0 {
@@ -450,7 +469,25 @@ impl Engine {
             }
         };
         if live.renewable && self.due_in(&live, 0.0) == Some(Duration::ZERO) {
-            return match self.renew_or_rotate(&live, caller).await? {
+            let step = match self.renew_or_rotate(&live, caller).await {
+                Ok(step) => step,
+                // A blip at the moment the renewal is due: the lease was
+                // found alive just now, so the pod keeps it, marked as not
+                // renewed; a stream retries the renewal with backoff, a
+                // `Fetch` caller when it asks again.
+                Err(Error::Vault {
+                    source: error @ VaultError::Unavailable(_),
+                    ..
+                }) => {
+                    tracing::warn!(binding = %binding.name, %error, "the due renewal failed; the pod keeps its held lease, not yet renewed");
+                    let mut held = live;
+                    held.freshness.last_known_good = true;
+                    let credential = credential::credential(&held, None)?;
+                    return Ok(Some(Resumed::Held(held, credential)));
+                }
+                Err(error) => return Err(error),
+            };
+            return match step {
                 Step::Renewed(renewed) => {
                     self.report(&event(Action::Renew, Outcome::Success, caller, &renewed));
                     let credential = credential::credential(&renewed, None)?;
@@ -659,6 +696,15 @@ impl Engine {
             handle: held.clone(),
             freshness: Freshness::confirmed_at(from_unix(claims.issued_at)),
         })
+    }
+}
+
+/// The freshness of a held lease served while Vault does not answer: last
+/// confirmed when it was issued or renewed, and marked as not confirmed since.
+fn not_renewed(confirmed_at: SystemTime) -> Freshness {
+    Freshness {
+        confirmed_at,
+        last_known_good: true,
     }
 }
 

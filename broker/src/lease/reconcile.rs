@@ -4,11 +4,14 @@
 //! and forgets records of leases that ended on their own. Other clusters'
 //! records (in a shared Vault) are never read; a record this replica cannot
 //! open is left alone and reported, never deleted. Records from before
-//! clusters had names are adopted by the cluster whose key opens them. Where the broker may watch pods, a deletion is
-//! acted on at once (a metadata-only watch through `kube-runtime`); the
-//! sweep remains the backstop for deletions missed while no replica watched. A sweep is idempotent (a revoked lease's record is
-//! deleted; revoking an unknown lease succeeds), so replicas need no leader:
-//! at worst two replicas revoke the same lease and both audit it.
+//! clusters had names are adopted by the cluster whose key opens them.
+//!
+//! Where the broker may watch pods, a deletion or completion is acted on at
+//! once (metadata-only watches through `kube-runtime`); the sweep remains
+//! the backstop for what was missed while no replica watched. A sweep is
+//! idempotent (a revoked lease's record is deleted; revoking an unknown
+//! lease succeeds), so replicas need no leader: at worst two replicas revoke
+//! the same lease and both audit it.
 
 use std::{
     sync::Arc,

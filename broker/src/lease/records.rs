@@ -1,15 +1,17 @@
 //! Lease records: every dynamic credential issued to a pod is written to a KV
 //! version 1 mount of Tessera's own in Vault (`leases.recordMount`, default
-//! `tessera-leases`), at `clusters/<cluster>/pods/<namespace>_<pod>_<uid>/
-//! <binding>/<lease digest>`. Several clusters may share one Vault and one
-//! mount: each broker reads and acts only under its own cluster's name.
-//! Records of the layout before cluster names (`pods/…`) are adopted by the
-//! cluster whose handle key opens them. One LIST names every pod of the
-//! cluster that holds leases, so a sweep asks
-//! Vault once and the API server per pod, and reads records only of pods that
-//! are gone (or in an occasional full pass). Vault is
-//! the replicated, durable store every install already has, so any replica
-//! can list a pod's leases, cap them, and revoke them after the pod, its
+//! `tessera-leases`), at
+//! `clusters/<cluster>/pods/<namespace>_<pod>_<uid>/<binding>/<lease digest>`.
+//! Several clusters may share one Vault and one mount: each broker reads and
+//! acts only under its own cluster's name. Records of the layout before
+//! cluster names (`pods/…`) are adopted by the cluster whose handle key
+//! opens them.
+//!
+//! One LIST names every pod of the cluster that holds leases, so a sweep
+//! asks Vault once and the API server per pod, and reads records only of
+//! pods that are gone (or in an occasional full pass). Vault is the
+//! replicated, durable store every install already has, so any replica can
+//! list a pod's leases, cap them, and revoke them after the pod, its
 //! sidecar, or the replica that issued them is gone. A record holds the
 //! lease id only inside the sealed handle (see [`super::handle`]).
 

@@ -29,6 +29,11 @@ pub const INSTALL: &str = "tessera-install";
 pub const BIN_VOLUME: &str = "tessera-bin";
 /// Where the wrapped containers find it (inside Tessera's own directory).
 pub const BIN_DIR: &str = "/var/run/secrets/tessera.dev/bin";
+/// The in-memory volume where each wrapper keeps its credentials and lease
+/// handles across container restarts (one directory per container).
+pub const STATE_VOLUME: &str = "tessera-state";
+/// Where the wrapped containers mount it.
+pub const STATE_DIR: &str = "/var/run/secrets/tessera.dev/state";
 
 /// What the pod asked for, checked.
 pub struct EnvRequest {
@@ -160,12 +165,22 @@ impl EnvSpec<'_> {
                 ..VolumeMount::default()
             },
             token_mount(),
+            VolumeMount {
+                name: STATE_VOLUME.to_owned(),
+                mount_path: STATE_DIR.to_owned(),
+                ..VolumeMount::default()
+            },
         ];
         for container in spec
             .containers
             .iter_mut()
             .filter(|c| names.contains(&c.name))
         {
+            // A restarted container resumes its leases from here.
+            let state = env_var(
+                "TESSERA_STATE_DIR",
+                &format!("{STATE_DIR}/{}", container.name),
+            );
             let original = container.command.take().unwrap_or_default();
             let mut command = vec![
                 format!("{BIN_DIR}/{SIDECAR}"),
@@ -175,7 +190,7 @@ impl EnvSpec<'_> {
             command.extend(original);
             container.command = Some(command);
             let set = container.env.get_or_insert_with(Vec::new);
-            for var in &vars {
+            for var in vars.iter().chain([&state]) {
                 if !set.iter().any(|v| v.name == var.name) {
                     set.push(var.clone());
                 }
@@ -188,16 +203,19 @@ impl EnvSpec<'_> {
         spec.init_containers
             .get_or_insert_with(Vec::new)
             .insert(0, self.install_container());
-        spec.volumes.get_or_insert_with(Vec::new).push(Volume {
-            name: BIN_VOLUME.to_owned(),
+        let memory = |name: &str, size: &str| Volume {
+            name: name.to_owned(),
             empty_dir: Some(EmptyDirVolumeSource {
                 medium: Some("Memory".to_owned()),
                 size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
-                    "64Mi".to_owned(),
+                    size.to_owned(),
                 )),
             }),
             ..Volume::default()
-        });
+        };
+        spec.volumes
+            .get_or_insert_with(Vec::new)
+            .extend([memory(BIN_VOLUME, "64Mi"), memory(STATE_VOLUME, "1Mi")]);
         Ok(names)
     }
 

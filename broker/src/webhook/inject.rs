@@ -1090,7 +1090,7 @@ fn inject_env(
         .spec
         .as_ref()
         .ok_or_else(|| Denial("the pod has no spec".to_owned()))?;
-    for name in [env_mode::BIN_VOLUME, TOKEN_VOLUME] {
+    for name in [env_mode::BIN_VOLUME, env_mode::STATE_VOLUME, TOKEN_VOLUME] {
         if spec.volumes.iter().flatten().any(|v| v.name == name) {
             return Err(Denial(format!(
                 "the pod already has a volume named `{name}`; rename it"

@@ -1160,6 +1160,13 @@ fn env_mode_wraps_each_containers_command_and_installs_the_binary_first() {
         !mounts.contains(&"/var/run/secrets/tessera"),
         "no files volume"
     );
+    // One lease per pod lifetime in env mode: a restarted container
+    // resumes its leases from a memory volume of its own directory.
+    assert!(mounts.contains(&env_mode::STATE_DIR), "{mounts:?}");
+    assert_eq!(
+        env_of_container(app, "TESSERA_STATE_DIR").as_deref(),
+        Some(format!("{}/{}", env_mode::STATE_DIR, app.name).as_str())
+    );
     let init = &spec.init_containers.unwrap()[0];
     assert_eq!(init.name, "tessera-install");
     assert_eq!(
@@ -1174,6 +1181,17 @@ fn env_mode_wraps_each_containers_command_and_installs_the_binary_first() {
         .map(|v| v.name.as_str())
         .collect();
     assert!(volumes.contains(&"tessera-bin") && volumes.contains(&"tessera-token"));
+    assert!(volumes.contains(&env_mode::STATE_VOLUME));
+    let state = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == env_mode::STATE_VOLUME)
+        .unwrap();
+    assert_eq!(
+        state.empty_dir.as_ref().unwrap().medium.as_deref(),
+        Some("Memory")
+    );
     assert!(!volumes.contains(&"tessera-credentials"));
 
     // A second pass leaves it alone.

@@ -121,3 +121,70 @@ fn install_copies_a_binary_every_user_can_run() {
         "no partial file left"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_looping_app_in_env_mode_keeps_one_database_user() {
+    let pg = tessera_tests::Postgres::start();
+    let env = Env::start(&tessera_tests::db_policy("10m", "0.7", "5s")).await;
+    env.bao.database_role(&pg, "orders", "10m", "1h");
+    // The memory-backed volume the webhook gives env-mode pods.
+    let state = env.tmpfs_out();
+    let dir = state.path().join("app");
+    let log = env.dir.path().join("users.log");
+    let crash = format!(
+        "echo \"$DB_USERNAME $DB_PASSWORD\" >> {}; exit 3",
+        log.display()
+    );
+    for restart in 0..10 {
+        let mut exec = env.sidecar_exec(
+            &env.token_file("shop", "orders"),
+            &["db"],
+            &["--state-dir", dir.to_str().unwrap()],
+            &["sh", "-c", &crash],
+        );
+        let code = wait_for(Duration::from_secs(20), "the app to crash", || {
+            exec.exit_code()
+        })
+        .await;
+        assert_eq!(code, 3, "restart {restart}: the app's own status");
+    }
+    let seen = lines(&log);
+    assert_eq!(seen.len(), 10);
+    assert!(
+        seen.iter().all(|line| *line == seen[0]),
+        "one user across 10 restarts: {seen:?}"
+    );
+    let (user, password) = seen[0].split_once(' ').unwrap();
+    assert!(pg.can_login(user, password));
+    assert_eq!(
+        env.bao.leases("database/creds/orders").len(),
+        1,
+        "one lease in Vault"
+    );
+    // What the wrapper keeps is owner-read-only, on the memory volume.
+    let kept = dir.join("db");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&kept).unwrap().permissions())
+            & 0o777,
+        0o400
+    );
+    // A store on disk is refused, naming the fix.
+    let mut on_disk = env.sidecar_exec(
+        &env.token_file("shop", "orders"),
+        &["db"],
+        &[
+            "--state-dir",
+            env.dir.path().join("state").to_str().unwrap(),
+        ],
+        &["true"],
+    );
+    wait_for(Duration::from_secs(20), "the refusal", || {
+        on_disk.exit_code()
+    })
+    .await;
+    assert!(
+        on_disk.output().contains("not on tmpfs or ramfs"),
+        "{}",
+        on_disk.output()
+    );
+}

@@ -128,3 +128,71 @@ async fn files_survive_an_openbao_outage_and_delivery_resumes() {
     .await;
     drop(sidecar);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_lease_due_for_renewal_is_served_while_vault_is_away() {
+    use tessera_proto::v1::{FetchRequest, Held};
+    let pg = tessera_tests::Postgres::start();
+    let options = EnvOptions {
+        persistent_vault: true,
+        ..EnvOptions::default()
+    };
+    let mut env = Env::start_with(&tessera_tests::db_policy("20s", "0.5", "2s"), options).await;
+    env.bao.database_role(&pg, "orders", "1h", "2h");
+    let token = env.token("shop", "orders");
+    let fetch = |held: Option<String>| {
+        let request = FetchRequest {
+            bindings: vec!["db".to_owned()],
+            held: held
+                .map(|handle| Held {
+                    binding: "db".to_owned(),
+                    handle,
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let env = &env;
+        let token = token.clone();
+        async move {
+            env.client()
+                .await
+                .fetch(tessera_tests::with_token(&token, request))
+                .await
+                .map(|r| r.into_inner().credentials[0].clone())
+        }
+    };
+    let first = fetch(None).await.unwrap();
+    let user = String::from_utf8(first.fields["username"].clone()).unwrap();
+    let password = String::from_utf8(first.fields["password"].clone()).unwrap();
+    let ends = first.not_after.unwrap().seconds;
+
+    // Past the renew fraction, Vault goes away.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    env.bao.kill();
+    let held = fetch(Some(first.handle.clone()))
+        .await
+        .expect("a held, still-valid lease is served while Vault is away");
+    assert!(held.fields.is_empty(), "the pod keeps its values");
+    assert!(held.last_known_good, "marked as not renewed: {held:?}");
+    assert_eq!(held.not_after.unwrap().seconds, ends, "its end as known");
+    assert!(pg.can_login(&user, &password));
+
+    // Vault back: the same lease is renewed, the mark cleared.
+    let dir = env.dir.path().to_owned();
+    env.bao.restart(&dir).await;
+    let mut renewed = None;
+    for _ in 0..60 {
+        if let Ok(credential) = fetch(Some(first.handle.clone())).await
+            && !credential.last_known_good
+        {
+            renewed = Some(credential);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let renewed = renewed.expect("the lease renewed within 30 s of Vault's return");
+    assert!(renewed.fields.is_empty(), "the same user: {renewed:?}");
+    assert!(renewed.not_after.unwrap().seconds > ends);
+    assert!(pg.can_login(&user, &password));
+}
