@@ -140,6 +140,7 @@ async fn a_held_lease_due_for_renewal_is_served_while_vault_is_away() {
     let mut env = Env::start_with(&tessera_tests::db_policy("20s", "0.5", "2s"), options).await;
     env.bao.database_role(&pg, "orders", "1h", "2h");
     let token = env.token("shop", "orders");
+    let channel = env.channel().await;
     let fetch = |held: Option<String>| {
         let request = FetchRequest {
             bindings: vec!["db".to_owned()],
@@ -152,11 +153,10 @@ async fn a_held_lease_due_for_renewal_is_served_while_vault_is_away() {
                 .collect(),
             ..Default::default()
         };
-        let env = &env;
+        let mut client = tessera_proto::v1::broker_client::BrokerClient::new(channel.clone());
         let token = token.clone();
         async move {
-            env.client()
-                .await
+            client
                 .fetch(tessera_tests::with_token(&token, request))
                 .await
                 .map(|r| r.into_inner().credentials[0].clone())
