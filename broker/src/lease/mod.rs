@@ -32,7 +32,7 @@ use self::{
     credential::pki_names,
     handle::{Claims, Handle, HandleError, HandleKey},
     id::LeaseId,
-    records::{PodKey, Records, record_path},
+    records::{Holder, PodKey, Records, record_path},
     schedule::{fraction_of, refresh_in},
 };
 use crate::{
@@ -119,15 +119,33 @@ fn plain_name(name: &str) -> bool {
 /// The pod a lease is recorded under: the caller's pod, when its namespace,
 /// name and UID are plain names.
 fn owner(identity: &Identity) -> Option<PodKey> {
-    let pod = identity.pod.as_ref()?;
-    [identity.namespace.as_str(), &pod.name, &pod.uid]
+    let (name, uid, holder) = match &identity.pod {
+        Some(pod) => (&pod.name, &pod.uid, Holder::Pod),
+        // A caller bound to no pod: its service account holds the lease.
+        None => (
+            &identity.service_account,
+            &identity.service_account_uid,
+            Holder::ServiceAccount,
+        ),
+    };
+    [identity.namespace.as_str(), name, uid]
         .iter()
         .all(|part| plain_name(part))
         .then(|| PodKey {
             namespace: identity.namespace.clone(),
-            pod: pod.name.clone(),
-            uid: pod.uid.clone(),
+            pod: name.clone(),
+            uid: uid.clone(),
+            holder,
         })
+}
+
+/// The UID a handle is sealed to: the caller's pod, or for a caller bound
+/// to no pod (where the policy allows one), its service account.
+fn holder_uid(identity: &Identity) -> &str {
+    identity
+        .pod
+        .as_ref()
+        .map_or(identity.service_account_uid.as_str(), |p| p.uid.as_str())
 }
 
 /// Issues, resumes, renews, rotates and revokes credentials, and keeps their
@@ -210,11 +228,7 @@ impl Engine {
     fn seal(&self, binding: &Binding, identity: &Identity, live: &Live) -> Handle {
         self.keys.seal(&Claims {
             binding: binding.name.clone(),
-            pod_uid: identity
-                .pod
-                .as_ref()
-                .map(|p| p.uid.clone())
-                .unwrap_or_default(),
+            pod_uid: holder_uid(identity).to_owned(),
             lease: live
                 .lease
                 .as_ref()
@@ -383,7 +397,7 @@ impl Engine {
         held: &Handle,
     ) -> Result<Option<Resumed>, Error> {
         let identity = &caller.identity;
-        let pod_uid = identity.pod.as_ref().map_or("", |p| p.uid.as_str());
+        let pod_uid = holder_uid(identity);
         let claims = match self.keys.open(held, &binding.name, pod_uid) {
             Ok(claims) => claims,
             Err(HandleError::Invalid(_)) => {
@@ -684,7 +698,7 @@ impl Engine {
         identity: &Identity,
         held: &Handle,
     ) -> Result<Live, Error> {
-        let pod_uid = identity.pod.as_ref().map_or("", |p| p.uid.as_str());
+        let pod_uid = holder_uid(identity);
         let claims = self.keys.open(held, &binding.name, pod_uid)?;
         Ok(Live {
             binding: binding.clone(),

@@ -77,6 +77,7 @@ impl Engine {
             issued_at: unix(live.issued_at),
             expires_at: live.not_after.map_or(0, unix),
             revoke_at: None,
+            holder: pod.holder,
         })
     }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Caller, Engine, Revoked,
-    records::{LeaseRecord, PodKey, RecordKind},
+    records::{Holder, LeaseRecord, PodKey, RecordKind},
     unix,
 };
 use crate::{
@@ -90,6 +90,7 @@ fn key_of(pod: PartialObjectMeta<Pod>) -> Option<PodKey> {
         namespace: meta.namespace?,
         pod: meta.name?,
         uid: meta.uid?,
+        holder: Holder::Pod,
     })
 }
 
@@ -119,7 +120,12 @@ impl Reconciler {
         if full {
             self.adopt(&mut swept).await?;
         }
-        for owner in records.pods().await? {
+        let mut owners = records.pods().await?;
+        if full {
+            // Callers bound to no pod: only their overlaps and ended leases.
+            owners.extend(records.service_accounts().await?);
+        }
+        for owner in owners {
             let pod = self.verifier.pod_life(&owner.identity()).await;
             let ended = matches!(pod, Some(PodLife::Gone | PodLife::Completed));
             if !ended && !full {
@@ -369,6 +375,7 @@ mod tests {
             issued_at: 0,
             expires_at,
             revoke_at,
+            holder: Holder::Pod,
         }
     }
 

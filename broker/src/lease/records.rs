@@ -65,15 +65,40 @@ pub struct LeaseRecord {
     /// When a superseded lease is owed its revocation, Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke_at: Option<u64>,
+    /// Who holds the lease: the pod (`pod`, `pod_uid`), or for a caller
+    /// whose token names no pod, its service account (its name and UID in
+    /// `pod` and `pod_uid`).
+    #[serde(default, skip_serializing_if = "Holder::is_pod")]
+    pub holder: Holder,
+}
+
+/// Who holds a lease.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Holder {
+    /// A pod: the lease ends with it.
+    #[default]
+    Pod,
+    /// A service account, for a caller whose token is bound to no pod
+    /// (`callers: { unbound: allow }`): its leases are counted per service
+    /// account and end by their TTL.
+    ServiceAccount,
+}
+
+impl Holder {
+    fn is_pod(&self) -> bool {
+        *self == Holder::Pod
+    }
 }
 
 impl LeaseRecord {
-    /// The pod it was issued to.
+    /// The pod (or service account) it was issued to.
     pub fn owner(&self) -> PodKey {
         PodKey {
             namespace: self.namespace.clone(),
             pod: self.pod.clone(),
             uid: self.pod_uid.clone(),
+            holder: self.holder,
         }
     }
 
@@ -121,15 +146,18 @@ pub enum RecordKind {
     Pki,
 }
 
-/// A pod that holds leases, as its record folder names it.
+/// A pod that holds leases (or a service account, see [`Holder`]), as its
+/// record folder names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodKey {
     /// The namespace.
     pub namespace: String,
-    /// The pod's name.
+    /// The pod's name (the service account's).
     pub pod: String,
-    /// The pod's UID.
+    /// The pod's UID (the service account's).
     pub uid: String,
+    /// A pod or a service account.
+    pub holder: Holder,
 }
 
 impl PodKey {
@@ -148,19 +176,26 @@ impl PodKey {
                 namespace: namespace.to_owned(),
                 pod: pod.to_owned(),
                 uid: uid.to_owned(),
+                holder: Holder::Pod,
             })
     }
 
-    /// The pod as an identity, to ask the API server whether it still exists.
+    /// The pod as an identity, to ask the API server whether it still
+    /// exists; a service account's has no pod.
     pub fn identity(&self) -> Identity {
+        let pod = (self.holder == Holder::Pod).then(|| ObjectRef {
+            name: self.pod.clone(),
+            uid: self.uid.clone(),
+        });
+        let service_account = match self.holder {
+            Holder::Pod => String::new(),
+            Holder::ServiceAccount => self.pod.clone(),
+        };
         Identity {
             namespace: self.namespace.clone(),
-            service_account: String::new(),
+            service_account,
             service_account_uid: String::new(),
-            pod: Some(ObjectRef {
-                name: self.pod.clone(),
-                uid: self.uid.clone(),
-            }),
+            pod,
             node: None,
             pod_labels: None,
             expires_at: 0,
@@ -169,10 +204,23 @@ impl PodKey {
 }
 
 /// `clusters/<cluster>/pods/<folder>/<binding>/<first 32 hex digits of the
-/// lease digest>`; `pods/…` for a record from before clusters had names.
+/// lease digest>` (`serviceaccounts/` instead of `pods/` for a service
+/// account's); `pods/…` for a record from before clusters had names.
 pub fn record_path(cluster: &str, owner: &PodKey, binding: &str, lease_sha256: &str) -> String {
     let id = lease_sha256.get(..32).unwrap_or(lease_sha256);
-    format!("{}/{}/{binding}/{id}", pods_folder(cluster), owner.folder())
+    format!(
+        "{}/{}/{binding}/{id}",
+        holders_folder(cluster, owner.holder),
+        owner.folder()
+    )
+}
+
+/// The folder of a cluster's holders of one kind.
+fn holders_folder(cluster: &str, holder: Holder) -> String {
+    match holder {
+        Holder::Pod => pods_folder(cluster),
+        Holder::ServiceAccount => format!("clusters/{cluster}/serviceaccounts"),
+    }
 }
 
 /// The folder of a cluster's pods: `clusters/<cluster>/pods`, or `pods` for
@@ -245,6 +293,23 @@ impl Records {
         self.pods_in(&self.cluster).await
     }
 
+    /// The cluster's service accounts that hold leases for callers bound to
+    /// no pod: one LIST.
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn service_accounts(&self) -> Result<Vec<PodKey>, VaultError> {
+        let folder = holders_folder(&self.cluster, Holder::ServiceAccount);
+        Ok(folders(self.vault.kv1_list(&self.mount, &folder).await?)
+            .iter()
+            .filter_map(|name| PodKey::parse(name))
+            .map(|key| PodKey {
+                holder: Holder::ServiceAccount,
+                ..key
+            })
+            .collect())
+    }
+
     /// The pods with records from before clusters had names, waiting to be
     /// adopted: one LIST.
     ///
@@ -290,7 +355,11 @@ impl Records {
         cluster: &str,
         owner: &PodKey,
     ) -> Result<Vec<LeaseRecord>, VaultError> {
-        let pod = format!("{}/{}", pods_folder(cluster), owner.folder());
+        let pod = format!(
+            "{}/{}",
+            holders_folder(cluster, owner.holder),
+            owner.folder()
+        );
         let bindings = folders(self.vault.kv1_list(&self.mount, &pod).await?);
         let mut records = Vec::new();
         for binding in bindings {
@@ -314,7 +383,7 @@ impl Records {
     ) -> Result<Vec<LeaseRecord>, VaultError> {
         let folder = format!(
             "{}/{}/{binding}",
-            pods_folder(&self.cluster),
+            holders_folder(&self.cluster, owner.holder),
             owner.folder()
         );
         self.read_folder(&self.cluster, &folder).await
@@ -371,6 +440,7 @@ mod tests {
             namespace: "shop".into(),
             pod: "orders-7d9f.x".into(),
             uid: "6f1c2a9e-0b7d".into(),
+            holder: Holder::Pod,
         };
         let digest = "ab".repeat(32);
         assert_eq!(

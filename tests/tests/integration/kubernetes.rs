@@ -246,13 +246,29 @@ async fn a_token_bound_to_no_pod_gets_no_dynamic_credential_unless_the_policy_al
         env.fetch(&unbound, &["config"]).await.unwrap().credentials[0].fields["mode"],
         b"blue".to_vec()
     );
-    // Where the policy allows unbound callers, the lease lives its TTL.
-    let allowed = env.fetch(&unbound, &["db-batch"]).await.unwrap();
-    let credential = &allowed.credentials[0];
-    assert!(pg.can_login(
-        &String::from_utf8(credential.fields["username"].clone()).unwrap(),
-        &String::from_utf8(credential.fields["password"].clone()).unwrap()
-    ));
+    // Where the policy allows unbound callers, the lease lives its TTL,
+    // recorded and counted for the service account: past
+    // leases.maxPerPodBinding (2) the oldest is revoked.
+    let mut logins = Vec::new();
+    for _ in 0..3 {
+        let allowed = env.fetch(&unbound, &["db-batch"]).await.unwrap();
+        let credential = &allowed.credentials[0];
+        logins.push((
+            String::from_utf8(credential.fields["username"].clone()).unwrap(),
+            String::from_utf8(credential.fields["password"].clone()).unwrap(),
+        ));
+    }
+    assert_eq!(env.bao.leases("database/creds/orders").len(), 2);
+    assert!(
+        !pg.can_login(&logins[0].0, &logins[0].1),
+        "the oldest revoked"
+    );
+    assert!(pg.can_login(&logins[2].0, &logins[2].1));
+    let counted = env
+        .bao
+        .list("tessera-leases/clusters/test-1/serviceaccounts");
+    assert_eq!(counted.len(), 1, "{counted:?}");
+    assert!(counted[0].contains("/shop_orders_"), "{counted:?}");
     // A token bound to the pod gets `db` as always.
     cluster.add_pod("shop", "orders-0", "orders", &[]);
     let bound = cluster.token("shop", "orders", "tessera", Some("orders-0"), 600);
