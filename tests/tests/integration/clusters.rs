@@ -137,9 +137,15 @@ async fn two_clusters_sharing_one_vault_never_revoke_each_others_leases() {
         .into_iter()
         .filter(|e| e["action"] == "revoke")
         .collect();
-    assert_eq!(revoked_by_b.len(), 1, "{revoked_by_b:?}");
-    assert_eq!(revoked_by_b[0]["cluster"], "b");
-    assert_eq!(revoked_by_b[0]["pod_uid"], uid_b);
+    // (The stream's end and the pod watch may both revoke it: revoking is
+    // idempotent, and each is audited.)
+    assert!(!revoked_by_b.is_empty());
+    assert!(
+        revoked_by_b
+            .iter()
+            .all(|e| e["cluster"] == "b" && e["pod_uid"] == uid_b.as_str()),
+        "B revoked only its own pod's lease: {revoked_by_b:?}"
+    );
     assert!(
         env.audit_events()
             .iter()
