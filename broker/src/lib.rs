@@ -21,6 +21,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod secret;
 pub mod service;
+pub mod tasks;
 pub mod tls;
 pub mod vault;
 pub mod webhook;
@@ -38,6 +39,7 @@ use crate::{
     identity::{Expectations, JwksFile, OidcKeys, Verifier},
     policy::store::PolicyStore,
     service::BrokerService,
+    tasks::Tasks,
     vault::Vault,
 };
 
@@ -79,8 +81,10 @@ pub enum StartError {
 }
 
 /// Everything `serve` needs, loaded and checked before a port is opened.
+/// Building it starts nothing: its tasks run from [`spawn`].
 pub struct Prepared {
     config: Config,
+    tasks: Tasks,
     tls: Arc<rustls::ServerConfig>,
     policy: Arc<PolicyStore>,
     vault: Arc<Vault>,
@@ -91,16 +95,14 @@ pub struct Prepared {
     webhook: Option<webhook::Server>,
 }
 
-impl Prepared {
-    /// The metrics, for the admin server.
-    pub fn metrics(&self) -> Arc<metrics::Metrics> {
-        self.metrics.clone()
-    }
-
-    /// The admission webhook, when configured, to serve on its own port.
-    pub fn take_webhook(&mut self) -> Option<webhook::Server> {
-        self.webhook.take()
-    }
+/// The ports the broker serves, bound by the caller.
+pub struct Listeners {
+    /// The gRPC API.
+    pub grpc: TcpListener,
+    /// `/metrics`, `/livez`, `/readyz`, when configured.
+    pub admin: Option<TcpListener>,
+    /// The admission webhook, when configured.
+    pub webhook: Option<std::net::TcpListener>,
 }
 
 /// Health service name that reports whether the last policy reload worked.
@@ -202,6 +204,7 @@ pub async fn prepare(
     mut config: Config,
     shutdown: &CancellationToken,
 ) -> Result<Prepared, StartError> {
+    let mut tasks = Tasks::default();
     let kube = if config.identity.needs_kubernetes() || config.bootstrap.is_some() {
         Some(kube_client(config.kubeconfig.as_deref()).await?)
     } else {
@@ -212,11 +215,10 @@ pub async fn prepare(
             config.handle_key_file = Some(keys.current);
             config.retired_handle_key_files = keys.accepted;
         }
-        tokio::spawn(bootstrap::follow(
-            client.clone(),
-            settings.clone(),
-            shutdown.clone(),
-        ));
+        tasks.add(
+            "bootstrap Secret follower",
+            bootstrap::follow(client.clone(), settings.clone(), shutdown.clone()),
+        );
     }
     let id = &config.identity;
     let source = match (&id.source, &kube) {
@@ -251,13 +253,17 @@ pub async fn prepare(
         files = loaded.policy.files.len(),
         "policy loaded"
     );
-    tokio::spawn(
+    tasks.add(
+        "policy follower",
         policy
             .clone()
             .follow(config.policy_reload_interval, shutdown.clone()),
     );
     let (tls, cert) = tls::server_config(&config.tls)?;
-    tokio::spawn(cert.follow(config.tls_reload_interval, shutdown.clone()));
+    tasks.add(
+        "certificate follower",
+        cert.follow(config.tls_reload_interval, shutdown.clone()),
+    );
     let metrics = Arc::new(metrics::Metrics::new());
     let vault = Arc::new(Vault::new(config.vault.clone(), metrics.clone())?);
     let feeds = Arc::new(Feeds::new(
@@ -278,7 +284,10 @@ pub async fn prepare(
             };
             let mode = webhook::resolve_mode(mode, client.as_ref()).await;
             let (tls, cert) = tls::server_config(&settings.tls)?;
-            tokio::spawn(cert.follow(config.tls_reload_interval, shutdown.clone()));
+            tasks.add(
+                "webhook certificate follower",
+                cert.follow(config.tls_reload_interval, shutdown.clone()),
+            );
             Some(webhook::Server {
                 webhook: Arc::new(webhook::Webhook::new(
                     settings.injection.clone(),
@@ -291,11 +300,10 @@ pub async fn prepare(
             })
         }
     };
-    tokio::spawn(feed::keep_warm(
-        policy.clone(),
-        feeds.clone(),
-        shutdown.clone(),
-    ));
+    tasks.add(
+        "KV warmer",
+        feed::keep_warm(policy.clone(), feeds.clone(), shutdown.clone()),
+    );
     let audit = Arc::new(
         audit::Audit::open(&config.audit, &config.cluster).map_err(|source| StartError::Audit {
             target: format!("{:?}", config.audit),
@@ -314,7 +322,10 @@ pub async fn prepare(
             lease::handle::HandleKey::generate()?
         }
     });
-    tokio::spawn(forget_idle_callers(limiter.clone(), shutdown.clone()));
+    tasks.add(
+        "rate-limit cleaner",
+        forget_idle_callers(limiter.clone(), shutdown.clone()),
+    );
     let engine = Arc::new(lease::Engine::new(
         vault.clone(),
         handle_key,
@@ -332,7 +343,8 @@ pub async fn prepare(
     // A deleted pod's leases are revoked at once where the broker may see
     // pods; the sweep is the backstop everywhere.
     if let (true, Some(client)) = (config.identity.pod_lookup, &kube) {
-        tokio::spawn(
+        tasks.add(
+            "pod watch",
             reconciler
                 .clone()
                 .follow_deletions(client.clone(), shutdown.clone()),
@@ -349,6 +361,7 @@ pub async fn prepare(
     });
     Ok(Prepared {
         config,
+        tasks,
         tls,
         policy,
         vault,
@@ -367,28 +380,87 @@ pub const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::fr
 /// Most concurrent RPCs (streams) on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
+/// The broker, running: its tasks, watched and drained.
+pub struct Running {
+    tasks: Tasks,
+    engine: Arc<lease::Engine>,
+}
+
+impl Running {
+    /// The first task to end. Before shutdown, any ending is a failure:
+    /// the caller stops the process with it.
+    pub async fn ended(&mut self) -> tasks::Ended {
+        self.tasks.ended().await
+    }
+
+    /// Shuts down (once `shutdown` is cancelled), in this order: the
+    /// servers stop accepting and end their streams with `SHUTTING_DOWN`
+    /// (sidecars reconnect to another replica), the loops stop, then
+    /// revocations in flight finish (the caller bounds it all by the
+    /// shutdown grace; revocations that only wait for an overlap are left to
+    /// Vault). Returns the tasks that failed on the way out.
+    pub async fn drain(mut self) -> Vec<tasks::Ended> {
+        let failed = self.tasks.drain().await;
+        self.engine.drain().await;
+        failed
+    }
+}
+
+/// Starts the broker on `listeners`: the servers (gRPC, and the webhook
+/// and admin endpoints when given) and every task [`prepare`] set up, in
+/// one tracker, until `shutdown`.
+pub fn spawn(mut prepared: Prepared, listeners: Listeners, shutdown: CancellationToken) -> Running {
+    let mut tasks = std::mem::take(&mut prepared.tasks);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tasks.add(
+        "health reporter",
+        report_health(
+            prepared.policy.clone(),
+            prepared.vault.clone(),
+            prepared.metrics.clone(),
+            health,
+            shutdown.clone(),
+        ),
+    );
+    tasks.add(
+        "lease sweep",
+        prepared.reconciler.clone().run(
+            prepared.config.leases.sweep_interval,
+            prepared.config.leases.full_sweep_interval,
+            shutdown.clone(),
+        ),
+    );
+    if let Some(listener) = listeners.admin {
+        tasks.add_fallible(
+            "admin server",
+            metrics::serve_admin(listener, prepared.metrics.clone(), shutdown.clone()),
+        );
+    }
+    if let (Some(listener), Some(webhook)) = (listeners.webhook, prepared.webhook.take()) {
+        let limits = prepared.config.connections;
+        tasks.add_fallible(
+            "webhook server",
+            webhook.serve(listener, limits, shutdown.clone()),
+        );
+    }
+    let engine = prepared.engine.clone();
+    tasks.add_fallible(
+        "gRPC server",
+        serve_grpc(prepared, health_service, listeners.grpc, shutdown),
+    );
+    tasks.start();
+    Running { tasks, engine }
+}
+
 /// Serves gRPC (Broker, health, reflection) on `listener` until `shutdown`.
-///
-/// # Errors
-/// When the server fails.
-pub async fn run(
+async fn serve_grpc(
     prepared: Prepared,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(
-        prepared.policy.clone(),
-        prepared.vault.clone(),
-        prepared.metrics.clone(),
-        health.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(prepared.reconciler.run(
-        prepared.config.leases.sweep_interval,
-        prepared.config.leases.full_sweep_interval,
-        shutdown.clone(),
-    ));
     // Reflection v1 and v1alpha: grpcurl and older clients (grpcio's) ask
     // for the latter.
     let reflection = || {
@@ -425,9 +497,6 @@ pub async fn run(
         .add_service(BrokerServer::new(prepared.service))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
-    // Revocations in flight finish within the shutdown grace (the caller's
-    // timeout); ones that only wait for an overlap are left to Vault.
-    prepared.engine.drain().await;
     Ok(())
 }
 

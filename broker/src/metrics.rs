@@ -352,20 +352,20 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
 }
 
 /// Serves `/metrics`, `/livez` and `/readyz` on `listener` until `shutdown`.
+///
+/// # Errors
+/// When the server fails (the broker then stops: probes need it).
 pub async fn serve_admin(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) {
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(metrics);
-    if let Err(error) = axum::serve(listener, app)
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-    {
-        tracing::error!(%error, "admin server failed");
-    }
 }

@@ -10,18 +10,27 @@ use std::{
 use anyhow::Context;
 use serde_json::Value;
 
-/// What to select.
+/// What to select, and where from.
+#[derive(clap::Args)]
 pub struct Query {
     /// Only this binding.
+    #[arg(long)]
     pub binding: Option<String>,
     /// Only this namespace.
+    #[arg(long)]
     pub namespace: Option<String>,
-    /// From this time.
+    /// From this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
     pub since: Option<SystemTime>,
-    /// Until this time.
+    /// Until this time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
     pub until: Option<SystemTime>,
-    /// Denials and errors too, not only deliveries.
+    /// Include denials and errors, not only deliveries.
+    #[arg(long)]
     pub all: bool,
+    /// Audit log files; `-` reads standard input (`kubectl logs … | tessera-broker audit -`).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
 }
 
 fn text<'a>(event: &'a Value, key: &str) -> &'a str {
@@ -53,11 +62,16 @@ impl Query {
     }
 }
 
-/// Prints one line per selected event.
+/// Prints one line per selected event; exits 66 when a file does not exist.
 ///
 /// # Errors
 /// When a file cannot be read.
-pub fn run(query: &Query, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+pub fn run(query: &Query) -> anyhow::Result<ExitCode> {
+    let files = &query.files;
+    if let Some(path) = files.iter().find(|p| p.as_os_str() != "-" && !p.exists()) {
+        eprintln!("{}: no such file", path.display());
+        return Ok(ExitCode::from(super::exit::NO_INPUT));
+    }
     let mut out = std::io::stdout().lock();
     // A reader that stopped reading (`| head`) ends the query quietly.
     let closed = |error: &std::io::Error| error.kind() == std::io::ErrorKind::BrokenPipe;
