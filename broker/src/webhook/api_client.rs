@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{
     ProjectedVolumeSource, Volume, VolumeMount, VolumeProjection,
 };
 
-use super::{inject::Denial, settings::Injection};
+use super::{denial::Denial, settings::Injection};
 
 /// `"true"` gives the app containers the token, CA and address.
 pub const API_CLIENT: &str = "tessera.dev/api-client";
@@ -70,7 +70,7 @@ pub fn add(pod: &mut Pod, injection: &Injection, ca_pem: &str) -> Result<(), Den
         read_only: Some(true),
         ..VolumeMount::default()
     };
-    let ours = [super::inject::SIDECAR, super::inject::INIT];
+    let ours = [super::names::SIDECAR, super::names::INIT];
     for container in spec
         .init_containers
         .iter_mut()
@@ -97,7 +97,7 @@ pub fn add(pod: &mut Pod, injection: &Injection, ca_pem: &str) -> Result<(), Den
         name: VOLUME.to_owned(),
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![
-                super::inject::token_projection(injection),
+                super::objects::token_projection(injection),
                 VolumeProjection {
                     downward_api: Some(DownwardAPIProjection {
                         items: Some(vec![DownwardAPIVolumeFile {

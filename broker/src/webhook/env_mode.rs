@@ -4,105 +4,11 @@
 //! is wrapped: `tessera-sidecar exec -- <command>` starts the app with
 //! `<BINDING>_<FIELD>` set and restarts it when a credential rotates.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, Pod, PodSpec, Volume, VolumeMount,
 };
 
-use super::{
-    inject::{Denial, INIT, SIDECAR, broker_env, env_var, token_mount},
-    settings::Injection,
-};
-
-/// Comma-separated names of the containers to wrap (default: every container).
-pub const ENV_CONTAINERS: &str = "tessera.dev/env-containers";
-/// Prepended to every variable name.
-pub const ENV_PREFIX: &str = "tessera.dev/env-prefix";
-/// `restart` (default) or `signal:<NAME>`.
-pub const ENV_ON_ROTATE: &str = "tessera.dev/env-on-rotate";
-/// The longest variable prefix a pod may ask for.
-pub const MAX_PREFIX: usize = 32;
-/// The init container that copies the binary.
-pub const INSTALL: &str = "tessera-install";
-/// The in-memory volume holding the binary.
-pub const BIN_VOLUME: &str = "tessera-bin";
-/// Where the wrapped containers find it (inside Tessera's own directory).
-pub const BIN_DIR: &str = "/var/run/secrets/tessera.dev/bin";
-/// The in-memory volume where each wrapper keeps its credentials and lease
-/// handles across container restarts (one directory per container).
-pub const STATE_VOLUME: &str = "tessera-state";
-/// Where the wrapped containers mount it.
-pub const STATE_DIR: &str = "/var/run/secrets/tessera.dev/state";
-
-/// What the pod asked for, checked.
-pub struct EnvRequest {
-    containers: Option<Vec<String>>,
-    prefix: Option<String>,
-    on_rotate: Option<String>,
-}
-
-/// Reads the env-mode annotations.
-///
-/// # Errors
-/// A [`Denial`] naming the annotation that is wrong.
-pub fn parse(
-    annotations: &BTreeMap<String, String>,
-    signals: &[&str],
-) -> Result<EnvRequest, Denial> {
-    let containers = annotations.get(ENV_CONTAINERS).map(|list| {
-        list.split(',')
-            .map(|c| c.trim().to_owned())
-            .collect::<Vec<_>>()
-    });
-    if containers
-        .as_ref()
-        .is_some_and(|names| names.iter().any(String::is_empty))
-    {
-        return Err(Denial(format!(
-            "annotation {ENV_CONTAINERS}: name containers separated by single commas"
-        )));
-    }
-    let prefix = annotations.get(ENV_PREFIX).cloned();
-    if let Some(prefix) = &prefix
-        && prefix.len() > MAX_PREFIX
-    {
-        return Err(Denial(format!(
-            "annotation {ENV_PREFIX}: {} characters, at most {MAX_PREFIX}",
-            prefix.len()
-        )));
-    }
-    if let Some(prefix) = &prefix
-        && (prefix.starts_with(|c: char| c.is_ascii_digit())
-            || !prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_'))
-    {
-        return Err(Denial(format!(
-            "annotation {ENV_PREFIX}: `{}` is not the start of a variable name (letters, digits, `_`)",
-            prefix.escape_debug()
-        )));
-    }
-    let on_rotate = annotations.get(ENV_ON_ROTATE).cloned();
-    if let Some(text) = &on_rotate {
-        let valid = text == "restart"
-            || text
-                .strip_prefix("signal:")
-                .is_some_and(|name| signals.contains(&name.trim_start_matches("SIG")));
-        if !valid {
-            return Err(Denial(format!(
-                "annotation {ENV_ON_ROTATE}: `{}` is not `restart` or `signal:<{}>`",
-                text.escape_debug(),
-                signals.join("|")
-            )));
-        }
-    }
-    Ok(EnvRequest {
-        containers,
-        prefix,
-        on_rotate,
-    })
-}
+use super::{annotations::*, denial::Denial, names::*, objects::*, settings::Injection};
 
 /// The containers to wrap, each with a `command` to wrap.
 fn chosen(spec: &PodSpec, request: &EnvRequest) -> Result<Vec<String>, Denial> {
@@ -228,7 +134,7 @@ impl EnvSpec<'_> {
             image_pull_policy: Some(injection.image_pull_policy.clone()),
             args: Some(vec!["install".to_owned(), BIN_DIR.to_owned()]),
             resources: Some(injection.resources.clone()),
-            security_context: Some(super::inject::hardened(injection.run_as_user)),
+            security_context: Some(hardened(injection.run_as_user)),
             volume_mounts: Some(vec![VolumeMount {
                 name: BIN_VOLUME.to_owned(),
                 mount_path: BIN_DIR.to_owned(),
@@ -239,6 +145,3 @@ impl EnvSpec<'_> {
         }
     }
 }
-
-/// Names env mode reserves, besides the sidecar's.
-pub const RESERVED: [&str; 3] = [INSTALL, SIDECAR, INIT];

@@ -3,30 +3,34 @@
 //! and refuses pods that ask for bindings their service account may not have.
 //! Served over HTTPS (TLS 1.3) on its own port, `POST /mutate`.
 
+pub mod annotations;
 pub mod api_client;
+pub mod denial;
 pub mod env_mode;
+mod grants;
 pub mod inject;
+pub mod names;
+pub mod objects;
 mod patch;
+mod pod_checks;
 pub mod pod_output;
+mod resources;
+mod server;
 pub mod settings;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use tokio_util::sync::CancellationToken;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 
-use self::inject::{Decision, Denial};
-pub use self::settings::{Injection, Settings, SidecarMode};
+use self::{denial::Denial, inject::Decision};
+pub use self::{
+    server::Server,
+    settings::{Injection, Settings, SidecarMode},
+};
 use crate::{
-    listener::{ConnectionLimits, Gate, GateAcceptor},
     metrics::Metrics,
     policy::{Kv2Source, store::PolicyStore},
 };
@@ -94,7 +98,7 @@ impl Webhook {
                 .and_then(|a| a.get(key))
                 .is_some_and(|v| v == "true")
         };
-        let wants_injection = annotation(inject::INJECT) || annotation(api_client::API_CLIENT);
+        let wants_injection = annotation(annotations::INJECT) || annotation(api_client::API_CLIENT);
         // Read only for pods that want injection: a lost CA file must not
         // refuse every other pod.
         let ca_pem = match wants_injection
@@ -156,10 +160,10 @@ impl Webhook {
                     }
                 };
                 let size = serde_json::to_vec(&patch).map_or(usize::MAX, |p| p.len());
-                if size > inject::MAX_PATCH_BYTES {
+                if size > annotations::MAX_PATCH_BYTES {
                     let message = format!(
                         "the injection patch would be {size} bytes, over the webhook's bound of {} (the pod's Tessera annotations ask for too much output)",
-                        inject::MAX_PATCH_BYTES
+                        annotations::MAX_PATCH_BYTES
                     );
                     tracing::info!(namespace = %logged_namespace, pod = %pod_name, reason = %message, "pod refused");
                     return (
@@ -234,149 +238,6 @@ pub fn review_json(response: AdmissionResponse) -> serde_json::Value {
         *slot = serde_json::Value::String(patch);
     }
     review
-}
-
-/// Largest AdmissionReview body read (a pod spec is far smaller).
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-/// Time a client has to send the whole body, and to send its first request.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn mutate(
-    State(webhook): State<Arc<Webhook>>,
-    body: axum::body::Body,
-) -> (StatusCode, Json<serde_json::Value>) {
-    let invalid = |status: StatusCode, message: String| {
-        (
-            status,
-            Json(review_json(AdmissionResponse::invalid(message))),
-        )
-    };
-    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES))
-        .await
-    {
-        Ok(Ok(body)) => body,
-        Ok(Err(error)) => {
-            return invalid(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("tessera: cannot read the body (at most {MAX_BODY_BYTES} bytes): {error}"),
-            );
-        }
-        Err(_) => {
-            return invalid(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("tessera: the body did not arrive within {BODY_TIMEOUT:?}"),
-            );
-        }
-    };
-    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
-        Ok(review) => review,
-        Err(error) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(review_json(AdmissionResponse::invalid(format!(
-                    "tessera: the body is not an AdmissionReview of a pod: {error}"
-                )))),
-            );
-        }
-    };
-    // Only the version the chart registers: anything else is not the API server.
-    if review.types.api_version != ADMISSION_API_VERSION || review.types.kind != "AdmissionReview" {
-        let shown: String = review
-            .types
-            .api_version
-            .chars()
-            .take(64)
-            .flat_map(char::escape_debug)
-            .collect();
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(review_json(AdmissionResponse::invalid(format!(
-                "tessera: AdmissionReview apiVersion `{shown}` is not supported (only {ADMISSION_API_VERSION})"
-            )))),
-        );
-    }
-    let request: AdmissionRequest<Pod> = match review.try_into() {
-        Ok(request) => request,
-        Err(_) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(review_json(AdmissionResponse::invalid(
-                    "tessera: the AdmissionReview has no request",
-                ))),
-            );
-        }
-    };
-    (StatusCode::OK, Json(review_json(webhook.review(&request))))
-}
-
-/// The HTTP routes: `POST /mutate`.
-pub fn router(webhook: Arc<Webhook>) -> Router {
-    Router::new()
-        .route("/mutate", post(mutate))
-        .with_state(webhook)
-}
-
-/// The webhook with its TLS configuration, ready to serve.
-pub struct Server {
-    /// The handler.
-    pub webhook: Arc<Webhook>,
-    /// The serving certificate (reloaded from disk as it changes).
-    pub tls: Arc<rustls::ServerConfig>,
-}
-
-impl Server {
-    /// Serves the webhook over TLS on `listener` within `limits` until `shutdown`.
-    ///
-    /// # Errors
-    /// When the server fails.
-    pub async fn serve(
-        self,
-        listener: std::net::TcpListener,
-        limits: ConnectionLimits,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<()> {
-        serve(self.webhook, &self.tls, listener, limits, shutdown).await
-    }
-}
-
-async fn serve(
-    webhook: Arc<Webhook>,
-    tls: &rustls::ServerConfig,
-    listener: std::net::TcpListener,
-    limits: ConnectionLimits,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    // The API server speaks HTTP/2 or HTTP/1.1.
-    let mut config = tls.clone();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
-    let gate = Gate::new("webhook", limits);
-    let errors = gate.clone();
-    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
-        .handshake_timeout(limits.handshake_timeout)
-        .acceptor(GateAcceptor(gate));
-    let handle = axum_server::Handle::new();
-    let stop = handle.clone();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        stop.graceful_shutdown(Some(Duration::from_secs(5)));
-    });
-    listener.set_nonblocking(true)?;
-    let mut server = axum_server::from_tcp(listener)?
-        .acceptor(acceptor)
-        .handle(handle)
-        .first_request_timeout(BODY_TIMEOUT)
-        .accept_error_handler(move |_, error: &std::io::Error| errors.accept_failed(error));
-    server
-        .http_builder()
-        .http1()
-        .header_read_timeout(BODY_TIMEOUT);
-    server
-        .http_builder()
-        .http2()
-        .keep_alive_interval(crate::HTTP2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(crate::HTTP2_KEEPALIVE_TIMEOUT);
-    server.serve(router(webhook).into_make_service()).await
 }
 
 /// Resolves [`SidecarMode::Auto`] by asking the API server its version:

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::json;
 use tessera_template::Template;
 
-use super::inject::{BINDINGS, Denial};
+use super::{annotations::BINDINGS, denial::Denial};
 use crate::policy::{Kv2Source, Policy, Source};
 
 /// The keys a KV secret has now, as far as the broker knows (its last good

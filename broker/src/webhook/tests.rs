@@ -1,4 +1,4 @@
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
@@ -6,7 +6,8 @@ use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use serde_json::{Value, json};
 
 use super::{
-    inject::{self, Decision, Denial, Shape},
+    denial::Denial,
+    inject::{self, Decision, Shape},
     settings::{Injection, SidecarMode, default_resources},
     *,
 };
@@ -230,7 +231,7 @@ fn pods_without_the_annotation_are_untouched() {
         decide(&value, &injection(), SidecarMode::Native).unwrap(),
         Decision::Skip("not annotated")
     ));
-    let off = with_annotation(deployment_pod(), inject::INJECT, "false");
+    let off = with_annotation(deployment_pod(), annotations::INJECT, "false");
     assert!(matches!(
         decide(&off, &injection(), SidecarMode::Native).unwrap(),
         Decision::Skip("not annotated")
@@ -350,7 +351,7 @@ fn metrics_port_is_opened_on_the_running_sidecar_only() {
 
 #[test]
 fn mode_once_writes_before_the_app_and_adds_no_sidecar() {
-    let value = with_annotation(deployment_pod(), inject::MODE, "once");
+    let value = with_annotation(deployment_pod(), annotations::MODE, "once");
     let (mutated, record) = injected(&value, SidecarMode::Native);
     assert_eq!(record.shape, Some(Shape::InitOnly));
     let spec = mutated.spec.unwrap();
@@ -360,7 +361,11 @@ fn mode_once_writes_before_the_app_and_adds_no_sidecar() {
 
 #[test]
 fn mount_path_annotation_moves_the_files() {
-    let value = with_annotation(deployment_pod(), inject::MOUNT_PATH, "/etc/orders/secrets");
+    let value = with_annotation(
+        deployment_pod(),
+        annotations::MOUNT_PATH,
+        "/etc/orders/secrets",
+    );
     let (mutated, record) = injected(&value, SidecarMode::Native);
     assert_eq!(record.mount_path, "/etc/orders/secrets");
     let spec = mutated.spec.unwrap();
@@ -377,14 +382,18 @@ fn mount_path_annotation_moves_the_files() {
 #[test]
 fn malformed_annotations_are_refused_with_the_reason() {
     let cases = [
-        (inject::INJECT, "yes", "must be \"true\" or \"false\""),
-        (inject::BINDINGS, "orders-db,,tls", "empty name"),
-        (inject::BINDINGS, "../etc", "`../etc` is not a binding name"),
-        (inject::BINDINGS, "tls,tls", "`tls` is listed twice"),
-        (inject::MOUNT_PATH, "secrets", "absolute path"),
-        (inject::MOUNT_PATH, "/var/../etc", "normalized"),
+        (annotations::INJECT, "yes", "must be \"true\" or \"false\""),
+        (annotations::BINDINGS, "orders-db,,tls", "empty name"),
         (
-            inject::MODE,
+            annotations::BINDINGS,
+            "../etc",
+            "`../etc` is not a binding name",
+        ),
+        (annotations::BINDINGS, "tls,tls", "`tls` is listed twice"),
+        (annotations::MOUNT_PATH, "secrets", "absolute path"),
+        (annotations::MOUNT_PATH, "/var/../etc", "normalized"),
+        (
+            annotations::MODE,
             "sometimes",
             "must be \"run\", \"once\" or \"env\"",
         ),
@@ -398,13 +407,17 @@ fn malformed_annotations_are_refused_with_the_reason() {
     missing["metadata"]["annotations"]
         .as_object_mut()
         .unwrap()
-        .remove(inject::BINDINGS);
+        .remove(annotations::BINDINGS);
     assert!(denial(&missing).contains("tessera.dev/bindings is missing"));
 }
 
 #[test]
 fn bindings_the_service_account_may_not_have_are_refused_by_name() {
-    let mut value = with_annotation(deployment_pod(), inject::BINDINGS, "orders-db,tls,nope");
+    let mut value = with_annotation(
+        deployment_pod(),
+        annotations::BINDINGS,
+        "orders-db,tls,nope",
+    );
     value["spec"]["serviceAccountName"] = json!("billing");
     let message = denial(&value);
     assert!(
@@ -424,7 +437,7 @@ fn bindings_the_service_account_may_not_have_are_refused_by_name() {
 
 #[test]
 fn pod_label_subjects_match_only_when_the_broker_knows_labels() {
-    let mut value = with_annotation(deployment_pod(), inject::BINDINGS, "gold");
+    let mut value = with_annotation(deployment_pod(), annotations::BINDINGS, "gold");
     value["metadata"]["labels"]["tier"] = json!("gold");
     // Without pod lookup the broker never sees labels, so admitting the pod
     // would only move the refusal to runtime.
@@ -667,7 +680,7 @@ fn a_metrics_port_the_pod_uses_turns_the_sidecars_metrics_off_with_a_warning() {
 #[test]
 fn a_status_annotation_or_a_container_name_does_not_pass_for_an_injection() {
     // Written by hand (or copied from an injected pod's YAML): still injected.
-    let value = with_annotation(deployment_pod(), inject::STATUS, "injected");
+    let value = with_annotation(deployment_pod(), annotations::STATUS, "injected");
     let (mutated, _) = injected(&value, SidecarMode::Native);
     assert_eq!(
         mutated.spec.unwrap().init_containers.unwrap()[0].name,
@@ -704,7 +717,7 @@ fn name_and_path_collisions_are_refused() {
     ] {
         let message = denial(&with_annotation(
             deployment_pod(),
-            inject::MOUNT_PATH,
+            annotations::MOUNT_PATH,
             reserved,
         ));
         assert!(
@@ -790,7 +803,7 @@ fn admission_review_round_trip_patches_the_pod() {
 fn admission_review_refusal_names_the_binding() {
     let dir = tempfile::tempdir().unwrap();
     let webhook = webhook(&dir);
-    let value = with_annotation(deployment_pod(), inject::BINDINGS, "payments");
+    let value = with_annotation(deployment_pod(), annotations::BINDINGS, "payments");
     let out = review_json(webhook.review(&review("CREATE", &value)));
     let response = &out["response"];
     assert_eq!(response["allowed"], false);
@@ -837,7 +850,7 @@ fn an_unreadable_ca_refuses_instead_of_injecting_a_broken_sidecar() {
 fn webhook_messages_do_not_tell_missing_from_granted_to_others() {
     // `orders-db` exists but is not shop/billing's; `nope` does not exist.
     let refusal = |bindings: &str| {
-        let mut value = with_annotation(deployment_pod(), inject::BINDINGS, bindings);
+        let mut value = with_annotation(deployment_pod(), annotations::BINDINGS, bindings);
         value["spec"]["serviceAccountName"] = json!("billing");
         denial(&value)
     };
@@ -995,9 +1008,13 @@ fn fields_the_typed_view_does_not_know_survive_the_patch_untouched() {
 
 #[test]
 fn reload_annotations_signal_the_app_by_name_or_call_its_loopback_endpoint() {
-    let mut value = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "SIGHUP");
-    value = with_annotation(value, inject::RELOAD_PROCESS, "nginx");
-    value = with_annotation(value, inject::RELOAD_URL, "http://127.0.0.1:9090/-/reload");
+    let mut value = with_annotation(deployment_pod(), annotations::RELOAD_SIGNAL, "SIGHUP");
+    value = with_annotation(value, annotations::RELOAD_PROCESS, "nginx");
+    value = with_annotation(
+        value,
+        annotations::RELOAD_URL,
+        "http://127.0.0.1:9090/-/reload",
+    );
     value["spec"]["securityContext"] = json!({ "fsGroup": 2000, "runAsUser": 101 });
     let (mutated, _) = injected(&value, SidecarMode::Native);
     let spec = mutated.spec.unwrap();
@@ -1028,7 +1045,7 @@ fn reload_annotations_signal_the_app_by_name_or_call_its_loopback_endpoint() {
     // The URL alone changes neither the process namespace nor the user.
     let url_only = with_annotation(
         deployment_pod(),
-        inject::RELOAD_URL,
+        annotations::RELOAD_URL,
         "http://localhost:8080/reload",
     );
     let (mutated, _) = injected(&url_only, SidecarMode::Native);
@@ -1048,8 +1065,8 @@ fn reload_annotations_signal_the_app_by_name_or_call_its_loopback_endpoint() {
 fn reload_annotations_that_cannot_work_are_refused_by_name() {
     let signal = |value: Value, signal: &str, process: &str| {
         with_annotation(
-            with_annotation(value, inject::RELOAD_SIGNAL, signal),
-            inject::RELOAD_PROCESS,
+            with_annotation(value, annotations::RELOAD_SIGNAL, signal),
+            annotations::RELOAD_PROCESS,
             process,
         )
     };
@@ -1057,11 +1074,11 @@ fn reload_annotations_that_cannot_work_are_refused_by_name() {
     one_user["spec"]["securityContext"] = json!({ "fsGroup": 2000, "runAsUser": 101 });
     for (value, expected) in [
         (
-            with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP"),
+            with_annotation(deployment_pod(), annotations::RELOAD_SIGNAL, "HUP"),
             "tessera.dev/reload-signal needs tessera.dev/reload-process",
         ),
         (
-            with_annotation(deployment_pod(), inject::RELOAD_PROCESS, "nginx"),
+            with_annotation(deployment_pod(), annotations::RELOAD_PROCESS, "nginx"),
             "tessera.dev/reload-process needs tessera.dev/reload-signal",
         ),
         (
@@ -1079,7 +1096,7 @@ fn reload_annotations_that_cannot_work_are_refused_by_name() {
         (
             with_annotation(
                 deployment_pod(),
-                inject::RELOAD_URL,
+                annotations::RELOAD_URL,
                 "http://10.0.0.1:80/reload",
             ),
             "the pod's own loopback",
@@ -1087,15 +1104,15 @@ fn reload_annotations_that_cannot_work_are_refused_by_name() {
         (
             with_annotation(
                 deployment_pod(),
-                inject::RELOAD_URL,
+                annotations::RELOAD_URL,
                 "https://127.0.0.1/reload",
             ),
             "the pod's own loopback",
         ),
         (
             with_annotation(
-                with_annotation(deployment_pod(), inject::MODE, "once"),
-                inject::RELOAD_URL,
+                with_annotation(deployment_pod(), annotations::MODE, "once"),
+                annotations::RELOAD_URL,
                 "http://127.0.0.1:80/",
             ),
             "need a running sidecar",
@@ -1108,9 +1125,9 @@ fn reload_annotations_that_cannot_work_are_refused_by_name() {
 
 #[test]
 fn env_mode_wraps_each_containers_command_and_installs_the_binary_first() {
-    let mut value = with_annotation(deployment_pod(), inject::MODE, "env");
-    value = with_annotation(value, env_mode::ENV_PREFIX, "APP_");
-    value = with_annotation(value, env_mode::ENV_ON_ROTATE, "signal:HUP");
+    let mut value = with_annotation(deployment_pod(), annotations::MODE, "env");
+    value = with_annotation(value, annotations::ENV_PREFIX, "APP_");
+    value = with_annotation(value, annotations::ENV_ON_ROTATE, "signal:HUP");
     value["spec"]["containers"][0]["command"] = json!(["/app/orders", "--serve"]);
     value["spec"]["containers"][0]["args"] = json!(["--port", "8080"]);
     let (mutated, record) = injected(&value, SidecarMode::Native);
@@ -1155,17 +1172,17 @@ fn env_mode_wraps_each_containers_command_and_installs_the_binary_first() {
         mounts.contains(&"/var/run/secrets/tessera.dev/bin"),
         "{mounts:?}"
     );
-    assert!(mounts.contains(&inject::TOKEN_DIR), "{mounts:?}");
+    assert!(mounts.contains(&names::TOKEN_DIR), "{mounts:?}");
     assert!(
         !mounts.contains(&"/var/run/secrets/tessera"),
         "no files volume"
     );
     // One lease per pod lifetime in env mode: a restarted container
     // resumes its leases from a memory volume of its own directory.
-    assert!(mounts.contains(&env_mode::STATE_DIR), "{mounts:?}");
+    assert!(mounts.contains(&names::STATE_DIR), "{mounts:?}");
     assert_eq!(
         env_of_container(app, "TESSERA_STATE_DIR").as_deref(),
-        Some(format!("{}/{}", env_mode::STATE_DIR, app.name).as_str())
+        Some(format!("{}/{}", names::STATE_DIR, app.name).as_str())
     );
     let init = &spec.init_containers.unwrap()[0];
     assert_eq!(init.name, "tessera-install");
@@ -1181,12 +1198,12 @@ fn env_mode_wraps_each_containers_command_and_installs_the_binary_first() {
         .map(|v| v.name.as_str())
         .collect();
     assert!(volumes.contains(&"tessera-bin") && volumes.contains(&"tessera-token"));
-    assert!(volumes.contains(&env_mode::STATE_VOLUME));
+    assert!(volumes.contains(&names::STATE_VOLUME));
     let state = spec
         .volumes
         .iter()
         .flatten()
-        .find(|v| v.name == env_mode::STATE_VOLUME)
+        .find(|v| v.name == names::STATE_VOLUME)
         .unwrap();
     assert_eq!(
         state.empty_dir.as_ref().unwrap().medium.as_deref(),
@@ -1213,7 +1230,7 @@ fn mutated_pod(value: &Value) -> Pod {
 
 #[test]
 fn env_mode_refuses_what_it_cannot_wrap_and_says_what_to_do() {
-    let env = |value: Value| with_annotation(value, inject::MODE, "env");
+    let env = |value: Value| with_annotation(value, annotations::MODE, "env");
     let mut commanded = deployment_pod();
     commanded["spec"]["containers"][0]["command"] = json!(["/app/orders"]);
     for (value, expected) in [
@@ -1222,21 +1239,25 @@ fn env_mode_refuses_what_it_cannot_wrap_and_says_what_to_do() {
             "container `app` sets no `command`: environment variables are given by wrapping the command",
         ),
         (
-            with_annotation(env(commanded.clone()), env_mode::ENV_CONTAINERS, "worker"),
+            with_annotation(
+                env(commanded.clone()),
+                annotations::ENV_CONTAINERS,
+                "worker",
+            ),
             "the pod has no container `worker`",
         ),
         (
-            with_annotation(env(commanded.clone()), env_mode::ENV_PREFIX, "1X"),
+            with_annotation(env(commanded.clone()), annotations::ENV_PREFIX, "1X"),
             "tessera.dev/env-prefix: `1X` is not the start of a variable name",
         ),
         (
-            with_annotation(env(commanded.clone()), env_mode::ENV_ON_ROTATE, "reload"),
+            with_annotation(env(commanded.clone()), annotations::ENV_ON_ROTATE, "reload"),
             "tessera.dev/env-on-rotate: `reload` is not `restart` or `signal:<HUP|USR1|USR2|TERM|INT>`",
         ),
         (
             with_annotation(
                 env(commanded.clone()),
-                inject::RELOAD_URL,
+                annotations::RELOAD_URL,
                 "http://127.0.0.1:1/",
             ),
             "apply to files",
@@ -1251,7 +1272,7 @@ fn env_mode_refuses_what_it_cannot_wrap_and_says_what_to_do() {
         .as_array_mut()
         .unwrap()
         .push(json!({ "name": "proxy", "image": "envoy:1" }));
-    let two = with_annotation(two, env_mode::ENV_CONTAINERS, "app");
+    let two = with_annotation(two, annotations::ENV_CONTAINERS, "app");
     let (mutated, _) = injected(&two, SidecarMode::Native);
     let containers = mutated.spec.unwrap().containers;
     assert_eq!(containers[0].command.clone().unwrap()[1], "exec");
@@ -1273,14 +1294,14 @@ fn pod_owners_reshape_files_within_what_the_binding_delivers() {
             &|_| None,
         )
     };
-    let mut value = with_annotation(deployment_pod(), inject::BINDINGS, "db,tls");
+    let mut value = with_annotation(deployment_pod(), annotations::BINDINGS, "db,tls");
     value = with_annotation(value, "tessera.dev/files.db", "password=db-password");
     value = with_annotation(
         value,
         "tessera.dev/templates.db",
         "dsn: postgresql://{{ username | urlencode }}:{{ password | urlencode }}@db:5432/orders\n",
     );
-    value = with_annotation(value, inject::MOUNT_CONTAINERS, "app");
+    value = with_annotation(value, annotations::MOUNT_CONTAINERS, "app");
     value["spec"]["containers"]
         .as_array_mut()
         .unwrap()
@@ -1345,13 +1366,13 @@ fn pod_owners_reshape_files_within_what_the_binding_delivers() {
             "would be named `username`",
         ),
         (
-            inject::MOUNT_CONTAINERS,
+            annotations::MOUNT_CONTAINERS,
             "worker",
             "the pod has no container `worker`",
         ),
     ] {
         let bad = with_annotation(
-            with_annotation(deployment_pod(), inject::BINDINGS, "db"),
+            with_annotation(deployment_pod(), annotations::BINDINGS, "db"),
             key,
             text,
         );
@@ -1394,8 +1415,8 @@ fn pod_owners_set_the_sidecars_limits_within_the_platforms_bounds() {
         map.as_ref().unwrap()[resource].0.clone()
     };
     let value = with_annotation(
-        with_annotation(deployment_pod(), inject::SIDECAR_MEMORY, "96Mi"),
-        inject::SIDECAR_CPU,
+        with_annotation(deployment_pod(), annotations::SIDECAR_MEMORY, "96Mi"),
+        annotations::SIDECAR_CPU,
         "2m",
     );
     let (mutated, _) = injected(&value, SidecarMode::Native);
@@ -1413,22 +1434,22 @@ fn pod_owners_set_the_sidecars_limits_within_the_platforms_bounds() {
     );
     for (key, text, expected) in [
         (
-            inject::SIDECAR_MEMORY,
+            annotations::SIDECAR_MEMORY,
             "1Gi",
             "1Gi is above the 128Mi the platform allows",
         ),
         (
-            inject::SIDECAR_CPU,
+            annotations::SIDECAR_CPU,
             "0.6",
             "0.6 is above the 500m the platform allows",
         ),
         (
-            inject::SIDECAR_CPU,
+            annotations::SIDECAR_CPU,
             "lots",
             "`lots` is not a positive quantity",
         ),
         (
-            inject::SIDECAR_MEMORY,
+            annotations::SIDECAR_MEMORY,
             "0",
             "`0` is not a positive quantity",
         ),
@@ -1456,7 +1477,7 @@ fn a_pod_may_shorten_a_leased_bindings_ttl_and_nothing_else() {
         )
     };
     let value = with_annotation(
-        with_annotation(deployment_pod(), inject::BINDINGS, "db,tls"),
+        with_annotation(deployment_pod(), annotations::BINDINGS, "db,tls"),
         "tessera.dev/ttl.db",
         "10m",
     );
@@ -1488,7 +1509,7 @@ fn a_pod_may_shorten_a_leased_bindings_ttl_and_nothing_else() {
         ),
     ] {
         let bad = with_annotation(
-            with_annotation(deployment_pod(), inject::BINDINGS, "db,tls"),
+            with_annotation(deployment_pod(), annotations::BINDINGS, "db,tls"),
             key,
             text,
         );
@@ -1504,7 +1525,7 @@ fn a_pod_may_shorten_a_leased_bindings_ttl_and_nothing_else() {
 
 #[test]
 fn defect_11_reload_urls_are_checked_by_the_sidecars_own_parser() {
-    let signal_free = |url: &str| with_annotation(deployment_pod(), inject::RELOAD_URL, url);
+    let signal_free = |url: &str| with_annotation(deployment_pod(), annotations::RELOAD_URL, url);
     let message = denial(&signal_free("http://127.0.0.1:80@host:8080/"));
     assert!(message.contains("user information"), "{message}");
     injected(
@@ -1515,8 +1536,8 @@ fn defect_11_reload_urls_are_checked_by_the_sidecars_own_parser() {
 
 #[test]
 fn defect_12_reload_signal_on_a_host_pid_pod_is_refused_with_the_reason() {
-    let mut value = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP");
-    value = with_annotation(value, inject::RELOAD_PROCESS, "node_exporter");
+    let mut value = with_annotation(deployment_pod(), annotations::RELOAD_SIGNAL, "HUP");
+    value = with_annotation(value, annotations::RELOAD_PROCESS, "node_exporter");
     value["spec"]["hostPID"] = json!(true);
     value["spec"]["securityContext"]["runAsUser"] = json!(65534);
     let message = denial(&value);
@@ -1528,7 +1549,7 @@ fn defect_12_reload_signal_on_a_host_pid_pod_is_refused_with_the_reason() {
 
 #[test]
 fn defect_12_env_mode_with_api_client_gives_the_wrapped_container_one_ca() {
-    let mut value = with_annotation(deployment_pod(), inject::MODE, "env");
+    let mut value = with_annotation(deployment_pod(), annotations::MODE, "env");
     value = with_annotation(value, api_client::API_CLIENT, "true");
     value["spec"]["containers"][0]["command"] = json!(["/bin/orders"]);
     let (pod, _) = injected(&value, SidecarMode::Native);
@@ -1549,7 +1570,7 @@ fn defect_12_a_mount_path_above_or_below_an_existing_mount_is_refused() {
         ("/etc/grafana/grafana.ini", "/etc/grafana", "below"),
         ("/app/config", "/app/config/tessera", "above"),
     ] {
-        let mut value = with_annotation(deployment_pod(), inject::MOUNT_PATH, path);
+        let mut value = with_annotation(deployment_pod(), annotations::MOUNT_PATH, path);
         value["spec"]["volumes"] = json!([{ "name": "cfg", "configMap": { "name": "c" } }]);
         value["spec"]["containers"][0]["volumeMounts"] =
             json!([{ "name": "cfg", "mountPath": existing, "subPath": "x" }]);
@@ -1576,11 +1597,11 @@ fn defect_12_windows_chosen_by_node_affinity_is_refused() {
 
 #[test]
 fn defect_11_env_mode_refuses_an_empty_command_and_a_long_prefix() {
-    let mut value = with_annotation(deployment_pod(), inject::MODE, "env");
+    let mut value = with_annotation(deployment_pod(), annotations::MODE, "env");
     value["spec"]["containers"][0]["command"] = json!([""]);
     assert!(denial(&value).contains("sets no `command`"));
     value["spec"]["containers"][0]["command"] = json!(["/bin/orders"]);
-    let long = with_annotation(value, env_mode::ENV_PREFIX, &"P".repeat(33));
+    let long = with_annotation(value, annotations::ENV_PREFIX, &"P".repeat(33));
     assert!(denial(&long).contains("33 characters, at most 32"));
 }
 
@@ -1654,8 +1675,12 @@ fn defect_12_refusals_that_help() {
         denial(&unquoted)
     );
     // A long process name is told the name the kernel shows.
-    let mut long = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP");
-    long = with_annotation(long, inject::RELOAD_PROCESS, "prometheus-config-reloader");
+    let mut long = with_annotation(deployment_pod(), annotations::RELOAD_SIGNAL, "HUP");
+    long = with_annotation(
+        long,
+        annotations::RELOAD_PROCESS,
+        "prometheus-config-reloader",
+    );
     long["spec"]["securityContext"]["runAsUser"] = json!(1000);
     assert!(
         denial(&long).contains("write what `ps` shows: `prometheus-conf`"),
@@ -1663,8 +1688,8 @@ fn defect_12_refusals_that_help() {
         denial(&long)
     );
     // Mixed users: the containers are named.
-    let mut mixed = with_annotation(deployment_pod(), inject::RELOAD_SIGNAL, "HUP");
-    mixed = with_annotation(mixed, inject::RELOAD_PROCESS, "orders");
+    let mut mixed = with_annotation(deployment_pod(), annotations::RELOAD_SIGNAL, "HUP");
+    mixed = with_annotation(mixed, annotations::RELOAD_PROCESS, "orders");
     mixed["spec"]["containers"][0]["securityContext"] = json!({ "runAsUser": 1000 });
     mixed["spec"]["containers"].as_array_mut().unwrap().push(
         json!({ "name": "cache", "image": "redis:7", "securityContext": { "runAsUser": 999 } }),
@@ -1675,8 +1700,8 @@ fn defect_12_refusals_that_help() {
         denial(&mixed)
     );
     // Env mode says what it ignores; dnsPolicy None gets a warning.
-    let mut env = with_annotation(deployment_pod(), inject::MODE, "env");
-    env = with_annotation(env, inject::MOUNT_PATH, "/etc/creds");
+    let mut env = with_annotation(deployment_pod(), annotations::MODE, "env");
+    env = with_annotation(env, annotations::MOUNT_PATH, "/etc/creds");
     env["spec"]["containers"][0]["command"] = json!(["/bin/orders"]);
     let (_, record) = injected(&env, SidecarMode::Native);
     assert!(
@@ -1705,7 +1730,7 @@ fn defect_12_refusals_that_help() {
 fn defect_12_a_rename_of_a_key_the_kv_secret_lacks_is_refused_when_the_broker_knows_its_keys() {
     let policy = Policy::parse(POLICY, "policy.yaml").unwrap();
     let value = with_annotation(
-        with_annotation(deployment_pod(), inject::BINDINGS, "orders-db"),
+        with_annotation(deployment_pod(), annotations::BINDINGS, "orders-db"),
         "tessera.dev/files.orders-db",
         "pasword=db-password",
     );
@@ -1729,7 +1754,7 @@ fn defect_12_a_rename_of_a_key_the_kv_secret_lacks_is_refused_when_the_broker_kn
         "annotation tessera.dev/files.orders-db: binding `orders-db` delivers no `pasword` (it delivers password, username)"
     );
     let right = with_annotation(
-        with_annotation(deployment_pod(), inject::BINDINGS, "orders-db"),
+        with_annotation(deployment_pod(), annotations::BINDINGS, "orders-db"),
         "tessera.dev/files.orders-db",
         "password=db-password",
     );
