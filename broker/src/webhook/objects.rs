@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 
-use super::{annotations::*, names::*, pod_checks::*, settings::Injection};
+use super::{annotations::*, names::*, settings::Injection};
 
 /// The pod's token for the broker, read-only, where Tessera's processes look.
 pub(super) fn token_mount() -> VolumeMount {
@@ -191,4 +191,11 @@ impl SidecarSpec<'_> {
             ..Container::default()
         }
     }
+}
+
+/// Who may read the files: the pod's `fsGroup` (files 0440), else the one
+/// user every app container runs as (files 0400).
+pub(super) enum Readers {
+    Group(i64),
+    User(i64),
 }

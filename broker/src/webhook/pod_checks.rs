@@ -6,15 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 
-use super::{annotations::*, api_client, denial::Denial, names::*, settings::Injection};
+use super::{
+    annotations::*, api_client, denial::Denial, names::*, objects::Readers, settings::Injection,
+};
 use crate::policy::ImageUser;
-
-/// Who may read the files: the pod's `fsGroup` (files 0440), else the one
-/// user every app container runs as (files 0400).
-pub(super) enum Readers {
-    Group(i64),
-    User(i64),
-}
 
 /// How the files become readable by the app.
 pub(super) struct ReadersChoice {

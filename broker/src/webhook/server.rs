@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use tokio_util::sync::CancellationToken;
 
-use super::{ADMISSION_API_VERSION, Webhook, review_json};
+use super::review::{ADMISSION_API_VERSION, Webhook, review_json};
 use crate::listener::{ConnectionLimits, Gate, GateAcceptor};
 
 /// Largest AdmissionReview body read (a pod spec is far smaller).

@@ -273,7 +273,7 @@ impl WebhookFile {
         if sidecar.token_expiration < Duration::from_secs(600) {
             return Err("webhook.sidecar.tokenExpiration must be at least 10m".to_owned());
         }
-        super::annotations::check_mount_path(&sidecar.mount_path)
+        super::names::check_mount_path(&sidecar.mount_path)
             .map_err(|e| format!("webhook.sidecar.mountPath: {e}"))?;
         let quantities =
             std::iter::once(("volumeSizeLimit".to_owned(), &sidecar.volume_size_limit)).chain(

@@ -5,13 +5,17 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use serde_json::{Value, json};
 
+use super::review::review_json;
 use super::{
     denial::Denial,
     inject::{self, Decision, Shape},
     settings::{Injection, SidecarMode, default_resources},
     *,
 };
-use crate::policy::Policy;
+use crate::{
+    metrics::Metrics,
+    policy::{Kv2Source, Policy, store::PolicyStore},
+};
 
 const POLICY: &str = r#"apiVersion: tessera.dev/v1alpha1
 kind: Policy
