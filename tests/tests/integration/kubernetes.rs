@@ -259,11 +259,11 @@ async fn a_token_bound_to_no_pod_gets_no_dynamic_credential_unless_the_policy_al
         ));
     }
     assert_eq!(env.bao.leases("database/creds/orders").len(), 2);
-    assert!(
-        !pg.can_login(&logins[0].0, &logins[0].1),
-        "the oldest revoked"
-    );
-    assert!(pg.can_login(&logins[2].0, &logins[2].1));
+    // (Records know their issue time to the second: of two issued within
+    // one, either counts as the older.)
+    let alive: Vec<bool> = logins.iter().map(|(u, p)| pg.can_login(u, p)).collect();
+    assert_eq!(alive.iter().filter(|a| **a).count(), 2, "{alive:?}");
+    assert!(alive[2], "the newest is kept");
     let counted = env
         .bao
         .list("tessera-leases/clusters/test-1/serviceaccounts");
