@@ -195,8 +195,9 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
 }
 
 /// Loads the identity source, policy, TLS identity, audit log and Vault client
-/// named by `config`, and starts the followers (policy, certificate). Call it
-/// after installing the ring rustls provider as the process default.
+/// named by `config`, and sets up (without starting) the tasks that follow
+/// them; [`spawn`] starts them. Call it after installing the ring rustls
+/// provider as the process default.
 ///
 /// # Errors
 /// A [`StartError`] naming the file or setting at fault.
