@@ -121,6 +121,10 @@ impl Error {
             | Error::Render { binding, .. }
             | Error::TooManyStreams { binding, .. }
             | Error::UnboundCaller { binding }
+            | Error::Handle(
+                crate::lease::handle::HandleError::Invalid(binding)
+                | crate::lease::handle::HandleError::NotYours(binding),
+            )
             | Error::Denied { binding, .. } => Some(binding),
             _ => None,
         }

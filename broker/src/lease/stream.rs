@@ -24,7 +24,7 @@ use super::{
     schedule::{RETRY_MAX, retry_in},
 };
 use crate::{
-    audit::{Action, Event, Outcome},
+    audit::{Action, Outcome},
     error::Error,
     feed::{Fed, Latest},
     identity::Verifier,
@@ -555,17 +555,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// The audit event of a refused stream (too many on a binding).
-pub fn refusal(caller: &Caller, error: &Error) -> Event {
-    let mut event = Event::new(Action::Issue, Outcome::Denied, Some(&caller.identity));
-    if let Error::TooManyStreams { binding, .. } = error {
-        event.binding = Some(binding.clone());
-    }
-    event.reason = Some(error.to_string());
-    event.peer = caller.peer.clone();
-    event
 }
 
 #[cfg(test)]

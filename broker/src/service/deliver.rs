@@ -8,9 +8,9 @@ use futures::future::join_all;
 use tessera_proto::v1::{Credential, Held};
 use tonic::Status;
 
-use super::{BrokerService, request::log_failure};
+use super::{BrokerService, Refused};
 use crate::{
-    audit::{Action, Event, Outcome},
+    audit::{Action, Outcome},
     error::Error,
     lease::{Caller, Engine, Live, Resumed, event, handle::Handle},
     policy::{Binding, Source},
@@ -86,22 +86,16 @@ impl BrokerService {
         if let Some(error) = failure {
             // `guard` drops armed here: the leases issued for the other
             // bindings are revoked, not leaked.
-            let mut event = Event::new(Action::Issue, Outcome::Error, Some(&caller.identity));
-            if let Some(binding) = error.binding() {
-                event.binding = Some(binding.to_owned());
-                event.source = bindings
+            let source = error.binding().and_then(|binding| {
+                bindings
                     .iter()
                     .find(|b| b.name == binding)
-                    .map(|b| b.source.to_string());
-            }
-            if let Error::Handle(_) = &error {
-                event.outcome = Some(Outcome::Denied);
-            }
-            event.reason = Some(error.to_string());
-            event.peer = caller.peer.clone();
-            event.policy_generation = Some(generation);
-            self.audit(&event);
-            return Err(log_failure(error));
+                    .map(|b| b.source.to_string())
+            });
+            let refused = Refused::issue(caller)
+                .in_generation(generation)
+                .with_source(source);
+            return Err(self.refuse(error, refused));
         }
         let delivered = delivered
             .into_iter()

@@ -19,7 +19,7 @@ use crate::{
     audit::{Action, Event, Outcome},
     error::{Error, printable},
     feed::Feeds,
-    identity::Verifier,
+    identity::{Identity, Verifier},
     lease::{
         Caller, Engine, from_unix,
         handle::Handle,
@@ -83,6 +83,20 @@ impl BrokerService {
         self.parts.engine.report(event);
     }
 
+    /// The one way a request is refused: its audit line (the binding, and
+    /// whether it was denied or failed, taken from the error), its log line
+    /// and its status. A refusal that bypasses it goes unaudited.
+    fn refuse(&self, error: Error, refused: Refused<'_>) -> Status {
+        let mut event = Event::new(refused.action, outcome_of(&error), refused.identity);
+        event.binding = error.binding().map(str::to_owned);
+        event.source = refused.source;
+        event.reason = Some(error.to_string());
+        event.peer = refused.peer;
+        event.policy_generation = refused.generation;
+        self.audit(&event);
+        log_failure(error)
+    }
+
     /// Verifies the bearer token, applies the rate limit, and records the
     /// identity on the current span. Refusals are audited.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
@@ -98,11 +112,10 @@ impl BrokerService {
             Err(error) => Err(error),
         };
         let identity = verified.map_err(|error| {
-            let mut event = Event::new(Action::Authenticate, Outcome::Denied, None);
-            event.reason = Some(error.to_string());
-            event.peer = peer.clone();
-            self.audit(&event);
-            log_failure(error)
+            self.refuse(
+                error,
+                Refused::new(Action::Authenticate, None, peer.clone()),
+            )
         })?;
         let span = tracing::Span::current();
         span.record("namespace", identity.namespace.as_str());
@@ -111,12 +124,8 @@ impl BrokerService {
             span.record("pod", pod.name.as_str());
         }
         if let Err(retry_after) = self.parts.limiter.check(&identity) {
-            let error = Error::RateLimited { retry_after };
-            let mut event = Event::new(Action::Authenticate, Outcome::Denied, Some(&identity));
-            event.reason = Some(error.to_string());
-            event.peer = peer;
-            self.audit(&event);
-            return Err(log_failure(error));
+            let refused = Refused::new(Action::Authenticate, Some(&identity), peer);
+            return Err(self.refuse(Error::RateLimited { retry_after }, refused));
         }
         Ok(Caller { identity, peer })
     }
@@ -147,31 +156,79 @@ impl BrokerService {
                 .collect::<Result<Vec<_>, _>>()
         });
         result.map(|b| (loaded.generation, b)).map_err(|error| {
-            let mut event = Event::new(Action::Issue, Outcome::Denied, Some(&caller.identity));
-            if let Error::Denied { binding, .. } = &error {
-                event.binding = Some(binding.clone());
-            }
-            event.reason = Some(error.to_string());
-            event.peer = caller.peer.clone();
-            event.policy_generation = Some(loaded.generation);
-            self.audit(&event);
-            log_failure(error)
+            let refused = Refused::issue(caller).in_generation(loaded.generation);
+            self.refuse(error, refused)
         })
+    }
+
+    /// The bindings as the caller asked for them: shorter TTLs applied. A
+    /// TTL the policy does not allow is an audited refusal.
+    fn narrow(
+        &self,
+        caller: &Caller,
+        (generation, bindings): (u64, Vec<Arc<Binding>>),
+        asked: &std::collections::BTreeMap<String, u32>,
+    ) -> Result<(Vec<Arc<Binding>>, stream::Narrowing), Status> {
+        let narrowing = stream::Narrowing::from_request(asked, &bindings).map_err(|message| {
+            let refused = Refused::issue(caller).in_generation(generation);
+            self.refuse(Error::InvalidRequest(message), refused)
+        })?;
+        let bindings = bindings
+            .iter()
+            .map(|binding| Arc::new(narrowing.apply(binding)))
+            .collect();
+        Ok((bindings, narrowing))
     }
 }
 
-/// The bindings as the caller asked for them: shorter TTLs applied.
-fn narrow(
-    bindings: Vec<Arc<Binding>>,
-    asked: &std::collections::BTreeMap<String, u32>,
-) -> Result<(Vec<Arc<Binding>>, stream::Narrowing), Status> {
-    let narrowing = stream::Narrowing::from_request(asked, &bindings)
-        .map_err(|message| log_failure(Error::InvalidRequest(message)))?;
-    let bindings = bindings
-        .iter()
-        .map(|binding| Arc::new(narrowing.apply(binding)))
-        .collect();
-    Ok((bindings, narrowing))
+/// What a refusal's audit line says besides the error.
+struct Refused<'a> {
+    action: Action,
+    identity: Option<&'a Identity>,
+    peer: Option<String>,
+    generation: Option<u64>,
+    source: Option<String>,
+}
+
+impl<'a> Refused<'a> {
+    fn new(action: Action, identity: Option<&'a Identity>, peer: Option<String>) -> Self {
+        Self {
+            action,
+            identity,
+            peer,
+            generation: None,
+            source: None,
+        }
+    }
+
+    /// An `issue` refused to `caller`.
+    fn issue(caller: &'a Caller) -> Self {
+        Self::new(Action::Issue, Some(&caller.identity), caller.peer.clone())
+    }
+
+    /// A `revoke` refused to `caller`.
+    fn revoke(caller: &'a Caller) -> Self {
+        Self::new(Action::Revoke, Some(&caller.identity), caller.peer.clone())
+    }
+
+    fn in_generation(mut self, generation: u64) -> Self {
+        self.generation = Some(generation);
+        self
+    }
+
+    fn with_source(mut self, source: Option<String>) -> Self {
+        self.source = source;
+        self
+    }
+}
+
+/// Whether a refusal was the caller's to fix (`denied`) or the broker's or
+/// Vault's failure (`error`), as the audit trail records it.
+fn outcome_of(error: &Error) -> Outcome {
+    match error {
+        Error::Vault { .. } | Error::LeaseRecord { .. } | Error::Render { .. } => Outcome::Error,
+        _ => Outcome::Denied,
+    }
 }
 
 type WatchStreamOut = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
@@ -212,7 +269,11 @@ impl Broker for BrokerService {
             let _timer = self.parts.metrics.time_rpc("Fetch");
             let caller = self.authenticate(&request).await?;
             let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-            let (bindings, _) = narrow(bindings, &request.get_ref().max_ttl_seconds)?;
+            let (bindings, _) = self.narrow(
+                &caller,
+                (generation, bindings),
+                &request.get_ref().max_ttl_seconds,
+            )?;
             let (delivered, undelivered) = self
                 .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
                 .await?;
@@ -236,10 +297,13 @@ impl Broker for BrokerService {
             let _timer = self.parts.metrics.time_rpc("Watch");
             let caller = self.authenticate(&request).await?;
             let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-            let (bindings, narrowing) = narrow(bindings, &request.get_ref().max_ttl_seconds)?;
+            let (bindings, narrowing) = self.narrow(
+                &caller,
+                (generation, bindings),
+                &request.get_ref().max_ttl_seconds,
+            )?;
             let slots = self.streams.open(&caller, &bindings).map_err(|error| {
-                self.audit(&stream::refusal(&caller, &error));
-                log_failure(error)
+                self.refuse(error, Refused::issue(&caller).in_generation(generation))
             })?;
             let (delivered, undelivered) = self
                 .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
@@ -290,12 +354,13 @@ impl Broker for BrokerService {
             let _timer = self.parts.metrics.time_rpc("Revoke");
             let caller = self.authenticate(&request).await?;
             let held = unique_handles(&request.get_ref().held, &request.get_ref().bindings)
-                .map_err(log_failure)?;
+                .map_err(|error| self.refuse(error, Refused::revoke(&caller)))?;
             // Each handle is a Vault call and an audit record: beyond the
             // first, each counts against the caller's rate limit.
             let extra = u32::try_from(held.len().saturating_sub(1)).unwrap_or(u32::MAX);
             if let Err(retry_after) = self.parts.limiter.check_n(&caller.identity, extra) {
-                return Err(log_failure(Error::RateLimited { retry_after }));
+                let error = Error::RateLimited { retry_after };
+                return Err(self.refuse(error, Refused::revoke(&caller)));
             }
             let loaded = self.parts.policy.current();
             let mut revoked = Vec::new();
@@ -319,15 +384,7 @@ impl Broker for BrokerService {
                     });
                 let live = match live {
                     Ok(live) => live,
-                    Err(error) => {
-                        let mut event =
-                            Event::new(Action::Revoke, Outcome::Denied, Some(&caller.identity));
-                        event.binding = Some(printable(&held.binding));
-                        event.reason = Some(error.to_string());
-                        event.peer = caller.peer.clone();
-                        self.audit(&event);
-                        return Err(log_failure(error));
-                    }
+                    Err(error) => return Err(self.refuse(error, Refused::revoke(&caller))),
                 };
                 // The engine audits the revocation, failed or not.
                 self.parts

@@ -237,3 +237,69 @@ async fn vaults_own_audit_log_names_the_pod() {
         stamped[0]
     );
 }
+
+/// Found while putting every refusal on one path: a TTL below the policy's
+/// floor and an oversized `Revoke` were refused without an audit line.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_of_a_narrowed_ttl_and_of_an_oversized_revoke_are_audited() {
+    use tessera_proto::v1::Held;
+    let policy = "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: tls
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { pki: { mount: pki, role: pods, commonName: \"{{ pod }}.shop\" } }
+    ttl: 1h
+";
+    let env = Env::start(policy).await;
+    env.bao.pki_role("2h");
+    let token = env.token("shop", "orders");
+    let mut client = env.client().await;
+    let refused = client
+        .fetch(with_token(
+            &token,
+            FetchRequest {
+                bindings: vec!["tls".to_owned()],
+                max_ttl_seconds: [("tls".to_owned(), 60)].into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let held: Vec<Held> = (0..65)
+        .map(|n| Held {
+            binding: "tls".to_owned(),
+            handle: format!("handle-{n}"),
+        })
+        .collect();
+    let oversized = client
+        .revoke(with_token(
+            &token,
+            RevokeRequest {
+                bindings: Vec::new(),
+                held,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(oversized.code(), Code::InvalidArgument);
+
+    let events = env.audit_events();
+    let issue = find(&events, "issue", "denied");
+    assert!(
+        issue["reason"]
+            .as_str()
+            .unwrap()
+            .contains("below the policy's floor 5m"),
+        "{issue}"
+    );
+    assert_eq!(issue["pod_name"], "orders-0");
+    assert_eq!(issue["policy_generation"], 1);
+    let revoke = find(&events, "revoke", "denied");
+    assert!(
+        revoke["reason"].as_str().unwrap().contains("at most 64"),
+        "{revoke}"
+    );
+    assert_eq!(events.len(), 2, "one line each: {events:#?}");
+}
