@@ -120,7 +120,9 @@ async fn the_python_client_fetches_watches_resumes_and_is_denied() {
     })
     .await;
     env.restart_broker().await;
-    let lines = wait_for(Duration::from_secs(30), "the resumed set", || {
+    // The client backs off while the broker is away (doubling from 0.2 s,
+    // jittered), so on a loaded machine the reconnect may take a while.
+    let lines = wait_for(Duration::from_secs(60), "the resumed set", || {
         let lines: Vec<String> = watch
             .output()
             .lines()
