@@ -232,25 +232,29 @@ fn went_stale(latest: &mut Latest) -> bool {
 /// Keeps `feeds` warm with every KV source of the current policy, at start
 /// and after every policy change, until `shutdown`.
 pub async fn keep_warm(policy: Arc<PolicyStore>, feeds: Arc<Feeds>, shutdown: CancellationToken) {
-    let mut generation = None;
+    // Woken by each new policy generation, not by polling the store.
+    let mut changes = policy.changes();
     loop {
         let loaded = policy.current();
-        if generation != Some(loaded.generation) {
-            generation = Some(loaded.generation);
-            let bindings = loaded
-                .policy
-                .bindings
-                .iter()
-                .filter_map(|binding| match &binding.source {
-                    Source::Kv2(kv) => Some((kv.clone(), binding.refresh_interval)),
-                    _ => None,
-                })
-                .collect();
-            feeds.warm(bindings);
-        }
+        let bindings = loaded
+            .policy
+            .bindings
+            .iter()
+            .filter_map(|binding| match &binding.source {
+                Source::Kv2(kv) => Some((kv.clone(), binding.refresh_interval)),
+                _ => None,
+            })
+            .collect();
+        feeds.warm(bindings);
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    // The store is gone: nothing will change any more.
+                    shutdown.cancelled().await;
+                    return;
+                }
+            }
         }
     }
 }
