@@ -1,5 +1,9 @@
-//! Child processes the harness starts: killed by PID when dropped, their
-//! output kept in a log file and printed when a test fails.
+//! Child processes the harness starts: killed by PID when dropped, with
+//! every process they started (each runs in a process group of its own, so
+//! an `exec` wrapper's app goes with it), their output kept in a log file and
+//! printed when a test fails.
+
+use std::os::unix::process::CommandExt as _;
 
 use super::*;
 
@@ -18,7 +22,8 @@ impl Proc {
         command
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
-            .stderr(file);
+            .stderr(file)
+            .process_group(0);
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
@@ -39,8 +44,13 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Kills the process (SIGKILL) and reaps it.
+    /// Kills the process and everything it started (SIGKILL to its process
+    /// group) and reaps it.
     pub fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.pid())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -83,8 +93,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         if std::thread::panicking() {
             eprintln!(
                 "----- {} output ({}) -----\n{}",
@@ -93,5 +102,48 @@ impl Drop for Proc {
                 self.output()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found in this session: every run left the app of an `exec` wrapper
+    /// the harness had killed running (the wrapper died, its child lived on).
+    #[test]
+    fn dropping_a_process_kills_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("child.pid");
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("sleep 300 & echo $! > {}; wait", pid_file.display()),
+        ]);
+        let proc = Proc::spawn("a wrapper", command, dir.path().join("log"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let child = loop {
+            if let Some(pid) = fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok())
+            {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the wrapper never started its child"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let alive = |pid: u32| {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
+        };
+        assert!(alive(child));
+        drop(proc);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(child) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(child), "the child {child} outlived its wrapper");
     }
 }
