@@ -33,14 +33,7 @@ pub(super) fn readers(
     }
     let pod_user = pod.and_then(|s| s.run_as_user);
     let users: Vec<(&str, Option<i64>)> = app_containers(spec)
-        .map(|c| {
-            let user = c
-                .security_context
-                .as_ref()
-                .and_then(|s| s.run_as_user)
-                .or(pod_user);
-            (c.name.as_str(), user)
-        })
+        .map(|c| (c.name.as_str(), run_as_user(c, pod_user)))
         .collect();
     let distinct: BTreeSet<Option<i64>> = users.iter().map(|(_, user)| *user).collect();
     match distinct.into_iter().collect::<Vec<_>>().as_slice() {
@@ -97,12 +90,7 @@ pub(super) fn app_user(spec: &PodSpec) -> Result<i64, Denial> {
     let users: BTreeSet<Option<i64>> = spec
         .containers
         .iter()
-        .map(|c| {
-            c.security_context
-                .as_ref()
-                .and_then(|s| s.run_as_user)
-                .or(pod_user)
-        })
+        .map(|c| run_as_user(c, pod_user))
         .collect();
     match users.into_iter().collect::<Vec<_>>().as_slice() {
         [Some(user)] if *user > 0 => Ok(*user),
@@ -111,15 +99,11 @@ pub(super) fn app_user(spec: &PodSpec) -> Result<i64, Denial> {
                 .containers
                 .iter()
                 .map(|c| {
-                    let user = c
-                        .security_context
-                        .as_ref()
-                        .and_then(|s| s.run_as_user)
-                        .or(pod_user);
                     format!(
                         "`{}` as {}",
                         c.name,
-                        user.map_or_else(|| "its image's user".to_owned(), |u| u.to_string())
+                        run_as_user(c, pod_user)
+                            .map_or_else(|| "its image's user".to_owned(), |u| u.to_string())
                     )
                 })
                 .collect();
@@ -284,4 +268,14 @@ pub(super) fn mount_containers(
         )));
     }
     Ok(Some(names))
+}
+
+/// The user a container runs as when the spec names one: its own
+/// `runAsUser`, else the pod's; `None` when its image decides.
+fn run_as_user(container: &Container, pod_user: Option<i64>) -> Option<i64> {
+    container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.run_as_user)
+        .or(pod_user)
 }
