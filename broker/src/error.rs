@@ -7,23 +7,6 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{identity::TokenError, vault::VaultError};
 
-/// A name someone else chose (a caller's binding name, a KV key from Vault) as
-/// errors, logs and the audit log show it: at most the 253 characters a name
-/// may have, control characters escaped (a newline in a name must not forge a
-/// line in a text log).
-pub fn printable(name: &str) -> String {
-    name.chars()
-        .take(253)
-        .flat_map(|c| {
-            let escaped = c.is_control().then(|| c.escape_default());
-            escaped
-                .into_iter()
-                .flatten()
-                .chain((!c.is_control()).then_some(c))
-        })
-        .collect()
-}
-
 /// Whether a token was refused or could not be checked at all.
 fn verdict(error: &TokenError) -> &'static str {
     match error {
@@ -77,7 +60,7 @@ pub enum Error {
     },
     /// A held lease handle was refused.
     #[error(transparent)]
-    Handle(#[from] crate::lease::handle::HandleError),
+    Handle(#[from] crate::handle::HandleError),
     /// The request itself is malformed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -122,8 +105,8 @@ impl Error {
             | Error::TooManyStreams { binding, .. }
             | Error::UnboundCaller { binding }
             | Error::Handle(
-                crate::lease::handle::HandleError::Invalid(binding)
-                | crate::lease::handle::HandleError::NotYours(binding),
+                crate::handle::HandleError::Invalid(binding)
+                | crate::handle::HandleError::NotYours(binding),
             )
             | Error::Denied { binding, .. } => Some(binding),
             _ => None,
@@ -138,8 +121,8 @@ impl From<Error> for Status {
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
             Error::Denied { .. } | Error::UnboundCaller { .. } => Code::PermissionDenied,
             Error::InvalidRequest(_) => Code::InvalidArgument,
-            Error::Handle(crate::lease::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
-            Error::Handle(crate::lease::handle::HandleError::NotYours(_)) => Code::PermissionDenied,
+            Error::Handle(crate::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
+            Error::Handle(crate::handle::HandleError::NotYours(_)) => Code::PermissionDenied,
             Error::RateLimited { .. } | Error::TooManyStreams { .. } => Code::ResourceExhausted,
             Error::Render { .. } => Code::FailedPrecondition,
             Error::Vault { source, .. } | Error::LeaseRecord { source, .. } => match source {
@@ -194,7 +177,7 @@ impl From<Error> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::handle::HandleError;
+    use crate::handle::HandleError;
 
     fn vault(source: VaultError) -> Error {
         Error::Vault {

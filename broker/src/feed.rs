@@ -6,17 +6,42 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    lease::Freshness,
     policy::{Kv2Source, Source, store::PolicyStore},
     vault::{KvSecret, Vault},
 };
+
+/// When Vault last vouched for a credential's values, and whether the
+/// broker serves them from its last-known-good copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Freshness {
+    /// When Vault last confirmed the values (issued, renewed, looked up, or
+    /// a KV read that found them current).
+    pub confirmed_at: SystemTime,
+    /// Vault did not answer the last check: the values may be outdated.
+    pub last_known_good: bool,
+}
+
+impl Freshness {
+    /// Confirmed by Vault just now.
+    pub fn now() -> Self {
+        Self::confirmed_at(SystemTime::now())
+    }
+
+    /// Confirmed by Vault at `at`.
+    pub fn confirmed_at(at: SystemTime) -> Self {
+        Self {
+            confirmed_at: at,
+            last_known_good: false,
+        }
+    }
+}
 
 /// A feed's last good read and how fresh it is.
 #[derive(Clone, Debug)]

@@ -7,14 +7,17 @@
 
 pub mod audit;
 pub mod bootstrap;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod error;
 pub mod feed;
 #[cfg(test)]
 mod fuzz;
+pub mod handle;
 pub mod identity;
 pub mod lease;
+pub mod lease_id;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
@@ -22,6 +25,7 @@ pub mod ratelimit;
 pub mod secret;
 pub mod service;
 pub mod tasks;
+pub mod text;
 pub mod tls;
 pub mod vault;
 pub mod webhook;
@@ -68,7 +72,7 @@ pub enum StartError {
     },
     /// The lease handle key could not be loaded.
     #[error(transparent)]
-    HandleKey(#[from] lease::handle::HandleKeyError),
+    HandleKey(#[from] handle::HandleKeyError),
     /// The shared Secrets (CA, certificate, handle key) could not be had.
     #[error(transparent)]
     Bootstrap(#[from] bootstrap::BootstrapError),
@@ -313,14 +317,12 @@ pub async fn prepare(
     );
     let limiter = Arc::new(ratelimit::Limiter::new(config.rate_limit));
     let handle_key = Arc::new(match &config.handle_key_file {
-        Some(path) => {
-            lease::handle::HandleKey::load_rotated(path, &config.retired_handle_key_files)?
-        }
+        Some(path) => handle::HandleKey::load_rotated(path, &config.retired_handle_key_files)?,
         None => {
             tracing::warn!(
                 "leases.handleKeyFile is not set: lease handles are sealed with a per-process key, so they do not survive a broker restart or work across replicas"
             );
-            lease::handle::HandleKey::generate()?
+            handle::HandleKey::generate()?
         }
     });
     tasks.add(

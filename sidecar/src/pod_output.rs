@@ -11,7 +11,8 @@ use serde::Deserialize;
 use tessera_template::Template;
 use zeroize::Zeroizing;
 
-use crate::writer::Fields;
+/// A binding's fields: name to value, zeroed on drop.
+pub type Fields = BTreeMap<String, Zeroizing<Vec<u8>>>;
 
 /// Per binding: delivered file to new name, and extra files from templates.
 #[derive(Clone, Debug, Default)]

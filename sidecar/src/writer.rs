@@ -15,7 +15,6 @@
 //! binding directory the writer did not make is replaced, not trusted.
 
 use std::{
-    collections::BTreeMap,
     io,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -24,7 +23,6 @@ use std::{
 
 use at::Kind;
 use tessera_proto::is_safe_name;
-use zeroize::Zeroizing;
 
 mod at;
 
@@ -39,8 +37,7 @@ const DATA_TMP_LINK: &str = "..data_tmp";
 /// A user-visible link being made, renamed over its name.
 const LINK_TMP: &str = "..link_tmp";
 
-/// A binding's fields: name to value, zeroed on drop.
-pub type Fields = BTreeMap<String, Zeroizing<Vec<u8>>>;
+pub use crate::pod_output::Fields;
 
 /// Hidden file in each version directory: the lease handle (0400/0440 like
 /// the fields), read back to resume the same lease after a restart.

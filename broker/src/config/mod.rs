@@ -20,7 +20,6 @@ use crate::{
     ratelimit::RateLimit,
     tls::TlsSettings,
     vault::{VaultAuth, VaultSettings},
-    webhook::{self, settings::WebhookFile},
 };
 
 /// A configuration file that could not be used.
@@ -146,7 +145,7 @@ struct File {
     connections: ConnectionsFile,
     #[serde(default)]
     memory: MemoryFile,
-    webhook: Option<WebhookFile>,
+    webhook: Option<webhook::WebhookFile>,
     bootstrap: Option<BootstrapFile>,
     cluster: Option<ClusterFile>,
 }
@@ -560,3 +559,4 @@ impl Config {
 mod sections;
 #[cfg(test)]
 mod tests;
+pub mod webhook;

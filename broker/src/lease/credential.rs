@@ -2,18 +2,17 @@
 //! holds it, the wire [`Credential`] rendered from it, and the one builder of
 //! audit events about it.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::SystemTime};
 
 use tessera_proto::v1::Credential;
 
-use super::{handle::Handle, id::LeaseId};
 use crate::{
     audit::{Action, Event, Outcome},
     error::Error,
+    feed::Freshness,
+    handle::Handle,
     identity::Identity,
+    lease_id::LeaseId,
     policy::{Binding, render::Template},
     secret::Secret,
 };
@@ -37,32 +36,6 @@ pub struct Live {
     pub handle: Handle,
     /// When Vault last vouched for the values.
     pub freshness: Freshness,
-}
-
-/// When Vault last vouched for a credential's values, and whether the
-/// broker serves them from its last-known-good copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Freshness {
-    /// When Vault last confirmed the values (issued, renewed, looked up, or
-    /// a KV read that found them current).
-    pub confirmed_at: SystemTime,
-    /// Vault did not answer the last check: the values may be outdated.
-    pub last_known_good: bool,
-}
-
-impl Freshness {
-    /// Confirmed by Vault just now.
-    pub fn now() -> Self {
-        Self::confirmed_at(SystemTime::now())
-    }
-
-    /// Confirmed by Vault at `at`.
-    pub fn confirmed_at(at: SystemTime) -> Self {
-        Self {
-            confirmed_at: at,
-            last_known_good: false,
-        }
-    }
 }
 
 /// Who a credential is for: the verified identity and, for the audit
@@ -91,19 +64,6 @@ pub fn event(action: Action, outcome: Outcome, caller: &Caller, live: &Live) -> 
             .as_secs()
     });
     event
-}
-
-/// `secs` after the Unix epoch; the epoch itself (already expired, the safe
-/// side) when that does not fit in a `SystemTime`.
-pub fn from_unix(secs: u64) -> SystemTime {
-    UNIX_EPOCH
-        .checked_add(Duration::from_secs(secs))
-        .unwrap_or(UNIX_EPOCH)
-}
-
-/// Seconds since the Unix epoch (0 before it).
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The `namespace/service-account/pod/uid` stamp for Vault's audit log.
@@ -177,16 +137,4 @@ pub fn credential(
         confirmed_at: Some(live.freshness.confirmed_at.into()),
         last_known_good: live.freshness.last_known_good,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn absurd_unix_times_count_as_expired_instead_of_panicking() {
-        assert_eq!(from_unix(u64::MAX), UNIX_EPOCH);
-        assert_eq!(from_unix(10), UNIX_EPOCH + Duration::from_secs(10));
-        assert_eq!(unix(from_unix(10)), 10);
-    }
 }

@@ -10,8 +10,6 @@
 //! process dies, and its record says when its revocation is due.
 
 pub mod credential;
-pub mod handle;
-pub mod id;
 mod ownership;
 pub use ownership::Revoked;
 pub mod reconcile;
@@ -27,19 +25,20 @@ use std::{
 use tessera_proto::v1::Credential;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use self::credential::{Caller, Freshness, Live, event, from_unix, stamp, unix};
+pub use self::credential::{Caller, Live, event, stamp};
 use self::{
     credential::pki_names,
-    handle::{Claims, Handle, HandleError, HandleKey},
-    id::LeaseId,
     records::{Holder, PodKey, Records, record_path},
     schedule::{fraction_of, refresh_in},
 };
 use crate::{
     audit::{Action, Audit, Event, Outcome},
+    clock::{from_unix, unix},
     error::Error,
-    feed::{Fed, Feeds},
+    feed::{Fed, Feeds, Freshness},
+    handle::{Claims, Handle, HandleError, HandleKey},
     identity::Identity,
+    lease_id::LeaseId,
     metrics::Metrics,
     policy::{Binding, RenderError, Source},
     vault::{Vault, VaultError},

@@ -11,10 +11,11 @@ use std::{
 use super::{
     Caller, Engine, Live, owner,
     records::{LeaseRecord, PodKey, RecordKind},
-    stamp, unix,
+    stamp,
 };
 use crate::{
     audit::{Action, Event, Outcome},
+    clock::unix,
     error::Error,
     identity::Identity,
     policy::{Binding, Source},

@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Caller, Engine, Revoked,
     records::{Holder, LeaseRecord, PodKey, RecordKind},
-    unix,
 };
 use crate::{
+    clock::unix,
     identity::{PodLife, Verifier},
     vault::VaultError,
 };
@@ -357,7 +357,7 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::{from_unix, handle::Handle};
+    use crate::{handle::Handle, lease::from_unix};
 
     fn record(expires_at: u64, revoke_at: Option<u64>) -> LeaseRecord {
         LeaseRecord {

@@ -19,8 +19,9 @@ use std::{sync::Arc, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{handle::Handle, unix};
 use crate::{
+    clock::unix,
+    handle::Handle,
     identity::{Identity, ObjectRef},
     vault::{Vault, VaultError},
 };

@@ -508,7 +508,7 @@ impl Narrowing {
             let Some(binding) = bindings.iter().find(|b| &b.name == name) else {
                 return Err(format!(
                     "max_ttl_seconds names `{}`, which the request does not ask for",
-                    crate::error::printable(name)
+                    crate::text::printable(name)
                 ));
             };
             if !binding.source.is_leased() {

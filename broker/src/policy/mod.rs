@@ -439,7 +439,7 @@ impl Binding {
         let mut files = BTreeMap::new();
         let mut add = |name: &String, value: Secret| {
             if !is_safe_name(name) {
-                return Err(RenderError::UnsafeName(crate::error::printable(name)));
+                return Err(RenderError::UnsafeName(crate::text::printable(name)));
             }
             match files.insert(name.clone(), value) {
                 Some(_) => Err(RenderError::Collision(name.clone())),

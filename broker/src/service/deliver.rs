@@ -12,7 +12,8 @@ use super::{BrokerService, Refused};
 use crate::{
     audit::{Action, Outcome},
     error::Error,
-    lease::{Caller, Engine, Live, Resumed, event, handle::Handle},
+    handle::Handle,
+    lease::{Caller, Engine, Live, Resumed, event},
     policy::{Binding, Source},
 };
 

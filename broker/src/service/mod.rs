@@ -17,17 +17,19 @@ use tracing::Instrument;
 
 use crate::{
     audit::{Action, Event, Outcome},
-    error::{Error, printable},
+    clock::from_unix,
+    error::Error,
     feed::Feeds,
+    handle::Handle,
     identity::{Identity, Verifier},
     lease::{
-        Caller, Engine, from_unix,
-        handle::Handle,
+        Caller, Engine,
         stream::{self, OpenStream, Streams},
     },
     metrics::Metrics,
     policy::{Binding, Source, store::PolicyStore},
     ratelimit::Limiter,
+    text::printable,
 };
 
 mod deliver;

@@ -8,11 +8,7 @@ use tessera_proto::v1::{Held, Identity as ProtoIdentity};
 use tonic::{Request, Status};
 
 use super::MAX_BINDINGS_PER_REQUEST;
-use crate::{
-    error::{Error, printable},
-    identity::Identity,
-    secret::Secret,
-};
+use crate::{error::Error, identity::Identity, secret::Secret, text::printable};
 
 /// The token from `authorization: Bearer <token>`.
 pub(super) fn bearer<T>(request: &Request<T>) -> Result<Secret, Error> {

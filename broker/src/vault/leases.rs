@@ -149,7 +149,7 @@ impl Vault {
             })?;
         let not_after = data
             .expiration
-            .map(crate::lease::from_unix)
+            .map(crate::clock::from_unix)
             .ok_or_else(|| VaultError::Unexpected {
                 what: what.clone(),
                 detail: "no expiration".to_owned(),

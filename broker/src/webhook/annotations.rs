@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{denial::Denial, names::*, settings::Injection};
+use super::{denial::Denial, names::*};
+use crate::config::webhook::{Injection, check_mount_path};
 
 /// `"true"` asks for injection.
 pub const INJECT: &str = "tessera.dev/inject";

@@ -13,7 +13,8 @@ use k8s_openapi::api::core::v1::{
     ProjectedVolumeSource, Volume, VolumeMount, VolumeProjection,
 };
 
-use super::{denial::Denial, settings::Injection};
+use super::denial::Denial;
+use crate::config::webhook::Injection;
 
 /// `"true"` gives the app containers the token, CA and address.
 pub const API_CLIENT: &str = "tessera.dev/api-client";

@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, Pod, PodSpec, Volume, VolumeMount,
 };
 
-use super::{annotations::*, denial::Denial, names::*, objects::*, settings::Injection};
+use super::{annotations::*, denial::Denial, names::*, objects::*};
+use crate::config::webhook::Injection;
 
 /// The containers to wrap, each with a `command` to wrap.
 fn chosen(spec: &PodSpec, request: &EnvRequest) -> Result<Vec<String>, Denial> {

@@ -8,18 +8,10 @@ use k8s_openapi::api::core::v1::{Pod, PodSpec, VolumeMount};
 use serde::Serialize;
 
 use super::{
-    annotations::*,
-    api_client,
-    denial::Denial,
-    env_mode,
-    grants::*,
-    names::*,
-    objects::*,
-    pod_checks::*,
-    pod_output,
-    resources::*,
-    settings::{Injection, SidecarMode},
+    annotations::*, api_client, denial::Denial, env_mode, grants::*, names::*, objects::*,
+    pod_checks::*, pod_output, resources::*,
 };
+use crate::config::webhook::{Injection, SidecarMode};
 use crate::policy::Policy;
 
 /// What the webhook decided for a pod.

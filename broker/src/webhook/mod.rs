@@ -17,12 +17,11 @@ pub mod pod_output;
 mod resources;
 mod review;
 mod server;
-pub mod settings;
 #[cfg(test)]
 mod tests;
 
 pub use self::{
     review::{ADMISSION_API_VERSION, KvKeysLookup, Webhook, resolve_mode},
     server::Server,
-    settings::{Injection, Settings, SidecarMode},
 };
+pub use crate::config::webhook::{Injection, Settings, SidecarMode};

@@ -32,26 +32,6 @@ pub const STATE_DIR: &str = "/var/run/secrets/tessera.dev/state";
 /// Names env mode reserves, besides the sidecar's.
 pub const RESERVED: [&str; 3] = [INSTALL, SIDECAR, INIT];
 
-/// Checks a mount path: absolute, normalized, not `/`.
-///
-/// # Errors
-/// A sentence saying what is wrong.
-pub fn check_mount_path(path: &str) -> Result<(), String> {
-    if !path.starts_with('/') || path == "/" {
-        return Err(format!("`{path}` must be an absolute path below /"));
-    }
-    if path
-        .split('/')
-        .skip(1)
-        .any(|part| part.is_empty() || part == "." || part == "..")
-    {
-        return Err(format!(
-            "`{path}` must be normalized (no `//`, `.`, `..` or trailing `/`)"
-        ));
-    }
-    Ok(())
-}
-
 /// Whether one of two normalized absolute paths is the other or below it.
 pub(super) fn overlaps(a: &str, b: &str) -> bool {
     let below = |inner: &str, outer: &str| {

@@ -7,7 +7,8 @@ use k8s_openapi::api::core::v1::{
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 
-use super::{annotations::*, names::*, settings::Injection};
+use super::{annotations::*, names::*};
+use crate::config::webhook::Injection;
 
 /// The pod's token for the broker, read-only, where Tessera's processes look.
 pub(super) fn token_mount() -> VolumeMount {

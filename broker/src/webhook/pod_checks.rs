@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 
-use super::{
-    annotations::*, api_client, denial::Denial, names::*, objects::Readers, settings::Injection,
-};
+use super::{annotations::*, api_client, denial::Denial, names::*, objects::Readers};
+use crate::config::webhook::Injection;
 use crate::policy::ImageUser;
 
 /// How the files become readable by the app.

@@ -6,11 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, PodSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use super::{
-    annotations::*,
-    denial::Denial,
-    settings::{Injection, quantity_value},
-};
+use super::{annotations::*, denial::Denial};
+use crate::config::webhook::{Injection, quantity_value};
 
 /// The sidecar's resources fitted to the pod: in a Guaranteed pod (every
 /// container's requests equal its limits) the sidecar's requests are raised

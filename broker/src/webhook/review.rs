@@ -11,8 +11,8 @@ use super::{
     denial::Denial,
     inject::{self, Decision},
     patch,
-    settings::{Injection, SidecarMode},
 };
+use crate::config::webhook::{Injection, SidecarMode};
 use crate::{
     metrics::Metrics,
     policy::{Kv2Source, store::PolicyStore},

@@ -9,9 +9,9 @@ use super::review::review_json;
 use super::{
     denial::Denial,
     inject::{self, Decision, Shape},
-    settings::{Injection, SidecarMode, default_resources},
     *,
 };
+use crate::config::webhook::{Injection, SidecarMode, default_resources};
 use crate::{
     metrics::Metrics,
     policy::{Kv2Source, Policy, store::PolicyStore},

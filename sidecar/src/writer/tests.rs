@@ -1,7 +1,10 @@
 use std::{
+    collections::BTreeMap,
     fs,
     os::unix::fs::{MetadataExt, PermissionsExt},
 };
+
+use zeroize::Zeroizing;
 
 use super::*;
 

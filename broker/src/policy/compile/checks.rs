@@ -1,8 +1,9 @@
-//! Values as a policy writes them: durations and file modes.
+//! Values as a policy writes them: durations, TTLs, renewal fractions and
+//! file modes, each checked against the limits.
 
 use std::time::Duration;
 
-use crate::policy::{Problem, at, document::Spanned, format_duration};
+use crate::policy::{Limits, Problem, at, document::Spanned, format_duration};
 
 /// The longest duration a policy may name (a year): anything longer is a typo.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -51,4 +52,51 @@ pub(super) fn mode(file: &str, text: &Spanned<String>, problems: &mut Vec<Proble
             None
         }
     }
+}
+
+/// A TTL, parsed and checked against the cluster ceiling.
+pub(super) fn check_ttl(
+    file: &str,
+    text: &Spanned<String>,
+    limits: &Limits,
+    what: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Duration> {
+    let ttl = duration(file, text, what, problems)?;
+    if ttl > limits.max_ttl {
+        problems.push(at(
+            file,
+            text,
+            format!(
+                "{what} {} exceeds the cluster ceiling {} (lower {what} or raise limits.maxTtl)",
+                format_duration(ttl),
+                format_duration(limits.max_ttl)
+            ),
+        ));
+        return None;
+    }
+    Some(ttl)
+}
+
+/// A renewal fraction, checked against the cluster's bounds.
+pub(super) fn check_fraction(
+    file: &str,
+    value: &Spanned<f64>,
+    limits: &Limits,
+    what: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<f64> {
+    // Written so that NaN (`.nan` in YAML) fails it too.
+    if !(value.value >= limits.min_renew_fraction && value.value <= limits.max_renew_fraction) {
+        problems.push(at(
+            file,
+            value,
+            format!(
+                "{what} {} is outside the cluster limits [{}, {}] (adjust it or limits.min/maxRenewFraction)",
+                value.value, limits.min_renew_fraction, limits.max_renew_fraction
+            ),
+        ));
+        return None;
+    }
+    Some(value.value)
 }

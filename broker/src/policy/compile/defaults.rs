@@ -2,10 +2,7 @@
 
 use std::time::Duration;
 
-use super::{
-    checks::mode,
-    timing::{check_fraction, check_ttl},
-};
+use super::checks::{check_fraction, check_ttl, mode};
 use crate::policy::{
     Limits, Problem,
     document::{DefaultsDoc, Spanned},

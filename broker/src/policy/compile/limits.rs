@@ -38,7 +38,7 @@ pub(in crate::policy) fn apply_limits(
                     floors,
                     format!(
                         "limits.minTtl: `{}` is not a leased source kind (known: {})",
-                        crate::error::printable(kind),
+                        crate::text::printable(kind),
                         LEASED_KINDS.join(", ")
                     ),
                 ));

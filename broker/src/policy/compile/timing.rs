@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use super::{checks::duration, defaults::Defaults};
+use super::{
+    checks::{check_fraction, check_ttl, duration},
+    defaults::Defaults,
+};
 use crate::policy::{
     BUILT_IN_OVERLAP, BUILT_IN_RENEW_FRACTION, BUILT_IN_TTL, Limits, Origin, Problem, Source, at,
     document::{BindingDoc, Spanned},
@@ -104,51 +107,6 @@ pub(super) fn compile_timing(
         overlap,
         refresh_interval,
     }
-}
-
-pub(super) fn check_ttl(
-    file: &str,
-    text: &Spanned<String>,
-    limits: &Limits,
-    what: &str,
-    problems: &mut Vec<Problem>,
-) -> Option<Duration> {
-    let ttl = duration(file, text, what, problems)?;
-    if ttl > limits.max_ttl {
-        problems.push(at(
-            file,
-            text,
-            format!(
-                "{what} {} exceeds the cluster ceiling {} (lower {what} or raise limits.maxTtl)",
-                format_duration(ttl),
-                format_duration(limits.max_ttl)
-            ),
-        ));
-        return None;
-    }
-    Some(ttl)
-}
-
-pub(super) fn check_fraction(
-    file: &str,
-    value: &Spanned<f64>,
-    limits: &Limits,
-    what: &str,
-    problems: &mut Vec<Problem>,
-) -> Option<f64> {
-    // Written so that NaN (`.nan` in YAML) fails it too.
-    if !(value.value >= limits.min_renew_fraction && value.value <= limits.max_renew_fraction) {
-        problems.push(at(
-            file,
-            value,
-            format!(
-                "{what} {} is outside the cluster limits [{}, {}] (adjust it or limits.min/maxRenewFraction)",
-                value.value, limits.min_renew_fraction, limits.max_renew_fraction
-            ),
-        ));
-        return None;
-    }
-    Some(value.value)
 }
 
 /// Shortest and longest `refreshInterval`: Vault is not asked more than

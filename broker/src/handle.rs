@@ -73,7 +73,7 @@ impl std::fmt::Debug for Claims {
         f.debug_struct("Claims")
             .field("binding", &self.binding)
             .field("pod_uid", &self.pod_uid)
-            .field("lease", &super::id::LeaseId::new(self.lease.clone()))
+            .field("lease", &crate::lease_id::LeaseId::new(self.lease.clone()))
             .field("version", &self.version)
             .field("issued_at", &self.issued_at)
             .field("not_after", &self.not_after)

@@ -273,7 +273,7 @@ impl WebhookFile {
         if sidecar.token_expiration < Duration::from_secs(600) {
             return Err("webhook.sidecar.tokenExpiration must be at least 10m".to_owned());
         }
-        super::names::check_mount_path(&sidecar.mount_path)
+        check_mount_path(&sidecar.mount_path)
             .map_err(|e| format!("webhook.sidecar.mountPath: {e}"))?;
         let quantities =
             std::iter::once(("volumeSizeLimit".to_owned(), &sidecar.volume_size_limit)).chain(
@@ -327,6 +327,26 @@ impl WebhookFile {
             },
         })
     }
+}
+
+/// Checks a mount path: absolute, normalized, not `/`.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn check_mount_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path == "/" {
+        return Err(format!("`{path}` must be an absolute path below /"));
+    }
+    if path
+        .split('/')
+        .skip(1)
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!(
+            "`{path}` must be normalized (no `//`, `.`, `..` or trailing `/`)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
