@@ -18,9 +18,9 @@ pub fn unix(t: SystemTime) -> u64 {
 
 /// Sleeps until `at`; forever when there is no deadline (a `select!` arm
 /// that never fires).
-pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+pub async fn sleep_until(at: Option<impl Into<tokio::time::Instant>>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }

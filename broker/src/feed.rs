@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     policy::{Kv2Source, Source, store::PolicyStore},
+    tasks::Spawner,
     vault::{KvSecret, Vault},
 };
 
@@ -61,6 +62,7 @@ pub struct Feeds {
     vault: Arc<Vault>,
     interval: Duration,
     shutdown: CancellationToken,
+    pollers: Spawner,
     senders: Arc<Mutex<HashMap<Kv2Source, watch::Sender<Latest>>>>,
     /// What keeps a poller on every KV source of the policy.
     warm: Mutex<HashMap<Kv2Source, watch::Receiver<Latest>>>,
@@ -70,12 +72,19 @@ pub struct Feeds {
 }
 
 impl Feeds {
-    /// Feeds that poll Vault every `interval` until `shutdown`.
-    pub fn new(vault: Arc<Vault>, interval: Duration, shutdown: CancellationToken) -> Self {
+    /// Feeds that poll Vault every `interval` until `shutdown`, each poller
+    /// spawned on `pollers`.
+    pub fn new(
+        vault: Arc<Vault>,
+        interval: Duration,
+        pollers: Spawner,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             vault,
             interval,
             shutdown,
+            pollers,
             senders: Arc::default(),
             warm: Mutex::default(),
             intervals: Arc::default(),
@@ -124,7 +133,7 @@ impl Feeds {
         }
         let (sender, receiver) = watch::channel(None);
         senders.insert(source.clone(), sender.clone());
-        tokio::spawn(poll(
+        self.pollers.spawn(poll(
             self.vault.clone(),
             source.clone(),
             sender,

@@ -79,9 +79,12 @@ pub enum StartError {
     /// The Kubernetes API client could not be configured.
     #[error("Kubernetes API: {0}")]
     Kubernetes(String),
-    /// The gRPC server failed.
-    #[error("gRPC server failed: {0}")]
+    /// The gRPC server failed (the task's name says which server).
+    #[error(transparent)]
     Serve(#[from] tonic::transport::Error),
+    /// A server's listening socket is gone.
+    #[error(transparent)]
+    Listener(std::io::Error),
 }
 
 /// Everything `serve` needs, loaded and checked before a port is opened.
@@ -93,7 +96,6 @@ pub struct Prepared {
     policy: Arc<PolicyStore>,
     vault: Arc<Vault>,
     metrics: Arc<metrics::Metrics>,
-    engine: Arc<lease::Engine>,
     reconciler: Arc<lease::reconcile::Reconciler>,
     service: BrokerService,
     webhook: Option<webhook::Server>,
@@ -274,6 +276,7 @@ pub async fn prepare(
     let feeds = Arc::new(Feeds::new(
         vault.clone(),
         config.kv_poll_interval,
+        tasks.spawner(),
         shutdown.clone(),
     ));
     let webhook = match &config.webhook {
@@ -336,6 +339,7 @@ pub async fn prepare(
         config.leases.clone(),
         audit,
         metrics.clone(),
+        tasks.spawner(),
         shutdown.clone(),
     ));
     let verifier = Arc::new(verifier);
@@ -357,10 +361,11 @@ pub async fn prepare(
         metrics: metrics.clone(),
         verifier,
         policy: policy.clone(),
-        engine: engine.clone(),
+        engine,
         feeds,
         limiter,
         shutdown: shutdown.clone(),
+        streams: tasks.spawner(),
     });
     Ok(Prepared {
         config,
@@ -369,7 +374,6 @@ pub async fn prepare(
         policy,
         vault,
         metrics,
-        engine,
         reconciler,
         service,
         webhook,
@@ -386,7 +390,6 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The broker, running: its tasks, watched and drained.
 pub struct Running {
     tasks: Tasks,
-    engine: Arc<lease::Engine>,
 }
 
 impl Running {
@@ -398,14 +401,13 @@ impl Running {
 
     /// Shuts down (once `shutdown` is cancelled), in this order: the
     /// servers stop accepting and end their streams with `SHUTTING_DOWN`
-    /// (sidecars reconnect to another replica), the loops stop, then
+    /// (sidecars reconnect to another replica), the loops stop, then the
+    /// short-lived tasks end: connections close, KV pollers stop and
     /// revocations in flight finish (the caller bounds it all by the
     /// shutdown grace; revocations that only wait for an overlap are left to
     /// Vault). Returns the tasks that failed on the way out.
     pub async fn drain(mut self) -> Vec<tasks::Ended> {
-        let failed = self.tasks.drain().await;
-        self.engine.drain().await;
-        failed
+        self.tasks.drain().await
     }
 }
 
@@ -446,13 +448,19 @@ pub fn spawn(mut prepared: Prepared, listeners: Listeners, shutdown: Cancellatio
             webhook.serve(listener, limits, shutdown.clone()),
         );
     }
-    let engine = prepared.engine.clone();
+    let handshakes = tasks.spawner();
     tasks.add_fallible(
         "gRPC server",
-        serve_grpc(prepared, health_service, listeners.grpc, shutdown),
+        serve_grpc(
+            prepared,
+            health_service,
+            listeners.grpc,
+            handshakes,
+            shutdown,
+        ),
     );
     tasks.start();
-    Running { tasks, engine }
+    Running { tasks }
 }
 
 /// Serves gRPC (Broker, health, reflection) on `listener` until `shutdown`.
@@ -462,6 +470,7 @@ async fn serve_grpc(
         impl tonic_health::pb::health_server::Health,
     >,
     listener: TcpListener,
+    handshakes: tasks::Spawner,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     // Reflection v1 and v1alpha: grpcurl and older clients (grpcio's) ask
@@ -485,8 +494,14 @@ async fn serve_grpc(
         "broker listening (TLS 1.3)"
     );
     let gate = listener::Gate::new("grpc", prepared.config.connections);
-    let incoming = tls::incoming(listener, prepared.tls, gate, shutdown.clone());
-    tonic::transport::Server::builder()
+    let incoming = tls::incoming(
+        listener,
+        prepared.tls,
+        gate.clone(),
+        handshakes,
+        shutdown.clone(),
+    );
+    let serving = tonic::transport::Server::builder()
         // Dead peers are found by keepalive pings; live ones answer them,
         // which also keeps them clear of the idle timeout.
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
@@ -498,8 +513,11 @@ async fn serve_grpc(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(BrokerServer::new(prepared.service))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned());
+    tokio::select! {
+        served = serving => served?,
+        error = gate.broken() => return Err(StartError::Listener(error)),
+    }
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //! connections per listener, a deadline for a new connection's first bytes,
 //! an idle timeout, and accept-error logging that cannot flood. Without them
 //! idle (unauthenticated) connections pile up until the process runs out of
-//! file descriptors and real callers fail.
+//! file descriptors and real callers fail. An accept error that means the
+//! listening socket itself is gone breaks the gate: its server then fails
+//! (and the broker stops, naming it) instead of retrying forever.
 
 use std::{
     future::Future,
@@ -74,6 +76,7 @@ pub struct Gate {
     limits: ConnectionLimits,
     permits: Arc<Semaphore>,
     refused: Arc<Throttled>,
+    broken: Broken,
 }
 
 impl Gate {
@@ -86,6 +89,7 @@ impl Gate {
             limits,
             permits: Arc::new(Semaphore::new(max)),
             refused: Arc::new(Throttled::new(Duration::from_secs(10))),
+            broken: Broken::default(),
         }
     }
 
@@ -109,12 +113,77 @@ impl Gate {
         }
     }
 
-    /// Logs an accept error, at most once per interval.
+    /// Logs an accept error, at most once per interval; one that means the
+    /// listening socket is gone breaks the gate instead (see [`Gate::broken`]).
     pub fn accept_failed(&self, error: &io::Error) {
+        if self.broken.is_broken() || self.broken.break_on(error) {
+            return;
+        }
+        self.connection_failed(error);
+    }
+
+    /// Logs a failure to set up one accepted connection (its TLS handshake),
+    /// at most once per interval.
+    pub fn connection_failed(&self, error: &io::Error) {
         let name = self.name;
         self.refused.warn(|suppressed| {
             tracing::warn!(listener = name, %error, suppressed, "accept failed");
         });
+    }
+
+    /// Whether the listening socket is gone: accepting again cannot work.
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_broken()
+    }
+
+    /// Resolves, with the accept error, once the listening socket is gone;
+    /// a server selects on it and fails with the error.
+    pub async fn broken(&self) -> io::Error {
+        self.broken.wait().await
+    }
+}
+
+/// Set once when a listening socket is found gone (EINVAL, EBADF, ENOTSOCK
+/// from `accept`: the socket was shut down or closed under the server), as
+/// opposed to a passing shortage (EMFILE, ENOBUFS, a peer that reset first)
+/// that backing off cures.
+#[derive(Clone, Default)]
+struct Broken {
+    error: Arc<Mutex<Option<String>>>,
+    signal: tokio_util::sync::CancellationToken,
+}
+
+impl Broken {
+    fn break_on(&self, error: &io::Error) -> bool {
+        let gone = [
+            rustix::io::Errno::INVAL,
+            rustix::io::Errno::BADF,
+            rustix::io::Errno::NOTSOCK,
+        ]
+        .iter()
+        .any(|errno| error.raw_os_error() == Some(errno.raw_os_error()));
+        if gone {
+            *self.error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+            self.signal.cancel();
+        }
+        gone
+    }
+
+    fn is_broken(&self) -> bool {
+        self.signal.is_cancelled()
+    }
+
+    async fn wait(&self) -> io::Error {
+        self.signal.cancelled().await;
+        let error = self
+            .error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        io::Error::other(format!(
+            "the listening socket is gone ({}); restarting the broker opens a new one",
+            error.unwrap_or_default()
+        ))
     }
 }
 

@@ -23,10 +23,13 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{Action, Event, Outcome};
+use crate::{
+    audit::{Action, Event, Outcome},
+    listener::{ConnectionLimits, Gate, Guarded},
+};
 
 /// Labels of `tessera_credential_events_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -365,7 +368,49 @@ pub async fn serve_admin(
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(metrics);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let gate = Gate::new("admin", ConnectionLimits::default());
+    let listener = GatedListener {
+        inner: listener,
+        gate: gate.clone(),
+    };
+    tokio::select! {
+        served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()) => served,
+        error = gate.broken() => Err(error),
+    }
+}
+
+/// The admin listener for axum: connections within the gate's limits, accept
+/// errors through it (backing off; pending for good once the socket is gone,
+/// which ends [`serve_admin`] with the gate's error).
+struct GatedListener {
+    inner: TcpListener,
+    gate: Gate,
+}
+
+impl axum::serve::Listener for GatedListener {
+    type Io = Guarded<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, peer)) => {
+                    if let Some(stream) = self.gate.admit(stream) {
+                        return (stream, peer);
+                    }
+                }
+                Err(error) => {
+                    self.gate.accept_failed(&error);
+                    if self.gate.is_broken() {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }

@@ -4,11 +4,16 @@
 //! named; none may end before shutdown. One that returns, fails or panics
 //! early is reported by [`Tasks::ended`] with its name, and `serve` then
 //! stops the process with that error rather than run without it.
+//!
+//! Short-lived work (a connection's handshake, a `Watch` stream, a KV
+//! poller, a revocation) goes through the [`Spawner`] of the same `Tasks`,
+//! so shutdown waits for it too. No other code in the broker spawns.
 
 use std::{future::Future, panic::AssertUnwindSafe, pin::Pin};
 
 use futures::FutureExt as _;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 /// A task not yet started.
 type Pending = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -37,9 +42,34 @@ impl std::fmt::Display for Ended {
 pub struct Tasks {
     pending: Vec<(&'static str, Pending)>,
     running: JoinSet<Ended>,
+    spawner: Spawner,
+}
+
+/// Spawns short-lived tasks that shutdown waits for (after the named
+/// tasks have ended); cheap to clone.
+#[derive(Clone, Default)]
+pub struct Spawner(TaskTracker);
+
+impl Spawner {
+    /// Runs `task` in the background, tracked.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        // The tracker keeps what shutdown needs; the handle is not.
+        drop(self.0.spawn(task));
+    }
+
+    /// Waits until every task spawned has ended (one spawned meanwhile too).
+    async fn wait(&self) {
+        self.0.close();
+        self.0.wait().await;
+    }
 }
 
 impl Tasks {
+    /// Where short-lived work is spawned.
+    pub fn spawner(&self) -> Spawner {
+        self.spawner.clone()
+    }
+
     /// Adds a task that runs until shutdown.
     pub fn add(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
         self.add_fallible(name, task.map(Ok::<(), String>));
@@ -81,8 +111,9 @@ impl Tasks {
         }
     }
 
-    /// Waits for every task to end (after shutdown was signalled); the
-    /// names of those that failed on the way out.
+    /// Waits for every task to end (after shutdown was signalled): the
+    /// named ones first, then the short-lived ones (streams, connections,
+    /// revocations in flight). The names of those that failed on the way out.
     pub async fn drain(&mut self) -> Vec<Ended> {
         let mut failed = Vec::new();
         while let Some(joined) = self.running.join_next().await {
@@ -92,6 +123,7 @@ impl Tasks {
                 failed.push(ended);
             }
         }
+        self.spawner.wait().await;
         failed
     }
 }
@@ -158,8 +190,18 @@ mod tests {
             !ran.load(std::sync::atomic::Ordering::SeqCst),
             "added, not started"
         );
+        let spawned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = spawned.clone();
+        tasks.spawner().spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
         tasks.start();
         assert!(tasks.drain().await.is_empty());
         assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            spawned.load(std::sync::atomic::Ordering::SeqCst),
+            "drain waits for short-lived tasks too"
+        );
     }
 }

@@ -21,7 +21,10 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::listener::{FirstRequest, Gate, Guarded};
+use crate::{
+    listener::{FirstRequest, Gate, Guarded},
+    tasks::Spawner,
+};
 
 /// Errors loading the serving certificate.
 #[derive(Debug, thiserror::Error)]
@@ -198,12 +201,14 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     gate: Gate,
+    handshakes: Spawner,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<FirstRequest<TlsStream<Guarded<tokio::net::TcpStream>>>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let handshake_timeout = gate.limits().handshake_timeout;
-    tokio::spawn(async move {
+    let accepting = handshakes.clone();
+    accepting.spawn(async move {
         let mut backoff = Duration::from_millis(10);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -215,8 +220,12 @@ pub fn incoming(
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning,
-                        // and say so without filling the log.
+                        // and say so without filling the log. A socket that
+                        // is gone ends the stream (the server fails).
                         gate.accept_failed(&error);
+                        if gate.is_broken() {
+                            return;
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
@@ -229,7 +238,7 @@ pub fn incoming(
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
-            tokio::spawn(async move {
+            handshakes.spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         // The same time again for the first request.

@@ -705,6 +705,16 @@ impl Replica {
         format!("http://{}", self.config.admin.listen)
     }
 
+    /// Its servers, by the name the broker gives each, with their ports.
+    pub fn servers(&self) -> [(&'static str, u16); 3] {
+        let port = |listen: &str| listen.rsplit(':').next().unwrap().parse().unwrap();
+        [
+            ("gRPC server", self.port),
+            ("admin server", port(&self.config.admin.listen)),
+            ("webhook server", port(&self.config.webhook.listen)),
+        ]
+    }
+
     /// Stops the replica (SIGTERM and its drain when `graceful`, SIGKILL
     /// otherwise) and starts it again with its configuration and port, as
     /// a rolling update or a crash would replace it.

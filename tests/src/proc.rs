@@ -89,6 +89,42 @@ impl Proc {
         }
         None
     }
+
+    /// Breaks the process's listening socket on `port` under it, as a fault
+    /// in the kernel or a stray `close` would: takes a copy of the socket
+    /// from the process (`pidfd_getfd`; the harness runs as root) and shuts
+    /// it down, so the process's next `accept` fails with EINVAL.
+    pub fn break_listener(&self, port: u16) {
+        let inode = listening_inode(port)
+            .unwrap_or_else(|| panic!("{}: nothing listens on port {port}", self.name));
+        let target = format!("socket:[{inode}]");
+        let fd = fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|entry| {
+                fs::read_link(entry.path()).is_ok_and(|link| link.to_string_lossy() == target)
+            })
+            .and_then(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("{}: does not hold the socket on port {port}", self.name));
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).unwrap();
+        let socket =
+            rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+                .expect("pidfd_getfd (the harness runs as root)");
+        rustix::net::shutdown(&socket, rustix::net::Shutdown::Both).unwrap();
+    }
+}
+
+/// The inode of the socket listening on 127.0.0.1:`port` (`/proc/net/tcp`).
+fn listening_inode(port: u16) -> Option<String> {
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        (columns.get(1) == Some(&local.as_str()) && columns.get(3) == Some(&"0A"))
+            .then(|| columns.get(9).map(|inode| (*inode).to_owned()))
+            .flatten()
+    })
 }
 
 impl Drop for Proc {

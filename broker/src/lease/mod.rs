@@ -23,7 +23,7 @@ use std::{
 };
 
 use tessera_proto::v1::Credential;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 pub use self::credential::{Caller, Live, event, stamp};
 use self::{
@@ -41,6 +41,7 @@ use crate::{
     lease_id::LeaseId,
     metrics::Metrics,
     policy::{Binding, RenderError, Source},
+    tasks::Spawner,
     vault::{Vault, VaultError},
 };
 
@@ -158,8 +159,8 @@ pub struct Engine {
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
     /// Background work (revocations after an overlap, of undelivered
-    /// credentials), drained at shutdown.
-    tasks: TaskTracker,
+    /// credentials), waited for at shutdown.
+    tasks: Spawner,
     shutdown: CancellationToken,
 }
 
@@ -174,6 +175,7 @@ impl Engine {
         settings: LeaseSettings,
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
+        tasks: Spawner,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -188,7 +190,7 @@ impl Engine {
             settings,
             audit,
             metrics,
-            tasks: TaskTracker::new(),
+            tasks,
             shutdown,
         }
     }
@@ -207,14 +209,6 @@ impl Engine {
     pub fn report(&self, event: &Event) {
         self.metrics.record(event);
         self.audit.record(event);
-    }
-
-    /// Waits for background work (revocations in flight) to finish; work
-    /// that only waits for an overlap to end stops at once, since Vault ends
-    /// those leases by itself.
-    pub async fn drain(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
     }
 
     fn vault_error(binding: &Binding) -> impl FnOnce(VaultError) -> Error + '_ {

@@ -276,7 +276,7 @@ impl OpenStream {
                         continue;
                     }
                 },
-                () = sleep_until(next_due) => match self.act_on_due().await {
+                () = crate::clock::sleep_until(next_due) => match self.act_on_due().await {
                     Ok(()) => continue,
                     Err(Some(end)) => end,
                     Err(None) => {
@@ -548,13 +548,6 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

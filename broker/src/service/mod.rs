@@ -29,6 +29,7 @@ use crate::{
     metrics::Metrics,
     policy::{Binding, Source, store::PolicyStore},
     ratelimit::Limiter,
+    tasks::Spawner,
     text::printable,
 };
 
@@ -56,6 +57,8 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     /// Ends open streams on shutdown.
     pub shutdown: CancellationToken,
+    /// Where each `Watch` stream runs.
+    pub streams: Spawner,
 }
 
 /// The broker service; cheap to clone.
@@ -339,7 +342,9 @@ impl Broker for BrokerService {
                         .map(move |latest| (binding.clone(), latest)),
                 )
             }));
-            tokio::spawn(stream.run(changes).instrument(tracing::Span::current()));
+            self.parts
+                .streams
+                .spawn(stream.run(changes).instrument(tracing::Span::current()));
             let stream: Self::WatchStream = Box::pin(ReceiverStream::new(rx));
             Ok(Response::new(stream))
         }

@@ -127,21 +127,20 @@ async fn serve(
     let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
     let gate = Gate::new("webhook", limits);
     let errors = gate.clone();
+    let broken = gate.clone();
     let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
         .handshake_timeout(limits.handshake_timeout)
         .acceptor(GateAcceptor(gate));
     let handle = axum_server::Handle::new();
-    let stop = handle.clone();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        stop.graceful_shutdown(Some(Duration::from_secs(5)));
-    });
     listener.set_nonblocking(true)?;
     let mut server = axum_server::from_tcp(listener)?
         .acceptor(acceptor)
-        .handle(handle)
+        .handle(handle.clone())
         .first_request_timeout(BODY_TIMEOUT)
-        .accept_error_handler(move |_, error: &std::io::Error| errors.accept_failed(error));
+        .accept_error_handler(move |peer, error: &std::io::Error| match peer {
+            None => errors.accept_failed(error),
+            Some(_) => errors.connection_failed(error),
+        });
     server
         .http_builder()
         .http1()
@@ -151,5 +150,12 @@ async fn serve(
         .http2()
         .keep_alive_interval(crate::HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(crate::HTTP2_KEEPALIVE_TIMEOUT);
-    server.serve(router(webhook).into_make_service()).await
+    let serving = server.serve(router(webhook).into_make_service());
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => return served,
+        error = broken.broken() => return Err(error),
+        () = shutdown.cancelled() => handle.graceful_shutdown(Some(Duration::from_secs(5))),
+    }
+    serving.await
 }

@@ -5,6 +5,7 @@
 mod audit;
 mod auth;
 mod bootstrap;
+mod broker_life;
 mod chart;
 mod chart_install;
 mod cli;
