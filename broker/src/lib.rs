@@ -502,6 +502,7 @@ async fn serve_grpc(
         shutdown.clone(),
     );
     let serving = tonic::transport::Server::builder()
+        .layer(service::RpcLayer::new(prepared.metrics.clone()))
         // Dead peers are found by keepalive pings; live ones answer them,
         // which also keeps them clear of the idle timeout.
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))

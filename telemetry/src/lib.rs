@@ -151,21 +151,16 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+/// A request's HTTP headers, read for the trace context.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
-impl Extractor for MetadataExtractor<'_> {
+impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -176,10 +171,11 @@ pub fn inject_context(metadata: &mut tonic::metadata::MetadataMap) {
     TraceContextPropagator::new().inject_context(&context, &mut MetadataInjector(metadata));
 }
 
-/// Makes the caller's trace (from incoming gRPC metadata) the parent of
-/// `span`, which must not have been entered yet; no-op when the caller sent none.
-pub fn adopt_remote_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
-    let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+/// Makes the caller's trace (from an incoming request's headers, gRPC
+/// metadata included) the parent of `span`, which must not have been entered
+/// yet; no-op when the caller sent none.
+pub fn adopt_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if opentelemetry::trace::TraceContextExt::span(&parent)
         .span_context()
         .is_valid()

@@ -35,8 +35,11 @@ use crate::{
 
 mod deliver;
 mod request;
+mod rpc_layer;
 
-use request::{bearer, check_names, log_failure, proto_identity, rpc_span, unique_handles};
+pub use self::rpc_layer::RpcLayer;
+
+use request::{bearer, check_names, log_failure, proto_identity, unique_handles};
 
 /// Most bindings one request may name, and most lease handles one Revoke may carry.
 const MAX_BINDINGS_PER_REQUEST: usize = 64;
@@ -244,51 +247,39 @@ impl Broker for BrokerService {
         &self,
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
-        let span = rpc_span("WhoAmI", request.metadata());
-        async move {
-            let _timer = self.parts.metrics.time_rpc("WhoAmI");
-            let caller = self.authenticate(&request).await?;
-            let loaded = self.parts.policy.current();
-            let mut bindings: Vec<String> = loaded
-                .policy
-                .granted(&caller.identity)
-                .map(|b| b.name.clone())
-                .collect();
-            bindings.sort();
-            Ok(Response::new(WhoAmIResponse {
-                token_expires_at: Some(from_unix(caller.identity.expires_at).into()),
-                identity: Some(proto_identity(caller.identity)),
-                bindings,
-            }))
-        }
-        .instrument(span)
-        .await
+        let caller = self.authenticate(&request).await?;
+        let loaded = self.parts.policy.current();
+        let mut bindings: Vec<String> = loaded
+            .policy
+            .granted(&caller.identity)
+            .map(|b| b.name.clone())
+            .collect();
+        bindings.sort();
+        Ok(Response::new(WhoAmIResponse {
+            token_expires_at: Some(from_unix(caller.identity.expires_at).into()),
+            identity: Some(proto_identity(caller.identity)),
+            bindings,
+        }))
     }
 
     async fn fetch(
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
-        let span = rpc_span("Fetch", request.metadata());
-        async move {
-            let _timer = self.parts.metrics.time_rpc("Fetch");
-            let caller = self.authenticate(&request).await?;
-            let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-            let (bindings, _) = self.narrow(
-                &caller,
-                (generation, bindings),
-                &request.get_ref().max_ttl_seconds,
-            )?;
-            let (delivered, undelivered) = self
-                .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
-                .await?;
-            undelivered.disarm();
-            Ok(Response::new(FetchResponse {
-                credentials: delivered.into_iter().map(|(_, c)| c).collect(),
-            }))
-        }
-        .instrument(span)
-        .await
+        let caller = self.authenticate(&request).await?;
+        let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+        let (bindings, _) = self.narrow(
+            &caller,
+            (generation, bindings),
+            &request.get_ref().max_ttl_seconds,
+        )?;
+        let (delivered, undelivered) = self
+            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+            .await?;
+        undelivered.disarm();
+        Ok(Response::new(FetchResponse {
+            credentials: delivered.into_iter().map(|(_, c)| c).collect(),
+        }))
     }
 
     type WatchStream = WatchStreamOut;
@@ -297,131 +288,119 @@ impl Broker for BrokerService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let span = rpc_span("Watch", request.metadata());
-        async move {
-            let _timer = self.parts.metrics.time_rpc("Watch");
-            let caller = self.authenticate(&request).await?;
-            let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
-            let (bindings, narrowing) = self.narrow(
-                &caller,
-                (generation, bindings),
-                &request.get_ref().max_ttl_seconds,
-            )?;
-            let slots = self.streams.open(&caller, &bindings).map_err(|error| {
-                self.refuse(error, Refused::issue(&caller).in_generation(generation))
-            })?;
-            let (delivered, undelivered) = self
-                .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
-                .await?;
+        let caller = self.authenticate(&request).await?;
+        let (generation, bindings) = self.authorize(&caller, &request.get_ref().bindings)?;
+        let (bindings, narrowing) = self.narrow(
+            &caller,
+            (generation, bindings),
+            &request.get_ref().max_ttl_seconds,
+        )?;
+        let slots = self.streams.open(&caller, &bindings).map_err(|error| {
+            self.refuse(error, Refused::issue(&caller).in_generation(generation))
+        })?;
+        let (delivered, undelivered) = self
+            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+            .await?;
 
-            let (tx, rx) = mpsc::channel(bindings.len() + 4);
-            let first = tx.clone();
-            let mut stream = OpenStream::new(
-                self.streams.clone(),
-                caller,
-                (generation, bindings.clone(), narrowing),
-                tx,
-                slots,
-            );
-            for (live, credential) in delivered {
-                // The channel has room for every initial message.
-                let _ = first.try_send(Ok(WatchResponse {
-                    credential: Some(credential),
-                }));
-                stream.delivered(live);
-            }
-            drop(first);
-            undelivered.disarm();
-            let changes = futures::stream::select_all(bindings.iter().filter_map(|binding| {
-                let Source::Kv2(source) = &binding.source else {
-                    return None;
-                };
-                let binding = binding.clone();
-                Some(
-                    WatchStream::new(self.parts.feeds.subscribe(source))
-                        .map(move |latest| (binding.clone(), latest)),
-                )
+        let (tx, rx) = mpsc::channel(bindings.len() + 4);
+        let first = tx.clone();
+        let mut stream = OpenStream::new(
+            self.streams.clone(),
+            caller,
+            (generation, bindings.clone(), narrowing),
+            tx,
+            slots,
+        );
+        for (live, credential) in delivered {
+            // The channel has room for every initial message.
+            let _ = first.try_send(Ok(WatchResponse {
+                credential: Some(credential),
             }));
-            self.parts
-                .streams
-                .spawn(stream.run(changes).instrument(tracing::Span::current()));
-            let stream: Self::WatchStream = Box::pin(ReceiverStream::new(rx));
-            Ok(Response::new(stream))
+            stream.delivered(live);
         }
-        .instrument(span)
-        .await
+        drop(first);
+        undelivered.disarm();
+        let changes = futures::stream::select_all(bindings.iter().filter_map(|binding| {
+            let Source::Kv2(source) = &binding.source else {
+                return None;
+            };
+            let binding = binding.clone();
+            Some(
+                WatchStream::new(self.parts.feeds.subscribe(source))
+                    .map(move |latest| (binding.clone(), latest)),
+            )
+        }));
+        self.parts
+            .streams
+            .spawn(stream.run(changes).instrument(tracing::Span::current()));
+        let stream: Self::WatchStream = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(stream))
     }
 
     async fn revoke(
         &self,
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
-        let span = rpc_span("Revoke", request.metadata());
-        async move {
-            let _timer = self.parts.metrics.time_rpc("Revoke");
-            let caller = self.authenticate(&request).await?;
-            let held = unique_handles(&request.get_ref().held, &request.get_ref().bindings)
-                .map_err(|error| self.refuse(error, Refused::revoke(&caller)))?;
-            // Each handle is a Vault call and an audit record: beyond the
-            // first, each counts against the caller's rate limit.
-            let extra = u32::try_from(held.len().saturating_sub(1)).unwrap_or(u32::MAX);
-            if let Err(retry_after) = self.parts.limiter.check_n(&caller.identity, extra) {
-                let error = Error::RateLimited { retry_after };
-                return Err(self.refuse(error, Refused::revoke(&caller)));
-            }
-            let loaded = self.parts.policy.current();
-            let mut revoked = Vec::new();
-            for held in held {
-                let live = loaded
-                    .policy
-                    .binding(&held.binding)
-                    .map(|b| Arc::new(b.clone()))
-                    .ok_or_else(|| {
-                        Error::InvalidRequest(format!(
-                            "binding `{}` is not in the policy",
-                            printable(&held.binding)
-                        ))
-                    })
-                    .and_then(|binding| {
-                        self.parts.engine.held(
-                            &binding,
-                            &caller.identity,
-                            &Handle::presented(&held.handle),
-                        )
-                    });
-                let live = match live {
-                    Ok(live) => live,
-                    Err(error) => return Err(self.refuse(error, Refused::revoke(&caller))),
-                };
-                // The engine audits the revocation, failed or not.
-                self.parts
-                    .engine
-                    .revoke(&live, &caller, "given back by the pod")
-                    .await
-                    .map_err(log_failure)?;
-                revoked.push(live.binding.name.clone());
-            }
-            // Static (KV) bindings carry no lease: releasing them is an acknowledgement.
-            for name in &request.get_ref().bindings {
-                if revoked.contains(name) {
-                    continue;
-                }
-                if let Some(binding) = loaded.policy.lookup(&caller.identity, name)
-                    && !binding.source.is_leased()
-                {
-                    let mut event =
-                        Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
-                    event.binding = Some(binding.name.clone());
-                    event.source = Some(binding.source.to_string());
-                    event.peer = caller.peer.clone();
-                    self.audit(&event);
-                    revoked.push(binding.name.clone());
-                }
-            }
-            tracing::info!(?revoked, "credentials revoked or released");
-            Ok(Response::new(RevokeResponse { revoked }))
+        let caller = self.authenticate(&request).await?;
+        let held = unique_handles(&request.get_ref().held, &request.get_ref().bindings)
+            .map_err(|error| self.refuse(error, Refused::revoke(&caller)))?;
+        // Each handle is a Vault call and an audit record: beyond the
+        // first, each counts against the caller's rate limit.
+        let extra = u32::try_from(held.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        if let Err(retry_after) = self.parts.limiter.check_n(&caller.identity, extra) {
+            let error = Error::RateLimited { retry_after };
+            return Err(self.refuse(error, Refused::revoke(&caller)));
         }
-        .instrument(span)
-        .await
+        let loaded = self.parts.policy.current();
+        let mut revoked = Vec::new();
+        for held in held {
+            let live = loaded
+                .policy
+                .binding(&held.binding)
+                .map(|b| Arc::new(b.clone()))
+                .ok_or_else(|| {
+                    Error::InvalidRequest(format!(
+                        "binding `{}` is not in the policy",
+                        printable(&held.binding)
+                    ))
+                })
+                .and_then(|binding| {
+                    self.parts.engine.held(
+                        &binding,
+                        &caller.identity,
+                        &Handle::presented(&held.handle),
+                    )
+                });
+            let live = match live {
+                Ok(live) => live,
+                Err(error) => return Err(self.refuse(error, Refused::revoke(&caller))),
+            };
+            // The engine audits the revocation, failed or not.
+            self.parts
+                .engine
+                .revoke(&live, &caller, "given back by the pod")
+                .await
+                .map_err(log_failure)?;
+            revoked.push(live.binding.name.clone());
+        }
+        // Static (KV) bindings carry no lease: releasing them is an acknowledgement.
+        for name in &request.get_ref().bindings {
+            if revoked.contains(name) {
+                continue;
+            }
+            if let Some(binding) = loaded.policy.lookup(&caller.identity, name)
+                && !binding.source.is_leased()
+            {
+                let mut event =
+                    Event::new(Action::Revoke, Outcome::Success, Some(&caller.identity));
+                event.binding = Some(binding.name.clone());
+                event.source = Some(binding.source.to_string());
+                event.peer = caller.peer.clone();
+                self.audit(&event);
+                revoked.push(binding.name.clone());
+            }
+        }
+        tracing::info!(?revoked, "credentials revoked or released");
+        Ok(Response::new(RevokeResponse { revoked }))
     }
 }

@@ -73,25 +73,6 @@ pub(super) fn check_names(names: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// The span of one RPC: named for it, a child of the caller's trace when
-/// the caller sent its context (`traceparent`), filled with the caller's
-/// identity once the token is verified.
-pub(super) fn rpc_span(
-    rpc: &'static str,
-    metadata: &tonic::metadata::MetadataMap,
-) -> tracing::Span {
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = rpc,
-        rpc,
-        namespace = tracing::field::Empty,
-        service_account = tracing::field::Empty,
-        pod = tracing::field::Empty,
-    );
-    tessera_telemetry::adopt_remote_parent(&span, metadata);
-    span
-}
-
 pub(super) fn log_failure(error: Error) -> Status {
     match &error {
         Error::Vault { .. } | Error::LeaseRecord { .. } => {
