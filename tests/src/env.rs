@@ -457,9 +457,25 @@ impl Env {
         }
     }
 
+    /// A TLS channel to another replica (its `uri`), as [`Env::channel`].
+    pub async fn channel_to(&self, uri: &str) -> Channel {
+        self.connect(uri, &self.ca_file(), self.options.mtls)
+            .await
+            .unwrap()
+    }
+
     /// A TLS channel trusting `ca`, optionally presenting the dev client certificate.
     pub async fn try_channel(
         &self,
+        ca: &Path,
+        client_cert: bool,
+    ) -> Result<Channel, tonic::transport::Error> {
+        self.connect(&self.broker_uri, ca, client_cert).await
+    }
+
+    async fn connect(
+        &self,
+        uri: &str,
         ca: &Path,
         client_cert: bool,
     ) -> Result<Channel, tonic::transport::Error> {
@@ -472,7 +488,7 @@ impl Env {
                 fs::read(dev.join(dev::files::CLIENT_KEY)).unwrap(),
             ));
         }
-        Endpoint::from_shared(self.broker_uri.clone())
+        Endpoint::from_shared(uri.to_owned())
             .unwrap()
             .tls_config(tls)
             .unwrap()

@@ -28,6 +28,7 @@ mod pod_shapes;
 mod policy;
 mod python;
 mod quickstart;
+mod refusals;
 mod secrecy;
 mod sidecar;
 mod tls;
