@@ -52,6 +52,9 @@ pub enum Error {
     Unservable {
         /// What is wrong with the source.
         message: String,
+        /// The binding, when the broker named it (`BINDING_UNSERVABLE`):
+        /// the others can be asked for without it.
+        binding: Option<String>,
     },
     /// Any other status.
     #[error("broker: {}: {}", .0.code(), .0.message())]
@@ -84,7 +87,10 @@ impl From<tonic::Status> for Error {
                     .and_then(|info| info.retry_delay),
             },
             Code::InvalidArgument => Self::InvalidRequest { message },
-            Code::FailedPrecondition => Self::Unservable { message },
+            Code::FailedPrecondition => Self::Unservable {
+                binding: tessera_proto::reason::StreamEnd::binding(&status),
+                message,
+            },
             _ => Self::Broker(status),
         }
     }

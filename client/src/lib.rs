@@ -45,6 +45,7 @@ mod error;
 pub mod retry;
 mod store;
 mod target;
+mod watch;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -55,19 +56,15 @@ use std::{
 
 use futures::Stream;
 pub use tessera_proto as proto;
-use tessera_proto::v1::{
-    FetchRequest, Held, RevokeRequest, WatchRequest, WatchResponse, broker_client::BrokerClient,
-};
+use tessera_proto::v1::{FetchRequest, Held, RevokeRequest, broker_client::BrokerClient};
 use tonic::transport::Channel;
 
+use self::store::Store;
 pub use self::{
     credential::{Credential, CredentialSet},
     error::Error,
     target::{BrokerTarget, DEFAULT_CONNECT_TIMEOUT, SetupError, TrustAnchors},
-};
-use self::{
-    retry::{Backoff, Reaction},
-    store::Store,
+    watch::{Event, Watch, WatchOptions},
 };
 
 /// The broker's address (`https://host:port`), as the webhook sets it.
@@ -81,9 +78,6 @@ pub const ENV_TOKEN_FILE: &str = "TESSERA_TOKEN_FILE";
 
 /// First and longest wait between attempts when the broker is away.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(30));
-/// Longest random wait before reconnecting when the broker asked for it
-/// (a replica shutting down ends all its streams at once).
-const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
 
 /// What a client holds: every credential received and the handles of the
 /// leased ones, shared by its calls and streams; kept in its store too,
@@ -139,6 +133,15 @@ impl Holdings {
         true
     }
 
+    /// Keeps the handle a credential carries (a leased one), to present it
+    /// on the next request; the values are not kept.
+    fn keep_handle(&mut self, wire: &proto::v1::Credential) {
+        if !wire.handle.is_empty() {
+            self.handles
+                .insert(wire.binding.clone(), wire.handle.clone());
+        }
+    }
+
     /// The handles to present for `bindings`, but for those in `dropped`.
     fn held(&self, bindings: &[String], dropped: &BTreeSet<String>) -> Vec<Held> {
         bindings
@@ -165,12 +168,19 @@ impl Holdings {
     }
 }
 
+/// Something done to every request's metadata before it is sent (the
+/// sidecar adds its trace context).
+pub type MetadataHook = Arc<dyn Fn(&mut tonic::metadata::MetadataMap) + Send + Sync>;
+
 /// A client of the broker for one pod. Clones share one connection and
 /// what the client holds.
 #[derive(Clone)]
 pub struct Client {
     target: BrokerTarget,
     holdings: Arc<Mutex<Holdings>>,
+    /// The pod's own shorter TTLs, in seconds, per binding.
+    max_ttl: Arc<BTreeMap<String, u32>>,
+    metadata_hook: Option<MetadataHook>,
     /// One channel for every call (HTTP/2 multiplexes them); dropped after
     /// a transport failure so the next call reconnects, reading the CA again.
     channel: Arc<Mutex<Option<BrokerClient<Channel>>>>,
@@ -182,8 +192,58 @@ impl Client {
         Self {
             target,
             holdings: Arc::default(),
+            max_ttl: Arc::default(),
+            metadata_hook: None,
             channel: Arc::default(),
         }
+    }
+
+    /// Asks for shorter TTLs than the policy's for some bindings (seconds,
+    /// by binding), on every request naming them; the broker refuses one
+    /// below the kind's floor.
+    #[must_use]
+    pub fn with_max_ttl(mut self, max_ttl: BTreeMap<String, u32>) -> Self {
+        self.max_ttl = Arc::new(max_ttl);
+        self
+    }
+
+    /// Presents these lease handles (binding to handle) on the first
+    /// requests, as a process that kept them elsewhere (the sidecar, beside
+    /// its files) resumes its leases after a restart.
+    #[must_use]
+    pub fn with_handles(self, handles: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.holdings().handles.extend(handles);
+        self
+    }
+
+    /// Runs `hook` on every request's metadata before it is sent.
+    #[must_use]
+    pub fn with_metadata_hook(mut self, hook: MetadataHook) -> Self {
+        self.metadata_hook = Some(hook);
+        self
+    }
+
+    /// The target it calls.
+    pub fn target(&self) -> &BrokerTarget {
+        &self.target
+    }
+
+    /// A request for `message` with the pod's current token.
+    fn request<T>(&self, message: T) -> Result<tonic::Request<T>, SetupError> {
+        let mut request = self.target.request(message)?;
+        if let Some(hook) = &self.metadata_hook {
+            hook(request.metadata_mut());
+        }
+        Ok(request)
+    }
+
+    /// The shorter TTLs asked for `bindings`.
+    fn max_ttl_of(&self, bindings: &[String]) -> BTreeMap<String, u32> {
+        self.max_ttl
+            .iter()
+            .filter(|(binding, _)| bindings.contains(binding))
+            .map(|(binding, ttl)| (binding.clone(), *ttl))
+            .collect()
     }
 
     /// A client configured from the environment the webhook sets:
@@ -267,22 +327,51 @@ impl Client {
     pub async fn fetch(&self, bindings: &[&str]) -> Result<CredentialSet, Error> {
         let bindings: Vec<String> = bindings.iter().map(|b| (*b).to_owned()).collect();
         let held = self.holdings().held(&bindings, &BTreeSet::new());
-        let request = self.target.request(FetchRequest {
-            bindings: bindings.clone(),
-            held,
-            ..Default::default()
-        })?;
-        let answer = self
-            .broker()?
-            .fetch(request)
-            .await
-            .map_err(|status| self.after(status))?
-            .into_inner();
+        let answer = self.fetch_wire(bindings.clone(), held).await?;
         let mut holdings = self.holdings();
         for credential in answer.credentials {
             holdings.absorb(credential);
         }
         Ok(holdings.subset(&bindings))
+    }
+
+    /// The broker's answer for `bindings` as sent, for callers that lay the
+    /// credentials out themselves (the sidecar writes files): the leases'
+    /// handles are kept, the values are not. Leased ones this client holds
+    /// are resumed.
+    ///
+    /// # Errors
+    /// A typed [`Error`]; nothing is retried here.
+    pub async fn fetch_credentials(
+        &self,
+        bindings: &[String],
+    ) -> Result<Vec<proto::v1::Credential>, Error> {
+        let held = self.holdings().held(bindings, &BTreeSet::new());
+        let answer = self.fetch_wire(bindings.to_vec(), held).await?;
+        let mut holdings = self.holdings();
+        for credential in &answer.credentials {
+            holdings.keep_handle(credential);
+        }
+        Ok(answer.credentials)
+    }
+
+    /// One Fetch call presenting `held`.
+    async fn fetch_wire(
+        &self,
+        bindings: Vec<String>,
+        held: Vec<Held>,
+    ) -> Result<proto::v1::FetchResponse, Error> {
+        let request = self.request(FetchRequest {
+            max_ttl_seconds: self.max_ttl_of(&bindings),
+            bindings,
+            held,
+        })?;
+        Ok(self
+            .broker()?
+            .fetch(request)
+            .await
+            .map_err(|status| self.after(status))?
+            .into_inner())
     }
 
     /// Follows `bindings`: the first item holds every binding's credential,
@@ -294,22 +383,43 @@ impl Client {
         &self,
         bindings: &[&str],
     ) -> impl Stream<Item = Result<CredentialSet, Error>> + 'static {
-        let state = Watching {
-            client: self.clone(),
-            bindings: bindings.iter().map(|b| (*b).to_owned()).collect(),
-            stream: None,
-            backoff: Backoff::new(BACKOFF.0, BACKOFF.1),
-            delay: Duration::ZERO,
-            dropped: BTreeSet::new(),
-            to_receive: 0,
-            changed: false,
-            yielded: false,
-            done: false,
-        };
-        futures::stream::unfold(state, |mut state| async move {
-            let item = state.next().await?;
-            Some((item, state))
-        })
+        let bindings: Vec<String> = bindings.iter().map(|b| (*b).to_owned()).collect();
+        let watch = self.follow(bindings.clone(), WatchOptions::default());
+        // An item once every binding is held, then one per change.
+        let state = (watch, self.clone(), bindings, false);
+        futures::stream::unfold(
+            state,
+            |(mut watch, client, bindings, mut yielded)| async move {
+                loop {
+                    let changed = match watch.next().await? {
+                        Ok(Event::Credential(credential)) => client.holdings().absorb(credential),
+                        Ok(Event::LeaseLost { binding, .. }) => {
+                            client.holdings().set.remove(&binding);
+                            false
+                        }
+                        Ok(_) => false,
+                        Err(error) => {
+                            return Some((Err(error), (watch, client, bindings, yielded)));
+                        }
+                    };
+                    let holdings = client.holdings();
+                    let complete = bindings.iter().all(|b| holdings.set.get(b).is_some());
+                    if complete && (changed || !yielded) {
+                        let set = holdings.subset(&bindings);
+                        drop(holdings);
+                        yielded = true;
+                        return Some((Ok(set), (watch, client, bindings, yielded)));
+                    }
+                }
+            },
+        )
+    }
+
+    /// Follows `bindings` one credential at a time ([`Watch`]): the
+    /// protocol [`Client::watch`] is built on, for callers that handle each
+    /// credential themselves.
+    pub fn follow(&self, bindings: Vec<String>, options: WatchOptions) -> Watch {
+        Watch::new(self.clone(), bindings, options)
     }
 
     /// Gives back the leased credentials this client holds for `bindings`
@@ -321,7 +431,7 @@ impl Client {
     pub async fn revoke(&self, bindings: &[&str]) -> Result<Vec<String>, Error> {
         let bindings: Vec<String> = bindings.iter().map(|b| (*b).to_owned()).collect();
         let held = self.holdings().held(&bindings, &BTreeSet::new());
-        let request = self.target.request(RevokeRequest {
+        let request = self.request(RevokeRequest {
             bindings: bindings.clone(),
             held,
         })?;
@@ -337,151 +447,5 @@ impl Client {
             holdings.forget(binding);
         }
         Ok(answer.revoked)
-    }
-}
-
-/// One watch's state between items.
-struct Watching {
-    client: Client,
-    bindings: Vec<String>,
-    stream: Option<tonic::Streaming<WatchResponse>>,
-    backoff: Backoff,
-    delay: Duration,
-    /// Bindings whose lease the broker lost: their handles are not
-    /// presented until a new credential replaces them.
-    dropped: BTreeSet<String>,
-    /// First messages still to come on the current stream (one per binding).
-    to_receive: usize,
-    changed: bool,
-    /// Whether the first item went out: it does once every binding is
-    /// there, even when everything was resumed from the store unchanged.
-    yielded: bool,
-    done: bool,
-}
-
-impl Watching {
-    async fn next(&mut self) -> Option<Result<CredentialSet, Error>> {
-        loop {
-            if self.done {
-                return None;
-            }
-            let Some(stream) = self.stream.as_mut() else {
-                tokio::time::sleep(self.delay).await;
-                match self.open().await {
-                    Ok(stream) => {
-                        self.stream = Some(stream);
-                        self.to_receive = self.bindings.len();
-                    }
-                    Err(error) => {
-                        if let Some(end) = self.failed(error) {
-                            return Some(Err(end));
-                        }
-                    }
-                }
-                continue;
-            };
-            match stream.message().await {
-                Ok(Some(message)) => {
-                    self.backoff.reset();
-                    let Some(credential) = message.credential else {
-                        continue;
-                    };
-                    if !credential.handle.is_empty() {
-                        self.dropped.remove(&credential.binding);
-                    }
-                    self.changed |= self.client.holdings().absorb(credential);
-                    self.to_receive = self.to_receive.saturating_sub(1);
-                    if self.to_receive == 0 && (self.changed || !self.yielded) {
-                        self.changed = false;
-                        self.yielded = true;
-                        return Some(Ok(self.client.holdings().subset(&self.bindings)));
-                    }
-                }
-                Ok(None) => {
-                    self.stream = None;
-                    self.delay = self.backoff.next_delay();
-                }
-                Err(status) => {
-                    self.stream = None;
-                    if let Some(end) = self.ended(status) {
-                        return Some(Err(end));
-                    }
-                }
-            }
-        }
-    }
-
-    async fn open(&self) -> Result<tonic::Streaming<WatchResponse>, Error> {
-        let held = self.client.holdings().held(&self.bindings, &self.dropped);
-        let request = self.client.target.request(WatchRequest {
-            bindings: self.bindings.clone(),
-            held,
-            ..Default::default()
-        })?;
-        Ok(self
-            .client
-            .target
-            .client()?
-            .watch(request)
-            .await?
-            .into_inner())
-    }
-
-    /// Opening failed: waits and retries, or ends the watch with `error`.
-    fn failed(&mut self, error: Error) -> Option<Error> {
-        match error {
-            Error::Broker(status) => self.ended(status),
-            error if error.is_retryable() => {
-                self.delay = self.backoff_after(&error);
-                None
-            }
-            error => {
-                self.done = true;
-                Some(error)
-            }
-        }
-    }
-
-    /// The stream (or the call opening it) ended with `status`: the
-    /// documented reaction to it; the error when the watch must end.
-    fn ended(&mut self, status: tonic::Status) -> Option<Error> {
-        self.client.forget_broken(&status);
-        match Reaction::to(&status) {
-            Reaction::ReconnectNow(_) => {
-                self.delay = RECONNECT_SPREAD.mul_f64(fastrand::f64());
-                None
-            }
-            Reaction::DropHandle(binding) => {
-                self.dropped.insert(binding);
-                self.delay = self.backoff.next_delay();
-                None
-            }
-            // A watch here is of one set of bindings, all or none.
-            Reaction::Slow | Reaction::SetAside(_) => {
-                self.delay = BACKOFF.1;
-                None
-            }
-            Reaction::Backoff => {
-                let error = Error::from(status);
-                self.delay = self.backoff_after(&error);
-                None
-            }
-            Reaction::Stop => {
-                self.done = true;
-                Some(Error::from(status))
-            }
-        }
-    }
-
-    /// The next backoff, but no sooner than the broker's suggested wait.
-    fn backoff_after(&mut self, error: &Error) -> Duration {
-        let delay = self.backoff.next_delay();
-        match error {
-            Error::Unavailable {
-                retry_after: Some(hint),
-                ..
-            } => delay.max(*hint),
-            _ => delay,
-        }
     }
 }

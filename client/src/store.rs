@@ -83,20 +83,8 @@ impl Store {
     pub(crate) fn save(&self, mut wire: Wire) {
         if tessera_proto::is_safe_name(&wire.binding) {
             let bytes = Zeroizing::new(wire.encode_to_vec());
-            let target = self.dir.join(&wire.binding);
-            let partial = self.dir.join(format!(".{}.partial", wire.binding));
-            let _ = fs::remove_file(&partial);
-            let written = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o400)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(&partial)
-                .and_then(|mut file| file.write_all(&bytes))
-                .and_then(|()| fs::rename(&partial, &target));
-            if written.is_err() {
-                let _ = fs::remove_file(&partial);
-            }
+            // Best effort: a failure leaves the previous copy.
+            let _ = tessera_atomic_file::replace(&self.dir.join(&wire.binding), &bytes, 0o400);
         }
         for value in wire.fields.values_mut() {
             value.zeroize();

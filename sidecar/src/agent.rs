@@ -1,23 +1,20 @@
-//! The two modes: `once` (fetch, write, exit) and `run` (write, then follow
-//! `Watch`, reconnecting with capped, jittered backoff and keeping the files
-//! it has).
+//! The two modes: `once` (fetch, write, exit) and `run` (follow the client's
+//! [`Watch`] and write each credential, keeping the files it has). The watch
+//! protocol itself (reconnects, handles, backoff, bindings set aside) is the
+//! client crate's; this module only writes, notifies and keeps the status.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, SystemTime},
 };
 
-use tessera_proto::v1::{
-    Credential, FetchRequest, Held, RevokeRequest, WatchRequest, WhoAmIRequest, WhoAmIResponse,
-};
+use tessera_client::{Client, Event, Watch, WatchOptions, retry::Backoff};
+use tessera_proto::v1::{Credential, WhoAmIRequest, WhoAmIResponse};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use zeroize::Zeroizing;
 
-use tessera_client::retry::{self, Backoff, Reaction};
-
 use crate::{
-    client::{self, BrokerTarget, SetupError},
+    client::{self, BrokerTarget},
     notify::{Notifier, Notify},
     status::{Status, Vouched},
     writer::{Access, Fields, Meta, WriteError, Writer},
@@ -26,12 +23,10 @@ use crate::{
 /// Why a fetch or a watch ended.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The call could not be prepared (token, CA, address).
+    /// The call could not be prepared (token, CA, address), the broker
+    /// refused it or could not be reached.
     #[error(transparent)]
-    Client(#[from] SetupError),
-    /// The broker answered with an error status or could not be reached.
-    #[error("broker: {}: {}", .0.code(), .0.message())]
-    Broker(#[from] tonic::Status),
+    Client(#[from] tessera_client::Error),
     /// The broker answered without a binding that was asked for.
     #[error("broker's answer lacks binding `{0}`")]
     Incomplete(String),
@@ -49,61 +44,40 @@ impl AgentError {
     /// Whether retrying can help: not for denials or local mistakes.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AgentError::Broker(status) => retry::is_retryable(status.code()),
-            AgentError::Client(SetupError::Token { .. } | SetupError::BadToken(_)) => true,
-            AgentError::Client(_) | AgentError::Write { .. } => false,
+            AgentError::Client(error) => error.is_retryable(),
+            AgentError::Write { .. } => false,
             AgentError::Incomplete(_) => true,
         }
     }
 }
 
 /// What to fetch and where to write it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Job {
-    /// The broker.
-    pub target: BrokerTarget,
+    /// The broker's client (its target, the pod's shorter TTLs, the lease
+    /// handles held); clones share what it holds.
+    pub client: Client,
     /// Bindings to fetch.
     pub bindings: Vec<String>,
     /// The volume writer.
     pub writer: Writer,
     /// What to do after a rotation.
     pub notify: Notify,
-    /// The pod's own shorter TTLs, in seconds, per binding.
-    pub max_ttl: BTreeMap<String, u32>,
 }
 
 impl Job {
-    /// This job for the bindings `keep` accepts (and their TTLs only).
+    /// This job for the bindings `keep` accepts.
     fn only(&self, keep: impl Fn(&str) -> bool) -> Job {
         let mut job = self.clone();
         job.bindings.retain(|b| keep(b));
-        job.max_ttl.retain(|b, _| keep(b));
         job
-    }
-
-    /// The handles the pod holds: those of credentials delivered but not yet
-    /// written, else those stored with the bindings' current files.
-    fn held(&self, unwritten: &Unwritten) -> Vec<Held> {
-        self.bindings
-            .iter()
-            .filter_map(|binding| {
-                let handle = match unwritten.0.get(binding) {
-                    Some(pending) => pending.handle.clone(),
-                    None => self.writer.handle(binding),
-                };
-                handle.map(|handle| Held {
-                    binding: binding.clone(),
-                    handle,
-                })
-            })
-            .collect()
     }
 }
 
 /// A delivered credential whose files could not be written yet (a full
 /// volume): kept in memory, zeroized on drop, and written again later. Its
-/// handle is presented on reconnect, so the broker resumes it instead of
-/// minting another.
+/// handle is the client's (presented on reconnect), so the broker resumes it
+/// instead of minting another.
 struct Pending {
     fields: Fields,
     version: String,
@@ -238,8 +212,13 @@ fn write_credential(
 /// # Errors
 /// An [`AgentError`]: the token, the CA, or the broker's answer.
 pub async fn who_am_i(target: &BrokerTarget) -> Result<WhoAmIResponse, AgentError> {
-    let request = client::request(target, WhoAmIRequest {})?;
-    Ok(target.client()?.who_am_i(request).await?.into_inner())
+    let request = client::request(target, WhoAmIRequest {}).map_err(tessera_client::Error::from)?;
+    let mut broker = target.client().map_err(tessera_client::Error::from)?;
+    let answer = broker
+        .who_am_i(request)
+        .await
+        .map_err(tessera_client::Error::from)?;
+    Ok(answer.into_inner())
 }
 
 /// Fetches every binding and writes them; all or nothing from the broker.
@@ -263,17 +242,20 @@ pub async fn once(job: &Job) -> Result<(), AgentError> {
             break;
         }
         match fetch_and_write(&active).await {
-            Err(AgentError::Broker(status)) => match Reaction::to(&status) {
-                Reaction::SetAside(binding) if !aside.contains(&binding) => {
-                    tracing::warn!(%binding, message = status.message(), "the broker cannot serve this binding as its source stands; writing the others without it");
-                    let mut file_status = Status::read(job.writer.out());
-                    file_status.unservable(&binding, status.message());
-                    file_status.write(job.writer.out());
-                    aside.insert(binding);
-                    refused.get_or_insert(AgentError::Broker(status));
-                }
-                _ => return Err(AgentError::Broker(status)),
-            },
+            Err(AgentError::Client(tessera_client::Error::Unservable {
+                binding: Some(binding),
+                message,
+            })) if !aside.contains(&binding) => {
+                tracing::warn!(%binding, %message, "the broker cannot serve this binding as its source stands; writing the others without it");
+                let mut file_status = Status::read(job.writer.out());
+                file_status.unservable(&binding, &message);
+                file_status.write(job.writer.out());
+                aside.insert(binding.clone());
+                refused.get_or_insert(AgentError::Client(tessera_client::Error::Unservable {
+                    binding: Some(binding),
+                    message,
+                }));
+            }
             other => {
                 other?;
                 break;
@@ -286,37 +268,25 @@ pub async fn once(job: &Job) -> Result<(), AgentError> {
 /// Fetches every binding of `job` and writes them, all or none from the
 /// broker's side.
 async fn fetch_and_write(job: &Job) -> Result<(), AgentError> {
-    let mut client = job.target.client()?;
-    let mut unwritten = Unwritten::default();
-    let request = client::request(
-        &job.target,
-        FetchRequest {
-            bindings: job.bindings.clone(),
-            held: job.held(&unwritten),
-            max_ttl_seconds: job.max_ttl.clone(),
-        },
-    )?;
-    let response = client.fetch(request).await?.into_inner();
+    let credentials = job.client.fetch_credentials(&job.bindings).await?;
     for name in &job.bindings {
-        if !response.credentials.iter().any(|c| &c.binding == name) {
+        if !credentials.iter().any(|c| &c.binding == name) {
             return Err(AgentError::Incomplete(name.clone()));
         }
     }
     let mut status = Status::read(job.writer.out());
+    let mut unwritten = Unwritten::default();
     let mut failed = None;
     let mut orphaned = Vec::new();
-    for credential in response.credentials {
+    for credential in credentials {
         let (binding, version) = (credential.binding.clone(), credential.version.clone());
-        let handle = credential.handle.clone();
+        let leased = !credential.handle.is_empty();
         match write_credential(&job.writer, &mut status, &mut unwritten, credential) {
             Delivery::Written(true) => job.notify.rotated(&binding, &version).await,
             Delivery::Written(false) => {}
             Delivery::Failed(source) => {
-                if !handle.is_empty() {
-                    orphaned.push(Held {
-                        binding: binding.clone(),
-                        handle,
-                    });
+                if leased {
+                    orphaned.push(binding.to_owned());
                 }
                 failed.get_or_insert(AgentError::Write { binding, source });
             }
@@ -324,21 +294,15 @@ async fn fetch_and_write(job: &Job) -> Result<(), AgentError> {
     }
     status.write(job.writer.out());
     if !orphaned.is_empty() {
-        give_back(job, orphaned).await;
+        give_back(job, &orphaned).await;
     }
     failed.map_or(Ok(()), Err)
 }
 
 /// Revokes leases that were delivered but could not be written.
-async fn give_back(job: &Job, held: Vec<Held>) {
-    let bindings = held.iter().map(|h| h.binding.clone()).collect();
-    let result = async {
-        let mut client = job.target.client()?;
-        let request = client::request(&job.target, RevokeRequest { bindings, held })?;
-        Ok::<_, AgentError>(client.revoke(request).await?.into_inner().revoked)
-    }
-    .await;
-    match result {
+async fn give_back(job: &Job, bindings: &[String]) {
+    let bindings: Vec<&str> = bindings.iter().map(String::as_str).collect();
+    match job.client.revoke(&bindings).await {
         Ok(revoked) => tracing::info!(
             ?revoked,
             "gave back leases whose files could not be written"
@@ -349,187 +313,25 @@ async fn give_back(job: &Job, held: Vec<Held>) {
     }
 }
 
-/// Follows `Watch` until `shutdown`, rewriting files on every change. Errors
-/// are logged and retried; the files on disk are never removed. A binding
-/// whose files cannot be written is reported and retried on its own; the
-/// other bindings go on.
+/// Follows the bindings until `shutdown` (the client's [`Watch`] reconnects,
+/// backs off and sets aside what the broker cannot serve), writing files on
+/// every change. The files on disk are never removed. A binding whose files
+/// cannot be written is reported and retried on its own; the other bindings
+/// go on.
 ///
 /// # Errors
-/// Only errors retrying cannot fix (denied, invalid request, unusable volume).
+/// Only errors retrying cannot fix (denied, invalid request).
 pub async fn run(
     job: &Job,
     backoff_max: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), backoff_max);
     let mut status = Status::read(job.writer.out());
     let mut unwritten = Unwritten::default();
-    // Bindings whose lease the broker lost: their handles are not presented
-    // again until a new credential replaces them.
-    let mut lost = BTreeSet::new();
     let notifier = Notifier::start(job.notify.clone());
-    // Bindings the broker cannot serve as their sources stand, and when to
-    // ask for each again, alone: the others are watched without them, so
-    // one bad secret never costs the pod its other credentials or leases.
-    let mut aside: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
-    loop {
-        let now = tokio::time::Instant::now();
-        let due: Vec<String> = aside
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(binding, _)| binding.clone())
-            .collect();
-        for binding in due {
-            match once(&job.only(|b| b == binding)).await {
-                Ok(()) => {
-                    tracing::info!(%binding, "the binding set aside is served again");
-                    aside.remove(&binding);
-                    status = Status::read(job.writer.out());
-                }
-                Err(error) => {
-                    tracing::warn!(%binding, %error, retry_in = ?backoff_max, "the binding set aside is still not served");
-                    aside.insert(binding, now + backoff_max);
-                }
-            }
-        }
-        let active = job.only(|b| !aside.contains_key(b));
-        if active.bindings.is_empty() {
-            let next = aside.values().min().copied();
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = sleep_until(next) => {}
-            }
-            continue;
-        }
-        // A binding set aside is asked for again when its time comes: the
-        // stream of the others ends then and resumes right after (its leases
-        // are resumed with their handles, nothing is re-issued).
-        let next_aside = aside.values().min().copied();
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            result = watch_once(&active, &notifier, &mut backoff, &mut status, &mut unwritten, &mut lost) => result,
-            () = sleep_until(next_aside) => continue,
-        };
-        let one_binding = matches!(&result, Err(AgentError::Broker(s)) if matches!(Reaction::to(s), Reaction::SetAside(_)));
-        let mut refused = None;
-        if let Err(error) = &result
-            && !one_binding
-        {
-            status.stale(&error.to_string());
-            status.write(job.writer.out());
-        }
-        let delay = match result {
-            Ok(Ended::Rotated) => {
-                tracing::debug!("rotation written; reconnecting on a fresh connection");
-                Duration::ZERO
-            }
-            Ok(Ended::ByBroker) => {
-                tracing::info!("watch stream ended; reconnecting");
-                backoff.next_delay()
-            }
-            Err(AgentError::Broker(status)) => match Reaction::to(&status) {
-                Reaction::ReconnectNow(why) => {
-                    tracing::info!(
-                        reason = why,
-                        message = status.message(),
-                        "the broker ended the stream; reconnecting now"
-                    );
-                    // Spread a fleet's reconnects over a moment (a replica
-                    // shutting down ends all its streams at once).
-                    RECONNECT_SPREAD.mul_f64(fastrand::f64())
-                }
-                Reaction::DropHandle(binding) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(%binding, message = status.message(), retry_in = ?delay, "the broker lost the lease; reconnecting without its handle");
-                    unwritten.0.remove(&binding);
-                    lost.insert(binding);
-                    delay
-                }
-                // The source's data does not make the binding's files (an
-                // unsafe key, a collision): the security team can fix the
-                // secret, so the sidecar keeps its files and asks again, slowly.
-                Reaction::SetAside(binding) => {
-                    tracing::warn!(%binding, message = status.message(), retry_in = ?backoff_max, "the broker cannot serve this binding as its source stands; serving the others without it and asking for it alone");
-                    refused = Some((binding, status.message().to_owned()));
-                    Duration::ZERO
-                }
-                Reaction::Slow => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?backoff_max, "the broker cannot serve a binding as its source stands; keeping current files");
-                    backoff_max
-                }
-                Reaction::Backoff => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(code = ?status.code(), message = status.message(), retry_in = ?delay, "keeping current files; will retry");
-                    delay
-                }
-                Reaction::Stop => return Err(AgentError::Broker(status)),
-            },
-            Err(error) if error.is_retryable() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, "keeping current files; will retry");
-                delay
-            }
-            Err(error) => return Err(error),
-        };
-        if let Some((binding, message)) = refused {
-            status.unservable(&binding, &message);
-            status.write(job.writer.out());
-            aside.insert(binding, tokio::time::Instant::now() + backoff_max);
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
-}
-
-/// Longest random wait before reconnecting when the broker asked for it.
-const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
-
-/// Why a watch ended without an error.
-enum Ended {
-    /// The broker ended the stream.
-    ByBroker,
-    /// A rotation was written: the connection that carried the superseded
-    /// value is dropped, so its transport buffers (rustls, h2, tonic), which
-    /// live as long as the connection, are freed, and the zero-on-free
-    /// allocator clears them. The next stream resumes on a fresh connection.
-    Rotated,
-}
-
-/// How often an open stream's credentials are checked for expiry.
-const EXPIRY_CHECK: Duration = Duration::from_secs(5);
-
-/// First and longest wait before writing a failed credential again.
-const WRITE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
-
-async fn watch_once(
-    job: &Job,
-    notifier: &Notifier,
-    backoff: &mut Backoff,
-    status: &mut Status,
-    unwritten: &mut Unwritten,
-    lost: &mut BTreeSet<String>,
-) -> Result<Ended, AgentError> {
-    let mut client = job.target.client()?;
-    // The span covers opening the stream (the broker's Watch span is its
-    // child), not the stream's whole life.
-    let span = tracing::info_span!("sidecar.watch", bindings = job.bindings.len());
-    let request = span.in_scope(|| {
-        client::request(
-            &job.target,
-            WatchRequest {
-                bindings: job.bindings.clone(),
-                held: job
-                    .held(unwritten)
-                    .into_iter()
-                    .filter(|h| !lost.contains(&h.binding))
-                    .collect(),
-                max_ttl_seconds: job.max_ttl.clone(),
-            },
-        )
-    })?;
-    let mut stream = client.watch(request).instrument(span).await?.into_inner();
+    let mut watch = job
+        .client
+        .follow(job.bindings.clone(), WatchOptions { backoff_max });
     let mut write_backoff = Backoff::new(WRITE_RETRY.0, WRITE_RETRY.1);
     // When to write failed credentials again; set while some are pending.
     let mut retry_at: Option<tokio::time::Instant> = None;
@@ -542,11 +344,15 @@ async fn watch_once(
             let delay = write_backoff.next_delay().max(WRITE_RETRY.0 / 2);
             retry_at = Some(tokio::time::Instant::now() + delay);
         }
-        let message = tokio::select! {
-            message = stream.message() => message?,
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            event = watch.next() => match event {
+                Some(event) => event?,
+                None => return Ok(()),
+            },
             () = sleep_until(retry_at) => {
                 retry_at = None;
-                for (binding, version) in unwritten.retry(&job.writer, status) {
+                for (binding, version) in unwritten.retry(&job.writer, &mut status) {
                     notifier.rotated(&binding, &version);
                 }
                 status.write(job.writer.out());
@@ -562,22 +368,89 @@ async fn watch_once(
                 continue;
             }
         };
-        let Some(message) = message else {
-            return Ok(Ended::ByBroker);
-        };
-        if let Some(credential) = message.credential {
-            let (binding, version) = (credential.binding.clone(), credential.version.clone());
-            lost.remove(&binding);
-            let delivery = write_credential(&job.writer, status, unwritten, credential);
-            status.write(job.writer.out());
-            backoff.reset();
-            if let Delivery::Written(true) = delivery {
-                notifier.rotated(&binding, &version);
-                return Ok(Ended::Rotated);
-            }
-        }
+        take_event(
+            job,
+            &notifier,
+            &mut watch,
+            (&mut status, &mut unwritten),
+            event,
+        );
     }
 }
+
+/// What the sidecar does with one event of its watch: write, notify, and
+/// keep the status file true.
+fn take_event(
+    job: &Job,
+    notifier: &Notifier,
+    watch: &mut Watch,
+    (status, unwritten): (&mut Status, &mut Unwritten),
+    event: Event,
+) {
+    match event {
+        Event::Credential(credential) => {
+            let (binding, version) = (credential.binding.clone(), credential.version.clone());
+            let delivery = write_credential(&job.writer, status, unwritten, credential);
+            status.write(job.writer.out());
+            if let Delivery::Written(true) = delivery {
+                notifier.rotated(&binding, &version);
+                // The connection that carried the superseded value is
+                // dropped, so its transport buffers (rustls, h2, tonic),
+                // which live as long as the connection, are freed and the
+                // zero-on-free allocator clears them.
+                tracing::debug!("rotation written; reconnecting on a fresh connection");
+                watch.reconnect();
+            }
+        }
+        Event::Reconnecting {
+            reason, message, ..
+        } => {
+            tracing::info!(
+                reason,
+                message,
+                "the broker ended the stream; reconnecting now"
+            );
+        }
+        Event::Interrupted {
+            cause: None,
+            retry_in,
+        } => tracing::info!(?retry_in, "watch stream ended; reconnecting"),
+        Event::Interrupted {
+            cause: Some(error),
+            retry_in,
+        } => {
+            tracing::warn!(%error, ?retry_in, "keeping current files; will retry");
+            status.stale(&error.to_string());
+            status.write(job.writer.out());
+        }
+        Event::LeaseLost { binding, message } => {
+            tracing::warn!(%binding, %message, "the broker lost the lease; reconnecting without its handle");
+            unwritten.0.remove(&binding);
+        }
+        Event::SetAside {
+            binding,
+            message,
+            retry_in,
+        } => {
+            // The source's data does not make the binding's files (an unsafe
+            // key, a collision): the security team can fix the secret, so the
+            // sidecar keeps its files and the watch asks again, slowly.
+            tracing::warn!(%binding, %message, ?retry_in, "the broker cannot serve this binding as its source stands; serving the others without it and asking for it alone");
+            status.unservable(&binding, &message);
+            status.write(job.writer.out());
+        }
+        Event::Rejoined(binding) => {
+            tracing::info!(%binding, "the binding set aside is served again");
+        }
+        _ => {}
+    }
+}
+
+/// How often an open stream's credentials are checked for expiry.
+const EXPIRY_CHECK: Duration = Duration::from_secs(5);
+
+/// First and longest wait before writing a failed credential again.
+const WRITE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
@@ -593,13 +466,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// An [`AgentError`] when the broker cannot be reached or refuses.
 #[tracing::instrument(name = "sidecar.revoke", skip_all)]
 pub async fn revoke(job: &Job) -> Result<Vec<String>, AgentError> {
-    let mut client = job.target.client()?;
-    let request = client::request(
-        &job.target,
-        RevokeRequest {
-            bindings: job.bindings.clone(),
-            held: job.held(&Unwritten::default()),
-        },
-    )?;
-    Ok(client.revoke(request).await?.into_inner().revoked)
+    let bindings: Vec<&str> = job.bindings.iter().map(String::as_str).collect();
+    Ok(job.client.revoke(&bindings).await?)
 }

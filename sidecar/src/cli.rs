@@ -309,17 +309,27 @@ impl Common {
                 ));
             }
         };
+        let writer = Writer::new(self.volume.out.clone(), self.group)
+            .with_output(self.pod_output.clone().unwrap_or_default());
+        // Leases the pod held before a restart are resumed with the handles
+        // kept beside their files.
+        let handles: Vec<(String, String)> = bindings
+            .iter()
+            .filter_map(|binding| Some((binding.clone(), writer.handle(binding)?)))
+            .collect();
+        let client = tessera_client::Client::new(self.connection.target()?)
+            .with_max_ttl(self.max_ttl.iter().cloned().collect())
+            .with_handles(handles)
+            .with_metadata_hook(std::sync::Arc::new(tessera_telemetry::inject_context));
         Ok(Job {
             notify: Notify {
                 signal,
                 command: self.notify_command.clone(),
                 url: self.notify_url.clone(),
             },
-            target: self.connection.target()?,
+            client,
             bindings,
-            max_ttl: self.max_ttl.iter().cloned().collect(),
-            writer: Writer::new(self.volume.out.clone(), self.group)
-                .with_output(self.pod_output.clone().unwrap_or_default()),
+            writer,
         })
     }
 }

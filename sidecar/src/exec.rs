@@ -51,24 +51,9 @@ pub fn parse_on_rotate(text: &str) -> Result<OnRotate, String> {
 pub fn install(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let target = dir.join("tessera-sidecar");
-    let partial = dir.join(".tessera-sidecar.partial");
-    // Whatever is planted under the partial name (a symlink to a file to
-    // overwrite) goes first; the new file is created, never followed.
-    match std::fs::remove_file(&partial) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o700)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&partial)?;
-    std::io::copy(&mut std::fs::File::open("/proc/self/exe")?, &mut file)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o555))?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&partial, &target)?;
+    tessera_atomic_file::replace_with(&target, 0o555, |file| {
+        std::io::copy(&mut std::fs::File::open("/proc/self/exe")?, file).map(drop)
+    })?;
     Ok(target)
 }
 

@@ -223,12 +223,14 @@ async fn whoami(connection: &tessera_sidecar::cli::Connection) -> ExitCode {
 }
 
 fn exit_code(error: &AgentError) -> u8 {
-    use tessera_client::SetupError;
+    use tessera_client::{Error, SetupError};
     match error {
-        AgentError::Broker(status) if status.code() == tonic::Code::PermissionDenied => EXIT_DENIED,
-        AgentError::Broker(_) | AgentError::Incomplete(_) => EXIT_UNAVAILABLE,
-        AgentError::Client(SetupError::Token { .. } | SetupError::Ca { .. }) => EXIT_NO_INPUT,
-        AgentError::Client(_) | AgentError::Write { .. } => 1,
+        AgentError::Client(Error::Denied { .. }) => EXIT_DENIED,
+        AgentError::Client(Error::Setup(SetupError::Token { .. } | SetupError::Ca { .. })) => {
+            EXIT_NO_INPUT
+        }
+        AgentError::Client(Error::Setup(_)) | AgentError::Write { .. } => 1,
+        AgentError::Client(_) | AgentError::Incomplete(_) => EXIT_UNAVAILABLE,
     }
 }
 

@@ -159,21 +159,8 @@ impl Status {
     /// Writes the file atomically (temp file, then rename). Failures are
     /// logged: the status is advisory.
     pub fn write(&self, out: &Path) {
-        let target = out.join(STATUS_FILE);
-        let tmp: PathBuf = out.join("..tessera-status.json.tmp");
-        let result = (|| -> std::io::Result<()> {
-            let _ = fs::remove_file(&tmp);
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default())?;
-            file.set_permissions(fs::Permissions::from_mode(0o444))?;
-            file.sync_all()?;
-            fs::rename(&tmp, &target)
-        })();
-        if let Err(error) = result {
+        let text = serde_json::to_vec_pretty(self).unwrap_or_default();
+        if let Err(error) = tessera_atomic_file::replace(&out.join(STATUS_FILE), &text, 0o444) {
             tracing::warn!(%error, "cannot write the status file");
         }
     }
