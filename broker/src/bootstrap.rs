@@ -8,8 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -424,23 +422,7 @@ fn write_if_changed(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Bootstra
     if std::fs::read(path).is_ok_and(|old| Zeroizing::new(old).as_slice() == bytes) {
         return Ok(());
     }
-    // Named after the file and this process: two files, or two writers of
-    // one directory, never share it.
-    let name = path
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let aside = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
-    let _ = std::fs::remove_file(&aside);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&aside)
-        .map_err(|source| io(&aside, source))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|source| io(&aside, source))?;
-    std::fs::rename(&aside, path).map_err(|source| io(path, source))
+    tessera_atomic_file::replace(path, bytes, mode).map_err(|source| io(path, source))
 }
 
 /// Sets every webhook's `caBundle` in the configuration to the CA file, when

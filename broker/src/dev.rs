@@ -5,8 +5,6 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -300,28 +298,15 @@ fn format_uuid(b: &[u8]) -> String {
 /// # Errors
 /// When the file cannot be written.
 pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), DevError> {
-    let tmp = path.with_extension("tmp");
-    write_file(&tmp, bytes, 0o600)?;
-    fs::rename(&tmp, path).map_err(|source| DevError::Io {
+    write_file(path, bytes, 0o600)
+}
+
+/// Replaces `path` with `bytes`, with `mode`, at once.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DevError> {
+    tessera_atomic_file::replace(path, bytes, mode).map_err(|source| DevError::Io {
         path: path.display().to_string(),
         source,
     })
-}
-
-/// Writes `bytes` to `path`, replacing it, with `mode`.
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DevError> {
-    let io = |source| DevError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let _ = fs::remove_file(path);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    file.write_all(bytes).map_err(io)
 }
 
 /// Creates a dev directory: signing key + JWKS, and a CA with a serving

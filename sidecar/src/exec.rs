@@ -49,7 +49,6 @@ pub fn parse_on_rotate(text: &str) -> Result<OnRotate, String> {
 /// # Errors
 /// When the binary cannot be read or `dir` written.
 pub fn install(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let target = dir.join("tessera-sidecar");
     tessera_atomic_file::replace_with(&target, 0o555, |file| {
         std::io::copy(&mut std::fs::File::open("/proc/self/exe")?, file).map(drop)

@@ -5,14 +5,7 @@
 //! does not answer).
 //! `tessera-sidecar check` reads it for probes.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, fs, path::Path, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -211,7 +204,7 @@ pub fn check(out: &Path, bindings: &[String]) -> Result<(), CheckError> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{os::unix::fs::PermissionsExt as _, time::Duration};
 
     use super::*;
 
