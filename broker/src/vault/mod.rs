@@ -4,7 +4,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use rustify::{
@@ -25,8 +25,10 @@ use crate::secret::Secret;
 pub mod kv1;
 mod kv2;
 pub mod leases;
+mod login;
 
 pub use kv2::KvSecret;
+use login::Login;
 
 /// How the broker logs in to Vault.
 #[derive(Clone, Debug)]
@@ -206,13 +208,6 @@ fn api_error(error: RestClientError) -> ClientError {
     ClientError::from(error)
 }
 
-struct Login {
-    /// Identifies the token source: the token file's (mtime, len), or the
-    /// AppRole login time.
-    stamp: Option<(SystemTime, u64)>,
-    renew_at: Option<Instant>,
-}
-
 /// A span for one Vault request, inside a request's trace only: the
 /// background pollers and health checks would each start a trace of their own.
 fn vault_span(operation: &'static str) -> tracing::Span {
@@ -221,21 +216,6 @@ fn vault_span(operation: &'static str) -> tracing::Span {
     } else {
         tracing::info_span!("vault", operation)
     }
-}
-
-/// Reads a login credential file, zeroized when dropped.
-fn read_secret_file(
-    path: &std::path::Path,
-    what: &str,
-) -> Result<zeroize::Zeroizing<String>, VaultError> {
-    std::fs::read_to_string(path)
-        .map(zeroize::Zeroizing::new)
-        .map_err(|e| {
-            VaultError::Login(format!(
-                "cannot read the {what} file {}: {e}",
-                path.display()
-            ))
-        })
 }
 
 /// The short name of an endpoint type, as a bounded metric label.
@@ -250,6 +230,8 @@ pub struct Vault {
     settings: VaultSettings,
     client: RwLock<Arc<VaultClient>>,
     login: Mutex<Login>,
+    /// Until when the current login needs no look (no lock, no stat).
+    fresh_until: std::sync::Mutex<Option<Instant>>,
     reach: std::sync::Mutex<Reachability>,
 }
 
@@ -302,10 +284,8 @@ impl Vault {
             metrics,
             settings,
             client: RwLock::new(Arc::new(client)),
-            login: Mutex::new(Login {
-                stamp: None,
-                renew_at: None,
-            }),
+            login: Mutex::new(Login::default()),
+            fresh_until: std::sync::Mutex::default(),
             reach: std::sync::Mutex::default(),
         })
     }
@@ -334,107 +314,6 @@ impl Vault {
         VaultClient::new(built).map_err(|e| VaultError::Login(error_chain(&e)))
     }
 
-    /// Makes sure the client holds a current token, then returns it.
-    async fn authed(&self) -> Result<Arc<VaultClient>, VaultError> {
-        let mut login = self.login.lock().await;
-        match &self.settings.auth {
-            VaultAuth::TokenFile(path) => {
-                let meta = std::fs::metadata(path).map_err(|e| {
-                    VaultError::Login(format!("cannot read token file {}: {e}", path.display()))
-                })?;
-                let stamp = (
-                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    meta.len(),
-                );
-                if login.stamp != Some(stamp) {
-                    let text = read_secret_file(path, "Vault token")?;
-                    let token = Secret::from(text.trim().to_owned());
-                    if token.is_empty() {
-                        return Err(VaultError::Login(format!(
-                            "token file {} is empty",
-                            path.display()
-                        )));
-                    }
-                    self.swap_client(&token)?;
-                    login.stamp = Some(stamp);
-                    tracing::info!(path = %path.display(), "loaded Vault token from file");
-                }
-            }
-            VaultAuth::AppRole {
-                mount,
-                role_id,
-                secret_id_file,
-            } => {
-                if login.renew_at.is_none_or(|at| Instant::now() >= at) {
-                    let secret_id = read_secret_file(secret_id_file, "AppRole secret id")?;
-                    let anonymous = Self::client(&self.settings, &Secret::default())?;
-                    let answer =
-                        vaultrs::auth::approle::login(&anonymous, mount, role_id, secret_id.trim())
-                            .await;
-                    self.logged_in(&mut login, "AppRole", mount, answer)?;
-                }
-            }
-            VaultAuth::Jwt {
-                mount,
-                role,
-                token_file,
-            } => {
-                if login.renew_at.is_none_or(|at| Instant::now() >= at) {
-                    let jwt = read_secret_file(token_file, "service-account token")?;
-                    let anonymous = Self::client(&self.settings, &Secret::default())?;
-                    let answer = vaultrs::auth::oidc::login(
-                        &anonymous,
-                        mount,
-                        jwt.trim(),
-                        Some(role.clone()),
-                    )
-                    .await;
-                    self.logged_in(&mut login, "JWT", mount, answer)?;
-                }
-            }
-        }
-        Ok(self
-            .client
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone())
-    }
-
-    /// Takes the token from a login answer and schedules the next login.
-    fn logged_in(
-        &self,
-        login: &mut Login,
-        method: &str,
-        mount: &str,
-        answer: Result<vaultrs::api::AuthInfo, ClientError>,
-    ) -> Result<(), VaultError> {
-        let auth = answer.map_err(|e| {
-            match VaultError::from_client(&format!("{method} login at {mount}"), e) {
-                unavailable @ VaultError::Unavailable(_) => unavailable,
-                other => VaultError::Login(other.to_string()),
-            }
-        })?;
-        let token = Secret::from(auth.client_token);
-        self.swap_client(&token)?;
-        let ttl = Duration::from_secs(auth.lease_duration.max(3));
-        login.renew_at = Some(Instant::now() + ttl * 2 / 3);
-        tracing::info!(mount, ttl = ?ttl, "logged in to Vault with {method}");
-        Ok(())
-    }
-
-    fn swap_client(&self, token: &Secret) -> Result<(), VaultError> {
-        let client = Arc::new(Self::client(&self.settings, token)?);
-        *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
-        Ok(())
-    }
-
-    /// Forgets the login so the next request logs in again (after a 403).
-    async fn invalidate(&self) {
-        let mut login = self.login.lock().await;
-        login.stamp = None;
-        login.renew_at = None;
-    }
-
     /// Executes `endpoint` with the current token, stamping `caller` (e.g.
     /// `namespace/service-account/pod/uid`) into the audited caller header,
     /// and keeps Vault's whole answer (lease id, duration, renewability).
@@ -447,6 +326,36 @@ impl Vault {
         what: &str,
         caller: Option<&str>,
     ) -> Result<EndpointResult<E::Response>, VaultError> {
+        self.send(endpoint, what, caller, |response| {
+            response
+                .wrap::<EndpointResult<E::Response>>()
+                .map_err(ClientError::from)
+        })
+        .await
+    }
+
+    /// Executes an endpoint that answers with no body (204).
+    ///
+    /// # Errors
+    /// A [`VaultError`].
+    pub async fn exec_empty<E: Endpoint>(
+        &self,
+        endpoint: E,
+        what: &str,
+        caller: Option<&str>,
+    ) -> Result<(), VaultError> {
+        self.send(endpoint, what, caller, |_| Ok(())).await
+    }
+
+    /// Sends `endpoint` with the current token and `caller` stamped, timed
+    /// and counted; `read` turns Vault's answer into the result.
+    async fn send<E: Endpoint, T>(
+        &self,
+        endpoint: E,
+        what: &str,
+        caller: Option<&str>,
+        read: impl FnOnce(rustify::endpoint::EndpointResult<E::Response>) -> Result<T, ClientError>,
+    ) -> Result<T, VaultError> {
         let client = self.authed().await?;
         let stamped = Stamped::new(&client, &self.settings.cluster, caller);
         let started = Instant::now();
@@ -456,11 +365,7 @@ impl Vault {
             .instrument(vault_span(operation::<E>()))
             .await
             .map_err(api_error)
-            .and_then(|response| {
-                response
-                    .wrap::<EndpointResult<E::Response>>()
-                    .map_err(ClientError::from)
-            });
+            .and_then(read);
         self.metrics.vault_request(
             operation::<E>(),
             started.elapsed().as_secs_f64(),
@@ -491,38 +396,6 @@ impl Vault {
                 Ok(())
             }
             Err(e) => Err(self.failed("auth/token/lookup-self", e).await),
-        }
-    }
-
-    /// Executes an endpoint that answers with no body (204).
-    ///
-    /// # Errors
-    /// A [`VaultError`].
-    pub async fn exec_empty<E: Endpoint>(
-        &self,
-        endpoint: E,
-        what: &str,
-        caller: Option<&str>,
-    ) -> Result<(), VaultError> {
-        let client = self.authed().await?;
-        let stamped = Stamped::new(&client, &self.settings.cluster, caller);
-        let started = Instant::now();
-        let result = endpoint
-            .with_middleware(&stamped)
-            .exec(client.http())
-            .instrument(vault_span(operation::<E>()))
-            .await;
-        self.metrics.vault_request(
-            operation::<E>(),
-            started.elapsed().as_secs_f64(),
-            result.is_err(),
-        );
-        match result {
-            Ok(_) => {
-                self.answered();
-                Ok(())
-            }
-            Err(e) => Err(self.failed(what, api_error(e)).await),
         }
     }
 
