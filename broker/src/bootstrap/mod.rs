@@ -26,6 +26,10 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
+use certs::{CaPair, mint_serving};
+
+mod certs;
+
 /// How long the CA is valid: rotating it means re-creating injected pods
 /// (they trust the CA they were given), so it is long.
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -293,112 +297,6 @@ fn entry<'a>(
         })
 }
 
-/// The CA's certificate (PEM) and key.
-struct CaPair {
-    cert_pem: String,
-    key: KeyPair,
-}
-
-impl CaPair {
-    fn from_secret(secret: &Secret, full: &str) -> Result<Self, BootstrapError> {
-        let field = |key: &str| -> Result<Zeroizing<String>, BootstrapError> {
-            let bytes = entry(
-                secret,
-                full,
-                key,
-                "a new CA (injected pods then need re-creating)",
-            )?;
-            Ok(Zeroizing::new(
-                String::from_utf8_lossy(&bytes.0).into_owned(),
-            ))
-        };
-        let key = KeyPair::from_pem(&field("ca.key")?).map_err(|e| BootstrapError::Malformed {
-            name: full.to_owned(),
-            detail: format!("`ca.key` is not a PEM private key: {e}"),
-        })?;
-        Ok(Self {
-            cert_pem: field("ca.crt")?.to_string(),
-            key,
-        })
-    }
-}
-
-/// The CA's parameters, the same every time: a renewed serving certificate
-/// names the stored CA as its issuer by these.
-fn ca_params() -> Result<CertificateParams, rcgen::Error> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Tessera broker CA");
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    Ok(params)
-}
-
-/// A TLS Secret with a serving certificate for `dns_names`, signed by `ca`
-/// or by a new CA.
-fn mint_serving(
-    name: &str,
-    namespace: &str,
-    dns_names: &[String],
-    ca: Option<CaPair>,
-) -> Result<Secret, BootstrapError> {
-    let now = SystemTime::now();
-    let ca = match ca {
-        Some(ca) => ca,
-        None => {
-            let key = KeyPair::generate()?;
-            let mut params = ca_params()?;
-            params.not_before = (now - Duration::from_secs(3600)).into();
-            params.not_after = (now + CA_LIFETIME).into();
-            let cert_pem = params.self_signed(&key)?.pem();
-            CaPair { cert_pem, key }
-        }
-    };
-    let issuer = rcgen::Issuer::new(ca_params()?, &ca.key);
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(dns_names.to_vec())?;
-    params.distinguished_name.push(
-        DnType::CommonName,
-        dns_names.first().map_or("tessera", String::as_str),
-    );
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.not_before = (now - Duration::from_secs(300)).into();
-    params.not_after = (now + SERVING_LIFETIME).into();
-    let cert = params.signed_by(&key, &issuer)?;
-    let renew_after = humantime::format_rfc3339_seconds(now + SERVING_LIFETIME - RENEW_BEFORE);
-    let data = BTreeMap::from([
-        ("ca.crt".to_owned(), ByteString(ca.cert_pem.into_bytes())),
-        (
-            "ca.key".to_owned(),
-            ByteString(ca.key.serialize_pem().into_bytes()),
-        ),
-        ("tls.crt".to_owned(), ByteString(cert.pem().into_bytes())),
-        (
-            "tls.key".to_owned(),
-            ByteString(key.serialize_pem().into_bytes()),
-        ),
-    ]);
-    Ok(Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            annotations: Some(BTreeMap::from([
-                (RENEW_AFTER_ANNOTATION.to_owned(), renew_after.to_string()),
-                (DNS_NAMES_ANNOTATION.to_owned(), dns_names.join(",")),
-            ])),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                "tessera-broker".to_owned(),
-            )])),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".to_owned()),
-        data: Some(data),
-        ..Secret::default()
-    })
-}
-
 /// Writes the CA, certificate and key (never the CA's key) where changed.
 fn write_tls(settings: &Settings, secret: &Secret) -> Result<(), BootstrapError> {
     let full = format!(
@@ -546,96 +444,4 @@ async fn handle_keys(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn names() -> Vec<String> {
-        vec!["tessera.tessera.svc".to_owned(), "tessera".to_owned()]
-    }
-
-    fn data(secret: &Secret, key: &str) -> Vec<u8> {
-        secret.data.as_ref().unwrap()[key].0.clone()
-    }
-
-    #[test]
-    fn a_fresh_secret_is_not_due_and_names_its_dns_names() {
-        let secret = mint_serving("tls", "tessera", &names(), None).unwrap();
-        assert!(!renewal_due(&secret, &names(), SystemTime::now()));
-        assert!(renewal_due(
-            &secret,
-            &["other.svc".to_owned()],
-            SystemTime::now()
-        ));
-        let later = SystemTime::now() + SERVING_LIFETIME - RENEW_BEFORE + Duration::from_secs(60);
-        assert!(renewal_due(&secret, &names(), later));
-        let mut bare = secret.clone();
-        bare.metadata.annotations = None;
-        assert!(renewal_due(&bare, &names(), SystemTime::now()));
-    }
-
-    #[test]
-    fn a_renewed_certificate_chains_to_the_stored_ca() {
-        let first = mint_serving("tls", "tessera", &names(), None).unwrap();
-        let ca = CaPair::from_secret(&first, "tessera/tls").unwrap();
-        let renewed = mint_serving("tls", "tessera", &names(), Some(ca)).unwrap();
-        assert_eq!(data(&first, "ca.crt"), data(&renewed, "ca.crt"));
-        assert_ne!(data(&first, "tls.crt"), data(&renewed, "tls.crt"));
-
-        // A TLS client trusting only the first CA accepts the renewed leaf.
-        use rustls::client::danger::ServerCertVerifier as _;
-        use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject as _};
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(&data(&first, "ca.crt")).unwrap())
-            .unwrap();
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            roots.into(),
-            rustls::crypto::ring::default_provider().into(),
-        )
-        .build()
-        .unwrap();
-        let leaf = CertificateDer::from_pem_slice(&data(&renewed, "tls.crt")).unwrap();
-        verifier
-            .verify_server_cert(
-                &leaf,
-                &[],
-                &ServerName::try_from("tessera.tessera.svc").unwrap(),
-                &[],
-                UnixTime::now(),
-            )
-            .unwrap();
-    }
-
-    #[test]
-    fn a_secret_without_the_ca_key_says_what_to_do() {
-        let mut secret = mint_serving("tls", "tessera", &names(), None).unwrap();
-        secret.data.as_mut().unwrap().remove("ca.key");
-        let error = CaPair::from_secret(&secret, "tessera/tls")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            error.contains("has no `ca.key`") && error.contains("delete it"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn files_are_replaced_only_when_changed_and_keys_are_private() {
-        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tls.key");
-        write_if_changed(&path, b"one", 0o400).unwrap();
-        let first = std::fs::metadata(&path).unwrap();
-        assert_eq!(first.permissions().mode() & 0o777, 0o400);
-        write_if_changed(&path, b"one", 0o400).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().ino(),
-            first.ino(),
-            "rewritten unchanged"
-        );
-        write_if_changed(&path, b"two", 0o400).unwrap();
-        assert_ne!(std::fs::metadata(&path).unwrap().ino(), first.ino());
-        assert_eq!(std::fs::read(&path).unwrap(), b"two");
-    }
-}
+mod tests;
