@@ -46,6 +46,13 @@ pub struct ConnectionLimits {
 /// How long a connection past its maximum age has before it is closed.
 pub const MAX_AGE_GRACE: Duration = Duration::from_secs(5);
 
+/// How often the broker pings each HTTP/2 connection.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most concurrent RPCs (streams) on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {

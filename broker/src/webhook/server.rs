@@ -148,8 +148,8 @@ async fn serve(
     server
         .http_builder()
         .http2()
-        .keep_alive_interval(crate::HTTP2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(crate::HTTP2_KEEPALIVE_TIMEOUT);
+        .keep_alive_interval(crate::listener::HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(crate::listener::HTTP2_KEEPALIVE_TIMEOUT);
     let serving = server.serve(router(webhook).into_make_service());
     tokio::pin!(serving);
     tokio::select! {
