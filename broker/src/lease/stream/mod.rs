@@ -32,6 +32,13 @@ use crate::{
     policy::{Binding, store::PolicyStore},
 };
 
+mod narrowing;
+mod slots;
+
+pub use narrowing::Narrowing;
+pub use slots::Slots;
+use slots::open;
+
 /// Most open `Watch` streams one pod may hold on one leased binding: each
 /// holds a live lease (a database user), so a pod cannot mint without bound.
 /// A few allow for a reconnect racing the old stream's end.
@@ -80,55 +87,6 @@ impl Streams {
     /// limit still applies).
     pub fn open(&self, caller: &Caller, bindings: &[Arc<Binding>]) -> Result<Slots, Error> {
         open(&self.counts, caller, bindings)
-    }
-}
-
-/// Takes a place for the caller's pod on each leased binding in `counts`.
-fn open(
-    counts: &Arc<Mutex<HashMap<(String, String), usize>>>,
-    caller: &Caller,
-    bindings: &[Arc<Binding>],
-) -> Result<Slots, Error> {
-    let mut slots = Slots {
-        counts: counts.clone(),
-        keys: Vec::new(),
-    };
-    let Some(pod) = &caller.identity.pod else {
-        return Ok(slots);
-    };
-    let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
-    for binding in bindings.iter().filter(|b| b.source.is_leased()) {
-        let key = (pod.uid.clone(), binding.name.clone());
-        let count = counts.entry(key.clone()).or_default();
-        if *count >= MAX_STREAMS_PER_POD_BINDING {
-            return Err(Error::TooManyStreams {
-                binding: binding.name.clone(),
-                limit: MAX_STREAMS_PER_POD_BINDING,
-            });
-        }
-        *count += 1;
-        slots.keys.push(key);
-    }
-    Ok(slots)
-}
-
-/// A stream's places in the per-pod counts; released when it ends.
-pub struct Slots {
-    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
-    keys: Vec<(String, String)>,
-}
-
-impl Drop for Slots {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        for key in self.keys.drain(..) {
-            if let Some(count) = counts.get_mut(&key) {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    counts.remove(&key);
-                }
-            }
-        }
     }
 }
 
@@ -487,54 +445,6 @@ fn changed_bindings(
             current => Some((binding.name.clone(), current.is_none())),
         })
         .collect()
-}
-
-/// A caller's own shorter TTLs per binding (`max_ttl_seconds`).
-#[derive(Clone, Debug, Default)]
-pub struct Narrowing(std::collections::BTreeMap<String, Duration>);
-
-impl Narrowing {
-    /// Checks what a caller asked for against the bindings it asked for.
-    ///
-    /// # Errors
-    /// A sentence for `INVALID_ARGUMENT`: a binding not requested, a KV
-    /// binding (nothing to expire), or a TTL below the policy's floor.
-    pub fn from_request(
-        asked: &std::collections::BTreeMap<String, u32>,
-        bindings: &[Arc<Binding>],
-    ) -> Result<Self, String> {
-        let mut narrowing = std::collections::BTreeMap::new();
-        for (name, seconds) in asked {
-            let Some(binding) = bindings.iter().find(|b| &b.name == name) else {
-                return Err(format!(
-                    "max_ttl_seconds names `{}`, which the request does not ask for",
-                    crate::text::printable(name)
-                ));
-            };
-            if !binding.source.is_leased() {
-                return Err(format!(
-                    "max_ttl_seconds: `{name}` is a KV secret; only leased credentials have a TTL"
-                ));
-            }
-            let max = Duration::from_secs(u64::from(*seconds));
-            if let Err(floor) = binding.narrowed(max) {
-                return Err(format!("max_ttl_seconds: `{name}`: {floor}"));
-            }
-            narrowing.insert(name.clone(), max);
-        }
-        Ok(Self(narrowing))
-    }
-
-    /// `binding` as this caller gets it. A TTL the policy's floor no longer
-    /// allows (the floor was raised since the request) leaves the binding
-    /// as the policy has it; an open stream then ends `POLICY_CHANGED` and
-    /// the caller's next request is refused, naming the floor.
-    pub fn apply(&self, binding: &Binding) -> Binding {
-        match self.0.get(&binding.name) {
-            Some(max) => binding.narrowed(*max).unwrap_or_else(|_| binding.clone()),
-            None => binding.clone(),
-        }
-    }
 }
 
 /// Runs `f` when dropped.
