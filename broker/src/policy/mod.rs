@@ -11,10 +11,16 @@ mod document;
 mod files;
 pub mod glob;
 pub use tessera_template as render;
+mod limits;
 pub mod report;
+mod source;
 pub mod store;
 
 pub use files::{Sources, read_sources};
+pub use limits::{DEFAULT_MIN_TTL, ImageUser, Limits};
+pub use source::{
+    DATABASE_FIELDS, DatabaseSource, Kv2Source, PKI_FIELDS, PKI_NAME_FIELDS, PkiSource, Source,
+};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -96,89 +102,6 @@ impl fmt::Display for Origin {
     }
 }
 
-/// Cluster-wide ceilings that no binding or default may exceed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Limits {
-    /// Longest TTL any binding may ask for.
-    pub max_ttl: Duration,
-    /// Shortest TTL per leased source kind (`limits.minTtl`): no binding,
-    /// pod annotation or API caller may ask Vault for less, so one pod
-    /// cannot make the broker mint a credential every second.
-    pub min_ttl: BTreeMap<String, Duration>,
-    /// Lowest renew fraction (renewing earlier than this is refused).
-    pub min_renew_fraction: f64,
-    /// Highest renew fraction (renewing later than this is refused).
-    pub max_renew_fraction: f64,
-    /// Source kinds allowed; all when `None`.
-    pub allowed_sources: Option<BTreeSet<String>>,
-    /// Vault mounts allowed; all when `None`.
-    pub allowed_mounts: Option<BTreeSet<String>>,
-    /// What the webhook does for a pod whose containers name no single user.
-    pub image_user: ImageUser,
-    /// Whether pod owners may add templates of their own
-    /// (`tessera.dev/templates.<binding>`).
-    pub pod_templates: bool,
-}
-
-/// How the webhook makes the files readable when a pod sets no `fsGroup`
-/// and its containers do not all name one `runAsUser` (they run as their
-/// images' users): `limits.imageUser` in the policy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ImageUser {
-    /// Set the pod's `fsGroup` to the sidecar's user id (with
-    /// `fsGroupChangePolicy: OnRootMismatch`): every container gets it as a
-    /// supplementary group and reads the 0440 files. The default.
-    #[default]
-    FsGroup,
-    /// Refuse the pod, naming its containers' users.
-    Refuse,
-}
-
-impl fmt::Display for ImageUser {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ImageUser::FsGroup => "fsGroup",
-            ImageUser::Refuse => "refuse",
-        })
-    }
-}
-
-/// The TTL floors of `limits.minTtl` when the policy sets none: five
-/// minutes for database users and certificates.
-pub const DEFAULT_MIN_TTL: &[(&str, Duration)] = &[
-    ("database", Duration::from_secs(300)),
-    ("pki", Duration::from_secs(300)),
-];
-
-impl Limits {
-    /// The shortest TTL a credential of source kind `kind` may have; one
-    /// second for a kind without a floor.
-    pub fn min_ttl_for(&self, kind: &str) -> Duration {
-        self.min_ttl
-            .get(kind)
-            .copied()
-            .unwrap_or(Duration::from_secs(1))
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_ttl: Duration::from_secs(24 * 3600),
-            min_ttl: DEFAULT_MIN_TTL
-                .iter()
-                .map(|(kind, floor)| ((*kind).to_owned(), *floor))
-                .collect(),
-            min_renew_fraction: 0.5,
-            max_renew_fraction: 0.9,
-            allowed_sources: None,
-            allowed_mounts: None,
-            image_user: ImageUser::default(),
-            pod_templates: true,
-        }
-    }
-}
-
 /// Who a binding is for. Namespace and service account are exact names or
 /// globs (`*`, `?`); pod labels, when given, must all be present on the pod
 /// (known only when the broker looks pods up; otherwise the subject never
@@ -222,119 +145,6 @@ impl fmt::Display for Subject {
         }
         Ok(())
     }
-}
-
-/// Where a binding's values come from; a new kind is a new variant.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// A Vault KV version 2 secret.
-    Kv2(Kv2Source),
-    /// Dynamic credentials from Vault's database engine (a lease).
-    Database(DatabaseSource),
-    /// A certificate from Vault's PKI engine.
-    Pki(PkiSource),
-}
-
-/// Dynamic database credentials: `mount/creds/role`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DatabaseSource {
-    /// Mount path of the database engine, e.g. `database`.
-    pub mount: String,
-    /// The engine's role.
-    pub role: String,
-}
-
-/// A certificate from `mount/issue/role` for names rendered from the caller's
-/// identity (`{{ pod }}`, `{{ namespace }}`, `{{ serviceAccount }}`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PkiSource {
-    /// Mount path of the PKI engine, e.g. `pki`.
-    pub mount: String,
-    /// The engine's role.
-    pub role: String,
-    /// Common name template.
-    pub common_name: String,
-    /// Subject alternative name templates.
-    pub alt_names: Vec<String>,
-}
-
-/// Fields a database source delivers.
-pub const DATABASE_FIELDS: &[&str] = &["username", "password"];
-/// Fields a PKI source delivers.
-pub const PKI_FIELDS: &[&str] = &["certificate", "private_key", "ca", "chain"];
-/// Identity values PKI name templates may use.
-pub const PKI_NAME_FIELDS: &[&str] = &["pod", "namespace", "serviceAccount"];
-
-impl Source {
-    /// The kind's name as written in the policy.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Source::Kv2(_) => "kv2",
-            Source::Database(_) => "database",
-            Source::Pki(_) => "pki",
-        }
-    }
-
-    /// The Vault mount it reads from.
-    pub fn mount(&self) -> &str {
-        match self {
-            Source::Kv2(kv) => &kv.mount,
-            Source::Database(db) => &db.mount,
-            Source::Pki(pki) => &pki.mount,
-        }
-    }
-
-    /// The fields it delivers, when known before reading it.
-    pub fn known_fields(&self) -> Option<Vec<String>> {
-        let owned = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
-        match self {
-            Source::Kv2(kv) => kv.keys.clone(),
-            Source::Database(_) => Some(owned(DATABASE_FIELDS)),
-            Source::Pki(_) => Some(owned(PKI_FIELDS)),
-        }
-    }
-
-    /// Whether its credentials expire and are renewed or rotated by the broker.
-    pub fn is_leased(&self) -> bool {
-        !matches!(self, Source::Kv2(_))
-    }
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Source::Kv2(kv) => {
-                write!(f, "kv2 {}/{}", kv.mount, kv.path)?;
-                if let Some(keys) = &kv.keys {
-                    write!(f, " keys [{}]", keys.join(", "))?;
-                }
-                Ok(())
-            }
-            Source::Database(db) => write!(f, "database {}/creds/{}", db.mount, db.role),
-            Source::Pki(pki) => {
-                write!(
-                    f,
-                    "pki {}/issue/{} cn `{}`",
-                    pki.mount, pki.role, pki.common_name
-                )?;
-                if !pki.alt_names.is_empty() {
-                    write!(f, " sans [{}]", pki.alt_names.join(", "))?;
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
-/// A KV v2 secret: all its keys, or the chosen ones.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Kv2Source {
-    /// Mount path of the KV v2 engine, e.g. `secret`.
-    pub mount: String,
-    /// Secret path under the mount, e.g. `orders/db`.
-    pub path: String,
-    /// Keys to deliver; all keys when absent.
-    pub keys: Option<Vec<String>>,
 }
 
 /// How a binding's files are written.

@@ -1,0 +1,118 @@
+//! Where a binding's values come from: the kinds of source a policy names,
+//! the fields each delivers, and how each is shown.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// Where a binding's values come from; a new kind is a new variant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A Vault KV version 2 secret.
+    Kv2(Kv2Source),
+    /// Dynamic credentials from Vault's database engine (a lease).
+    Database(DatabaseSource),
+    /// A certificate from Vault's PKI engine.
+    Pki(PkiSource),
+}
+
+/// Dynamic database credentials: `mount/creds/role`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseSource {
+    /// Mount path of the database engine, e.g. `database`.
+    pub mount: String,
+    /// The engine's role.
+    pub role: String,
+}
+
+/// A certificate from `mount/issue/role` for names rendered from the caller's
+/// identity (`{{ pod }}`, `{{ namespace }}`, `{{ serviceAccount }}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PkiSource {
+    /// Mount path of the PKI engine, e.g. `pki`.
+    pub mount: String,
+    /// The engine's role.
+    pub role: String,
+    /// Common name template.
+    pub common_name: String,
+    /// Subject alternative name templates.
+    pub alt_names: Vec<String>,
+}
+
+/// Fields a database source delivers.
+pub const DATABASE_FIELDS: &[&str] = &["username", "password"];
+/// Fields a PKI source delivers.
+pub const PKI_FIELDS: &[&str] = &["certificate", "private_key", "ca", "chain"];
+/// Identity values PKI name templates may use.
+pub const PKI_NAME_FIELDS: &[&str] = &["pod", "namespace", "serviceAccount"];
+
+impl Source {
+    /// The kind's name as written in the policy.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Kv2(_) => "kv2",
+            Source::Database(_) => "database",
+            Source::Pki(_) => "pki",
+        }
+    }
+
+    /// The Vault mount it reads from.
+    pub fn mount(&self) -> &str {
+        match self {
+            Source::Kv2(kv) => &kv.mount,
+            Source::Database(db) => &db.mount,
+            Source::Pki(pki) => &pki.mount,
+        }
+    }
+
+    /// The fields it delivers, when known before reading it.
+    pub fn known_fields(&self) -> Option<Vec<String>> {
+        let owned = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
+        match self {
+            Source::Kv2(kv) => kv.keys.clone(),
+            Source::Database(_) => Some(owned(DATABASE_FIELDS)),
+            Source::Pki(_) => Some(owned(PKI_FIELDS)),
+        }
+    }
+
+    /// Whether its credentials expire and are renewed or rotated by the broker.
+    pub fn is_leased(&self) -> bool {
+        !matches!(self, Source::Kv2(_))
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Kv2(kv) => {
+                write!(f, "kv2 {}/{}", kv.mount, kv.path)?;
+                if let Some(keys) = &kv.keys {
+                    write!(f, " keys [{}]", keys.join(", "))?;
+                }
+                Ok(())
+            }
+            Source::Database(db) => write!(f, "database {}/creds/{}", db.mount, db.role),
+            Source::Pki(pki) => {
+                write!(
+                    f,
+                    "pki {}/issue/{} cn `{}`",
+                    pki.mount, pki.role, pki.common_name
+                )?;
+                if !pki.alt_names.is_empty() {
+                    write!(f, " sans [{}]", pki.alt_names.join(", "))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A KV v2 secret: all its keys, or the chosen ones.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Kv2Source {
+    /// Mount path of the KV v2 engine, e.g. `secret`.
+    pub mount: String,
+    /// Secret path under the mount, e.g. `orders/db`.
+    pub path: String,
+    /// Keys to deliver; all keys when absent.
+    pub keys: Option<Vec<String>>,
+}
