@@ -1,0 +1,174 @@
+//! Taking back what a pod holds: its handle opened, its lease looked up (and
+//! renewed or rotated when due), or the live credential it names for revocation.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+impl Engine {
+    /// Resumes a credential the pod holds, when it is still good: the pod
+    /// keeps its values (no second database user). A database lease due for
+    /// renewal is renewed now, so a pod that only calls `Fetch` (no stream)
+    /// keeps its lease alive by asking; one that cannot be extended is
+    /// rotated (the successor comes back as [`Resumed::Rotated`]). `None`
+    /// when it must be reissued (expired, revoked, or a handle this
+    /// deployment can no longer read, e.g. after the shared key changed).
+    ///
+    /// # Errors
+    /// [`Error::Handle`] for a handle of another pod or binding; a Vault
+    /// [`Error`] when a due renewal fails.
+    pub async fn resume(
+        self: &Arc<Self>,
+        binding: &Arc<Binding>,
+        caller: &Caller,
+        held: &Handle,
+    ) -> Result<Option<Resumed>, Error> {
+        let identity = &caller.identity;
+        let pod_uid = holder_uid(identity);
+        let claims = match self.keys.open(held, &binding.name, pod_uid) {
+            Ok(claims) => claims,
+            Err(HandleError::Invalid(_)) => {
+                let mut event = Event::new(Action::Issue, Outcome::Denied, Some(identity));
+                event.binding = Some(binding.name.clone());
+                event.reason = Some(
+                    "the held lease handle does not open (another deployment's, forged, or sealed under a replaced key); a fresh credential is issued"
+                        .to_owned(),
+                );
+                event.peer = caller.peer.clone();
+                self.report(&event);
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let now = SystemTime::now();
+        let issued_at = from_unix(claims.issued_at);
+        let live = match &binding.source {
+            Source::Kv2(_) => return Ok(None),
+            Source::Database(_) => {
+                let lookup = match self.vault.lease_lookup(&claims.lease).await {
+                    Ok(lookup) => lookup,
+                    // Vault away: the lease stands at least until the end
+                    // sealed in its handle, so the pod keeps it, marked as
+                    // not confirmed; only an ended one fails the request.
+                    Err(error @ VaultError::Unavailable(_)) => {
+                        let not_after = from_unix(claims.not_after);
+                        if claims.not_after == 0 || not_after <= now {
+                            return Err(Self::vault_error(binding)(error));
+                        }
+                        let live = Live {
+                            binding: binding.clone(),
+                            version: claims.version,
+                            issued_at,
+                            not_after: Some(not_after),
+                            renewable: true,
+                            lease: Some(LeaseId::new(claims.lease)),
+                            handle: held.clone(),
+                            freshness: not_renewed(issued_at),
+                        };
+                        tracing::warn!(binding = %binding.name, %error, "Vault does not answer; the pod keeps its held lease, not yet renewed");
+                        let credential = credential::credential(&live, None)?;
+                        return Ok(Some(Resumed::Held(live, credential)));
+                    }
+                    Err(error) => return Err(Self::vault_error(binding)(error)),
+                };
+                let Some(lookup) = lookup else {
+                    return Ok(None);
+                };
+                if lookup.ttl == 0 {
+                    return Ok(None);
+                }
+                Live {
+                    binding: binding.clone(),
+                    version: claims.version,
+                    issued_at,
+                    not_after: Some(
+                        now.checked_add(Duration::from_secs(lookup.ttl))
+                            .unwrap_or(now),
+                    ),
+                    renewable: lookup.renewable,
+                    lease: Some(LeaseId::new(claims.lease)),
+                    handle: held.clone(),
+                    freshness: Freshness::now(),
+                }
+            }
+            Source::Pki(_) => {
+                let not_after = from_unix(claims.not_after);
+                if refresh_in(issued_at, not_after, binding.renew_fraction, 0.0, now).is_zero() {
+                    return Ok(None);
+                }
+                Live {
+                    binding: binding.clone(),
+                    version: claims.version,
+                    issued_at,
+                    not_after: Some(not_after),
+                    renewable: false,
+                    lease: Some(LeaseId::new(claims.lease)),
+                    handle: held.clone(),
+                    // A certificate stands on its own until it expires.
+                    freshness: Freshness::confirmed_at(issued_at),
+                }
+            }
+        };
+        if live.renewable && self.due_in(&live, 0.0) == Some(Duration::ZERO) {
+            let step = match self.renew_or_rotate(&live, caller).await {
+                Ok(step) => step,
+                // A blip at the moment the renewal is due: the lease was
+                // found alive just now, so the pod keeps it, marked as not
+                // renewed; a stream retries the renewal with backoff, a
+                // `Fetch` caller when it asks again.
+                Err(Error::Vault {
+                    source: error @ VaultError::Unavailable(_),
+                    ..
+                }) => {
+                    tracing::warn!(binding = %binding.name, %error, "the due renewal failed; the pod keeps its held lease, not yet renewed");
+                    let mut held = live;
+                    held.freshness.last_known_good = true;
+                    let credential = credential::credential(&held, None)?;
+                    return Ok(Some(Resumed::Held(held, credential)));
+                }
+                Err(error) => return Err(error),
+            };
+            return match step {
+                Step::Renewed(renewed) => {
+                    self.report(&event(Action::Renew, Outcome::Success, caller, &renewed));
+                    let credential = credential::credential(&renewed, None)?;
+                    Ok(Some(Resumed::Held(renewed, credential)))
+                }
+                Step::Rotated(rotation) => {
+                    let Rotation {
+                        live,
+                        credential,
+                        old,
+                    } = *rotation;
+                    self.supersede(old, caller).await;
+                    Ok(Some(Resumed::Rotated(live, credential)))
+                }
+            };
+        }
+        let credential = credential::credential(&live, None)?;
+        Ok(Some(Resumed::Held(live, credential)))
+    }
+
+    /// The live credential a held handle names, for revocation.
+    ///
+    /// # Errors
+    /// [`Error::Handle`] for a forged handle or one of another pod.
+    pub fn held(
+        &self,
+        binding: &Arc<Binding>,
+        identity: &Identity,
+        held: &Handle,
+    ) -> Result<Live, Error> {
+        let pod_uid = holder_uid(identity);
+        let claims = self.keys.open(held, &binding.name, pod_uid)?;
+        Ok(Live {
+            binding: binding.clone(),
+            version: claims.version,
+            issued_at: from_unix(claims.issued_at),
+            not_after: None,
+            renewable: false,
+            lease: (!claims.lease.is_empty()).then(|| LeaseId::new(claims.lease)),
+            handle: held.clone(),
+            freshness: Freshness::confirmed_at(from_unix(claims.issued_at)),
+        })
+    }
+}
