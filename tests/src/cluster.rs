@@ -55,64 +55,9 @@ impl OpenBao {
             nodes.push((format!("http://127.0.0.1:{port}"), proc, config));
         }
         let leader = nodes[0].0.clone();
-        let init = run(
-            &leader,
-            None,
-            &[
-                "operator",
-                "init",
-                "-key-shares=1",
-                "-key-threshold=1",
-                "-format=json",
-            ],
-        );
-        let keys: Value = serde_json::from_str(&init).unwrap();
-        let unseal = keys["unseal_keys_b64"][0].as_str().unwrap().to_owned();
-        let root = keys["root_token"].as_str().unwrap().to_owned();
-        run(&leader, None, &["operator", "unseal", &unseal]);
-        wait_until(
-            Duration::from_secs(30),
-            "the first node to become active",
-            || {
-                try_run(
-                    &leader,
-                    Some(&root),
-                    &["policy", "write", "tessera-ready-probe", "-"],
-                    "path \"x/*\" { capabilities = [\"read\"] }",
-                )
-                .is_some()
-            },
-        );
-        // Promote joined nodes to voters after 1 s of health, not 10.
-        run(
-            &leader,
-            Some(&root),
-            &[
-                "operator",
-                "raft",
-                "autopilot",
-                "set-config",
-                "-server-stabilization-time=1s",
-            ],
-        );
-        for (address, _, _) in &nodes[1..] {
-            run(address, None, &["operator", "raft", "join", &leader]);
-            run(address, None, &["operator", "unseal", &unseal]);
-        }
-        wait_until(Duration::from_secs(60), "every node to vote", || {
-            try_run(
-                &leader,
-                Some(&root),
-                &["operator", "raft", "list-peers", "-format=json"],
-                "",
-            )
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .and_then(|peers| {
-                peers["data"]["config"]["servers"]
-                    .as_array()
-                    .map(|servers| servers.iter().filter(|s| s["voter"] == true).count())
-            }) == Some(size)
-        });
+        let (unseal, root) = init_leader(&leader);
+        let followers: Vec<&str> = nodes[1..].iter().map(|(a, _, _)| a.as_str()).collect();
+        join_voters(&leader, &followers, (&unseal, &root));
         let addresses: Vec<String> = nodes.iter().map(|(a, _, _)| a.clone()).collect();
         let proxy = ActiveProxy::start(addresses);
         let mut bao = Self {
@@ -368,4 +313,74 @@ fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Initializes and unseals the first node, waits for it to be active and
+/// lets joined nodes become voters quickly; the unseal key and root token.
+fn init_leader(leader: &str) -> (String, String) {
+    let init = run(
+        leader,
+        None,
+        &[
+            "operator",
+            "init",
+            "-key-shares=1",
+            "-key-threshold=1",
+            "-format=json",
+        ],
+    );
+    let keys: Value = serde_json::from_str(&init).unwrap();
+    let unseal = keys["unseal_keys_b64"][0].as_str().unwrap().to_owned();
+    let root = keys["root_token"].as_str().unwrap().to_owned();
+    run(leader, None, &["operator", "unseal", &unseal]);
+    wait_until(
+        Duration::from_secs(30),
+        "the first node to become active",
+        || {
+            try_run(
+                leader,
+                Some(&root),
+                &["policy", "write", "tessera-ready-probe", "-"],
+                "path \"x/*\" { capabilities = [\"read\"] }",
+            )
+            .is_some()
+        },
+    );
+    // Promote joined nodes to voters after 1 s of health, not 10.
+    run(
+        leader,
+        Some(&root),
+        &[
+            "operator",
+            "raft",
+            "autopilot",
+            "set-config",
+            "-server-stabilization-time=1s",
+        ],
+    );
+    (unseal, root)
+}
+
+/// Joins `followers` to `leader`'s Raft cluster, unseals them and waits
+/// until every node votes.
+fn join_voters(leader: &str, followers: &[&str], (unseal, root): (&str, &str)) {
+    let size = followers.len() + 1;
+    for address in followers {
+        run(address, None, &["operator", "raft", "join", leader]);
+        run(address, None, &["operator", "unseal", unseal]);
+    }
+    wait_until(Duration::from_secs(60), "every node to vote", || {
+        try_run(
+            leader,
+            Some(root),
+            &["operator", "raft", "list-peers", "-format=json"],
+            "",
+        )
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|peers| {
+            peers["data"]["config"]["servers"]
+                .as_array()
+                .map(|servers| servers.iter().filter(|s| s["voter"] == true).count())
+        }) == Some(size)
+    });
 }

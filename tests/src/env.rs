@@ -149,59 +149,10 @@ impl Env {
         };
 
         let devdir = dir.path().join("dev");
-        let status = Command::new(binary("tessera-broker"))
-            .args(["dev", "init", "--dir"])
-            .arg(&devdir)
-            .status()
-            .unwrap();
-        assert!(status.success(), "tessera-broker dev init failed");
-        let signer =
-            SigningKey::from_pem(&fs::read(devdir.join(dev::files::SIGNING_KEY)).unwrap()).unwrap();
-        let rsa_signer = SigningKey::from_pem(
-            &fs::read(workspace_root().join("broker/testdata/rsa-test-key.pem")).unwrap(),
-        )
-        .unwrap();
-        let mut keys = signer.jwks()["keys"].as_array().unwrap().clone();
-        keys.extend(
-            rsa_signer.jwks()["keys"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .cloned(),
-        );
-        fs::write(
-            devdir.join(dev::files::JWKS),
-            json!({ "keys": keys }).to_string(),
-        )
-        .unwrap();
-
+        let (signer, rsa_signer) = dev_keys(&devdir);
         write_configmap(&dir.path().join("policy"), "policy.yaml", policy);
         bao.write_broker_policy();
-        let login = match options.login {
-            BrokerLogin::TokenFile => {
-                fs::write(dir.path().join("vault-token"), bao.broker_token()).unwrap();
-                VaultLogin::TokenFile("vault-token".to_owned())
-            }
-            BrokerLogin::AppRole => {
-                let (role_id, secret_id) = bao.broker_approle();
-                fs::write(dir.path().join("secret-id"), secret_id).unwrap();
-                VaultLogin::AppRole {
-                    role_id,
-                    secret_id_file: "secret-id".to_owned(),
-                }
-            }
-            BrokerLogin::Jwt => {
-                let pem = fs::read_to_string(devdir.join(dev::files::SIGNING_KEY)).unwrap();
-                bao.broker_jwt_role(&pem);
-                let mut spec = TokenSpec::new("tessera", "tessera-broker");
-                spec.audience = "vault".to_owned();
-                fs::write(dir.path().join("broker-sa-token"), signer.mint(&spec)).unwrap();
-                VaultLogin::Jwt {
-                    role: "tessera-broker".to_owned(),
-                    token_file: "broker-sa-token".to_owned(),
-                }
-            }
-        };
+        let login = broker_login(&bao, dir.path(), &signer, options.login);
         let kube = options.kubernetes.then(Cluster::start);
         if let Some(cluster) = &kube {
             // The cluster's own keys, as `kubectl get --raw /openid/v1/jwks`
@@ -214,103 +165,13 @@ impl Env {
             .map_or(dev::DEFAULT_ISSUER, |c| c.issuer())
             .to_owned();
         let port = free_port();
-        let (tls_dir, ca_file) = if options.bootstrap {
-            let cluster = kube.as_ref().expect("bootstrap needs kubernetes");
-            cluster.service_account("tessera", "tessera");
-            // What the chart renders: no caBundle; the broker keeps it.
-            let applied = cluster.apply(&kubernetes::webhook_configuration(
-                json!({ "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } }),
-                "Ignore",
-            ));
-            assert!(
-                applied.status.success(),
-                "{}",
-                String::from_utf8_lossy(&applied.stderr)
-            );
-            ("bootstrap", "bootstrap/ca.crt")
-        } else {
-            ("dev", "dev/ca.pem")
-        };
-        let config = BrokerConfig {
-            cluster: ClusterConfig {
-                name: TEST_CLUSTER.to_owned(),
-            },
-            listen: format!("127.0.0.1:{port}"),
-            tls: TlsConfig {
-                cert_file: format!("{tls_dir}/tls.crt"),
-                key_file: format!("{tls_dir}/tls.key"),
-                reload_interval: "100ms".to_owned(),
-                client_ca_file: options.mtls.then(|| "dev/ca.pem".to_owned()),
-            },
-            identity: IdentityConfig {
-                issuer: issuer.clone(),
-                audiences: vec![dev::DEFAULT_AUDIENCE.to_owned()],
-                source: options.identity_source,
-                jwks_file: (options.identity_source == IdentitySource::JwksFile)
-                    .then(|| "dev/jwks.json".to_owned()),
-                leeway: "5s".to_owned(),
-                pod_lookup: options.pod_lookup,
-                // Deletions seen within a second.
-                cache_ttl: options.pod_lookup.then(|| "1s".to_owned()),
-                key_refresh_interval: (options.identity_source == IdentitySource::OidcDiscovery)
-                    .then(|| "500ms".to_owned()),
-            },
-            policy: PolicyConfig {
-                paths: vec!["policy".to_owned()],
-                reload_interval: "100ms".to_owned(),
-            },
-            vault: VaultConfig {
-                address: bao.address.clone(),
-                login,
-                kv_poll_interval: options.poll.to_owned(),
-                health_check_interval: options.vault_health_check.to_owned(),
-            },
-            shutdown_grace: "5s".to_owned(),
-            audit: AuditConfig {
-                path: "audit.jsonl".to_owned(),
-            },
-            rate_limit: RateLimitConfig {
-                per_second: options.rate_limit.0,
-                burst: options.rate_limit.1,
-            },
-            leases: LeasesConfig {
-                handle_key_file: (!options.bootstrap).then(|| "dev/handle.key".to_owned()),
-                retired_handle_key_files: Vec::new(),
-                sweep_interval: options.sweep_interval.to_owned(),
-                full_sweep_interval: "1h".to_owned(),
-            },
-            admin: AdminConfig {
-                listen: format!("127.0.0.1:{}", free_port()),
-            },
-            webhook: WebhookConfig {
-                listen: format!("127.0.0.1:{}", free_port()),
-                sidecar: SidecarConfig {
-                    image: "tessera-sidecar:test".to_owned(),
-                    broker_address: format!("https://127.0.0.1:{port}"),
-                    ca_file: ca_file.to_owned(),
-                    mode: if options.kubernetes {
-                        "auto"
-                    } else {
-                        "classic"
-                    }
-                    .to_owned(),
-                },
-            },
-            kubernetes: kube.as_ref().map(|cluster| KubernetesConfig {
-                kubeconfig: cluster.kubeconfig.display().to_string(),
-            }),
-            bootstrap: options.bootstrap.then(|| BootstrapConfig {
-                namespace: "tessera".to_owned(),
-                directory: "bootstrap".to_owned(),
-                tls_secret: "tessera-tls".to_owned(),
-                dns_names: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
-                handle_key_secret: "tessera-handle-key".to_owned(),
-                webhook_configuration: "tessera".to_owned(),
-                check_interval: "1s".to_owned(),
-            }),
-            connections: None,
-            memory: None,
-        };
+        let tls = serving_files(kube.as_ref(), options.bootstrap);
+        let config = broker_config(
+            &options,
+            (port, issuer),
+            (&bao, login),
+            (tls, kube.as_ref()),
+        );
         config.write(dir.path(), "broker.yaml");
         let broker = spawn_broker(dir.path(), port, &options).await;
         Self {
@@ -811,4 +672,189 @@ async fn spawn_broker_from(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     broker
+}
+
+/// Runs `tessera-broker dev init` into `devdir` and makes its JWKS trust
+/// both test signers (ES256 and RS256); the signers.
+fn dev_keys(devdir: &Path) -> (SigningKey, SigningKey) {
+    let status = Command::new(binary("tessera-broker"))
+        .args(["dev", "init", "--dir"])
+        .arg(devdir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "tessera-broker dev init failed");
+    let signer =
+        SigningKey::from_pem(&fs::read(devdir.join(dev::files::SIGNING_KEY)).unwrap()).unwrap();
+    let rsa_signer = SigningKey::from_pem(
+        &fs::read(workspace_root().join("broker/testdata/rsa-test-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let mut keys = signer.jwks()["keys"].as_array().unwrap().clone();
+    keys.extend(
+        rsa_signer.jwks()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .cloned(),
+    );
+    fs::write(
+        devdir.join(dev::files::JWKS),
+        json!({ "keys": keys }).to_string(),
+    )
+    .unwrap();
+    (signer, rsa_signer)
+}
+
+/// Sets up the broker's own Vault login of kind `login` in OpenBao and the
+/// files it reads in `dir`.
+fn broker_login(bao: &OpenBao, dir: &Path, signer: &SigningKey, login: BrokerLogin) -> VaultLogin {
+    let devdir = dir.join("dev");
+    match login {
+        BrokerLogin::TokenFile => {
+            fs::write(dir.join("vault-token"), bao.broker_token()).unwrap();
+            VaultLogin::TokenFile("vault-token".to_owned())
+        }
+        BrokerLogin::AppRole => {
+            let (role_id, secret_id) = bao.broker_approle();
+            fs::write(dir.join("secret-id"), secret_id).unwrap();
+            VaultLogin::AppRole {
+                role_id,
+                secret_id_file: "secret-id".to_owned(),
+            }
+        }
+        BrokerLogin::Jwt => {
+            let pem = fs::read_to_string(devdir.join(dev::files::SIGNING_KEY)).unwrap();
+            bao.broker_jwt_role(&pem);
+            let mut spec = TokenSpec::new("tessera", "tessera-broker");
+            spec.audience = "vault".to_owned();
+            fs::write(dir.join("broker-sa-token"), signer.mint(&spec)).unwrap();
+            VaultLogin::Jwt {
+                role: "tessera-broker".to_owned(),
+                token_file: "broker-sa-token".to_owned(),
+            }
+        }
+    }
+}
+
+/// Where the broker's serving certificate and CA come from: the dev files,
+/// or (with `bootstrap`) the Secrets the broker makes, with the webhook
+/// configuration the chart renders.
+fn serving_files(kube: Option<&Cluster>, bootstrap: bool) -> (&'static str, &'static str) {
+    if bootstrap {
+        let cluster = kube.expect("bootstrap needs kubernetes");
+        cluster.service_account("tessera", "tessera");
+        // What the chart renders: no caBundle; the broker keeps it.
+        let applied = cluster.apply(&kubernetes::webhook_configuration(
+            json!({ "service": { "name": "tessera", "namespace": "tessera", "path": "/mutate" } }),
+            "Ignore",
+        ));
+        assert!(
+            applied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+        ("bootstrap", "bootstrap/ca.crt")
+    } else {
+        ("dev", "dev/ca.pem")
+    }
+}
+
+/// The broker's configuration for a test environment.
+fn broker_config(
+    options: &EnvOptions,
+    (port, issuer): (u16, String),
+    (bao, login): (&OpenBao, VaultLogin),
+    ((tls_dir, ca_file), kube): ((&str, &str), Option<&Cluster>),
+) -> BrokerConfig {
+    BrokerConfig {
+        cluster: ClusterConfig {
+            name: TEST_CLUSTER.to_owned(),
+        },
+        listen: format!("127.0.0.1:{port}"),
+        tls: TlsConfig {
+            cert_file: format!("{tls_dir}/tls.crt"),
+            key_file: format!("{tls_dir}/tls.key"),
+            reload_interval: "100ms".to_owned(),
+            client_ca_file: options.mtls.then(|| "dev/ca.pem".to_owned()),
+        },
+        identity: identity_config(options, issuer),
+        policy: PolicyConfig {
+            paths: vec!["policy".to_owned()],
+            reload_interval: "100ms".to_owned(),
+        },
+        vault: VaultConfig {
+            address: bao.address.clone(),
+            login,
+            kv_poll_interval: options.poll.to_owned(),
+            health_check_interval: options.vault_health_check.to_owned(),
+        },
+        shutdown_grace: "5s".to_owned(),
+        audit: AuditConfig {
+            path: "audit.jsonl".to_owned(),
+        },
+        rate_limit: RateLimitConfig {
+            per_second: options.rate_limit.0,
+            burst: options.rate_limit.1,
+        },
+        leases: LeasesConfig {
+            handle_key_file: (!options.bootstrap).then(|| "dev/handle.key".to_owned()),
+            retired_handle_key_files: Vec::new(),
+            sweep_interval: options.sweep_interval.to_owned(),
+            full_sweep_interval: "1h".to_owned(),
+        },
+        admin: AdminConfig {
+            listen: format!("127.0.0.1:{}", free_port()),
+        },
+        webhook: webhook_config(options, port, ca_file),
+        kubernetes: kube.map(|cluster| KubernetesConfig {
+            kubeconfig: cluster.kubeconfig.display().to_string(),
+        }),
+        bootstrap: options.bootstrap.then(|| BootstrapConfig {
+            namespace: "tessera".to_owned(),
+            directory: "bootstrap".to_owned(),
+            tls_secret: "tessera-tls".to_owned(),
+            dns_names: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            handle_key_secret: "tessera-handle-key".to_owned(),
+            webhook_configuration: "tessera".to_owned(),
+            check_interval: "1s".to_owned(),
+        }),
+        connections: None,
+        memory: None,
+    }
+}
+
+/// `identity:` for a test environment: the dev issuer (or the cluster's)
+/// and the options' key source.
+fn identity_config(options: &EnvOptions, issuer: String) -> IdentityConfig {
+    IdentityConfig {
+        issuer,
+        audiences: vec![dev::DEFAULT_AUDIENCE.to_owned()],
+        source: options.identity_source,
+        jwks_file: (options.identity_source == IdentitySource::JwksFile)
+            .then(|| "dev/jwks.json".to_owned()),
+        leeway: "5s".to_owned(),
+        pod_lookup: options.pod_lookup,
+        // Deletions seen within a second.
+        cache_ttl: options.pod_lookup.then(|| "1s".to_owned()),
+        key_refresh_interval: (options.identity_source == IdentitySource::OidcDiscovery)
+            .then(|| "500ms".to_owned()),
+    }
+}
+
+/// `webhook:` for a test environment, pointing sidecars at the broker on `port`.
+fn webhook_config(options: &EnvOptions, port: u16, ca_file: &str) -> WebhookConfig {
+    WebhookConfig {
+        listen: format!("127.0.0.1:{}", free_port()),
+        sidecar: SidecarConfig {
+            image: "tessera-sidecar:test".to_owned(),
+            broker_address: format!("https://127.0.0.1:{port}"),
+            ca_file: ca_file.to_owned(),
+            mode: if options.kubernetes {
+                "auto"
+            } else {
+                "classic"
+            }
+            .to_owned(),
+        },
+    }
 }

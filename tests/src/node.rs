@@ -268,39 +268,7 @@ impl Work {
             apps: spec.containers.iter().map(|c| c.name.clone()).collect(),
             finished: false,
         };
-        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-        for volume in spec.volumes.iter().flatten() {
-            let path = dir.join("volumes").join(&volume.name);
-            fs::create_dir_all(&path).unwrap();
-            if let Some(projected) = &volume.projected {
-                for source in projected.sources.iter().flatten() {
-                    if let Some(token) = &source.service_account_token {
-                        let file = path.join(&token.path);
-                        let audience = token.audience.clone().unwrap_or_default();
-                        let seconds = token.expiration_seconds.unwrap_or(3600);
-                        running
-                            .tokens
-                            .push((file, audience, seconds, Instant::now()));
-                    }
-                    if let Some(downward) = &source.downward_api {
-                        for item in downward.items.iter().flatten() {
-                            let Some(field) = &item.field_ref else {
-                                continue;
-                            };
-                            let value = field
-                                .field_path
-                                .strip_prefix("metadata.annotations['")
-                                .and_then(|k| k.strip_suffix("']"))
-                                .and_then(|k| annotations.get(k))
-                                .cloned()
-                                .unwrap_or_default();
-                            fs::write(path.join(&item.path), value).unwrap();
-                        }
-                    }
-                }
-            }
-            running.volumes.insert(volume.name.clone(), path);
-        }
+        make_volumes(pod, &dir.join("volumes"), &mut running);
         self.refresh_tokens_of(&mut running).await;
         let logs = dir.join("logs");
         fs::create_dir_all(&logs).unwrap();
@@ -555,4 +523,44 @@ fn probe_passes(
         }
     }
     probe.status().is_ok_and(|s| s.success())
+}
+
+/// Makes the pod's volumes under `volumes`: empty directories, projected
+/// service-account tokens (noted in `running`, written by the token refresh)
+/// and downward-API files of annotations.
+fn make_volumes(pod: &Pod, volumes: &Path, running: &mut RunningPod) {
+    let spec = pod.spec.as_ref();
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    for volume in spec.and_then(|s| s.volumes.as_ref()).into_iter().flatten() {
+        let path = volumes.join(&volume.name);
+        fs::create_dir_all(&path).unwrap();
+        if let Some(projected) = &volume.projected {
+            for source in projected.sources.iter().flatten() {
+                if let Some(token) = &source.service_account_token {
+                    let file = path.join(&token.path);
+                    let audience = token.audience.clone().unwrap_or_default();
+                    let seconds = token.expiration_seconds.unwrap_or(3600);
+                    running
+                        .tokens
+                        .push((file, audience, seconds, Instant::now()));
+                }
+                if let Some(downward) = &source.downward_api {
+                    for item in downward.items.iter().flatten() {
+                        let Some(field) = &item.field_ref else {
+                            continue;
+                        };
+                        let value = field
+                            .field_path
+                            .strip_prefix("metadata.annotations['")
+                            .and_then(|k| k.strip_suffix("']"))
+                            .and_then(|k| annotations.get(k))
+                            .cloned()
+                            .unwrap_or_default();
+                        fs::write(path.join(&item.path), value).unwrap();
+                    }
+                }
+            }
+        }
+        running.volumes.insert(volume.name.clone(), path);
+    }
 }
