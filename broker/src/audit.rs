@@ -59,7 +59,7 @@ impl Action {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Done.
+    /// The request was served (or the work done).
     Success,
     /// Refused by authentication, policy or rate limit.
     Denied,
@@ -90,25 +90,25 @@ pub struct Event {
     /// Why, for denials and errors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Caller's namespace.
+    /// The namespace of the verified caller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Caller's service account.
+    /// The service account the caller's token names.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
-    /// Caller's pod name.
+    /// The pod the token is bound to, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
-    /// Caller's pod UID.
+    /// That pod's UID (a recreated pod of the same name has another).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
-    /// Caller's node.
+    /// The node the pod runs on, when the token names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// Peer address.
+    /// The address the request came from (none for the broker's own sweeps).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
-    /// The binding.
+    /// The policy binding the decision is about, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binding: Option<String>,
     /// The source, e.g. `kv2 secret/shop/orders`.
@@ -148,7 +148,7 @@ impl Event {
     }
 }
 
-/// The audit sink.
+/// Where audit lines go (a file or stdout), one JSON line per decision.
 pub struct Audit {
     sink: Mutex<Box<dyn Write + Send>>,
     cluster: String,

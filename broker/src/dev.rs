@@ -46,13 +46,13 @@ pub mod files {
     pub const HANDLE_KEY: &str = "handle.key";
 }
 
-/// Errors of the dev tooling.
+/// Why the dev tooling could not make or write its files.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
-        /// The file.
+        /// The file that could not be written.
         path: String,
         /// The I/O error.
         source: std::io::Error,
@@ -207,7 +207,7 @@ impl SigningKey {
 /// What a dev token says: the claim layout of a projected service-account token.
 #[derive(Clone, Debug)]
 pub struct TokenSpec {
-    /// `iss`.
+    /// The token's issuer (`iss`).
     pub issuer: String,
     /// `aud` (one entry).
     pub audience: String,

@@ -27,11 +27,11 @@ pub enum Error {
     /// The policy does not grant the binding to the caller (or it does not exist).
     #[error("binding `{binding}` is not granted to {namespace}/{service_account}")]
     Denied {
-        /// The binding asked for.
+        /// The binding the caller asked for (as it asked, made printable).
         binding: String,
-        /// Caller's namespace.
+        /// The caller's namespace.
         namespace: String,
-        /// Caller's service account.
+        /// The caller's service account.
         service_account: String,
     },
     /// The caller exceeded its rate limit.
@@ -45,9 +45,9 @@ pub enum Error {
         "binding `{binding}`: this pod already holds {limit} open Watch streams on it, each with its own lease (close one, or resume with the held handle)"
     )]
     TooManyStreams {
-        /// The binding.
+        /// The leased binding the streams are on.
         binding: String,
-        /// The limit.
+        /// Most streams a pod may hold on it ([`crate::lease::stream::MAX_STREAMS_PER_POD_BINDING`]).
         limit: usize,
     },
     /// A leased binding asked for with a token that names no pod.
@@ -55,7 +55,7 @@ pub enum Error {
         "binding `{binding}` gives its leased credentials only to tokens bound to a pod (a projected service-account token), so they are revoked with the pod; this token names no pod. Use the pod's projected token, or ask the policy owners for `callers: {{ unbound: allow }}` on the binding"
     )]
     UnboundCaller {
-        /// The binding.
+        /// The leased binding that was asked for.
         binding: String,
     },
     /// A held lease handle was refused.
@@ -88,7 +88,7 @@ pub enum Error {
     LeaseRecord {
         /// The binding being served.
         binding: String,
-        /// The record mount.
+        /// The KV v1 mount the records live in (`leases.recordMount`).
         mount: String,
         /// What Vault said.
         source: VaultError,

@@ -47,7 +47,7 @@ impl std::fmt::Debug for Handle {
 /// What a handle says.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
-    /// The binding.
+    /// The binding the handle was issued for; a handle presented for another is refused.
     #[serde(rename = "b")]
     pub binding: String,
     /// The pod UID it was issued to.
@@ -56,7 +56,7 @@ pub struct Claims {
     /// Vault lease id (database), certificate serial (PKI), or empty (KV).
     #[serde(rename = "l")]
     pub lease: String,
-    /// The credential version.
+    /// The version of the credential the pod holds; resuming compares it.
     #[serde(rename = "v")]
     pub version: String,
     /// Issued at, Unix seconds.
@@ -110,13 +110,13 @@ const SEALED_PREFIX: &str = "v2.";
 /// What the sealing key is derived for (HKDF info), and the AEAD's associated data.
 const CONTEXT: &[u8] = b"tessera lease handle v2";
 
-/// Errors loading the handle key.
+/// Why the handle key could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
 pub enum HandleKeyError {
     /// The file could not be read.
     #[error("cannot read the lease handle key {path}: {source}")]
     Read {
-        /// The file.
+        /// The key file.
         path: String,
         /// The I/O error.
         source: std::io::Error,

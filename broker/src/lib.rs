@@ -67,7 +67,7 @@ pub enum StartError {
     /// The audit log could not be opened.
     #[error("cannot open the audit log {target}: {source}")]
     Audit {
-        /// The configured target.
+        /// Where the audit trail was to be written.
         target: String,
         /// The I/O error.
         source: std::io::Error,
@@ -105,7 +105,7 @@ pub struct Prepared {
 
 /// The ports the broker serves, bound by the caller.
 pub struct Listeners {
-    /// The gRPC API.
+    /// The gRPC listener (TLS): the `tessera.v1.Broker` API, health and reflection.
     pub grpc: TcpListener,
     /// `/metrics`, `/livez`, `/readyz`, when configured.
     pub admin: Option<TcpListener>,

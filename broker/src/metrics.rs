@@ -39,7 +39,7 @@ struct EventLabels {
     binding: String,
 }
 
-/// Labels naming an RPC.
+/// Labels naming an RPC, e.g. `rpc="Fetch"`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
     rpc: &'static str,
@@ -127,20 +127,20 @@ impl Drop for TimedFamily<'_> {
     }
 }
 
-/// The broker's metrics.
+/// The broker's Prometheus registry and every metric it reports.
 pub struct Metrics {
     registry: Registry,
     events: Family<EventLabels, Counter>,
     rpc_duration: Histograms<RpcLabels>,
     vault_duration: Histograms<OperationLabels>,
     vault_errors: Family<OperationLabels, Counter>,
-    /// Generation of the policy in force.
+    /// The generation of the policy in force (1 at start, +1 per change).
     pub policy_generation: Gauge,
     /// 1 while the last policy reload failed.
     pub policy_reload_failing: Gauge,
     /// 1 while Vault answers.
     pub vault_up: Gauge,
-    /// Open `Watch` streams.
+    /// `Watch` streams open on this replica.
     pub watch_streams: Gauge,
     /// Lease records left alone because this replica cannot open or
     /// attribute them (sealed under an unknown key, another cluster's).

@@ -32,7 +32,7 @@ pub enum TlsError {
     /// The certificate chain could not be read.
     #[error("TLS certificate {path}: {detail} (expected a PEM certificate chain)")]
     Cert {
-        /// The file.
+        /// The certificate or key file.
         path: String,
         /// What went wrong.
         detail: String,
@@ -40,7 +40,7 @@ pub enum TlsError {
     /// The private key could not be read.
     #[error("TLS key {path}: {detail} (expected a PEM private key)")]
     Key {
-        /// The file.
+        /// The certificate or key file.
         path: String,
         /// What went wrong.
         detail: String,

@@ -223,7 +223,7 @@ impl Client {
         self
     }
 
-    /// The target it calls.
+    /// Where this client connects, and with which token and CA.
     pub fn target(&self) -> &BrokerTarget {
         &self.target
     }

@@ -18,7 +18,7 @@ pub enum SetupError {
     /// credentials.
     #[error("credential store {dir}: {reason}")]
     Store {
-        /// The directory.
+        /// The store directory that cannot be used.
         dir: PathBuf,
         /// What is wrong.
         reason: String,
@@ -82,7 +82,7 @@ pub struct BrokerTarget {
     /// Client certificate and key (PEM) for mTLS, read at every connection
     /// so a renewed certificate is used without restart.
     pub client_identity: Option<(PathBuf, PathBuf)>,
-    /// Connect timeout.
+    /// How long connecting to the broker (TCP and TLS) may take before the call fails as unavailable.
     pub connect_timeout: Duration,
 }
 

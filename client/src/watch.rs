@@ -51,7 +51,7 @@ pub enum Event {
     Reconnecting {
         /// The broker's `ErrorInfo` reason, e.g. `POLICY_CHANGED`.
         reason: &'static str,
-        /// The broker's message.
+        /// The broker's message, for logs.
         message: String,
         /// When the watch reconnects.
         retry_in: Duration,
@@ -67,16 +67,16 @@ pub enum Event {
     /// The broker lost `binding`'s lease: its handle is not presented again,
     /// and the next credential for it is a new one.
     LeaseLost {
-        /// The binding.
+        /// The binding whose lease is gone.
         binding: String,
-        /// The broker's message.
+        /// The broker's message, for logs.
         message: String,
     },
     /// The broker cannot serve `binding` as its source stands: the others are
     /// watched without it, and it is asked for alone every `retry_in` until
     /// it is served and rejoins ([`Event::Rejoined`]).
     SetAside {
-        /// The binding.
+        /// The binding left out of the stream.
         binding: String,
         /// Why it cannot be served.
         message: String,

@@ -35,7 +35,7 @@ pub enum AgentError {
     Write {
         /// The binding whose files were not written.
         binding: String,
-        /// Why.
+        /// Why the files were not written.
         source: WriteError,
     },
 }
@@ -57,9 +57,9 @@ pub struct Job {
     /// The broker's client (its target, the pod's shorter TTLs, the lease
     /// handles held); clones share what it holds.
     pub client: Client,
-    /// Bindings to fetch.
+    /// The bindings to fetch, as the pod's annotation names them.
     pub bindings: Vec<String>,
-    /// The volume writer.
+    /// Writes each binding into the output volume.
     pub writer: Writer,
     /// What to do after a rotation.
     pub notify: Notify,

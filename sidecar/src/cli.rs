@@ -32,7 +32,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
-/// Log output format.
+/// How log lines are printed: text for people, JSON for collectors.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -41,7 +41,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// The sidecar's modes.
+/// How the sidecar runs: once (init container, Job), or following changes.
 #[derive(Debug, Subcommand)]
 pub enum Mode {
     /// Exit 0 when every binding is written and unexpired (for probes).
@@ -96,7 +96,7 @@ pub struct Volume {
     pub bindings: Vec<String>,
 }
 
-/// `exec`'s options.
+/// The options of `exec`: the broker, the bindings, the command to run.
 #[derive(Debug, Args)]
 pub struct Exec {
     /// How to reach the broker.
@@ -189,7 +189,7 @@ pub struct Connection {
     /// Client certificate key (PEM) for mTLS to the broker.
     #[arg(long, env = "TESSERA_CLIENT_KEY", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
-    /// Connect timeout.
+    /// How long connecting to the broker (TCP and TLS) may take before the attempt counts as failed.
     #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 }

@@ -59,7 +59,7 @@ pub fn install(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
 /// Everything `exec` needs.
 #[derive(Debug)]
 pub struct ExecJob {
-    /// The broker.
+    /// Where the broker is, and the pod's token and CA.
     pub target: BrokerTarget,
     /// The bindings whose fields become variables.
     pub bindings: Vec<String>,
@@ -191,9 +191,9 @@ pub enum ExecError {
     /// The command could not be started.
     #[error("cannot start `{program}`: {source}")]
     Spawn {
-        /// The program.
+        /// The program named after `--`.
         program: String,
-        /// Why.
+        /// Why it could not be started.
         source: std::io::Error,
     },
     /// SIGCHLD cannot be handled, so the app's exit would go unseen.

@@ -15,7 +15,7 @@ const URL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Which process to signal.
 #[derive(Clone, Debug)]
 pub enum Target {
-    /// The pid written in this file.
+    /// The process whose pid this file holds (the app writes it).
     PidFile(PathBuf),
     /// Every process whose name (`/proc/<pid>/comm`) is this.
     Name(String),

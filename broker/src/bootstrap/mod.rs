@@ -57,7 +57,7 @@ pub struct Settings {
     pub tls_secret: Option<String>,
     /// DNS names of the serving certificate (the Service's names).
     pub dns_names: Vec<String>,
-    /// Secret holding the handle keys.
+    /// The Secret that holds the current and retired lease-handle keys.
     pub handle_key_secret: Option<String>,
     /// Whether the broker creates the handle-key Secret when it is absent
     /// (`false`: the operator provides it, e.g. with External Secrets).
@@ -109,7 +109,7 @@ pub enum BootstrapError {
     /// A Secret is there but does not hold what it should.
     #[error("Secret {name}: {detail}")]
     Malformed {
-        /// `namespace/name`.
+        /// The Secret, as `namespace/name`.
         name: String,
         /// What is missing or wrong, and what to do.
         detail: String,
@@ -117,7 +117,7 @@ pub enum BootstrapError {
     /// A file could not be written.
     #[error("cannot write {path}: {source}")]
     Io {
-        /// The file.
+        /// The file that could not be written.
         path: String,
         /// The I/O error.
         source: std::io::Error,

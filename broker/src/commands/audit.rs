@@ -13,10 +13,10 @@ use serde_json::Value;
 /// What to select, and where from.
 #[derive(clap::Args)]
 pub struct Query {
-    /// Only this binding.
+    /// Only lines about this binding.
     #[arg(long)]
     pub binding: Option<String>,
-    /// Only this namespace.
+    /// Only lines about callers in this namespace.
     #[arg(long)]
     pub namespace: Option<String>,
     /// From this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).

@@ -32,16 +32,16 @@ pub enum DevCommand {
         /// Pod name (default `<service-account>-0`).
         #[arg(long)]
         pod: Option<String>,
-        /// Node name.
+        /// The node the token names, as the kubelet's tokens do.
         #[arg(long, default_value = "dev-node")]
         node: String,
         /// Lifetime, e.g. `10m`.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        /// `iss`.
+        /// The token's issuer (`iss`); the dev issuer by default.
         #[arg(long, default_value = dev::DEFAULT_ISSUER)]
         issuer: String,
-        /// `aud`.
+        /// The token's audience (`aud`); `tessera` by default.
         #[arg(long, default_value = dev::DEFAULT_AUDIENCE)]
         audience: String,
         /// Write the token to this file (mode 0600) instead of stdout.

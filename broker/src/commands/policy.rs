@@ -14,7 +14,7 @@ use super::{emit, exit, print_json};
 /// How `policy` subcommands print their answer.
 #[derive(Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// For people.
+    /// Lines for people reading a terminal or a review comment.
     #[default]
     Text,
     /// One JSON document on stdout, for CI bots (docs/policy.md shows its shape).
@@ -34,10 +34,10 @@ pub enum PolicyCommand {
     },
     /// Print what an identity gets and why.
     Explain {
-        /// Namespace of the identity.
+        /// The namespace of the identity to explain.
         #[arg(long)]
         namespace: String,
-        /// Service account of the identity.
+        /// The service account of the identity to explain.
         #[arg(long)]
         service_account: String,
         /// A pod label `key=value` (repeat), as pod lookup would report it.
@@ -83,9 +83,9 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 struct CheckReport<'a> {
     /// True when the policy loaded.
     ok: bool,
-    /// Bindings defined.
+    /// How many bindings the policy defines.
     bindings: usize,
-    /// Files read.
+    /// The files the policy was read from.
     files: usize,
     /// Every problem, located.
     problems: &'a [tessera_broker::policy::Problem],

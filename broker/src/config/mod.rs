@@ -29,7 +29,7 @@ use file::{File, MIN_RELOAD_INTERVAL, SourceName, cluster_name};
 #[derive(Debug, thiserror::Error)]
 #[error("config {path}: {detail}")]
 pub struct ConfigError {
-    /// The file.
+    /// The configuration file that was refused.
     pub path: String,
     /// What is wrong and how to fix it.
     pub detail: String,
@@ -94,7 +94,7 @@ pub struct Config {
     pub policy_paths: Vec<PathBuf>,
     /// How often the policy files are checked for changes.
     pub policy_reload_interval: Duration,
-    /// Vault connection.
+    /// Where Vault is, how the broker logs in, how often it polls and checks it.
     pub vault: VaultSettings,
     /// How often a watched KV secret's version is checked.
     pub kv_poll_interval: Duration,

@@ -192,7 +192,7 @@ fn default_full_sweep_interval() -> Duration {
 const MAX_LEASES_PER_POD_BINDING: usize = 16;
 
 impl ConnectionsFile {
-    /// The limits, checked.
+    /// The connection limits, checked against each other and the open-file limit.
     pub(super) fn limits(&self) -> Result<ConnectionLimits, String> {
         let connections = ConnectionLimits {
             max: self.max,
@@ -216,7 +216,7 @@ impl ConnectionsFile {
 }
 
 impl LeasesFile {
-    /// The settings, checked.
+    /// The lease settings, each checked.
     pub(super) fn settings(&self) -> Result<LeaseSettings, String> {
         let leases = LeaseSettings {
             record_mount: self.record_mount.clone(),

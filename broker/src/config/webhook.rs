@@ -41,9 +41,9 @@ pub struct Settings {
 /// What the webhook adds to an annotated pod.
 #[derive(Clone, Debug)]
 pub struct Injection {
-    /// Sidecar image.
+    /// The sidecar's image reference (the chart pins it by digest).
     pub image: String,
-    /// Its pull policy.
+    /// `imagePullPolicy` of the injected containers (`IfNotPresent`, `Always`).
     pub image_pull_policy: String,
     /// Broker address the sidecar dials (`https://host:port`).
     pub broker_address: String,

@@ -20,7 +20,7 @@ pub struct Parsed<'a> {
     pub kid: Option<String>,
     /// `header.claims`, the signed bytes.
     pub signed: &'a str,
-    /// The decoded signature.
+    /// The signature bytes, decoded from base64url.
     pub signature: Vec<u8>,
     claims_b64: &'a str,
 }

@@ -21,7 +21,7 @@ pub enum JwksError {
     /// The file could not be read.
     #[error("cannot read JWKS file {path}: {source}")]
     Read {
-        /// The file.
+        /// The JWKS file that could not be read.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
@@ -49,7 +49,7 @@ pub enum Alg {
 }
 
 impl Alg {
-    /// The JOSE name.
+    /// The algorithm's name as JOSE writes it (`ES256`, `RS256`).
     pub fn name(self) -> &'static str {
         match self {
             Alg::Rs256 => "RS256",

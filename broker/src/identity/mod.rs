@@ -26,11 +26,11 @@ use crate::secret::Secret;
 /// A verified workload identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// Kubernetes namespace.
+    /// The namespace the token was issued in.
     pub namespace: String,
-    /// Service-account name.
+    /// The service account the token was issued for.
     pub service_account: String,
-    /// Service-account UID.
+    /// The service account's UID: a recreated account with the same name gets a new one.
     pub service_account_uid: String,
     /// Pod name and UID, when the token is bound to a pod.
     pub pod: Option<ObjectRef>,
@@ -46,9 +46,9 @@ pub struct Identity {
 /// A name and UID pair from the `kubernetes.io` claims.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct ObjectRef {
-    /// Object name.
+    /// The object's name in its namespace.
     pub name: String,
-    /// Object UID.
+    /// The object's UID, which a recreated object of the same name does not share.
     pub uid: String,
 }
 

@@ -20,9 +20,9 @@ use crate::{
 /// A credential as last delivered to one pod.
 #[derive(Clone, Debug)]
 pub struct Live {
-    /// The binding.
+    /// The policy binding it was issued under (narrowed by the caller's TTL, if any).
     pub binding: Arc<Binding>,
-    /// The version delivered.
+    /// The version delivered; a new one means new values.
     pub version: String,
     /// When it was issued (or last renewed).
     pub issued_at: SystemTime,
@@ -42,7 +42,7 @@ pub struct Live {
 /// trail, the peer address it called from (none for the broker's own sweeps).
 #[derive(Clone, Debug)]
 pub struct Caller {
-    /// The verified identity.
+    /// The identity verified from the caller's token.
     pub identity: Identity,
     /// The caller's address.
     pub peer: Option<String>,

@@ -202,7 +202,7 @@ impl Engine {
         &self.settings
     }
 
-    /// The lease records.
+    /// Where the engine keeps its lease records in Vault.
     pub fn records(&self) -> &Records {
         &self.records
     }

@@ -60,7 +60,7 @@ pub enum Owed {
     Revoke(&'static str),
     /// Ask Vault whether the lease still lives (its recorded end has passed).
     Check,
-    /// Nothing yet.
+    /// No sweep has finished since the broker started.
     Nothing,
 }
 

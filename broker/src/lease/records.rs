@@ -34,18 +34,18 @@ pub struct LeaseRecord {
     /// clusters had names (they live under `pods/` until adopted).
     #[serde(default)]
     pub cluster: String,
-    /// The pod's namespace.
+    /// The namespace of the pod that holds the lease.
     pub namespace: String,
-    /// The pod's service account.
+    /// The service account of that pod.
     pub service_account: String,
-    /// The pod's name.
+    /// The name of that pod.
     pub pod: String,
-    /// The pod's UID.
+    /// The UID of that pod; a lease is revoked when no pod has it.
     pub pod_uid: String,
     /// The pod's node, when known.
     #[serde(default)]
     pub node: String,
-    /// The binding.
+    /// The policy binding the lease was issued under; revocation looks it up again.
     pub binding: String,
     /// What kind of credential, and so how to revoke it.
     pub kind: RecordKind,
@@ -53,7 +53,7 @@ pub struct LeaseRecord {
     pub mount: String,
     /// The source as the audit trail shows it, e.g. `database database/creds/orders`.
     pub source: String,
-    /// The credential version.
+    /// The version of the credential the lease backs.
     pub version: String,
     /// SHA-256 of the lease id, as the audit trail names it.
     pub lease_sha256: String,
@@ -151,7 +151,7 @@ pub enum RecordKind {
 /// record folder names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodKey {
-    /// The namespace.
+    /// The pod's namespace, the first part of the record folder's name.
     pub namespace: String,
     /// The pod's name (the service account's).
     pub pod: String,

@@ -100,7 +100,7 @@ impl Gate {
         }
     }
 
-    /// The limits.
+    /// The limits this gate admits connections within.
     pub fn limits(&self) -> ConnectionLimits {
         self.limits
     }

@@ -39,7 +39,7 @@ use render::Template;
 /// One problem found in a policy, located in its file.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Problem {
-    /// The file.
+    /// The policy file the problem is in, as given on the command line or in the directory.
     pub file: String,
     /// 1-based line, 0 when unknown.
     pub line: u64,

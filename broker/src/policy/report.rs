@@ -59,22 +59,22 @@ pub struct Explanation {
     /// The identity's cluster (`--cluster`), when given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
-    /// The identity's namespace.
+    /// The namespace of the identity explained.
     pub namespace: String,
-    /// The identity's service account.
+    /// The service account of the identity explained.
     pub service_account: String,
     /// The pod labels assumed; `None`: subjects that require labels do not match.
     pub pod_labels: Option<BTreeMap<String, String>>,
     /// The bindings granted, in policy order.
     pub granted: Vec<Grant>,
-    /// The bindings not granted.
+    /// The policy's bindings this identity does not get.
     pub not_granted: Vec<String>,
 }
 
 /// One granted binding and where each of its settings comes from.
 #[derive(Debug, Serialize)]
 pub struct Grant {
-    /// The binding's name.
+    /// The binding's name in the policy.
     pub binding: String,
     /// `file:line` of its definition.
     pub defined_at: String,
@@ -209,38 +209,38 @@ pub enum Change {
     Grant {
         /// Who, as the policy writes it.
         subject: String,
-        /// The binding.
+        /// The binding now granted.
         binding: String,
-        /// Its Vault source.
+        /// The binding's source, as `policy explain` shows it.
         source: String,
     },
     /// A subject loses a binding.
     Remove {
         /// Who, as the policy writes it.
         subject: String,
-        /// The binding.
+        /// The binding no longer granted.
         binding: String,
-        /// Its Vault source.
+        /// The binding's source, as `policy explain` shows it.
         source: String,
     },
     /// A setting of a binding present in both changed.
     Setting {
-        /// The binding.
+        /// The binding whose setting changed.
         binding: String,
         /// The setting, as the policy spells it (`ttl`, `files`, ...).
         setting: String,
-        /// Before.
+        /// The value in the old policy.
         from: String,
-        /// After.
+        /// The value in the new policy.
         to: String,
     },
     /// A policy-wide limit changed.
     Limit {
         /// The limit, as the policy spells it (`maxTtl`, ...).
         limit: String,
-        /// Before.
+        /// The value in the old policy.
         from: String,
-        /// After.
+        /// The value in the new policy.
         to: String,
     },
 }

@@ -20,7 +20,7 @@ pub enum Source {
 pub struct DatabaseSource {
     /// Mount path of the database engine, e.g. `database`.
     pub mount: String,
-    /// The engine's role.
+    /// The database engine's role, which holds the SQL that makes a user.
     pub role: String,
 }
 
@@ -30,9 +30,9 @@ pub struct DatabaseSource {
 pub struct PkiSource {
     /// Mount path of the PKI engine, e.g. `pki`.
     pub mount: String,
-    /// The engine's role.
+    /// The PKI engine's role, which bounds names and lifetimes.
     pub role: String,
-    /// Common name template.
+    /// The certificate's common name: a template of `pod`, `namespace`, `serviceAccount`.
     pub common_name: String,
     /// Subject alternative name templates.
     pub alt_names: Vec<String>,

@@ -16,7 +16,7 @@ use super::{Policy, PolicyError, read_sources};
 /// One loaded policy and its generation (1 for the first load, +1 per change).
 #[derive(Debug)]
 pub struct Loaded {
-    /// The policy.
+    /// The compiled policy, all files together.
     pub policy: Policy,
     /// Increases with every successful reload.
     pub generation: u64,

@@ -48,7 +48,7 @@ const MAX_BINDINGS_PER_REQUEST: usize = 64;
 pub struct Parts {
     /// Token verification.
     pub verifier: Arc<Verifier>,
-    /// The live policy.
+    /// The policy in force, swapped whole on every reload.
     pub policy: Arc<PolicyStore>,
     /// Issues, renews, rotates and revokes credentials, and audits them.
     pub engine: Arc<Engine>,
@@ -56,7 +56,7 @@ pub struct Parts {
     pub feeds: Arc<Feeds>,
     /// Per-identity rate limits.
     pub limiter: Arc<Limiter>,
-    /// Prometheus metrics.
+    /// Where request counts and durations are reported.
     pub metrics: Arc<Metrics>,
     /// Ends open streams on shutdown.
     pub shutdown: CancellationToken,

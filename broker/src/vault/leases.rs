@@ -51,15 +51,15 @@ struct RevokeLease {
 /// A leased credential as Vault issued it.
 #[derive(Debug)]
 pub struct Leased {
-    /// Vault's lease id.
+    /// Vault's lease id; only its digest is ever shown.
     pub lease_id: String,
     /// Lifetime granted.
     pub ttl: Duration,
     /// Whether Vault can extend it.
     pub renewable: bool,
-    /// When it was issued.
+    /// When Vault issued it (the broker's clock).
     pub issued: SystemTime,
-    /// The values.
+    /// `username` and `password`, as `Secret`s (never printed).
     pub fields: std::collections::BTreeMap<String, Secret>,
 }
 
@@ -68,9 +68,9 @@ pub struct Leased {
 pub struct Issued {
     /// Serial number (Vault's colon-separated hex).
     pub serial: String,
-    /// Not valid after.
+    /// When the certificate stops being valid.
     pub not_after: SystemTime,
-    /// When it was issued.
+    /// When Vault issued it (the broker's clock).
     pub issued: SystemTime,
     /// `certificate`, `private_key`, `ca` and `chain` (PEM).
     pub fields: std::collections::BTreeMap<String, Secret>,

@@ -42,7 +42,7 @@ pub enum VaultAuth {
         mount: String,
         /// The role id (not secret).
         role_id: String,
-        /// File holding the secret id.
+        /// The file holding the AppRole secret id, read at every login.
         secret_id_file: PathBuf,
     },
     /// Login with the broker's own projected service-account token, at
@@ -53,9 +53,9 @@ pub enum VaultAuth {
     Jwt {
         /// Auth mount, e.g. `jwt` or `kubernetes`.
         mount: String,
-        /// The Vault role.
+        /// The JWT method's role the broker logs in with.
         role: String,
-        /// The token file.
+        /// The projected service-account token presented to Vault's JWT method, read at every login.
         token_file: PathBuf,
     },
 }
@@ -99,7 +99,7 @@ pub enum VaultError {
     /// The answer was not what the API promises.
     #[error("unexpected answer from Vault for {what}: {detail}")]
     Unexpected {
-        /// The request.
+        /// The request whose answer was malformed.
         what: String,
         /// What was wrong.
         detail: String,

@@ -42,9 +42,9 @@ fn chosen(spec: &PodSpec, request: &EnvRequest) -> Result<Vec<String>, Denial> {
 pub struct EnvSpec<'a> {
     /// The webhook's settings.
     pub injection: &'a Injection,
-    /// The pod's bindings.
+    /// The bindings the pod's annotations ask for.
     pub bindings: &'a [String],
-    /// The broker's CA.
+    /// The CA that signed the broker's certificate, as PEM.
     pub ca_pem: &'a str,
 }
 

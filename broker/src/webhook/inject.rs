@@ -46,7 +46,7 @@ pub struct Injected {
     /// alone: the app containers call the broker themselves).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shape: Option<Shape>,
-    /// The bindings written.
+    /// The bindings the sidecar writes, in order.
     pub bindings: Vec<String>,
     /// Where app containers see them.
     pub mount_path: String,

@@ -93,7 +93,7 @@ pub fn router(webhook: Arc<Webhook>) -> Router {
 
 /// The webhook with its TLS configuration, ready to serve.
 pub struct Server {
-    /// The handler.
+    /// Decides on each AdmissionReview.
     pub webhook: Arc<Webhook>,
     /// The serving certificate (reloaded from disk as it changes).
     pub tls: Arc<rustls::ServerConfig>,

@@ -20,7 +20,7 @@ const MAX_DEPTH: usize = 8;
 pub enum Kind {
     /// Nothing by that name.
     Absent,
-    /// A directory.
+    /// A directory (the binding's, or a version's).
     Dir,
     /// A symbolic link.
     Symlink,

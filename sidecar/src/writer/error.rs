@@ -25,7 +25,7 @@ pub enum WriteError {
         "binding `{binding}`: the credential needs {size} bytes but the volume holds {capacity} bytes in all (raise the volume's size limit, e.g. the webhook's volumeSizeLimit)"
     )]
     TooLarge {
-        /// The binding.
+        /// The binding whose files did not fit.
         binding: String,
         /// Bytes the credential takes on tmpfs.
         size: u64,
@@ -37,7 +37,7 @@ pub enum WriteError {
         "binding `{binding}`: no space left on the volume for the credential's {size} bytes ({free} bytes free); the previous version stays, retrying"
     )]
     NoSpace {
-        /// The binding.
+        /// The binding whose files were not written.
         binding: String,
         /// Bytes the credential takes on tmpfs.
         size: u64,
@@ -49,7 +49,7 @@ pub enum WriteError {
     Io {
         /// What was being done.
         op: &'static str,
-        /// Where.
+        /// The file or directory it happened at.
         path: PathBuf,
         /// The I/O error.
         source: io::Error,

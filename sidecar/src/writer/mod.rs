@@ -30,9 +30,9 @@ mod error;
 pub use error::WriteError;
 use error::io_err;
 
-/// `statfs` magic of tmpfs.
+/// `statfs` magic number of tmpfs (memory-backed: secrets never reach disk).
 const TMPFS_MAGIC: i64 = 0x0102_1994;
-/// `statfs` magic of ramfs.
+/// `statfs` magic number of ramfs (memory-backed too).
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 /// The symlink naming the current timestamped directory.
 const DATA_LINK: &str = "..data";
@@ -53,7 +53,7 @@ pub const VERSION_FILE: &str = "..version";
 /// What the writer stores next to a binding's fields.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Meta<'a> {
-    /// The credential version.
+    /// The credential version written in `..version`.
     pub version: &'a str,
     /// The lease handle, when the source has one.
     pub handle: Option<&'a str>,

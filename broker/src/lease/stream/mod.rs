@@ -46,7 +46,7 @@ pub const MAX_STREAMS_PER_POD_BINDING: usize = 4;
 
 /// What every open stream shares.
 pub struct Streams {
-    /// The lease engine.
+    /// Renews, rotates and revokes the streams' leases.
     pub engine: Arc<Engine>,
     /// The live policy, followed for changes to the stream's bindings.
     pub policy: Arc<PolicyStore>,
