@@ -240,8 +240,8 @@ impl Watch {
             message = next_message(stream) => Step::Message(message),
             opened = joined(opening) => Step::Opened(opened),
             asked = joined_ask(asking) => Step::Asked(asked),
-            () = sleep_until(open_at) => Step::Due,
-            () = sleep_until(ask_at) => Step::Due,
+            () = tokio::time::sleep_until(open_at.unwrap_or_else(Instant::now)), if open_at.is_some() => Step::Due,
+            () = tokio::time::sleep_until(ask_at.unwrap_or_else(Instant::now)), if ask_at.is_some() => Step::Due,
         }
     }
 
@@ -448,11 +448,4 @@ async fn joined_ask(
             retry_after: None,
         })
     })
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

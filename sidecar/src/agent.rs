@@ -350,7 +350,7 @@ pub async fn run(
                 Some(event) => event?,
                 None => return Ok(()),
             },
-            () = sleep_until(retry_at) => {
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                 retry_at = None;
                 for (binding, version) in unwritten.retry(&job.writer, &mut status) {
                     notifier.rotated(&binding, &version);
@@ -451,13 +451,6 @@ const EXPIRY_CHECK: Duration = Duration::from_secs(5);
 
 /// First and longest wait before writing a failed credential again.
 const WRITE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
 
 /// Gives back what the pod holds (on SIGTERM): leases end in Vault now
 /// instead of at their TTL. The files stay; the pod is going away.

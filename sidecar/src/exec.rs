@@ -374,7 +374,7 @@ pub async fn run(job: ExecJob) -> Result<u8, ExecError> {
                 }
                 None => watching = false,
             },
-            () = sleep_until(kill_at), if kill_at.is_some() => {
+            () = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)), if kill_at.is_some() => {
                 tracing::warn!(grace = ?job.grace, "the app did not stop within the grace period; killing it");
                 let _ = kill_process(child, Signal::KILL);
                 kill_at = None;
@@ -390,13 +390,6 @@ pub async fn run(job: ExecJob) -> Result<u8, ExecError> {
         }
     }
     Ok(code)
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]
