@@ -146,6 +146,11 @@ async fn serve_grpc(
         served = serving => served?,
         error = gate.broken() => return Err(StartError::Listener(error)),
     }
+    // The accept loop ends the incoming stream when the socket is gone, and
+    // the server may notice that first.
+    if gate.is_broken() {
+        return Err(StartError::Listener(gate.broken().await));
+    }
     Ok(())
 }
 
