@@ -550,3 +550,28 @@ fn unbound_callers_are_a_per_binding_choice_for_leased_sources() {
         assert!(found[0].message.contains(named), "{extra}: {found:?}");
     }
 }
+
+/// Found by the fuzz test in this session: limits whose renewal fractions
+/// are in the wrong order were reported, but the bindings compiled next
+/// panicked (`f64::clamp` with min > max) instead of the policy being refused.
+#[test]
+fn renewal_fraction_limits_in_the_wrong_order_are_a_problem_not_a_panic() {
+    let found = problems(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+limits:
+  minRenewFraction: 0.5
+  maxRenewFraction: 0.1
+bindings:
+  - name: app
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { kv2: { mount: secret, path: shop/orders } }
+",
+    );
+    assert!(
+        found.iter().any(|p| p
+            .message
+            .contains("limits.minRenewFraction 0.5 exceeds limits.maxRenewFraction 0.1")),
+        "{found:?}"
+    );
+}

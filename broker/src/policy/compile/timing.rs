@@ -70,7 +70,11 @@ pub(super) fn compile_timing(
             ),
             (None, Some(d)) => (d, Origin::Default),
             (None, None) => (
-                BUILT_IN_RENEW_FRACTION.clamp(limits.min_renew_fraction, limits.max_renew_fraction),
+                // Not `clamp`: it panics on limits in the wrong order, which
+                // are reported as a problem of their own.
+                BUILT_IN_RENEW_FRACTION
+                    .max(limits.min_renew_fraction)
+                    .min(limits.max_renew_fraction),
                 Origin::BuiltIn,
             ),
         };
