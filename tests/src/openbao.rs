@@ -270,6 +270,7 @@ impl OpenBao {
 path "secret/data/*" { capabilities = ["read"] }
 path "secret/metadata/*" { capabilities = ["read"] }
 path "database/creds/*" { capabilities = ["read"] }
+path "totp/code/*" { capabilities = ["read"] }
 path "pki/issue/*" { capabilities = ["create", "update"] }
 path "pki/revoke" { capabilities = ["create", "update"] }
 path "sys/leases/lookup" { capabilities = ["update"] }

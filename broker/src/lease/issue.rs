@@ -1,5 +1,6 @@
-//! Issuing a fresh credential: a KV read (from the feed when it follows the
-//! secret), a database user or a certificate, recorded and sealed in a handle.
+//! Issuing a fresh credential through its kind's driver: a leased one is
+//! cut down to the binding's TTL when Vault gave more, sealed in a handle
+//! and recorded before it is delivered.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
@@ -18,97 +19,39 @@ impl Engine {
         caller: &Caller,
     ) -> Result<(Live, Credential), Error> {
         let identity = &caller.identity;
-        if binding.source.is_leased() && identity.pod.is_none() && !binding.allow_unbound {
+        let driver = driver::of(&binding.source);
+        let leased = driver.lease_kind().is_some();
+        if leased && identity.pod.is_none() && !binding.allow_unbound {
             return Err(Error::UnboundCaller {
                 binding: binding.name.clone(),
             });
         }
         let vault_stamp = stamp(identity);
-        let pod = owner(identity).filter(|_| binding.source.is_leased());
+        let pod = owner(identity).filter(|_| leased);
         if let Some(pod) = &pod {
             self.make_room(binding, pod, caller).await?;
         }
-        let (mut live, fields) = match &binding.source {
-            Source::Kv2(kv) => {
-                let fed = match self.feeds.latest(kv) {
-                    Some(fed) => fed,
-                    None => Fed {
-                        secret: Arc::new(
-                            self.vault
-                                .read_kv2(kv, Some(&vault_stamp))
-                                .await
-                                .map_err(Self::vault_error(binding))?,
-                        ),
-                        freshness: Freshness::now(),
-                    },
-                };
-                let (live, credential) = Self::kv_credential(binding, &fed);
-                return Ok((live, credential?));
-            }
-            Source::Database(db) => {
-                let leased = self
-                    .vault
-                    .database_creds(&db.mount, &db.role, Some(&vault_stamp))
-                    .await
-                    .map_err(Self::vault_error(binding))?;
-                let lease = LeaseId::new(leased.lease_id);
-                // The role's TTL may be longer than the binding's (or than a
-                // pod asked for, `max_ttl_seconds`): the credential must never
-                // end later than asked, so the lease is cut down to it now.
-                let ttl = if leased.ttl > binding.ttl {
-                    self.shorten(binding, &lease, leased.renewable, &vault_stamp)
-                        .await?
-                } else {
-                    leased.ttl
-                };
-                let live = Live {
-                    binding: binding.clone(),
-                    version: lease.version(),
-                    issued_at: leased.issued,
-                    not_after: Some(leased.issued + ttl),
-                    renewable: leased.renewable,
-                    lease: Some(lease),
-                    handle: Handle::default(),
-                    freshness: Freshness::now(),
-                };
-                (live, leased.fields)
-            }
-            Source::Pki(pki) => {
-                let names =
-                    pki_names(&pki.common_name, &pki.alt_names, identity).map_err(|field| {
-                        Error::Render {
-                            binding: binding.name.clone(),
-                            problem: RenderError::Missing(field),
-                        }
-                    })?;
-                let issued = self
-                    .vault
-                    .pki_issue(
-                        &pki.mount,
-                        &pki.role,
-                        &names[0],
-                        &names[1..],
-                        binding.ttl,
-                        Some(&vault_stamp),
-                    )
-                    .await
-                    .map_err(Self::vault_error(binding))?;
-                let live = Live {
-                    binding: binding.clone(),
-                    version: issued.serial.replace(':', ""),
-                    issued_at: issued.issued,
-                    not_after: Some(issued.not_after),
-                    renewable: false,
-                    lease: Some(LeaseId::new(issued.serial)),
-                    handle: Handle::default(),
-                    freshness: Freshness::now(),
-                };
-                (live, issued.fields)
-            }
-        };
-        if binding.source.is_leased() {
-            live.handle = self.seal(binding, identity, &live);
+        let minted = driver
+            .issue(self.context(&vault_stamp), binding, identity)
+            .await?;
+        let (mut live, values) = live_of(binding, minted);
+        if !leased {
+            let credential = credential::credential(&live, Some(values.fields()))?;
+            return Ok((live, credential));
         }
+        // The source's TTL may be longer than the binding's (or than a pod
+        // asked for, `max_ttl_seconds`): the credential must never end later
+        // than asked, so the lease is cut down to it now.
+        if let (false, Some(lease), Some(not_after)) =
+            (driver.asks_ttl(), &live.lease, live.not_after)
+            && not_after > live.issued_at + binding.ttl
+        {
+            let ttl = self
+                .shorten(binding, lease, live.renewable, &vault_stamp)
+                .await?;
+            live.not_after = Some(live.issued_at + ttl);
+        }
+        live.handle = self.seal(binding, identity, &live);
         if let Some(record) = pod.and_then(|pod| self.record_of(&pod, identity, &live))
             && let Err(error) = self.records.put(&record).await
         {
@@ -117,7 +60,7 @@ impl Engine {
             let _ = self.revoke(&live, caller, reason).await;
             return Err(self.record_error(binding)(error));
         }
-        let credential = credential::credential(&live, Some(&fields))?;
+        let credential = credential::credential(&live, Some(values.fields()))?;
         Ok((live, credential))
     }
 
@@ -126,18 +69,33 @@ impl Engine {
     /// back even when the fields do not make the binding's files
     /// ([`Error::Render`]), so that failure can be audited with it.
     pub fn kv_credential(binding: &Arc<Binding>, fed: &Fed) -> (Live, Result<Credential, Error>) {
-        let secret = &fed.secret;
-        let live = Live {
-            binding: binding.clone(),
-            version: secret.version.to_string(),
-            issued_at: secret.created.unwrap_or_else(SystemTime::now),
-            not_after: None,
-            renewable: false,
-            lease: None,
-            handle: Handle::default(),
-            freshness: fed.freshness,
-        };
-        let credential = credential::credential(&live, Some(&secret.fields));
+        let (live, values) = live_of(binding, driver::kv_credential_parts(fed));
+        let credential = credential::credential(&live, Some(values.fields()));
         (live, credential)
     }
+
+    /// What a driver may use, for a request stamped `vault_stamp`.
+    pub(super) fn context<'a>(&'a self, vault_stamp: &'a str) -> driver::Context<'a> {
+        driver::Context {
+            vault: &self.vault,
+            feeds: &self.feeds,
+            stamp: vault_stamp,
+        }
+    }
+}
+
+/// A minted credential as the pod will hold it (its handle not yet sealed),
+/// and its values.
+fn live_of(binding: &Arc<Binding>, minted: driver::Minted) -> (Live, driver::Values) {
+    let live = Live {
+        binding: binding.clone(),
+        version: minted.version,
+        issued_at: minted.issued_at,
+        not_after: minted.not_after,
+        renewable: minted.renewable,
+        lease: minted.lease,
+        handle: Handle::default(),
+        freshness: minted.freshness,
+    };
+    (live, minted.values)
 }

@@ -10,6 +10,7 @@
 //! process dies, and its record says when its revocation is due.
 
 pub mod credential;
+mod driver;
 mod issue;
 mod ownership;
 mod resume;
@@ -29,8 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::credential::{Caller, Live, event, stamp};
 use self::{
-    credential::pki_names,
-    records::{Holder, PodKey, Records, record_path},
+    records::{Holder, PodKey, RecordKind, Records, record_path},
     schedule::{fraction_of, refresh_in},
 };
 use crate::{
@@ -42,7 +42,7 @@ use crate::{
     identity::Identity,
     lease_id::LeaseId,
     metrics::Metrics,
-    policy::{Binding, RenderError, Source},
+    policy::Binding,
     tasks::Spawner,
     vault::{Vault, VaultError},
 };
@@ -238,6 +238,15 @@ impl Engine {
         })
     }
 
+    /// Whether `live`, once nobody uses it (superseded, or never delivered),
+    /// is revoked (a lease) or left to expire (a certificate: revoking it
+    /// would only grow the CRL; a static secret has nothing to end).
+    pub fn revokes_unused(live: &Live) -> bool {
+        driver::of(&live.binding.source)
+            .lease_kind()
+            .is_some_and(RecordKind::revokes_unused)
+    }
+
     /// When the next renewal or rotation of `live` is due (from now).
     pub fn due_in(&self, live: &Live, jitter: f64) -> Option<Duration> {
         let not_after = live.not_after?;
@@ -296,9 +305,7 @@ impl Engine {
     /// A Vault [`Error`]; the caller retries with backoff.
     pub async fn renew_or_rotate(&self, live: &Live, caller: &Caller) -> Result<Step, Error> {
         let binding = &live.binding;
-        if let (Source::Database(_), true, Some(lease)) =
-            (&binding.source, live.renewable, &live.lease)
-        {
+        if let (true, Some(lease)) = (live.renewable, &live.lease) {
             match self
                 .vault
                 .lease_renew(lease.expose(), binding.ttl, Some(&stamp(&caller.identity)))
@@ -349,15 +356,14 @@ impl Engine {
     pub async fn revoke(&self, live: &Live, caller: &Caller, reason: &str) -> Result<(), Error> {
         let binding = &live.binding;
         let vault_stamp = stamp(&caller.identity);
-        let outcome = match (&binding.source, &live.lease) {
-            (Source::Database(_), Some(lease)) => self
-                .vault
-                .lease_revoke(lease.expose(), Some(&vault_stamp))
-                .await
-                .map_err(Self::vault_error(binding)),
-            (Source::Pki(pki), Some(serial)) => self
-                .vault
-                .pki_revoke(&pki.mount, serial.expose(), Some(&vault_stamp))
+        let outcome = match (driver::of(&binding.source).lease_kind(), &live.lease) {
+            (Some(kind), Some(lease)) => kind
+                .revoke(
+                    &self.vault,
+                    binding.source.mount(),
+                    lease.expose(),
+                    &vault_stamp,
+                )
                 .await
                 .map_err(Self::vault_error(binding)),
             _ => Ok(()),
@@ -402,15 +408,6 @@ impl Engine {
                 let _ = engine.revoke(&live, &caller, reason).await;
             }
         });
-    }
-}
-
-/// The freshness of a held lease served while Vault does not answer: last
-/// confirmed when it was issued or renewed, and marked as not confirmed since.
-fn not_renewed(confirmed_at: SystemTime) -> Freshness {
-    Freshness {
-        confirmed_at,
-        last_known_good: true,
     }
 }
 

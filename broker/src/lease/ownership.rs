@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     Caller, Engine, Live, owner,
-    records::{LeaseRecord, PodKey, RecordKind},
+    records::{LeaseRecord, PodKey},
     stamp,
 };
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
     clock::unix,
     error::Error,
     identity::Identity,
-    policy::{Binding, Source},
+    policy::Binding,
     vault::VaultError,
 };
 
@@ -66,10 +66,7 @@ impl Engine {
                 .map(|n| n.name.clone())
                 .unwrap_or_default(),
             binding: live.binding.name.clone(),
-            kind: match &live.binding.source {
-                Source::Pki(_) => RecordKind::Pki,
-                _ => RecordKind::Database,
-            },
+            kind: super::driver::of(&live.binding.source).lease_kind()?,
             mount: live.binding.source.mount().to_owned(),
             source: live.binding.source.to_string(),
             version: live.version.clone(),
@@ -131,14 +128,10 @@ impl Engine {
             return Ok(Revoked::LeftAlone);
         };
         let vault_stamp = stamp(&record.identity());
-        let outcome = match record.kind {
-            RecordKind::Database => self.vault.lease_revoke(&lease, Some(&vault_stamp)).await,
-            RecordKind::Pki => {
-                self.vault
-                    .pki_revoke(&record.mount, &lease, Some(&vault_stamp))
-                    .await
-            }
-        };
+        let outcome = record
+            .kind
+            .revoke(&self.vault, &record.mount, &lease, &vault_stamp)
+            .await;
         let outcome = match outcome {
             Ok(()) => self.records.delete(&record.path()).await,
             Err(error) => Err(error),
@@ -213,7 +206,7 @@ impl Engine {
     /// tracked task revokes it at the overlap's end. Superseded certificates
     /// simply expire: revoking them would grow the CRL.
     pub async fn supersede(self: &Arc<Self>, old: Live, caller: &Caller) {
-        if !matches!(old.binding.source, Source::Database(_)) {
+        if !Self::revokes_unused(&old) {
             return;
         }
         let overlap = old.binding.overlap;

@@ -1,5 +1,6 @@
-//! Taking back what a pod holds: its handle opened, its lease looked up (and
-//! renewed or rotated when due), or the live credential it names for revocation.
+//! Taking back what a pod holds: its handle opened, its standing asked of
+//! its kind's driver (and renewed or rotated when due), or the live
+//! credential it names for revocation.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
@@ -39,75 +40,42 @@ impl Engine {
             }
             Err(error) => return Err(error.into()),
         };
-        let now = SystemTime::now();
-        let issued_at = from_unix(claims.issued_at);
-        let live = match &binding.source {
-            Source::Kv2(_) => return Ok(None),
-            Source::Database(_) => {
-                let lookup = match self.vault.lease_lookup(&claims.lease).await {
-                    Ok(lookup) => lookup,
-                    // Vault away: the lease stands at least until the end
-                    // sealed in its handle, so the pod keeps it, marked as
-                    // not confirmed; only an ended one fails the request.
-                    Err(error @ VaultError::Unavailable(_)) => {
-                        let not_after = from_unix(claims.not_after);
-                        if claims.not_after == 0 || not_after <= now {
-                            return Err(Self::vault_error(binding)(error));
-                        }
-                        let live = Live {
-                            binding: binding.clone(),
-                            version: claims.version,
-                            issued_at,
-                            not_after: Some(not_after),
-                            renewable: true,
-                            lease: Some(LeaseId::new(claims.lease)),
-                            handle: held.clone(),
-                            freshness: not_renewed(issued_at),
-                        };
-                        tracing::warn!(binding = %binding.name, %error, "Vault does not answer; the pod keeps its held lease, not yet renewed");
-                        let credential = credential::credential(&live, None)?;
-                        return Ok(Some(Resumed::Held(live, credential)));
-                    }
-                    Err(error) => return Err(Self::vault_error(binding)(error)),
-                };
-                let Some(lookup) = lookup else {
-                    return Ok(None);
-                };
-                if lookup.ttl == 0 {
-                    return Ok(None);
-                }
-                Live {
-                    binding: binding.clone(),
-                    version: claims.version,
-                    issued_at,
-                    not_after: Some(
-                        now.checked_add(Duration::from_secs(lookup.ttl))
-                            .unwrap_or(now),
-                    ),
-                    renewable: lookup.renewable,
-                    lease: Some(LeaseId::new(claims.lease)),
-                    handle: held.clone(),
-                    freshness: Freshness::now(),
-                }
-            }
-            Source::Pki(_) => {
-                let not_after = from_unix(claims.not_after);
-                if refresh_in(issued_at, not_after, binding.renew_fraction, 0.0, now).is_zero() {
-                    return Ok(None);
-                }
-                Live {
-                    binding: binding.clone(),
-                    version: claims.version,
-                    issued_at,
-                    not_after: Some(not_after),
-                    renewable: false,
-                    lease: Some(LeaseId::new(claims.lease)),
-                    handle: held.clone(),
-                    // A certificate stands on its own until it expires.
-                    freshness: Freshness::confirmed_at(issued_at),
-                }
-            }
+        let driver = driver::of(&binding.source);
+        if driver.lease_kind().is_none() {
+            return Ok(None);
+        }
+        let vault_stamp = stamp(identity);
+        let standing = driver
+            .look_up(
+                self.context(&vault_stamp),
+                binding,
+                &claims,
+                SystemTime::now(),
+            )
+            .await?;
+        let driver::Standing::Good {
+            not_after,
+            renewable,
+            freshness,
+        } = standing
+        else {
+            return Ok(None);
         };
+        let live = Live {
+            binding: binding.clone(),
+            version: claims.version,
+            issued_at: from_unix(claims.issued_at),
+            not_after: Some(not_after),
+            renewable,
+            lease: Some(LeaseId::new(claims.lease)),
+            handle: held.clone(),
+            freshness,
+        };
+        // Vault does not answer: the pod keeps what it holds, not renewed.
+        if live.freshness.last_known_good {
+            let credential = credential::credential(&live, None)?;
+            return Ok(Some(Resumed::Held(live, credential)));
+        }
         if live.renewable && self.due_in(&live, 0.0) == Some(Duration::ZERO) {
             let step = match self.renew_or_rotate(&live, caller).await {
                 Ok(step) => step,

@@ -81,6 +81,17 @@ pub(super) enum SourceDoc {
     Kv2(Kv2Doc),
     Database(DatabaseDoc),
     Pki(PkiDoc),
+    Vault(VaultDoc),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct VaultDoc {
+    pub(super) path: String,
+    pub(super) operation: Option<String>,
+    #[serde(default)]
+    pub(super) data: BTreeMap<String, String>,
+    pub(super) fields: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -56,6 +56,7 @@ impl fmt::Display for ImageUser {
 pub const DEFAULT_MIN_TTL: &[(&str, Duration)] = &[
     ("database", Duration::from_secs(300)),
     ("pki", Duration::from_secs(300)),
+    ("vault", Duration::from_secs(300)),
 ];
 
 impl Limits {

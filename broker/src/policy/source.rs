@@ -13,6 +13,25 @@ pub enum Source {
     Database(DatabaseSource),
     /// A certificate from Vault's PKI engine.
     Pki(PkiSource),
+    /// Any Vault path, read or written: what Vault answers decides the
+    /// credential's life (a renewable lease is renewed and rotated, one that
+    /// is not is read again before it ends, no lease is a static secret).
+    Vault(VaultPathSource),
+}
+
+/// A Vault path the broker reads (`GET`) or writes (`PUT` with `data`):
+/// AWS, GCP, Azure, Consul, Nomad, RabbitMQ or TOTP credentials, without a
+/// kind of their own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultPathSource {
+    /// The path below `/v1/`, e.g. `aws/creds/deploy`.
+    pub path: String,
+    /// Whether the path is written (with `data`) rather than read.
+    pub write: bool,
+    /// What a write sends.
+    pub data: BTreeMap<String, String>,
+    /// The answer's fields to deliver; every field when absent.
+    pub fields: Option<Vec<String>>,
 }
 
 /// Dynamic database credentials: `mount/creds/role`.
@@ -38,6 +57,13 @@ pub struct PkiSource {
     pub alt_names: Vec<String>,
 }
 
+impl VaultPathSource {
+    /// The mount: the path's first segment.
+    pub fn mount(&self) -> &str {
+        self.path.split('/').next().unwrap_or_default()
+    }
+}
+
 /// Fields a database source delivers.
 pub const DATABASE_FIELDS: &[&str] = &["username", "password"];
 /// Fields a PKI source delivers.
@@ -52,6 +78,7 @@ impl Source {
             Source::Kv2(_) => "kv2",
             Source::Database(_) => "database",
             Source::Pki(_) => "pki",
+            Source::Vault(_) => "vault",
         }
     }
 
@@ -61,6 +88,7 @@ impl Source {
             Source::Kv2(kv) => &kv.mount,
             Source::Database(db) => &db.mount,
             Source::Pki(pki) => &pki.mount,
+            Source::Vault(path) => path.mount(),
         }
     }
 
@@ -71,6 +99,7 @@ impl Source {
             Source::Kv2(kv) => kv.keys.clone(),
             Source::Database(_) => Some(owned(DATABASE_FIELDS)),
             Source::Pki(_) => Some(owned(PKI_FIELDS)),
+            Source::Vault(path) => path.fields.clone(),
         }
     }
 
@@ -99,6 +128,18 @@ impl fmt::Display for Source {
                 )?;
                 if !pki.alt_names.is_empty() {
                     write!(f, " sans [{}]", pki.alt_names.join(", "))?;
+                }
+                Ok(())
+            }
+            Source::Vault(path) => {
+                let operation = if path.write { "write" } else { "read" };
+                write!(f, "vault {operation} {}", path.path)?;
+                if !path.data.is_empty() {
+                    let keys: Vec<&str> = path.data.keys().map(String::as_str).collect();
+                    write!(f, " data [{}]", keys.join(", "))?;
+                }
+                if let Some(fields) = &path.fields {
+                    write!(f, " fields [{}]", fields.join(", "))?;
                 }
                 Ok(())
             }

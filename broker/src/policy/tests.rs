@@ -469,8 +469,8 @@ limits:
     let new = Policy::parse(&lowered("{ database: 10m }", db, ""), "new.yaml").unwrap();
     assert!(report::diff(&old, &new).contains(&report::Change::Limit {
         limit: "minTtl".to_owned(),
-        from: "database 5m, pki 5m".to_owned(),
-        to: "database 10m, pki 5m".to_owned(),
+        from: "database 5m, pki 5m, vault 5m".to_owned(),
+        to: "database 10m, pki 5m, vault 5m".to_owned(),
     }));
 }
 
@@ -574,4 +574,64 @@ bindings:
             .contains("limits.minRenewFraction 0.5 exceeds limits.maxRenewFraction 0.1")),
         "{found:?}"
     );
+}
+
+#[test]
+fn a_vault_path_source_is_checked_and_shown_like_the_other_kinds() {
+    let with = |source: &str| {
+        format!(
+            "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: cloud
+    subjects: [{{ namespace: ci, serviceAccount: deployer }}]
+    source: {{ vault: {source} }}
+"
+        )
+    };
+    let policy = Policy::parse(
+        &with("{ path: aws/creds/deploy, fields: [access_key, secret_key] }"),
+        "p.yaml",
+    )
+    .unwrap();
+    let binding = &policy.bindings[0];
+    assert_eq!(
+        binding.source.to_string(),
+        "vault read aws/creds/deploy fields [access_key, secret_key]"
+    );
+    assert_eq!(binding.source.mount(), "aws");
+    assert!(binding.source.is_leased());
+    assert_eq!(
+        binding.min_ttl,
+        Duration::from_secs(300),
+        "the kind's floor"
+    );
+
+    for (source, named) in [
+        ("{ path: sys/leases/lookup }", "is under `sys/`"),
+        (
+            "{ path: auth/token/create, operation: write }",
+            "is under `auth/`",
+        ),
+        ("{ path: /aws/creds/x }", "must be a path below /v1/"),
+        ("{ path: aws/../sys/x }", "must be a path below /v1/"),
+        (
+            "{ path: aws/creds/x, operation: delete }",
+            "is not `read` or `write`",
+        ),
+        (
+            "{ path: aws/creds/x, data: { ttl: 1h } }",
+            "sent only by `operation: write`",
+        ),
+        (
+            "{ path: aws/creds/x, fields: [\"../x\"] }",
+            "not a safe file name",
+        ),
+    ] {
+        let found = problems(&with(source));
+        assert!(
+            found.iter().any(|p| p.message.contains(named)),
+            "{source}: {found:?}"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use crate::{
     error::Error,
     handle::Handle,
     lease::{Caller, Engine, Live, Resumed, event},
-    policy::{Binding, Source},
+    policy::Binding,
 };
 
 impl BrokerService {
@@ -142,7 +142,7 @@ impl Drop for Undelivered {
         let lives: Vec<Live> = self
             .lives
             .drain(..)
-            .filter(|live| matches!(live.binding.source, Source::Database(_)))
+            .filter(Engine::revokes_unused)
             .collect();
         if !lives.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
             self.engine.revoke_undelivered(lives, self.caller.clone());

@@ -26,9 +26,11 @@ pub mod kv1;
 mod kv2;
 pub mod leases;
 mod login;
+mod path;
 
 pub use kv2::KvSecret;
 use login::Login;
+pub use path::PathAnswer;
 
 /// How the broker logs in to Vault.
 #[derive(Clone, Debug)]

@@ -31,6 +31,7 @@ mod quickstart;
 mod refusals;
 mod secrecy;
 mod sidecar;
+mod sources;
 mod tls;
 mod tracing;
 mod vault_cluster;

@@ -10,10 +10,10 @@ use crate::policy::{
 };
 
 /// Source kinds this broker knows, as named in `limits.allowedSources`.
-const SOURCE_KINDS: &[&str] = &["kv2", "database", "pki"];
+const SOURCE_KINDS: &[&str] = &["kv2", "database", "pki", "vault"];
 
 /// Source kinds whose credentials have a TTL, as named in `limits.minTtl`.
-const LEASED_KINDS: &[&str] = &["database", "pki"];
+const LEASED_KINDS: &[&str] = &["database", "pki", "vault"];
 
 /// Applies a `limits` block.
 pub(in crate::policy) fn apply_limits(

@@ -1,11 +1,17 @@
 //! Where a binding's values come from in Vault, within the limits.
 
 use crate::policy::{
-    DatabaseSource, Kv2Source, Limits, PKI_NAME_FIELDS, PkiSource, Problem, Source, at,
-    document::{BindingDoc, SourceDoc},
+    DatabaseSource, Kv2Source, Limits, PKI_NAME_FIELDS, PkiSource, Problem, Source,
+    VaultPathSource, at,
+    document::{BindingDoc, SourceDoc, VaultDoc},
     render::Template,
     safe,
 };
+
+/// Path prefixes a `vault:` source may not name: Vault's own configuration,
+/// its auth methods and identities. Reading or writing them with the broker's
+/// token would hand pods the broker's powers.
+const VAULT_RESERVED: &[&str] = &["sys", "auth", "identity", "cubbyhole"];
 
 /// The binding's source, checked, and allowed by `limits`.
 pub(super) fn compile_source(
@@ -107,6 +113,22 @@ pub(super) fn compile_source(
                 alt_names: pki.alt_names.clone(),
             })
         }
+        SourceDoc::Vault(doc) => {
+            let mut problem = |message: String| {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!("binding `{name}`: {message}"),
+                ));
+            };
+            vault_path_problems(doc).into_iter().for_each(&mut problem);
+            Source::Vault(VaultPathSource {
+                path: doc.path.clone(),
+                write: doc.operation.as_deref() == Some("write"),
+                data: doc.data.clone(),
+                fields: doc.fields.clone(),
+            })
+        }
     };
     if let Some(allowed) = &limits.allowed_sources
         && !allowed.contains(source.kind())
@@ -133,4 +155,39 @@ pub(super) fn compile_source(
         ));
     }
     source
+}
+
+/// What is wrong with a `vault:` source, one sentence each.
+fn vault_path_problems(doc: &VaultDoc) -> Vec<String> {
+    let mut found = Vec::new();
+    let path = doc.path.as_str();
+    let segments: Vec<&str> = path.split('/').collect();
+    if path.is_empty()
+        || path.starts_with('/')
+        || segments
+            .iter()
+            .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        found.push(format!("vault path `{path}` must be a path below /v1/ without empty, `.` or `..` segments (e.g. `aws/creds/deploy`)"));
+    } else if VAULT_RESERVED.contains(&segments[0]) {
+        found.push(format!("vault path `{path}` is under `{}/`, which a binding may not name (the broker's own Vault powers are not for pods)", segments[0]));
+    }
+    match doc.operation.as_deref() {
+        None | Some("read" | "write") => {}
+        Some(other) => found.push(format!(
+            "vault operation `{other}` is not `read` or `write`"
+        )),
+    }
+    if !doc.data.is_empty() && doc.operation.as_deref() != Some("write") {
+        found.push("vault `data` is sent only by `operation: write`".to_owned());
+    }
+    if let Some(fields) = &doc.fields {
+        if fields.is_empty() {
+            found.push("vault `fields` is empty (remove it to deliver every field)".to_owned());
+        }
+        if let Some(bad) = fields.iter().find(|f| !safe(f)) {
+            found.push(format!("field `{bad}` is not a safe file name"));
+        }
+    }
+    found
 }

@@ -1,0 +1,147 @@
+//! The generic `vault:` source against engines OpenBao ships: database users
+//! read from a plain Vault path live exactly like the database kind's (they
+//! log in, rotate with overlap, and stop logging in once revoked), and a
+//! TOTP code (an answer without a lease) is read whenever the pod asks.
+
+use std::{fs, time::Duration};
+
+use tessera_proto::v1::{Held, RevokeRequest};
+use tessera_tests::{Env, Postgres, db_policy, field, wait_for, with_token};
+
+/// [`db_policy`] with the binding's source as a plain Vault path.
+fn path_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
+    let policy = db_policy(ttl, fraction, overlap)
+        .replace(
+            "source: { database: { mount: database, role: orders } }",
+            "source: { vault: { path: database/creds/orders, fields: [username, password] } }",
+        )
+        .replace("minTtl: { database: 1s }", "minTtl: { vault: 1s }");
+    assert!(policy.contains("vault: { path"), "{policy}");
+    policy
+}
+
+fn login(out: &std::path::Path) -> (String, String) {
+    (
+        field(out, "db", "username").unwrap(),
+        field(out, "db", "password").unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_users_from_a_vault_path_log_in_rotate_and_end_like_the_database_kind() {
+    let pg = Postgres::start();
+    let env = Env::start(&path_policy("6s", "0.5", "3s")).await;
+    env.bao.database_role(&pg, "orders", "6s", "10s");
+    let out = env.tmpfs_out();
+    let _run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["db"]);
+    wait_for(Duration::from_secs(20), "delivery", || {
+        field(out.path(), "db", "password")
+    })
+    .await;
+    let old = login(out.path());
+    assert!(pg.can_login(&old.0, &old.1), "the delivered user logs in");
+    let issued = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "issue")
+        .unwrap();
+    assert_eq!(
+        issued["source"],
+        "vault read database/creds/orders fields [username, password]"
+    );
+    assert!(
+        issued["lease_id_sha256"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64),
+        "the lease is named by its digest: {issued}"
+    );
+
+    // The role's max TTL (10 s) stops renewals: a successor comes before
+    // the end, and the old user is revoked once the overlap has passed.
+    let new = wait_for(Duration::from_secs(40), "a rotation", || {
+        field(out.path(), "db", "username")
+            .filter(|user| *user != old.0)
+            .map(|_| login(out.path()))
+    })
+    .await;
+    assert!(pg.can_login(&new.0, &new.1), "the successor logs in");
+    wait_for(
+        Duration::from_secs(20),
+        "the superseded user to be revoked",
+        || (!pg.can_login(&old.0, &old.1)).then_some(()),
+    )
+    .await;
+
+    // Given back, the current user stops logging in.
+    let handle = fs::read_to_string(out.path().join("db/..data/..handle")).unwrap();
+    let revoked = env
+        .client()
+        .await
+        .revoke(with_token(
+            &env.token("shop", "orders"),
+            RevokeRequest {
+                bindings: vec![],
+                held: vec![Held {
+                    binding: "db".into(),
+                    handle,
+                }],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked, ["db"]);
+    assert!(
+        !pg.can_login(&new.0, &new.1),
+        "a revoked user no longer logs in"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_totp_code_from_a_vault_path_is_a_valid_code_read_when_asked() {
+    let env = Env::start(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: otp
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { vault: { path: totp/code/orders } }
+",
+    )
+    .await;
+    env.bao.cli(&["secrets", "enable", "totp"]);
+    env.bao.cli(&[
+        "write",
+        "totp/keys/orders",
+        "generate=true",
+        "issuer=Tessera",
+        "account_name=orders@shop",
+    ]);
+    let token = env.token("shop", "orders");
+    let answer = env.fetch(&token, &["otp"]).await.unwrap();
+    let credential = &answer.credentials[0];
+    let code = String::from_utf8(credential.fields["code"].clone()).unwrap();
+    assert!(
+        code.len() == 6 && code.chars().all(|c| c.is_ascii_digit()),
+        "a six-digit code: {code}"
+    );
+    let issued = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "issue" && e["binding"] == "otp")
+        .unwrap();
+    assert_eq!(issued["source"], "vault read totp/code/orders");
+    assert!(
+        issued
+            .get("lease_id_sha256")
+            .is_none_or(serde_json::Value::is_null),
+        "an answer without a lease names none: {issued}"
+    );
+    let valid = env.bao.cli(&[
+        "write",
+        "-field=valid",
+        "totp/code/orders",
+        &format!("code={code}"),
+    ]);
+    assert_eq!(valid.trim(), "true", "OpenBao accepts the code it gave");
+}
