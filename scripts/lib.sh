@@ -46,6 +46,16 @@ ensure_postgres() {
   PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 }
 
+# ensure_mariadb_and_redis: Debian's MariaDB and Redis servers, which the
+# database-kind tests start privately on free ports (never the system's).
+ensure_mariadb_and_redis() {
+  if ! command -v mariadbd >/dev/null || ! command -v redis-server >/dev/null; then
+    log "installing MariaDB and Redis with apt"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mariadb-server redis-server >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mariadb-server redis-server >/dev/null; }
+  fi
+}
+
 # start_postgres: a private PostgreSQL cluster in a new temporary directory
 # on a free port of 127.0.0.1 with password (SCRAM) authentication. Sets
 # PG_DIR (remove it when done), PG_PORT, PG_PASSWORD (of the superuser

@@ -17,6 +17,7 @@ mod balancer;
 pub mod chart_readme;
 mod cluster;
 pub mod config;
+mod databases;
 pub mod doc_commands;
 mod env;
 mod http;
@@ -31,6 +32,7 @@ pub use balancer::Balancer;
 pub use config::{
     BrokerConfig, ClusterConfig, ConnectionsConfig, IdentitySource, KubernetesConfig, MemoryConfig,
 };
+pub use databases::{MariaDb, Redis};
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, TEST_CLUSTER, pod_uid};
 pub use http::{http_get, https_post};
 pub use kubernetes::Cluster;

@@ -1,12 +1,13 @@
-//! The generic `vault:` source against engines OpenBao ships: database users
-//! read from a plain Vault path live exactly like the database kind's (they
-//! log in, rotate with overlap, and stop logging in once revoked), and a
-//! TOTP code (an answer without a lease) is read whenever the pod asks.
+//! Sources against engines OpenBao ships and real servers: database users
+//! read from a plain Vault path (`vault:`) live exactly like the database
+//! kind's (they log in, rotate with overlap, and stop logging in once
+//! revoked); a TOTP code (an answer without a lease) is read whenever the pod
+//! asks; MariaDB and Redis users come through the database kind.
 
 use std::{fs, time::Duration};
 
 use tessera_proto::v1::{Held, RevokeRequest};
-use tessera_tests::{Env, Postgres, db_policy, field, wait_for, with_token};
+use tessera_tests::{Env, MariaDb, Postgres, Redis, db_policy, field, wait_for, with_token};
 
 /// [`db_policy`] with the binding's source as a plain Vault path.
 fn path_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
@@ -144,4 +145,86 @@ bindings:
         &format!("code={code}"),
     ]);
     assert_eq!(valid.trim(), "true", "OpenBao accepts the code it gave");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_and_redis_users_from_the_database_kind_log_in_and_fail_once_revoked() {
+    let mariadb = MariaDb::start();
+    let redis = Redis::start();
+    let env = Env::start(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: maria
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { database: { mount: database, role: shop-maria } }
+    ttl: 10m
+  - name: cache
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { database: { mount: database, role: shop-redis } }
+    ttl: 10m
+",
+    )
+    .await;
+    env.bao.mariadb_role(&mariadb, "shop-maria", "10m", "1h");
+    env.bao.redis_role(&redis, "shop-redis", "10m", "1h");
+    let token = env.token("shop", "orders");
+    let answer = env.fetch(&token, &["maria", "cache"]).await.unwrap();
+    let text = |binding: &str, field: &str| {
+        let credential = answer
+            .credentials
+            .iter()
+            .find(|c| c.binding == binding)
+            .unwrap();
+        String::from_utf8(credential.fields[field].clone()).unwrap()
+    };
+    let maria = (text("maria", "username"), text("maria", "password"));
+    let cache = (text("cache", "username"), text("cache", "password"));
+    assert!(
+        mariadb.can_login(&maria.0, &maria.1),
+        "the MariaDB user logs in"
+    );
+    assert!(
+        !mariadb.can_login(&maria.0, "not-the-password"),
+        "MariaDB checks passwords"
+    );
+    assert!(
+        redis.can_login(&cache.0, &cache.1),
+        "the Redis user logs in"
+    );
+    assert!(
+        !redis.can_login(&cache.0, "not-the-password"),
+        "Redis checks passwords"
+    );
+
+    let held = answer
+        .credentials
+        .iter()
+        .map(|c| Held {
+            binding: c.binding.clone(),
+            handle: c.handle.clone(),
+        })
+        .collect();
+    let revoked = env
+        .client()
+        .await
+        .revoke(with_token(
+            &token,
+            RevokeRequest {
+                bindings: vec![],
+                held,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.revoked.len(), 2, "{:?}", revoked.revoked);
+    assert!(
+        !mariadb.can_login(&maria.0, &maria.1),
+        "a revoked MariaDB user no longer logs in"
+    );
+    assert!(
+        !redis.can_login(&cache.0, &cache.1),
+        "a revoked Redis user no longer logs in"
+    );
 }
