@@ -319,6 +319,7 @@ mod tests {
             mount: "secret".to_owned(),
             path: path.to_owned(),
             keys: None,
+            namespace: None,
         };
         let (minute, hour, default) = (
             Duration::from_secs(60),

@@ -266,6 +266,12 @@ impl OpenBao {
     /// metadata under `secret/`, issue and end database credentials and
     /// certificates, and keep its lease records under `tessera-leases/`.
     pub fn write_broker_policy(&self) {
+        self.write_broker_policy_with("");
+    }
+
+    /// The broker policy with `extra` rules (HCL) added, e.g. for paths in a
+    /// child namespace.
+    pub fn write_broker_policy_with(&self, extra: &str) {
         let policy = r#"
 path "secret/data/*" { capabilities = ["read"] }
 path "secret/metadata/*" { capabilities = ["read"] }
@@ -278,6 +284,7 @@ path "sys/leases/renew" { capabilities = ["update"] }
 path "sys/leases/revoke" { capabilities = ["update"] }
 path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", "list"] }
 "#;
+        let policy = format!("{policy}{extra}");
         let path = std::env::temp_dir().join(format!("tessera-policy-{}.hcl", random_string(8)));
         fs::write(&path, policy).unwrap();
         self.cli(&["policy", "write", "tessera-broker", path.to_str().unwrap()]);

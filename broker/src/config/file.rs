@@ -164,6 +164,7 @@ pub(super) struct KubernetesFile {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct VaultFile {
     pub(super) address: String,
+    pub(super) namespace: Option<String>,
     pub(super) ca_cert_file: Option<PathBuf>,
     pub(super) token_file: Option<PathBuf>,
     pub(super) app_role: Option<AppRoleFile>,

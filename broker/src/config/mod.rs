@@ -290,6 +290,7 @@ impl Config {
             policy_reload_interval: file.policy.reload_interval,
             vault: VaultSettings {
                 address: file.vault.address,
+                namespace: file.vault.namespace,
                 ca_cert: file.vault.ca_cert_file.map(resolve),
                 auth,
                 timeout: file.vault.timeout,

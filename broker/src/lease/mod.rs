@@ -44,7 +44,7 @@ use crate::{
     metrics::Metrics,
     policy::Binding,
     tasks::Spawner,
-    vault::{Vault, VaultError},
+    vault::{Scope, Vault, VaultError},
 };
 
 /// How leases are kept (the `leases:` block of the configuration).
@@ -274,7 +274,11 @@ impl Engine {
     ) -> Result<Duration, Error> {
         let cut = if renewable {
             self.vault
-                .lease_renew(lease.expose(), binding.ttl, Some(vault_stamp))
+                .lease_renew(
+                    lease.expose(),
+                    binding.ttl,
+                    Scope::new(Some(vault_stamp), binding.source.namespace()),
+                )
                 .await
         } else {
             Err(VaultError::Invalid(format!(
@@ -288,7 +292,10 @@ impl Engine {
             Err(error) => {
                 if let Err(revoke) = self
                     .vault
-                    .lease_revoke(lease.expose(), Some(vault_stamp))
+                    .lease_revoke(
+                        lease.expose(),
+                        Scope::new(Some(vault_stamp), binding.source.namespace()),
+                    )
                     .await
                 {
                     tracing::warn!(binding = %binding.name, error = %revoke, "a lease that could not be shortened could not be revoked either; it ends by its TTL");
@@ -308,7 +315,11 @@ impl Engine {
         if let (true, Some(lease)) = (live.renewable, &live.lease) {
             match self
                 .vault
-                .lease_renew(lease.expose(), binding.ttl, Some(&stamp(&caller.identity)))
+                .lease_renew(
+                    lease.expose(),
+                    binding.ttl,
+                    Scope::new(Some(&stamp(&caller.identity)), binding.source.namespace()),
+                )
                 .await
             {
                 Ok(granted) => {
@@ -362,7 +373,7 @@ impl Engine {
                     &self.vault,
                     binding.source.mount(),
                     lease.expose(),
-                    &vault_stamp,
+                    Scope::new(Some(&vault_stamp), binding.source.namespace()),
                 )
                 .await
                 .map_err(Self::vault_error(binding)),

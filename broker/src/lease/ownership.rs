@@ -19,7 +19,7 @@ use crate::{
     error::Error,
     identity::Identity,
     policy::Binding,
-    vault::VaultError,
+    vault::{Scope, VaultError},
 };
 
 /// What became of a record the broker was asked to revoke.
@@ -68,6 +68,12 @@ impl Engine {
             binding: live.binding.name.clone(),
             kind: super::driver::of(&live.binding.source).lease_kind()?,
             mount: live.binding.source.mount().to_owned(),
+            vault_namespace: live
+                .binding
+                .source
+                .namespace()
+                .unwrap_or_default()
+                .to_owned(),
             source: live.binding.source.to_string(),
             version: live.version.clone(),
             lease_sha256: lease.digest(),
@@ -130,7 +136,12 @@ impl Engine {
         let vault_stamp = stamp(&record.identity());
         let outcome = record
             .kind
-            .revoke(&self.vault, &record.mount, &lease, &vault_stamp)
+            .revoke(
+                &self.vault,
+                &record.mount,
+                &lease,
+                Scope::new(Some(&vault_stamp), record.vault_namespace()),
+            )
             .await;
         let outcome = match outcome {
             Ok(()) => self.records.delete(&record.path()).await,
@@ -218,7 +229,11 @@ impl Engine {
             let stamp = stamp(&caller.identity);
             if let Err(error) = self
                 .vault
-                .lease_renew(lease.expose(), increment, Some(&stamp))
+                .lease_renew(
+                    lease.expose(),
+                    increment,
+                    Scope::new(Some(&stamp), old.binding.source.namespace()),
+                )
                 .await
             {
                 tracing::warn!(binding = %old.binding.name, %error, "cannot shorten the superseded lease to the overlap; it is revoked when the overlap ends");

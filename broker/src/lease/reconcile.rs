@@ -172,7 +172,12 @@ impl Reconciler {
         let Some(lease) = self.engine.lease_of(record) else {
             return Ok(None);
         };
-        let Some(lookup) = self.engine.vault.lease_lookup(&lease).await? else {
+        let Some(lookup) = self
+            .engine
+            .vault
+            .lease_lookup(&lease, record.vault_namespace())
+            .await?
+        else {
             return Ok(Some(true));
         };
         if lookup.ttl == 0 {
@@ -370,6 +375,7 @@ mod tests {
             binding: "db".into(),
             kind: RecordKind::Database,
             mount: "database".into(),
+            vault_namespace: String::new(),
             source: "database database/creds/orders".into(),
             version: "abc".into(),
             lease_sha256: "ab".repeat(32),

@@ -51,6 +51,9 @@ pub struct LeaseRecord {
     pub kind: RecordKind,
     /// The secrets engine's mount (`database`, `pki`).
     pub mount: String,
+    /// The Vault namespace the lease was issued in; empty for the broker's own.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vault_namespace: String,
     /// The source as the audit trail shows it, e.g. `database database/creds/orders`.
     pub source: String,
     /// The version of the credential the lease backs.
@@ -93,6 +96,11 @@ impl Holder {
 }
 
 impl LeaseRecord {
+    /// The Vault namespace its lease lives in; `None` for the broker's own.
+    pub fn vault_namespace(&self) -> Option<&str> {
+        (!self.vault_namespace.is_empty()).then_some(self.vault_namespace.as_str())
+    }
+
     /// The pod (or service account) it was issued to.
     pub fn owner(&self) -> PodKey {
         PodKey {

@@ -92,6 +92,7 @@ pub(super) struct VaultDoc {
     #[serde(default)]
     pub(super) data: BTreeMap<String, String>,
     pub(super) fields: Option<Vec<String>>,
+    pub(super) namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +100,7 @@ pub(super) struct VaultDoc {
 pub(super) struct DatabaseDoc {
     pub(super) mount: String,
     pub(super) role: String,
+    pub(super) namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +111,7 @@ pub(super) struct PkiDoc {
     pub(super) common_name: String,
     #[serde(default)]
     pub(super) alt_names: Vec<String>,
+    pub(super) namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +120,7 @@ pub(super) struct Kv2Doc {
     pub(super) mount: String,
     pub(super) path: String,
     pub(super) keys: Option<Vec<String>>,
+    pub(super) namespace: Option<String>,
 }
 
 #[derive(Deserialize)]

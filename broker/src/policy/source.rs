@@ -32,6 +32,9 @@ pub struct VaultPathSource {
     pub data: BTreeMap<String, String>,
     /// The answer's fields to deliver; every field when absent.
     pub fields: Option<Vec<String>>,
+    /// The Vault namespace (full path, e.g. `team-a`) it lives in; the
+    /// broker's own when absent.
+    pub namespace: Option<String>,
 }
 
 /// Dynamic database credentials: `mount/creds/role`.
@@ -41,6 +44,9 @@ pub struct DatabaseSource {
     pub mount: String,
     /// The database engine's role, which holds the SQL that makes a user.
     pub role: String,
+    /// The Vault namespace (full path, e.g. `team-a`) it lives in; the
+    /// broker's own when absent.
+    pub namespace: Option<String>,
 }
 
 /// A certificate from `mount/issue/role` for names rendered from the caller's
@@ -55,6 +61,9 @@ pub struct PkiSource {
     pub common_name: String,
     /// Subject alternative name templates.
     pub alt_names: Vec<String>,
+    /// The Vault namespace (full path, e.g. `team-a`) it lives in; the
+    /// broker's own when absent.
+    pub namespace: Option<String>,
 }
 
 impl VaultPathSource {
@@ -92,6 +101,16 @@ impl Source {
         }
     }
 
+    /// The Vault namespace it lives in; `None` for the broker's own.
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            Source::Kv2(kv) => kv.namespace.as_deref(),
+            Source::Database(db) => db.namespace.as_deref(),
+            Source::Pki(pki) => pki.namespace.as_deref(),
+            Source::Vault(path) => path.namespace.as_deref(),
+        }
+    }
+
     /// The fields it delivers, when known before reading it.
     pub fn known_fields(&self) -> Option<Vec<String>> {
         let owned = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
@@ -111,6 +130,16 @@ impl Source {
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_kind(f)?;
+        match self.namespace() {
+            Some(namespace) => write!(f, " in namespace {namespace}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Source {
+    fn fmt_kind(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Kv2(kv) => {
                 write!(f, "kv2 {}/{}", kv.mount, kv.path)?;
@@ -156,4 +185,7 @@ pub struct Kv2Source {
     pub path: String,
     /// Keys to deliver; all keys when absent.
     pub keys: Option<Vec<String>>,
+    /// The Vault namespace (full path, e.g. `team-a`) it lives in; the
+    /// broker's own when absent.
+    pub namespace: Option<String>,
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use vaultrs::api::kv1::requests::{DeleteSecretRequest, SetSecretRequest};
 
-use super::{Vault, VaultError, unbuildable};
+use super::{Scope, Vault, VaultError, unbuildable};
 
 /// `GET <mount>/<path>`: the document, as the `data` of Vault's answer
 /// (vaultrs' own request expects it one level deeper).
@@ -56,7 +56,7 @@ impl Vault {
             .data(data)
             .build()
             .map_err(unbuildable(&what))?;
-        self.exec_empty(endpoint, &what, None).await
+        self.exec_empty(endpoint, &what, Scope::default()).await
     }
 
     /// The document at `mount/path`; `None` when there is none.
@@ -69,7 +69,7 @@ impl Vault {
             mount: mount.to_owned(),
             path: path.to_owned(),
         };
-        match self.exec(endpoint, &what, None).await {
+        match self.exec(endpoint, &what, Scope::default()).await {
             Ok(result) => Ok(result.data),
             Err(VaultError::NotFound(_)) => Ok(None),
             Err(error) => Err(error),
@@ -87,7 +87,7 @@ impl Vault {
             mount: mount.to_owned(),
             path: path.to_owned(),
         };
-        match self.exec(endpoint, &what, None).await {
+        match self.exec(endpoint, &what, Scope::default()).await {
             Ok(result) => Ok(result.data.map(|d| d.keys).unwrap_or_default()),
             Err(VaultError::NotFound(_)) => Ok(Vec::new()),
             Err(error) => Err(error),
@@ -105,7 +105,7 @@ impl Vault {
             .path(path)
             .build()
             .map_err(unbuildable(&what))?;
-        match self.exec_empty(endpoint, &what, None).await {
+        match self.exec_empty(endpoint, &what, Scope::default()).await {
             Err(VaultError::NotFound(_)) | Ok(()) => Ok(()),
             Err(error) => Err(error),
         }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use vaultrs::api::kv2::requests::{ReadSecretMetadataRequest, ReadSecretRequest};
 
-use super::{Vault, VaultError, unbuildable};
+use super::{Scope, Vault, VaultError, unbuildable};
 use crate::{policy::Kv2Source, secret::Secret};
 
 /// One version of a KV v2 secret.
@@ -38,7 +38,11 @@ impl Vault {
             .build()
             .map_err(unbuildable(&what))?;
         let response = self
-            .exec(endpoint, &what, caller)
+            .exec(
+                endpoint,
+                &what,
+                Scope::new(caller, source.namespace.as_deref()),
+            )
             .await?
             .data
             .ok_or_else(|| VaultError::NotFound(what.clone()))?;
@@ -101,7 +105,11 @@ impl Vault {
             .build()
             .map_err(unbuildable(&what))?;
         let meta = self
-            .exec(endpoint, &what, None)
+            .exec(
+                endpoint,
+                &what,
+                Scope::new(None, source.namespace.as_deref()),
+            )
             .await?
             .data
             .ok_or_else(|| VaultError::NotFound(what.clone()))?;

@@ -10,7 +10,7 @@ use vaultrs::api::{
     database::requests::GenerateCredentialsRequest, pki::requests::GenerateCertificateRequest,
 };
 
-use super::{Vault, VaultError, unbuildable};
+use super::{Scope, Vault, VaultError, unbuildable};
 use crate::secret::Secret;
 
 /// `PUT sys/leases/lookup`.
@@ -85,7 +85,7 @@ impl Vault {
         &self,
         mount: &str,
         role: &str,
-        caller: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<Leased, VaultError> {
         let what = format!("{mount}/creds/{role}");
         let endpoint = GenerateCredentialsRequest::builder()
@@ -93,7 +93,7 @@ impl Vault {
             .name(role)
             .build()
             .map_err(unbuildable(&what))?;
-        let result = self.exec(endpoint, &what, caller).await?;
+        let result = self.exec(endpoint, &what, scope).await?;
         let data = result.data.ok_or_else(|| VaultError::Unexpected {
             what: what.clone(),
             detail: "no credentials in the answer".to_owned(),
@@ -128,7 +128,7 @@ impl Vault {
         common_name: &str,
         alt_names: &[String],
         ttl: Duration,
-        caller: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<Issued, VaultError> {
         let what = format!("{mount}/issue/{role}");
         let endpoint = GenerateCertificateRequest::builder()
@@ -140,7 +140,7 @@ impl Vault {
             .build()
             .map_err(unbuildable(&what))?;
         let data = self
-            .exec(endpoint, &what, caller)
+            .exec(endpoint, &what, scope)
             .await?
             .data
             .ok_or_else(|| VaultError::Unexpected {
@@ -173,11 +173,18 @@ impl Vault {
     ///
     /// # Errors
     /// A [`VaultError`] other than "not found" or "invalid lease".
-    pub async fn lease_lookup(&self, lease_id: &str) -> Result<Option<LeaseLookup>, VaultError> {
+    pub async fn lease_lookup(
+        &self,
+        lease_id: &str,
+        namespace: Option<&str>,
+    ) -> Result<Option<LeaseLookup>, VaultError> {
         let endpoint = LookupLease {
             lease_id: lease_id.to_owned(),
         };
-        match self.exec(endpoint, "sys/leases/lookup", None).await {
+        match self
+            .exec(endpoint, "sys/leases/lookup", Scope::new(None, namespace))
+            .await
+        {
             Ok(result) => Ok(result.data),
             // Vault answers 400 "invalid lease" for unknown or revoked leases.
             // Anything else (an odd answer, an outage) is not "gone": read as
@@ -195,13 +202,13 @@ impl Vault {
         &self,
         lease_id: &str,
         increment: Duration,
-        caller: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<Duration, VaultError> {
         let endpoint = RenewLease {
             lease_id: lease_id.to_owned(),
             increment: increment.as_secs(),
         };
-        let result = self.exec(endpoint, "sys/leases/renew", caller).await?;
+        let result = self.exec(endpoint, "sys/leases/renew", scope).await?;
         Ok(Duration::from_secs(u64::from(result.lease_duration)))
     }
 
@@ -209,15 +216,11 @@ impl Vault {
     ///
     /// # Errors
     /// A [`VaultError`].
-    pub async fn lease_revoke(
-        &self,
-        lease_id: &str,
-        caller: Option<&str>,
-    ) -> Result<(), VaultError> {
+    pub async fn lease_revoke(&self, lease_id: &str, scope: Scope<'_>) -> Result<(), VaultError> {
         let endpoint = RevokeLease {
             lease_id: lease_id.to_owned(),
         };
-        self.exec_empty(endpoint, "sys/leases/revoke", caller).await
+        self.exec_empty(endpoint, "sys/leases/revoke", scope).await
     }
 
     /// Revokes a certificate by serial number.
@@ -228,7 +231,7 @@ impl Vault {
         &self,
         mount: &str,
         serial: &str,
-        caller: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<(), VaultError> {
         let what = format!("{mount}/revoke");
         let endpoint = vaultrs::api::pki::requests::RevokeCertificateRequest::builder()
@@ -236,6 +239,6 @@ impl Vault {
             .serial_number(serial)
             .build()
             .map_err(unbuildable(&what))?;
-        self.exec(endpoint, &what, caller).await.map(|_| ())
+        self.exec(endpoint, &what, scope).await.map(|_| ())
     }
 }

@@ -67,6 +67,9 @@ pub enum VaultAuth {
 pub struct VaultSettings {
     /// Base address, e.g. `https://vault.vault.svc:8200`.
     pub address: String,
+    /// The namespace the broker logs in to and works in (Vault
+    /// Enterprise, OpenBao 2.3+); a binding's source may name another.
+    pub namespace: Option<String>,
     /// CA bundle for Vault's certificate; the system roots when absent.
     pub ca_cert: Option<PathBuf>,
     /// Login method.
@@ -152,15 +155,39 @@ pub const CALLER_HEADER: &str = "x-tessera-caller";
 struct Stamped<'a> {
     inner: &'a EndpointMiddleware,
     caller: Option<http::HeaderValue>,
+    namespace: Option<http::HeaderValue>,
 }
 
 impl<'a> Stamped<'a> {
-    fn new(client: &'a VaultClient, cluster: &str, caller: Option<&str>) -> Self {
+    fn new(client: &'a VaultClient, cluster: &str, scope: Scope<'_>) -> Self {
         Self {
             inner: client.middle(),
-            caller: caller
+            caller: scope
+                .caller
                 .and_then(|c| http::HeaderValue::from_str(&format!("{cluster}/{c}")).ok()),
+            namespace: scope
+                .namespace
+                .and_then(|ns| http::HeaderValue::from_str(ns).ok()),
         }
+    }
+}
+
+/// Who a request is for and where: the caller stamped into Vault's audit
+/// log (`namespace/service-account/pod/uid`), and the Vault namespace of the
+/// binding's source, sent as `X-Vault-Namespace` (the broker's own,
+/// `vault.namespace`, when `None`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scope<'a> {
+    /// The caller stamped into Vault's audit log; none for the broker's own work.
+    pub caller: Option<&'a str>,
+    /// The full path of the namespace the request is for, e.g. `team-a`.
+    pub namespace: Option<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    /// A request for `caller` in `namespace`.
+    pub fn new(caller: Option<&'a str>, namespace: Option<&'a str>) -> Self {
+        Self { caller, namespace }
     }
 }
 
@@ -173,6 +200,10 @@ impl MiddleWare for Stamped<'_> {
         self.inner.request(endpoint, req)?;
         if let Some(caller) = &self.caller {
             req.headers_mut().insert(CALLER_HEADER, caller.clone());
+        }
+        if let Some(namespace) = &self.namespace {
+            req.headers_mut()
+                .insert("X-Vault-Namespace", namespace.clone());
         }
         Ok(())
     }
@@ -296,6 +327,7 @@ impl Vault {
         let mut builder = VaultClientSettingsBuilder::default();
         builder
             .address(&settings.address)
+            .namespace(settings.namespace.clone())
             .token(token.expose_str().unwrap_or_default())
             .timeout(Some(settings.timeout))
             .verify(true)
@@ -316,9 +348,8 @@ impl Vault {
         VaultClient::new(built).map_err(|e| VaultError::Login(error_chain(&e)))
     }
 
-    /// Executes `endpoint` with the current token, stamping `caller` (e.g.
-    /// `namespace/service-account/pod/uid`) into the audited caller header,
-    /// and keeps Vault's whole answer (lease id, duration, renewability).
+    /// Executes `endpoint` with the current token in `scope` (its caller
+    /// stamped into the audited caller header, its namespace sent), and keeps Vault's whole answer (lease id, duration, renewability).
     ///
     /// # Errors
     /// A [`VaultError`]; a 403 also forgets the login so the next request logs in again.
@@ -326,9 +357,9 @@ impl Vault {
         &self,
         endpoint: E,
         what: &str,
-        caller: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<EndpointResult<E::Response>, VaultError> {
-        self.send(endpoint, what, caller, |response| {
+        self.send(endpoint, what, scope, |response| {
             response
                 .wrap::<EndpointResult<E::Response>>()
                 .map_err(ClientError::from)
@@ -344,9 +375,9 @@ impl Vault {
         &self,
         endpoint: E,
         what: &str,
-        caller: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<(), VaultError> {
-        self.send(endpoint, what, caller, |_| Ok(())).await
+        self.send(endpoint, what, scope, |_| Ok(())).await
     }
 
     /// Sends `endpoint` with the current token and `caller` stamped, timed
@@ -355,11 +386,11 @@ impl Vault {
         &self,
         endpoint: E,
         what: &str,
-        caller: Option<&str>,
+        scope: Scope<'_>,
         read: impl FnOnce(rustify::endpoint::EndpointResult<E::Response>) -> Result<T, ClientError>,
     ) -> Result<T, VaultError> {
         let client = self.authed().await?;
-        let stamped = Stamped::new(&client, &self.settings.cluster, caller);
+        let stamped = Stamped::new(&client, &self.settings.cluster, scope);
         let started = Instant::now();
         let result = endpoint
             .with_middleware(&stamped)

@@ -11,7 +11,7 @@ use rustify_derive::Endpoint;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Vault, VaultError};
+use super::{Scope, Vault, VaultError};
 use crate::secret::Secret;
 
 /// `GET <path>`.
@@ -61,21 +61,21 @@ impl Vault {
         &self,
         path: &str,
         write: Option<&BTreeMap<String, String>>,
-        caller: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<PathAnswer, VaultError> {
         let result = match write {
             None => {
                 let endpoint = ReadPath {
                     path: path.to_owned(),
                 };
-                self.exec(endpoint, path, caller).await?
+                self.exec(endpoint, path, scope).await?
             }
             Some(data) => {
                 let endpoint = WritePath {
                     path: path.to_owned(),
                     data: data.clone(),
                 };
-                self.exec(endpoint, path, caller).await?
+                self.exec(endpoint, path, scope).await?
             }
         };
         let data = result.data.ok_or_else(|| VaultError::Unexpected {

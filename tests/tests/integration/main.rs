@@ -22,6 +22,7 @@ mod kubernetes;
 mod leases;
 mod lifecycle;
 mod memory;
+mod namespaces;
 mod observability;
 mod outage;
 mod pod_shapes;

@@ -16,7 +16,7 @@ use crate::{
     lease::records::RecordKind,
     lease_id::LeaseId,
     policy::{Binding, Source},
-    vault::{Vault, VaultError},
+    vault::{Scope, Vault, VaultError},
 };
 
 /// The database driver.
@@ -35,7 +35,11 @@ impl Driver for Database {
             };
             let leased = cx
                 .vault
-                .database_creds(&db.mount, &db.role, Some(cx.stamp))
+                .database_creds(
+                    &db.mount,
+                    &db.role,
+                    Scope::new(Some(cx.stamp), db.namespace.as_deref()),
+                )
                 .await
                 .map_err(vault_error(binding))?;
             let lease = LeaseId::new(leased.lease_id);
@@ -76,7 +80,10 @@ pub(super) async fn look_up_lease(
     claims: &Claims,
     now: SystemTime,
 ) -> Result<Standing, Error> {
-    let lookup = match vault.lease_lookup(&claims.lease).await {
+    let lookup = match vault
+        .lease_lookup(&claims.lease, binding.source.namespace())
+        .await
+    {
         Ok(lookup) => lookup,
         Err(error @ VaultError::Unavailable(_)) => {
             let not_after = from_unix(claims.not_after);
@@ -107,7 +114,7 @@ pub(super) async fn look_up_lease(
     })
 }
 
-/// Ends a Vault lease.
-pub(super) async fn revoke(vault: &Vault, lease: &str, stamp: &str) -> Result<(), VaultError> {
-    vault.lease_revoke(lease, Some(stamp)).await
+/// Ends a Vault lease issued in `scope`'s namespace.
+pub(super) async fn revoke(vault: &Vault, lease: &str, scope: Scope<'_>) -> Result<(), VaultError> {
+    vault.lease_revoke(lease, scope).await
 }

@@ -23,7 +23,7 @@ use crate::{
     lease_id::LeaseId,
     policy::{Binding, Source},
     secret::Secret,
-    vault::{KvSecret, Vault, VaultError},
+    vault::{KvSecret, Scope, Vault, VaultError},
 };
 
 pub(super) use kv::kv_credential_parts;
@@ -132,18 +132,18 @@ pub(super) fn of(source: &Source) -> &'static dyn Driver {
 }
 
 impl RecordKind {
-    /// Ends the lease `lease` (an id or a serial) issued at `mount`: what
-    /// revocation needs, with or without the policy.
+    /// Ends the lease `lease` (an id or a serial) issued at `mount` in
+    /// `scope`'s namespace: what revocation needs, with or without the policy.
     pub(super) async fn revoke(
         self,
         vault: &Vault,
         mount: &str,
         lease: &str,
-        stamp: &str,
+        scope: Scope<'_>,
     ) -> Result<(), VaultError> {
         match self {
-            RecordKind::Database => database::revoke(vault, lease, stamp).await,
-            RecordKind::Pki => pki::revoke(vault, mount, lease, stamp).await,
+            RecordKind::Database => database::revoke(vault, lease, scope).await,
+            RecordKind::Pki => pki::revoke(vault, mount, lease, scope).await,
         }
     }
 

@@ -16,7 +16,7 @@ use crate::{
     lease::{credential::pki_names, records::RecordKind, schedule::refresh_in},
     lease_id::LeaseId,
     policy::{Binding, RenderError, Source},
-    vault::{Vault, VaultError},
+    vault::{Scope, Vault, VaultError},
 };
 
 /// The PKI driver.
@@ -47,7 +47,7 @@ impl Driver for Pki {
                     &names[0],
                     &names[1..],
                     binding.ttl,
-                    Some(cx.stamp),
+                    Scope::new(Some(cx.stamp), pki.namespace.as_deref()),
                 )
                 .await
                 .map_err(vault_error(binding))?;
@@ -101,7 +101,7 @@ pub(super) async fn revoke(
     vault: &Vault,
     mount: &str,
     serial: &str,
-    stamp: &str,
+    scope: Scope<'_>,
 ) -> Result<(), VaultError> {
-    vault.pki_revoke(mount, serial, Some(stamp)).await
+    vault.pki_revoke(mount, serial, scope).await
 }

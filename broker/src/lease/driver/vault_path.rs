@@ -17,6 +17,7 @@ use crate::{
     lease::records::RecordKind,
     lease_id::LeaseId,
     policy::{Binding, RenderError, Source},
+    vault::Scope,
 };
 
 /// The driver of `vault:` sources.
@@ -38,7 +39,7 @@ impl Driver for VaultPath {
                 .call_path(
                     &source.path,
                     source.write.then_some(&source.data),
-                    Some(cx.stamp),
+                    Scope::new(Some(cx.stamp), source.namespace.as_deref()),
                 )
                 .await
                 .map_err(vault_error(binding))?;

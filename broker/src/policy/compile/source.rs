@@ -62,6 +62,7 @@ pub(super) fn compile_source(
                 mount: kv.mount.clone(),
                 path: kv.path.clone(),
                 keys: kv.keys.clone(),
+                namespace: kv.namespace.clone(),
             })
         }
         SourceDoc::Database(db) => {
@@ -75,6 +76,7 @@ pub(super) fn compile_source(
             Source::Database(DatabaseSource {
                 mount: db.mount.clone(),
                 role: db.role.clone(),
+                namespace: db.namespace.clone(),
             })
         }
         SourceDoc::Pki(pki) => {
@@ -111,6 +113,7 @@ pub(super) fn compile_source(
                 role: pki.role.clone(),
                 common_name: pki.common_name.clone(),
                 alt_names: pki.alt_names.clone(),
+                namespace: pki.namespace.clone(),
             })
         }
         SourceDoc::Vault(doc) => {
@@ -127,9 +130,26 @@ pub(super) fn compile_source(
                 write: doc.operation.as_deref() == Some("write"),
                 data: doc.data.clone(),
                 fields: doc.fields.clone(),
+                namespace: doc.namespace.clone(),
             })
         }
     };
+    if let Some(namespace) = source.namespace()
+        && (namespace.is_empty()
+            || namespace.starts_with('/')
+            || namespace.ends_with('/')
+            || namespace
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == ".."))
+    {
+        problems.push(at(
+            file,
+            &raw.source,
+            format!(
+                "binding `{name}`: namespace `{namespace}` must be a namespace path like `team-a` or `org/team-a`"
+            ),
+        ));
+    }
     if let Some(allowed) = &limits.allowed_sources
         && !allowed.contains(source.kind())
     {
