@@ -300,6 +300,28 @@ impl Env {
             .map(tonic::Response::into_inner)
     }
 
+    /// Gives back `held` (binding, handle) as `token`'s pod, as a sidecar
+    /// does on exit; the bindings the broker revoked.
+    pub async fn revoke_held(&self, token: &str, held: &[(&str, &str)]) -> Vec<String> {
+        let request = tessera_proto::v1::RevokeRequest {
+            bindings: vec![],
+            held: held
+                .iter()
+                .map(|(binding, handle)| tessera_proto::v1::Held {
+                    binding: (*binding).to_owned(),
+                    handle: (*handle).to_owned(),
+                })
+                .collect(),
+        };
+        self.client()
+            .await
+            .revoke(with_token(token, request))
+            .await
+            .unwrap()
+            .into_inner()
+            .revoked
+    }
+
     /// A TLS channel to the broker that trusts its CA (and presents the
     /// dev client certificate when the broker requires mTLS).
     pub async fn channel(&self) -> Channel {

@@ -56,22 +56,9 @@ async fn database_credentials_log_in_and_fail_after_revoke() {
 
     let handle = fs::read_to_string(out.path().join("db/..data/..handle")).unwrap();
     let revoked = env
-        .client()
-        .await
-        .revoke(with_token(
-            &env.token("shop", "orders"),
-            RevokeRequest {
-                bindings: vec![],
-                held: vec![Held {
-                    binding: "db".into(),
-                    handle,
-                }],
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(revoked.revoked, ["db"]);
+        .revoke_held(&env.token("shop", "orders"), &[("db", &handle)])
+        .await;
+    assert_eq!(revoked, ["db"]);
     assert!(
         !pg.can_login(&user, &password),
         "a revoked credential no longer logs in"

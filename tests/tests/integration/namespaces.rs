@@ -4,7 +4,7 @@
 //! namespace the broker's Vault policy does not reach is refused by Vault.
 
 use serde_json::json;
-use tessera_proto::v1::{FetchRequest, Held, RevokeRequest};
+use tessera_proto::v1::{FetchRequest, Held};
 use tessera_tests::{Env, Postgres, with_token};
 use tonic::Code;
 
@@ -140,23 +140,8 @@ path "team-a/sys/leases/revoke" { capabilities = ["update"] }
         denied.message()
     );
 
-    let revoked = env
-        .client()
-        .await
-        .revoke(with_token(
-            &token,
-            RevokeRequest {
-                bindings: vec![],
-                held: vec![Held {
-                    binding: "db".into(),
-                    handle,
-                }],
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(revoked.revoked, ["db"]);
+    let revoked = env.revoke_held(&token, &[("db", &handle)]).await;
+    assert_eq!(revoked, ["db"]);
     assert!(
         !pg.can_login(&user, &password),
         "revoked in team-a, it no longer logs in"

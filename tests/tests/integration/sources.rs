@@ -6,8 +6,7 @@
 
 use std::{fs, time::Duration};
 
-use tessera_proto::v1::{Held, RevokeRequest};
-use tessera_tests::{Env, MariaDb, Postgres, Redis, db_policy, field, wait_for, with_token};
+use tessera_tests::{Env, MariaDb, Postgres, Redis, db_policy, field, wait_for};
 
 /// [`db_policy`] with the binding's source as a plain Vault path.
 fn path_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
@@ -76,22 +75,9 @@ async fn database_users_from_a_vault_path_log_in_rotate_and_end_like_the_databas
     // Given back, the current user stops logging in.
     let handle = fs::read_to_string(out.path().join("db/..data/..handle")).unwrap();
     let revoked = env
-        .client()
-        .await
-        .revoke(with_token(
-            &env.token("shop", "orders"),
-            RevokeRequest {
-                bindings: vec![],
-                held: vec![Held {
-                    binding: "db".into(),
-                    handle,
-                }],
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(revoked.revoked, ["db"]);
+        .revoke_held(&env.token("shop", "orders"), &[("db", &handle)])
+        .await;
+    assert_eq!(revoked, ["db"]);
     assert!(
         !pg.can_login(&new.0, &new.1),
         "a revoked user no longer logs in"
@@ -197,28 +183,13 @@ bindings:
         "Redis checks passwords"
     );
 
-    let held = answer
+    let held: Vec<(&str, &str)> = answer
         .credentials
         .iter()
-        .map(|c| Held {
-            binding: c.binding.clone(),
-            handle: c.handle.clone(),
-        })
+        .map(|c| (c.binding.as_str(), c.handle.as_str()))
         .collect();
-    let revoked = env
-        .client()
-        .await
-        .revoke(with_token(
-            &token,
-            RevokeRequest {
-                bindings: vec![],
-                held,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(revoked.revoked.len(), 2, "{:?}", revoked.revoked);
+    let revoked = env.revoke_held(&token, &held).await;
+    assert_eq!(revoked.len(), 2, "{revoked:?}");
     assert!(
         !mariadb.can_login(&maria.0, &maria.1),
         "a revoked MariaDB user no longer logs in"
