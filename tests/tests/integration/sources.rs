@@ -2,11 +2,14 @@
 //! read from a plain Vault path (`vault:`) live exactly like the database
 //! kind's (they log in, rotate with overlap, and stop logging in once
 //! revoked); a TOTP code (an answer without a lease) is read whenever the pod
-//! asks; MariaDB and Redis users come through the database kind.
+//! asks; a Kubernetes service-account token from OpenBao's `kubernetes`
+//! engine works against a second real API server until it is revoked; MariaDB
+//! and Redis users come through the database kind.
 
 use std::{fs, time::Duration};
 
-use tessera_tests::{Env, MariaDb, Postgres, Redis, db_policy, field, wait_for};
+use serde_json::json;
+use tessera_tests::{Cluster, Env, MariaDb, Postgres, Redis, db_policy, field, wait_for};
 
 /// [`db_policy`] with the binding's source as a plain Vault path.
 fn path_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
@@ -198,4 +201,108 @@ bindings:
         !redis.can_login(&cache.0, &cache.1),
         "a revoked Redis user no longer logs in"
     );
+}
+
+/// Whether `token` authenticates to `cluster` as `user` (`kubectl auth whoami`).
+fn authenticates_as(cluster: &Cluster, token: &str, user: &str) -> bool {
+    let output = std::process::Command::new(tessera_tests::kubernetes::kubectl_binary())
+        .args(["--kubeconfig", "/dev/null", "--server", &cluster.server])
+        .arg(format!(
+            "--certificate-authority={}",
+            cluster.ca_file().display()
+        ))
+        .args(["--token", token, "auth", "whoami", "-o", "json"])
+        .output()
+        .unwrap();
+    output.status.success()
+        && serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .is_ok_and(|review| review["status"]["userInfo"]["username"] == user)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kubernetes_token_from_a_vault_path_authenticates_until_it_is_revoked() {
+    let env = Env::start(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: kube
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source:
+      vault:
+        path: kubernetes/creds/lister
+        operation: write
+        data: { kubernetes_namespace: apps }
+        fields: [service_account_name, service_account_token]
+",
+    )
+    .await;
+    // A second API server, not the broker's: the one the engine mints for.
+    let cluster = Cluster::start();
+    cluster.service_account("apps", "default");
+    cluster.service_account("vault", "openbao");
+    let bound = cluster.apply(&json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": { "name": "openbao-manages-service-accounts" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "openbao", "namespace": "vault" }]
+    }));
+    assert!(
+        bound.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bound.stderr)
+    );
+    let engine_token = cluster.run(&[
+        "create",
+        "token",
+        "openbao",
+        "-n",
+        "vault",
+        "--duration=3600s",
+    ]);
+    let bao = &env.bao;
+    bao.cli(&["secrets", "enable", "kubernetes"]);
+    bao.cli(&[
+        "write",
+        "kubernetes/config",
+        &format!("kubernetes_host={}", cluster.server),
+        &format!("kubernetes_ca_cert=@{}", cluster.ca_file().display()),
+        &format!("service_account_jwt={}", engine_token.trim()),
+        "disable_local_ca_jwt=true",
+    ]);
+    // The engine makes a service account (and its role) per credential, and
+    // deletes them when the lease is revoked.
+    bao.cli(&[
+        "write",
+        "kubernetes/roles/lister",
+        "allowed_kubernetes_namespaces=apps",
+        "kubernetes_role_type=Role",
+        r#"generated_role_rules={"rules":[{"apiGroups":[""],"resources":["pods"],"verbs":["list"]}]}"#,
+        "token_default_ttl=10m",
+    ]);
+    bao.write_broker_policy_with(r#"path "kubernetes/creds/*" { capabilities = ["update"] }"#);
+
+    let token = env.token("shop", "orders");
+    let answer = env.fetch(&token, &["kube"]).await.unwrap();
+    let credential = &answer.credentials[0];
+    let text = |field: &str| String::from_utf8(credential.fields[field].clone()).unwrap();
+    let user = format!(
+        "system:serviceaccount:apps:{}",
+        text("service_account_name")
+    );
+    let kube_token = text("service_account_token");
+    assert!(
+        authenticates_as(&cluster, &kube_token, &user),
+        "the delivered token is {user} on the second API server"
+    );
+    let revoked = env
+        .revoke_held(&token, &[("kube", credential.handle.as_str())])
+        .await;
+    assert_eq!(revoked, ["kube"]);
+    wait_for(
+        Duration::from_secs(20),
+        "the revoked token to stop working",
+        || (!authenticates_as(&cluster, &kube_token, &user)).then_some(()),
+    )
+    .await;
 }
