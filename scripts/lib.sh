@@ -46,13 +46,15 @@ ensure_postgres() {
   PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 }
 
-# ensure_mariadb_and_redis: Debian's MariaDB and Redis servers, which the
-# database-kind tests start privately on free ports (never the system's).
-ensure_mariadb_and_redis() {
-  if ! command -v mariadbd >/dev/null || ! command -v redis-server >/dev/null; then
-    log "installing MariaDB and Redis with apt"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mariadb-server redis-server >/dev/null \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mariadb-server redis-server >/dev/null; }
+# ensure_source_servers: Debian's MariaDB, Redis and RabbitMQ servers, which
+# the source tests start privately on free ports (never the system's).
+ensure_source_servers() {
+  if ! command -v mariadbd >/dev/null || ! command -v redis-server >/dev/null \
+    || [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+    log "installing MariaDB, Redis and RabbitMQ with apt"
+    local packages=(mariadb-server redis-server rabbitmq-server)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null; }
   fi
 }
 

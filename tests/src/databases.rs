@@ -1,7 +1,7 @@
-//! Private MariaDB and Redis servers (Debian's packages, installed by
-//! `scripts/test`) on free loopback ports with password authentication, and
-//! their OpenBao database connections, to prove a delivered user by logging
-//! in with it and its revocation by failing to.
+//! Private MariaDB, Redis and RabbitMQ servers (Debian's packages, installed
+//! by `scripts/test`) on free loopback ports with password authentication,
+//! and their OpenBao connections, to prove a delivered user by logging in
+//! with it and its revocation by failing to.
 
 use super::*;
 
@@ -204,5 +204,126 @@ impl OpenBao {
         if !mounts.contains("\"database/\"") {
             self.cli(&["secrets", "enable", "database"]);
         }
+    }
+}
+
+/// A private RabbitMQ node (Debian's `rabbitmq-server`, with its management
+/// API, which OpenBao's `rabbitmq` engine calls) and its own `epmd` on free
+/// loopback ports; both stopped (by PID) when dropped.
+pub struct RabbitMq {
+    dir: tempfile::TempDir,
+    _epmd: Proc,
+    _server: Proc,
+    /// The management API's port on 127.0.0.1.
+    pub management_port: u16,
+}
+
+impl RabbitMq {
+    /// Starts a node as the `rabbitmq` user (RabbitMQ refuses root) and
+    /// waits for its management API.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-rabbitmq-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path();
+        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let (amqp, management, epmd_port, distribution) =
+            (free_port(), free_port(), free_port(), free_port());
+        fs::write(path.join("enabled_plugins"), "[rabbitmq_management].\n").unwrap();
+        fs::write(
+            path.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{amqp}\nmanagement.tcp.port = {management}\nmanagement.tcp.ip = 127.0.0.1\n"
+            ),
+        )
+        .unwrap();
+        // Names from /etc/hosts only: no resolver helper process to outlive the node.
+        fs::write(path.join("inetrc"), "{lookup, [file]}.\n").unwrap();
+        for sub in ["mnesia", "log", "home"] {
+            fs::create_dir_all(path.join(sub)).unwrap();
+        }
+        let owned = Command::new("chown")
+            .args(["-R", "rabbitmq"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(
+            owned.success(),
+            "chown to rabbitmq (scripts/test installs rabbitmq-server)"
+        );
+        let epmd_binary = fs::read_dir("/usr/lib/erlang")
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.path().join("bin/epmd"))
+            .find(|candidate| candidate.exists())
+            .expect("Erlang's epmd");
+        let mut epmd = Command::new(epmd_binary);
+        epmd.args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"]);
+        let epmd = Proc::spawn("epmd", epmd, path.join("epmd.log"));
+        let at = |sub: &str| path.join(sub).display().to_string();
+        let mut server = Command::new("runuser");
+        server
+            .args(["-u", "rabbitmq", "--", "env"])
+            .arg(format!("HOME={}", at("home")))
+            .arg(format!("RABBITMQ_NODENAME=tessera{amqp}@localhost"))
+            .arg(format!("RABBITMQ_MNESIA_BASE={}", at("mnesia")))
+            .arg(format!("RABBITMQ_LOG_BASE={}", at("log")))
+            .arg(format!("RABBITMQ_CONFIG_FILE={}", at("rabbitmq")))
+            .arg(format!(
+                "RABBITMQ_ENABLED_PLUGINS_FILE={}",
+                at("enabled_plugins")
+            ))
+            .arg(format!(
+                "RABBITMQ_FEATURE_FLAGS_FILE={}",
+                at("feature_flags")
+            ))
+            .arg(format!(
+                "RABBITMQ_PLUGINS_EXPAND_DIR={}",
+                at("plugins-expand")
+            ))
+            .arg(format!("RABBITMQ_DIST_PORT={distribution}"))
+            .arg(format!("ERL_EPMD_PORT={epmd_port}"))
+            .arg(format!("ERL_INETRC={}", at("inetrc")))
+            .arg("RABBITMQ_SERVER_ERL_ARGS=-start_epmd false")
+            .arg("/usr/lib/rabbitmq/bin/rabbitmq-server")
+            .current_dir(path);
+        let server = Proc::spawn("rabbitmq", server, path.join("server.log"));
+        let node = Self {
+            dir,
+            _epmd: epmd,
+            _server: server,
+            management_port: management,
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !node.can_login("guest", "guest") {
+            assert!(
+                Instant::now() < deadline,
+                "RabbitMQ did not start: {}",
+                fs::read_to_string(node.dir.path().join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        node
+    }
+
+    /// Whether `user` authenticates to the management API with `password`.
+    pub fn can_login(&self, user: &str, password: &str) -> bool {
+        use base64::Engine as _;
+        use std::io::{Read as _, Write as _};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.management_port))
+        else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let request = format!(
+            "GET /api/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {credentials}\r\nConnection: close\r\n\r\n"
+        );
+        let mut response = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut response).is_ok()
+            && response.starts_with("HTTP/1.1 200")
     }
 }

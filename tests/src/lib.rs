@@ -32,7 +32,7 @@ pub use balancer::Balancer;
 pub use config::{
     BrokerConfig, ClusterConfig, ConnectionsConfig, IdentitySource, KubernetesConfig, MemoryConfig,
 };
-pub use databases::{MariaDb, Redis};
+pub use databases::{MariaDb, RabbitMq, Redis};
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, TEST_CLUSTER, pod_uid};
 pub use http::{http_get, https_post};
 pub use kubernetes::Cluster;

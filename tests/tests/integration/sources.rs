@@ -3,13 +3,14 @@
 //! kind's (they log in, rotate with overlap, and stop logging in once
 //! revoked); a TOTP code (an answer without a lease) is read whenever the pod
 //! asks; a Kubernetes service-account token from OpenBao's `kubernetes`
-//! engine works against a second real API server until it is revoked; MariaDB
-//! and Redis users come through the database kind.
+//! engine works against a second real API server until it is revoked, and so
+//! does a RabbitMQ user from the `rabbitmq` engine against a real RabbitMQ;
+//! MariaDB and Redis users come through the database kind.
 
 use std::{fs, time::Duration};
 
 use serde_json::json;
-use tessera_tests::{Cluster, Env, MariaDb, Postgres, Redis, db_policy, field, wait_for};
+use tessera_tests::{Cluster, Env, MariaDb, Postgres, RabbitMq, Redis, db_policy, field, wait_for};
 
 /// [`db_policy`] with the binding's source as a plain Vault path.
 fn path_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
@@ -305,4 +306,72 @@ bindings:
         || (!authenticates_as(&cluster, &kube_token, &user)).then_some(()),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rabbitmq_user_from_a_vault_path_logs_in_until_it_is_revoked() {
+    let rabbit = RabbitMq::start();
+    let env = Env::start(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+limits:
+  minTtl: { vault: 1s }
+bindings:
+  - name: queue
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { vault: { path: rabbitmq/creds/orders, fields: [username, password] } }
+    ttl: 10m
+",
+    )
+    .await;
+    let bao = &env.bao;
+    bao.cli(&["secrets", "enable", "rabbitmq"]);
+    bao.cli(&[
+        "write",
+        "rabbitmq/config/connection",
+        &format!("connection_uri=http://127.0.0.1:{}", rabbit.management_port),
+        "username=guest",
+        "password=guest",
+    ]);
+    bao.cli(&[
+        "write",
+        "rabbitmq/roles/orders",
+        r#"vhosts={"/":{"configure":"","write":"orders.*","read":"orders.*"}}"#,
+        // The management API (where the test logs in) admits tagged users only.
+        "tags=management",
+    ]);
+    bao.write_broker_policy_with(r#"path "rabbitmq/creds/*" { capabilities = ["read"] }"#);
+
+    let token = env.token("shop", "orders");
+    let answer = env.fetch(&token, &["queue"]).await.unwrap();
+    let credential = &answer.credentials[0];
+    let text = |field: &str| String::from_utf8(credential.fields[field].clone()).unwrap();
+    let (user, password) = (text("username"), text("password"));
+    assert!(
+        rabbit.can_login(&user, &password),
+        "the RabbitMQ user logs in"
+    );
+    assert!(
+        !rabbit.can_login(&user, "not-the-password"),
+        "RabbitMQ checks passwords"
+    );
+    let issued = env
+        .audit_events()
+        .into_iter()
+        .find(|e| e["action"] == "issue" && e["binding"] == "queue")
+        .unwrap();
+    assert!(
+        issued["lease_id_sha256"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64),
+        "the engine's answer is a lease, recorded like a database user's: {issued}"
+    );
+    let revoked = env
+        .revoke_held(&token, &[("queue", credential.handle.as_str())])
+        .await;
+    assert_eq!(revoked, ["queue"]);
+    assert!(
+        !rabbit.can_login(&user, &password),
+        "a revoked RabbitMQ user no longer logs in"
+    );
 }
