@@ -97,6 +97,8 @@ pub struct Watch {
     stream: Option<tonic::Streaming<WatchResponse>>,
     /// A stream being opened (a task, so that dropping `next` loses nothing).
     opening: Option<JoinHandle<Opening>>,
+    /// The bindings the stream (open or being opened) carries.
+    streaming: Vec<String>,
     /// When to open the next stream.
     open_at: Instant,
     /// Bindings set aside, and when to ask for each again.
@@ -131,6 +133,7 @@ impl Watch {
             options,
             stream: None,
             opening: None,
+            streaming: Vec::new(),
             open_at: Instant::now(),
             aside: BTreeMap::new(),
             asking: None,
@@ -189,10 +192,14 @@ impl Watch {
             && now >= self.open_at
         {
             let held = self.client.holdings().held(&active, &self.dropped);
+            // Shorter TTLs of the bindings asked for only: the broker refuses
+            // one for a binding the request leaves out (one set aside).
+            let max_ttl_seconds = self.client.max_ttl_of(&active);
+            self.streaming.clone_from(&active);
             let request = WatchRequest {
                 bindings: active,
                 held,
-                max_ttl_seconds: self.client.max_ttl_of(&self.bindings),
+                max_ttl_seconds,
             };
             let client = self.client.clone();
             self.opening = Some(tokio::spawn(async move {
@@ -272,6 +279,11 @@ impl Watch {
             }
             Step::Opened(Ok(Ok(stream))) => {
                 self.stream = Some(stream);
+                // A binding rejoined while it was being opened: open again
+                // with it.
+                if self.streaming != self.active() {
+                    self.reconnect();
+                }
                 Ok(())
             }
             Step::Opened(Ok(Err(status))) => self.ended(status),
@@ -305,8 +317,9 @@ impl Watch {
                 }
                 self.aside.remove(&binding);
                 self.ready.push_back(Event::Rejoined(binding));
-                // The stream of the others ends; the next one has it too.
-                if self.opening.is_none() {
+                // The stream of the others ends; the next one has it too
+                // (one being opened is checked when it opens).
+                if self.stream.is_some() {
                     self.reconnect();
                 }
             }

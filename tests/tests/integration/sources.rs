@@ -375,3 +375,50 @@ bindings:
         "a revoked RabbitMQ user no longer logs in"
     );
 }
+
+/// Found in this session: a binding set aside (its source cannot make its
+/// files) for which the pod asked a shorter TTL (`--max-ttl`) was still named
+/// in the watch of the other bindings' `max_ttl_seconds`, which the broker
+/// refuses; the sidecar stopped instead of serving the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binding_set_aside_with_a_shorter_ttl_leaves_the_others_served() {
+    let env = Env::start(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+limits:
+  minTtl: { vault: 1s }
+bindings:
+  - name: app
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { kv2: { mount: secret, path: shop/app } }
+  - name: broken
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { vault: { path: secret/data/shop/app, fields: [nope] } }
+",
+    )
+    .await;
+    env.bao.put("shop/app", &json!({ "k": "v" })).await;
+    let out = env.tmpfs_out();
+    let mut sidecar = env.sidecar_run_with(
+        &env.token_file("shop", "orders"),
+        out.path(),
+        &["app", "broken"],
+        &["--max-ttl", "broken=600s", "--backoff-max", "2s"],
+    );
+    wait_for(Duration::from_secs(20), "the other binding's files", || {
+        field(out.path(), "app", "k")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !sidecar.exited(),
+        "the sidecar goes on without the binding set aside:\n{}",
+        sidecar.output()
+    );
+    assert_eq!(field(out.path(), "app", "k").as_deref(), Some("v"));
+    let status = fs::read_to_string(out.path().join("..tessera-status.json")).unwrap();
+    assert!(
+        status.contains("broken"),
+        "the status names the binding set aside: {status}"
+    );
+}
