@@ -290,7 +290,14 @@ impl Config {
             policy_reload_interval: file.policy.reload_interval,
             vault: VaultSettings {
                 address: file.vault.address,
-                namespace: file.vault.namespace,
+                namespace: match file.vault.namespace {
+                    Some(namespace) if !crate::policy::is_namespace_path(&namespace) => {
+                        return Err(error(format!(
+                            "vault.namespace `{namespace}` must be a namespace path like `team-a` or `org/team-a` (letters, digits, `-` and `_` between slashes)"
+                        )));
+                    }
+                    namespace => namespace,
+                },
                 ca_cert: file.vault.ca_cert_file.map(resolve),
                 auth,
                 timeout: file.vault.timeout,

@@ -20,7 +20,7 @@ pub use files::{Sources, read_sources};
 pub use limits::{DEFAULT_MIN_TTL, ImageUser, Limits};
 pub use source::{
     DATABASE_FIELDS, DatabaseSource, Kv2Source, PKI_FIELDS, PKI_NAME_FIELDS, PkiSource, Source,
-    VaultPathSource,
+    VaultPathSource, is_namespace_path,
 };
 
 use std::{

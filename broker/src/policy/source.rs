@@ -73,6 +73,20 @@ impl VaultPathSource {
     }
 }
 
+/// Whether `text` is a Vault namespace path (`team-a`, `org/team-a`): names
+/// of letters, digits, `-` and `_` between single slashes. Anything else
+/// could not travel in the `X-Vault-Namespace` header, and a request must
+/// never fall back to another namespace for it.
+pub fn is_namespace_path(text: &str) -> bool {
+    !text.is_empty()
+        && text.split('/').all(|name| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
 /// Fields a database source delivers.
 pub const DATABASE_FIELDS: &[&str] = &["username", "password"];
 /// Fields a PKI source delivers.

@@ -635,3 +635,31 @@ bindings:
         );
     }
 }
+
+/// Found in this session's review: a namespace that passed the policy check
+/// but could not travel in `X-Vault-Namespace` (non-ASCII) was dropped from
+/// the request, which then read the same path in the broker's own namespace.
+#[test]
+fn a_namespace_that_cannot_be_sent_as_a_header_is_a_problem() {
+    let with = |namespace: &str| {
+        format!(
+            "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: app
+    subjects: [{{ namespace: shop, serviceAccount: orders }}]
+    source: {{ kv2: {{ mount: secret, path: app, namespace: \"{namespace}\" }} }}
+"
+        )
+    };
+    assert!(Policy::parse(&with("org/team-a_1"), "p.yaml").is_ok());
+    for bad in ["équipe", "team a", "team-a/", "../team-a", ""] {
+        let found = problems(&with(bad));
+        assert!(
+            found
+                .iter()
+                .any(|p| p.message.contains("must be a namespace path")),
+            "{bad:?}: {found:?}"
+        );
+    }
+}

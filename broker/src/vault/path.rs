@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{Scope, Vault, VaultError};
-use crate::secret::Secret;
+use crate::{lease_id::LeaseId, secret::Secret};
 
 /// `GET <path>`.
 #[derive(Debug, Endpoint)]
@@ -40,8 +40,8 @@ struct WritePath {
 /// What Vault answered at a path.
 #[derive(Debug)]
 pub struct PathAnswer {
-    /// The lease id; empty when the answer has no lease.
-    pub lease_id: String,
+    /// The lease, when the answer has one (shown only as its digest).
+    pub lease: Option<LeaseId>,
     /// The lease's lifetime; zero without a lease.
     pub ttl: Duration,
     /// Whether Vault can extend the lease.
@@ -93,7 +93,7 @@ impl Vault {
             })
             .collect();
         Ok(PathAnswer {
-            lease_id: result.lease_id,
+            lease: (!result.lease_id.is_empty()).then(|| LeaseId::new(result.lease_id)),
             ttl: Duration::from_secs(u64::from(result.lease_duration)),
             renewable: result.renewable,
             issued: SystemTime::now(),

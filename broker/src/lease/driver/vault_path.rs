@@ -15,7 +15,6 @@ use crate::{
     handle::Claims,
     identity::Identity,
     lease::records::RecordKind,
-    lease_id::LeaseId,
     policy::{Binding, RenderError, Source},
     vault::Scope,
 };
@@ -53,8 +52,7 @@ impl Driver for VaultPath {
                 }
                 fields.retain(|name, _| wanted.contains(name));
             }
-            let leased = !answer.lease_id.is_empty();
-            let lease = leased.then(|| LeaseId::new(answer.lease_id));
+            let lease = answer.lease;
             Ok(Minted {
                 values: Values::Own(fields),
                 // Without a lease, each read is a version of its own (a
@@ -66,7 +64,7 @@ impl Driver for VaultPath {
                 },
                 issued_at: answer.issued,
                 not_after: (!answer.ttl.is_zero()).then(|| answer.issued + answer.ttl),
-                renewable: leased && answer.renewable,
+                renewable: lease.is_some() && answer.renewable,
                 lease,
                 freshness: Freshness::now(),
             })

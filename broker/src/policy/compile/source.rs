@@ -135,18 +135,13 @@ pub(super) fn compile_source(
         }
     };
     if let Some(namespace) = source.namespace()
-        && (namespace.is_empty()
-            || namespace.starts_with('/')
-            || namespace.ends_with('/')
-            || namespace
-                .split('/')
-                .any(|s| s.is_empty() || s == "." || s == ".."))
+        && !crate::policy::is_namespace_path(namespace)
     {
         problems.push(at(
             file,
             &raw.source,
             format!(
-                "binding `{name}`: namespace `{namespace}` must be a namespace path like `team-a` or `org/team-a`"
+                "binding `{name}`: namespace `{namespace}` must be a namespace path like `team-a` or `org/team-a` (letters, digits, `-` and `_` between slashes)"
             ),
         ));
     }
