@@ -103,8 +103,8 @@ pub struct Watch {
     open_at: Instant,
     /// Bindings set aside, and when to ask for each again.
     aside: BTreeMap<String, Instant>,
-    /// A binding set aside being asked for alone.
-    asking: Option<(String, JoinHandle<Result<FetchResponse, Error>>)>,
+    /// A binding set aside being asked for alone, and the answer.
+    asking: Option<JoinHandle<(String, Result<FetchResponse, Error>)>>,
     /// Bindings whose lease the broker lost: their handles are not
     /// presented until a new credential replaces them.
     dropped: BTreeSet<String>,
@@ -120,7 +120,7 @@ type Opening = Result<Result<tonic::Streaming<WatchResponse>, tonic::Status>, Er
 enum Step {
     Message(Result<Option<WatchResponse>, tonic::Status>),
     Opened(Opening),
-    Asked(Result<FetchResponse, Error>),
+    Asked(String, Result<FetchResponse, Error>),
     Due,
 }
 
@@ -219,11 +219,10 @@ impl Watch {
             let held = client
                 .holdings()
                 .held(std::slice::from_ref(&binding), &self.dropped);
-            let bindings = vec![binding.clone()];
-            self.asking = Some((
-                binding,
-                tokio::spawn(async move { client.fetch_wire(bindings, held).await }),
-            ));
+            self.asking = Some(tokio::spawn(async move {
+                let answer = client.fetch_wire(vec![binding.clone()], held).await;
+                (binding, answer)
+            }));
         }
     }
 
@@ -245,8 +244,9 @@ impl Watch {
         } = self;
         tokio::select! {
             message = next_message(stream) => Step::Message(message),
-            opened = joined(opening) => Step::Opened(opened),
-            asked = joined_ask(asking) => Step::Asked(asked),
+            opened = joined(opening) => Step::Opened(opened.unwrap_or_else(|error| Err(unfinished(&error)))),
+            // A task that did not finish leaves its binding due: asked again.
+            asked = joined(asking) => asked.map_or(Step::Due, |(binding, answer)| Step::Asked(binding, answer)),
             () = tokio::time::sleep_until(open_at.unwrap_or_else(Instant::now)), if open_at.is_some() => Step::Due,
             () = tokio::time::sleep_until(ask_at.unwrap_or_else(Instant::now)), if ask_at.is_some() => Step::Due,
         }
@@ -289,8 +289,8 @@ impl Watch {
             Step::Opened(Ok(Err(status))) => self.ended(status),
             Step::Opened(Err(error)) if error.is_retryable() => self.interrupted(error),
             Step::Opened(Err(error)) => Err(error),
-            Step::Asked(answer) => {
-                self.asked(answer);
+            Step::Asked(binding, answer) => {
+                self.asked(binding, answer);
                 Ok(())
             }
         }
@@ -305,10 +305,7 @@ impl Watch {
     }
 
     /// A binding set aside was asked for alone.
-    fn asked(&mut self, answer: Result<FetchResponse, Error>) {
-        let Some((binding, _)) = self.asking.take() else {
-            return;
-        };
+    fn asked(&mut self, binding: String, answer: Result<FetchResponse, Error>) {
         let retry_in = self.options.backoff_max;
         match answer {
             Ok(answer) => {
@@ -418,7 +415,7 @@ impl Drop for Watch {
         if let Some(opening) = &self.opening {
             opening.abort();
         }
-        if let Some((_, asking)) = &self.asking {
+        if let Some(asking) = &self.asking {
             asking.abort();
         }
     }
@@ -433,32 +430,20 @@ async fn next_message(
     }
 }
 
-/// What a task returned, once it ends (a task that panicked or was aborted
-/// reads as a broker that did not answer).
-async fn joined<T>(task: &mut Option<JoinHandle<Result<T, Error>>>) -> Result<T, Error> {
+/// What a task returned, once it ends; the task is then forgotten.
+async fn joined<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
     let Some(handle) = task else {
         return std::future::pending().await;
     };
     let result = handle.await;
     *task = None;
-    result.unwrap_or_else(|error| {
-        Err(Error::Unavailable {
-            message: format!("the call did not finish: {error}"),
-            retry_after: None,
-        })
-    })
+    result
 }
 
-async fn joined_ask(
-    task: &mut Option<(String, JoinHandle<Result<FetchResponse, Error>>)>,
-) -> Result<FetchResponse, Error> {
-    let Some((_, handle)) = task else {
-        return std::future::pending().await;
-    };
-    handle.await.unwrap_or_else(|error| {
-        Err(Error::Unavailable {
-            message: format!("the call did not finish: {error}"),
-            retry_after: None,
-        })
-    })
+/// A call whose task panicked or was aborted: as if the broker had not answered.
+fn unfinished(error: &tokio::task::JoinError) -> Error {
+    Error::Unavailable {
+        message: format!("the call did not finish: {error}"),
+        retry_after: None,
+    }
 }
