@@ -151,7 +151,7 @@ impl OpenBao {
     /// Connects the `database` engine to `mariadb` (plugin
     /// `mysql-database-plugin`) and adds role `role`, whose users may read.
     pub fn mariadb_role(&self, mariadb: &MariaDb, role: &str, default_ttl: &str, max_ttl: &str) {
-        self.enable_database_engine();
+        self.enable_database_engine(None);
         self.cli(&[
             "write",
             "database/config/mariadb",
@@ -177,7 +177,7 @@ impl OpenBao {
     /// Connects the `database` engine to `redis` (plugin
     /// `redis-database-plugin`) and adds role `role`, whose users may read.
     pub fn redis_role(&self, redis: &Redis, role: &str, default_ttl: &str, max_ttl: &str) {
-        self.enable_database_engine();
+        self.enable_database_engine(None);
         self.cli(&[
             "write",
             "database/config/redis",
@@ -196,14 +196,6 @@ impl OpenBao {
             &format!("default_ttl={default_ttl}"),
             &format!("max_ttl={max_ttl}"),
         ]);
-    }
-
-    /// Enables the `database` engine at `database/` unless it is.
-    fn enable_database_engine(&self) {
-        let mounts = self.cli(&["secrets", "list", "-format=json"]);
-        if !mounts.contains("\"database/\"") {
-            self.cli(&["secrets", "enable", "database"]);
-        }
     }
 }
 

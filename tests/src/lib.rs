@@ -208,6 +208,20 @@ pub fn with_token<T>(token: &str, message: T) -> Request<T> {
     request
 }
 
+/// The text of `field` in `binding`'s credential of a Fetch answer.
+pub fn answer_text(
+    answer: &tessera_proto::v1::FetchResponse,
+    binding: &str,
+    field: &str,
+) -> String {
+    let credential = answer
+        .credentials
+        .iter()
+        .find(|c| c.binding == binding)
+        .unwrap_or_else(|| panic!("the answer has no `{binding}`"));
+    String::from_utf8(credential.fields[field].clone()).unwrap()
+}
+
 /// A policy granting binding `db` (dynamic users of the `database` mount's role
 /// `orders`) to shop/orders. Its TTL floor is lowered to one second so tests
 /// can watch renewals and rotations in seconds.

@@ -358,23 +358,32 @@ path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", 
     /// Enables the database engine at `database/` for `pg` (once) and writes
     /// role `role` with the given lease TTLs.
     pub fn database_role(&self, pg: &Postgres, role: &str, default_ttl: &str, max_ttl: &str) {
-        let mounts = self.cli(&["secrets", "list", "-format=json"]);
-        if !mounts.contains("\"database/\"") {
-            self.cli(&["secrets", "enable", "database"]);
-            self.cli(&[
-                "write",
-                "database/config/pg",
-                "plugin_name=postgresql-database-plugin",
-                &format!(
-                    "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
-                    pg.port
-                ),
-                "allowed_roles=*",
-                "username=postgres",
-                &format!("password={}", pg.password),
-            ]);
-        }
-        self.cli(&[
+        self.database_role_in(None, pg, role, (default_ttl, max_ttl));
+    }
+
+    /// [`OpenBao::database_role`] in `namespace` (the root one when `None`).
+    pub fn database_role_in(
+        &self,
+        namespace: Option<&str>,
+        pg: &Postgres,
+        role: &str,
+        (default_ttl, max_ttl): (&str, &str),
+    ) {
+        self.enable_database_engine(namespace);
+        let cli = |args: &[&str]| self.cli_in(namespace, args);
+        cli(&[
+            "write",
+            "database/config/pg",
+            "plugin_name=postgresql-database-plugin",
+            &format!(
+                "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
+                pg.port
+            ),
+            "allowed_roles=*",
+            "username=postgres",
+            &format!("password={}", pg.password),
+        ]);
+        cli(&[
             "write",
             &format!("database/roles/{role}"),
             "db_name=pg",
@@ -382,6 +391,29 @@ path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", 
             &format!("default_ttl={default_ttl}"),
             &format!("max_ttl={max_ttl}"),
         ]);
+    }
+
+    /// `bao` with `args` in `namespace` (the root one when `None`).
+    pub(crate) fn cli_in(&self, namespace: Option<&str>, args: &[&str]) -> String {
+        let in_namespace = namespace.map(|ns| format!("-namespace={ns}"));
+        // The flag goes after the command: `write`, or `secrets enable`.
+        let words = if ["secrets", "kv", "policy", "namespace"].contains(&args[0]) {
+            2
+        } else {
+            1
+        };
+        let mut all: Vec<&str> = args[..words].to_vec();
+        all.extend(in_namespace.as_deref());
+        all.extend(&args[words..]);
+        self.cli(&all)
+    }
+
+    /// Enables the `database` engine at `database/` in `namespace`, unless it is.
+    pub(crate) fn enable_database_engine(&self, namespace: Option<&str>) {
+        let mounts = self.cli_in(namespace, &["secrets", "list", "-format=json"]);
+        if !mounts.contains("\"database/\"") {
+            self.cli_in(namespace, &["secrets", "enable", "database"]);
+        }
     }
 
     /// Enables PKI at `pki/` with a root CA and role `pods` for any name;

@@ -5,7 +5,7 @@
 
 use serde_json::json;
 use tessera_proto::v1::{FetchRequest, Held};
-use tessera_tests::{Env, Postgres, with_token};
+use tessera_tests::{Env, Postgres, answer_text, with_token};
 use tonic::Code;
 
 const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
@@ -46,29 +46,7 @@ async fn a_binding_in_a_child_namespace_is_served_and_revoked_there_and_one_outs
             &format!("password={password}"),
         ]);
     }
-    bao.cli(&["secrets", "enable", "-namespace=team-a", "database"]);
-    bao.cli(&[
-        "write",
-        "-namespace=team-a",
-        "database/config/pg",
-        "plugin_name=postgresql-database-plugin",
-        &format!(
-            "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable",
-            pg.port
-        ),
-        "allowed_roles=*",
-        "username=postgres",
-        &format!("password={}", pg.password),
-    ]);
-    bao.cli(&[
-        "write",
-        "-namespace=team-a",
-        "database/roles/orders",
-        "db_name=pg",
-        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
-        "default_ttl=10m",
-        "max_ttl=1h",
-    ]);
+    bao.database_role_in(Some("team-a"), &pg, "orders", ("10m", "1h"));
     // The broker's Vault policy (in the root namespace) reaches team-a only.
     bao.write_broker_policy_with(
         r#"
@@ -82,14 +60,7 @@ path "team-a/sys/leases/revoke" { capabilities = ["update"] }
     );
     let token = env.token("shop", "orders");
     let answer = env.fetch(&token, &["app", "db"]).await.unwrap();
-    let field = |binding: &str, name: &str| {
-        let credential = answer
-            .credentials
-            .iter()
-            .find(|c| c.binding == binding)
-            .unwrap();
-        String::from_utf8(credential.fields[name].clone()).unwrap()
-    };
+    let field = |binding: &str, name: &str| answer_text(&answer, binding, name);
     assert_eq!(
         field("app", "password"),
         "a-secret",

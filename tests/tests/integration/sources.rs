@@ -10,7 +10,9 @@
 use std::{fs, time::Duration};
 
 use serde_json::json;
-use tessera_tests::{Cluster, Env, MariaDb, Postgres, RabbitMq, Redis, db_policy, field, wait_for};
+use tessera_tests::{
+    Cluster, Env, MariaDb, Postgres, RabbitMq, Redis, answer_text, db_policy, field, wait_for,
+};
 
 /// [`db_policy`] with the binding's source as a plain Vault path.
 fn path_policy(ttl: &str, fraction: &str, overlap: &str) -> String {
@@ -110,8 +112,7 @@ bindings:
     ]);
     let token = env.token("shop", "orders");
     let answer = env.fetch(&token, &["otp"]).await.unwrap();
-    let credential = &answer.credentials[0];
-    let code = String::from_utf8(credential.fields["code"].clone()).unwrap();
+    let code = answer_text(&answer, "otp", "code");
     assert!(
         code.len() == 6 && code.chars().all(|c| c.is_ascii_digit()),
         "a six-digit code: {code}"
@@ -160,14 +161,7 @@ bindings:
     env.bao.redis_role(&redis, "shop-redis", "10m", "1h");
     let token = env.token("shop", "orders");
     let answer = env.fetch(&token, &["maria", "cache"]).await.unwrap();
-    let text = |binding: &str, field: &str| {
-        let credential = answer
-            .credentials
-            .iter()
-            .find(|c| c.binding == binding)
-            .unwrap();
-        String::from_utf8(credential.fields[field].clone()).unwrap()
-    };
+    let text = |binding: &str, field: &str| answer_text(&answer, binding, field);
     let maria = (text("maria", "username"), text("maria", "password"));
     let cache = (text("cache", "username"), text("cache", "password"));
     assert!(
@@ -286,7 +280,7 @@ bindings:
     let token = env.token("shop", "orders");
     let answer = env.fetch(&token, &["kube"]).await.unwrap();
     let credential = &answer.credentials[0];
-    let text = |field: &str| String::from_utf8(credential.fields[field].clone()).unwrap();
+    let text = |field: &str| answer_text(&answer, "kube", field);
     let user = format!(
         "system:serviceaccount:apps:{}",
         text("service_account_name")
@@ -345,7 +339,7 @@ bindings:
     let token = env.token("shop", "orders");
     let answer = env.fetch(&token, &["queue"]).await.unwrap();
     let credential = &answer.credentials[0];
-    let text = |field: &str| String::from_utf8(credential.fields[field].clone()).unwrap();
+    let text = |field: &str| answer_text(&answer, "queue", field);
     let (user, password) = (text("username"), text("password"));
     assert!(
         rabbit.can_login(&user, &password),
