@@ -59,13 +59,20 @@ pub enum Error {
     /// Any other status.
     #[error("broker: {}: {}", .0.code(), .0.message())]
     Broker(tonic::Status),
+    /// A key for a binding whose private key stays in the pod could not be
+    /// made here.
+    #[error("key: {0}")]
+    Key(String),
 }
 
 impl Error {
     /// Whether asking again can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Denied { .. } | Self::InvalidRequest { .. } | Self::Unservable { .. } => false,
+            Self::Denied { .. }
+            | Self::InvalidRequest { .. }
+            | Self::Unservable { .. }
+            | Self::Key(_) => false,
             Self::Setup(SetupError::Token { .. } | SetupError::BadToken(_)) => true,
             Self::Setup(_) => false,
             Self::Unauthenticated { .. } | Self::Unavailable { .. } => true,

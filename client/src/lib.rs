@@ -42,6 +42,7 @@
 
 mod credential;
 mod error;
+mod keys;
 pub mod retry;
 mod store;
 mod target;
@@ -56,7 +57,7 @@ use std::{
 
 use futures::Stream;
 pub use tessera_proto as proto;
-use tessera_proto::v1::{FetchRequest, Held, RevokeRequest, broker_client::BrokerClient};
+use tessera_proto::v1::{FetchRequest, Held, KeyKind, RevokeRequest, broker_client::BrokerClient};
 use tonic::transport::Channel;
 
 use self::store::Store;
@@ -355,16 +356,69 @@ impl Client {
         Ok(answer.credentials)
     }
 
-    /// One Fetch call presenting `held`.
+    /// One Fetch call presenting `held`; a binding whose key this client
+    /// makes (the broker answers it with `key_wanted`) is asked for again
+    /// with a fresh key, and its private key added to its fields.
     async fn fetch_wire(
         &self,
         bindings: Vec<String>,
         held: Vec<Held>,
     ) -> Result<proto::v1::FetchResponse, Error> {
+        let mut answer = self.fetch_call(bindings, held, BTreeMap::new()).await?;
+        for credential in &mut answer.credentials {
+            if let Ok(kind) = KeyKind::try_from(credential.key_wanted)
+                && kind != KeyKind::Unspecified
+            {
+                let binding = credential.binding.clone();
+                *credential = self.fetch_with_new_key(binding, kind).await?;
+            }
+        }
+        Ok(answer)
+    }
+
+    /// `binding`'s credential for a fresh key of `kind` made here: its
+    /// public part sent, its private part added to the fields under the
+    /// file name the broker gives (`key_file`).
+    async fn fetch_with_new_key(
+        &self,
+        binding: String,
+        kind: KeyKind,
+    ) -> Result<proto::v1::Credential, Error> {
+        let key = keys::make(kind)?;
+        let public_keys = BTreeMap::from([(binding.clone(), key.public)]);
+        let answer = self
+            .fetch_call(vec![binding.clone()], Vec::new(), public_keys)
+            .await?;
+        let mut credential = answer
+            .credentials
+            .into_iter()
+            .find(|c| c.binding == binding)
+            .ok_or_else(|| Error::InvalidRequest {
+                message: format!("the broker answered without binding `{binding}`"),
+            })?;
+        if credential.key_file.is_empty() || credential.key_wanted != 0 {
+            return Err(Error::InvalidRequest {
+                message: format!("the broker did not sign the key sent for binding `{binding}`"),
+            });
+        }
+        credential
+            .fields
+            .insert(credential.key_file.clone(), key.private.to_vec());
+        Ok(credential)
+    }
+
+    /// One Fetch call.
+    async fn fetch_call(
+        &self,
+        bindings: Vec<String>,
+        held: Vec<Held>,
+        public_keys: BTreeMap<String, Vec<u8>>,
+    ) -> Result<proto::v1::FetchResponse, Error> {
         let request = self.request(FetchRequest {
             max_ttl_seconds: self.max_ttl_of(&bindings),
             bindings,
             held,
+            public_keys,
         })?;
         Ok(self
             .broker()?

@@ -6,10 +6,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
-use tessera_proto::v1::{Credential, FetchResponse, WatchRequest, WatchResponse};
+use tessera_proto::v1::{Credential, FetchResponse, KeyKind, WatchRequest, WatchResponse};
 use tokio::{task::JoinHandle, time::Instant};
 
 use crate::{
@@ -86,7 +86,21 @@ pub enum Event {
     /// A binding set aside was served (its credential came just before) and
     /// is watched with the others again.
     Rejoined(String),
+    /// A fresh key for `binding` (one whose private key this client makes)
+    /// was not signed; asked again in `retry_in`, while the certificate
+    /// held stays valid until it expires.
+    NotSigned {
+        /// The binding whose key was not signed.
+        binding: String,
+        /// Why.
+        message: String,
+        /// When a fresh key is sent again.
+        retry_in: Duration,
+    },
 }
+
+/// The shortest wait before a fresh key is sent for a binding again.
+const MIN_KEY_RENEWAL: Duration = Duration::from_secs(1);
 
 /// A watch of some bindings; [`Watch::next`] gives its events in order.
 pub struct Watch {
@@ -105,6 +119,9 @@ pub struct Watch {
     aside: BTreeMap<String, Instant>,
     /// A binding set aside being asked for alone, and the answer.
     asking: Option<JoinHandle<(String, Result<FetchResponse, Error>)>>,
+    /// Bindings whose private key this client makes, and when to send a
+    /// fresh key for each: the broker signs them by Fetch, not on the stream.
+    keyed: BTreeMap<String, (KeyKind, Instant)>,
     /// Bindings whose lease the broker lost: their handles are not
     /// presented until a new credential replaces them.
     dropped: BTreeSet<String>,
@@ -137,6 +154,7 @@ impl Watch {
             open_at: Instant::now(),
             aside: BTreeMap::new(),
             asking: None,
+            keyed: BTreeMap::new(),
             dropped: BTreeSet::new(),
             ready: VecDeque::new(),
             done: false,
@@ -208,19 +226,34 @@ impl Watch {
                 Ok(answer.map(tonic::Response::into_inner))
             }));
         }
-        if self.asking.is_none()
-            && let Some(binding) = self
-                .aside
-                .iter()
-                .find(|(_, at)| **at <= now)
-                .map(|(binding, _)| binding.clone())
+        if self.asking.is_some() {
+            return;
+        }
+        let client = self.client.clone();
+        if let Some(binding) = self
+            .aside
+            .iter()
+            .find(|(_, at)| **at <= now)
+            .map(|(binding, _)| binding.clone())
         {
-            let client = self.client.clone();
             let held = client
                 .holdings()
                 .held(std::slice::from_ref(&binding), &self.dropped);
             self.asking = Some(tokio::spawn(async move {
                 let answer = client.fetch_wire(vec![binding.clone()], held).await;
+                (binding, answer)
+            }));
+        } else if let Some((binding, kind)) = self
+            .keyed
+            .iter()
+            .find(|(_, (_, at))| *at <= now)
+            .map(|(binding, (kind, _))| (binding.clone(), *kind))
+        {
+            self.asking = Some(tokio::spawn(async move {
+                let answer = client.fetch_with_new_key(binding.clone(), kind).await;
+                let answer = answer.map(|credential| FetchResponse {
+                    credentials: vec![credential],
+                });
                 (binding, answer)
             }));
         }
@@ -234,7 +267,10 @@ impl Watch {
         let ask_at = self
             .asking
             .is_none()
-            .then(|| self.aside.values().min().copied())
+            .then(|| {
+                let keyed = self.keyed.values().map(|(_, at)| at);
+                self.aside.values().chain(keyed).min().copied()
+            })
             .flatten();
         let Self {
             stream,
@@ -297,6 +333,16 @@ impl Watch {
     }
 
     fn received(&mut self, credential: Credential) {
+        if let Ok(kind) = KeyKind::try_from(credential.key_wanted)
+            && kind != KeyKind::Unspecified
+        {
+            // Signed by Fetch with a fresh key, now and from each
+            // credential's `renew_after`.
+            self.keyed
+                .entry(credential.binding)
+                .or_insert((kind, Instant::now()));
+            return;
+        }
         if !credential.handle.is_empty() {
             self.dropped.remove(&credential.binding);
         }
@@ -304,9 +350,37 @@ impl Watch {
         self.ready.push_back(Event::Credential(credential));
     }
 
-    /// A binding set aside was asked for alone.
+    /// A binding set aside was asked for alone, or a fresh key sent.
     fn asked(&mut self, binding: String, answer: Result<FetchResponse, Error>) {
         let retry_in = self.options.backoff_max;
+        if let Some((kind, _)) = self.keyed.get(&binding).copied() {
+            let next = match answer {
+                Ok(answer) => {
+                    let renew_after = answer.credentials.iter().find_map(|c| c.renew_after);
+                    for credential in answer.credentials {
+                        self.received(credential);
+                    }
+                    // Never sooner than a second: a renewal time already
+                    // past must not make a key a moment.
+                    renew_after
+                        .and_then(|at| SystemTime::try_from(at).ok())
+                        .map_or(retry_in, |at| {
+                            at.duration_since(SystemTime::now()).unwrap_or_default()
+                        })
+                        .max(MIN_KEY_RENEWAL)
+                }
+                Err(error) => {
+                    self.ready.push_back(Event::NotSigned {
+                        binding: binding.clone(),
+                        message: error.to_string(),
+                        retry_in,
+                    });
+                    retry_in
+                }
+            };
+            self.keyed.insert(binding, (kind, Instant::now() + next));
+            return;
+        }
         match answer {
             Ok(answer) => {
                 for credential in answer.credentials {

@@ -37,6 +37,9 @@ impl std::fmt::Debug for v1::Credential {
             .field("unchanged", &self.unchanged)
             .field("confirmed_at", &self.confirmed_at)
             .field("last_known_good", &self.last_known_good)
+            .field("key_wanted", &self.key_wanted)
+            .field("renew_after", &self.renew_after)
+            .field("key_file", &self.key_file)
             .finish()
     }
 }

@@ -442,6 +442,13 @@ fn take_event(
         Event::Rejoined(binding) => {
             tracing::info!(%binding, "the binding set aside is served again");
         }
+        Event::NotSigned {
+            binding,
+            message,
+            retry_in,
+        } => {
+            tracing::warn!(%binding, %message, ?retry_in, "a fresh key was not signed; keeping the current certificate until it expires and sending a new key later");
+        }
         _ => {}
     }
 }

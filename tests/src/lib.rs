@@ -27,6 +27,7 @@ mod openbao;
 pub mod otlp;
 mod postgres;
 mod proc;
+mod sshd;
 
 pub use balancer::Balancer;
 pub use config::{
@@ -40,6 +41,7 @@ pub use node::{NODE, NodeAgent};
 pub use openbao::OpenBao;
 pub use postgres::Postgres;
 pub use proc::Proc;
+pub use sshd::Sshd;
 
 use serde_json::{Value, json};
 use tessera_broker::dev::{self, SigningKey, TokenSpec};

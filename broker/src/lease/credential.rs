@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::SystemTime};
 
-use tessera_proto::v1::Credential;
+use tessera_proto::v1::{Credential, KeyKind};
 
 use crate::{
     audit::{Action, Event, Outcome},
@@ -13,7 +13,7 @@ use crate::{
     handle::Handle,
     identity::Identity,
     lease_id::LeaseId,
-    policy::{Binding, render::Template},
+    policy::{Binding, PodKey, render::Template},
     secret::Secret,
 };
 
@@ -78,10 +78,10 @@ pub fn stamp(identity: &Identity) -> String {
     )
 }
 
-/// Renders PKI names from the caller's identity: the common name first.
-pub(super) fn pki_names(
-    common_name: &str,
-    alt_names: &[String],
+/// Renders name templates (PKI names, SSH principals) from the caller's
+/// identity, in order; the field a template lacks when one cannot be.
+pub(super) fn identity_names<'a>(
+    texts: impl IntoIterator<Item = &'a String>,
     identity: &Identity,
 ) -> Result<Vec<String>, String> {
     let values: std::collections::BTreeMap<String, Secret> = [
@@ -92,8 +92,8 @@ pub(super) fn pki_names(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), Secret::from(v.to_owned())))
     .collect();
-    std::iter::once(common_name)
-        .chain(alt_names.iter().map(String::as_str))
+    texts
+        .into_iter()
         .map(|text| {
             let template = Template::parse(text)?;
             let rendered = template.render(|name| values.get(name).map(Secret::expose_secret))?;
@@ -113,6 +113,7 @@ pub fn credential(
     fields: Option<&std::collections::BTreeMap<String, Secret>>,
 ) -> Result<Credential, Error> {
     let binding = &live.binding;
+    let pod_key = binding.source.pod_key();
     let files = match fields {
         Some(fields) => binding.render(fields).map_err(|problem| Error::Render {
             binding: binding.name.clone(),
@@ -136,5 +137,50 @@ pub fn credential(
         unchanged: fields.is_none(),
         confirmed_at: Some(live.freshness.confirmed_at.into()),
         last_known_good: live.freshness.last_known_good,
+        key_wanted: KeyKind::Unspecified.into(),
+        // The pod asks for a successor itself (with a fresh key) at the
+        // policy's fraction of the lifetime.
+        renew_after: pod_key
+            .and(live.not_after)
+            .map(|not_after| renew_after(live.issued_at, not_after, binding.renew_fraction).into()),
+        key_file: pod_key
+            .map(|key| key_file(binding, key))
+            .unwrap_or_default(),
     })
+}
+
+/// The answer for a binding whose key the pod makes when the request
+/// brought none: which key to make, and the file to keep it in.
+pub fn key_wanted(binding: &Binding, key: PodKey) -> Credential {
+    Credential {
+        binding: binding.name.clone(),
+        file_mode: binding.output.mode.unwrap_or(0),
+        group_id: binding.output.group,
+        key_wanted: match key {
+            PodKey::SshEd25519 => KeyKind::SshEd25519,
+            PodKey::Pkcs10 => KeyKind::Pkcs10,
+        }
+        .into(),
+        key_file: key_file(binding, key),
+        ..Credential::default()
+    }
+}
+
+/// The file the pod keeps its private key in: the key's field, or the name
+/// the policy's `output.files` gives it.
+fn key_file(binding: &Binding, key: PodKey) -> String {
+    let field = key.field();
+    binding
+        .output
+        .files
+        .get(field)
+        .map_or(field, String::as_str)
+        .to_owned()
+}
+
+/// When a credential issued at `issued_at`, valid until `not_after`, is due
+/// for a successor: at `fraction` of its lifetime.
+fn renew_after(issued_at: SystemTime, not_after: SystemTime, fraction: f64) -> SystemTime {
+    let lifetime = not_after.duration_since(issued_at).unwrap_or_default();
+    issued_at + lifetime.mul_f64(fraction.clamp(0.0, 1.0))
 }

@@ -9,7 +9,8 @@ impl Engine {
     /// Issues a fresh credential for `binding` to the caller. A leased
     /// credential issued to a pod is recorded first-class in Vault; when the
     /// pod already holds the most live leases allowed on the binding, the
-    /// oldest are revoked to make room.
+    /// oldest are revoked to make room. `pod_key` is the public part of the
+    /// key the pod made, for a binding whose key stays in the pod.
     ///
     /// # Errors
     /// A Vault, lease record or rendering [`Error`].
@@ -17,6 +18,7 @@ impl Engine {
         &self,
         binding: &Arc<Binding>,
         caller: &Caller,
+        pod_key: Option<&str>,
     ) -> Result<(Live, Credential), Error> {
         let identity = &caller.identity;
         let driver = driver::of(&binding.source);
@@ -32,7 +34,7 @@ impl Engine {
             self.make_room(binding, pod, caller).await?;
         }
         let minted = driver
-            .issue(self.context(&vault_stamp), binding, identity)
+            .issue(self.context(&vault_stamp, pod_key), binding, identity)
             .await?;
         let (mut live, values) = live_of(binding, minted);
         if !leased {
@@ -74,12 +76,18 @@ impl Engine {
         (live, credential)
     }
 
-    /// What a driver may use, for a request stamped `vault_stamp`.
-    pub(super) fn context<'a>(&'a self, vault_stamp: &'a str) -> driver::Context<'a> {
+    /// What a driver may use, for a request stamped `vault_stamp` (with the
+    /// pod's `pod_key`, if it sent one).
+    pub(super) fn context<'a>(
+        &'a self,
+        vault_stamp: &'a str,
+        pod_key: Option<&'a str>,
+    ) -> driver::Context<'a> {
         driver::Context {
             vault: &self.vault,
             feeds: &self.feeds,
             stamp: vault_stamp,
+            pod_key,
         }
     }
 }

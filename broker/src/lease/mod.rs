@@ -28,7 +28,7 @@ use std::{
 use tessera_proto::v1::Credential;
 use tokio_util::sync::CancellationToken;
 
-pub use self::credential::{Caller, Live, event, stamp};
+pub use self::credential::{Caller, Live, event, key_wanted, stamp};
 use self::{
     records::{Holder, PodKey, RecordKind, Records, record_path},
     schedule::{fraction_of, refresh_in},
@@ -349,7 +349,7 @@ impl Engine {
                 Err(error) => return Err(Self::vault_error(binding)(error)),
             }
         }
-        let (new, credential) = self.issue(binding, caller).await?;
+        let (new, credential) = self.issue(binding, caller, None).await?;
         Ok(Step::Rotated(Box::new(Rotation {
             live: new,
             credential,

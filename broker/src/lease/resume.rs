@@ -47,7 +47,7 @@ impl Engine {
         let vault_stamp = stamp(identity);
         let standing = driver
             .look_up(
-                self.context(&vault_stamp),
+                self.context(&vault_stamp, None),
                 binding,
                 &claims,
                 SystemTime::now(),

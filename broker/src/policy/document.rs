@@ -81,7 +81,20 @@ pub(super) enum SourceDoc {
     Kv2(Kv2Doc),
     Database(DatabaseDoc),
     Pki(PkiDoc),
+    Ssh(SshDoc),
     Vault(VaultDoc),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct SshDoc {
+    pub(super) mount: String,
+    pub(super) role: String,
+    #[serde(default)]
+    pub(super) principals: Vec<String>,
+    #[serde(default)]
+    pub(super) extensions: BTreeMap<String, String>,
+    pub(super) namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +124,7 @@ pub(super) struct PkiDoc {
     pub(super) common_name: String,
     #[serde(default)]
     pub(super) alt_names: Vec<String>,
+    pub(super) key: Option<Spanned<String>>,
     pub(super) namespace: Option<String>,
 }
 

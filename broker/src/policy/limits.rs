@@ -52,10 +52,11 @@ impl fmt::Display for ImageUser {
 }
 
 /// The TTL floors of `limits.minTtl` when the policy sets none: five
-/// minutes for database users and certificates.
+/// minutes for database users, certificates and Vault leases.
 pub const DEFAULT_MIN_TTL: &[(&str, Duration)] = &[
     ("database", Duration::from_secs(300)),
     ("pki", Duration::from_secs(300)),
+    ("ssh", Duration::from_secs(300)),
     ("vault", Duration::from_secs(300)),
 ];
 

@@ -19,8 +19,8 @@ pub mod store;
 pub use files::{Sources, read_sources};
 pub use limits::{DEFAULT_MIN_TTL, ImageUser, Limits};
 pub use source::{
-    DATABASE_FIELDS, DatabaseSource, Kv2Source, PKI_FIELDS, PKI_NAME_FIELDS, PkiSource, Source,
-    VaultPathSource, is_namespace_path,
+    DATABASE_FIELDS, DatabaseSource, KeyMaker, Kv2Source, PKI_FIELDS, PKI_NAME_FIELDS, PkiSource,
+    PodKey, SSH_FIELDS, Source, SshSource, VaultPathSource, is_namespace_path,
 };
 
 use std::{

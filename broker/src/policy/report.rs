@@ -399,7 +399,7 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
     lines
 }
 
-/// `limits.minTtl` as one line: `database 5m, pki 5m, vault 5m`.
+/// `limits.minTtl` as one line: `database 5m, pki 5m, ssh 5m, vault 5m`.
 fn describe_floors(floors: &BTreeMap<String, Duration>) -> String {
     let shown: Vec<String> = floors
         .iter()

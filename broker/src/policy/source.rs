@@ -13,6 +13,8 @@ pub enum Source {
     Database(DatabaseSource),
     /// A certificate from Vault's PKI engine.
     Pki(PkiSource),
+    /// An SSH certificate from Vault's SSH engine for a key the pod makes.
+    Ssh(SshSource),
     /// Any Vault path, read or written: what Vault answers decides the
     /// credential's life (a renewable lease is renewed and rotated, one that
     /// is not is read again before it ends, no lease is a static secret).
@@ -61,9 +63,60 @@ pub struct PkiSource {
     pub common_name: String,
     /// Subject alternative name templates.
     pub alt_names: Vec<String>,
+    /// Who makes the private key: Vault (`mount/issue/role`) or the pod
+    /// (`mount/sign/role` for the pod's certificate request).
+    pub key: KeyMaker,
     /// The Vault namespace (full path, e.g. `team-a`) it lives in; the
     /// broker's own when absent.
     pub namespace: Option<String>,
+}
+
+/// Who makes a certificate's private key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyMaker {
+    /// Vault makes it and it passes through the broker (`pki/issue`).
+    #[default]
+    Vault,
+    /// The pod makes it and keeps it; only its public part travels.
+    Pod,
+}
+
+/// An SSH user certificate from `mount/sign/role` for an Ed25519 key the
+/// pod makes and keeps, for principals rendered from its identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshSource {
+    /// Mount path of the SSH engine, e.g. `ssh`.
+    pub mount: String,
+    /// The SSH engine's role, which bounds principals, extensions and TTL.
+    pub role: String,
+    /// Principal templates (`{{ serviceAccount }}`, …); the role's
+    /// default when empty.
+    pub principals: Vec<String>,
+    /// Certificate extensions, e.g. `permit-pty: ""`; the role's default
+    /// when empty.
+    pub extensions: BTreeMap<String, String>,
+    /// The Vault namespace (full path, e.g. `team-a`) it lives in; the
+    /// broker's own when absent.
+    pub namespace: Option<String>,
+}
+
+/// A key the pod makes and keeps for a binding: Vault signs its public part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodKey {
+    /// An Ed25519 key, for an SSH certificate.
+    SshEd25519,
+    /// A key with a PKCS #10 certificate request, for an X.509 certificate.
+    Pkcs10,
+}
+
+impl PodKey {
+    /// The field (file) the pod writes its private key to.
+    pub fn field(self) -> &'static str {
+        match self {
+            PodKey::SshEd25519 => SSH_KEY_FIELD,
+            PodKey::Pkcs10 => "private_key",
+        }
+    }
 }
 
 impl VaultPathSource {
@@ -91,6 +144,10 @@ pub fn is_namespace_path(text: &str) -> bool {
 pub const DATABASE_FIELDS: &[&str] = &["username", "password"];
 /// Fields a PKI source delivers.
 pub const PKI_FIELDS: &[&str] = &["certificate", "private_key", "ca", "chain"];
+/// Fields an SSH source delivers: the pod's key and Vault's certificate.
+pub const SSH_FIELDS: &[&str] = &[SSH_KEY_FIELD, "id_ed25519-cert.pub"];
+/// The field of the pod's own SSH key.
+const SSH_KEY_FIELD: &str = "id_ed25519";
 /// Identity values PKI name templates may use.
 pub const PKI_NAME_FIELDS: &[&str] = &["pod", "namespace", "serviceAccount"];
 
@@ -101,6 +158,7 @@ impl Source {
             Source::Kv2(_) => "kv2",
             Source::Database(_) => "database",
             Source::Pki(_) => "pki",
+            Source::Ssh(_) => "ssh",
             Source::Vault(_) => "vault",
         }
     }
@@ -111,6 +169,7 @@ impl Source {
             Source::Kv2(kv) => &kv.mount,
             Source::Database(db) => &db.mount,
             Source::Pki(pki) => &pki.mount,
+            Source::Ssh(ssh) => &ssh.mount,
             Source::Vault(path) => path.mount(),
         }
     }
@@ -121,6 +180,7 @@ impl Source {
             Source::Kv2(kv) => kv.namespace.as_deref(),
             Source::Database(db) => db.namespace.as_deref(),
             Source::Pki(pki) => pki.namespace.as_deref(),
+            Source::Ssh(ssh) => ssh.namespace.as_deref(),
             Source::Vault(path) => path.namespace.as_deref(),
         }
     }
@@ -132,7 +192,17 @@ impl Source {
             Source::Kv2(kv) => kv.keys.clone(),
             Source::Database(_) => Some(owned(DATABASE_FIELDS)),
             Source::Pki(_) => Some(owned(PKI_FIELDS)),
+            Source::Ssh(_) => Some(owned(SSH_FIELDS)),
             Source::Vault(path) => path.fields.clone(),
+        }
+    }
+
+    /// The key the pod makes for it, when the private key stays in the pod.
+    pub fn pod_key(&self) -> Option<PodKey> {
+        match self {
+            Source::Ssh(_) => Some(PodKey::SshEd25519),
+            Source::Pki(pki) if pki.key == KeyMaker::Pod => Some(PodKey::Pkcs10),
+            _ => None,
         }
     }
 
@@ -164,13 +234,31 @@ impl Source {
             }
             Source::Database(db) => write!(f, "database {}/creds/{}", db.mount, db.role),
             Source::Pki(pki) => {
+                let endpoint = match pki.key {
+                    KeyMaker::Vault => "issue",
+                    KeyMaker::Pod => "sign",
+                };
                 write!(
                     f,
-                    "pki {}/issue/{} cn `{}`",
+                    "pki {}/{endpoint}/{} cn `{}`",
                     pki.mount, pki.role, pki.common_name
                 )?;
                 if !pki.alt_names.is_empty() {
                     write!(f, " sans [{}]", pki.alt_names.join(", "))?;
+                }
+                if pki.key == KeyMaker::Pod {
+                    write!(f, " key made by the pod")?;
+                }
+                Ok(())
+            }
+            Source::Ssh(ssh) => {
+                write!(f, "ssh {}/sign/{}", ssh.mount, ssh.role)?;
+                if !ssh.principals.is_empty() {
+                    write!(f, " principals [{}]", ssh.principals.join(", "))?;
+                }
+                if !ssh.extensions.is_empty() {
+                    let names: Vec<&str> = ssh.extensions.keys().map(String::as_str).collect();
+                    write!(f, " extensions [{}]", names.join(", "))?;
                 }
                 Ok(())
             }

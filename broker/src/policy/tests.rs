@@ -469,8 +469,8 @@ limits:
     let new = Policy::parse(&lowered("{ database: 10m }", db, ""), "new.yaml").unwrap();
     assert!(report::diff(&old, &new).contains(&report::Change::Limit {
         limit: "minTtl".to_owned(),
-        from: "database 5m, pki 5m, vault 5m".to_owned(),
-        to: "database 10m, pki 5m, vault 5m".to_owned(),
+        from: "database 5m, pki 5m, ssh 5m, vault 5m".to_owned(),
+        to: "database 10m, pki 5m, ssh 5m, vault 5m".to_owned(),
     }));
 }
 
@@ -662,4 +662,49 @@ bindings:
             "{bad:?}: {found:?}"
         );
     }
+}
+
+#[test]
+fn ssh_and_pod_made_pki_keys_compile_and_name_the_key_the_pod_keeps() {
+    let ssh = "ssh: { mount: ssh, role: pods, principals: [\"{{ serviceAccount }}\"], extensions: { permit-pty: \"\" } }";
+    let policy = Policy::parse(&binding_with(ssh, "    ttl: 10m"), "p.yaml").unwrap();
+    let binding = policy.binding("app").unwrap();
+    assert_eq!(binding.source.pod_key(), Some(PodKey::SshEd25519));
+    assert_eq!(
+        binding.source.to_string(),
+        "ssh ssh/sign/pods principals [{{ serviceAccount }}] extensions [permit-pty]"
+    );
+    let pki = "pki: { mount: pki, role: pods, commonName: \"{{ pod }}\", key: pod }";
+    let policy = Policy::parse(&binding_with(pki, "    ttl: 10m"), "p.yaml").unwrap();
+    let binding = policy.binding("app").unwrap();
+    assert_eq!(binding.source.pod_key(), Some(PodKey::Pkcs10));
+    assert_eq!(
+        binding.source.to_string(),
+        "pki pki/sign/pods cn `{{ pod }}` key made by the pod"
+    );
+    let vault_made = "pki: { mount: pki, role: pods, commonName: \"{{ pod }}\" }";
+    let policy = Policy::parse(&binding_with(vault_made, "    ttl: 10m"), "p.yaml").unwrap();
+    assert_eq!(policy.binding("app").unwrap().source.pod_key(), None);
+}
+
+#[test]
+fn a_pod_made_key_is_checked_where_it_is_written() {
+    let bad_key = "pki: { mount: pki, role: pods, commonName: \"{{ pod }}\", key: broker }";
+    let found = problems(&binding_with(bad_key, "    ttl: 10m"));
+    assert!(
+        found[0].message.contains("pki key `broker` is not `vault` or `pod`"),
+        "{found:?}"
+    );
+    let principal = "ssh: { mount: ssh, role: pods, principals: [\"{{ labels.team }}\"] }";
+    let found = problems(&binding_with(principal, "    ttl: 10m"));
+    assert!(found[0].message.contains("ssh principal"), "{found:?}");
+    let ssh = "ssh: { mount: ssh, role: pods }";
+    let template = "    ttl: 10m\n    output: { templates: { key.pem: \"{{ id_ed25519 }}\" } }";
+    let found = problems(&binding_with(ssh, template));
+    assert!(
+        found[0].message.contains("the private key the pod makes and keeps"),
+        "{found:?}"
+    );
+    let found = problems(&binding_with(ssh, "    ttl: 1m"));
+    assert!(found[0].message.contains("floor 5m for ssh"), "{found:?}");
 }

@@ -2,7 +2,7 @@
 //! issue anew, all or nothing, with a guard that revokes what was issued but
 //! never handed over.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures::future::join_all;
 use tessera_proto::v1::{Credential, Held};
@@ -22,14 +22,15 @@ impl BrokerService {
     /// or nothing) and audits the outcome. What was issued comes with an
     /// [`Undelivered`] guard: the caller disarms it once the credentials are on
     /// their way; dropped armed (the request failed, or its task panicked), it
-    /// revokes the leases nobody received.
+    /// revokes the leases nobody received. A binding whose key the pod
+    /// makes is issued for its public part in `pod_keys`, never resumed.
     #[tracing::instrument(name = "deliver", skip_all, fields(bindings = bindings.len()))]
     pub(super) async fn deliver_all(
         &self,
         caller: &Caller,
         generation: u64,
         bindings: &[Arc<Binding>],
-        held: &[Held],
+        (held, pod_keys): (&[Held], &BTreeMap<&str, &str>),
     ) -> Result<(Vec<(Live, Credential)>, Undelivered), Status> {
         let engine = &self.parts.engine;
         // Every binding runs to its end (no early cancel), so each lease
@@ -38,8 +39,9 @@ impl BrokerService {
         // cannot be served fails the request before any lease is issued, so
         // a bad secret never costs the other bindings a lease.
         let serve = |binding: Arc<Binding>| async move {
+            let pod_key = pod_keys.get(binding.name.as_str()).copied();
             let handle = held.iter().find(|h| h.binding == binding.name);
-            if let Some(handle) = handle {
+            if let Some(handle) = handle.filter(|_| pod_key.is_none()) {
                 match engine
                     .resume(&binding, caller, &Handle::presented(&handle.handle))
                     .await?
@@ -53,7 +55,7 @@ impl BrokerService {
                     None => {}
                 }
             }
-            let (live, credential) = engine.issue(&binding, caller).await?;
+            let (live, credential) = engine.issue(&binding, caller, pod_key).await?;
             Ok((live, credential, false))
         };
         let (unleased, leased): (Vec<_>, Vec<_>) = bindings

@@ -2,12 +2,12 @@
 //! hand the work to the lease engine, move messages, and audit every
 //! decision.
 
-use std::{pin::Pin, sync::Arc};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use tessera_proto::v1::{
-    FetchRequest, FetchResponse, RevokeRequest, RevokeResponse, WatchRequest, WatchResponse,
-    WhoAmIRequest, WhoAmIResponse, broker_server::Broker,
+    Credential, FetchRequest, FetchResponse, RevokeRequest, RevokeResponse, WatchRequest,
+    WatchResponse, WhoAmIRequest, WhoAmIResponse, broker_server::Broker,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
@@ -34,6 +34,7 @@ use crate::{
 };
 
 mod deliver;
+mod pod_keys;
 mod request;
 mod rpc_layer;
 
@@ -175,7 +176,7 @@ impl BrokerService {
         &self,
         caller: &Caller,
         (generation, bindings): (u64, Vec<Arc<Binding>>),
-        asked: &std::collections::BTreeMap<String, u32>,
+        asked: &BTreeMap<String, u32>,
     ) -> Result<(Vec<Arc<Binding>>, stream::Narrowing), Status> {
         let narrowing = stream::Narrowing::from_request(asked, &bindings).map_err(|message| {
             let refused = Refused::issue(caller).in_generation(generation);
@@ -273,13 +274,28 @@ impl Broker for BrokerService {
             (generation, bindings),
             &request.get_ref().max_ttl_seconds,
         )?;
+        let keys =
+            pod_keys::checked(&bindings, &request.get_ref().public_keys).map_err(|error| {
+                self.refuse(error, Refused::issue(&caller).in_generation(generation))
+            })?;
+        let order: Vec<String> = bindings.iter().map(|b| b.name.clone()).collect();
+        let (wanted, bindings) = pod_keys::split_wanted(bindings, &keys);
         let (delivered, undelivered) = self
-            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+            .deliver_all(
+                &caller,
+                generation,
+                &bindings,
+                (&request.get_ref().held, &keys),
+            )
             .await?;
         undelivered.disarm();
-        Ok(Response::new(FetchResponse {
-            credentials: delivered.into_iter().map(|(_, c)| c).collect(),
-        }))
+        let mut credentials: Vec<Credential> = delivered
+            .into_iter()
+            .map(|(_, c)| c)
+            .chain(wanted)
+            .collect();
+        credentials.sort_by_key(|c| order.iter().position(|name| *name == c.binding));
+        Ok(Response::new(FetchResponse { credentials }))
     }
 
     type WatchStream = WatchStreamOut;
@@ -295,15 +311,28 @@ impl Broker for BrokerService {
             (generation, bindings),
             &request.get_ref().max_ttl_seconds,
         )?;
+        // A binding whose key the pod makes is answered with the key to
+        // make, and renewed by the pod with Fetch: the stream carries the rest.
+        let (wanted, bindings) = pod_keys::split_wanted(bindings, &BTreeMap::new());
         let slots = self.streams.open(&caller, &bindings).map_err(|error| {
             self.refuse(error, Refused::issue(&caller).in_generation(generation))
         })?;
         let (delivered, undelivered) = self
-            .deliver_all(&caller, generation, &bindings, &request.get_ref().held)
+            .deliver_all(
+                &caller,
+                generation,
+                &bindings,
+                (&request.get_ref().held, &BTreeMap::new()),
+            )
             .await?;
 
-        let (tx, rx) = mpsc::channel(bindings.len() + 4);
+        let (tx, rx) = mpsc::channel(bindings.len() + wanted.len() + 4);
         let first = tx.clone();
+        for credential in wanted {
+            let _ = first.try_send(Ok(WatchResponse {
+                credential: Some(credential),
+            }));
+        }
         let mut stream = OpenStream::new(
             self.streams.clone(),
             caller,

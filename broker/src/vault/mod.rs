@@ -27,10 +27,12 @@ mod kv2;
 pub mod leases;
 mod login;
 mod path;
+mod sign;
 
 pub use kv2::KvSecret;
 use login::Login;
 pub use path::PathAnswer;
+pub use sign::{SSH_CERTIFICATE_FIELD, SshSigning};
 
 /// How the broker logs in to Vault.
 #[derive(Clone, Debug)]

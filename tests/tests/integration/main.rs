@@ -25,6 +25,7 @@ mod memory;
 mod namespaces;
 mod observability;
 mod outage;
+mod pod_keys;
 mod pod_shapes;
 mod policy;
 mod python;

@@ -100,6 +100,7 @@ async fn call(client: &mut BrokerClient<Channel>, rpc: Rpc, ask: &Ask) -> Option
                 bindings,
                 held: ask.held.clone(),
                 max_ttl_seconds: ask.max_ttl.clone(),
+                public_keys: Default::default(),
             }))
             .await
             .map(drop),

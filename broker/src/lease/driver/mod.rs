@@ -8,6 +8,7 @@
 mod database;
 mod kv;
 mod pki;
+mod ssh;
 mod vault_path;
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
@@ -28,13 +29,15 @@ use crate::{
 
 pub(super) use kv::kv_credential_parts;
 
-/// What a driver may use: Vault, the KV feeds, and the stamp naming the
-/// caller in Vault's audit log.
+/// What a driver may use: Vault, the KV feeds, the stamp naming the caller
+/// in Vault's audit log, and the public part of the key the pod made, for a
+/// binding whose key stays in the pod.
 #[derive(Clone, Copy)]
 pub(super) struct Context<'a> {
     pub vault: &'a Vault,
     pub feeds: &'a Feeds,
     pub stamp: &'a str,
+    pub pod_key: Option<&'a str>,
 }
 
 /// A credential's values as the source delivered them: its own, or the KV
@@ -127,6 +130,7 @@ pub(super) fn of(source: &Source) -> &'static dyn Driver {
         Source::Kv2(_) => &kv::Kv,
         Source::Database(_) => &database::Database,
         Source::Pki(_) => &pki::Pki,
+        Source::Ssh(_) => &ssh::Ssh,
         Source::Vault(_) => &vault_path::VaultPath,
     }
 }
@@ -165,6 +169,16 @@ fn wrong_kind(binding: &Binding, kind: &str) -> Error {
         "binding `{}`: its source is not {kind} (an internal error; please report it)",
         binding.name
     ))
+}
+
+/// The public key (or certificate request) the pod sent for `binding`.
+fn pod_key_of<'a>(cx: Context<'a>, binding: &Binding) -> Result<&'a str, Error> {
+    cx.pod_key.ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "binding `{}`: its key is made by the pod: Fetch it with the public part in `public_keys`",
+            binding.name
+        ))
+    })
 }
 
 fn vault_error(binding: &Binding) -> impl FnOnce(VaultError) -> Error + '_ {

@@ -4,16 +4,13 @@ use std::collections::BTreeSet;
 
 use super::checks::duration;
 use crate::policy::{
-    ImageUser, Limits, Problem, at,
+    DEFAULT_MIN_TTL, ImageUser, Limits, Problem, at,
     document::{LimitsDoc, Spanned},
     format_duration,
 };
 
 /// Source kinds this broker knows, as named in `limits.allowedSources`.
-const SOURCE_KINDS: &[&str] = &["kv2", "database", "pki", "vault"];
-
-/// Source kinds whose credentials have a TTL, as named in `limits.minTtl`.
-const LEASED_KINDS: &[&str] = &["database", "pki", "vault"];
+const SOURCE_KINDS: &[&str] = &["kv2", "database", "pki", "ssh", "vault"];
 
 /// Applies a `limits` block.
 pub(in crate::policy) fn apply_limits(
@@ -32,14 +29,16 @@ pub(in crate::policy) fn apply_limits(
     }
     if let Some(floors) = &l.min_ttl {
         for (kind, text) in &floors.value {
-            if !LEASED_KINDS.contains(&kind.as_str()) {
+            // Source kinds whose credentials have a TTL: those with a floor.
+            let leased = || DEFAULT_MIN_TTL.iter().map(|(kind, _)| *kind);
+            if !leased().any(|k| k == kind) {
                 problems.push(at(
                     file,
                     floors,
                     format!(
                         "limits.minTtl: `{}` is not a leased source kind (known: {})",
                         crate::text::printable(kind),
-                        LEASED_KINDS.join(", ")
+                        leased().collect::<Vec<_>>().join(", ")
                     ),
                 ));
                 continue;

@@ -62,6 +62,15 @@ pub(super) fn compile_output(
                         format!("binding `{name}`: template `{file_name}` uses `{missing}`, which the source does not deliver"),
                     ));
                 }
+                if let Some(key) = source.pod_key()
+                    && template.required_fields().any(|f| f == key.field())
+                {
+                    problems.push(at(
+                        file,
+                        doc,
+                        format!("binding `{name}`: template `{file_name}` uses `{}`, the private key the pod makes and keeps (the broker never has it: rename its file with output.files instead)", key.field()),
+                    ));
+                }
                 output.templates.insert(file_name.clone(), template);
             }
             Err(e) => problems.push(at(

@@ -1,8 +1,8 @@
 //! Where a binding's values come from in Vault, within the limits.
 
 use crate::policy::{
-    DatabaseSource, Kv2Source, Limits, PKI_NAME_FIELDS, PkiSource, Problem, Source,
-    VaultPathSource, at,
+    DatabaseSource, KeyMaker, Kv2Source, Limits, PKI_NAME_FIELDS, PkiSource, Problem, Source,
+    SshSource, VaultPathSource, at,
     document::{BindingDoc, SourceDoc, VaultDoc},
     render::Template,
     safe,
@@ -87,33 +87,59 @@ pub(super) fn compile_source(
                     format!("binding `{name}`: pki needs `mount`, `role` and `commonName`"),
                 ));
             }
-            for text in std::iter::once(&pki.common_name).chain(&pki.alt_names) {
-                match Template::parse(text) {
-                    Ok(t) => {
-                        if let Some(bad) = t.fields().find(|f| !PKI_NAME_FIELDS.contains(f)) {
-                            problems.push(at(
-                                file,
-                                &raw.source,
-                                format!(
-                                    "binding `{name}`: pki name `{text}` uses `{bad}` (use {})",
-                                    PKI_NAME_FIELDS.join(", ")
-                                ),
-                            ));
-                        }
-                    }
-                    Err(e) => problems.push(at(
-                        file,
-                        &raw.source,
-                        format!("binding `{name}`: pki name `{text}`: {e}"),
-                    )),
-                }
+            let names = std::iter::once(&pki.common_name).chain(&pki.alt_names);
+            for message in name_template_problems("pki name", names) {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!("binding `{name}`: {message}"),
+                ));
             }
+            let key = match &pki.key {
+                None => KeyMaker::Vault,
+                Some(key) => match key.value.as_str() {
+                    "vault" => KeyMaker::Vault,
+                    "pod" => KeyMaker::Pod,
+                    other => {
+                        problems.push(at(
+                            file,
+                            key,
+                            format!("binding `{name}`: pki key `{other}` is not `vault` or `pod`"),
+                        ));
+                        KeyMaker::Vault
+                    }
+                },
+            };
             Source::Pki(PkiSource {
                 mount: pki.mount.clone(),
                 role: pki.role.clone(),
                 common_name: pki.common_name.clone(),
                 alt_names: pki.alt_names.clone(),
+                key,
                 namespace: pki.namespace.clone(),
+            })
+        }
+        SourceDoc::Ssh(ssh) => {
+            if ssh.mount.is_empty() || ssh.role.is_empty() {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!("binding `{name}`: ssh needs `mount` and `role`"),
+                ));
+            }
+            for message in name_template_problems("ssh principal", ssh.principals.iter()) {
+                problems.push(at(
+                    file,
+                    &raw.source,
+                    format!("binding `{name}`: {message}"),
+                ));
+            }
+            Source::Ssh(SshSource {
+                mount: ssh.mount.clone(),
+                role: ssh.role.clone(),
+                principals: ssh.principals.clone(),
+                extensions: ssh.extensions.clone(),
+                namespace: ssh.namespace.clone(),
             })
         }
         SourceDoc::Vault(doc) => {
@@ -170,6 +196,26 @@ pub(super) fn compile_source(
         ));
     }
     source
+}
+
+/// What is wrong with name templates (PKI names, SSH principals): each may
+/// use only the identity's `pod`, `namespace` and `serviceAccount`.
+fn name_template_problems<'a>(what: &str, texts: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut found = Vec::new();
+    for text in texts {
+        match Template::parse(text) {
+            Ok(t) => {
+                if let Some(bad) = t.fields().find(|f| !PKI_NAME_FIELDS.contains(f)) {
+                    found.push(format!(
+                        "{what} `{text}` uses `{bad}` (use {})",
+                        PKI_NAME_FIELDS.join(", ")
+                    ));
+                }
+            }
+            Err(e) => found.push(format!("{what} `{text}`: {e}")),
+        }
+    }
+    found
 }
 
 /// What is wrong with a `vault:` source, one sentence each.
