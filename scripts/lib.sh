@@ -46,13 +46,14 @@ ensure_postgres() {
   PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 }
 
-# ensure_source_servers: Debian's MariaDB, Redis and RabbitMQ servers, which
-# the source tests start privately on free ports (never the system's).
+# ensure_source_servers: Debian's MariaDB, Redis, RabbitMQ and OpenSSH
+# servers, which the source tests start privately on free ports (never the
+# system's).
 ensure_source_servers() {
   if ! command -v mariadbd >/dev/null || ! command -v redis-server >/dev/null \
-    || [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
-    log "installing MariaDB, Redis and RabbitMQ with apt"
-    local packages=(mariadb-server redis-server rabbitmq-server)
+    || [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || [ ! -x /usr/sbin/sshd ]; then
+    log "installing MariaDB, Redis, RabbitMQ and OpenSSH with apt"
+    local packages=(mariadb-server redis-server rabbitmq-server openssh-server openssh-client)
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null \
       || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null; }
   fi

@@ -112,6 +112,12 @@ impl Feeds {
         }
     }
 
+    /// How often a source is checked when its binding sets no
+    /// `refreshInterval` (`vault.kvPollInterval`).
+    pub fn default_interval(&self) -> Duration {
+        self.interval
+    }
+
     /// The latest value of `source` when a poller follows it (it is in the
     /// policy, or some stream watches it): its last good read, at most one
     /// poll interval old while Vault answers. `None` otherwise.

@@ -83,6 +83,9 @@ impl Default for LeaseSettings {
 pub enum Step {
     /// The lease was extended: the pod keeps its values.
     Renewed(Live),
+    /// Read again, the values had not changed (a `vault:` answer without a
+    /// lease): nothing to tell the pod.
+    Confirmed(Live),
     /// New values replace the old; the old lease ends after the overlap.
     Rotated(Box<Rotation>),
 }
@@ -247,8 +250,20 @@ impl Engine {
             .is_some_and(RecordKind::revokes_unused)
     }
 
-    /// When the next renewal or rotation of `live` is due (from now).
+    /// When the next renewal or rotation of `live` is due (from now). A
+    /// `vault:` answer read without a lease or an end is read again at its
+    /// binding's `refreshInterval`, like a KV secret; one written is not
+    /// (each write may make new values): `None`.
     pub fn due_in(&self, live: &Live, jitter: f64) -> Option<Duration> {
+        if let (None, None, crate::policy::Source::Vault(source)) =
+            (&live.lease, live.not_after, &live.binding.source)
+        {
+            let interval = live
+                .binding
+                .refresh_interval
+                .unwrap_or_else(|| self.feeds.default_interval());
+            return (!source.write).then(|| interval + interval.mul_f64(jitter * 0.1));
+        }
         let not_after = live.not_after?;
         Some(refresh_in(
             live.issued_at,
@@ -350,6 +365,9 @@ impl Engine {
             }
         }
         let (new, credential) = self.issue(binding, caller, None).await?;
+        if live.lease.is_none() && new.lease.is_none() && new.version == live.version {
+            return Ok(Step::Confirmed(new));
+        }
         Ok(Step::Rotated(Box::new(Rotation {
             live: new,
             credential,

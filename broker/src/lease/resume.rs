@@ -101,6 +101,10 @@ impl Engine {
                     let credential = credential::credential(&renewed, None)?;
                     Ok(Some(Resumed::Held(renewed, credential)))
                 }
+                Step::Confirmed(same) => {
+                    let credential = credential::credential(&same, None)?;
+                    Ok(Some(Resumed::Held(same, credential)))
+                }
                 Step::Rotated(rotation) => {
                     let Rotation {
                         live,

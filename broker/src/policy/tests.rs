@@ -376,7 +376,7 @@ fn refresh_interval_is_for_kv_sources_within_bounds_and_shows_in_diffs() {
     );
     let db = "database: { mount: database, role: app }";
     for (source, extra, named) in [
-        (db, "    refreshInterval: 5m", "applies to kv2 sources"),
+        (db, "    refreshInterval: 5m", "applies to kv2 and vault sources"),
         (kv, "    refreshInterval: 100ms", "between 1s and 24h"),
         (kv, "    refreshInterval: 2days", "between 1s and 24h"),
         (kv, "    refreshInterval: soon", "not a duration"),
@@ -692,7 +692,9 @@ fn a_pod_made_key_is_checked_where_it_is_written() {
     let bad_key = "pki: { mount: pki, role: pods, commonName: \"{{ pod }}\", key: broker }";
     let found = problems(&binding_with(bad_key, "    ttl: 10m"));
     assert!(
-        found[0].message.contains("pki key `broker` is not `vault` or `pod`"),
+        found[0]
+            .message
+            .contains("pki key `broker` is not `vault` or `pod`"),
         "{found:?}"
     );
     let principal = "ssh: { mount: ssh, role: pods, principals: [\"{{ labels.team }}\"] }";
@@ -702,7 +704,9 @@ fn a_pod_made_key_is_checked_where_it_is_written() {
     let template = "    ttl: 10m\n    output: { templates: { key.pem: \"{{ id_ed25519 }}\" } }";
     let found = problems(&binding_with(ssh, template));
     assert!(
-        found[0].message.contains("the private key the pod makes and keeps"),
+        found[0]
+            .message
+            .contains("the private key the pod makes and keeps"),
         "{found:?}"
     );
     let found = problems(&binding_with(ssh, "    ttl: 1m"));

@@ -92,9 +92,17 @@ impl Vault {
                 (name, Secret::from(text))
             })
             .collect();
+        let leased = !result.lease_id.is_empty();
         Ok(PathAnswer {
-            lease: (!result.lease_id.is_empty()).then(|| LeaseId::new(result.lease_id)),
-            ttl: Duration::from_secs(u64::from(result.lease_duration)),
+            lease: leased.then(|| LeaseId::new(result.lease_id)),
+            // Without a lease, `lease_duration` is a hint (KV version 1's
+            // refresh time), not an end: such an answer is read again at
+            // the binding's refreshInterval instead.
+            ttl: if leased {
+                Duration::from_secs(u64::from(result.lease_duration))
+            } else {
+                Duration::ZERO
+            },
             renewable: result.renewable,
             issued: SystemTime::now(),
             fields,

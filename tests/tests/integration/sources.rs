@@ -416,3 +416,49 @@ bindings:
         "the status names the binding set aside: {status}"
     );
 }
+
+/// #24: an answer without a lease is a static secret checked like KV at
+/// the binding's `refreshInterval`: a change is pushed to the pod, the same
+/// values read again are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_without_a_lease_is_read_again_at_the_refresh_interval_and_pushed_only_when_changed()
+ {
+    let env = Env::start(
+        "apiVersion: tessera.dev/v1alpha1
+kind: Policy
+bindings:
+  - name: legacy
+    subjects: [{ namespace: shop, serviceAccount: orders }]
+    source: { vault: { path: kv1/orders } }
+    refreshInterval: 1s
+",
+    )
+    .await;
+    env.bao.cli(&["secrets", "enable", "-path=kv1", "-version=1", "kv"]);
+    env.bao.cli(&["write", "kv1/orders", "password=first"]);
+    env.bao
+        .write_broker_policy_with(r#"path "kv1/*" { capabilities = ["read"] }"#);
+    let out = env.tmpfs_out();
+    let _run = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["legacy"]);
+    wait_for(Duration::from_secs(20), "the first value", || {
+        field(out.path(), "legacy", "password").filter(|v| v == "first")
+    })
+    .await;
+    let rotations = |env: &Env| {
+        env.audit_events()
+            .iter()
+            .filter(|e| e["action"] == "rotate" && e["binding"] == "legacy")
+            .count()
+    };
+    // Three refresh intervals with the same values: nothing pushed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rotations(&env), 0, "the same values are not pushed again");
+    env.bao.cli(&["write", "kv1/orders", "password=second"]);
+    wait_for(Duration::from_secs(20), "the changed value", || {
+        field(out.path(), "legacy", "password").filter(|v| v == "second")
+    })
+    .await;
+    assert_eq!(rotations(&env), 1, "the change is pushed once");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rotations(&env), 1, "and only once");
+}

@@ -2,11 +2,14 @@
 //! life. A lease is a lease like a database user's (looked up, renewed if
 //! renewable and rotated at the end if not, revoked with the pod through
 //! `sys/leases/revoke`); an answer without a lease is read again whenever
-//! the pod asks (its handle names no lease to resume).
+//! the pod asks (its handle names no lease to resume) and, on a stream, at
+//! the binding's `refreshInterval`: new values are pushed, the same ones
+//! are not.
 
-use std::time::SystemTime;
+use std::{collections::BTreeMap, sync::OnceLock, time::SystemTime};
 
 use futures::{FutureExt as _, future::BoxFuture};
+use ring::{hmac, rand::SystemRandom};
 
 use super::{Context, Driver, Minted, Standing, Values, database, vault_error, wrong_kind};
 use crate::{
@@ -16,8 +19,35 @@ use crate::{
     identity::Identity,
     lease::records::RecordKind,
     policy::{Binding, RenderError, Source},
+    secret::Secret,
     vault::Scope,
 };
+
+/// The version of values read without a lease: the same for the same
+/// values (a re-read that found nothing new pushes nothing), and keyed with
+/// a random key this process made, so that no one who sees versions can
+/// guess short secrets (a TOTP code) from them. Another replica's versions
+/// differ; a pod reconnecting there gets the values again.
+fn values_version(fields: &BTreeMap<String, Secret>) -> String {
+    static KEY: OnceLock<Option<hmac::Key>> = OnceLock::new();
+    let key = KEY.get_or_init(|| hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new()).ok());
+    let Some(key) = key else {
+        // No randomness for a key: each read is a version of its own.
+        return format!("{:016x}", fastrand::u64(..));
+    };
+    let mut context = hmac::Context::with_key(key);
+    for (name, value) in fields {
+        for part in [name.as_bytes(), value.expose_secret()] {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        }
+    }
+    let tag = context.sign();
+    tag.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// The driver of `vault:` sources.
 pub(super) struct VaultPath;
@@ -53,15 +83,13 @@ impl Driver for VaultPath {
                 fields.retain(|name, _| wanted.contains(name));
             }
             let lease = answer.lease;
+            let version = match &lease {
+                Some(lease) => lease.version(),
+                None => values_version(&fields),
+            };
             Ok(Minted {
                 values: Values::Own(fields),
-                // Without a lease, each read is a version of its own (a
-                // digest of the values would let anyone who sees versions
-                // guess short secrets, e.g. a TOTP code).
-                version: match &lease {
-                    Some(lease) => lease.version(),
-                    None => format!("{:016x}", fastrand::u64(..)),
-                },
+                version,
                 issued_at: answer.issued,
                 not_after: (!answer.ttl.is_zero()).then(|| answer.issued + answer.ttl),
                 renewable: lease.is_some() && answer.renewable,

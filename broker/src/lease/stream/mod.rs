@@ -153,10 +153,12 @@ impl OpenStream {
 
     fn schedule(&mut self, live: Live, failures: u32) {
         let due = if failures == 0 {
-            self.shared
-                .engine
-                .due_in(&live, fastrand::f64())
-                .unwrap_or(RETRY_MAX)
+            match self.shared.engine.due_in(&live, fastrand::f64()) {
+                Some(due) => due,
+                // Neither a lease nor an end: nothing to renew or re-read.
+                None if live.lease.is_none() && live.not_after.is_none() => return,
+                None => RETRY_MAX,
+            }
         } else {
             retry_in(failures, fastrand::f64())
         };
@@ -365,6 +367,7 @@ impl OpenStream {
                         return Err(None);
                     }
                 }
+                Ok(Step::Confirmed(confirmed)) => self.schedule(confirmed, 0),
                 Ok(Step::Rotated(rotation)) => {
                     let super::Rotation {
                         live: new,

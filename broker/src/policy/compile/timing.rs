@@ -118,7 +118,8 @@ pub(super) fn compile_timing(
 const REFRESH_BOUNDS: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(24 * 3600));
 
-/// A KV binding's `refreshInterval`, checked: only KV sources are polled.
+/// A binding's `refreshInterval`, checked: only KV and `vault:` sources
+/// are polled (a `vault:` answer without a lease is read again at it).
 fn check_refresh_interval(
     file: &str,
     text: &Spanned<String>,
@@ -126,12 +127,12 @@ fn check_refresh_interval(
     source: &Source,
     problems: &mut Vec<Problem>,
 ) -> Option<Duration> {
-    if !matches!(source, Source::Kv2(_)) {
+    if !matches!(source, Source::Kv2(_) | Source::Vault(_)) {
         problems.push(at(
             file,
             text,
             format!(
-                "binding `{name}`: refreshInterval applies to kv2 sources (leased credentials follow ttl and renewFraction)"
+                "binding `{name}`: refreshInterval applies to kv2 and vault sources (leased credentials follow ttl and renewFraction)"
             ),
         ));
         return None;
