@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod drift;
 pub mod error;
 pub mod feed;
 #[cfg(test)]
@@ -128,7 +129,9 @@ fn kv_keys(feeds: Arc<Feeds>) -> webhook::KvKeysLookup {
 }
 
 /// Builds the Kubernetes client from the kubeconfig, or in-cluster.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, StartError> {
+pub(crate) async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, StartError> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use self::commands::{audit, dev::DevCommand, exit, policy::PolicyCommand};
+use self::commands::{audit, dev::DevCommand, exit, policy::PolicyCommand, status};
 
 mod commands;
 
@@ -50,6 +50,9 @@ enum Command {
     Policy(PolicyCommand),
     /// Answer "who got which binding when" from audit logs (JSON lines).
     Audit(audit::Query),
+    /// Find drift: pods without the sidecar, leases no record owns, records
+    /// whose lease is gone (exit 1 when any).
+    Status(status::Status),
     /// DEVELOPMENT ONLY: keys, certificates and tokens for a local demo.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Serve { config, listen } => commands::serve::serve(&runtime, &config, listen),
         Command::Policy(command) => commands::policy::run(command),
         Command::Audit(query) => audit::run(&query),
+        Command::Status(status) => status::run(&runtime, &status),
         Command::Dev(command) => commands::dev::run(command),
     };
     runtime.block_on(telemetry.shutdown());

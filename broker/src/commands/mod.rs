@@ -5,6 +5,7 @@ pub mod audit;
 pub mod dev;
 pub mod policy;
 pub mod serve;
+pub mod status;
 
 /// Exit statuses (sysexits.h), as docs/configuration.md lists them.
 pub mod exit {

@@ -376,7 +376,11 @@ fn refresh_interval_is_for_kv_sources_within_bounds_and_shows_in_diffs() {
     );
     let db = "database: { mount: database, role: app }";
     for (source, extra, named) in [
-        (db, "    refreshInterval: 5m", "applies to kv2 and vault sources"),
+        (
+            db,
+            "    refreshInterval: 5m",
+            "applies to kv2 and vault sources",
+        ),
         (kv, "    refreshInterval: 100ms", "between 1s and 24h"),
         (kv, "    refreshInterval: 2days", "between 1s and 24h"),
         (kv, "    refreshInterval: soon", "not a duration"),

@@ -29,6 +29,24 @@ pub struct LeaseLookup {
     pub renewable: bool,
 }
 
+/// `LIST sys/leases/lookup/<prefix>`.
+#[derive(Debug, Endpoint)]
+#[endpoint(
+    path = "sys/leases/lookup/{self.prefix}",
+    method = "LIST",
+    response = "LeaseKeys"
+)]
+struct ListLeases {
+    #[endpoint(skip)]
+    prefix: String,
+}
+
+/// The keys of a lease listing.
+#[derive(Debug, Deserialize, Serialize)]
+struct LeaseKeys {
+    keys: Vec<String>,
+}
+
 /// `PUT sys/leases/renew`.
 #[derive(Debug, Endpoint, Serialize)]
 #[endpoint(
@@ -167,6 +185,38 @@ impl Vault {
             ]
             .into(),
         })
+    }
+
+    /// The ids of the live leases directly under `prefix` (ending in `/`,
+    /// e.g. `database/creds/orders/`) in `namespace`. Vault asks `list` and
+    /// `sudo` on `sys/leases/lookup/<prefix>` for it.
+    ///
+    /// # Errors
+    /// A [`VaultError`] other than "none there".
+    pub async fn lease_list(
+        &self,
+        prefix: &str,
+        namespace: Option<&str>,
+    ) -> Result<Vec<String>, VaultError> {
+        let what = format!("sys/leases/lookup/{prefix}");
+        let endpoint = ListLeases {
+            prefix: prefix.trim_end_matches('/').to_owned(),
+        };
+        match self
+            .exec(endpoint, &what, Scope::new(None, namespace))
+            .await
+        {
+            Ok(result) => Ok(result
+                .data
+                .map(|d| d.keys)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|key| !key.ends_with('/'))
+                .map(|key| format!("{prefix}{key}"))
+                .collect()),
+            Err(VaultError::NotFound(_)) => Ok(Vec::new()),
+            Err(error) => Err(error),
+        }
     }
 
     /// Seconds left on a lease; `None` when Vault no longer knows it.

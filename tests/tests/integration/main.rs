@@ -13,6 +13,7 @@ mod client;
 mod clusters;
 mod delivery;
 mod docs;
+mod drift;
 mod exec;
 mod hardening;
 mod hardening_round3;

@@ -434,7 +434,8 @@ bindings:
 ",
     )
     .await;
-    env.bao.cli(&["secrets", "enable", "-path=kv1", "-version=1", "kv"]);
+    env.bao
+        .cli(&["secrets", "enable", "-path=kv1", "-version=1", "kv"]);
     env.bao.cli(&["write", "kv1/orders", "password=first"]);
     env.bao
         .write_broker_policy_with(r#"path "kv1/*" { capabilities = ["read"] }"#);
