@@ -592,7 +592,8 @@ pub struct Replica {
     pub uri: String,
     /// Its gRPC port.
     pub port: u16,
-    audit: PathBuf,
+    /// Its audit trail (JSON lines).
+    pub audit: PathBuf,
     file: String,
     config: BrokerConfig,
     log: String,

@@ -1,7 +1,9 @@
-//! `tessera-broker audit`: who got which binding, and when, from audit logs.
+//! `tessera-broker audit`: who got which binding, when, and whether its
+//! lease was revoked (and when, and why), from the audit logs of every
+//! replica and cluster.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     path::PathBuf,
     process::ExitCode,
     time::SystemTime,
@@ -28,7 +30,11 @@ pub struct Query {
     /// Include denials and errors, not only deliveries.
     #[arg(long)]
     pub all: bool,
-    /// Audit log files; `-` reads standard input (`kubectl logs … | tessera-broker audit -`).
+    /// `text` or `json` (every selected event, as written, with `revoked`).
+    #[arg(long, short, default_value = "text")]
+    pub output: super::policy::Output,
+    /// Audit log files, of any replicas and clusters; `-` reads standard
+    /// input (`kubectl logs … | tessera-broker audit -`).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
 }
@@ -62,7 +68,20 @@ impl Query {
     }
 }
 
-/// Prints one line per selected event; exits 66 when a file does not exist.
+/// An event selected, with how its lease ended when the trail says so.
+#[derive(serde::Serialize)]
+struct Answer {
+    /// The audit event as written.
+    #[serde(flatten)]
+    event: Value,
+    /// The revocation of the event's lease (same `lease_id_sha256`), when
+    /// the trail has one: its `time`, `outcome` and `reason`.
+    revoked: Option<Value>,
+}
+
+/// Prints the selected events of every file in time order (several
+/// replicas' and clusters' logs interleave), each with its lease's
+/// revocation when the trail has one; exits 66 when a file does not exist.
 ///
 /// # Errors
 /// When a file cannot be read.
@@ -72,62 +91,92 @@ pub fn run(query: &Query) -> anyhow::Result<ExitCode> {
         eprintln!("{}: no such file", path.display());
         return Ok(ExitCode::from(super::exit::NO_INPUT));
     }
-    let mut out = std::io::stdout().lock();
-    // A reader that stopped reading (`| head`) ends the query quietly.
-    let closed = |error: &std::io::Error| error.kind() == std::io::ErrorKind::BrokenPipe;
-    if let Err(error) = writeln!(
-        out,
-        "time\taction\toutcome\tnamespace/service-account\tpod (uid)\tnode\tbinding\tversion\treason"
-    ) {
-        return if closed(&error) {
-            Ok(ExitCode::SUCCESS)
-        } else {
-            Err(error.into())
-        };
-    }
+    let mut events = Vec::new();
     for path in files {
-        let reader: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
-            Box::new(std::io::stdin())
-        } else {
-            Box::new(
-                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-            )
-        };
-        for (number, line) in BufReader::new(reader).lines().enumerate() {
-            let line = line.with_context(|| format!("reading {}", path.display()))?;
-            let Ok(event) = serde_json::from_str::<Value>(&line) else {
-                eprintln!(
-                    "{}:{}: not a JSON audit event; skipped",
-                    path.display(),
-                    number + 1
-                );
-                continue;
-            };
-            if !query.selects(&event) {
-                continue;
-            }
-            if let Err(error) = writeln!(
-                out,
-                "{}\t{}\t{}\t{}/{}\t{} ({})\t{}\t{}\t{}\t{}",
-                text(&event, "time"),
-                text(&event, "action"),
-                text(&event, "outcome"),
-                text(&event, "namespace"),
-                text(&event, "service_account"),
-                text(&event, "pod_name"),
-                text(&event, "pod_uid"),
-                text(&event, "node"),
-                text(&event, "binding"),
-                text(&event, "version"),
-                text(&event, "reason"),
-            ) {
-                return if closed(&error) {
-                    Ok(ExitCode::SUCCESS)
-                } else {
-                    Err(error.into())
-                };
-            }
+        read_events(path, &mut events)?;
+    }
+    // RFC 3339 times in UTC sort as text.
+    events.sort_by(|a, b| text(a, "time").cmp(text(b, "time")));
+    let answers: Vec<Answer> = events
+        .iter()
+        .filter(|event| query.selects(event))
+        .map(|event| Answer {
+            event: event.clone(),
+            revoked: revocation_of(event, &events),
+        })
+        .collect();
+    if query.output == super::policy::Output::Json {
+        super::print_json(&answers);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = String::from(
+        "time\taction\toutcome\tnamespace/service-account\tpod (uid)\tnode\tbinding\tversion\treason\trevoked\n",
+    );
+    for Answer { event, revoked } in &answers {
+        let revoked = revoked.as_ref().map_or_else(
+            || "-".to_owned(),
+            |r| format!("{} ({})", text(r, "time"), text(r, "reason")),
+        );
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}/{}\t{} ({})\t{}\t{}\t{}\t{}\t{revoked}\n",
+            text(event, "time"),
+            text(event, "action"),
+            text(event, "outcome"),
+            text(event, "namespace"),
+            text(event, "service_account"),
+            text(event, "pod_name"),
+            text(event, "pod_uid"),
+            text(event, "node"),
+            text(event, "binding"),
+            text(event, "version"),
+            text(event, "reason"),
+        ));
+    }
+    super::emit(&out);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the JSON audit events of `path` (`-`: standard input) into `events`;
+/// a line that is no JSON is skipped and said.
+fn read_events(path: &std::path::Path, events: &mut Vec<Value>) -> anyhow::Result<()> {
+    let reader: Box<dyn std::io::Read> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?)
+    };
+    for (number, line) in BufReader::new(reader).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        match serde_json::from_str::<Value>(&line) {
+            Ok(event) => events.push(event),
+            Err(_) => eprintln!(
+                "{}:{}: not a JSON audit event; skipped",
+                path.display(),
+                number + 1
+            ),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+/// The successful revocation of `event`'s lease in `events`, if any: what
+/// a delivery's "was it revoked, and when" is answered with.
+fn revocation_of(event: &Value, events: &[Value]) -> Option<Value> {
+    let lease = event.get("lease_id_sha256").and_then(Value::as_str)?;
+    if text(event, "action") == "revoke" {
+        return None;
+    }
+    events
+        .iter()
+        .find(|other| {
+            text(other, "action") == "revoke"
+                && text(other, "outcome") == "success"
+                && other.get("lease_id_sha256").and_then(Value::as_str) == Some(lease)
+        })
+        .map(|revoke| {
+            serde_json::json!({
+                "time": text(revoke, "time"),
+                "outcome": text(revoke, "outcome"),
+                "reason": text(revoke, "reason"),
+            })
+        })
 }

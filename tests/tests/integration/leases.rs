@@ -81,6 +81,23 @@ async fn another_replica_revokes_a_deleted_pods_lease_after_its_issuer_and_sidec
     assert_eq!(revoked["binding"], "db");
     assert_eq!(revoked["pod_uid"], pod_uid.as_str());
     assert_eq!(revoked["lease_id_sha256"].as_str().map(str::len), Some(64));
+
+    // #26: `tessera-broker audit` over every replica's trail answers "who
+    // got binding db, when, and was it revoked": A issued, B (or the
+    // environment's broker) revoked.
+    let output = std::process::Command::new(tessera_tests::binary("tessera-broker"))
+        .args(["audit", "--binding", "db", "-o", "json"])
+        .args([&replica_a.audit, &replica_b.audit])
+        .arg(env.dir.path().join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let answers: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let issued = &answers.as_array().unwrap()[0];
+    assert_eq!(issued["action"], "issue");
+    assert_eq!(issued["pod_uid"], pod_uid.as_str());
+    assert_eq!(issued["revoked"]["reason"], "pod deleted", "{answers}");
+    assert!(issued["revoked"]["time"].as_str() > issued["time"].as_str());
 }
 
 /// Kills (SIGKILL or SIGTERM) the replica that streams a pod's database
