@@ -58,6 +58,19 @@ pub enum Error {
         /// The leased binding that was asked for.
         binding: String,
     },
+    /// Vault's own policy refused the pod at the binding's second gate
+    /// (`vaultGate`): the login as the pod, or the read with its token.
+    #[error(
+        "binding `{binding}`: Vault refused it to this pod at the second gate ({gate}): {detail}. The Tessera policy grants it; Vault's policy for this pod's role must allow it too"
+    )]
+    GateDenied {
+        /// The binding asked for.
+        binding: String,
+        /// The gate, e.g. ``auth/jwt role `shop-orders` ``.
+        gate: String,
+        /// Vault's answer.
+        detail: String,
+    },
     /// A held lease handle was refused.
     #[error(transparent)]
     Handle(#[from] crate::handle::HandleError),
@@ -104,6 +117,7 @@ impl Error {
             | Error::Render { binding, .. }
             | Error::TooManyStreams { binding, .. }
             | Error::UnboundCaller { binding }
+            | Error::GateDenied { binding, .. }
             | Error::Handle(
                 crate::handle::HandleError::Invalid(binding)
                 | crate::handle::HandleError::NotYours(binding),
@@ -119,7 +133,9 @@ impl From<Error> for Status {
         let code = match &error {
             Error::Token(TokenError::Unavailable(_)) => Code::Unavailable,
             Error::MissingToken(_) | Error::Token(_) => Code::Unauthenticated,
-            Error::Denied { .. } | Error::UnboundCaller { .. } => Code::PermissionDenied,
+            Error::Denied { .. } | Error::UnboundCaller { .. } | Error::GateDenied { .. } => {
+                Code::PermissionDenied
+            }
             Error::InvalidRequest(_) => Code::InvalidArgument,
             Error::Handle(crate::handle::HandleError::Invalid(_)) => Code::InvalidArgument,
             Error::Handle(crate::handle::HandleError::NotYours(_)) => Code::PermissionDenied,

@@ -212,21 +212,23 @@ async fn poll(
         // a long refreshInterval must not leave an outage unnoticed for hours.
         let mut failed = false;
         match vault.kv2_version(&source).await {
-            Ok(version) if known != Some(version) => match vault.read_kv2(&source, None).await {
-                Ok(secret) => {
-                    tracing::debug!(mount = %source.mount, path = %source.path, version = secret.version, "KV secret changed");
-                    known = Some(secret.version);
-                    sender.send_replace(Some(Fed {
-                        secret: Arc::new(secret),
-                        freshness: Freshness::now(),
-                    }));
+            Ok(version) if known != Some(version) => {
+                match vault.read_kv2(&source, None, None).await {
+                    Ok(secret) => {
+                        tracing::debug!(mount = %source.mount, path = %source.path, version = secret.version, "KV secret changed");
+                        known = Some(secret.version);
+                        sender.send_replace(Some(Fed {
+                            secret: Arc::new(secret),
+                            freshness: Freshness::now(),
+                        }));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "reading a changed KV secret failed; will retry");
+                        sender.send_if_modified(went_stale);
+                        failed = true;
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "reading a changed KV secret failed; will retry");
-                    sender.send_if_modified(went_stale);
-                    failed = true;
-                }
-            },
+            }
             Ok(_) => {
                 sender.send_if_modified(confirmed);
             }

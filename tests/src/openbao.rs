@@ -306,6 +306,18 @@ path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", 
     /// Enables JWT auth at `jwt/` trusting the key in `signing_key_pem`, with
     /// role `tessera-broker` bound to that service account and audience `vault`.
     pub fn broker_jwt_role(&self, signing_key_pem: &str) {
+        self.enable_jwt_auth(signing_key_pem);
+        self.pod_jwt_role(
+            "tessera-broker",
+            "system:serviceaccount:tessera:tessera-broker",
+            "vault",
+            "tessera-broker",
+        );
+    }
+
+    /// Enables JWT auth at `jwt/` trusting the dev issuer's key in
+    /// `signing_key_pem` (the key the broker's tokens are signed with).
+    pub fn enable_jwt_auth(&self, signing_key_pem: &str) {
         let public = rcgen::KeyPair::from_pem(signing_key_pem)
             .expect("the dev signing key")
             .public_key_pem();
@@ -319,14 +331,19 @@ path "tessera-leases/*" { capabilities = ["create", "read", "update", "delete", 
             &format!("jwt_validation_pubkeys=@{}", key_file.display()),
             &format!("bound_issuer={}", dev::DEFAULT_ISSUER),
         ]);
+    }
+
+    /// A JWT role `role` for tokens whose `sub` is `subject` and audience
+    /// `audience`, holding Vault policy `policy`.
+    pub fn pod_jwt_role(&self, role: &str, subject: &str, audience: &str, policy: &str) {
         self.cli(&[
             "write",
-            "auth/jwt/role/tessera-broker",
+            &format!("auth/jwt/role/{role}"),
             "role_type=jwt",
-            "bound_audiences=vault",
+            &format!("bound_audiences={audience}"),
             "user_claim=sub",
-            "bound_subject=system:serviceaccount:tessera:tessera-broker",
-            "token_policies=tessera-broker",
+            &format!("bound_subject={subject}"),
+            &format!("token_policies={policy}"),
             "token_ttl=1h",
         ]);
     }

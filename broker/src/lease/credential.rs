@@ -46,6 +46,9 @@ pub struct Caller {
     pub identity: Identity,
     /// The caller's address.
     pub peer: Option<String>,
+    /// The token it presented, for Vault's second gate (a login as the
+    /// pod); `None` for the broker's own sweeps.
+    pub bearer: Option<Secret>,
 }
 
 /// An audit event about `live`: every lease event carries the binding, its

@@ -33,9 +33,22 @@ impl Engine {
         if let Some(pod) = &pod {
             self.make_room(binding, pod, caller).await?;
         }
-        let minted = driver
-            .issue(self.context(&vault_stamp, pod_key), binding, identity)
-            .await?;
+        let gate = self.gate_token(binding, caller).await?;
+        let mut cx = self.context(&vault_stamp, pod_key);
+        cx.gate = gate.as_deref();
+        let minted = driver.issue(cx, binding, identity).await.map_err(|error| {
+            match (error, &binding.gate) {
+                // Vault refused the pod's own token: its policy, not the broker's.
+                (
+                    Error::Vault {
+                        source: VaultError::Denied(detail),
+                        ..
+                    },
+                    Some(gate_of),
+                ) if gate.is_some() => gate::gate_denied(binding, gate_of, detail),
+                (error, _) => error,
+            }
+        })?;
         let (mut live, values) = live_of(binding, minted);
         if !leased {
             let credential = credential::credential(&live, Some(values.fields()))?;
@@ -88,6 +101,7 @@ impl Engine {
             feeds: &self.feeds,
             stamp: vault_stamp,
             pod_key,
+            gate: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod credential;
 mod driver;
+mod gate;
 mod issue;
 mod ownership;
 mod resume;
@@ -167,6 +168,8 @@ pub struct Engine {
     /// credentials), waited for at shutdown.
     tasks: Spawner,
     shutdown: CancellationToken,
+    /// Pods' own Vault tokens, for bindings behind Vault's second gate.
+    pod_tokens: gate::PodTokens,
 }
 
 impl Engine {
@@ -197,6 +200,7 @@ impl Engine {
             metrics,
             tasks,
             shutdown,
+            pod_tokens: gate::PodTokens::default(),
         }
     }
 

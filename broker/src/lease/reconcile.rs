@@ -139,6 +139,7 @@ impl Reconciler {
                         let caller = Caller {
                             identity: record.identity(),
                             peer: None,
+                            bearer: None,
                         };
                         match self.engine.revoke_record(record, &caller, reason).await {
                             Ok(Revoked::Done) => swept.revoked += 1,
@@ -291,6 +292,7 @@ impl Reconciler {
             let caller = Caller {
                 identity: record.identity(),
                 peer: None,
+                bearer: None,
             };
             let _ = self.engine.revoke_record(record, &caller, reason).await;
         }

@@ -57,6 +57,15 @@ pub(super) struct BindingDoc {
     pub(super) refresh_interval: Option<Spanned<String>>,
     pub(super) output: Option<Spanned<OutputDoc>>,
     pub(super) callers: Option<Spanned<CallersDoc>>,
+    pub(super) vault_gate: Option<Spanned<GateDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct GateDoc {
+    pub(super) mount: String,
+    pub(super) role: String,
+    pub(super) namespace: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -164,6 +164,31 @@ pub struct Output {
     pub group: Option<u32>,
 }
 
+/// Vault as a second gate for a binding: the broker logs in at
+/// `auth/<mount>/login` with the pod's own service-account token as `role`
+/// (Vault's `jwt` or `kubernetes` method) and reads the source with that
+/// token, never its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultGate {
+    /// The auth method's mount, e.g. `jwt` or `kubernetes`.
+    pub mount: String,
+    /// The Vault role: a template of `pod`, `namespace`, `serviceAccount`
+    /// (e.g. `{{ namespace }}-{{ serviceAccount }}`).
+    pub role: String,
+    /// The Vault namespace of the auth method; the source's when absent.
+    pub namespace: Option<String>,
+}
+
+impl fmt::Display for VaultGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "auth/{} role `{}`", self.mount, self.role)?;
+        match &self.namespace {
+            Some(namespace) => write!(f, " in namespace {namespace}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A binding with its defaults applied and its limits checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Binding {
@@ -196,6 +221,9 @@ pub struct Binding {
     /// may have its leased credentials (`callers: { unbound: allow }`):
     /// nothing can revoke those with a pod, so by default they may not.
     pub allow_unbound: bool,
+    /// Vault as a second gate (`vaultGate`): the source is read with the
+    /// pod's own Vault token, so Vault's policy must allow it too.
+    pub gate: Option<VaultGate>,
     /// `file:line` of the binding.
     pub defined_at: String,
 }

@@ -101,6 +101,9 @@ pub struct Grant {
     pub refresh_interval: Option<String>,
     /// The files the sidecar writes.
     pub files: String,
+    /// Vault's second gate, when the binding has one: the pod must also
+    /// be allowed by Vault's policy for this role.
+    pub vault_gate: Option<String>,
 }
 
 impl Explanation {
@@ -131,6 +134,7 @@ impl Explanation {
                 renew_fraction_limits: [limits.min_renew_fraction, limits.max_renew_fraction],
                 refresh_interval: binding.refresh_interval.map(format_duration),
                 files: describe_output(binding),
+                vault_gate: binding.gate.as_ref().map(ToString::to_string),
             });
         }
         Self {
@@ -187,6 +191,12 @@ impl fmt::Display for Explanation {
                 writeln!(out, "  refresh         every {interval}")?;
             }
             writeln!(out, "  files           {}", grant.files)?;
+            if let Some(gate) = &grant.vault_gate {
+                writeln!(
+                    out,
+                    "  vault gate      {gate} (Vault's policy for the pod must allow it too)"
+                )?;
+            }
         }
         if self.granted.is_empty() {
             writeln!(
@@ -344,6 +354,12 @@ pub fn diff(old: &Policy, new: &Policy) -> Vec<Change> {
             describe_output(old_binding),
             describe_output(new_binding),
         );
+        let gate = |b: &Binding| {
+            b.gate
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), ToString::to_string)
+        };
+        change("vaultGate", gate(old_binding), gate(new_binding));
         let unbound = |b: &Binding| if b.allow_unbound { "allow" } else { "refuse" }.to_owned();
         change(
             "callers.unbound",

@@ -716,3 +716,42 @@ fn a_pod_made_key_is_checked_where_it_is_written() {
     let found = problems(&binding_with(ssh, "    ttl: 1m"));
     assert!(found[0].message.contains("floor 5m for ssh"), "{found:?}");
 }
+
+#[test]
+fn a_vault_gate_is_checked_explained_and_diffed() {
+    let kv = "kv2: { mount: secret, path: app }";
+    let gated = binding_with(
+        kv,
+        "    vaultGate: { mount: jwt, role: \"{{ namespace }}-{{ serviceAccount }}\" }",
+    );
+    let policy = Policy::parse(&gated, "p.yaml").unwrap();
+    let gate = policy.binding("app").unwrap().gate.clone().unwrap();
+    assert_eq!(
+        gate.to_string(),
+        "auth/jwt role `{{ namespace }}-{{ serviceAccount }}`"
+    );
+    let old = Policy::parse(&binding_with(kv, ""), "old.yaml").unwrap();
+    assert!(
+        report::diff(&old, &policy).contains(&report::Change::Setting {
+            binding: "app".to_owned(),
+            setting: "vaultGate".to_owned(),
+            from: "none".to_owned(),
+            to: gate.to_string(),
+        })
+    );
+    let found = problems(&binding_with(
+        kv,
+        "    vaultGate: { mount: \"../x\", role: \"{{ labels.a }}\" }",
+    ));
+    let messages: Vec<&str> = found.iter().map(|p| p.message.as_str()).collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("vaultGate mount `../x`")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("vaultGate role")),
+        "{messages:?}"
+    );
+}

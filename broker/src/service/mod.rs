@@ -110,15 +110,17 @@ impl BrokerService {
     /// identity on the current span. Refusals are audited.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let peer = request.remote_addr().map(|a| a.to_string());
-        let verified = match bearer(request) {
-            Ok(token) => self
-                .parts
-                .verifier
-                .verify(&token)
-                .instrument(tracing::info_span!("verify_token"))
-                .await
-                .map_err(Error::from),
-            Err(error) => Err(error),
+        let (verified, token) = match bearer(request) {
+            Ok(token) => (
+                self.parts
+                    .verifier
+                    .verify(&token)
+                    .instrument(tracing::info_span!("verify_token"))
+                    .await
+                    .map_err(Error::from),
+                Some(token),
+            ),
+            Err(error) => (Err(error), None),
         };
         let identity = verified.map_err(|error| {
             self.refuse(
@@ -136,7 +138,11 @@ impl BrokerService {
             let refused = Refused::new(Action::Authenticate, Some(&identity), peer);
             return Err(self.refuse(Error::RateLimited { retry_after }, refused));
         }
-        Ok(Caller { identity, peer })
+        Ok(Caller {
+            identity,
+            peer,
+            bearer: token,
+        })
     }
 
     /// The bindings named in a request, each granted to the caller, all from

@@ -30,6 +30,7 @@ impl Vault {
         &self,
         source: &Kv2Source,
         caller: Option<&str>,
+        token: Option<&Secret>,
     ) -> Result<KvSecret, VaultError> {
         let what = format!("{}/data/{}", source.mount, source.path);
         let endpoint = ReadSecretRequest::builder()
@@ -41,7 +42,7 @@ impl Vault {
             .exec(
                 endpoint,
                 &what,
-                Scope::new(caller, source.namespace.as_deref()),
+                Scope::new(caller, source.namespace.as_deref()).with_token(token),
             )
             .await?
             .data

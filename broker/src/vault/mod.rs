@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::secret::Secret;
 
+mod gate;
 pub mod kv1;
 mod kv2;
 pub mod leases;
@@ -29,6 +30,7 @@ mod login;
 mod path;
 mod sign;
 
+pub use gate::PodToken;
 pub use kv2::KvSecret;
 use login::Login;
 pub use path::PathAnswer;
@@ -158,6 +160,7 @@ struct Stamped<'a> {
     inner: &'a EndpointMiddleware,
     caller: Option<http::HeaderValue>,
     namespace: Option<http::HeaderValue>,
+    token: Option<http::HeaderValue>,
 }
 
 impl<'a> Stamped<'a> {
@@ -170,6 +173,11 @@ impl<'a> Stamped<'a> {
             namespace: scope
                 .namespace
                 .and_then(|ns| http::HeaderValue::from_str(ns).ok()),
+            token: scope.token.and_then(|token| {
+                let mut value = http::HeaderValue::from_bytes(token.expose_secret()).ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            }),
         }
     }
 }
@@ -184,12 +192,24 @@ pub struct Scope<'a> {
     pub caller: Option<&'a str>,
     /// The full path of the namespace the request is for, e.g. `team-a`.
     pub namespace: Option<&'a str>,
+    /// A token to send instead of the broker's: a pod's own, from Vault's
+    /// second gate (its refusal then says nothing of the broker's login).
+    pub token: Option<&'a Secret>,
 }
 
 impl<'a> Scope<'a> {
     /// A request for `caller` in `namespace`.
     pub fn new(caller: Option<&'a str>, namespace: Option<&'a str>) -> Self {
-        Self { caller, namespace }
+        Self {
+            caller,
+            namespace,
+            token: None,
+        }
+    }
+
+    /// This scope, sending `token` instead of the broker's.
+    pub fn with_token(self, token: Option<&'a Secret>) -> Self {
+        Self { token, ..self }
     }
 }
 
@@ -206,6 +226,9 @@ impl MiddleWare for Stamped<'_> {
         if let Some(namespace) = &self.namespace {
             req.headers_mut()
                 .insert("X-Vault-Namespace", namespace.clone());
+        }
+        if let Some(token) = &self.token {
+            req.headers_mut().insert("X-Vault-Token", token.clone());
         }
         Ok(())
     }
@@ -411,6 +434,8 @@ impl Vault {
                 self.answered();
                 Ok(result)
             }
+            // A pod's token refused is no reason to log the broker in again.
+            Err(e) if scope.token.is_some() => Err(VaultError::from_client(what, e)),
             Err(e) => Err(self.failed(what, e).await),
         }
     }

@@ -15,6 +15,7 @@ mod delivery;
 mod docs;
 mod drift;
 mod exec;
+mod gate;
 mod hardening;
 mod hardening_round3;
 mod in_cluster;

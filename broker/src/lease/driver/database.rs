@@ -35,11 +35,7 @@ impl Driver for Database {
             };
             let leased = cx
                 .vault
-                .database_creds(
-                    &db.mount,
-                    &db.role,
-                    Scope::new(Some(cx.stamp), db.namespace.as_deref()),
-                )
+                .database_creds(&db.mount, &db.role, cx.scope(db.namespace.as_deref()))
                 .await
                 .map_err(vault_error(binding))?;
             let lease = LeaseId::new(leased.lease_id);

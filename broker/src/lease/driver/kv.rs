@@ -30,12 +30,14 @@ impl Driver for Kv {
             let Source::Kv2(kv) = &binding.source else {
                 return Err(wrong_kind(binding, "kv2"));
             };
-            let fed = match cx.feeds.latest(kv) {
+            // Behind the second gate every delivery is read with the pod's
+            // own token: never from the feed the broker reads with its own.
+            let fed = match cx.feeds.latest(kv).filter(|_| cx.gate.is_none()) {
                 Some(fed) => fed,
                 None => Fed {
                     secret: Arc::new(
                         cx.vault
-                            .read_kv2(kv, Some(cx.stamp))
+                            .read_kv2(kv, Some(cx.stamp), cx.gate)
                             .await
                             .map_err(vault_error(binding))?,
                     ),

@@ -30,14 +30,25 @@ use crate::{
 pub(super) use kv::kv_credential_parts;
 
 /// What a driver may use: Vault, the KV feeds, the stamp naming the caller
-/// in Vault's audit log, and the public part of the key the pod made, for a
-/// binding whose key stays in the pod.
+/// in Vault's audit log, the public part of the key the pod made (for a
+/// binding whose key stays in the pod), and the pod's own Vault token (for
+/// a binding behind Vault's second gate: every read uses it, none the
+/// broker's).
 #[derive(Clone, Copy)]
 pub(super) struct Context<'a> {
     pub vault: &'a Vault,
     pub feeds: &'a Feeds,
     pub stamp: &'a str,
     pub pod_key: Option<&'a str>,
+    pub gate: Option<&'a Secret>,
+}
+
+impl<'a> Context<'a> {
+    /// A request for the caller in `namespace`, with the pod's own token
+    /// when the binding is behind the second gate.
+    pub(super) fn scope(&self, namespace: Option<&'a str>) -> Scope<'a> {
+        Scope::new(Some(self.stamp), namespace).with_token(self.gate)
+    }
 }
 
 /// A credential's values as the source delivered them: its own, or the KV

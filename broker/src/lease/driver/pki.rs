@@ -40,7 +40,7 @@ impl Driver for Pki {
                 binding: binding.name.clone(),
                 problem: RenderError::Missing(field),
             })?;
-            let scope = Scope::new(Some(cx.stamp), pki.namespace.as_deref());
+            let scope = cx.scope(pki.namespace.as_deref());
             let issued = match pki.key {
                 KeyMaker::Vault => {
                     cx.vault

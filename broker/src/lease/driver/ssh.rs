@@ -16,7 +16,7 @@ use crate::{
     identity::Identity,
     lease::{credential::identity_names, records::RecordKind},
     policy::{Binding, RenderError, Source},
-    vault::{Scope, SshSigning},
+    vault::SshSigning,
 };
 
 /// The SSH driver.
@@ -45,7 +45,7 @@ impl Driver for Ssh {
                 extensions: &ssh.extensions,
                 ttl: binding.ttl,
             };
-            let scope = Scope::new(Some(cx.stamp), ssh.namespace.as_deref());
+            let scope = cx.scope(ssh.namespace.as_deref());
             let issued = cx
                 .vault
                 .ssh_sign(&ssh.mount, &ssh.role, &signing, scope)

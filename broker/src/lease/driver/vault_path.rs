@@ -20,7 +20,6 @@ use crate::{
     lease::records::RecordKind,
     policy::{Binding, RenderError, Source},
     secret::Secret,
-    vault::Scope,
 };
 
 /// The version of values read without a lease: the same for the same
@@ -68,7 +67,7 @@ impl Driver for VaultPath {
                 .call_path(
                     &source.path,
                     source.write.then_some(&source.data),
-                    Scope::new(Some(cx.stamp), source.namespace.as_deref()),
+                    cx.scope(source.namespace.as_deref()),
                 )
                 .await
                 .map_err(vault_error(binding))?;

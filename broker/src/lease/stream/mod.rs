@@ -297,7 +297,23 @@ impl OpenStream {
         let version = fed.secret.version.to_string();
         let stale = fed.freshness.last_known_good;
         let engine = &self.shared.engine;
-        let (live, credential) = Engine::kv_credential(binding, fed);
+        let (mut live, mut credential) = Engine::kv_credential(binding, fed);
+        // Behind the second gate the new version is read with the pod's own
+        // token (the feed only said it changed); Vault may refuse it.
+        if binding.gate.is_some()
+            && self
+                .kv_sent
+                .get(&binding.name)
+                .is_none_or(|(sent, _)| *sent != version)
+        {
+            credential = match engine.issue(binding, &self.caller, None).await {
+                Ok((read, pushed)) => {
+                    live = read;
+                    Ok(pushed)
+                }
+                Err(error) => Err(error),
+            };
+        }
         match self.kv_sent.get(&binding.name) {
             Some((sent, was_stale)) if *sent == version => {
                 if *was_stale == stale {
@@ -417,7 +433,8 @@ impl OpenStream {
     /// (when the broker can see pods). Otherwise the reconciler revokes them
     /// once the pod is gone or completed, or they expire by their TTL.
     async fn closed(&mut self) {
-        if self.leased.is_empty() {
+        let gated = self.bindings.iter().any(|b| b.gate.is_some());
+        if self.leased.is_empty() && !gated {
             return;
         }
         let reason = match self.shared.verifier.pod_life(&self.caller.identity).await {
@@ -430,6 +447,12 @@ impl OpenStream {
                 .shared
                 .engine
                 .revoke(&pending.live, &self.caller, reason)
+                .await;
+        }
+        if gated {
+            self.shared
+                .engine
+                .end_pod_tokens(&self.caller.identity)
                 .await;
         }
     }

@@ -81,6 +81,7 @@ fn open_streams_are_counted_per_pod_and_leased_binding_and_released() {
     let caller = Caller {
         identity: orders(),
         peer: None,
+        bearer: None,
     };
     let bindings = granted(&policy("1h", true));
     let mut held = Vec::new();

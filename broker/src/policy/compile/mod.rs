@@ -37,6 +37,7 @@ pub(super) fn compile_binding(
     let timing = timing::compile_timing(file, raw, &name, &source, limits, defaults, problems);
     let output = output::compile_output(file, raw, &name, &source, defaults, problems);
     let allow_unbound = compile_callers(file, raw, &name, &source, problems);
+    let gate = compile_gate(file, raw, &name, problems);
     (problems.len() == before).then(|| Binding {
         defined_at: format!("{file}:{}", raw.name.referenced.line()),
         name,
@@ -51,6 +52,63 @@ pub(super) fn compile_binding(
         overlap: timing.overlap,
         refresh_interval: timing.refresh_interval,
         output,
+        gate,
+    })
+}
+
+/// `vaultGate: { mount, role, namespace }`: checked like a source's names.
+fn compile_gate(
+    file: &str,
+    raw: &BindingDoc,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<super::VaultGate> {
+    let doc = raw.vault_gate.as_ref()?;
+    let gate = &doc.value;
+    let mut problem = |message: String| {
+        problems.push(at(
+            file,
+            doc,
+            format!("binding `{name}`: vaultGate {message}"),
+        ));
+    };
+    if gate.mount.is_empty()
+        || gate
+            .mount
+            .split('/')
+            .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    {
+        problem(format!(
+            "mount `{}` must be an auth mount path like `jwt` or `kubernetes`",
+            gate.mount
+        ));
+    }
+    match super::render::Template::parse(&gate.role) {
+        Ok(role) => {
+            if let Some(bad) = role.fields().find(|f| !super::PKI_NAME_FIELDS.contains(f)) {
+                problem(format!(
+                    "role `{}` uses `{bad}` (use {})",
+                    gate.role,
+                    super::PKI_NAME_FIELDS.join(", ")
+                ));
+            }
+        }
+        Err(error) => problem(format!("role `{}`: {error}", gate.role)),
+    }
+    if gate.role.is_empty() {
+        problem("needs a `role`".to_owned());
+    }
+    if let Some(namespace) = &gate.namespace
+        && !super::is_namespace_path(namespace)
+    {
+        problem(format!(
+            "namespace `{namespace}` is not a namespace path like `team-a`"
+        ));
+    }
+    Some(super::VaultGate {
+        mount: gate.mount.clone(),
+        role: gate.role.clone(),
+        namespace: gate.namespace.clone(),
     })
 }
 
