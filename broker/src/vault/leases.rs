@@ -94,6 +94,31 @@ pub struct Issued {
     pub fields: std::collections::BTreeMap<String, Secret>,
 }
 
+impl Issued {
+    /// A certificate as Vault's PKI answered, issued now: its `certificate`
+    /// and issuing `ca` (the two PEM texts, in that order) and its `chain`
+    /// joined; no private key.
+    pub(super) fn certificate(
+        serial: String,
+        not_after: SystemTime,
+        [certificate, ca]: [String; 2],
+        chain: Option<Vec<String>>,
+    ) -> Self {
+        let chain = chain.unwrap_or_default().join("\n");
+        Self {
+            serial,
+            not_after,
+            issued: SystemTime::now(),
+            fields: [
+                ("certificate".to_owned(), Secret::from(certificate)),
+                ("ca".to_owned(), Secret::from(ca)),
+                ("chain".to_owned(), Secret::from(chain)),
+            ]
+            .into(),
+        }
+    }
+}
+
 impl Vault {
     /// New dynamic database credentials from `mount/creds/role`, keeping the lease.
     ///
@@ -172,19 +197,16 @@ impl Vault {
                 what: what.clone(),
                 detail: "no expiration".to_owned(),
             })?;
-        let chain = data.ca_chain.unwrap_or_default().join("\n");
-        Ok(Issued {
-            serial: data.serial_number,
+        let mut issued = Issued::certificate(
+            data.serial_number,
             not_after,
-            issued: SystemTime::now(),
-            fields: [
-                ("certificate".to_owned(), Secret::from(data.certificate)),
-                ("private_key".to_owned(), Secret::from(data.private_key)),
-                ("ca".to_owned(), Secret::from(data.issuing_ca)),
-                ("chain".to_owned(), Secret::from(chain)),
-            ]
-            .into(),
-        })
+            [data.certificate, data.issuing_ca],
+            data.ca_chain,
+        );
+        issued
+            .fields
+            .insert("private_key".to_owned(), Secret::from(data.private_key));
+        Ok(issued)
     }
 
     /// The ids of the live leases directly under `prefix` (ending in `/`,

@@ -113,18 +113,12 @@ impl Vault {
             .await?
             .data
             .ok_or_else(|| unexpected(&what, "no certificate in the answer"))?;
-        let chain = data.ca_chain.unwrap_or_default().join("\n");
-        Ok(Issued {
-            serial: data.serial_number,
-            not_after: crate::clock::from_unix(data.expiration),
-            issued: SystemTime::now(),
-            fields: [
-                ("certificate".to_owned(), Secret::from(data.certificate)),
-                ("ca".to_owned(), Secret::from(data.issuing_ca)),
-                ("chain".to_owned(), Secret::from(chain)),
-            ]
-            .into(),
-        })
+        Ok(Issued::certificate(
+            data.serial_number,
+            crate::clock::from_unix(data.expiration),
+            [data.certificate, data.issuing_ca],
+            data.ca_chain,
+        ))
     }
 }
 
