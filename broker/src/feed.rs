@@ -9,10 +9,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    membership::Peers,
     policy::{Kv2Source, Source, store::PolicyStore},
     tasks::Spawner,
     vault::{KvSecret, Vault},
@@ -69,6 +70,12 @@ pub struct Feeds {
     /// Poll intervals by source: the shortest of the policy's bindings
     /// (`refreshInterval`, else the default).
     intervals: Arc<Mutex<HashMap<Kv2Source, Duration>>>,
+    /// The cluster this replica shares the polling with; alone when `None`.
+    peers: Option<Arc<Peers>>,
+    /// Each change this replica read from Vault, for its peers.
+    changes: broadcast::Sender<(Kv2Source, Fed)>,
+    /// Copies peers sent for sources this replica has no feed of yet.
+    pending: Mutex<HashMap<Kv2Source, Fed>>,
 }
 
 impl Feeds {
@@ -88,7 +95,63 @@ impl Feeds {
             senders: Arc::default(),
             warm: Mutex::default(),
             intervals: Arc::default(),
+            peers: None,
+            changes: broadcast::channel(CHANGES_BUFFER).0,
+            pending: Mutex::default(),
         }
+    }
+
+    /// These feeds, sharing the polling with `peers`: a source is read from
+    /// Vault only while this replica owns it; the others' copies come from
+    /// their owners ([`Feeds::offer`]).
+    #[must_use]
+    pub fn shared_with(mut self, peers: Arc<Peers>) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// A copy a peer holds of `source`: taken when it is newer than this
+    /// replica's, or the same version with news of its freshness.
+    pub fn offer(&self, source: Kv2Source, fed: Fed) {
+        let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sender) = senders.get(&source) else {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let newer = pending
+                .get(&source)
+                .is_none_or(|held| held.secret.version <= fed.secret.version);
+            if newer {
+                pending.insert(source, fed);
+            }
+            return;
+        };
+        sender.send_if_modified(|latest| match latest {
+            Some(held) if held.secret.version > fed.secret.version => false,
+            Some(held) if held.secret.version == fed.secret.version => {
+                let news = held.freshness.last_known_good != fed.freshness.last_known_good;
+                held.freshness = fed.freshness;
+                news
+            }
+            _ => {
+                *latest = Some(fed);
+                true
+            }
+        });
+    }
+
+    /// Every source's last good read this replica holds, for a peer that
+    /// starts following it.
+    pub fn copies(&self) -> Vec<(Kv2Source, Fed)> {
+        let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        senders
+            .iter()
+            .filter_map(|(source, sender)| Some((source.clone(), sender.borrow().clone()?)))
+            .collect()
+    }
+
+    /// The changes this replica reads from Vault from now on (a new
+    /// version, or its check failing), for a peer following it.
+    pub fn changes(&self) -> broadcast::Receiver<(Kv2Source, Fed)> {
+        self.changes.subscribe()
     }
 
     /// Keeps a poller on each of `sources` (and stops keeping the others),
@@ -137,15 +200,24 @@ impl Feeds {
         if let Some(sender) = senders.get(source) {
             return sender.subscribe();
         }
-        let (sender, receiver) = watch::channel(None);
+        let seed = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(source);
+        let (sender, receiver) = watch::channel(seed);
         senders.insert(source.clone(), sender.clone());
         self.pollers.spawn(poll(
             self.vault.clone(),
             source.clone(),
-            sender,
-            Interval {
-                default: self.interval,
-                set: self.intervals.clone(),
+            Poller {
+                sender,
+                interval: Interval {
+                    default: self.interval,
+                    set: self.intervals.clone(),
+                },
+                peers: self.peers.clone(),
+                changes: self.changes.clone(),
             },
             self.shutdown.clone(),
             self.senders.clone(),
@@ -189,15 +261,31 @@ impl Interval {
     }
 }
 
+/// What a poller keeps besides its source: where it publishes, how often
+/// it reads, and with whom it shares the reading.
+struct Poller {
+    sender: watch::Sender<Latest>,
+    interval: Interval,
+    peers: Option<Arc<Peers>>,
+    changes: broadcast::Sender<(Kv2Source, Fed)>,
+}
+
 async fn poll(
     vault: Arc<Vault>,
     source: Kv2Source,
-    sender: watch::Sender<Latest>,
-    interval: Interval,
+    poller: Poller,
     shutdown: CancellationToken,
     senders: Arc<Mutex<HashMap<Kv2Source, watch::Sender<Latest>>>>,
 ) {
+    let Poller {
+        sender,
+        interval,
+        peers,
+        changes,
+    } = poller;
+    let key = crate::membership::source_key(&source);
     let mut known: Option<u64> = None;
+    let mut owned = true;
     loop {
         // Stop when nobody listens; decided under the lock that subscribe takes,
         // so a new subscriber either finds this sender or starts a new poller.
@@ -208,6 +296,21 @@ async fn poll(
                 return;
             }
         }
+        // Another live replica reads it for the cluster: its copies come by
+        // the peer channel, and this one looks again shortly (its owner may go).
+        if peers.as_ref().is_some_and(|peers| !peers.owns(&key)) {
+            owned = false;
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(OWNERSHIP_CHECK) => {}
+            }
+            continue;
+        }
+        if !owned {
+            owned = true;
+            known = sender.borrow().as_ref().map(|fed| fed.secret.version);
+            tracing::info!(mount = %source.mount, path = %source.path, "this replica now reads the KV secret for the cluster");
+        }
         // A failed check is retried at the default interval at the latest:
         // a long refreshInterval must not leave an outage unnoticed for hours.
         let mut failed = false;
@@ -217,14 +320,16 @@ async fn poll(
                     Ok(secret) => {
                         tracing::debug!(mount = %source.mount, path = %source.path, version = secret.version, "KV secret changed");
                         known = Some(secret.version);
-                        sender.send_replace(Some(Fed {
+                        let fed = Fed {
                             secret: Arc::new(secret),
                             freshness: Freshness::now(),
-                        }));
+                        };
+                        sender.send_replace(Some(fed.clone()));
+                        let _ = changes.send((source.clone(), fed));
                     }
                     Err(error) => {
                         tracing::warn!(%error, "reading a changed KV secret failed; will retry");
-                        sender.send_if_modified(went_stale);
+                        stale(&sender, &changes, &source);
                         failed = true;
                     }
                 }
@@ -234,7 +339,7 @@ async fn poll(
             }
             Err(error) => {
                 tracing::warn!(%error, "polling a KV secret's version failed; will retry");
-                sender.send_if_modified(went_stale);
+                stale(&sender, &changes, &source);
                 failed = true;
             }
         }
@@ -250,6 +355,26 @@ async fn poll(
         }
     }
 }
+
+/// Vault did not answer a check: the held version turns last-known-good,
+/// and the peers hear of it.
+fn stale(
+    sender: &watch::Sender<Latest>,
+    changes: &broadcast::Sender<(Kv2Source, Fed)>,
+    source: &Kv2Source,
+) {
+    if sender.send_if_modified(went_stale)
+        && let Some(fed) = sender.borrow().clone()
+    {
+        let _ = changes.send((source.clone(), fed));
+    }
+}
+
+/// How often a replica that does not own a source looks whether it does now.
+const OWNERSHIP_CHECK: Duration = Duration::from_secs(1);
+
+/// Changes kept for a slow peer before it must take every copy again.
+const CHANGES_BUFFER: usize = 1024;
 
 /// Vault confirmed the held version: stamps it, and wakes the subscribers
 /// only when it had gone stale.

@@ -20,7 +20,9 @@ pub mod identity;
 pub mod lease;
 pub mod lease_id;
 pub mod listener;
+pub mod membership;
 pub mod metrics;
+pub mod peers;
 pub mod policy;
 pub mod ratelimit;
 mod running;
@@ -102,6 +104,8 @@ pub struct Prepared {
     reconciler: Arc<lease::reconcile::Reconciler>,
     service: BrokerService,
     webhook: Option<webhook::Server>,
+    feeds: Arc<Feeds>,
+    peers: Option<Arc<peers::Peers>>,
 }
 
 /// The ports the broker serves, bound by the caller.
@@ -112,6 +116,8 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// The admission webhook, when configured.
     pub webhook: Option<std::net::TcpListener>,
+    /// The peer channel, when `peers:` is configured.
+    pub peers: Option<TcpListener>,
 }
 
 /// Health service name that reports whether the last policy reload worked.
@@ -222,12 +228,20 @@ pub async fn prepare(
     );
     let metrics = Arc::new(metrics::Metrics::new());
     let vault = Arc::new(Vault::new(config.vault.clone(), metrics.clone())?);
-    let feeds = Arc::new(Feeds::new(
+    let peers = config
+        .peers
+        .as_ref()
+        .map(|settings| Arc::new(peers::Peers::new(settings.advertise.clone())));
+    let feeds = Feeds::new(
         vault.clone(),
         config.kv_poll_interval,
         tasks.spawner(),
         shutdown.clone(),
-    ));
+    );
+    let feeds = Arc::new(match &peers {
+        Some(peers) => feeds.shared_with(peers.clone()),
+        None => feeds,
+    });
     let webhook = match &config.webhook {
         None => None,
         Some(settings) => {
@@ -311,7 +325,7 @@ pub async fn prepare(
         verifier,
         policy: policy.clone(),
         engine,
-        feeds,
+        feeds: feeds.clone(),
         limiter,
         shutdown: shutdown.clone(),
         streams: tasks.spawner(),
@@ -326,6 +340,8 @@ pub async fn prepare(
         reconciler,
         service,
         webhook,
+        feeds,
+        peers,
     })
 }
 

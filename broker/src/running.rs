@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Listeners, POLICY_HEALTH_SERVICE, Prepared, StartError, VAULT_HEALTH_SERVICE, listener,
-    metrics, policy::store::PolicyStore, service, tasks, tasks::Tasks, tls, vault::Vault,
+    metrics, peers, policy::store::PolicyStore, service, tasks, tasks::Tasks, tls, vault::Vault,
 };
 
 /// The broker, running: its tasks, watched and drained.
@@ -73,6 +73,33 @@ pub fn spawn(mut prepared: Prepared, listeners: Listeners, shutdown: Cancellatio
         tasks.add_fallible(
             "webhook server",
             webhook.serve(listener, limits, shutdown.clone()),
+        );
+    }
+    if let (Some(listener), Some(settings), Some(peers)) = (
+        listeners.peers,
+        prepared.config.peers.clone(),
+        prepared.peers.clone(),
+    ) {
+        let limits = prepared.config.connections;
+        tasks.add_fallible(
+            "peer server",
+            peers::serve_peers(
+                listener,
+                settings.clone(),
+                prepared.feeds.clone(),
+                (limits, tasks.spawner()),
+                shutdown.clone(),
+            ),
+        );
+        tasks.add_fallible(
+            "peer followers",
+            peers::follow_peers(
+                settings,
+                peers,
+                prepared.feeds.clone(),
+                tasks.spawner(),
+                shutdown.clone(),
+            ),
         );
     }
     let handshakes = tasks.spawner();

@@ -16,7 +16,7 @@ use tonic::{
 };
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-use crate::v1;
+use crate::{peer, v1};
 
 /// What a message that does not parse becomes.
 pub trait ParseFailure {
@@ -32,6 +32,8 @@ macro_rules! parse_failure {
 
 parse_failure!(Code::InvalidArgument => v1::WhoAmIRequest, v1::FetchRequest, v1::WatchRequest, v1::RevokeRequest);
 parse_failure!(Code::Internal => v1::WhoAmIResponse, v1::FetchResponse, v1::WatchResponse, v1::RevokeResponse);
+parse_failure!(Code::InvalidArgument => peer::v1::FollowRequest);
+parse_failure!(Code::Internal => peer::v1::KvCopy);
 
 /// prost's codec with [`ParseFailure`] codes.
 #[derive(Debug, Clone, Default)]

@@ -16,6 +16,28 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tessera.v1.rs"));
 }
 
+/// Between broker replicas only (not part of the public API): the copies
+/// of KV secrets one replica reads from Vault for the others.
+pub mod peer {
+    /// `tessera.peer.v1`.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, unused_qualifications)]
+        include!(concat!(env!("OUT_DIR"), "/tessera.peer.v1.rs"));
+    }
+}
+
+impl std::fmt::Debug for peer::v1::KvCopy {
+    /// Values are secrets: only the source, the version and field names.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCopy")
+            .field("source", &self.source)
+            .field("version", &self.version)
+            .field("fields", &self.fields.keys().collect::<Vec<_>>())
+            .field("last_known_good", &self.last_known_good)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for v1::Credential {
     /// Field values are secrets: only their names and lengths are shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -48,6 +48,34 @@ pub struct BrokerConfig {
     /// Memory locking; the broker's default when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryConfig>,
+    /// The replicas it shares the reading of Vault with; alone when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers: Option<PeersConfig>,
+}
+
+/// `peers:`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeersConfig {
+    /// Where the peer channel listens.
+    pub listen: String,
+    /// This replica's peer address.
+    pub advertise: String,
+    /// Every replica's peer address.
+    pub addresses: Vec<String>,
+    /// The peer certificate and CA.
+    pub tls: PeerTlsConfig,
+}
+
+/// `peers.tls:`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerTlsConfig {
+    /// PEM chain.
+    pub cert_file: String,
+    /// PEM key.
+    pub key_file: String,
+    /// The peer CA.
+    pub ca_file: String,
 }
 
 /// `cluster:`.

@@ -600,6 +600,11 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Its log file's name in the environment's directory.
+    pub fn log_name(&self) -> &str {
+        &self.log
+    }
+
     /// `http://ADDR` of its admin endpoints (`/metrics`).
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.config.admin.listen)
@@ -843,6 +848,7 @@ fn broker_config(
         }),
         connections: None,
         memory: None,
+        peers: None,
     }
 }
 

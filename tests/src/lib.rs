@@ -25,6 +25,7 @@ pub mod kubernetes;
 mod node;
 mod openbao;
 pub mod otlp;
+mod peers;
 mod postgres;
 mod proc;
 mod sshd;
@@ -32,6 +33,7 @@ mod sshd;
 pub use balancer::Balancer;
 pub use config::{
     BrokerConfig, ClusterConfig, ConnectionsConfig, IdentitySource, KubernetesConfig, MemoryConfig,
+    PeerTlsConfig, PeersConfig,
 };
 pub use databases::{MariaDb, RabbitMq, Redis};
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, TEST_CLUSTER, pod_uid};
@@ -39,6 +41,7 @@ pub use http::{http_get, https_post};
 pub use kubernetes::Cluster;
 pub use node::{NODE, NodeAgent};
 pub use openbao::OpenBao;
+pub use peers::{CertFiles, PeerPki, peer_addresses};
 pub use postgres::Postgres;
 pub use proc::Proc;
 pub use sshd::Sshd;

@@ -43,6 +43,7 @@ pub fn serve(
         let listen = config.listen;
         let admin_listen = config.admin_listen;
         let webhook_listen = config.webhook.as_ref().map(|w| w.listen);
+        let peer_listen = config.peers.as_ref().map(|p| p.listen);
         let prepared = match tessera_broker::prepare(config, &shutdown).await {
             Ok(prepared) => prepared,
             Err(error) => {
@@ -72,10 +73,19 @@ pub fn serve(
             }
             None => None,
         };
+        let peers = match peer_listen {
+            Some(address) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding the peer address {address}"))?,
+            ),
+            None => None,
+        };
         let listeners = tessera_broker::Listeners {
             grpc,
             admin,
             webhook,
+            peers,
         };
         let mut running = tessera_broker::spawn(prepared, listeners, shutdown.clone());
         // A server or loop that ends before shutdown stops the broker, so

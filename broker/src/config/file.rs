@@ -32,6 +32,26 @@ pub(super) struct File {
     pub(super) webhook: Option<webhook::WebhookFile>,
     pub(super) bootstrap: Option<BootstrapFile>,
     pub(super) cluster: Option<ClusterFile>,
+    pub(super) peers: Option<PeersFile>,
+}
+
+/// `peers:`: the replicas that share the reading of Vault.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct PeersFile {
+    pub(super) listen: SocketAddr,
+    pub(super) advertise: String,
+    pub(super) addresses: Vec<String>,
+    pub(super) tls: PeerTlsFile,
+}
+
+/// `peers.tls:`: the peer certificate and the CA that signs them all.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct PeerTlsFile {
+    pub(super) cert_file: PathBuf,
+    pub(super) key_file: PathBuf,
+    pub(super) ca_file: PathBuf,
 }
 
 #[derive(Deserialize)]

@@ -115,6 +115,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The admission webhook; not served when absent.
     pub webhook: Option<webhook::Settings>,
+    /// The replicas this one shares the reading of Vault with (`peers:`);
+    /// alone when absent.
+    pub peers: Option<crate::peers::PeerSettings>,
     /// Limits on each listener's connections.
     pub connections: ConnectionLimits,
     /// Whether to lock memory where allowed (`memory.lock`).
@@ -261,6 +264,22 @@ impl Config {
             })
             .transpose()
             .map_err(error)?;
+        let peers = file.peers.map(|peers| crate::peers::PeerSettings {
+            listen: peers.listen,
+            advertise: peers.advertise,
+            addresses: peers.addresses,
+            cert: resolve(peers.tls.cert_file),
+            key: resolve(peers.tls.key_file),
+            ca: resolve(peers.tls.ca_file),
+        });
+        if let Some(peers) = &peers
+            && !peers.addresses.contains(&peers.advertise)
+        {
+            return Err(error(format!(
+                "peers.advertise `{}` is not in peers.addresses: list every replica's peer address, this one's too, so every replica computes the same owners",
+                peers.advertise
+            )));
+        }
         let audit = match file.audit.path.as_str() {
             "-" => AuditTarget::Stdout,
             path => AuditTarget::File(resolve(PathBuf::from(path))),
@@ -272,6 +291,7 @@ impl Config {
             listen: file.listen,
             tls,
             webhook,
+            peers,
             tls_reload_interval: file.tls.reload_interval,
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),

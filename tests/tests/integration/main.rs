@@ -27,6 +27,7 @@ mod memory;
 mod namespaces;
 mod observability;
 mod outage;
+mod peers;
 mod pod_keys;
 mod pod_shapes;
 mod policy;

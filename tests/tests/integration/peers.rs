@@ -1,0 +1,301 @@
+//! #25: replicas that cooperate. Three replicas follow each other over the
+//! peer channel (mutual TLS, the peer CA only); each KV secret is read from
+//! Vault by one of them, its owner by rendezvous hashing, which pushes
+//! changes to the others. When the owner is SIGKILLed a survivor takes the
+//! secret over; a caller without a peer certificate is refused on the
+//! channel; a replica started while OpenBao is down serves a new pod's KV
+//! binding from its peers' copies.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_broker::{
+    peers::{owner, source_key},
+    policy::Kv2Source,
+};
+use tessera_proto::{
+    peer::v1::{FollowRequest, peer_client::PeerClient},
+    v1::{FetchRequest, broker_client::BrokerClient},
+};
+use tessera_tests::{
+    CertFiles, Env, EnvOptions, PeerPki, Replica, field, http_get, peer_addresses, simple_policy,
+    wait_for,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn options() -> EnvOptions {
+    EnvOptions {
+        poll: "1s",
+        ..EnvOptions::default()
+    }
+}
+
+fn orders() -> Kv2Source {
+    Kv2Source {
+        mount: "secret".to_owned(),
+        path: "shop/orders".to_owned(),
+        keys: None,
+        namespace: None,
+    }
+}
+
+/// How many times `replica` has asked Vault for a KV secret's version.
+async fn version_checks(replica: &Replica) -> u64 {
+    let (_, metrics) = http_get(&format!("{}/metrics", replica.admin_url())).await;
+    metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("tessera_vault_request_duration_seconds_count")
+                && line.contains("ReadSecretMetadataRequest")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Which of `replicas` checked the secret's version over two seconds.
+async fn pollers(replicas: &[&Replica]) -> Vec<bool> {
+    let mut before = Vec::new();
+    for replica in replicas {
+        before.push(version_checks(replica).await);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut polled = Vec::new();
+    for (replica, before) in replicas.iter().zip(before) {
+        polled.push(version_checks(replica).await > before);
+    }
+    polled
+}
+
+/// Waits until `replica` logged that it follows `peers` live peers.
+async fn until_members(env: &Env, replica: &Replica, members: usize) {
+    let log = env.dir.path().join(replica.log_name());
+    let wanted = format!("members={members}");
+    wait_for(Duration::from_secs(20), "the peers to meet", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .rev()
+            .find(|l| l.contains("peer membership changed"))
+            .filter(|l| l.contains(&wanted))
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_owner_is_killed() {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        options(),
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v1" }))
+        .await;
+    let pki = PeerPki::new(env.dir.path());
+    let addresses = peer_addresses(3);
+    let mut replicas = Vec::new();
+    for (name, address) in ["a", "b", "c"].iter().zip(&addresses) {
+        replicas.push(env.start_peer(name, address, &addresses, &pki).await);
+    }
+    for replica in &replicas {
+        until_members(&env, replica, 3).await;
+    }
+    let key = source_key(&orders());
+    let first = owner(&addresses, &key).unwrap().clone();
+    let index = |address: &String| addresses.iter().position(|a| a == address).unwrap();
+    let owner_at = index(&first);
+    // One replica reads the secret for the cluster; the others do not.
+    let polled = pollers(&replicas.iter().collect::<Vec<_>>()).await;
+    let expected: Vec<bool> = (0..3).map(|i| i == owner_at).collect();
+    assert_eq!(
+        polled, expected,
+        "only the owner ({first}) checks the version"
+    );
+
+    // A pod on another replica gets a change the owner read and pushed.
+    let other = (owner_at + 1) % 3;
+    let out = env.tmpfs_out();
+    let token = env.token_file("shop", "orders");
+    let _sidecar = env.sidecar_run_at(&replicas[other].uri, &token, out.path(), &["app"]);
+    wait_for(Duration::from_secs(20), "v1", || {
+        field(out.path(), "app", "password").filter(|v| v == "v1")
+    })
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v2" }))
+        .await;
+    wait_for(Duration::from_secs(20), "v2 through the owner", || {
+        field(out.path(), "app", "password").filter(|v| v == "v2")
+    })
+    .await;
+
+    // The owner dies: a survivor takes the secret over within seconds.
+    replicas[owner_at].proc.kill();
+    let survivors: Vec<String> = addresses.iter().filter(|a| **a != first).cloned().collect();
+    let next = owner(&survivors, &key).unwrap().clone();
+    let next_at = index(&next);
+    for (i, replica) in replicas.iter().enumerate() {
+        if i != owner_at {
+            until_members(&env, replica, 2).await;
+        }
+    }
+    let alive: Vec<&Replica> = (0..3)
+        .filter(|i| *i != owner_at)
+        .map(|i| &replicas[i])
+        .collect();
+    let polled = pollers(&alive).await;
+    let expected: Vec<bool> = (0..3)
+        .filter(|i| *i != owner_at)
+        .map(|i| i == next_at)
+        .collect();
+    assert_eq!(polled, expected, "the survivor {next} checks it now");
+    env.bao
+        .put("shop/orders", &json!({ "password": "v3" }))
+        .await;
+    wait_for(Duration::from_secs(20), "v3 after the owner died", || {
+        field(out.path(), "app", "password").filter(|v| v == "v3")
+    })
+    .await;
+}
+
+/// Calls `Follow` on the peer channel at `address` with `identity` (none:
+/// no client certificate), trusting the peer CA; the first copy's version.
+async fn follow(address: &str, pki: &PeerPki, identity: Option<&CertFiles>) -> Result<u64, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).unwrap()))
+        .domain_name("tessera-peer");
+    if let Some(files) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&files.cert).unwrap(),
+            std::fs::read(&files.key).unwrap(),
+        ));
+    }
+    let channel = Endpoint::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut stream = PeerClient::new(channel)
+        .follow(FollowRequest {
+            replica: "test".to_owned(),
+        })
+        .await
+        .map_err(|e| format!("follow: {e}"))?
+        .into_inner();
+    let copy = stream
+        .message()
+        .await
+        .map_err(|e| format!("stream: {e}"))?
+        .ok_or("no copy")?;
+    Ok(copy.version)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_peer_channel_refuses_callers_without_a_peer_certificate() {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        options(),
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v1" }))
+        .await;
+    let pki = PeerPki::new(env.dir.path());
+    let addresses = peer_addresses(1);
+    let _replica = env.start_peer("a", &addresses[0], &addresses, &pki).await;
+    // A peer gets the copies (once the replica has read the secret).
+    let mut version = Err(String::new());
+    for _ in 0..40 {
+        version = follow(&addresses[0], &pki, Some(&pki.peer)).await;
+        if version.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(version, Ok(1));
+    // No certificate, or one of another CA (a pod's): refused.
+    let none = follow(&addresses[0], &pki, None).await.unwrap_err();
+    let foreign = follow(&addresses[0], &pki, Some(&pki.foreign))
+        .await
+        .unwrap_err();
+    for refused in [&none, &foreign] {
+        assert!(
+            !refused.contains("no copy"),
+            "refused before any copy: {refused}"
+        );
+    }
+    assert!(pki.foreign_ca.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_started_during_a_vault_outage_serves_a_new_pods_kv_binding_from_its_peers() {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        EnvOptions {
+            persistent_vault: true,
+            ..options()
+        },
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "kept" }))
+        .await;
+    let pki = PeerPki::new(env.dir.path());
+    let addresses = peer_addresses(3);
+    let a = env.start_peer("a", &addresses[0], &addresses, &pki).await;
+    let _b = env.start_peer("b", &addresses[1], &addresses, &pki).await;
+    until_members(&env, &a, 2).await;
+    // Both hold the secret (the owner read it, the other took its copy).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut env = env;
+    env.bao.kill();
+    let c = env.start_peer("c", &addresses[2], &addresses, &pki).await;
+    until_members(&env, &c, 3).await;
+    let token = env.token("shop", "orders");
+    let mut client = BrokerClient::new(env.channel_to(&c.uri).await);
+    let mut answer = None;
+    for _ in 0..40 {
+        let request = tessera_tests::with_token(
+            &token,
+            FetchRequest {
+                bindings: vec!["app".to_owned()],
+                ..Default::default()
+            },
+        );
+        match client.fetch(request).await {
+            Ok(served) => {
+                answer = Some(served.into_inner());
+                break;
+            }
+            Err(status) => eprintln!("not yet served: {status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let answer = answer.expect("C serves the binding from its peers' copies");
+    assert_eq!(answer.credentials[0].fields["password"], b"kept");
+    // The owner's next check fails; every replica then says the copy is
+    // last-known-good.
+    let mut stale = false;
+    for _ in 0..40 {
+        let request = tessera_tests::with_token(
+            &token,
+            FetchRequest {
+                bindings: vec!["app".to_owned()],
+                ..Default::default()
+            },
+        );
+        let answer = client.fetch(request).await.unwrap().into_inner();
+        assert_eq!(answer.credentials[0].fields["password"], b"kept");
+        if answer.credentials[0].last_known_good {
+            stale = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        stale,
+        "Vault is away: the answer says the copy is last-known-good"
+    );
+}
