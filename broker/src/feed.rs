@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -76,6 +76,47 @@ pub struct Feeds {
     changes: broadcast::Sender<(Kv2Source, Fed)>,
     /// Copies peers sent for sources this replica has no feed of yet.
     pending: Mutex<HashMap<Kv2Source, Fed>>,
+    /// What wakes each poller at once: Vault's change feed naming its secret.
+    nudges: Arc<Mutex<HashMap<Kv2Source, Arc<Notify>>>>,
+    /// Vault's change feed, when configured: while it is up, secrets are
+    /// polled only at its long backstop interval.
+    change_feed: Option<Arc<ChangeFeedState>>,
+}
+
+/// Whether Vault's change feed reaches this replica, and the polling it
+/// allows while it does.
+#[derive(Debug)]
+pub struct ChangeFeedState {
+    up: std::sync::atomic::AtomicBool,
+    changed: Notify,
+    /// The poll interval while the feed is up (a backstop, e.g. 5 minutes).
+    pub backstop: Duration,
+}
+
+impl ChangeFeedState {
+    /// A feed not heard from yet (down: the short interval applies).
+    pub fn new(backstop: Duration) -> Self {
+        Self {
+            up: std::sync::atomic::AtomicBool::new(false),
+            changed: Notify::new(),
+            backstop,
+        }
+    }
+
+    /// Whether the feed reaches this replica.
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records whether the feed reaches this replica; pollers waiting at the
+    /// other interval wake when it changes. Whether it changed.
+    pub fn set_up(&self, up: bool) -> bool {
+        let was = self.up.swap(up, std::sync::atomic::Ordering::Relaxed);
+        if was != up {
+            self.changed.notify_waiters();
+        }
+        was != up
+    }
 }
 
 impl Feeds {
@@ -98,7 +139,43 @@ impl Feeds {
             peers: None,
             changes: broadcast::channel(CHANGES_BUFFER).0,
             pending: Mutex::default(),
+            nudges: Arc::default(),
+            change_feed: None,
         }
+    }
+
+    /// These feeds, woken by Vault's change feed (`state`): while it is up
+    /// they poll only at its backstop interval.
+    #[must_use]
+    pub fn with_change_feed(mut self, state: Arc<ChangeFeedState>) -> Self {
+        self.change_feed = Some(state);
+        self
+    }
+
+    /// Wakes the pollers of every KV source that Vault request path
+    /// `request_path` writes or deletes (`<mount>/data/<path>`, `metadata`,
+    /// `delete`, `undelete`, `destroy`) in `namespace` (none: the broker's
+    /// own): Vault's change feed saw it. At most a re-read: the feed carries
+    /// no values. How many pollers were woken.
+    pub fn nudge(&self, request_path: &str, namespace: Option<&str>) -> usize {
+        const VERBS: [&str; 5] = ["data", "metadata", "delete", "undelete", "destroy"];
+        let nudges = self.nudges.lock().unwrap_or_else(|p| p.into_inner());
+        let mut woken = 0;
+        for (source, notify) in nudges.iter() {
+            let names = VERBS.iter().any(|verb| {
+                request_path
+                    .strip_prefix(source.mount.as_str())
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .and_then(|rest| rest.strip_prefix(verb))
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    == Some(source.path.as_str())
+            });
+            if names && source.namespace.as_deref() == namespace {
+                notify.notify_one();
+                woken += 1;
+            }
+        }
+        woken
     }
 
     /// These feeds, sharing the polling with `peers`: a source is read from
@@ -207,6 +284,11 @@ impl Feeds {
             .remove(source);
         let (sender, receiver) = watch::channel(seed);
         senders.insert(source.clone(), sender.clone());
+        let nudge = Arc::new(Notify::new());
+        self.nudges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(source.clone(), nudge.clone());
         self.pollers.spawn(poll(
             self.vault.clone(),
             source.clone(),
@@ -218,6 +300,9 @@ impl Feeds {
                 },
                 peers: self.peers.clone(),
                 changes: self.changes.clone(),
+                nudge,
+                nudges: self.nudges.clone(),
+                change_feed: self.change_feed.clone(),
             },
             self.shutdown.clone(),
             self.senders.clone(),
@@ -268,6 +353,9 @@ struct Poller {
     interval: Interval,
     peers: Option<Arc<Peers>>,
     changes: broadcast::Sender<(Kv2Source, Fed)>,
+    nudge: Arc<Notify>,
+    nudges: Arc<Mutex<HashMap<Kv2Source, Arc<Notify>>>>,
+    change_feed: Option<Arc<ChangeFeedState>>,
 }
 
 async fn poll(
@@ -282,10 +370,14 @@ async fn poll(
         interval,
         peers,
         changes,
+        nudge,
+        nudges,
+        change_feed,
     } = poller;
     let key = crate::membership::source_key(&source);
     let mut known: Option<u64> = None;
     let mut owned = true;
+    let mut nudged = false;
     loop {
         // Stop when nobody listens; decided under the lock that subscribe takes,
         // so a new subscriber either finds this sender or starts a new poller.
@@ -293,20 +385,26 @@ async fn poll(
             let mut map = senders.lock().unwrap_or_else(|p| p.into_inner());
             if sender.receiver_count() == 0 || shutdown.is_cancelled() {
                 map.remove(&source);
+                nudges
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&source);
                 return;
             }
         }
         // Another live replica reads it for the cluster: its copies come by
-        // the peer channel, and this one looks again shortly (its owner may go).
-        if peers.as_ref().is_some_and(|peers| !peers.owns(&key)) {
+        // the peer channel, and this one looks again shortly (its owner may
+        // go). Named by Vault's change feed here, it is read here at once.
+        if !nudged && peers.as_ref().is_some_and(|peers| !peers.owns(&key)) {
             owned = false;
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = tokio::time::sleep(OWNERSHIP_CHECK) => {}
-            }
+            nudged = tokio::select! {
+                () = shutdown.cancelled() => false,
+                () = tokio::time::sleep(OWNERSHIP_CHECK) => false,
+                () = nudge.notified() => true,
+            };
             continue;
         }
-        if !owned {
+        if !owned && !nudged {
             owned = true;
             known = sender.borrow().as_ref().map(|fed| fed.secret.version);
             tracing::info!(mount = %source.mount, path = %source.path, "this replica now reads the KV secret for the cluster");
@@ -343,16 +441,26 @@ async fn poll(
                 failed = true;
             }
         }
-        let interval = if failed {
-            interval.of(&source).min(interval.default)
-        } else {
-            interval.of(&source)
+        // While Vault's change feed is up, polling is only its backstop.
+        let feed_up = change_feed.as_ref().filter(|feed| feed.is_up());
+        let interval = match (failed, feed_up) {
+            (true, _) => interval.of(&source).min(interval.default),
+            (false, Some(feed)) => feed.backstop,
+            (false, None) => interval.of(&source),
         };
         let jitter = interval.mul_f64(fastrand::f64() * 0.1);
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = tokio::time::sleep(interval + jitter) => {}
-        }
+        let feed_changed = async {
+            match &change_feed {
+                Some(feed) => feed.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        nudged = tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(interval + jitter) => false,
+            () = nudge.notified() => true,
+            () = feed_changed => false,
+        };
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod bootstrap;
+pub mod change_feed;
 pub mod clock;
 pub mod config;
 pub mod dev;
@@ -90,6 +91,9 @@ pub enum StartError {
     /// A server's listening socket is gone.
     #[error(transparent)]
     Listener(std::io::Error),
+    /// Vault's change feed could not be served.
+    #[error("Vault change feed: {0}")]
+    ChangeFeed(String),
 }
 
 /// Everything `serve` needs, loaded and checked before a port is opened.
@@ -106,6 +110,7 @@ pub struct Prepared {
     webhook: Option<webhook::Server>,
     feeds: Arc<Feeds>,
     peers: Option<Arc<peers::Peers>>,
+    change_feed: Option<Arc<feed::ChangeFeedState>>,
 }
 
 /// The ports the broker serves, bound by the caller.
@@ -118,6 +123,8 @@ pub struct Listeners {
     pub webhook: Option<std::net::TcpListener>,
     /// The peer channel, when `peers:` is configured.
     pub peers: Option<TcpListener>,
+    /// Vault's change feed, when `vault.changeFeed:` is configured.
+    pub change_feed: Option<TcpListener>,
 }
 
 /// Health service name that reports whether the last policy reload worked.
@@ -238,8 +245,16 @@ pub async fn prepare(
         tasks.spawner(),
         shutdown.clone(),
     );
-    let feeds = Arc::new(match &peers {
+    let feeds = match &peers {
         Some(peers) => feeds.shared_with(peers.clone()),
+        None => feeds,
+    };
+    let change_feed = config
+        .change_feed
+        .as_ref()
+        .map(|settings| Arc::new(feed::ChangeFeedState::new(settings.backstop)));
+    let feeds = Arc::new(match &change_feed {
+        Some(state) => feeds.with_change_feed(state.clone()),
         None => feeds,
     });
     let webhook = match &config.webhook {
@@ -342,6 +357,7 @@ pub async fn prepare(
         webhook,
         feeds,
         peers,
+        change_feed,
     })
 }
 

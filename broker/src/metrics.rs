@@ -140,6 +140,11 @@ pub struct Metrics {
     pub policy_reload_failing: Gauge,
     /// 1 while Vault answers.
     pub vault_up: Gauge,
+    /// 1 while Vault's change feed (its audit device) reaches this replica;
+    /// 0 when it went silent and KV secrets are polled at the short interval.
+    pub change_feed_up: Gauge,
+    /// KV secrets read again at once because the change feed named them.
+    pub change_feed_rereads: Counter,
     /// `Watch` streams open on this replica.
     pub watch_streams: Gauge,
     /// Lease records left alone because this replica cannot open or
@@ -205,6 +210,18 @@ impl Metrics {
             "1 while Vault answers the broker",
             vault_up.clone(),
         );
+        let change_feed_up = Gauge::default();
+        registry.register(
+            "change_feed_up",
+            "1 while Vault's change feed reaches this replica (0: silent, polling at the short interval)",
+            change_feed_up.clone(),
+        );
+        let change_feed_rereads = Counter::default();
+        registry.register(
+            "change_feed_rereads",
+            "KV secrets read again at once because Vault's change feed named them",
+            change_feed_rereads.clone(),
+        );
         let watch_streams = Gauge::default();
         registry.register("watch_streams", "Open Watch streams", watch_streams.clone());
         let lease_records_left_alone = Counter::default();
@@ -246,6 +263,8 @@ impl Metrics {
             policy_generation,
             policy_reload_failing,
             vault_up,
+            change_feed_up,
+            change_feed_rereads,
             watch_streams,
             lease_records_left_alone,
             admission_reviews,

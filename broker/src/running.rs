@@ -10,8 +10,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Listeners, POLICY_HEALTH_SERVICE, Prepared, StartError, VAULT_HEALTH_SERVICE, listener,
-    metrics, peers, policy::store::PolicyStore, service, tasks, tasks::Tasks, tls, vault::Vault,
+    Listeners, POLICY_HEALTH_SERVICE, Prepared, StartError, VAULT_HEALTH_SERVICE, change_feed,
+    listener, metrics, peers, policy::store::PolicyStore, service, tasks, tasks::Tasks, tls,
+    vault::Vault,
 };
 
 /// The broker, running: its tasks, watched and drained.
@@ -98,6 +99,26 @@ pub fn spawn(mut prepared: Prepared, listeners: Listeners, shutdown: Cancellatio
                 peers,
                 prepared.feeds.clone(),
                 tasks.spawner(),
+                shutdown.clone(),
+            ),
+        );
+    }
+    if let (Some(listener), Some(settings), Some(state)) = (
+        listeners.change_feed,
+        prepared.config.change_feed.clone(),
+        prepared.change_feed.clone(),
+    ) {
+        tasks.add_fallible(
+            "Vault change feed",
+            change_feed::serve_change_feed(
+                listener,
+                settings,
+                (prepared.feeds.clone(), state),
+                (
+                    prepared.vault.clone(),
+                    prepared.config.leases.record_mount.clone(),
+                ),
+                prepared.metrics.clone(),
                 shutdown.clone(),
             ),
         );

@@ -21,6 +21,8 @@ pub struct Balancer {
     pub uri: String,
     port: u16,
     stop: Arc<AtomicBool>,
+    /// The connections it piped, to cut them.
+    clients: Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
 impl Balancer {
@@ -31,12 +33,17 @@ impl Balancer {
         let stop = Arc::new(AtomicBool::new(false));
         let next = AtomicUsize::new(0);
         let stopping = stop.clone();
+        let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let piped = clients.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stopping.load(Ordering::Relaxed) {
                     return;
                 }
                 let Ok(client) = client else { continue };
+                if let Ok(kept) = client.try_clone() {
+                    piped.lock().unwrap().push(kept);
+                }
                 let first = next.fetch_add(1, Ordering::Relaxed);
                 let upstream = (0..ports.len()).find_map(|offset| {
                     let port = ports[(first + offset) % ports.len()];
@@ -58,6 +65,22 @@ impl Balancer {
             uri: format!("https://127.0.0.1:{port}"),
             port,
             stop,
+            clients,
+        }
+    }
+}
+
+impl Balancer {
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops accepting and cuts every connection it piped, as a network
+    /// fault would.
+    pub fn cut(self) {
+        for client in self.clients.lock().unwrap().drain(..) {
+            let _ = client.shutdown(Shutdown::Both);
         }
     }
 }

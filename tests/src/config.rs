@@ -185,6 +185,21 @@ pub struct VaultConfig {
     pub kv_poll_interval: String,
     /// Longest time without a Vault answer before checking.
     pub health_check_interval: String,
+    /// Vault's change feed, when the environment has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_feed: Option<ChangeFeedConfig>,
+}
+
+/// `vault.changeFeed:`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeFeedConfig {
+    /// Where the broker takes the audit device's posts.
+    pub listen: String,
+    /// Polling while the feed is up.
+    pub backstop_interval: String,
+    /// How often the canary checks the feed.
+    pub check_interval: String,
 }
 
 /// `audit:`.

@@ -61,6 +61,10 @@ pub struct EnvOptions {
     /// Secrets of the cluster (`bootstrap:`), as the chart has it, instead
     /// of using the dev files. Needs `kubernetes`.
     pub bootstrap: bool,
+    /// OpenBao posts its audit entries to the broker (`vault.changeFeed`,
+    /// checked every second, polling backstop 5 minutes) through a relay
+    /// [`Env::silence_change_feed`] stops.
+    pub change_feed: bool,
 }
 
 impl Default for EnvOptions {
@@ -81,6 +85,7 @@ impl Default for EnvOptions {
             broker_binary: None,
             sweep_interval: "2s",
             bootstrap: false,
+            change_feed: false,
         }
     }
 }
@@ -117,6 +122,8 @@ pub struct Env {
     /// The broker's configuration, as written to `broker.yaml`.
     pub config: BrokerConfig,
     options: EnvOptions,
+    /// The relay Vault's change feed goes through, when there is one.
+    feed_relay: Option<Balancer>,
 }
 
 static RUSTLS: Mutex<bool> = Mutex::new(false);
@@ -140,12 +147,24 @@ impl Env {
             .prefix("tessera-test-")
             .tempdir()
             .unwrap();
+        // Vault's change feed reaches the broker through a relay, which a
+        // test can stop to silence it.
+        let feed = options.change_feed.then(|| {
+            let port = free_port();
+            (port, Balancer::start(vec![port]))
+        });
+        // OpenBao sends a new audit device a test entry and refuses to start
+        // if nobody takes it: a stand-in takes it until the broker listens.
+        let stand_in = feed.as_ref().map(|(port, _)| http_sink(*port));
         let bao = if options.vault_cluster {
             OpenBao::start_cluster(dir.path(), 3).await
         } else if options.persistent_vault {
             OpenBao::start_persistent(dir.path()).await
         } else {
-            OpenBao::start(dir.path()).await
+            let uri = feed
+                .as_ref()
+                .map(|(_, relay)| format!("http://127.0.0.1:{}/v1/audit", relay.port()));
+            OpenBao::start_with_feed(dir.path(), uri.as_deref()).await
         };
 
         let devdir = dir.path().join("dev");
@@ -166,13 +185,19 @@ impl Env {
             .to_owned();
         let port = free_port();
         let tls = serving_files(kube.as_ref(), options.bootstrap);
-        let config = broker_config(
+        let mut config = broker_config(
             &options,
             (port, issuer),
             (&bao, login),
             (tls, kube.as_ref()),
         );
+        config.vault.change_feed = feed.as_ref().map(|(port, _)| ChangeFeedConfig {
+            listen: format!("127.0.0.1:{port}"),
+            backstop_interval: "5m".to_owned(),
+            check_interval: "1s".to_owned(),
+        });
         config.write(dir.path(), "broker.yaml");
+        drop(stand_in);
         let broker = spawn_broker(dir.path(), port, &options).await;
         Self {
             dir,
@@ -187,6 +212,15 @@ impl Env {
             rsa_signer,
             kube,
             options,
+            feed_relay: feed.map(|(_, relay)| relay),
+        }
+    }
+
+    /// Stops Vault's change feed on its way to the broker, as a network
+    /// fault would: the relay stops and OpenBao drops its connections.
+    pub fn silence_change_feed(&mut self) {
+        if let Some(relay) = self.feed_relay.take() {
+            relay.cut();
         }
     }
 
@@ -658,6 +692,53 @@ impl Replica {
     }
 }
 
+/// Answers `204 No Content` to every HTTP request on `port` (closing each
+/// connection) until dropped.
+fn http_sink(port: u16) -> impl Drop {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _, Write as _},
+        sync::atomic::{AtomicBool, Ordering},
+    };
+    struct Sink(u16, Arc<AtomicBool>);
+    impl Drop for Sink {
+        fn drop(&mut self) {
+            self.1.store(true, Ordering::Relaxed);
+            let _ = std::net::TcpStream::connect(("127.0.0.1", self.0));
+            // The broker binds the port next: wait until it is free.
+            for _ in 0..100 {
+                if TcpListener::bind(("127.0.0.1", self.0)).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        }
+    });
+    Sink(port, stop)
+}
+
 /// Starts the broker with `dir/broker.yaml` and waits until it listens.
 async fn spawn_broker(dir: &Path, port: u16, options: &EnvOptions) -> Proc {
     spawn_broker_from(dir, "broker.yaml", "broker.log", port, options).await
@@ -815,6 +896,7 @@ fn broker_config(
             login,
             kv_poll_interval: options.poll.to_owned(),
             health_check_interval: options.vault_health_check.to_owned(),
+            change_feed: None,
         },
         shutdown_grace: "5s".to_owned(),
         audit: AuditConfig {

@@ -32,8 +32,8 @@ mod sshd;
 
 pub use balancer::Balancer;
 pub use config::{
-    BrokerConfig, ClusterConfig, ConnectionsConfig, IdentitySource, KubernetesConfig, MemoryConfig,
-    PeerTlsConfig, PeersConfig,
+    BrokerConfig, ChangeFeedConfig, ClusterConfig, ConnectionsConfig, IdentitySource,
+    KubernetesConfig, MemoryConfig, PeerTlsConfig, PeersConfig,
 };
 pub use databases::{MariaDb, RabbitMq, Redis};
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, TEST_CLUSTER, pod_uid};

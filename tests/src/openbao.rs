@@ -27,14 +27,24 @@ pub struct OpenBao {
 impl OpenBao {
     /// Starts `bao server -dev` on a free port and waits until it answers.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with_feed(dir, None).await
+    }
+
+    /// [`OpenBao::start`], with an `http` audit device posting every entry
+    /// to `feed_uri` beside the file device (which keeps OpenBao serving
+    /// when the feed's receiver is away), when given.
+    pub async fn start_with_feed(dir: &Path, feed_uri: Option<&str>) -> Self {
         let port = free_port();
         let root_token = random_string(24);
         let audit_log = dir.join("openbao-audit.log");
         let config = dir.join("openbao.hcl");
+        let feed = feed_uri.map_or_else(String::new, |uri| {
+            format!("audit \"http\" \"tessera-feed\" {{\n  options = {{\n    uri = \"{uri}\"\n  }}\n}}\n")
+        });
         fs::write(
             &config,
             format!(
-                "audit \"file\" \"tessera-test\" {{\n  options = {{\n    file_path = \"{}\"\n  }}\n}}\n",
+                "audit \"file\" \"tessera-test\" {{\n  options = {{\n    file_path = \"{}\"\n  }}\n}}\n{feed}",
                 audit_log.display()
             ),
         )

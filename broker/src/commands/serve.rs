@@ -44,6 +44,7 @@ pub fn serve(
         let admin_listen = config.admin_listen;
         let webhook_listen = config.webhook.as_ref().map(|w| w.listen);
         let peer_listen = config.peers.as_ref().map(|p| p.listen);
+        let feed_listen = config.change_feed.as_ref().map(|f| f.listen);
         let prepared = match tessera_broker::prepare(config, &shutdown).await {
             Ok(prepared) => prepared,
             Err(error) => {
@@ -81,11 +82,20 @@ pub fn serve(
             ),
             None => None,
         };
+        let change_feed = match feed_listen {
+            Some(address) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding the change feed address {address}"))?,
+            ),
+            None => None,
+        };
         let listeners = tessera_broker::Listeners {
             grpc,
             admin,
             webhook,
             peers,
+            change_feed,
         };
         let mut running = tessera_broker::spawn(prepared, listeners, shutdown.clone());
         // A server or loop that ends before shutdown stops the broker, so

@@ -195,6 +195,27 @@ pub(super) struct VaultFile {
     pub(super) kv_poll_interval: Duration,
     #[serde(default = "default_health_check", deserialize_with = "duration")]
     pub(super) health_check_interval: Duration,
+    pub(super) change_feed: Option<ChangeFeedFile>,
+}
+
+/// `vault.changeFeed:`: Vault's audit device posting to the broker.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct ChangeFeedFile {
+    pub(super) listen: SocketAddr,
+    pub(super) token_file: Option<PathBuf>,
+    #[serde(default = "default_backstop", deserialize_with = "duration")]
+    pub(super) backstop_interval: Duration,
+    #[serde(default = "default_feed_check", deserialize_with = "duration")]
+    pub(super) check_interval: Duration,
+}
+
+fn default_backstop() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_feed_check() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Deserialize)]

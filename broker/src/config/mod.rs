@@ -115,6 +115,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The admission webhook; not served when absent.
     pub webhook: Option<webhook::Settings>,
+    /// Vault's change feed (`vault.changeFeed:`): its audit device posting
+    /// to the broker; KV secrets are only polled when absent.
+    pub change_feed: Option<crate::change_feed::ChangeFeedSettings>,
     /// The replicas this one shares the reading of Vault with (`peers:`);
     /// alone when absent.
     pub peers: Option<crate::peers::PeerSettings>,
@@ -264,6 +267,15 @@ impl Config {
             })
             .transpose()
             .map_err(error)?;
+        let change_feed =
+            file.vault
+                .change_feed
+                .map(|feed| crate::change_feed::ChangeFeedSettings {
+                    listen: feed.listen,
+                    token_file: feed.token_file.map(&resolve),
+                    backstop: feed.backstop_interval,
+                    check_interval: feed.check_interval,
+                });
         let peers = file.peers.map(|peers| crate::peers::PeerSettings {
             listen: peers.listen,
             advertise: peers.advertise,
@@ -292,6 +304,7 @@ impl Config {
             tls,
             webhook,
             peers,
+            change_feed,
             tls_reload_interval: file.tls.reload_interval,
             identity,
             kubeconfig: file.kubernetes.kubeconfig.map(resolve),

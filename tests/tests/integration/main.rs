@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod bootstrap;
 mod broker_life;
+mod change_feed;
 mod chart;
 mod chart_install;
 mod cli;

@@ -1,0 +1,219 @@
+//! Changes pushed from Vault without Enterprise: Vault's audit device (an
+//! `http` device in OpenBao, a `socket` device in Vault) sends the broker
+//! every request it audits. The broker reads paths and operations only
+//! (values in audit entries are HMACed and never used), recognises writes
+//! and deletes of KV secrets the policy serves, and has them read again at
+//! once. A forged or replayed entry can at most cause a re-read. A canary
+//! request of the broker's own must come back through the feed: when it
+//! does not, the feed is silent, and polling returns from its long backstop
+//! to the short interval (the `tessera_change_feed_up` gauge, an alert).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    StartError,
+    feed::{ChangeFeedState, Feeds},
+    metrics::Metrics,
+    secret::Secret,
+    vault::Vault,
+};
+
+/// `vault.changeFeed:`: where the audit device posts, and the polling it
+/// allows.
+#[derive(Clone, Debug)]
+pub struct ChangeFeedSettings {
+    /// Where the feed listens (plain HTTP: put it on a loopback or private
+    /// address, or behind the Vault operator's TLS proxy).
+    pub listen: SocketAddr,
+    /// A file with the bearer token the audit device sends (its `headers`
+    /// option); any caller is taken when absent.
+    pub token_file: Option<PathBuf>,
+    /// The poll interval while the feed is up: a backstop.
+    pub backstop: Duration,
+    /// How often a canary request checks that the feed still arrives.
+    pub check_interval: Duration,
+}
+
+/// The canary the broker expects back through the feed.
+#[derive(Default)]
+struct Canary {
+    expected: Mutex<Option<String>>,
+    seen: std::sync::atomic::AtomicBool,
+}
+
+impl Canary {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.expected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Clone)]
+struct Feed {
+    feeds: Arc<Feeds>,
+    canary: Arc<Canary>,
+    metrics: Arc<Metrics>,
+    token: Option<Arc<Secret>>,
+}
+
+/// Receives Vault's audit entries on `listener` and checks with a canary
+/// that they keep coming, until `shutdown`.
+///
+/// # Errors
+/// The token file cannot be read, or the server fails.
+pub async fn serve_change_feed(
+    listener: TcpListener,
+    settings: ChangeFeedSettings,
+    (feeds, state): (Arc<Feeds>, Arc<ChangeFeedState>),
+    (vault, records_mount): (Arc<Vault>, String),
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let token = match &settings.token_file {
+        Some(path) => Some(Arc::new(Secret::new(
+            std::fs::read(path)
+                .map_err(|error| StartError::ChangeFeed(format!("{}: {error}", path.display())))?
+                .trim_ascii()
+                .to_vec(),
+        ))),
+        None => None,
+    };
+    let canary = Arc::new(Canary::default());
+    let feed = Feed {
+        feeds,
+        canary: canary.clone(),
+        metrics: metrics.clone(),
+        token,
+    };
+    tracing::info!(address = %settings.listen, backstop = ?settings.backstop, "Vault change feed listening (POST /v1/audit)");
+    let app = Router::new()
+        .route("/v1/audit", post(receive))
+        .with_state(feed);
+    let serving =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let checking = check(
+        vault,
+        records_mount,
+        state,
+        canary,
+        metrics,
+        settings.check_interval,
+        shutdown,
+    );
+    let (served, ()) = tokio::join!(serving, checking);
+    served.map_err(|error| StartError::ChangeFeed(error.to_string()))
+}
+
+/// One post of the audit device: one entry, or several, one per line.
+async fn receive(State(feed): State<Feed>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if let Some(token) = &feed.token {
+        let presented = headers
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        // Digests compared: the time taken says nothing of the token.
+        let digest = |bytes: &[u8]| ring::digest::digest(&ring::digest::SHA256, bytes);
+        if digest(presented).as_ref() != digest(token.expose_secret()).as_ref() {
+            return StatusCode::UNAUTHORIZED;
+        }
+    }
+    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        if let Ok(entry) = serde_json::from_slice::<Value>(line) {
+            take(&feed, &entry);
+        }
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// One audit entry: a response to a write or delete names the secrets to
+/// read again; the canary's read says the feed arrives.
+fn take(feed: &Feed, entry: &Value) {
+    if entry["type"] != "response" {
+        return;
+    }
+    let request = &entry["request"];
+    let path = request["path"].as_str().unwrap_or_default();
+    if feed.canary.lock().as_deref() == Some(path) {
+        feed.canary
+            .seen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    let writes = matches!(
+        request["operation"].as_str(),
+        Some("create" | "update" | "patch" | "delete")
+    );
+    if !writes || entry.get("error").is_some_and(|e| !e.is_null() && e != "") {
+        return;
+    }
+    let namespace = request["namespace"]["path"]
+        .as_str()
+        .map(|ns| ns.trim_end_matches('/'))
+        .filter(|ns| !ns.is_empty());
+    let woken = feed.feeds.nudge(path, namespace);
+    if woken > 0 {
+        tracing::debug!(
+            path,
+            woken,
+            "Vault's change feed named a KV secret; reading it again"
+        );
+        feed.metrics.change_feed_rereads.inc_by(woken as u64);
+    }
+}
+
+/// Every `interval`, a canary read the feed must bring back: up while it
+/// does, silent (short polling again) when it does not.
+async fn check(
+    vault: Arc<Vault>,
+    records_mount: String,
+    state: Arc<ChangeFeedState>,
+    canary: Arc<Canary>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let nonce = format!("{:016x}", fastrand::u64(..));
+        let path = format!("{records_mount}/feed-check/{nonce}");
+        *canary.lock() = Some(path);
+        canary
+            .seen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        // The answer does not matter (there is nothing there): its audit entry does.
+        let _ = vault
+            .kv1_read(&records_mount, &format!("feed-check/{nonce}"))
+            .await;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let up = canary.seen.load(std::sync::atomic::Ordering::Relaxed);
+        metrics.change_feed_up.set(i64::from(up));
+        if state.set_up(up) {
+            if up {
+                tracing::info!(
+                    "Vault's change feed arrives; polling KV secrets at the backstop interval"
+                );
+            } else {
+                tracing::warn!(
+                    "Vault's change feed is silent (the canary request did not come back); polling KV secrets at the short interval"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! #25: changes pushed from Vault without Enterprise. OpenBao's `http` audit
+//! device posts every entry to the broker, which reads paths and
+//! operations only: a write to a KV secret the policy serves is read again
+//! at once and pushed to the pod, although the broker polls only every 5
+//! minutes while the feed is up. When the feed goes silent (the broker's
+//! canary request does not come back), polling returns to the short
+//! interval, with the gauge saying so.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_tests::{Env, EnvOptions, field, http_get, simple_policy, wait_for};
+
+/// A value of the broker's `/metrics`.
+async fn metric(env: &Env, name: &str) -> Option<f64> {
+    let (_, text) = http_get(&format!("{}/metrics", env.admin_url)).await;
+    text.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until `tessera_change_feed_up` is `up`.
+async fn until_feed(env: &Env, up: bool) {
+    let wanted = if up { 1.0 } else { 0.0 };
+    for _ in 0..60 {
+        if metric(env, "tessera_change_feed_up").await == Some(wanted) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("tessera_change_feed_up never became {wanted}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_is_pushed_at_once_through_the_feed_and_a_silent_feed_falls_back_to_polling() {
+    let mut env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        EnvOptions {
+            poll: "1s",
+            change_feed: true,
+            ..EnvOptions::default()
+        },
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v1" }))
+        .await;
+    until_feed(&env, true).await;
+    let out = env.tmpfs_out();
+    let _sidecar = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["app"]);
+    wait_for(Duration::from_secs(20), "v1", || {
+        field(out.path(), "app", "password").filter(|v| v == "v1")
+    })
+    .await;
+    // Polling is at 5 minutes now: only the feed brings v2 this soon.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v2" }))
+        .await;
+    wait_for(Duration::from_secs(20), "v2 through the feed", || {
+        field(out.path(), "app", "password").filter(|v| v == "v2")
+    })
+    .await;
+    let rereads = metric(&env, "tessera_change_feed_rereads_total").await;
+    assert!(rereads.is_some_and(|n| n >= 1.0), "{rereads:?}");
+
+    // The feed goes silent: the broker notices and polls at 1 s again.
+    env.silence_change_feed();
+    until_feed(&env, false).await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v3" }))
+        .await;
+    wait_for(Duration::from_secs(20), "v3 by polling", || {
+        field(out.path(), "app", "password").filter(|v| v == "v3")
+    })
+    .await;
+    assert_eq!(
+        metric(&env, "tessera_change_feed_rereads_total").await,
+        rereads,
+        "v3 came by polling, not the feed"
+    );
+}
