@@ -321,10 +321,11 @@ pub async fn prepare(
         shutdown.clone(),
     ));
     let verifier = Arc::new(verifier);
-    let reconciler = Arc::new(lease::reconcile::Reconciler::new(
-        engine.clone(),
-        verifier.clone(),
-    ));
+    let reconciler = lease::reconcile::Reconciler::new(engine.clone(), verifier.clone());
+    let reconciler = Arc::new(match &peers {
+        Some(peers) => reconciler.shared_with(peers.clone()),
+        None => reconciler,
+    });
     // A deleted pod's leases are revoked at once where the broker may see
     // pods; the sweep is the backstop everywhere.
     if let (true, Some(client)) = (config.identity.pod_lookup, &kube) {

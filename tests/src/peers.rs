@@ -88,6 +88,8 @@ pub fn peer_addresses(count: usize) -> Vec<String> {
 impl Env {
     /// Starts replica `name` listening for peers at `advertise`, one of
     /// `addresses` (every replica's), holding the peer certificate of `pki`.
+    /// Every sweep of its lease records is a full one while it owns the
+    /// full pass, so a test sees who makes them.
     pub async fn start_peer(
         &self,
         name: &str,
@@ -105,7 +107,10 @@ impl Env {
                 ca_file: pki.ca.display().to_string(),
             },
         };
-        self.start_replica_with(name, |config| config.peers = Some(peers))
-            .await
+        self.start_replica_with(name, |config| {
+            config.peers = Some(peers);
+            config.leases.full_sweep_interval = config.leases.sweep_interval.clone();
+        })
+        .await
     }
 }

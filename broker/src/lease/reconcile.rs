@@ -98,13 +98,31 @@ fn key_of(pod: PartialObjectMeta<Pod>) -> Option<PodKey> {
 pub struct Reconciler {
     engine: Arc<Engine>,
     verifier: Arc<Verifier>,
+    /// The replicas sharing the full passes: only the owner of
+    /// [`FULL_PASS`] makes them; alone when `None`.
+    peers: Option<Arc<crate::membership::Peers>>,
 }
+
+/// The ownership key of the full pass over the lease records.
+pub const FULL_PASS: &str = "lease records full pass";
 
 impl Reconciler {
     /// A reconciler over the engine's records, asking `verifier` whether
     /// pods still exist.
     pub fn new(engine: Arc<Engine>, verifier: Arc<Verifier>) -> Self {
-        Self { engine, verifier }
+        Self {
+            engine,
+            verifier,
+            peers: None,
+        }
+    }
+
+    /// This reconciler, making its full passes only while it owns them
+    /// among `peers` (one replica of the cluster reads every record).
+    #[must_use]
+    pub fn shared_with(mut self, peers: Arc<crate::membership::Peers>) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     /// One sweep. A light one asks Vault once (the list of pods that hold
@@ -335,7 +353,13 @@ impl Reconciler {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            let full = count.is_multiple_of(every);
+            // Among peers one replica makes the full passes; the others'
+            // sweeps stay light.
+            let full = count.is_multiple_of(every)
+                && self
+                    .peers
+                    .as_ref()
+                    .is_none_or(|peers| peers.owns(FULL_PASS));
             count = count.wrapping_add(1);
             let result = self.sweep(full).await;
             if result.is_ok() {

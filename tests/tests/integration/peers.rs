@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tessera_broker::{
+    lease::reconcile::FULL_PASS,
     peers::{owner, source_key},
     policy::Kv2Source,
 };
@@ -41,13 +42,20 @@ fn orders() -> Kv2Source {
 
 /// How many times `replica` has asked Vault for a KV secret's version.
 async fn version_checks(replica: &Replica) -> u64 {
+    counter(
+        replica,
+        "tessera_vault_request_duration_seconds_count",
+        "ReadSecretMetadataRequest",
+    )
+    .await
+}
+
+/// A counter of `replica`'s `/metrics` (the first line of `name` with `label`).
+async fn counter(replica: &Replica, name: &str, label: &str) -> u64 {
     let (_, metrics) = http_get(&format!("{}/metrics", replica.admin_url())).await;
     metrics
         .lines()
-        .find(|line| {
-            line.starts_with("tessera_vault_request_duration_seconds_count")
-                && line.contains("ReadSecretMetadataRequest")
-        })
+        .find(|line| line.starts_with(name) && line.contains(label))
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -111,6 +119,22 @@ async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_ow
         polled, expected,
         "only the owner ({first}) checks the version"
     );
+    // The full pass over the lease records is shared the same way.
+    let full = |replica| counter(replica, "tessera_lease_sweeps_total", "kind=\"full\"");
+    let mut before = Vec::new();
+    for replica in &replicas {
+        before.push(full(replica).await);
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let pass_owner = index(owner(&addresses, FULL_PASS).unwrap());
+    for (i, replica) in replicas.iter().enumerate() {
+        let made = full(replica).await > before[i];
+        assert_eq!(
+            made,
+            i == pass_owner,
+            "replica {i}: full passes only by the owner ({pass_owner})"
+        );
+    }
 
     // A pod on another replica gets a change the owner read and pushed.
     let other = (owner_at + 1) % 3;
