@@ -111,6 +111,7 @@ pub struct Prepared {
     feeds: Arc<Feeds>,
     peers: Option<Arc<peers::Peers>>,
     change_feed: Option<Arc<feed::ChangeFeedState>>,
+    kube: Option<kube::Client>,
 }
 
 /// The ports the broker serves, bound by the caller.
@@ -174,11 +175,15 @@ pub async fn prepare(
     shutdown: &CancellationToken,
 ) -> Result<Prepared, StartError> {
     let mut tasks = Tasks::default();
-    let kube = if config.identity.needs_kubernetes() || config.bootstrap.is_some() {
-        Some(kube_client(config.kubeconfig.as_deref()).await?)
-    } else {
-        None
-    };
+    let discovers_peers = config.peers.as_ref().is_some_and(|peers| {
+        matches!(peers.addresses, peers::PeerAddresses::EndpointSlices { .. })
+    });
+    let kube =
+        if config.identity.needs_kubernetes() || config.bootstrap.is_some() || discovers_peers {
+            Some(kube_client(config.kubeconfig.as_deref()).await?)
+        } else {
+            None
+        };
     if let (Some(settings), Some(client)) = (&config.bootstrap, &kube) {
         if let Some(keys) = bootstrap::materialize(client, settings).await? {
             config.handle_key_file = Some(keys.current);
@@ -359,6 +364,7 @@ pub async fn prepare(
         feeds,
         peers,
         change_feed,
+        kube,
     })
 }
 

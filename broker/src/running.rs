@@ -96,8 +96,8 @@ pub fn spawn(mut prepared: Prepared, listeners: Listeners, shutdown: Cancellatio
             "peer followers",
             peers::follow_peers(
                 settings,
-                peers,
-                prepared.feeds.clone(),
+                (peers, prepared.feeds.clone()),
+                prepared.kube.clone(),
                 tasks.spawner(),
                 shutdown.clone(),
             ),

@@ -55,15 +55,29 @@ pub struct BrokerConfig {
 
 /// `peers:`.
 #[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PeersConfig {
     /// Where the peer channel listens.
     pub listen: String,
     /// This replica's peer address.
     pub advertise: String,
-    /// Every replica's peer address.
-    pub addresses: Vec<String>,
+    /// Every replica's peer address, for a static list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Vec<String>>,
+    /// The Service whose EndpointSlices list the peers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_slices: Option<EndpointSlicesConfig>,
     /// The peer certificate and CA.
     pub tls: PeerTlsConfig,
+}
+
+/// `peers.endpointSlices:`.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointSlicesConfig {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub service: String,
 }
 
 /// `peers.tls:`.

@@ -41,7 +41,7 @@ pub use http::{http_get, https_post};
 pub use kubernetes::Cluster;
 pub use node::{NODE, NodeAgent};
 pub use openbao::OpenBao;
-pub use peers::{CertFiles, PeerPki, peer_addresses};
+pub use peers::{CertFiles, PeerPki, host_address, peer_addresses};
 pub use postgres::Postgres;
 pub use proc::Proc;
 pub use sshd::Sshd;

@@ -9,7 +9,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 
-use crate::{Env, PeerTlsConfig, PeersConfig, Replica, free_port};
+use crate::{Env, PeerTlsConfig, PeersConfig, Replica, config::EndpointSlicesConfig, free_port};
 
 /// Files of a certificate and its key.
 #[derive(Clone, Debug)]
@@ -78,6 +78,18 @@ fn new_ca(name: &str) -> (rcgen::Certificate, KeyPair) {
     (cert, key)
 }
 
+/// This machine's own IPv4 address (the one its default route leaves
+/// from; no packet is sent to learn it).
+pub fn host_address() -> std::net::IpAddr {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket
+        .connect("192.0.2.254:9")
+        .expect("a route off this machine (for its own address)");
+    let address = socket.local_addr().unwrap().ip();
+    assert!(!address.is_loopback(), "no address but loopback: {address}");
+    address
+}
+
 /// The peer addresses of `count` replicas: free loopback ports.
 pub fn peer_addresses(count: usize) -> Vec<String> {
     (0..count)
@@ -97,20 +109,54 @@ impl Env {
         addresses: &[String],
         pki: &PeerPki,
     ) -> Replica {
-        let peers = PeersConfig {
-            listen: advertise.to_owned(),
-            advertise: advertise.to_owned(),
-            addresses: addresses.to_vec(),
-            tls: PeerTlsConfig {
-                cert_file: pki.peer.cert.display().to_string(),
-                key_file: pki.peer.key.display().to_string(),
-                ca_file: pki.ca.display().to_string(),
-            },
+        let peers = peers_config(advertise, pki, Some(addresses.to_vec()), None);
+        self.start_peer_with(name, peers).await
+    }
+
+    /// Starts replica `name` with its peer channel at `address` (on this
+    /// machine's own address, [`host_address`]: the API server takes no
+    /// loopback address in an EndpointSlice), finding its peers in the
+    /// EndpointSlices of Service `service` in `namespace` (the
+    /// environment's API server).
+    pub async fn start_discovering_peer(
+        &self,
+        name: &str,
+        address: &str,
+        (namespace, service): (&str, &str),
+        pki: &PeerPki,
+    ) -> Replica {
+        let slices = EndpointSlicesConfig {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
         };
+        let peers = peers_config(address, pki, None, Some(slices));
+        self.start_peer_with(name, peers).await
+    }
+
+    async fn start_peer_with(&self, name: &str, peers: PeersConfig) -> Replica {
         self.start_replica_with(name, |config| {
             config.peers = Some(peers);
             config.leases.full_sweep_interval = config.leases.sweep_interval.clone();
         })
         .await
+    }
+}
+
+fn peers_config(
+    advertise: &str,
+    pki: &PeerPki,
+    addresses: Option<Vec<String>>,
+    endpoint_slices: Option<EndpointSlicesConfig>,
+) -> PeersConfig {
+    PeersConfig {
+        listen: advertise.to_owned(),
+        advertise: advertise.to_owned(),
+        addresses,
+        endpoint_slices,
+        tls: PeerTlsConfig {
+            cert_file: pki.peer.cert.display().to_string(),
+            key_file: pki.peer.key.display().to_string(),
+            ca_file: pki.ca.display().to_string(),
+        },
     }
 }

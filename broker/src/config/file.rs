@@ -41,8 +41,23 @@ pub(super) struct File {
 pub(super) struct PeersFile {
     pub(super) listen: SocketAddr,
     pub(super) advertise: String,
-    pub(super) addresses: Vec<String>,
+    pub(super) addresses: Option<Vec<String>>,
+    pub(super) endpoint_slices: Option<EndpointSlicesFile>,
     pub(super) tls: PeerTlsFile,
+}
+
+/// `peers.endpointSlices:`: the broker's Service, whose endpoints are the peers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct EndpointSlicesFile {
+    pub(super) namespace: String,
+    pub(super) service: String,
+    #[serde(default = "default_peer_port_name")]
+    pub(super) port: String,
+}
+
+fn default_peer_port_name() -> String {
+    "peer".to_owned()
 }
 
 /// `peers.tls:`: the peer certificate and the CA that signs them all.

@@ -276,22 +276,11 @@ impl Config {
                     backstop: feed.backstop_interval,
                     check_interval: feed.check_interval,
                 });
-        let peers = file.peers.map(|peers| crate::peers::PeerSettings {
-            listen: peers.listen,
-            advertise: peers.advertise,
-            addresses: peers.addresses,
-            cert: resolve(peers.tls.cert_file),
-            key: resolve(peers.tls.key_file),
-            ca: resolve(peers.tls.ca_file),
-        });
-        if let Some(peers) = &peers
-            && !peers.addresses.contains(&peers.advertise)
-        {
-            return Err(error(format!(
-                "peers.advertise `{}` is not in peers.addresses: list every replica's peer address, this one's too, so every replica computes the same owners",
-                peers.advertise
-            )));
-        }
+        let peers = file
+            .peers
+            .map(peer_settings(&resolve))
+            .transpose()
+            .map_err(error)?;
         let audit = match file.audit.path.as_str() {
             "-" => AuditTarget::Stdout,
             path => AuditTarget::File(resolve(PathBuf::from(path))),
@@ -345,6 +334,46 @@ impl Config {
             } else {
                 tessera_memory::Lock::Off
             },
+        })
+    }
+}
+
+/// `peers:`, checked: one source of addresses, and this replica among
+/// the static ones.
+fn peer_settings(
+    resolve: &impl Fn(PathBuf) -> PathBuf,
+) -> impl FnOnce(file::PeersFile) -> Result<crate::peers::PeerSettings, String> + '_ {
+    move |peers| {
+        use crate::peers::PeerAddresses;
+        let addresses = match (peers.addresses, peers.endpoint_slices) {
+            (Some(addresses), None) => {
+                if !addresses.contains(&peers.advertise) {
+                    return Err(format!(
+                        "peers.advertise `{}` is not in peers.addresses: list every replica's peer address, this one's too, so every replica computes the same owners",
+                        peers.advertise
+                    ));
+                }
+                PeerAddresses::Static(addresses)
+            }
+            (None, Some(slices)) => PeerAddresses::EndpointSlices {
+                namespace: slices.namespace,
+                service: slices.service,
+                port: slices.port,
+            },
+            _ => {
+                return Err(
+                    "peers needs one of `addresses` (every replica's) or `endpointSlices` (the broker's Service)"
+                        .to_owned(),
+                );
+            }
+        };
+        Ok(crate::peers::PeerSettings {
+            listen: peers.listen,
+            advertise: peers.advertise,
+            addresses,
+            cert: resolve(peers.tls.cert_file),
+            key: resolve(peers.tls.key_file),
+            ca: resolve(peers.tls.ca_file),
         })
     }
 }

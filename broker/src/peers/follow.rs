@@ -3,13 +3,24 @@
 //! and the name every peer certificate carries), taking its KV copies into
 //! this replica's feeds. A peer is a live member while its stream is open.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{
+    Api,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
 
 use tessera_proto::peer::v1::{FollowRequest, KvCopy, peer_client::PeerClient};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::{PEER_NAME, PeerSettings, Peers};
+use super::{PEER_NAME, PeerAddresses, PeerSettings, Peers};
 use crate::{
     StartError,
     feed::{Fed, Feeds, Freshness},
@@ -22,14 +33,17 @@ use crate::{
 /// First and longest wait before a lost peer is dialled again.
 const REDIAL: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
-/// Follows every peer of `settings` (not this replica) until `shutdown`.
+/// Follows every peer of `settings` (not this replica) until `shutdown`:
+/// the static list, or the endpoints of the broker's Service as its
+/// EndpointSlices change (watched through the API server, `kube`).
 ///
 /// # Errors
-/// The peer certificate, key or CA cannot be read.
+/// The peer certificate, key or CA cannot be read; EndpointSlices asked
+/// for without a Kubernetes API.
 pub async fn follow_peers(
     settings: PeerSettings,
-    peers: Arc<Peers>,
-    feeds: Arc<Feeds>,
+    (peers, feeds): (Arc<Peers>, Arc<Feeds>),
+    kube: Option<kube::Client>,
     spawner: Spawner,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
@@ -48,29 +62,140 @@ pub async fn follow_peers(
             read(&settings.key)?,
         ))
         .domain_name(PEER_NAME);
-    for address in settings
-        .addresses
-        .iter()
-        .filter(|a| **a != settings.advertise)
-    {
-        spawner.spawn(follow(
-            address.clone(),
-            tls.clone(),
-            peers.clone(),
-            feeds.clone(),
-            shutdown.clone(),
-        ));
+    let mut followers = Followers {
+        me: settings.advertise.clone(),
+        tls,
+        peers,
+        feeds,
+        spawner,
+        shutdown: shutdown.clone(),
+        running: BTreeMap::new(),
+    };
+    match &settings.addresses {
+        PeerAddresses::Static(addresses) => {
+            followers.follow(addresses.iter().cloned().collect());
+            shutdown.cancelled().await;
+        }
+        PeerAddresses::EndpointSlices {
+            namespace,
+            service,
+            port,
+        } => {
+            let Some(kube) = kube else {
+                return Err(StartError::Kubernetes(
+                    "peers.endpointSlices needs the Kubernetes API (kubernetes.kubeconfig, or in-cluster)".to_owned(),
+                ));
+            };
+            let slices: Api<EndpointSlice> = Api::namespaced(kube, namespace);
+            let selector = format!("kubernetes.io/service-name={service}");
+            let (store, writer) = reflector::store();
+            let events = reflector(
+                writer,
+                watcher(slices, watcher::Config::default().labels(&selector)),
+            )
+            .default_backoff();
+            tokio::pin!(events);
+            loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    event = events.next() => event,
+                };
+                match event {
+                    Some(Ok(_)) => followers.follow(endpoint_addresses(&store.state(), port)),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "watching the broker's EndpointSlices failed; retrying")
+                    }
+                    None => return Ok(()),
+                }
+            }
+        }
     }
-    shutdown.cancelled().await;
     Ok(())
+}
+
+/// The followers running, one per peer address.
+struct Followers {
+    me: String,
+    tls: ClientTlsConfig,
+    peers: Arc<Peers>,
+    feeds: Arc<Feeds>,
+    spawner: Spawner,
+    shutdown: CancellationToken,
+    running: BTreeMap<String, CancellationToken>,
+}
+
+impl Followers {
+    /// Follows exactly `addresses` (but this replica): new ones are
+    /// dialled, gone ones dropped from the members.
+    fn follow(&mut self, addresses: BTreeSet<String>) {
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|address| !addresses.contains(*address))
+            .cloned()
+            .collect();
+        for address in gone {
+            if let Some(stop) = self.running.remove(&address) {
+                stop.cancel();
+            }
+            self.peers.set_live(&address, false);
+        }
+        for address in addresses {
+            if address == self.me || self.running.contains_key(&address) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            self.spawner.spawn(follow(
+                address.clone(),
+                self.tls.clone(),
+                (self.peers.clone(), self.feeds.clone()),
+                stop.clone(),
+            ));
+            self.running.insert(address, stop);
+        }
+    }
+}
+
+/// The peer addresses of `slices`: every endpoint not known to be unready,
+/// with the slice's port named `port`.
+fn endpoint_addresses(slices: &[Arc<EndpointSlice>], port: &str) -> BTreeSet<String> {
+    let mut addresses = BTreeSet::new();
+    for slice in slices {
+        let Some(number) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(port))
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            if endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .is_some_and(|ready| !ready)
+            {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                addresses.insert(if address.contains(':') {
+                    format!("[{address}]:{number}")
+                } else {
+                    format!("{address}:{number}")
+                });
+            }
+        }
+    }
+    addresses
 }
 
 /// Follows one peer, dialling it again whenever its stream ends.
 async fn follow(
     address: String,
     tls: ClientTlsConfig,
-    peers: Arc<Peers>,
-    feeds: Arc<Feeds>,
+    (peers, feeds): (Arc<Peers>, Arc<Feeds>),
     shutdown: CancellationToken,
 ) {
     let mut wait = REDIAL.0;
@@ -160,4 +285,50 @@ fn from_copy(copy: KvCopy) -> Option<(Kv2Source, Fed)> {
         },
     };
     Some((source, fed))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+
+    use super::*;
+
+    fn slice(port: (&str, i32), endpoints: &[(&str, Option<bool>)]) -> Arc<EndpointSlice> {
+        Arc::new(EndpointSlice {
+            ports: Some(vec![EndpointPort {
+                name: Some(port.0.to_owned()),
+                port: Some(port.1),
+                ..EndpointPort::default()
+            }]),
+            endpoints: endpoints
+                .iter()
+                .map(|(address, ready)| Endpoint {
+                    addresses: vec![(*address).to_owned()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        ..EndpointConditions::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+            ..EndpointSlice::default()
+        })
+    }
+
+    #[test]
+    fn peers_are_the_endpoints_not_known_unready_with_the_named_port() {
+        let slices = [
+            slice(
+                ("peer", 8444),
+                &[("10.0.0.1", Some(true)), ("10.0.0.2", None)],
+            ),
+            slice(
+                ("peer", 8444),
+                &[("10.0.0.3", Some(false)), ("fd00::4", Some(true))],
+            ),
+            slice(("grpc", 8443), &[("10.0.0.5", Some(true))]),
+        ];
+        let found: Vec<String> = endpoint_addresses(&slices, "peer").into_iter().collect();
+        assert_eq!(found, ["10.0.0.1:8444", "10.0.0.2:8444", "[fd00::4]:8444"]);
+    }
 }

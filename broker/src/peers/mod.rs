@@ -21,15 +21,15 @@ pub use serve::serve_peers;
 
 pub use crate::membership::{Peers, owner, source_key};
 
-/// `peers:`: this replica's peer address and its peers'.
+/// `peers:`: this replica's peer address and where its peers' are found.
 #[derive(Clone, Debug)]
 pub struct PeerSettings {
     /// Where the peer channel listens.
     pub listen: SocketAddr,
     /// This replica's address as its peers dial it (`host:port`).
     pub advertise: String,
-    /// Every replica's peer address (this one's may be among them).
-    pub addresses: Vec<String>,
+    /// Where the replicas' peer addresses come from.
+    pub addresses: PeerAddresses,
     /// The peer certificate (PEM chain): server and client certificate of
     /// the peer channel, held only by brokers.
     pub cert: PathBuf,
@@ -37,6 +37,24 @@ pub struct PeerSettings {
     pub key: PathBuf,
     /// The CA that signs peer certificates: the only one the channel trusts.
     pub ca: PathBuf,
+}
+
+/// Where the replicas' peer addresses come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerAddresses {
+    /// Every replica's address, this one's too.
+    Static(Vec<String>),
+    /// The endpoints of the broker's Service, from its EndpointSlices
+    /// (through the API server): each ready endpoint's address with the
+    /// slice's port named `port`.
+    EndpointSlices {
+        /// The Service's namespace.
+        namespace: String,
+        /// The Service's name (`kubernetes.io/service-name`).
+        service: String,
+        /// The name of the peer port in the slices.
+        port: String,
+    },
 }
 
 /// The name every peer certificate carries (a DNS SAN), and the one a

@@ -19,8 +19,8 @@ use tessera_proto::{
     v1::{FetchRequest, broker_client::BrokerClient},
 };
 use tessera_tests::{
-    CertFiles, Env, EnvOptions, PeerPki, Replica, field, http_get, peer_addresses, simple_policy,
-    wait_for,
+    CertFiles, Env, EnvOptions, PeerPki, Replica, field, free_port, host_address, http_get,
+    peer_addresses, simple_policy, wait_for,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -322,4 +322,67 @@ async fn a_replica_started_during_a_vault_outage_serves_a_new_pods_kv_binding_fr
         stale,
         "Vault is away: the answer says the copy is last-known-good"
     );
+}
+
+/// An EndpointSlice of Service `tessera-peers` naming one replica's peer
+/// address (a slice per replica: here they share one host).
+fn endpoint_slice(name: &str, host: &str, port: u16) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": "tessera",
+            "labels": {
+                "kubernetes.io/service-name": "tessera-peers",
+                "endpointslice.kubernetes.io/managed-by": "tessera-tests"
+            }
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "peer", "port": port, "protocol": "TCP" }],
+        "endpoints": [{ "addresses": [host], "conditions": { "ready": true } }]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_find_each_other_in_the_services_endpoint_slices_and_drop_a_replica_that_left() {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        EnvOptions {
+            kubernetes: true,
+            ..options()
+        },
+    )
+    .await;
+    let cluster = env.kube.as_ref().unwrap();
+    let namespace =
+        json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "tessera" } });
+    assert!(cluster.apply(&namespace).status.success());
+    let pki = PeerPki::new(env.dir.path());
+    let host = host_address().to_string();
+    let ports = [free_port(), free_port()];
+    for (i, port) in ports.iter().enumerate() {
+        let slice = endpoint_slice(&format!("tessera-peers-{i}"), &host, *port);
+        let applied = cluster.apply(&slice);
+        assert!(applied.status.success(), "{applied:?}");
+    }
+    let service = ("tessera", "tessera-peers");
+    let address = |port: u16| format!("{host}:{port}");
+    let a = env
+        .start_discovering_peer("a", &address(ports[0]), service, &pki)
+        .await;
+    let b = env
+        .start_discovering_peer("b", &address(ports[1]), service, &pki)
+        .await;
+    until_members(&env, &a, 2).await;
+    until_members(&env, &b, 2).await;
+    // B leaves the Service (a rollout took it out): A follows it no more.
+    cluster.run(&[
+        "-n",
+        "tessera",
+        "delete",
+        "endpointslice",
+        "tessera-peers-1",
+    ]);
+    until_members(&env, &a, 1).await;
 }
