@@ -1297,3 +1297,69 @@ fn the_chart_readme_lists_every_value_as_values_yaml_documents_it() {
         undocumented.join("\n")
     );
 }
+
+/// #25: `vault.changeFeed` gives the broker the feed's listener and token,
+/// the pod and the Service a `feed` port, and the NetworkPolicy a rule for it.
+#[test]
+fn the_change_feed_values_open_the_feed_port_and_configure_the_broker() {
+    let rendered = typed(&render(&[
+        "vault.changeFeed.enabled=true",
+        "vault.changeFeed.tokenSecret=tessera-feed",
+        "vault.changeFeed.backstopInterval=10m",
+    ]));
+    let config = broker_accepts_config(&rendered);
+    let feed = config.change_feed.expect("the broker takes the feed");
+    assert_eq!(feed.listen.port(), 8445);
+    assert_eq!(feed.backstop, std::time::Duration::from_secs(600));
+    assert_eq!(
+        feed.token_file.as_deref(),
+        Some(Path::new("/etc/tessera/feed/token"))
+    );
+    let spec = rendered.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let ports = spec.containers[0].ports.as_ref().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some("feed") && p.container_port == 8445)
+    );
+    let token = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "feed-token")
+        .expect("the token's volume");
+    assert_eq!(
+        token.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("tessera-feed")
+    );
+    let service = rendered.services[0].spec.as_ref().unwrap();
+    assert!(
+        service
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|p| p.name.as_deref() == Some("feed") && p.port == 8445)
+    );
+    let ingress = rendered.network_policies[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ingress
+        .as_ref()
+        .unwrap();
+    assert!(ingress.iter().any(|rule| {
+        rule.ports
+            .iter()
+            .flatten()
+            .any(|p| p.port == Some(IntOrString::String("feed".to_owned())))
+    }));
+}
