@@ -29,8 +29,6 @@ pub struct PeerPki {
     /// A certificate for the same name from a CA the replicas do not trust
     /// (as a pod could hold).
     pub foreign: CertFiles,
-    /// The foreign CA's certificate.
-    pub foreign_ca: PathBuf,
 }
 
 impl PeerPki {
@@ -64,7 +62,6 @@ impl PeerPki {
             ca: write("peer-ca.crt", &ca.pem()),
             peer: issue(&ca, &ca_key, "peer"),
             foreign: issue(&foreign_ca, &foreign_key, "foreign"),
-            foreign_ca: write("foreign-ca.crt", &foreign_ca.pem()),
         }
     }
 }

@@ -114,7 +114,7 @@ impl Peer for PeerService {
 }
 
 /// A KV source on the wire.
-pub(super) fn wire_source(source: &Kv2Source) -> KvSource {
+fn wire_source(source: &Kv2Source) -> KvSource {
     KvSource {
         mount: source.mount.clone(),
         path: source.path.clone(),
