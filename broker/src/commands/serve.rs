@@ -9,6 +9,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::exit;
 
+/// Binds `address` (`what`, for the error) when there is one.
+async fn bind(
+    address: Option<std::net::SocketAddr>,
+    what: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match address {
+        Some(address) => Ok(Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {what} {address}"))?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Serves with the configuration at `path` (`listen` overriding its own).
 ///
 /// # Errors
@@ -74,22 +89,8 @@ pub fn serve(
             }
             None => None,
         };
-        let peers = match peer_listen {
-            Some(address) => Some(
-                tokio::net::TcpListener::bind(address)
-                    .await
-                    .with_context(|| format!("binding the peer address {address}"))?,
-            ),
-            None => None,
-        };
-        let change_feed = match feed_listen {
-            Some(address) => Some(
-                tokio::net::TcpListener::bind(address)
-                    .await
-                    .with_context(|| format!("binding the change feed address {address}"))?,
-            ),
-            None => None,
-        };
+        let peers = bind(peer_listen, "the peer address").await?;
+        let change_feed = bind(feed_listen, "the change feed address").await?;
         let listeners = tessera_broker::Listeners {
             grpc,
             admin,

@@ -89,17 +89,24 @@ async fn until_members(env: &Env, replica: &Replica, members: usize) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_owner_is_killed() {
+/// An environment whose policy serves `secret/shop/orders` (at version 1)
+/// to shop/orders as binding `app`, and the peer certificates.
+async fn with_secret(options: EnvOptions) -> (Env, PeerPki) {
     let env = Env::start_with(
         &simple_policy("app", "shop", "orders", "shop/orders"),
-        options(),
+        options,
     )
     .await;
     env.bao
         .put("shop/orders", &json!({ "password": "v1" }))
         .await;
     let pki = PeerPki::new(env.dir.path());
+    (env, pki)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_owner_is_killed() {
+    let (env, pki) = with_secret(options()).await;
     let addresses = peer_addresses(3);
     let mut replicas = Vec::new();
     for (name, address) in ["a", "b", "c"].iter().zip(&addresses) {
@@ -218,15 +225,7 @@ async fn follow(address: &str, pki: &PeerPki, identity: Option<&CertFiles>) -> R
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_peer_channel_refuses_callers_without_a_peer_certificate() {
-    let env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/orders"),
-        options(),
-    )
-    .await;
-    env.bao
-        .put("shop/orders", &json!({ "password": "v1" }))
-        .await;
-    let pki = PeerPki::new(env.dir.path());
+    let (env, pki) = with_secret(options()).await;
     let addresses = peer_addresses(1);
     let _replica = env.start_peer("a", &addresses[0], &addresses, &pki).await;
     // A peer gets the copies (once the replica has read the secret).
@@ -256,18 +255,11 @@ async fn the_peer_channel_refuses_callers_without_a_peer_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_started_during_a_vault_outage_serves_a_new_pods_kv_binding_from_its_peers() {
-    let env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/orders"),
-        EnvOptions {
-            persistent_vault: true,
-            ..options()
-        },
-    )
+    let (env, pki) = with_secret(EnvOptions {
+        persistent_vault: true,
+        ..options()
+    })
     .await;
-    env.bao
-        .put("shop/orders", &json!({ "password": "kept" }))
-        .await;
-    let pki = PeerPki::new(env.dir.path());
     let addresses = peer_addresses(3);
     let a = env.start_peer("a", &addresses[0], &addresses, &pki).await;
     let _b = env.start_peer("b", &addresses[1], &addresses, &pki).await;
@@ -299,7 +291,7 @@ async fn a_replica_started_during_a_vault_outage_serves_a_new_pods_kv_binding_fr
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let answer = answer.expect("C serves the binding from its peers' copies");
-    assert_eq!(answer.credentials[0].fields["password"], b"kept");
+    assert_eq!(answer.credentials[0].fields["password"], b"v1");
     // The owner's next check fails; every replica then says the copy is
     // last-known-good.
     let mut stale = false;
@@ -312,7 +304,7 @@ async fn a_replica_started_during_a_vault_outage_serves_a_new_pods_kv_binding_fr
             },
         );
         let answer = client.fetch(request).await.unwrap().into_inner();
-        assert_eq!(answer.credentials[0].fields["password"], b"kept");
+        assert_eq!(answer.credentials[0].fields["password"], b"v1");
         if answer.credentials[0].last_known_good {
             stale = true;
             break;
@@ -347,19 +339,15 @@ fn endpoint_slice(name: &str, host: &str, port: u16) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_find_each_other_in_the_services_endpoint_slices_and_drop_a_replica_that_left() {
-    let env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/orders"),
-        EnvOptions {
-            kubernetes: true,
-            ..options()
-        },
-    )
+    let (env, pki) = with_secret(EnvOptions {
+        kubernetes: true,
+        ..options()
+    })
     .await;
     let cluster = env.kube.as_ref().unwrap();
     let namespace =
         json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "tessera" } });
     assert!(cluster.apply(&namespace).status.success());
-    let pki = PeerPki::new(env.dir.path());
     let host = host_address().to_string();
     let ports = [free_port(), free_port()];
     for (i, port) in ports.iter().enumerate() {
