@@ -378,6 +378,9 @@ async fn poll(
     let mut known: Option<u64> = None;
     let mut owned = true;
     let mut nudged = false;
+    let mut last_read = tokio::time::Instant::now()
+        .checked_sub(NUDGE_GAP)
+        .unwrap_or_else(tokio::time::Instant::now);
     loop {
         // Stop when nobody listens; decided under the lock that subscribe takes,
         // so a new subscriber either finds this sender or starts a new poller.
@@ -404,6 +407,16 @@ async fn poll(
             };
             continue;
         }
+        // However many entries name it, the secret is read at most once per
+        // NUDGE_GAP on their account: a flood of forged ones cannot turn
+        // into a flood of Vault reads.
+        if nudged {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep_until(last_read + NUDGE_GAP) => {}
+            }
+        }
+        last_read = tokio::time::Instant::now();
         if !owned && !nudged {
             owned = true;
             known = sender.borrow().as_ref().map(|fed| fed.secret.version);
@@ -477,6 +490,10 @@ fn stale(
         let _ = changes.send((source.clone(), fed));
     }
 }
+
+/// The shortest time between two reads of one secret that Vault's change
+/// feed asked for.
+const NUDGE_GAP: Duration = Duration::from_secs(1);
 
 /// How often a replica that does not own a source looks whether it does now.
 const OWNERSHIP_CHECK: Duration = Duration::from_secs(1);

@@ -80,3 +80,58 @@ async fn a_write_is_pushed_at_once_through_the_feed_and_a_silent_feed_falls_back
         "v3 came by polling, not the feed"
     );
 }
+
+/// Posts `count` forged audit entries naming `path` to the broker's feed.
+async fn forge(address: &str, path: &str, count: usize) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let entry = json!({ "type": "response", "request": { "path": path, "operation": "update" } });
+    let body = format!("{entry}\n").repeat(count);
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "POST /v1/audit HTTP/1.1\r\nHost: feed\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_forged_feed_entries_costs_vault_at_most_a_read_a_second() {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        EnvOptions {
+            poll: "1s",
+            change_feed: true,
+            ..EnvOptions::default()
+        },
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v1" }))
+        .await;
+    until_feed(&env, true).await;
+    let feed = env
+        .config
+        .vault
+        .change_feed
+        .as_ref()
+        .unwrap()
+        .listen
+        .clone();
+    let checks =
+        "tessera_vault_request_duration_seconds_count{operation=\"ReadSecretMetadataRequest\"}";
+    let before = metric(&env, checks).await.unwrap_or(0.0);
+    for _ in 0..10 {
+        forge(&feed, "secret/data/shop/orders", 100).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = metric(&env, checks).await.unwrap_or(0.0);
+    // 1,000 entries over two seconds: a read a second, and a margin of one.
+    assert!(after - before <= 4.0, "{before} -> {after} version checks");
+    assert!(
+        after - before >= 1.0,
+        "the entries were heard: {before} -> {after}"
+    );
+}
