@@ -236,6 +236,37 @@ fn lease_prefixes(policy: &Policy) -> BTreeSet<(String, Option<String>)> {
         .collect()
 }
 
+/// The SHA-256 digests of the leases recorded now in the lease records of
+/// each of `clusters`, in the Vault `config` names (what is still held).
+///
+/// # Errors
+/// A [`crate::StartError`] when the Vault client cannot be built, or a
+/// cluster's records cannot be listed.
+pub async fn recorded_leases(
+    config: &Config,
+    clusters: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, crate::StartError> {
+    let vault = std::sync::Arc::new(Vault::new(
+        config.vault.clone(),
+        std::sync::Arc::new(Metrics::new()),
+    )?);
+    let mut held = BTreeSet::new();
+    for cluster in clusters {
+        let records = Records::new(
+            vault.clone(),
+            config.leases.record_mount.clone(),
+            cluster.clone(),
+        );
+        held.extend(
+            all_records(&records)
+                .await?
+                .into_iter()
+                .map(|record| record.lease_sha256),
+        );
+    }
+    Ok(held)
+}
+
 /// Every record of the cluster: its pods' and its service accounts'.
 async fn all_records(records: &Records) -> Result<Vec<LeaseRecord>, crate::vault::VaultError> {
     let mut all = Vec::new();

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config, listen } => commands::serve::serve(&runtime, &config, listen),
         Command::Policy(command) => commands::policy::run(command),
-        Command::Audit(query) => audit::run(&query),
+        Command::Audit(query) => audit::run(&runtime, &query),
         Command::Status(status) => status::run(&runtime, &status),
         Command::Dev(command) => commands::dev::run(command),
     };

@@ -30,9 +30,14 @@ pub struct Query {
     /// Include denials and errors, not only deliveries.
     #[arg(long)]
     pub all: bool,
-    /// `text` or `json` (every selected event, as written, with `revoked`).
+    /// `text` or `json` (every selected event, as written, with `revoked`
+    /// and, with `--config`, `held`).
     #[arg(long, short, default_value = "text")]
     pub output: super::policy::Output,
+    /// The broker's configuration: its Vault's lease records then say which
+    /// leases are still held (`held`), in every cluster the events name.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Audit log files, of any replicas and clusters; `-` reads standard
     /// input (`kubectl logs … | tessera-broker audit -`).
     #[arg(required = true)]
@@ -77,6 +82,9 @@ struct Answer {
     /// The revocation of the event's lease (same `lease_id_sha256`), when
     /// the trail has one: its `time`, `outcome` and `reason`.
     revoked: Option<Value>,
+    /// Whether a lease record holds the event's lease now (with `--config`,
+    /// for events with a lease).
+    held: Option<bool>,
 }
 
 /// Prints the selected events of every file in time order (several
@@ -85,7 +93,7 @@ struct Answer {
 ///
 /// # Errors
 /// When a file cannot be read.
-pub fn run(query: &Query) -> anyhow::Result<ExitCode> {
+pub fn run(runtime: &tokio::runtime::Runtime, query: &Query) -> anyhow::Result<ExitCode> {
     let files = &query.files;
     if let Some(path) = files.iter().find(|p| p.as_os_str() != "-" && !p.exists()) {
         eprintln!("{}: no such file", path.display());
@@ -97,12 +105,20 @@ pub fn run(query: &Query) -> anyhow::Result<ExitCode> {
     }
     // RFC 3339 times in UTC sort as text.
     events.sort_by(|a, b| text(a, "time").cmp(text(b, "time")));
+    let held = match &query.config {
+        Some(path) => Some(held_leases(runtime, path, &events)?),
+        None => None,
+    };
     let answers: Vec<Answer> = events
         .iter()
         .filter(|event| query.selects(event))
         .map(|event| Answer {
             event: event.clone(),
             revoked: revocation_of(event, &events),
+            held: held.as_ref().and_then(|held| {
+                let lease = event.get("lease_id_sha256").and_then(Value::as_str)?;
+                Some(held.contains(lease))
+            }),
         })
         .collect();
     if query.output == super::policy::Output::Json {
@@ -110,15 +126,25 @@ pub fn run(query: &Query) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut out = String::from(
-        "time\taction\toutcome\tnamespace/service-account\tpod (uid)\tnode\tbinding\tversion\treason\trevoked\n",
+        "time\taction\toutcome\tnamespace/service-account\tpod (uid)\tnode\tbinding\tversion\treason\trevoked\theld\n",
     );
-    for Answer { event, revoked } in &answers {
+    for Answer {
+        event,
+        revoked,
+        held,
+    } in &answers
+    {
+        let held = match held {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
         let revoked = revoked.as_ref().map_or_else(
             || "-".to_owned(),
             |r| format!("{} ({})", text(r, "time"), text(r, "reason")),
         );
         out.push_str(&format!(
-            "{}\t{}\t{}\t{}/{}\t{} ({})\t{}\t{}\t{}\t{}\t{revoked}\n",
+            "{}\t{}\t{}\t{}/{}\t{} ({})\t{}\t{}\t{}\t{}\t{revoked}\t{held}\n",
             text(event, "time"),
             text(event, "action"),
             text(event, "outcome"),
@@ -134,6 +160,23 @@ pub fn run(query: &Query) -> anyhow::Result<ExitCode> {
     }
     super::emit(&out);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The leases recorded now in the Vault of the configuration at `path`, in
+/// every cluster `events` name (and the configuration's own).
+fn held_leases(
+    runtime: &tokio::runtime::Runtime,
+    path: &std::path::Path,
+    events: &[Value],
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let config = tessera_broker::config::Config::load(path)?;
+    let mut clusters: std::collections::BTreeSet<String> = events
+        .iter()
+        .filter_map(|event| event.get("cluster").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect();
+    clusters.insert(config.cluster.clone());
+    Ok(runtime.block_on(tessera_broker::drift::recorded_leases(&config, &clusters))?)
 }
 
 /// Reads the JSON audit events of `path` (`-`: standard input) into `events`;

@@ -95,6 +95,17 @@ async fn status_finds_a_pod_without_the_sidecar_an_orphaned_lease_and_a_record_w
         }])
     );
     assert_eq!(report["records_without_lease"], json!([]));
+    // `audit --config`: the lease delivered is held (its record is there).
+    let audit = Command::new(binary("tessera-broker"))
+        .args(["audit", "--binding", "db", "-o", "json", "--config"])
+        .arg(env.dir.path().join("broker.yaml"))
+        .arg(env.dir.path().join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(audit.status.success(), "{audit:?}");
+    let answers: Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(answers[0]["held"], true, "{answers}");
+    assert_eq!(answers[0]["revoked"], Value::Null);
 
     // Tessera's lease revoked by hand: its record is now drift.
     env.bao.cli(&["lease", "revoke", "-sync", &ours[0]]);

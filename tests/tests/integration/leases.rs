@@ -86,7 +86,8 @@ async fn another_replica_revokes_a_deleted_pods_lease_after_its_issuer_and_sidec
     // got binding db, when, and was it revoked": A issued, B (or the
     // environment's broker) revoked.
     let output = std::process::Command::new(tessera_tests::binary("tessera-broker"))
-        .args(["audit", "--binding", "db", "-o", "json"])
+        .args(["audit", "--binding", "db", "-o", "json", "--config"])
+        .arg(env.dir.path().join("broker.yaml"))
         .args([&replica_a.audit, &replica_b.audit])
         .arg(env.dir.path().join("audit.jsonl"))
         .output()
@@ -97,6 +98,7 @@ async fn another_replica_revokes_a_deleted_pods_lease_after_its_issuer_and_sidec
     assert_eq!(issued["action"], "issue");
     assert_eq!(issued["pod_uid"], pod_uid.as_str());
     assert_eq!(issued["revoked"]["reason"], "pod deleted", "{answers}");
+    assert_eq!(issued["held"], false, "no lease record holds it any more");
     assert!(issued["revoked"]["time"].as_str() > issued["time"].as_str());
 }
 
