@@ -447,6 +447,13 @@ async fn poll(
             }
             Ok(_) => {
                 sender.send_if_modified(confirmed);
+                // Peers take the confirmation too: their copy's
+                // `confirmed_at` stays as fresh as the owner's.
+                if peers.is_some()
+                    && let Some(fed) = sender.borrow().clone()
+                {
+                    let _ = changes.send((source.clone(), fed));
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "polling a KV secret's version failed; will retry");

@@ -159,6 +159,22 @@ async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_ow
         field(out.path(), "app", "password").filter(|v| v == "v2")
     })
     .await;
+    // The owner's confirmations travel too: another replica's copy says
+    // Vault vouched for it within the last poll or two, not when it changed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut client = BrokerClient::new(env.channel_to(&replicas[other].uri).await);
+    let request = tessera_tests::with_token(
+        &env.token("shop", "orders"),
+        FetchRequest {
+            bindings: vec!["app".to_owned()],
+            ..Default::default()
+        },
+    );
+    let answer = client.fetch(request).await.unwrap().into_inner();
+    let confirmed =
+        std::time::SystemTime::try_from(answer.credentials[0].confirmed_at.unwrap()).unwrap();
+    let age = confirmed.elapsed().unwrap_or_default();
+    assert!(age < Duration::from_millis(2500), "confirmed {age:?} ago");
 
     // The owner dies: a survivor takes the secret over within seconds.
     replicas[owner_at].proc.kill();
