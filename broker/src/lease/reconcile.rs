@@ -299,6 +299,8 @@ impl Reconciler {
     /// Revokes every lease recorded for `owner`, a pod that was deleted or
     /// completed (`reason`).
     async fn pod_ended(&self, owner: &PodKey, reason: &str) {
+        // The pod's own Vault tokens (second gate) this replica keeps end too.
+        self.engine.end_pod_tokens(&owner.identity()).await;
         let records = match self.engine.records().of_pod(owner).await {
             Ok(records) => records,
             Err(error) => {
