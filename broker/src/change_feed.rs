@@ -115,8 +115,11 @@ pub async fn serve_change_feed(
         settings.check_interval,
         shutdown,
     );
-    let (served, ()) = tokio::join!(serving, checking);
-    served.map_err(|error| StartError::ChangeFeed(error.to_string()))
+    // The server ends at shutdown (the checks with it) or when it fails.
+    tokio::select! {
+        served = serving => served.map_err(|error| StartError::ChangeFeed(error.to_string())),
+        () = checking => Ok(()),
+    }
 }
 
 /// One post of the audit device: one entry, or several, one per line.
