@@ -51,7 +51,9 @@ impl Engine {
                 binding: binding.name.clone(),
                 problem: crate::policy::RenderError::Missing(field),
             })?
-            .remove(0);
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         let namespace = gate
             .namespace
             .clone()
