@@ -64,6 +64,10 @@ bindings:
     subjects: [{ namespace: bench, serviceAccount: app }]
     source: { database: { mount: database, role: bench } }
     ttl: 1h
+  - name: gated
+    subjects: [{ namespace: bench, serviceAccount: app }]
+    source: { kv2: { mount: secret, path: bench/app } }
+    vaultGate: { mount: jwt, role: \"{{ serviceAccount }}\" }
 ";
 
 /// One pod's agent, Tessera's or OpenBao's.
@@ -261,6 +265,38 @@ async fn replicated_fleet(
     tokio::time::sleep(idle_window).await;
     let (steady, _, _) = vault_requests(&env.bao.audit_log, audit_steady);
     Ok((startup, steady))
+}
+
+/// Vault's side of the `gated` binding: JWT auth trusting the dev issuer,
+/// role `app` for the bench pods' service account, allowed to read the secret.
+fn gate_setup(env: &Env) -> anyhow::Result<()> {
+    let key = std::fs::read_to_string(
+        env.dir
+            .path()
+            .join("dev")
+            .join(tessera_broker::dev::files::SIGNING_KEY),
+    )
+    .context("the dev signing key")?;
+    env.bao.enable_jwt_auth(&key);
+    let rules = env.dir.path().join("bench-gated.hcl");
+    std::fs::write(
+        &rules,
+        r#"path "secret/data/bench/app" { capabilities = ["read"] }"#,
+    )
+    .context("the gated policy")?;
+    env.bao.cli(&[
+        "policy",
+        "write",
+        "bench-gated",
+        &rules.display().to_string(),
+    ]);
+    env.bao.pod_jwt_role(
+        "app",
+        "system:serviceaccount:bench:app",
+        "tessera",
+        "bench-gated",
+    );
+    Ok(())
 }
 
 /// Vault requests in OpenBao's audit log, after line `from`, made by the
@@ -498,6 +534,11 @@ requests per pod): an idle window that happens to hold such a pass counts it {:.
     println!("== Fetch latency and throughput vs raw OpenBao KV reads");
     let latency = measure::latency(&env).await?;
     report.latency(latency);
+
+    println!("== the second gate's cost");
+    gate_setup(&env)?;
+    let (gate_levels, gate_first) = measure::gate_cost(&env).await?;
+    report.gate(&gate_levels, &gate_first);
 
     println!("== {watchers} Watch streams on one broker");
     let watch = measure::watch_scale(&env, watchers).await?;

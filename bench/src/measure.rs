@@ -326,3 +326,73 @@ pub async fn watch_scale(env: &Env, count: usize) -> anyhow::Result<WatchScale> 
         poll_interval_ms: 1000.0,
     })
 }
+
+/// The second gate's cost at one concurrency: `Fetch` of a KV binding
+/// served from the broker's shared copy, and of the same secret behind
+/// `vaultGate` (read with the pod's own Vault token each time).
+#[derive(Clone, Debug)]
+pub struct GateLevel {
+    /// Concurrent callers.
+    pub concurrency: usize,
+    /// p50 (ms), p99 (ms) and requests/s per repeat, shared copy.
+    pub shared: [Vec<f64>; 3],
+    /// The same, behind the gate.
+    pub gated: [Vec<f64>; 3],
+}
+
+/// What the second gate costs: steady `Fetch` latency and throughput of
+/// binding `app` (the shared copy) against `gated` (the same secret behind
+/// `vaultGate`), and the first `Fetch` of a new pod behind the gate (its
+/// Vault login) in ms.
+pub async fn gate_cost(env: &Env) -> anyhow::Result<(Vec<GateLevel>, Vec<f64>)> {
+    let channel = env.channel().await;
+    let token = Arc::new(env.token("bench", "app"));
+    let mut levels = Vec::new();
+    for concurrency in [1, 16] {
+        let mut level = GateLevel {
+            concurrency,
+            shared: Default::default(),
+            gated: Default::default(),
+        };
+        for _ in 0..REPEATS {
+            for (binding, into) in [("app", &mut level.shared), ("gated", &mut level.gated)] {
+                let (channel, token) = (channel.clone(), token.clone());
+                let (p50, p99, rps) = run_level(concurrency, move |_| {
+                    let mut client = BrokerClient::new(channel.clone());
+                    let token = token.clone();
+                    async move {
+                        let request = FetchRequest {
+                            bindings: vec![binding.into()],
+                            ..Default::default()
+                        };
+                        client.fetch(with_token(&token, request)).await.is_ok()
+                    }
+                })
+                .await;
+                into[0].push(p50);
+                into[1].push(p99);
+                into[2].push(rps);
+            }
+        }
+        levels.push(level);
+    }
+    // A new pod's first Fetch behind the gate: its login, then the read.
+    let mut first = Vec::new();
+    for i in 0..20 {
+        let mut spec = TokenSpec::new("bench", "app");
+        spec.pod = Some(format!("gate-{i}"));
+        let token = env.signer.mint(&spec);
+        let mut client = BrokerClient::new(channel.clone());
+        let request = FetchRequest {
+            bindings: vec!["gated".into()],
+            ..Default::default()
+        };
+        let started = Instant::now();
+        client
+            .fetch(with_token(&token, request))
+            .await
+            .context("a gated Fetch")?;
+        first.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok((levels, first))
+}

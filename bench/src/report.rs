@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::measure::{Level, Stats, WatchScale};
+use crate::measure::{GateLevel, Level, Stats, WatchScale};
 
 /// One metric, Tessera vs the peer.
 pub struct Row {
@@ -157,6 +157,44 @@ impl Report {
 the broker learns of a change by polling Vault once per secret, not once per pod.",
             w.poll_interval_ms
         ));
+    }
+
+    /// The second gate's cost (`vaultGate`): the same secret from the shared
+    /// copy and read with each pod's own Vault token.
+    pub fn gate(&mut self, levels: &[GateLevel], first: &[f64]) {
+        let _ = writeln!(
+            self.body,
+            "\n### Vault as a second gate (`vaultGate`): what it costs\n\n`Fetch` of one KV secret from the broker's shared copy, and of the same secret behind the gate (read with the pod's own Vault token every time; the token is kept per pod).\n"
+        );
+        let _ = writeln!(
+            self.body,
+            "| concurrency | shared p50 ms | gated p50 ms | gated / shared | shared p99 ms | gated p99 ms | shared req/s | gated req/s |\n|---|---|---|---|---|---|---|---|"
+        );
+        for level in levels {
+            let (s50, g50) = (Stats::of(&level.shared[0]), Stats::of(&level.gated[0]));
+            let _ = writeln!(
+                self.body,
+                "| {} | {} | {} | {:.2} | {} | {} | {} | {} |",
+                level.concurrency,
+                cell(s50),
+                cell(g50),
+                g50.median / s50.median,
+                cell(Stats::of(&level.shared[1])),
+                cell(Stats::of(&level.gated[1])),
+                cell(Stats::of(&level.shared[2])),
+                cell(Stats::of(&level.gated[2])),
+            );
+        }
+        let _ = writeln!(
+            self.body,
+            "| a new pod's first gated Fetch (its Vault login and read), ms | | {} | | | | | |",
+            cell(Stats::of(first))
+        );
+        self.note(
+            "The second gate trades the fleet-wide coalescing for Vault's own decision per pod: every gated delivery is a Vault read \
+(plus one login per pod and role, kept for 80 % of its TTL), so Vault's load grows with pods for such bindings, as with an agent per pod."
+                .to_owned(),
+        );
     }
 
     /// The zero-on-free allocator's cost: the same runs with and without it.
