@@ -339,6 +339,12 @@ impl Broker for BrokerService {
                 credential: Some(credential),
             }));
         }
+        // The pod's token stays with the stream only when a binding behind
+        // the second gate needs it to log in again; most streams keep none.
+        let mut caller = caller;
+        if bindings.iter().all(|b| b.gate.is_none()) {
+            caller.bearer = None;
+        }
         let mut stream = OpenStream::new(
             self.streams.clone(),
             caller,
