@@ -2,6 +2,20 @@
 
 use super::*;
 
+/// The first sample of metric `name` (followed by its labels or a space)
+/// whose line holds `label` ("" for any) on the `/metrics` of the admin
+/// endpoints at `admin_url`; `None` when there is none.
+pub async fn metric_value(admin_url: &str, name: &str, label: &str) -> Option<f64> {
+    let (_, text) = http_get(&format!("{admin_url}/metrics")).await;
+    text.lines()
+        .find(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+                && line.contains(label)
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 /// A plain HTTP/1.1 GET: (status code, body). Enough for the admin endpoints.
 pub async fn http_get(url: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

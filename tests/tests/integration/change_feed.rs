@@ -9,14 +9,30 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tessera_tests::{Env, EnvOptions, field, http_get, simple_policy, wait_for};
+use tessera_tests::{Env, EnvOptions, field, metric_value, simple_policy, wait_for};
 
-/// A value of the broker's `/metrics`.
+/// A value of the broker's `/metrics` (its first sample).
 async fn metric(env: &Env, name: &str) -> Option<f64> {
-    let (_, text) = http_get(&format!("{}/metrics", env.admin_url)).await;
-    text.lines()
-        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+    metric_value(&env.admin_url, name, "").await
+}
+
+/// A broker taking OpenBao's change feed (polling at 1 s when it is silent),
+/// serving `secret/shop/orders` (at `v1`) as binding `app`, once the feed is up.
+async fn with_feed() -> Env {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/orders"),
+        EnvOptions {
+            poll: "1s",
+            change_feed: true,
+            ..EnvOptions::default()
+        },
+    )
+    .await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v1" }))
+        .await;
+    until_feed(&env, true).await;
+    env
 }
 
 /// Waits until `tessera_change_feed_up` is `up`.
@@ -33,19 +49,7 @@ async fn until_feed(env: &Env, up: bool) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_is_pushed_at_once_through_the_feed_and_a_silent_feed_falls_back_to_polling() {
-    let mut env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/orders"),
-        EnvOptions {
-            poll: "1s",
-            change_feed: true,
-            ..EnvOptions::default()
-        },
-    )
-    .await;
-    env.bao
-        .put("shop/orders", &json!({ "password": "v1" }))
-        .await;
-    until_feed(&env, true).await;
+    let mut env = with_feed().await;
     let out = env.tmpfs_out();
     let _sidecar = env.sidecar_run(&env.token_file("shop", "orders"), out.path(), &["app"]);
     wait_for(Duration::from_secs(20), "v1", || {
@@ -99,19 +103,7 @@ async fn forge(address: &str, path: &str, count: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_forged_feed_entries_costs_vault_at_most_a_read_a_second() {
-    let env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/orders"),
-        EnvOptions {
-            poll: "1s",
-            change_feed: true,
-            ..EnvOptions::default()
-        },
-    )
-    .await;
-    env.bao
-        .put("shop/orders", &json!({ "password": "v1" }))
-        .await;
-    until_feed(&env, true).await;
+    let env = with_feed().await;
     let feed = env
         .config
         .vault

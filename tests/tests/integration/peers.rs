@@ -19,7 +19,7 @@ use tessera_proto::{
     v1::{FetchRequest, broker_client::BrokerClient},
 };
 use tessera_tests::{
-    CertFiles, Env, EnvOptions, PeerPki, Replica, field, free_port, host_address, http_get,
+    CertFiles, Env, EnvOptions, PeerPki, Replica, field, free_port, host_address, metric_value,
     peer_addresses, simple_policy, wait_for,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -50,14 +50,11 @@ async fn version_checks(replica: &Replica) -> u64 {
     .await
 }
 
-/// A counter of `replica`'s `/metrics` (the first line of `name` with `label`).
+/// A counter of `replica`'s `/metrics` (metric `name`, a line with `label`).
 async fn counter(replica: &Replica, name: &str, label: &str) -> u64 {
-    let (_, metrics) = http_get(&format!("{}/metrics", replica.admin_url())).await;
-    metrics
-        .lines()
-        .find(|line| line.starts_with(name) && line.contains(label))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+    metric_value(&replica.admin_url(), name, label)
+        .await
+        .map_or(0, |value| value as u64)
 }
 
 /// Which of `replicas` checked the secret's version over two seconds.
