@@ -85,12 +85,14 @@ pub async fn serve_change_feed(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let token = match &settings.token_file {
-        Some(path) => Some(Arc::new(Secret::new(
-            std::fs::read(path)
-                .map_err(|error| StartError::ChangeFeed(format!("{}: {error}", path.display())))?
-                .trim_ascii()
-                .to_vec(),
-        ))),
+        Some(path) => {
+            // Read into a buffer cleared on drop; only the trimmed token is kept.
+            let raw =
+                zeroize::Zeroizing::new(std::fs::read(path).map_err(|error| {
+                    StartError::ChangeFeed(format!("{}: {error}", path.display()))
+                })?);
+            Some(Arc::new(Secret::new(raw.trim_ascii().to_vec())))
+        }
         None => None,
     };
     let canary = Arc::new(Canary::default());
