@@ -25,6 +25,7 @@ pub mod membership;
 pub mod metrics;
 pub mod peers;
 pub mod policy;
+pub mod policy_resources;
 pub mod ratelimit;
 mod running;
 pub mod secret;
@@ -178,12 +179,15 @@ pub async fn prepare(
     let discovers_peers = config.peers.as_ref().is_some_and(|peers| {
         matches!(peers.addresses, peers::PeerAddresses::EndpointSlices { .. })
     });
-    let kube =
-        if config.identity.needs_kubernetes() || config.bootstrap.is_some() || discovers_peers {
-            Some(kube_client(config.kubeconfig.as_deref()).await?)
-        } else {
-            None
-        };
+    let kube = if config.identity.needs_kubernetes()
+        || config.bootstrap.is_some()
+        || discovers_peers
+        || config.policy_resources
+    {
+        Some(kube_client(config.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
     if let (Some(settings), Some(client)) = (&config.bootstrap, &kube) {
         if let Some(keys) = bootstrap::materialize(client, settings).await? {
             config.handle_key_file = Some(keys.current);
@@ -217,10 +221,29 @@ pub async fn prepare(
     if let (true, Some(client)) = (id.pod_lookup, &kube) {
         verifier = verifier.with_pod_lookup(client.clone());
     }
-    let policy = Arc::new(PolicyStore::load(
+    let resources = match (&kube, config.policy_resources) {
+        (Some(client), true) => policy_resources::list(client).await.map_err(|e| {
+            StartError::Kubernetes(format!(
+                "policy.resources: listing ClusterAccessPolicy and AccessBinding resources: {e} (are the chart's CRDs installed, and may the broker list them?)"
+            ))
+        })?,
+        _ => Vec::new(),
+    };
+    let policy = Arc::new(PolicyStore::load_with(
         config.policy_paths.clone(),
         &config.cluster,
+        resources,
     )?);
+    if let (Some(client), true) = (&kube, config.policy_resources) {
+        tasks.add(
+            "policy resource follower",
+            policy_resources::follow(client.clone(), policy.clone(), shutdown.clone()),
+        );
+        tasks.add(
+            "policy resource status writer",
+            policy_resources::write_status(client.clone(), policy.clone(), shutdown.clone()),
+        );
+    }
     let loaded = policy.current();
     tracing::info!(
         bindings = loaded.policy.bindings.len(),

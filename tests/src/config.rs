@@ -160,6 +160,9 @@ pub struct PolicyConfig {
     pub paths: Vec<String>,
     /// How often they are checked.
     pub reload_interval: String,
+    /// Whether ClusterAccessPolicy and AccessBinding resources are read too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resources: bool,
 }
 
 /// How the broker logs in to Vault.

@@ -65,6 +65,9 @@ pub struct EnvOptions {
     /// checked every second, polling backstop 5 minutes) through a relay
     /// [`Env::silence_change_feed`] stops.
     pub change_feed: bool,
+    /// Read the policy from ClusterAccessPolicy and AccessBinding resources
+    /// too (the chart's CRDs installed first). Needs `kubernetes`.
+    pub policy_resources: bool,
 }
 
 impl Default for EnvOptions {
@@ -86,6 +89,7 @@ impl Default for EnvOptions {
             sweep_interval: "2s",
             bootstrap: false,
             change_feed: false,
+            policy_resources: false,
         }
     }
 }
@@ -173,6 +177,9 @@ impl Env {
         bao.write_broker_policy();
         let login = broker_login(&bao, dir.path(), &signer, options.login);
         let kube = options.kubernetes.then(Cluster::start);
+        if let (Some(cluster), true) = (&kube, options.policy_resources) {
+            cluster.install_policy_crds();
+        }
         if let Some(cluster) = &kube {
             // The cluster's own keys, as `kubectl get --raw /openid/v1/jwks`
             // gives them (install.md's jwksFile recipe).
@@ -890,6 +897,7 @@ fn broker_config(
         policy: PolicyConfig {
             paths: vec!["policy".to_owned()],
             reload_interval: "100ms".to_owned(),
+            resources: options.policy_resources,
         },
         vault: VaultConfig {
             address: bao.address.clone(),

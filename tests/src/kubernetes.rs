@@ -61,6 +61,19 @@ pub fn kubectl_binary() -> PathBuf {
     }
 }
 
+/// The helm the scripts install (`TESSERA_HELM`, `.tools/bin/helm`, or PATH).
+pub fn helm_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TESSERA_HELM") {
+        return PathBuf::from(path);
+    }
+    let local = workspace_root().join(".tools/bin/helm");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("helm")
+    }
+}
+
 /// Builds the control plane once per test process (cached across runs).
 fn ensure_built() {
     static BUILT: OnceLock<()> = OnceLock::new();
@@ -187,6 +200,41 @@ impl Cluster {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Installs the chart's CRDs (`policy.resources.enabled`), as `helm
+    /// install` renders them, and waits until the API server serves them.
+    pub fn install_policy_crds(&self) {
+        let rendered = Command::new(helm_binary())
+            .arg("template")
+            .arg("tessera")
+            .arg(workspace_root().join("deploy/helm/tessera"))
+            .args(["--show-only", "templates/crds.yaml"])
+            .args(["--set", "vault.address=https://vault:8200"])
+            .args(["--set", "policy.resources.enabled=true"])
+            .output()
+            .expect("helm runs");
+        assert!(
+            rendered.status.success(),
+            "helm template: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+        let applied = self.with_stdin(
+            &["apply", "-f", "-"],
+            &String::from_utf8(rendered.stdout).unwrap(),
+        );
+        assert!(
+            applied.status.success(),
+            "the CRDs: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+        self.run(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/clusteraccesspolicies.tessera.dev",
+            "crd/accessbindings.tessera.dev",
+        ]);
     }
 
     /// `kubectl apply` of `object` (JSON); the output.

@@ -143,7 +143,11 @@ impl Default for RateLimitFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct PolicyFile {
+    #[serde(default)]
     pub(super) paths: Vec<PathBuf>,
+    /// Read `ClusterAccessPolicy` and `AccessBinding` resources too.
+    #[serde(default)]
+    pub(super) resources: bool,
     #[serde(default = "default_reload", deserialize_with = "duration")]
     pub(super) reload_interval: Duration,
 }

@@ -94,6 +94,9 @@ pub struct Config {
     pub policy_paths: Vec<PathBuf>,
     /// How often the policy files are checked for changes.
     pub policy_reload_interval: Duration,
+    /// Whether the policy also comes from `ClusterAccessPolicy` and
+    /// `AccessBinding` resources (`policy.resources`).
+    pub policy_resources: bool,
     /// Where Vault is, how the broker logs in, how often it polls and checks it.
     pub vault: VaultSettings,
     /// How often a watched KV secret's version is checked.
@@ -205,9 +208,9 @@ impl Config {
             pod_lookup: id.pod_lookup,
             key_refresh_interval: id.key_refresh_interval,
         };
-        if file.policy.paths.is_empty() {
+        if file.policy.paths.is_empty() && !file.policy.resources {
             return Err(error(
-                "policy.paths is empty (name the policy file or directory)".to_owned(),
+                "policy.paths is empty (name the policy file or directory, or set policy.resources: true to read ClusterAccessPolicy and AccessBinding resources)".to_owned(),
             ));
         }
         for (name, interval) in [
@@ -310,6 +313,7 @@ impl Config {
             admin_listen: file.admin.listen,
             policy_paths: file.policy.paths.into_iter().map(resolve).collect(),
             policy_reload_interval: file.policy.reload_interval,
+            policy_resources: file.policy.resources,
             vault: VaultSettings {
                 address: file.vault.address,
                 namespace: match file.vault.namespace {

@@ -7,15 +7,18 @@
 //! how to fix it, so `policy check` can list them all at once.
 
 mod compile;
+mod delegation;
 mod document;
 mod files;
 pub mod glob;
 pub use tessera_template as render;
 mod limits;
 pub mod report;
+pub mod resources;
 mod source;
 pub mod store;
 
+pub use delegation::Delegation;
 pub use files::{Sources, read_sources};
 pub use limits::{DEFAULT_MIN_TTL, ImageUser, Limits};
 pub use source::{
@@ -34,7 +37,7 @@ use tessera_proto::is_safe_name;
 
 use crate::{identity::Identity, secret::Secret};
 pub use document::API_VERSION;
-use document::{Document, Spanned};
+use document::{PolicyBody, Spanned};
 use render::Template;
 
 /// One problem found in a policy, located in its file.
@@ -325,8 +328,10 @@ pub enum RenderError {
 pub struct Policy {
     /// Cluster-wide limits.
     pub limits: Limits,
-    /// The bindings, in file order.
+    /// The bindings, in file order (then `AccessBinding`s, oldest first).
     pub bindings: Vec<Binding>,
+    /// What namespaces may define for themselves (`delegations`).
+    pub delegations: Vec<Delegation>,
     /// The files it was read from.
     pub files: Vec<PathBuf>,
 }
@@ -384,25 +389,7 @@ impl Policy {
     /// # Errors
     /// A [`PolicyError`] listing every problem found.
     pub fn parse_many(texts: &[(String, String)]) -> Result<Self, PolicyError> {
-        let mut problems = Vec::new();
-        let mut documents = Vec::new();
-        for (file, text) in texts {
-            match document::parse(text) {
-                Ok(doc) => documents.push((file.clone(), doc)),
-                Err((line, column, message)) => problems.push(Problem {
-                    file: file.clone(),
-                    line,
-                    column,
-                    message,
-                }),
-            }
-        }
-        let policy = compile(&documents, &mut problems);
-        if problems.is_empty() {
-            Ok(policy)
-        } else {
-            Err(PolicyError { problems })
-        }
+        resources::compile_all(texts, &[]).map(|(policy, _)| policy)
     }
 
     /// The bindings granted to `identity`, in policy order.
@@ -452,13 +439,20 @@ fn at<T>(file: &str, spanned: &Spanned<T>, message: String) -> Problem {
     }
 }
 
+/// A policy compiled from its documents, with what `AccessBinding`s are
+/// checked against.
+struct Compiled {
+    policy: Policy,
+    defaults: Option<compile::Defaults>,
+}
+
 /// Checks the documents and builds the policy, pushing every problem found.
-fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Policy {
+fn compile(documents: &[(&str, &PolicyBody)], problems: &mut Vec<Problem>) -> Compiled {
     // Limits and defaults: at most one document may set each.
     let mut limits = Limits::default();
     let mut defaults = None;
     let mut limits_file: Option<&str> = None;
-    for (file, doc) in documents {
+    for &(file, doc) in documents {
         if let Some(l) = &doc.limits {
             if let Some(first) = limits_file {
                 problems.push(at(
@@ -479,15 +473,16 @@ fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Pol
                     "`defaults` is set in more than one file (keep one)".to_owned(),
                 ));
             } else {
-                defaults = Some((file.as_str(), d));
+                defaults = Some((file, d));
             }
         }
     }
     let defaults = defaults.map(|(file, d)| compile::check_defaults(file, d, &limits, problems));
 
     let mut bindings: Vec<Binding> = Vec::new();
+    let mut delegations = Vec::new();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
-    for (file, doc) in documents {
+    for &(file, doc) in documents {
         for raw in &doc.bindings {
             let name = &raw.name.value;
             if let Some(first) = seen.get(name) {
@@ -510,11 +505,20 @@ fn compile(documents: &[(String, Document)], problems: &mut Vec<Problem>) -> Pol
                 bindings.push(binding);
             }
         }
+        for raw in &doc.delegations {
+            if let Some(delegation) = compile::compile_delegation(file, raw, &limits, problems) {
+                delegations.push(delegation);
+            }
+        }
     }
-    Policy {
-        limits,
-        bindings,
-        files: Vec::new(),
+    Compiled {
+        policy: Policy {
+            limits,
+            bindings,
+            delegations,
+            files: Vec::new(),
+        },
+        defaults,
     }
 }
 

@@ -32,6 +32,7 @@ mod peers;
 mod pod_keys;
 mod pod_shapes;
 mod policy;
+mod policy_resources;
 mod python;
 mod quickstart;
 mod refusals;

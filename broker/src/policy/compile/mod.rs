@@ -4,6 +4,7 @@
 
 mod checks;
 mod defaults;
+mod delegation;
 mod limits;
 mod output;
 mod source;
@@ -11,6 +12,7 @@ mod subjects;
 mod timing;
 
 pub(super) use defaults::{Defaults, check_defaults};
+pub(super) use delegation::compile_delegation;
 pub(super) use limits::apply_limits;
 
 use super::{Binding, Limits, Problem, at, document::BindingDoc, safe};
