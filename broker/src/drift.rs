@@ -80,6 +80,22 @@ pub struct RecordRef {
     pub lease_sha256: String,
 }
 
+/// The policy the broker of `config` serves: its files, and its cluster's
+/// resources when it reads them (a rejected resource counts for nothing).
+async fn policy_of(config: &Config) -> Result<Policy, crate::StartError> {
+    if !config.policy_resources {
+        return Ok(Policy::load(&config.policy_paths)?);
+    }
+    let client = crate::kube_client(config.kubeconfig.as_deref()).await?;
+    let resources = crate::policy_resources::list(&client)
+        .await
+        .map_err(|e| crate::StartError::Kubernetes(format!("policy.resources: {e}")))?;
+    let sources = crate::policy::read_sources(&config.policy_paths)?;
+    let (mut policy, _) = crate::policy::resources::compile_all(&sources.texts, &resources)?;
+    policy.files = sources.files;
+    Ok(policy)
+}
+
 /// Checks everything `config` reaches: its cluster's pods (namespaces
 /// labelled `namespace_label`, `key=value`), and its Vault's leases and
 /// records for the sources of its policy.
@@ -88,7 +104,7 @@ pub struct RecordRef {
 /// A [`crate::StartError`] when the policy or the Vault client cannot be
 /// loaded; what cannot be reached later is listed in `not_checked`.
 pub async fn check(config: &Config, namespace_label: &str) -> Result<Report, crate::StartError> {
-    let policy = Policy::load(&config.policy_paths)?.for_cluster(&config.cluster);
+    let policy = policy_of(config).await?.for_cluster(&config.cluster);
     let vault = std::sync::Arc::new(Vault::new(
         config.vault.clone(),
         std::sync::Arc::new(Metrics::new()),

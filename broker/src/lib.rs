@@ -144,9 +144,10 @@ fn kv_keys(feeds: Arc<Feeds>) -> webhook::KvKeysLookup {
 }
 
 /// Builds the Kubernetes client from the kubeconfig, or in-cluster.
-pub(crate) async fn kube_client(
-    kubeconfig: Option<&std::path::Path>,
-) -> Result<kube::Client, StartError> {
+///
+/// # Errors
+/// [`StartError::Kubernetes`] naming the file or the missing environment.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, StartError> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve { config, listen } => commands::serve::serve(&runtime, &config, listen),
-        Command::Policy(command) => commands::policy::run(command),
+        Command::Policy(command) => commands::policy::run(&runtime, command),
         Command::Audit(query) => audit::run(&runtime, &query),
         Command::Status(status) => status::run(&runtime, &status),
         Command::Dev(command) => commands::dev::run(command),

@@ -6,7 +6,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Subcommand, ValueEnum};
 use tessera_broker::{
     identity::Identity,
-    policy::{Policy, report},
+    policy::{
+        Policy, report,
+        resources::{ClusterResource, check_all},
+    },
 };
 
 use super::{emit, exit, print_json};
@@ -25,9 +28,12 @@ pub enum Output {
 pub enum PolicyCommand {
     /// Validate policy files or directories; lists every problem as file:line:column.
     Check {
-        /// Policy files or directories.
-        #[arg(required = true)]
+        /// Policy files or directories (`Policy`, `ClusterAccessPolicy`,
+        /// `AccessBinding`, or a `List` of them as kubectl prints it).
+        #[arg(required_unless_present = "from_cluster")]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        from: FromCluster,
         /// `text` or `json`.
         #[arg(long, short, default_value = "text")]
         output: Output,
@@ -49,8 +55,10 @@ pub enum PolicyCommand {
         #[arg(long)]
         cluster: Option<String>,
         /// Policy files or directories.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "from_cluster")]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        from: FromCluster,
         /// `text` or `json`.
         #[arg(long, short, default_value = "text")]
         output: Output,
@@ -69,6 +77,39 @@ pub enum PolicyCommand {
         #[arg(long, short, default_value = "text")]
         output: Output,
     },
+}
+
+/// Where a policy command reads the cluster's policy resources.
+#[derive(clap::Args)]
+pub struct FromCluster {
+    /// Add the cluster's ClusterAccessPolicy and AccessBinding resources
+    /// (as the broker with `policy.resources` reads them).
+    #[arg(long)]
+    from_cluster: bool,
+    /// The kubeconfig for `--from-cluster`; `KUBECONFIG` or
+    /// `~/.kube/config` when absent.
+    #[arg(long, requires = "from_cluster")]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl FromCluster {
+    /// The resources, when asked for.
+    fn read(&self, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Vec<ClusterResource>> {
+        if !self.from_cluster {
+            return Ok(Vec::new());
+        }
+        runtime.block_on(async {
+            let client = match &self.kubeconfig {
+                Some(path) => tessera_broker::kube_client(Some(path)).await?,
+                None => kube::Client::try_default().await.map_err(|e| {
+                    anyhow::anyhow!("--from-cluster: no Kubernetes configuration ({e}); pass --kubeconfig")
+                })?,
+            };
+            tessera_broker::policy_resources::list(&client)
+                .await
+                .map_err(|e| anyhow::anyhow!("--from-cluster: listing ClusterAccessPolicy and AccessBinding resources: {e}"))
+        })
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -95,6 +136,7 @@ struct CheckReport<'a> {
 /// path that does not exist (`missing` overrides the status, for `diff`).
 fn load_or_report(
     paths: &[PathBuf],
+    resources: &[ClusterResource],
     missing: Option<u8>,
     output: Output,
 ) -> Result<Policy, ExitCode> {
@@ -116,7 +158,7 @@ fn load_or_report(
         }
         return Err(ExitCode::from(missing.unwrap_or(exit::NO_INPUT)));
     } else {
-        match Policy::load(paths) {
+        match check_all(paths, resources) {
             Ok(policy) => return Ok(policy),
             Err(error) => error.problems,
         }
@@ -147,39 +189,46 @@ fn load_or_report(
 /// Runs one `policy` subcommand.
 ///
 /// # Errors
-/// None today; the signature matches the other subcommands.
-pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+/// The cluster's resources could not be read (`--from-cluster`).
+pub fn run(runtime: &tokio::runtime::Runtime, command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
-        PolicyCommand::Check { paths, output } => Ok(match load_or_report(&paths, None, output) {
-            Ok(policy) => {
-                match output {
-                    Output::Text => emit(&format!(
-                        "ok: {} binding{} in {} file{}\n",
-                        policy.bindings.len(),
-                        if policy.bindings.len() == 1 { "" } else { "s" },
-                        policy.files.len(),
-                        if policy.files.len() == 1 { "" } else { "s" }
-                    )),
-                    Output::Json => print_json(&CheckReport {
-                        ok: true,
-                        bindings: policy.bindings.len(),
-                        files: policy.files.len(),
-                        problems: &[],
-                    }),
+        PolicyCommand::Check {
+            paths,
+            from,
+            output,
+        } => Ok(
+            match load_or_report(&paths, &from.read(runtime)?, None, output) {
+                Ok(policy) => {
+                    match output {
+                        Output::Text => emit(&format!(
+                            "ok: {} binding{} in {} file{}\n",
+                            policy.bindings.len(),
+                            if policy.bindings.len() == 1 { "" } else { "s" },
+                            policy.files.len(),
+                            if policy.files.len() == 1 { "" } else { "s" }
+                        )),
+                        Output::Json => print_json(&CheckReport {
+                            ok: true,
+                            bindings: policy.bindings.len(),
+                            files: policy.files.len(),
+                            problems: &[],
+                        }),
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        }),
+                Err(code) => code,
+            },
+        ),
         PolicyCommand::Explain {
             namespace,
             service_account,
             pod_labels,
             cluster,
             paths,
+            from,
             output,
         } => {
-            let policy = match load_or_report(&paths, None, output) {
+            let policy = match load_or_report(&paths, &from.read(runtime)?, None, output) {
                 Ok(policy) => match &cluster {
                     Some(name) => policy.for_cluster(name),
                     None => policy.for_cluster_unnamed(),
@@ -210,8 +259,8 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
             output,
         } => {
             let error = Some(exit::DIFF_ERROR);
-            let (old, new) = match load_or_report(&[old], error, output)
-                .and_then(|old| Ok((old, load_or_report(&[new], error, output)?)))
+            let (old, new) = match load_or_report(&[old], &[], error, output)
+                .and_then(|old| Ok((old, load_or_report(&[new], &[], error, output)?)))
             {
                 Ok(both) => both,
                 Err(code) => return Ok(code),

@@ -82,6 +82,7 @@ const NON_DEFAULT: &[&str] = &[
     "preStopSleepSeconds=0",
     "priorityClassName=system-cluster-critical",
     "podDisruptionBudget.minAvailable=2",
+    "policy.resources.enabled=true",
 ];
 
 fn render(values: &[&str]) -> Vec<Value> {
@@ -200,7 +201,10 @@ fn typed(docs: &[Value]) -> Rendered {
         let kind = doc["kind"].as_str().unwrap_or_default();
         if !matches!(
             kind,
-            "ClusterRole" | "ClusterRoleBinding" | "MutatingWebhookConfiguration"
+            "ClusterRole"
+                | "ClusterRoleBinding"
+                | "MutatingWebhookConfiguration"
+                | "CustomResourceDefinition"
         ) {
             assert_eq!(
                 doc["metadata"]["namespace"], NAMESPACE,
@@ -228,7 +232,8 @@ fn typed(docs: &[Value]) -> Rendered {
             ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
                 out.webhooks.push(strict(doc));
             }
-            ("cert-manager.io/v1", "Issuer" | "Certificate")
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+            | ("cert-manager.io/v1", "Issuer" | "Certificate")
             | ("monitoring.coreos.com/v1", "ServiceMonitor" | "PodMonitor" | "PrometheusRule") => {
                 assert!(doc["spec"].is_object(), "{kind} has a spec");
                 out.custom.push((kind.to_owned(), doc.clone()));
@@ -546,10 +551,40 @@ fn non_default_values_change_what_they_say() {
         [
             "Certificate",
             "Certificate",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "Issuer",
             "Issuer",
             "ServiceMonitor"
         ]
+    );
+    // policy.resources: the CRDs (kept on uninstall), the broker reads them
+    // and may write their status, nothing more.
+    for (kind, crd) in rendered
+        .custom
+        .iter()
+        .filter(|(k, _)| k == "CustomResourceDefinition")
+    {
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "{kind}"
+        );
+    }
+    let cluster_rules = serde_json::to_value(&rendered.cluster_roles[0].rules).unwrap();
+    let ours: Vec<&Value> = cluster_rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["apiGroups"][0] == "tessera.dev")
+        .collect();
+    assert_eq!(
+        ours[0]["verbs"],
+        serde_json::json!(["get", "list", "watch"])
+    );
+    assert_eq!(ours[1]["verbs"], serde_json::json!(["patch"]));
+    assert_eq!(
+        ours[1]["resources"],
+        serde_json::json!(["clusteraccesspolicies/status", "accessbindings/status"])
     );
     let configuration = &rendered.webhooks[0];
     assert_eq!(
@@ -568,16 +603,16 @@ fn non_default_values_change_what_they_say() {
         Some(&["tessera-handle-key-from-vault".to_owned()][..])
     );
 
-    // OIDC discovery without pod lookup needs no resource permissions at all.
+    // OIDC discovery without pod lookup needs no resource permissions at
+    // all, but for the policy's own resources.
     let rules = rules(&rendered);
-    assert!(
-        rules
-            .iter()
-            .all(|r| r.resources.is_none() && r.non_resource_urls.is_some())
-    );
+    assert!(rules.iter().all(|r| {
+        (r.resources.is_none() && r.non_resource_urls.is_some())
+            || r.api_groups.as_deref() == Some(&["tessera.dev".to_owned()][..])
+    }));
     let urls: Vec<String> = rules
         .iter()
-        .flat_map(|r| r.non_resource_urls.clone().unwrap())
+        .flat_map(|r| r.non_resource_urls.clone().unwrap_or_default())
         .collect();
     assert_eq!(
         urls,

@@ -83,9 +83,16 @@ fn the_chart_installs_into_a_real_cluster_with_default_and_switched_values() {
             "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
             "replicaCount=3",
             "webhook.namespaceSelector.matchLabels=null",
+            "policy.resources.enabled=true",
         ],
     );
     assert!(cluster.get(Some("alt"), "deployment/alt-tessera").is_some());
+    for crd in [
+        "crd/clusteraccesspolicies.tessera.dev",
+        "crd/accessbindings.tessera.dev",
+    ] {
+        assert!(cluster.get(None, crd).is_some(), "{crd} installed");
+    }
     assert!(cluster.get(None, "clusterrole/alt-tessera").is_some());
     let listed = helm(&cluster)
         .args(["list", "-A", "-o", "json"])
@@ -153,7 +160,12 @@ async fn the_broker_runs_with_exactly_the_charts_rbac_and_a_missing_verb_fails_p
     let cluster = env.kube.as_ref().unwrap();
     // Release `rbac` in the broker's namespace: its ServiceAccount, Role,
     // ClusterRole and webhook configuration are named `rbac-tessera`.
-    install(cluster, "rbac", "tessera", &[]);
+    install(
+        cluster,
+        "rbac",
+        "tessera",
+        &["policy.resources.enabled=true"],
+    );
     let kubeconfig = service_account_kubeconfig(cluster, "tessera", "rbac-tessera", env.dir.path());
     env.edit_config(|config| {
         config.kubernetes.as_mut().unwrap().kubeconfig = kubeconfig.display().to_string();
@@ -166,6 +178,7 @@ async fn the_broker_runs_with_exactly_the_charts_rbac_and_a_missing_verb_fails_p
         config.identity.jwks_file = None;
         config.identity.pod_lookup = true;
         config.identity.cache_ttl = Some("1s".to_owned());
+        config.policy.resources = true;
     });
     std::fs::remove_dir_all(env.dir.path().join("bootstrap")).unwrap();
     env.restart_broker().await;
@@ -200,6 +213,19 @@ async fn the_broker_runs_with_exactly_the_charts_rbac_and_a_missing_verb_fails_p
         .unwrap()
         .into_inner();
     assert_eq!(who.identity.unwrap().pod_name, "orders-0");
+    // It reads the policy's resources and writes their status.
+    let policy = serde_json::json!({
+        "apiVersion": "tessera.dev/v1alpha1", "kind": "ClusterAccessPolicy",
+        "metadata": { "name": "platform" },
+        "spec": { "delegations": [{ "namespaces": ["team-a"],
+                  "kv2": [{ "mount": "secret", "pathPrefix": "team-a/" }] }] },
+    });
+    assert!(cluster.apply(&policy).status.success());
+    wait_for(Duration::from_secs(20), "the policy's status", || {
+        let status = cluster.get(None, "clusteraccesspolicy/platform")?["status"].clone();
+        (status["conditions"][0]["status"] == "True").then_some(())
+    })
+    .await;
     assert!(
         !env.broker.output().contains("forbidden"),
         "{}",

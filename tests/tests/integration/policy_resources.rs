@@ -4,11 +4,11 @@
 //! accepted one is served to a pod within seconds; a deleted one is withdrawn
 //! (the stream ends POLICY_CHANGED, its lease is revoked).
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use serde_json::{Value, json};
 use tessera_proto::{reason::StreamEnd, v1::WatchRequest};
-use tessera_tests::{Cluster, Env, EnvOptions, Postgres, wait_for, with_token};
+use tessera_tests::{Cluster, Env, EnvOptions, Postgres, binary, wait_for, with_token};
 
 /// The file policy: nothing but what the cluster's resources add.
 const EMPTY: &str = "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nbindings: []\n";
@@ -141,6 +141,73 @@ async fn access_bindings_are_validated_judged_served_and_withdrawn_through_the_a
     // Another namespace's pod does not get it.
     let other = env.token("team-b", "app");
     assert!(env.fetch(&other, &["orders-db"]).await.is_err());
+
+    // The review commands read the same resources, from the cluster or as
+    // kubectl prints them, and say the same.
+    let kubeconfig = cluster.kubeconfig.display().to_string();
+    let policy_command = |args: &[&str]| {
+        let output = Command::new(binary("tessera-broker"))
+            .arg("policy")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, said) = policy_command(&["check", "--from-cluster", "--kubeconfig", &kubeconfig]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("AccessBinding team-a/theirs: binding `theirs` is outside what namespace `team-a` may define"),
+        "{said}"
+    );
+    let (code, said) = policy_command(&[
+        "explain",
+        "--from-cluster",
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        "team-a",
+        "--service-account",
+        "app",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        code,
+        Some(1),
+        "explain refuses a policy with a rejected resource: {said}"
+    );
+    cluster.run(&["delete", "accessbinding", "theirs", "-n", "team-a"]);
+    let (code, said) = policy_command(&[
+        "explain",
+        "--from-cluster",
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        "team-a",
+        "--service-account",
+        "app",
+    ]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("orders-db"), "{said}");
+    let listed = env.dir.path().join("live.yaml");
+    std::fs::write(
+        &listed,
+        cluster.run(&[
+            "get",
+            "clusteraccesspolicies,accessbindings",
+            "-A",
+            "-o",
+            "yaml",
+        ]),
+    )
+    .unwrap();
+    let (code, said) = policy_command(&["check", listed.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("ok: 1 binding"), "{said}");
 
     // 4. Deleted: the stream ends POLICY_CHANGED and the lease is revoked.
     cluster.run(&["delete", "accessbinding", "orders-db", "-n", "team-a"]);

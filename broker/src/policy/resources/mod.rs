@@ -5,11 +5,12 @@
 //! resource read from the cluster is accepted or rejected on its own, so one
 //! team's mistake never takes another's binding away.
 
-use std::fmt;
+use std::{fmt, path::PathBuf};
 
 use super::{
     Policy, PolicyError, Problem, compile,
     document::{self, Parsed, PolicyBody},
+    read_sources,
 };
 
 /// The resource kinds the broker reads from the cluster.
@@ -92,6 +93,67 @@ struct Part {
     resource: Option<usize>,
 }
 
+/// Loads the files at `paths` and `resources` read from the cluster for
+/// review (`policy check --from-cluster`): a resource's problems are
+/// problems like a file's, named after the resource.
+///
+/// # Errors
+/// A [`PolicyError`] listing every problem.
+pub fn check_all(paths: &[PathBuf], resources: &[ClusterResource]) -> Result<Policy, PolicyError> {
+    let sources = read_sources(paths)?;
+    let (mut policy, verdicts) = compile_all(&sources.texts, resources)?;
+    let problems: Vec<Problem> = verdicts
+        .iter()
+        .flat_map(|verdict| {
+            verdict.problems.iter().map(|message| Problem {
+                file: verdict.key.to_string(),
+                line: 0,
+                column: 0,
+                message: message.clone(),
+            })
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(PolicyError { problems });
+    }
+    policy.files = sources.files;
+    Ok(policy)
+}
+
+/// The documents of `texts`, with each `kind: List` (what `kubectl get
+/// accessbindings -A -o yaml` prints) replaced by its items, named
+/// `file: Kind namespace/name`.
+fn expand_lists(texts: &[(String, String)]) -> Vec<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        kind: String,
+        #[serde(default)]
+        items: Vec<serde_json::Value>,
+    }
+    let mut expanded = Vec::new();
+    for (file, text) in texts {
+        let list = serde_saphyr::from_str::<List>(text)
+            .ok()
+            .filter(|list| list.kind == "List");
+        let Some(list) = list else {
+            expanded.push((file.clone(), text.clone()));
+            continue;
+        };
+        for item in list.items {
+            let text = |key: &str| item[key].as_str().unwrap_or_default().to_owned();
+            let metadata = &item["metadata"];
+            let name = match (metadata["namespace"].as_str(), metadata["name"].as_str()) {
+                (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+                (None, Some(name)) => name.to_owned(),
+                _ => "(unnamed)".to_owned(),
+            };
+            let origin = format!("{file}: {} {name}", text("kind"));
+            expanded.push((origin, item.to_string()));
+        }
+    }
+    expanded
+}
+
 /// Compiles the policy files `texts` (file name, text: `Policy`,
 /// `ClusterAccessPolicy` or `AccessBinding` documents, all checked as a whole)
 /// together with `resources` read from the cluster (each accepted or
@@ -107,7 +169,7 @@ pub fn compile_all(
     let mut problems = Vec::new();
     let mut rejected: Vec<Vec<String>> = vec![Vec::new(); resources.len()];
     let mut parts = Vec::new();
-    for (file, text) in texts {
+    for (file, text) in &expand_lists(texts) {
         match document::parse(text) {
             Ok(parsed) => parts.push(Part {
                 origin: file.clone(),
