@@ -249,6 +249,19 @@ pub fn compile_all(
         mut policy,
         defaults,
     } = compiled;
+    // A resource read from the cluster has no lines to point at: its name
+    // is where a binding or delegation is defined.
+    for part in parts.iter().filter(|p| p.resource.is_some()) {
+        let prefix = format!("{}:", part.origin);
+        let places = policy
+            .bindings
+            .iter_mut()
+            .map(|b| &mut b.defined_at)
+            .chain(policy.delegations.iter_mut().map(|d| &mut d.defined_at));
+        for place in places.filter(|p| p.starts_with(&prefix)) {
+            place.clone_from(&part.origin);
+        }
+    }
 
     // Then each `AccessBinding` on its own, within the delegations.
     for (part, _) in parts.into_iter().zip(left_out).filter(|(_, out)| !*out) {

@@ -350,3 +350,33 @@ fn a_rejected_generation_keeps_the_last_accepted_one_in_force_until_deleted() {
     assert!(store.set_resources(vec![cluster_policy(), good]).unwrap());
     assert!(served(&store).is_some());
 }
+
+#[test]
+fn what_a_cluster_resource_defines_is_located_by_its_name() {
+    let (policy, verdicts) = compile_all(
+        &[],
+        &[
+            cluster_policy(),
+            access(
+                "team-a",
+                "x",
+                "2026-01-02T00:00:00Z",
+                "{ kv2: { mount: secret, path: teams/team-b/x } }",
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        policy.binding("shared-db").unwrap().defined_at,
+        "ClusterAccessPolicy platform"
+    );
+    assert_eq!(
+        policy.delegations[0].defined_at,
+        "ClusterAccessPolicy platform"
+    );
+    assert!(
+        verdicts[1].problems[0].contains("(ClusterAccessPolicy platform)"),
+        "{:?}",
+        verdicts[1]
+    );
+}
