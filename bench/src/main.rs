@@ -34,6 +34,15 @@ struct Sizes {
 
 impl Sizes {
     fn from_env() -> Self {
+        let sizes = Self::chosen();
+        let watchers = std::env::var("TESSERA_BENCH_WATCHERS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(sizes.watchers);
+        Self { watchers, ..sizes }
+    }
+
+    fn chosen() -> Self {
         if std::env::var_os("TESSERA_BENCH_QUICK").is_some() {
             Self {
                 fleet: 3,
@@ -323,6 +332,39 @@ fn vault_requests(audit: &Path, from: usize) -> (usize, usize, usize) {
     (tessera, agents, lines.len())
 }
 
+/// One section alone, printed and not written (`TESSERA_BENCH_ONLY=start`
+/// or `watch`): the quick loop while working on what it measures.
+async fn only_section(
+    env: &mut Env,
+    login: &(PathBuf, PathBuf),
+    section: &str,
+    watchers: usize,
+) -> anyhow::Result<()> {
+    match section {
+        "start" => {
+            for run in 0..5 {
+                let mut tessera = vec![spawn_sidecar(env, &format!("only-{run}"))];
+                wait_ready(&mut tessera).await?;
+                let mut agent = vec![spawn_agent(env, login, &format!("only-{run}"))];
+                wait_ready(&mut agent).await?;
+                println!(
+                    "start to files: sidecar {:.2} ms, agent {:.2} ms",
+                    ready_ms(&tessera)[0],
+                    ready_ms(&agent)[0]
+                );
+            }
+        }
+        "watch" => {
+            env.edit_config(|config| config.vault.kv_poll_interval = "1s".to_owned());
+            env.restart_broker().await;
+            let watch = measure::watch_scale(env, watchers).await?;
+            println!("{watch:?}");
+        }
+        other => anyhow::bail!("TESSERA_BENCH_ONLY={other}: use start or watch"),
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tessera_broker::install_crypto_provider();
@@ -355,6 +397,9 @@ async fn main() -> anyhow::Result<()> {
         .await;
     env.bao.database_role(&pg, "bench", "1h", "24h");
     let login = agent_login(&env);
+    if let Ok(only) = std::env::var("TESSERA_BENCH_ONLY") {
+        return only_section(&mut env, &login, &only, watchers).await;
+    }
 
     println!("== 1 pod: start to files, memory ({single_runs} runs each)");
     let (

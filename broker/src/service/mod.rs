@@ -335,9 +335,9 @@ impl Broker for BrokerService {
         let (tx, rx) = mpsc::channel(bindings.len() + wanted.len() + 4);
         let first = tx.clone();
         for credential in wanted {
-            let _ = first.try_send(Ok(WatchResponse {
+            let _ = first.try_send(Ok(Box::new(WatchResponse {
                 credential: Some(credential),
-            }));
+            })));
         }
         // The pod's token stays with the stream only when a binding behind
         // the second gate needs it to log in again; most streams keep none.
@@ -354,9 +354,9 @@ impl Broker for BrokerService {
         );
         for (live, credential) in delivered {
             // The channel has room for every initial message.
-            let _ = first.try_send(Ok(WatchResponse {
+            let _ = first.try_send(Ok(Box::new(WatchResponse {
                 credential: Some(credential),
-            }));
+            })));
             stream.delivered(live);
         }
         drop(first);
@@ -374,7 +374,8 @@ impl Broker for BrokerService {
         self.parts
             .streams
             .spawn(stream.run(changes).instrument(tracing::Span::current()));
-        let stream: Self::WatchStream = Box::pin(ReceiverStream::new(rx));
+        let stream: Self::WatchStream =
+            Box::pin(ReceiverStream::new(rx).map(|message| message.map(|boxed| *boxed)));
         Ok(Response::new(stream))
     }
 

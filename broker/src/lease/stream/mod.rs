@@ -90,6 +90,10 @@ impl Streams {
     }
 }
 
+/// Where a stream's messages go. Boxed: a channel holds its first block of
+/// 32 slots from the start, 32 × 240 bytes unboxed, for every open stream.
+pub type Outbox = mpsc::Sender<Result<Box<WatchResponse>, Status>>;
+
 /// A leased credential on a stream: when to act on it, failures so far.
 struct Pending {
     live: Live,
@@ -107,7 +111,7 @@ pub struct OpenStream {
     generation: u64,
     /// The caller's own shorter TTLs, per binding.
     narrowing: Narrowing,
-    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    tx: Outbox,
     /// Per KV binding: the version sent, and whether it was sent as
     /// last-known-good.
     kv_sent: HashMap<String, (String, bool)>,
@@ -122,7 +126,7 @@ impl OpenStream {
         shared: Arc<Streams>,
         caller: Caller,
         (generation, bindings, narrowing): (u64, Vec<Arc<Binding>>, Narrowing),
-        tx: mpsc::Sender<Result<WatchResponse, Status>>,
+        tx: Outbox,
         slots: Slots,
     ) -> Self {
         Self {
@@ -174,14 +178,18 @@ impl OpenStream {
 
     async fn send(&self, credential: Credential) -> bool {
         self.tx
-            .send(Ok(WatchResponse {
+            .send(Ok(Box::new(WatchResponse {
                 credential: Some(credential),
-            }))
+            })))
             .await
             .is_ok()
     }
 
     /// Runs until the caller hangs up or the stream ends for a reason.
+    ///
+    /// It waits most of a pod's life, once per open stream: what it does
+    /// when woken is boxed, so the waiting task holds only what waiting
+    /// needs (6 KiB a stream before, 10,000 streams on a replica).
     pub async fn run(mut self, mut changes: impl Stream<Item = (Arc<Binding>, Latest)> + Unpin) {
         let gauge = self.shared.metrics.watch_streams.clone();
         gauge.inc();
@@ -204,7 +212,7 @@ impl OpenStream {
             let next_due = self.leased.values().map(|p| p.due).min();
             let end = tokio::select! {
                 () = self.tx.closed() => {
-                    self.closed().await;
+                    Box::pin(self.closed()).await;
                     return;
                 }
                 () = &mut expiry => StreamEnd::TokenExpired.status(
@@ -214,7 +222,7 @@ impl OpenStream {
                     StreamEnd::ShuttingDown.status("broker is shutting down; reconnect")
                 }
                 changed = policy_changes.changed() => match changed {
-                    Ok(()) => match self.policy_changed().await {
+                    Ok(()) => match Box::pin(self.policy_changed()).await {
                         Some(end) => end,
                         None => continue,
                     },
@@ -223,8 +231,8 @@ impl OpenStream {
                 },
                 change = changes.next(), if watching_kv => match change {
                     Some((binding, Some(fed))) => {
-                        if !self.kv_changed(&binding, &fed).await {
-                            self.closed().await;
+                        if !Box::pin(self.kv_changed(&binding, &fed)).await {
+                            Box::pin(self.closed()).await;
                             return;
                         }
                         continue;
@@ -236,11 +244,11 @@ impl OpenStream {
                         continue;
                     }
                 },
-                () = crate::clock::sleep_until(next_due) => match self.act_on_due().await {
+                () = crate::clock::sleep_until(next_due) => match Box::pin(self.act_on_due()).await {
                     Ok(()) => continue,
                     Err(Some(end)) => end,
                     Err(None) => {
-                        self.closed().await;
+                        Box::pin(self.closed()).await;
                         return;
                     }
                 },
