@@ -342,6 +342,22 @@ async fn only_section(
 ) -> anyhow::Result<()> {
     match section {
         "start" => {
+            let client = env.bao.client();
+            for _ in 0..5 {
+                let began = Instant::now();
+                let _ = vaultrs::database::role::creds(&client, "database", "bench").await;
+                let vault_db = began.elapsed().as_secs_f64() * 1000.0;
+                let token = env.token("bench", "app");
+                let began = Instant::now();
+                env.fetch(&token, &["app"]).await?;
+                let kv = began.elapsed().as_secs_f64() * 1000.0;
+                let began = Instant::now();
+                let _ = env.fetch(&token, &["db"]).await;
+                let db = began.elapsed().as_secs_f64() * 1000.0;
+                println!(
+                    "Vault database creds {vault_db:.2} ms; Fetch app {kv:.2} ms, db {db:.2} ms (each with its TLS handshake)"
+                );
+            }
             for run in 0..5 {
                 let mut tessera = vec![spawn_sidecar(env, &format!("only-{run}"))];
                 wait_ready(&mut tessera).await?;
@@ -353,6 +369,22 @@ async fn only_section(
                     ready_ms(&agent)[0]
                 );
             }
+        }
+        "hold" => {
+            // An environment to try things by hand in, for ten minutes.
+            let mut spec = TokenSpec::new("bench", "app");
+            spec.pod = Some("by-hand".to_owned());
+            let token = env.dir.path().join("token-by-hand");
+            std::fs::write(&token, env.signer.mint(&spec))?;
+            let command = env.sidecar_command_at(
+                &env.broker_uri,
+                "once",
+                &token,
+                Path::new("/dev/shm/by-hand"),
+                &["app", "db"],
+            );
+            println!("{command:?}");
+            tokio::time::sleep(Duration::from_secs(600)).await;
         }
         "watch" => {
             env.edit_config(|config| config.vault.kv_poll_interval = "1s".to_owned());

@@ -30,26 +30,41 @@ impl Engine {
         }
         let vault_stamp = stamp(identity);
         let pod = owner(identity).filter(|_| leased);
-        if let Some(pod) = &pod {
-            self.make_room(binding, pod, caller).await?;
-        }
-        let gate = self.gate_token(binding, caller).await?;
-        let mut cx = self.context(&vault_stamp, pod_key);
-        cx.gate = gate.as_deref();
-        let minted = driver.issue(cx, binding, identity).await.map_err(|error| {
-            match (error, &binding.gate) {
-                // Vault refused the pod's own token: its policy, not the broker's.
-                (
-                    Error::Vault {
-                        source: VaultError::Denied(detail),
-                        ..
-                    },
-                    Some(gate_of),
-                ) if gate.is_some() => gate::gate_denied(binding, gate_of, detail),
-                (error, _) => error,
+        // Room for the new lease is made while Vault mints it: a new pod's
+        // first credential waits for one Vault round trip, not three.
+        let room = async {
+            match &pod {
+                Some(pod) => self.make_room(binding, pod, caller).await,
+                None => Ok(()),
             }
-        })?;
-        let (mut live, values) = live_of(binding, minted);
+        };
+        let mint = async {
+            let gate = self.gate_token(binding, caller).await?;
+            let mut cx = self.context(&vault_stamp, pod_key);
+            cx.gate = gate.as_deref();
+            driver.issue(cx, binding, identity).await.map_err(|error| {
+                match (error, &binding.gate) {
+                    // Vault refused the pod's own token: its policy, not the broker's.
+                    (
+                        Error::Vault {
+                            source: VaultError::Denied(detail),
+                            ..
+                        },
+                        Some(gate_of),
+                    ) if gate.is_some() => gate::gate_denied(binding, gate_of, detail),
+                    (error, _) => error,
+                }
+            })
+        };
+        let (room, minted) = tokio::join!(room, mint);
+        let (mut live, values) = live_of(binding, minted?);
+        if let Err(error) = room {
+            // No room was made: the new lease must not stay beyond the limit.
+            let _ = self
+                .revoke(&live, caller, "room for it could not be made")
+                .await;
+            return Err(error);
+        }
         if !leased {
             let credential = credential::credential(&live, Some(values.fields()))?;
             return Ok((live, credential));
