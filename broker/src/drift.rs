@@ -114,16 +114,107 @@ pub async fn check(config: &Config, namespace_label: &str) -> Result<Report, cra
         config.leases.record_mount.clone(),
         config.cluster.clone(),
     );
+    let kube = crate::kube_client(config.kubeconfig.as_deref()).await;
+    let mut report = survey(
+        &policy,
+        &vault,
+        &records,
+        kube.as_ref().ok(),
+        namespace_label,
+    )
+    .await;
+    if let Err(error) = kube {
+        report.not_checked.insert(0, format!("pods: {error}"));
+    }
+    Ok(report)
+}
+
+/// What drifted under `policy`: pods through `kube` (when there is a
+/// client), leases and records through `vault`.
+pub async fn survey(
+    policy: &Policy,
+    vault: &Vault,
+    records: &Records,
+    kube: Option<&kube::Client>,
+    namespace_label: &str,
+) -> Report {
     let mut report = Report::default();
-    match crate::kube_client(config.kubeconfig.as_deref()).await {
-        Ok(kube) => match pods_without_sidecar(&kube, namespace_label).await {
+    if let Some(kube) = kube {
+        match pods_without_sidecar(kube, namespace_label).await {
             Ok(pods) => report.pods_without_sidecar = pods,
             Err(error) => report.not_checked.push(format!("pods: {error}")),
-        },
-        Err(error) => report.not_checked.push(format!("pods: {error}")),
+        }
     }
-    lease_drift(&vault, &records, &policy, &mut report).await;
-    Ok(report)
+    lease_drift(vault, records, policy, &mut report).await;
+    report
+}
+
+/// Checks for drift every `settings.interval` until `shutdown` and keeps
+/// the `tessera_drift_*` gauges on what was found. With peers only the
+/// replica that owns the full pass checks (the others keep their gauges at
+/// zero, so `max` over replicas is the answer).
+pub async fn follow(
+    parts: DriftParts,
+    settings: crate::config::DriftSettings,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(settings.interval) => {}
+        }
+        let ours = parts
+            .peers
+            .as_ref()
+            .is_none_or(|peers| peers.owns(crate::lease::reconcile::FULL_PASS));
+        let report = if ours {
+            let policy = parts.policy.current();
+            survey(
+                &policy.policy,
+                &parts.vault,
+                &parts.records,
+                parts.kube.as_ref(),
+                &settings.namespace_label,
+            )
+            .await
+        } else {
+            Report::default()
+        };
+        for unchecked in &report.not_checked {
+            tracing::warn!(what = %unchecked, "drift check: not checked");
+        }
+        if ours {
+            tracing::info!(
+                pods_without_sidecar = report.pods_without_sidecar.len(),
+                orphaned_leases = report.orphaned_leases.len(),
+                records_without_lease = report.records_without_lease.len(),
+                not_checked = report.not_checked.len(),
+                "drift check done"
+            );
+        }
+        parts.metrics.set_drift([
+            report.pods_without_sidecar.len(),
+            report.orphaned_leases.len(),
+            report.records_without_lease.len(),
+            report.not_checked.len(),
+        ]);
+    }
+}
+
+/// What the periodic drift check uses.
+pub struct DriftParts {
+    /// The live policy.
+    pub policy: std::sync::Arc<crate::policy::store::PolicyStore>,
+    /// The broker's Vault client.
+    pub vault: std::sync::Arc<Vault>,
+    /// This cluster's lease records.
+    pub records: Records,
+    /// The API server, when the broker has a client.
+    pub kube: Option<kube::Client>,
+    /// The peers, when replicas share the work.
+    pub peers: Option<std::sync::Arc<crate::membership::Peers>>,
+    /// Where the gauges are.
+    pub metrics: std::sync::Arc<Metrics>,
 }
 
 /// Pods in namespaces labelled `namespace_label` that ask for the sidecar

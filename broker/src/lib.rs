@@ -184,6 +184,7 @@ pub async fn prepare(
         || config.bootstrap.is_some()
         || discovers_peers
         || config.policy_resources
+        || config.drift.is_some()
     {
         Some(kube_client(config.kubeconfig.as_deref()).await?)
     } else {
@@ -364,6 +365,44 @@ pub async fn prepare(
                 .clone()
                 .follow_deletions(client.clone(), shutdown.clone()),
         );
+    }
+    if let Some(settings) = &config.drift {
+        let parts = drift::DriftParts {
+            policy: policy.clone(),
+            vault: vault.clone(),
+            records: lease::records::Records::new(
+                vault.clone(),
+                config.leases.record_mount.clone(),
+                config.cluster.clone(),
+            ),
+            kube: kube.clone(),
+            peers: peers.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.add(
+            "drift check",
+            drift::follow(parts, settings.clone(), shutdown.clone()),
+        );
+    }
+    if config.policy_resources {
+        let (metrics, mut verdicts) = (metrics.clone(), policy.verdicts());
+        let shutdown = shutdown.clone();
+        tasks.add("policy resource gauge", async move {
+            loop {
+                let rejected = verdicts
+                    .borrow_and_update()
+                    .iter()
+                    .filter(|v| !v.accepted())
+                    .count();
+                metrics
+                    .policy_resources_rejected
+                    .set(i64::try_from(rejected).unwrap_or(i64::MAX));
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = verdicts.changed() => if changed.is_err() { return },
+                }
+            }
+        });
     }
     let service = BrokerService::new(service::Parts {
         metrics: metrics.clone(),

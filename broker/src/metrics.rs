@@ -150,6 +150,10 @@ pub struct Metrics {
     /// Lease records left alone because this replica cannot open or
     /// attribute them (sealed under an unknown key, another cluster's).
     pub lease_records_left_alone: Counter,
+    /// `ClusterAccessPolicy` and `AccessBinding` resources whose newest
+    /// generation is rejected.
+    pub policy_resources_rejected: Gauge,
+    drift: [Gauge; 4],
     admission_reviews: Family<DecisionLabels, Counter>,
     admission_duration: Histogram,
     lease_sweeps: Family<SweepLabels, Counter>,
@@ -242,6 +246,21 @@ impl Metrics {
             "Leases (database users, certificates) held by open Watch streams and kept renewed, by binding",
             active_leases.clone(),
         );
+        let policy_resources_rejected = Gauge::default();
+        registry.register(
+            "policy_resources_rejected",
+            "ClusterAccessPolicy and AccessBinding resources whose newest generation is rejected (their status says why)",
+            policy_resources_rejected.clone(),
+        );
+        let drift: [Gauge; 4] = Default::default();
+        for (gauge, (name, help)) in drift.iter().zip([
+            ("drift_pods_without_sidecar", "Pods in opted-in namespaces that ask for the sidecar and run without it, at the last drift check"),
+            ("drift_orphaned_leases", "Leases in Vault under the policy's sources that no lease record owns, at the last drift check"),
+            ("drift_records_without_lease", "Lease records of live leases that Vault no longer knows, at the last drift check"),
+            ("drift_unchecked", "Parts the last drift check could not check (permissions, an unreachable API server or Vault; the log says which)"),
+        ]) {
+            registry.register(name, help, gauge.clone());
+        }
         let admission_reviews = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "admission_reviews",
@@ -267,11 +286,21 @@ impl Metrics {
             change_feed_rereads,
             watch_streams,
             lease_records_left_alone,
+            policy_resources_rejected,
+            drift,
             admission_reviews,
             admission_duration,
             lease_sweeps,
             active_leases,
             ready: AtomicBool::new(false),
+        }
+    }
+
+    /// What the last drift check found: pods without the sidecar, orphaned
+    /// leases, records without a lease, and parts not checked.
+    pub fn set_drift(&self, found: [usize; 4]) {
+        for (gauge, count) in self.drift.iter().zip(found) {
+            gauge.set(i64::try_from(count).unwrap_or(i64::MAX));
         }
     }
 

@@ -51,6 +51,17 @@ pub struct BrokerConfig {
     /// The replicas it shares the reading of Vault with; alone when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peers: Option<PeersConfig>,
+    /// The broker's own periodic drift check; off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftConfig>,
+}
+
+/// `drift:`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftConfig {
+    /// Between two checks.
+    pub interval: String,
 }
 
 /// `peers:`.

@@ -939,6 +939,7 @@ fn broker_config(
         connections: None,
         memory: None,
         peers: None,
+        drift: None,
     }
 }
 

@@ -32,7 +32,7 @@ mod sshd;
 
 pub use balancer::Balancer;
 pub use config::{
-    BrokerConfig, ChangeFeedConfig, ClusterConfig, ConnectionsConfig, IdentitySource,
+    BrokerConfig, ChangeFeedConfig, ClusterConfig, ConnectionsConfig, DriftConfig, IdentitySource,
     KubernetesConfig, MemoryConfig, PeerTlsConfig, PeersConfig,
 };
 pub use databases::{MariaDb, RabbitMq, Redis};

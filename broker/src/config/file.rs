@@ -33,6 +33,25 @@ pub(super) struct File {
     pub(super) bootstrap: Option<BootstrapFile>,
     pub(super) cluster: Option<ClusterFile>,
     pub(super) peers: Option<PeersFile>,
+    pub(super) drift: Option<DriftFile>,
+}
+
+/// `drift:`: the broker checks for drift itself and reports it as metrics.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct DriftFile {
+    #[serde(default = "default_drift_interval", deserialize_with = "duration")]
+    pub(super) interval: Duration,
+    #[serde(default = "default_namespace_label")]
+    pub(super) namespace_label: String,
+}
+
+fn default_drift_interval() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+fn default_namespace_label() -> String {
+    "tessera.dev/injection=enabled".to_owned()
 }
 
 /// `peers:`: the replicas that share the reading of Vault.

@@ -73,6 +73,15 @@ impl IdentityConfig {
     }
 }
 
+/// How often the broker checks for drift, and where pods opt in.
+#[derive(Clone, Debug)]
+pub struct DriftSettings {
+    /// Between two checks (`drift.interval`).
+    pub interval: Duration,
+    /// The label of namespaces that opt in to injection (`key=value`).
+    pub namespace_label: String,
+}
+
 /// The validated broker configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -124,6 +133,8 @@ pub struct Config {
     /// The replicas this one shares the reading of Vault with (`peers:`);
     /// alone when absent.
     pub peers: Option<crate::peers::PeerSettings>,
+    /// The periodic drift check (`drift:`); off when absent.
+    pub drift: Option<DriftSettings>,
     /// Limits on each listener's connections.
     pub connections: ConnectionLimits,
     /// Whether to lock memory where allowed (`memory.lock`).
@@ -296,6 +307,10 @@ impl Config {
             tls,
             webhook,
             peers,
+            drift: file.drift.map(|drift| DriftSettings {
+                interval: drift.interval,
+                namespace_label: drift.namespace_label,
+            }),
             change_feed,
             tls_reload_interval: file.tls.reload_interval,
             identity,

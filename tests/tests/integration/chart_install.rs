@@ -84,6 +84,7 @@ fn the_chart_installs_into_a_real_cluster_with_default_and_switched_values() {
             "replicaCount=3",
             "webhook.namespaceSelector.matchLabels=null",
             "policy.resources.enabled=true",
+            "drift.enabled=true",
         ],
     );
     assert!(cluster.get(Some("alt"), "deployment/alt-tessera").is_some());
@@ -164,7 +165,7 @@ async fn the_broker_runs_with_exactly_the_charts_rbac_and_a_missing_verb_fails_p
         cluster,
         "rbac",
         "tessera",
-        &["policy.resources.enabled=true"],
+        &["policy.resources.enabled=true", "drift.enabled=true"],
     );
     let kubeconfig = service_account_kubeconfig(cluster, "tessera", "rbac-tessera", env.dir.path());
     env.edit_config(|config| {
@@ -179,6 +180,9 @@ async fn the_broker_runs_with_exactly_the_charts_rbac_and_a_missing_verb_fails_p
         config.identity.pod_lookup = true;
         config.identity.cache_ttl = Some("1s".to_owned());
         config.policy.resources = true;
+        config.drift = Some(tessera_tests::DriftConfig {
+            interval: "1s".to_owned(),
+        });
     });
     std::fs::remove_dir_all(env.dir.path().join("bootstrap")).unwrap();
     env.restart_broker().await;
@@ -224,6 +228,12 @@ async fn the_broker_runs_with_exactly_the_charts_rbac_and_a_missing_verb_fails_p
     wait_for(Duration::from_secs(20), "the policy's status", || {
         let status = cluster.get(None, "clusteraccesspolicy/platform")?["status"].clone();
         (status["conditions"][0]["status"] == "True").then_some(())
+    })
+    .await;
+    // Its drift check lists namespaces and pods with the chart's RBAC
+    // (its Vault token here may not list leases: that part is logged).
+    wait_for(Duration::from_secs(10), "a drift check", || {
+        env.broker.output().contains("drift check").then_some(())
     })
     .await;
     assert!(

@@ -6,8 +6,10 @@
 use std::process::Command;
 
 use serde_json::{Value, json};
+use std::time::Duration;
 use tessera_broker::lease_id::LeaseId;
-use tessera_tests::{Env, EnvOptions, Postgres, binary, db_policy};
+
+use tessera_tests::{DriftConfig, Env, EnvOptions, Postgres, binary, db_policy, metric_value};
 
 /// `status -o json` with the broker's own configuration: its report and
 /// whether it exited 1 (drift found).
@@ -32,7 +34,7 @@ fn status(env: &Env) -> (Value, bool) {
 async fn status_finds_a_pod_without_the_sidecar_an_orphaned_lease_and_a_record_whose_lease_is_gone()
 {
     let pg = Postgres::start();
-    let env = Env::start_with(
+    let mut env = Env::start_with(
         &db_policy("1h", "0.7", "30s"),
         EnvOptions {
             kubernetes: true,
@@ -95,6 +97,33 @@ async fn status_finds_a_pod_without_the_sidecar_an_orphaned_lease_and_a_record_w
         }])
     );
     assert_eq!(report["records_without_lease"], json!([]));
+    // The broker's own check finds the same and says so in its metrics.
+    env.edit_config(|config| {
+        config.drift = Some(DriftConfig {
+            interval: "1s".to_owned(),
+        });
+    });
+    env.restart_broker().await;
+    let found = |name: &'static str| {
+        let admin = env.admin_url.clone();
+        async move { metric_value(&admin, name, "").await }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while found("tessera_drift_pods_without_sidecar").await != Some(1.0)
+        || found("tessera_drift_orphaned_leases").await != Some(1.0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker's drift check found nothing in 20 s: {}",
+            env.broker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        found("tessera_drift_records_without_lease").await,
+        Some(0.0)
+    );
+    assert_eq!(found("tessera_drift_unchecked").await, Some(0.0));
     // `audit --config`: the lease delivered is held (its record is there).
     let audit = Command::new(binary("tessera-broker"))
         .args(["audit", "--binding", "db", "-o", "json", "--config"])

@@ -8,7 +8,9 @@ use std::{process::Command, time::Duration};
 
 use serde_json::{Value, json};
 use tessera_proto::{reason::StreamEnd, v1::WatchRequest};
-use tessera_tests::{Cluster, Env, EnvOptions, Postgres, binary, wait_for, with_token};
+use tessera_tests::{
+    Cluster, Env, EnvOptions, Postgres, binary, metric_value, wait_for, with_token,
+};
 
 /// The file policy: nothing but what the cluster's resources add.
 const EMPTY: &str = "apiVersion: tessera.dev/v1alpha1\nkind: Policy\nbindings: []\n";
@@ -109,6 +111,11 @@ async fn access_bindings_are_validated_judged_served_and_withdrawn_through_the_a
         message.contains("database `database` role `team-b-ro` is not delegated")
             && message.contains("database database roles `team-a-*`"),
         "{message}"
+    );
+    assert_eq!(
+        metric_value(&env.admin_url, "tessera_policy_resources_rejected", "").await,
+        Some(1.0),
+        "the rejected resource is counted for the alert"
     );
     let token = env.token("team-a", "app");
     let status = env.fetch(&token, &["theirs"]).await.unwrap_err();
