@@ -8,12 +8,7 @@
 //! does not, the feed is silent, and polling returns from its long backstop
 //! to the short interval (the `tessera_change_feed_up` gauge, an alert).
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -50,23 +45,10 @@ pub struct ChangeFeedSettings {
     pub check_interval: Duration,
 }
 
-/// The canary the broker expects back through the feed.
-#[derive(Default)]
-struct Canary {
-    expected: Mutex<Option<String>>,
-    seen: std::sync::atomic::AtomicBool,
-}
-
-impl Canary {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.expected.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 #[derive(Clone)]
 struct Feed {
     feeds: Arc<Feeds>,
-    canary: Arc<Canary>,
+    state: Arc<ChangeFeedState>,
     metrics: Arc<Metrics>,
     token: Option<Arc<Secret>>,
 }
@@ -95,10 +77,9 @@ pub async fn serve_change_feed(
         }
         None => None,
     };
-    let canary = Arc::new(Canary::default());
     let feed = Feed {
         feeds,
-        canary: canary.clone(),
+        state: state.clone(),
         metrics: metrics.clone(),
         token,
     };
@@ -112,7 +93,6 @@ pub async fn serve_change_feed(
         vault,
         records_mount,
         state,
-        canary,
         metrics,
         settings.check_interval,
         shutdown,
@@ -153,10 +133,7 @@ fn take(feed: &Feed, entry: &Value) {
     }
     let request = &entry["request"];
     let path = request["path"].as_str().unwrap_or_default();
-    if feed.canary.lock().as_deref() == Some(path) {
-        feed.canary
-            .seen
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    if feed.state.canary_arrived(path, false) {
         return;
     }
     let writes = matches!(
@@ -187,27 +164,23 @@ async fn check(
     vault: Arc<Vault>,
     records_mount: String,
     state: Arc<ChangeFeedState>,
-    canary: Arc<Canary>,
     metrics: Arc<Metrics>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        let nonce = format!("{:016x}", fastrand::u64(..));
-        let path = format!("{records_mount}/feed-check/{nonce}");
-        *canary.lock() = Some(path);
-        canary
-            .seen
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        // The answer does not matter (there is nothing there): its audit entry does.
-        let _ = vault
-            .kv1_read(&records_mount, &format!("feed-check/{nonce}"))
-            .await;
+        let path = state.new_canary();
+        let below = path
+            .strip_prefix(&format!("{records_mount}/"))
+            .unwrap_or(&path);
+        // The answer does not matter (there is nothing there): its audit
+        // entry does, on whichever replica's feed it lands.
+        let _ = vault.kv1_read(&records_mount, below).await;
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        let up = canary.seen.load(std::sync::atomic::Ordering::Relaxed);
+        let up = state.canary_came();
         metrics.change_feed_up.set(i64::from(up));
         if state.set_up(up) {
             if up {

@@ -91,16 +91,69 @@ pub struct ChangeFeedState {
     changed: Notify,
     /// The poll interval while the feed is up (a backstop, e.g. 5 minutes).
     pub backstop: Duration,
+    /// Where canary requests go (`<records mount>/feed-check/`).
+    canary_prefix: String,
+    /// The canary this replica waits for, and whether it came.
+    canary: Mutex<Option<String>>,
+    canary_seen: std::sync::atomic::AtomicBool,
+    /// Peers' canaries that reached this replica's feed, for its peers.
+    relay: broadcast::Sender<String>,
 }
 
 impl ChangeFeedState {
-    /// A feed not heard from yet (down: the short interval applies).
-    pub fn new(backstop: Duration) -> Self {
+    /// A feed not heard from yet (down: the short interval applies), whose
+    /// canaries go under `records_mount`.
+    pub fn new(backstop: Duration, records_mount: &str) -> Self {
         Self {
             up: std::sync::atomic::AtomicBool::new(false),
             changed: Notify::new(),
             backstop,
+            canary_prefix: format!("{records_mount}/feed-check/"),
+            canary: Mutex::new(None),
+            canary_seen: std::sync::atomic::AtomicBool::new(false),
+            relay: broadcast::channel(64).0,
         }
+    }
+
+    /// A new canary to wait for; its request path.
+    pub fn new_canary(&self) -> String {
+        let path = format!("{}{:016x}", self.canary_prefix, fastrand::u64(..));
+        *self.canary.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.clone());
+        self.canary_seen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        path
+    }
+
+    /// Whether the canary waited for came back, here or at a peer.
+    pub fn canary_came(&self) -> bool {
+        self.canary_seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A request path the feed brought (`from_peer`: a peer's feed did):
+    /// whether it was a canary. This replica's own marks the feed up; a
+    /// peer's reaching this feed is passed on to the peers.
+    pub fn canary_arrived(&self, path: &str, from_peer: bool) -> bool {
+        if !path.starts_with(&self.canary_prefix) {
+            return false;
+        }
+        let ours = self
+            .canary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(path);
+        if ours {
+            self.canary_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        } else if !from_peer {
+            let _ = self.relay.send(path.to_owned());
+        }
+        true
+    }
+
+    /// Peers' canaries that reached this replica's feed, as they come.
+    pub fn relayed(&self) -> broadcast::Receiver<String> {
+        self.relay.subscribe()
     }
 
     /// Whether the feed reaches this replica.
@@ -176,6 +229,11 @@ impl Feeds {
             }
         }
         woken
+    }
+
+    /// Vault's change feed, when configured.
+    pub fn change_feed(&self) -> Option<&Arc<ChangeFeedState>> {
+        self.change_feed.as_ref()
     }
 
     /// These feeds, sharing the polling with `peers`: a source is read from

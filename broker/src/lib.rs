@@ -279,10 +279,12 @@ pub async fn prepare(
         Some(peers) => feeds.shared_with(peers.clone()),
         None => feeds,
     };
-    let change_feed = config
-        .change_feed
-        .as_ref()
-        .map(|settings| Arc::new(feed::ChangeFeedState::new(settings.backstop)));
+    let change_feed = config.change_feed.as_ref().map(|settings| {
+        Arc::new(feed::ChangeFeedState::new(
+            settings.backstop,
+            &config.leases.record_mount,
+        ))
+    });
     let feeds = Arc::new(match &change_feed {
         Some(state) => feeds.with_change_feed(state.clone()),
         None => feeds,

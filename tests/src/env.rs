@@ -582,6 +582,10 @@ impl Env {
         config.admin.listen = format!("127.0.0.1:{}", free_port());
         config.webhook.listen = format!("127.0.0.1:{}", free_port());
         config.audit.path = format!("audit-{name}.jsonl");
+        // Vault's audit device posts to the first broker's feed only.
+        if let Some(feed) = config.vault.change_feed.as_mut() {
+            feed.listen = format!("127.0.0.1:{}", free_port());
+        }
         let file = format!("broker-{name}.yaml");
         config.write(self.dir.path(), &file);
         let proc = spawn_broker_from(

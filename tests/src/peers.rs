@@ -130,6 +130,14 @@ impl Env {
         self.start_peer_with(name, peers).await
     }
 
+    /// Makes the environment's own broker a peer at `advertise` among
+    /// `addresses` (restarted so).
+    pub async fn join_peers(&mut self, advertise: &str, addresses: &[String], pki: &PeerPki) {
+        let peers = peers_config(advertise, pki, Some(addresses.to_vec()), None);
+        self.edit_config(|config| config.peers = Some(peers));
+        self.restart_broker().await;
+    }
+
     async fn start_peer_with(&self, name: &str, peers: PeersConfig) -> Replica {
         self.start_replica_with(name, |config| {
             config.peers = Some(peers);

@@ -247,6 +247,13 @@ async fn stream_from(
         let Some(copy) = copy else {
             return Ok(());
         };
+        if !copy.canary.is_empty() {
+            // A peer's feed brought a canary: this replica's counts there too.
+            if let Some(state) = feeds.change_feed() {
+                state.canary_arrived(&copy.canary, true);
+            }
+            continue;
+        }
         if let Some((source, fed)) = from_copy(copy) {
             feeds.offer(source, fed);
         }

@@ -86,6 +86,7 @@ impl Peer for PeerService {
         tracing::info!(%follower, "a peer follows this replica's KV copies");
         // Subscribed before the copies are taken: nothing falls between.
         let mut changes = self.feeds.changes();
+        let mut canaries = self.feeds.change_feed().map(|state| state.relayed());
         let feeds = self.feeds.clone();
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -97,9 +98,24 @@ impl Peer for PeerService {
                         return;
                     }
                 }
+                let canary = async {
+                    match canaries.as_mut() {
+                        Some(canaries) => canaries.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let next = tokio::select! {
                     () = shutdown.cancelled() => return,
                     next = changes.recv() => next,
+                    canary = canary => {
+                        if let Ok(path) = canary {
+                            let relayed = KvCopy { canary: path, ..KvCopy::default() };
+                            if tx.send(Ok(relayed)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
                 };
                 match next {
                     Ok(change) => copies.push(change),
@@ -138,5 +154,6 @@ fn to_copy(source: &Kv2Source, fed: &Fed) -> KvCopy {
             .collect(),
         confirmed_at: Some(fed.freshness.confirmed_at.into()),
         last_known_good: fed.freshness.last_known_good,
+        canary: String::new(),
     }
 }

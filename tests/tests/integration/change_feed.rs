@@ -127,3 +127,29 @@ async fn a_flood_of_forged_feed_entries_costs_vault_at_most_a_read_a_second() {
         "the entries were heard: {before} -> {after}"
     );
 }
+
+/// Defect found in #25's review: behind one Service, Vault's feed lands on one
+/// replica, so the other replicas' canaries never came back to them; they
+/// thought the feed silent and polled their secrets at the short interval
+/// (Vault's load grew with replicas again). A canary now counts wherever it
+/// lands: the replica that receives it passes it to its peers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_whose_canary_lands_on_a_peer_still_knows_the_feed_is_up() {
+    use tessera_tests::{PeerPki, peer_addresses};
+    let mut env = with_feed().await;
+    let pki = PeerPki::new(env.dir.path());
+    let addresses = peer_addresses(2);
+    env.join_peers(&addresses[0], &addresses, &pki).await;
+    until_feed(&env, true).await;
+    // Replica b's own feed listener hears nothing from Vault.
+    let b = env.start_peer("b", &addresses[1], &addresses, &pki).await;
+    let mut up = None;
+    for _ in 0..60 {
+        up = metric_value(&b.admin_url(), "tessera_change_feed_up", "").await;
+        if up == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(up, Some(1.0), "b's canaries come back through a's feed");
+}
