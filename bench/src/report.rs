@@ -121,8 +121,8 @@ impl Report {
 
     /// The Watch scale table.
     pub fn watch(&mut self, w: WatchScale) {
-        let rss_ok = w.rss_with_streams <= 256.0;
-        let fan_ok = w.fan_out_all_ms <= 1000.0;
+        let rss_ok = w.rss_with_streams <= 128.0;
+        let fan_ok = w.fan_out_all_ms <= 250.0;
         let mark = |ok: bool| if ok { "met" } else { "**missed**" };
         let _ = writeln!(
             self.body,
@@ -137,13 +137,13 @@ impl Report {
         );
         let _ = writeln!(
             self.body,
-            "| broker RSS with every stream open (MiB) | {:.1} | ≤ 256 ({}) |",
+            "| broker RSS with every stream open (MiB) | {:.1} | ≤ 128 ({}) |",
             w.rss_with_streams,
             mark(rss_ok)
         );
         let _ = writeln!(
             self.body,
-            "| KV write → every stream has it (ms) | {:.0} | ≤ 1000 ({}) |",
+            "| KV write → every stream has it (the last one, ms) | {:.0} | ≤ 250 ({}) |",
             w.fan_out_all_ms,
             mark(fan_ok)
         );
@@ -152,11 +152,17 @@ impl Report {
             "| KV write → median stream (ms) | {:.0} | |",
             w.fan_out_median_ms
         );
-        self.note(format!(
-            "The fan-out time includes the broker's wait for its next KV version check (kvPollInterval {:.0} ms here, jittered by up to 10 %): \
-the broker learns of a change by polling Vault once per secret, not once per pod.",
-            w.poll_interval_ms
-        ));
+        let _ = writeln!(
+            self.body,
+            "| KV write → p99 stream (ms) | {:.0} | |",
+            w.fan_out_p99_ms
+        );
+        self.note(
+            "The fan-out time includes the broker's wait for its next KV version check (kvPollInterval 1 s here, jittered by up to 10 %; \
+Vault's change feed is not on in this run): one read of the secret serves every stream. The 250 ms target is for a write \
+learned through the change feed, which this run does not use yet."
+                .to_owned(),
+        );
     }
 
     /// The second gate's cost (`vaultGate`): the same secret from the shared
