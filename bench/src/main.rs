@@ -260,8 +260,10 @@ async fn replicated_fleet(
     let addresses = peer_addresses(3);
     env.join_peers(&addresses[0], &addresses, &pki).await;
     let replicas = [
-        env.start_peer("r2", &addresses[1], &addresses, &pki).await,
-        env.start_peer("r3", &addresses[2], &addresses, &pki).await,
+        env.start_peer_as_deployed("r2", &addresses[1], &addresses, &pki)
+            .await,
+        env.start_peer_as_deployed("r3", &addresses[2], &addresses, &pki)
+            .await,
     ];
     // Until the three follow each other.
     tokio::time::sleep(Duration::from_secs(3)).await;

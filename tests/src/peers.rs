@@ -138,6 +138,21 @@ impl Env {
         self.restart_broker().await;
     }
 
+    /// Starts replica `name` as [`Env::start_peer`] does, but with the
+    /// hourly full pass over the lease records of a deployed broker (tests
+    /// make it as often as the light sweep): what the bench measures.
+    pub async fn start_peer_as_deployed(
+        &self,
+        name: &str,
+        advertise: &str,
+        addresses: &[String],
+        pki: &PeerPki,
+    ) -> Replica {
+        let peers = peers_config(advertise, pki, Some(addresses.to_vec()), None);
+        self.start_replica_with(name, |config| config.peers = Some(peers))
+            .await
+    }
+
     async fn start_peer_with(&self, name: &str, peers: PeersConfig) -> Replica {
         self.start_replica_with(name, |config| {
             config.peers = Some(peers);
