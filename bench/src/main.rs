@@ -592,7 +592,7 @@ per pod-hour = (start + idle-window count scaled to an hour) / {fleet}.",
         report.note(format!(
             "Vault requests per pod-hour: the ≤ 1/10 target is missed at {fleet} pods ({tessera_hour:.2} vs {agent_hour:.2}). \
 Each pod's own database user is a floor both designs share (one issue per pod, plus renewals); what the broker adds \
-(the feed's canary, the lease-record sweeps, the backstop checks) is shared by the fleet and falls as 1/fleet."
+(the KV version checks, the lease-record sweeps) is shared by the fleet and falls as 1/fleet."
         ));
     }
     drop(tessera);
