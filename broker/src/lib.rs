@@ -241,10 +241,6 @@ pub async fn prepare(
             "policy resource follower",
             policy_resources::follow(client.clone(), policy.clone(), shutdown.clone()),
         );
-        tasks.add(
-            "policy resource status writer",
-            policy_resources::write_status(client.clone(), policy.clone(), shutdown.clone()),
-        );
     }
     let loaded = policy.current();
     tracing::info!(
@@ -264,6 +260,16 @@ pub async fn prepare(
         cert.follow(config.tls_reload_interval, shutdown.clone()),
     );
     let metrics = Arc::new(metrics::Metrics::new());
+    if let (Some(client), true) = (&kube, config.policy_resources) {
+        tasks.add(
+            "policy resource status writer",
+            policy_resources::write_status(
+                client.clone(),
+                (policy.clone(), metrics.clone()),
+                shutdown.clone(),
+            ),
+        );
+    }
     let vault = Arc::new(Vault::new(config.vault.clone(), metrics.clone())?);
     let peers = config
         .peers
@@ -385,26 +391,6 @@ pub async fn prepare(
             "drift check",
             drift::follow(parts, settings.clone(), shutdown.clone()),
         );
-    }
-    if config.policy_resources {
-        let (metrics, mut verdicts) = (metrics.clone(), policy.verdicts());
-        let shutdown = shutdown.clone();
-        tasks.add("policy resource gauge", async move {
-            loop {
-                let rejected = verdicts
-                    .borrow_and_update()
-                    .iter()
-                    .filter(|v| !v.accepted())
-                    .count();
-                metrics
-                    .policy_resources_rejected
-                    .set(i64::try_from(rejected).unwrap_or(i64::MAX));
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    changed = verdicts.changed() => if changed.is_err() { return },
-                }
-            }
-        });
     }
     let service = BrokerService::new(service::Parts {
         metrics: metrics.clone(),

@@ -15,9 +15,12 @@ use kube::{
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::policy::{
-    resources::{ClusterResource, ResourceKey, ResourceKind, Verdict},
-    store::PolicyStore,
+use crate::{
+    metrics::Metrics,
+    policy::{
+        resources::{ClusterResource, ResourceKey, ResourceKind, Verdict},
+        store::PolicyStore,
+    },
 };
 
 /// The API group of both kinds.
@@ -193,14 +196,23 @@ fn status(verdict: &Verdict, since: &str) -> Value {
     }})
 }
 
-/// Writes each resource's verdict to its status when it changes, until
+/// Writes each resource's verdict to its status when it changes, and
+/// counts the rejected ones in `tessera_policy_resources_rejected`, until
 /// `shutdown`; writes that fail are tried again.
-pub async fn write_status(client: Client, store: Arc<PolicyStore>, shutdown: CancellationToken) {
+pub async fn write_status(
+    client: Client,
+    (store, metrics): (Arc<PolicyStore>, Arc<Metrics>),
+    shutdown: CancellationToken,
+) {
     let mut verdicts = store.verdicts();
     // What was written for each resource, and since when its state holds.
     let mut written: HashMap<ResourceKey, (Verdict, String)> = HashMap::new();
     loop {
         let current = verdicts.borrow_and_update().clone();
+        let rejected = current.iter().filter(|v| !v.accepted()).count();
+        metrics
+            .policy_resources_rejected
+            .set(i64::try_from(rejected).unwrap_or(i64::MAX));
         for verdict in current.iter() {
             let since = match written.get(&verdict.key) {
                 Some((done, _)) if done == verdict => continue,
