@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     StartError,
-    feed::{ChangeFeedState, Feeds},
+    feed::{ChangeFeedState, FEED_CHECK, Feeds},
+    membership::Peers,
     metrics::Metrics,
     secret::Secret,
     vault::Vault,
@@ -77,6 +78,7 @@ pub async fn serve_change_feed(
         }
         None => None,
     };
+    let peers = feeds.peers().cloned();
     let feed = Feed {
         feeds,
         state: state.clone(),
@@ -90,9 +92,8 @@ pub async fn serve_change_feed(
     let serving =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let checking = check(
-        vault,
-        records_mount,
-        state,
+        (vault, records_mount),
+        (state, peers),
         metrics,
         settings.check_interval,
         shutdown,
@@ -159,28 +160,40 @@ fn take(feed: &Feed, entry: &Value) {
 }
 
 /// Every `interval`, a canary read the feed must bring back: up while it
-/// does, silent (short polling again) when it does not.
+/// does, silent (short polling again) when it does not. Among `peers` the
+/// owner of [`FEED_CHECK`] alone sends canaries and tells the others what
+/// it found: more replicas cost Vault no more requests.
 async fn check(
-    vault: Arc<Vault>,
-    records_mount: String,
-    state: Arc<ChangeFeedState>,
+    (vault, records_mount): (Arc<Vault>, String),
+    (state, peers): (Arc<ChangeFeedState>, Option<Arc<Peers>>),
     metrics: Arc<Metrics>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        let path = state.new_canary();
-        let below = path
-            .strip_prefix(&format!("{records_mount}/"))
-            .unwrap_or(&path);
-        // The answer does not matter (there is nothing there): its audit
-        // entry does, on whichever replica's feed it lands.
-        let _ = vault.kv1_read(&records_mount, below).await;
+        let checks = peers.as_ref().is_none_or(|peers| peers.owns(FEED_CHECK));
+        if checks {
+            let path = state.new_canary();
+            let below = path
+                .strip_prefix(&format!("{records_mount}/"))
+                .unwrap_or(&path);
+            // The answer does not matter (there is nothing there): its audit
+            // entry does, on whichever replica's feed it lands.
+            let _ = vault.kv1_read(&records_mount, below).await;
+            metrics.change_feed_canaries.inc();
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        let up = state.canary_came();
+        let up = if checks {
+            let came = state.canary_came();
+            state.tell_peers(came);
+            came
+        } else {
+            // The checking replica's word, one check late at most.
+            state.owner_says_up(interval * 2)
+        };
         metrics.change_feed_up.set(i64::from(up));
         if state.set_up(up) {
             if up {

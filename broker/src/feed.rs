@@ -96,9 +96,26 @@ pub struct ChangeFeedState {
     /// The canary this replica waits for, and whether it came.
     canary: Mutex<Option<String>>,
     canary_seen: std::sync::atomic::AtomicBool,
-    /// Peers' canaries that reached this replica's feed, for its peers.
-    relay: broadcast::Sender<String>,
+    /// What this replica tells its peers of the feed.
+    relay: broadcast::Sender<FeedNote>,
+    /// The verdict of the replica that checks the feed for the cluster,
+    /// and when it came.
+    owners_verdict: Mutex<Option<(bool, std::time::Instant)>>,
 }
+
+/// What a replica tells its peers of Vault's change feed.
+#[derive(Clone, Debug)]
+pub enum FeedNote {
+    /// A peer's canary request reached this replica's feed.
+    Canary(String),
+    /// This replica checks the feed for the cluster (it owns
+    /// [`FEED_CHECK`]): whether its last canary came back.
+    Up(bool),
+}
+
+/// The ownership key of the change feed's check: among peers one replica
+/// sends the canary requests and tells the others what it found.
+pub const FEED_CHECK: &str = "change feed canary";
 
 impl ChangeFeedState {
     /// A feed not heard from yet (down: the short interval applies), whose
@@ -112,6 +129,7 @@ impl ChangeFeedState {
             canary: Mutex::new(None),
             canary_seen: std::sync::atomic::AtomicBool::new(false),
             relay: broadcast::channel(64).0,
+            owners_verdict: Mutex::new(None),
         }
     }
 
@@ -146,14 +164,37 @@ impl ChangeFeedState {
             self.canary_seen
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         } else if !from_peer {
-            let _ = self.relay.send(path.to_owned());
+            let _ = self.relay.send(FeedNote::Canary(path.to_owned()));
         }
         true
     }
 
-    /// Peers' canaries that reached this replica's feed, as they come.
-    pub fn relayed(&self) -> broadcast::Receiver<String> {
+    /// What this replica tells its peers of the feed, as it happens.
+    pub fn relayed(&self) -> broadcast::Receiver<FeedNote> {
         self.relay.subscribe()
+    }
+
+    /// This replica checked the feed for the cluster and found it `up` (or
+    /// not): its peers hear it.
+    pub fn tell_peers(&self, up: bool) {
+        let _ = self.relay.send(FeedNote::Up(up));
+    }
+
+    /// The verdict of the replica that checks the feed for the cluster.
+    pub fn owner_found(&self, up: bool) {
+        *self
+            .owners_verdict
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((up, std::time::Instant::now()));
+    }
+
+    /// Whether the checking replica's last verdict, heard within `max_age`,
+    /// says the feed is up (silent when none is that recent).
+    pub fn owner_says_up(&self, max_age: Duration) -> bool {
+        self.owners_verdict
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|(up, at)| up && at.elapsed() <= max_age)
     }
 
     /// Whether the feed reaches this replica.
@@ -234,6 +275,11 @@ impl Feeds {
     /// Vault's change feed, when configured.
     pub fn change_feed(&self) -> Option<&Arc<ChangeFeedState>> {
         self.change_feed.as_ref()
+    }
+
+    /// The replicas these feeds share the polling with, when any.
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
     }
 
     /// These feeds, sharing the polling with `peers`: a source is read from

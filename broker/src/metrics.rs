@@ -145,6 +145,8 @@ pub struct Metrics {
     pub change_feed_up: Gauge,
     /// KV secrets read again at once because the change feed named them.
     pub change_feed_rereads: Counter,
+    /// Canary requests this replica sent to check Vault's change feed.
+    pub change_feed_canaries: Counter,
     /// `Watch` streams open on this replica.
     pub watch_streams: Gauge,
     /// Lease records left alone because this replica cannot open or
@@ -226,6 +228,12 @@ impl Metrics {
             "KV secrets read again at once because Vault's change feed named them",
             change_feed_rereads.clone(),
         );
+        let change_feed_canaries = Counter::default();
+        registry.register(
+            "change_feed_canaries",
+            "Canary requests this replica sent to check that Vault's change feed arrives (among peers, one replica sends them)",
+            change_feed_canaries.clone(),
+        );
         let watch_streams = Gauge::default();
         registry.register("watch_streams", "Open Watch streams", watch_streams.clone());
         let lease_records_left_alone = Counter::default();
@@ -284,6 +292,7 @@ impl Metrics {
             vault_up,
             change_feed_up,
             change_feed_rereads,
+            change_feed_canaries,
             watch_streams,
             lease_records_left_alone,
             policy_resources_rejected,

@@ -98,12 +98,14 @@ fn key_of(pod: PartialObjectMeta<Pod>) -> Option<PodKey> {
 pub struct Reconciler {
     engine: Arc<Engine>,
     verifier: Arc<Verifier>,
-    /// The replicas sharing the full passes: only the owner of
-    /// [`FULL_PASS`] makes them; alone when `None`.
+    /// The replicas sharing the sweeps: only the owner of [`FULL_PASS`]
+    /// makes them; alone when `None`.
     peers: Option<Arc<crate::membership::Peers>>,
 }
 
-/// The ownership key of the full pass over the lease records.
+/// The ownership key of the sweeps over the lease records, light and full
+/// (named after the full pass, the first sweep replicas shared: the same
+/// owner across an upgrade).
 pub const FULL_PASS: &str = "lease records full pass";
 
 impl Reconciler {
@@ -117,8 +119,8 @@ impl Reconciler {
         }
     }
 
-    /// This reconciler, making its full passes only while it owns them
-    /// among `peers` (one replica of the cluster reads every record).
+    /// This reconciler, sweeping only while it owns the sweeps among
+    /// `peers` (one replica of the cluster lists and reads the records).
     #[must_use]
     pub fn shared_with(mut self, peers: Arc<crate::membership::Peers>) -> Self {
         self.peers = Some(peers);
@@ -355,13 +357,17 @@ impl Reconciler {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            // Among peers one replica makes the full passes; the others'
-            // sweeps stay light.
-            let full = count.is_multiple_of(every)
-                && self
-                    .peers
-                    .as_ref()
-                    .is_none_or(|peers| peers.owns(FULL_PASS));
+            // Among peers one replica sweeps, light and full: what a sweep
+            // finds is the cluster's, and more replicas must not cost Vault
+            // more. The others wait their turn (the owner's death moves it).
+            if !self
+                .peers
+                .as_ref()
+                .is_none_or(|peers| peers.owns(FULL_PASS))
+            {
+                continue;
+            }
+            let full = count.is_multiple_of(every);
             count = count.wrapping_add(1);
             let result = self.sweep(full).await;
             if result.is_ok() {

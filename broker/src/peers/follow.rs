@@ -23,7 +23,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use super::{PEER_NAME, PeerAddresses, PeerSettings, Peers};
 use crate::{
     StartError,
-    feed::{Fed, Feeds, Freshness},
+    feed::{FEED_CHECK, Fed, Feeds, Freshness},
     policy::Kv2Source,
     secret::Secret,
     tasks::Spawner,
@@ -251,6 +251,16 @@ async fn stream_from(
             // A peer's feed brought a canary: this replica's counts there too.
             if let Some(state) = feeds.change_feed() {
                 state.canary_arrived(&copy.canary, true);
+            }
+            continue;
+        }
+        if let Some(up) = copy.feed_up {
+            // Taken from the replica that checks the feed for the cluster
+            // only, as this replica counts the members.
+            let checker = crate::membership::owner(&peers.members(), FEED_CHECK)
+                .is_some_and(|o| o == address);
+            if let (Some(state), true) = (feeds.change_feed(), checker) {
+                state.owner_found(up);
             }
             continue;
         }

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::PeerSettings;
 use crate::{
     StartError,
-    feed::{Fed, Feeds},
+    feed::{Fed, FeedNote, Feeds},
     listener::{self, ConnectionLimits},
     policy::Kv2Source,
     tasks::Spawner,
@@ -108,11 +108,13 @@ impl Peer for PeerService {
                     () = shutdown.cancelled() => return,
                     next = changes.recv() => next,
                     canary = canary => {
-                        if let Ok(path) = canary {
-                            let relayed = KvCopy { canary: path, ..KvCopy::default() };
-                            if tx.send(Ok(relayed)).await.is_err() {
-                                return;
-                            }
+                        let relayed = match canary {
+                            Ok(FeedNote::Canary(path)) => KvCopy { canary: path, ..KvCopy::default() },
+                            Ok(FeedNote::Up(up)) => KvCopy { feed_up: Some(up), ..KvCopy::default() },
+                            Err(_) => continue,
+                        };
+                        if tx.send(Ok(relayed)).await.is_err() {
+                            return;
                         }
                         continue;
                     }
@@ -155,5 +157,6 @@ fn to_copy(source: &Kv2Source, fed: &Fed) -> KvCopy {
         confirmed_at: Some(fed.freshness.confirmed_at.into()),
         last_known_good: fed.freshness.last_known_good,
         canary: String::new(),
+        feed_up: None,
     }
 }

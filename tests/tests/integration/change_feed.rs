@@ -153,3 +153,60 @@ async fn a_replica_whose_canary_lands_on_a_peer_still_knows_the_feed_is_up() {
     }
     assert_eq!(up, Some(1.0), "b's canaries come back through a's feed");
 }
+
+/// #25: with peers, one replica checks the feed for the cluster (the owner
+/// of the check sends the canaries) and tells the others what it found:
+/// each replica sent its own canary every check interval before, so Vault's
+/// load grew with replicas.
+#[tokio::test(flavor = "multi_thread")]
+async fn among_peers_one_replica_sends_the_canaries_and_every_replica_knows_the_feed_is_up() {
+    use tessera_broker::{feed::FEED_CHECK, membership::owner};
+    use tessera_tests::{PeerPki, peer_addresses};
+    let mut env = with_feed().await;
+    let pki = PeerPki::new(env.dir.path());
+    let addresses = peer_addresses(2);
+    env.join_peers(&addresses[0], &addresses, &pki).await;
+    let b = env.start_peer("b", &addresses[1], &addresses, &pki).await;
+    let admins = [env.admin_url.clone(), b.admin_url()];
+    let canaries = async |admin: &str| {
+        metric_value(admin, "tessera_change_feed_canaries_total", "")
+            .await
+            .unwrap_or_default()
+    };
+    // Until both are up (the checker's word reaches the other).
+    let mut up = Vec::new();
+    for _ in 0..60 {
+        up.clear();
+        for admin in &admins {
+            up.push(metric_value(admin, "tessera_change_feed_up", "").await);
+        }
+        if up.iter().all(|u| *u == Some(1.0)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        up,
+        [Some(1.0), Some(1.0)],
+        "both replicas know the feed is up"
+    );
+    let mut before = Vec::new();
+    for admin in &admins {
+        before.push(canaries(admin).await);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let checker = owner(&addresses, FEED_CHECK).unwrap();
+    for ((admin, address), before) in admins.iter().zip(&addresses).zip(before) {
+        let sent = canaries(admin).await > before;
+        assert_eq!(
+            sent,
+            address == checker,
+            "{address}: canaries only from the checker ({checker})"
+        );
+        assert_eq!(
+            metric_value(admin, "tessera_change_feed_up", "").await,
+            Some(1.0),
+            "{address} still knows the feed is up"
+        );
+    }
+}
