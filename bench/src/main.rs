@@ -8,7 +8,9 @@
 //! nothing is asserted.
 
 mod measure;
+mod plot;
 mod report;
+mod scale;
 
 use std::{
     path::{Path, PathBuf},
@@ -21,17 +23,16 @@ use measure::{Sample, proc_sample};
 use report::{Report, Row};
 use serde_json::json;
 use tessera_broker::dev::TokenSpec;
-use tessera_tests::{
-    Balancer, Env, EnvOptions, MemoryConfig, PeerPki, Postgres, Proc, bao_binary, binary,
-    peer_addresses,
-};
+use tessera_tests::{Env, EnvOptions, MemoryConfig, Postgres, Proc, bao_binary, binary};
 
 /// Sizes of the run; `TESSERA_BENCH_QUICK=1` shrinks them for a smoke run
 /// (its figures mean little).
 struct Sizes {
+    quick: bool,
     fleet: usize,
     single_runs: usize,
     idle_window: Duration,
+    scale_window: Duration,
     watchers: usize,
 }
 
@@ -48,9 +49,11 @@ impl Sizes {
     fn chosen() -> Self {
         if std::env::var_os("TESSERA_BENCH_QUICK").is_some() {
             Self {
+                quick: true,
                 fleet: 3,
                 single_runs: 1,
                 idle_window: Duration::from_secs(5),
+                scale_window: Duration::from_secs(10),
                 watchers: 200,
             }
         } else {
@@ -60,6 +63,10 @@ impl Sizes {
                 // bao agent re-renders static secrets every 5 minutes by
                 // default: the window must see one.
                 idle_window: Duration::from_secs(310),
+                // The same: every agent re-reads once, every broker checks
+                // once at its 5-minute backstop.
+                scale_window: Duration::from_secs(310),
+                quick: false,
                 watchers: 10_000,
             }
         }
@@ -112,15 +119,27 @@ fn spawn_sidecar(env: &Env, name: &str) -> Pod {
 
 /// A pod whose sidecar dials `broker` (a replica, or the balancer).
 fn spawn_sidecar_at(env: &Env, broker: &str, name: &str) -> Pod {
+    spawn_sidecar_with(env, broker, name, "app", &["app", "db"])
+}
+
+/// A pod of service account `bench/<service_account>` whose sidecar dials
+/// `broker` and writes `bindings` (each with its `password` file).
+fn spawn_sidecar_with(
+    env: &Env,
+    broker: &str,
+    name: &str,
+    service_account: &str,
+    bindings: &[&str],
+) -> Pod {
     let out = tmpfs();
-    let mut spec = TokenSpec::new("bench", "app");
+    let mut spec = TokenSpec::new("bench", service_account);
     spec.pod = Some(name.to_owned());
     let token = env.dir.path().join(format!("token-{name}"));
     std::fs::write(&token, env.signer.mint(&spec)).expect("token file");
-    let files = vec![
-        out.path().join("app/password"),
-        out.path().join("db/password"),
-    ];
+    let files = bindings
+        .iter()
+        .map(|b| out.path().join(b).join("password"))
+        .collect();
     let started = Instant::now();
     // As the webhook injects it: without IPC_LOCK, so memory is not locked
     // (the bench runs as root, which could lock and would then hold the
@@ -129,7 +148,7 @@ fn spawn_sidecar_at(env: &Env, broker: &str, name: &str) -> Pod {
         broker,
         &token,
         out.path(),
-        &["app", "db"],
+        bindings,
         &["--lock-memory", "false"],
     );
     Pod {
@@ -165,8 +184,40 @@ fn agent_login(env: &Env) -> (PathBuf, PathBuf) {
 
 fn spawn_agent(env: &Env, login: &(PathBuf, PathBuf), name: &str) -> Pod {
     let out = tmpfs();
-    let config = env.dir.path().join(format!("agent-{name}.hcl"));
     let (password, db) = (out.path().join("password"), out.path().join("db"));
+    let templates = [
+        (
+            "{{ with secret \"secret/data/bench/app\" }}{{ .Data.data.password }}{{ end }}",
+            password,
+        ),
+        (
+            "{{ with secret \"database/creds/bench\" }}{{ .Data.username }}:{{ .Data.password }}{{ end }}",
+            db,
+        ),
+    ];
+    spawn_agent_with(env, login, name, &templates, out)
+}
+
+/// A pod's `bao agent`: AppRole auto-auth and one template per
+/// (contents, destination), its files in `out`.
+fn spawn_agent_with(
+    env: &Env,
+    login: &(PathBuf, PathBuf),
+    name: &str,
+    templates: &[(&str, PathBuf)],
+    out: tempfile::TempDir,
+) -> Pod {
+    let config = env.dir.path().join(format!("agent-{name}.hcl"));
+    let blocks: String = templates
+        .iter()
+        .map(|(contents, destination)| {
+            format!(
+                "template {{\n  destination = \"{}\"\n  contents = {}\n}}\n",
+                destination.display(),
+                serde_json::Value::from(*contents)
+            )
+        })
+        .collect();
     std::fs::write(
         &config,
         format!(
@@ -180,20 +231,10 @@ auto_auth {{
     }}
   }}
 }}
-template {{
-  destination = "{password}"
-  contents = "{{{{ with secret \"secret/data/bench/app\" }}}}{{{{ .Data.data.password }}}}{{{{ end }}}}"
-}}
-template {{
-  destination = "{db}"
-  contents = "{{{{ with secret \"database/creds/bench\" }}}}{{{{ .Data.username }}}}:{{{{ .Data.password }}}}{{{{ end }}}}"
-}}
-"#,
+{blocks}"#,
             address = env.bao.address,
             role = login.0.display(),
             secret = login.1.display(),
-            password = password.display(),
-            db = db.display(),
         ),
     )
     .expect("agent config");
@@ -209,7 +250,7 @@ template {{
     );
     Pod {
         proc,
-        files: vec![password, db],
+        files: templates.iter().map(|(_, d)| d.clone()).collect(),
         started,
         ready: None,
         _out: out,
@@ -218,7 +259,9 @@ template {{
 
 /// Waits until every pod has written its files; records each one's time.
 async fn wait_ready(pods: &mut [Pod]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Hundreds of agents starting at once on two cores take their time.
+    let allowed = Duration::from_secs(120).max(Duration::from_millis(400) * pods.len() as u32);
+    let deadline = Instant::now() + allowed;
     while pods.iter().any(|p| p.ready.is_none()) {
         for pod in pods.iter_mut().filter(|p| p.ready.is_none()) {
             if pod.written() {
@@ -227,7 +270,7 @@ async fn wait_ready(pods: &mut [Pod]) -> anyhow::Result<()> {
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "pods did not write their files in 120 s"
+            "pods did not write their files in {allowed:?}"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -245,49 +288,6 @@ fn samples(pods: &[Pod]) -> Vec<Sample> {
     pods.iter()
         .filter_map(|p| proc_sample(p.proc.pid()))
         .collect()
-}
-
-/// Vault requests a fleet of `fleet` pods spread over 3 replicas (the
-/// environment's broker and two more, behind a loopback balancer standing in
-/// for the Service) makes: (at start, over `idle_window`).
-async fn replicated_fleet(
-    env: &mut Env,
-    fleet: usize,
-    idle_window: Duration,
-) -> anyhow::Result<(usize, usize)> {
-    // The three replicas are peers: each KV secret is read by one of them.
-    let pki = PeerPki::new(env.dir.path());
-    let addresses = peer_addresses(3);
-    env.join_peers(&addresses[0], &addresses, &pki).await;
-    let replicas = [
-        env.start_peer_as_deployed("r2", &addresses[1], &addresses, &pki)
-            .await,
-        env.start_peer_as_deployed("r3", &addresses[2], &addresses, &pki)
-            .await,
-    ];
-    // Until the three follow each other.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let first: u16 = env
-        .broker_uri
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("the broker's port")?;
-    let balancer = Balancer::start(
-        std::iter::once(first)
-            .chain(replicas.iter().map(|r| r.port))
-            .collect(),
-    );
-    let (_, _, audit_start) = vault_requests(&env.bao.audit_log, 0);
-    let mut pods: Vec<Pod> = (0..fleet)
-        .map(|i| spawn_sidecar_at(env, &balancer.uri, &format!("three-{i}")))
-        .collect();
-    wait_ready(&mut pods).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (startup, _, audit_steady) = vault_requests(&env.bao.audit_log, audit_start);
-    tokio::time::sleep(idle_window).await;
-    let (steady, _, _) = vault_requests(&env.bao.audit_log, audit_steady);
-    Ok((startup, steady))
 }
 
 /// Vault's side of the `gated` binding: JWT auth trusting the dev issuer,
@@ -417,9 +417,11 @@ async fn main() -> anyhow::Result<()> {
     let root = tessera_tests::workspace_root();
     let mut report = Report::new();
     let Sizes {
+        quick,
         fleet,
         single_runs,
         idle_window,
+        scale_window,
         watchers,
     } = Sizes::from_env();
 
@@ -598,25 +600,9 @@ Each pod's own database user is a floor both designs share (one issue per pod, p
     drop(tessera);
     drop(agents);
 
-    println!("== fleet of {fleet} behind 3 replicas: Vault requests over {idle_window:?}");
-    let (startup_3, steady_3) = replicated_fleet(&mut env, fleet, idle_window).await?;
-    let three_hour = per_pod_hour(startup_3, steady_3);
-    report.note(format!(
-        "With 3 replicas behind a Service (a loopback round-robin balancer here) that are peers (`peers:`: each KV secret is read by one \
-owner, the hourly full pass over the lease records made by one replica), the same fleet of {fleet} costs Vault {three_hour:.2} requests per pod-hour \
-({startup_3} at start + {steady_3} in the idle window) against {tessera_hour:.2} with one replica ({:.2} times). What each replica \
-still adds on its own: its light sweep of the lease records every 30 s. An idle window that happens \
-to hold the hourly full pass (about three requests per pod) counts it {:.0} times over. Vault's change feed is not on in this run.",
-        three_hour / tessera_hour,
-        3600.0 / idle_window.as_secs_f64()
-    ));
-
-    // One broker again for the runs below (its peers are gone); they time
-    // change propagation: poll every second.
-    env.edit_config(|config| {
-        config.peers = None;
-        config.vault.kv_poll_interval = "1s".to_owned();
-    });
+    // The runs below time change propagation without the change feed:
+    // poll every second.
+    env.edit_config(|config| config.vault.kv_poll_interval = "1s".to_owned());
     env.restart_broker().await;
 
     println!("== Fetch latency and throughput vs raw OpenBao KV reads");
@@ -627,10 +613,6 @@ to hold the hourly full pass (about three requests per pod) counts it {:.0} time
     gate_setup(&env)?;
     let (gate_levels, gate_first) = measure::gate_cost(&env).await?;
     report.gate(&gate_levels, &gate_first);
-
-    println!("== {watchers} Watch streams on one broker");
-    let watch = measure::watch_scale(&env, watchers).await?;
-    report.watch(watch);
 
     // The same two runs on a broker built without the zero-on-free allocator,
     // then again with it, so both follow the same kind of run.
@@ -653,6 +635,27 @@ to hold the hourly full pass (about three requests per pod) counts it {:.0} time
                 .to_owned(),
         );
     }
+
+    drop(env);
+    drop(pg);
+
+    println!("== scale: fleets of sidecars and of agents, {scale_window:?} windows");
+    let mut scale = scale::start().await;
+    let mut results = Vec::new();
+    for shape in scale::shapes(quick) {
+        println!(
+            "== scale: {} pods over {} secrets",
+            shape.pods, shape.secrets
+        );
+        results.push(scale::run_shape(&mut scale, shape, scale_window).await?);
+    }
+    let plot_name = "bench-scale.svg";
+    plot::scale(&results, &root.join("docs").join(plot_name))?;
+    report.scale(&results, scale_window, plot_name);
+
+    println!("== {watchers} Watch streams on one broker, the change feed on");
+    let watch = scale::watch_with_feed(&mut scale, watchers).await?;
+    report.watch(watch);
 
     let path = root.join("docs/BENCHMARKS.md");
     std::fs::create_dir_all(root.join("docs")).context("creating docs/")?;

@@ -3,7 +3,10 @@
 
 use std::fmt::Write;
 
-use crate::measure::{GateLevel, Level, Stats, WatchScale};
+use crate::{
+    measure::{GateLevel, Level, Stats, WatchScale},
+    scale::{ShapeResult, WAYS},
+};
 
 /// One metric, Tessera vs the peer.
 pub struct Row {
@@ -119,10 +122,11 @@ impl Report {
         }
     }
 
-    /// The Watch scale table.
+    /// The Watch scale table (the KV write learned through Vault's change
+    /// feed, polling at the 5-minute backstop).
     pub fn watch(&mut self, w: WatchScale) {
         let rss_ok = w.rss_with_streams <= 128.0;
-        let fan_ok = w.fan_out_all_ms <= 250.0;
+        let fan_ok = w.fan_out_p99_ms <= 250.0 && w.fan_out_all_ms <= 250.0;
         let mark = |ok: bool| if ok { "met" } else { "**missed**" };
         let _ = writeln!(
             self.body,
@@ -154,13 +158,92 @@ impl Report {
         );
         let _ = writeln!(
             self.body,
-            "| KV write → p99 stream (ms) | {:.0} | |",
-            w.fan_out_p99_ms
+            "| KV write → p99 stream (ms) | {:.0} | ≤ 250 ({}) |",
+            w.fan_out_p99_ms,
+            mark(fan_ok)
         );
         self.note(
-            "The fan-out time includes the broker's wait for its next KV version check (kvPollInterval 1 s here, jittered by up to 10 %; \
-Vault's change feed is not on in this run): one read of the secret serves every stream. The 250 ms target is for a write \
-learned through the change feed, which this run does not use yet."
+            "The 10,000 streams: Vault's change feed on (OpenBao's `http` audit device posting to the broker, \
+its canary every 30 s), KV polling at the 5-minute backstop, so the write reaches the broker through the feed: \
+the audit entry of the write, one read of the secret, then the fan-out to every stream."
+                .to_owned(),
+        );
+    }
+
+    /// The scale section: each shape served three ways at once.
+    pub fn scale(&mut self, results: &[ShapeResult], window: std::time::Duration, plot: &str) {
+        let _ = writeln!(
+            self.body,
+            "\n### Scale: fleets of sidecars and of `bao agent`s over shared KV secrets\n\n\
+Each shape runs three fleets of real processes at once against one OpenBao: sidecars of one broker, sidecars \
+of three peer replicas (pod i connects to replica i mod 3, as a Service spreads connections), and one `bao agent` \
+per pod (AppRole, one template). Pod i reads KV secret i mod secrets. Vault's change feed is on for both \
+brokers (two `http` audit devices), polling at the 5-minute backstop; the agents re-render every 5 minutes (their \
+default). Once the fleets run, every secret is written once; the {}-second window opens when every sidecar has the \
+change, whose requests count with the start (as if every secret changed once an hour). Requests per pod-hour = \
+(requests at start + the window's scaled to an hour) / pods; KV write → file is timed from each secret's write to each \
+pod's file. Broker CPU is over the window (the three replicas together), RSS at its end (the largest replica). \
+The curves: [{plot}]({plot}).\n",
+            window.as_secs()
+        );
+        let _ = writeln!(
+            self.body,
+            "| pods | secrets | served by | Vault requests (start + window) | per pod-hour | vs agent | KV write → file p50 ms | p99 ms | pods with it | broker CPU ms | broker RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in results {
+            for (way, name) in WAYS.iter().enumerate() {
+                let (start, window) = r.requests[way];
+                let broker = |v: [f64; 2]| {
+                    if way < 2 {
+                        format!("{:.0}", v[way])
+                    } else {
+                        String::new()
+                    }
+                };
+                let _ = writeln!(
+                    self.body,
+                    "| {} | {} | {name} | {start} + {window} | {:.2} | {:.3} | {:.0} | {:.0} | {}/{} | {} | {} |",
+                    r.shape.pods,
+                    r.shape.secrets,
+                    r.per_pod_hour[way],
+                    r.per_pod_hour[way] / r.per_pod_hour[2],
+                    r.write_to_file[way].0,
+                    r.write_to_file[way].1,
+                    r.arrived[way],
+                    r.shape.pods,
+                    broker(r.broker_cpu_ms),
+                    broker(r.broker_rss_mib.map(|m| (m * 10.0).round() / 10.0)),
+                );
+            }
+        }
+        let largest = results
+            .iter()
+            .map(|r| r.shape.pods)
+            .max()
+            .unwrap_or_default();
+        let mark = |ok: bool| if ok { "met" } else { "**missed**" };
+        let _ = writeln!(
+            self.body,
+            "\n| at {largest} pods | 3 replicas / agent (≤ 1/10) | 3 replicas / 1 replica (within 10 %) |\n|---|---|---|"
+        );
+        for r in results.iter().filter(|r| r.shape.pods == largest) {
+            let vs_agent = r.per_pod_hour[1] / r.per_pod_hour[2];
+            let vs_one = r.per_pod_hour[1] / r.per_pod_hour[0];
+            let _ = writeln!(
+                self.body,
+                "| {} secrets ({} pods per secret) | {vs_agent:.3} ({}) | {vs_one:.2} ({}) |",
+                r.shape.secrets,
+                r.shape.pods / r.shape.secrets.max(1),
+                mark(vs_agent <= 0.1),
+                mark((vs_one - 1.0).abs() <= 0.1),
+            );
+        }
+        self.note(
+            "Scale: an agent fleet reads every secret once per pod every 5 minutes, so its cost per pod-hour stays flat \
+as pods are added; the brokers read each secret once for the fleet (on the backstop and on each change the feed names), \
+plus the feed's canary and the lease-record sweep (each made by one replica among peers), so their cost per pod-hour falls \
+with pods per secret. Where few pods share a secret, the 5-minute backstop alone is a fixed share of the agents' re-reads \
+(1 / pods per secret): the 1/10 target needs more than ten pods per secret."
                 .to_owned(),
         );
     }
@@ -315,8 +398,9 @@ from the benchmark issue and are shown, never asserted in tests.\n",
         let _ = writeln!(
             out,
             "Setup: one OpenBao dev server (file audit device), a private PostgreSQL, one broker \
-(TLS 1.3, JWKS tokens, kvPollInterval 1s), each pod's agent fetching the same KV secret and a \
-dynamic PostgreSQL user into tmpfs. The peer is `bao agent` with AppRole auto-auth and two \
+(TLS 1.3, JWKS tokens, kvPollInterval 15s for the fleet, then 1s), each pod's agent fetching the same KV secret and a \
+dynamic PostgreSQL user into tmpfs; the scale section and the 10,000 streams run on a second OpenBao whose \
+`http` audit devices feed the brokers (Vault's change feed, polling at the 5-minute backstop). The peer is `bao agent` with AppRole auto-auth and two \
 templates, the agent Vault's injector runs in every pod. Tessera's per-pod figures are the \
 sidecar alone, run as the webhook injects it (no IPC_LOCK capability, so its memory is not locked); \
 the shared broker is in the notes."
@@ -330,7 +414,7 @@ the shared broker is in the notes."
         }
         let _ = writeln!(
             out,
-            "\nReproduce: `scripts/bench` (builds release binaries, installs OpenBao if absent; about 25 minutes on 2 cores, a third of it the two release builds)."
+            "\nReproduce: `scripts/bench` (builds release binaries, installs OpenBao if absent; about 70 minutes on 2 cores, half of it the scale section's five-minute windows)."
         );
         out
     }

@@ -65,6 +65,13 @@ pub struct EnvOptions {
     /// checked every second, polling backstop 5 minutes) through a relay
     /// [`Env::silence_change_feed`] stops.
     pub change_feed: bool,
+    /// OpenBao posts its audit entries straight to each of these loopback
+    /// ports, without a relay (the bench, whose relay would run in its own
+    /// process): the first is the broker's `vault.changeFeed.listen`; the
+    /// others are for replicas the caller starts listening there.
+    pub feeds_direct: Vec<u16>,
+    /// The change feed's `checkInterval` (how often a canary is sent).
+    pub feed_check: &'static str,
     /// Read the policy from ClusterAccessPolicy and AccessBinding resources
     /// too (the chart's CRDs installed first). Needs `kubernetes`.
     pub policy_resources: bool,
@@ -89,6 +96,8 @@ impl Default for EnvOptions {
             sweep_interval: "2s",
             bootstrap: false,
             change_feed: false,
+            feeds_direct: Vec::new(),
+            feed_check: "1s",
             policy_resources: false,
         }
     }
@@ -155,20 +164,28 @@ impl Env {
         // test can stop to silence it.
         let feed = options.change_feed.then(|| {
             let port = free_port();
-            (port, Balancer::start(vec![port]))
+            (port, Some(Balancer::start(vec![port])))
         });
+        let feed = feed.or_else(|| options.feeds_direct.first().map(|port| (*port, None)));
         // OpenBao sends a new audit device a test entry and refuses to start
-        // if nobody takes it: a stand-in takes it until the broker listens.
-        let stand_in = feed.as_ref().map(|(port, _)| http_sink(*port));
+        // if nobody takes it: stand-ins take it until the brokers listen.
+        let stand_ins: Vec<_> = match &feed {
+            Some((port, Some(_))) => vec![http_sink(*port)],
+            _ => options.feeds_direct.iter().map(|p| http_sink(*p)).collect(),
+        };
         let bao = if options.vault_cluster {
             OpenBao::start_cluster(dir.path(), 3).await
         } else if options.persistent_vault {
             OpenBao::start_persistent(dir.path()).await
         } else {
-            let uri = feed
-                .as_ref()
-                .map(|(_, relay)| format!("http://127.0.0.1:{}/v1/audit", relay.port()));
-            OpenBao::start_with_feed(dir.path(), uri.as_deref()).await
+            let uris: Vec<String> = match &feed {
+                Some((_, Some(relay))) => vec![relay.port()],
+                _ => options.feeds_direct.clone(),
+            }
+            .iter()
+            .map(|port| format!("http://127.0.0.1:{port}/v1/audit"))
+            .collect();
+            OpenBao::start_with_feeds(dir.path(), &uris).await
         };
 
         let devdir = dir.path().join("dev");
@@ -201,10 +218,10 @@ impl Env {
         config.vault.change_feed = feed.as_ref().map(|(port, _)| ChangeFeedConfig {
             listen: format!("127.0.0.1:{port}"),
             backstop_interval: "5m".to_owned(),
-            check_interval: "1s".to_owned(),
+            check_interval: options.feed_check.to_owned(),
         });
         config.write(dir.path(), "broker.yaml");
-        drop(stand_in);
+        drop(stand_ins);
         let broker = spawn_broker(dir.path(), port, &options).await;
         Self {
             dir,
@@ -219,7 +236,7 @@ impl Env {
             rsa_signer,
             kube,
             options,
-            feed_relay: feed.map(|(_, relay)| relay),
+            feed_relay: feed.and_then(|(_, relay)| relay),
         }
     }
 
@@ -582,8 +599,17 @@ impl Env {
         config.admin.listen = format!("127.0.0.1:{}", free_port());
         config.webhook.listen = format!("127.0.0.1:{}", free_port());
         config.audit.path = format!("audit-{name}.jsonl");
-        // Vault's audit device posts to the first broker's feed only.
-        if let Some(feed) = config.vault.change_feed.as_mut() {
+        // Vault's audit device posts to the first broker's feed (or to
+        // where `edit` put this replica's).
+        let first = self
+            .config
+            .vault
+            .change_feed
+            .as_ref()
+            .map(|f| f.listen.clone());
+        if let Some(feed) = config.vault.change_feed.as_mut()
+            && Some(&feed.listen) == first.as_ref()
+        {
             feed.listen = format!("127.0.0.1:{}", free_port());
         }
         let file = format!("broker-{name}.yaml");

@@ -27,20 +27,24 @@ pub struct OpenBao {
 impl OpenBao {
     /// Starts `bao server -dev` on a free port and waits until it answers.
     pub async fn start(dir: &Path) -> Self {
-        Self::start_with_feed(dir, None).await
+        Self::start_with_feeds(dir, &[]).await
     }
 
     /// [`OpenBao::start`], with an `http` audit device posting every entry
-    /// to `feed_uri` beside the file device (which keeps OpenBao serving
-    /// when the feed's receiver is away), when given.
-    pub async fn start_with_feed(dir: &Path, feed_uri: Option<&str>) -> Self {
+    /// to each of `feed_uris` beside the file device (which keeps OpenBao
+    /// serving when a feed's receiver is away).
+    pub async fn start_with_feeds(dir: &Path, feed_uris: &[String]) -> Self {
         let port = free_port();
         let root_token = random_string(24);
         let audit_log = dir.join("openbao-audit.log");
         let config = dir.join("openbao.hcl");
-        let feed = feed_uri.map_or_else(String::new, |uri| {
-            format!("audit \"http\" \"tessera-feed\" {{\n  options = {{\n    uri = \"{uri}\"\n  }}\n}}\n")
-        });
+        let feed: String = feed_uris
+            .iter()
+            .enumerate()
+            .map(|(n, uri)| {
+                format!("audit \"http\" \"tessera-feed-{n}\" {{\n  options = {{\n    uri = \"{uri}\"\n  }}\n}}\n")
+            })
+            .collect();
         fs::write(
             &config,
             format!(

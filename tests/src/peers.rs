@@ -9,7 +9,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
 
-use crate::{Env, PeerTlsConfig, PeersConfig, Replica, config::EndpointSlicesConfig, free_port};
+use crate::{
+    BrokerConfig, Env, PeerTlsConfig, PeersConfig, Replica, config::EndpointSlicesConfig, free_port,
+};
 
 /// Files of a certificate and its key.
 #[derive(Clone, Debug)]
@@ -140,17 +142,21 @@ impl Env {
 
     /// Starts replica `name` as [`Env::start_peer`] does, but with the
     /// hourly full pass over the lease records of a deployed broker (tests
-    /// make it as often as the light sweep): what the bench measures.
+    /// make it as often as the light sweep) and `edit` made to its
+    /// configuration: what the bench measures.
     pub async fn start_peer_as_deployed(
         &self,
         name: &str,
-        advertise: &str,
-        addresses: &[String],
+        (advertise, addresses): (&str, &[String]),
         pki: &PeerPki,
+        edit: impl FnOnce(&mut BrokerConfig),
     ) -> Replica {
         let peers = peers_config(advertise, pki, Some(addresses.to_vec()), None);
-        self.start_replica_with(name, |config| config.peers = Some(peers))
-            .await
+        self.start_replica_with(name, |config| {
+            config.peers = Some(peers);
+            edit(config);
+        })
+        .await
     }
 
     async fn start_peer_with(&self, name: &str, peers: PeersConfig) -> Replica {
