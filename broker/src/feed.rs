@@ -277,6 +277,11 @@ impl Feeds {
         self.change_feed.as_ref()
     }
 
+    /// The Vault these feeds read.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
     /// The replicas these feeds share the polling with, when any.
     pub fn peers(&self) -> Option<&Arc<Peers>> {
         self.peers.as_ref()

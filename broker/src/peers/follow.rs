@@ -254,6 +254,10 @@ async fn stream_from(
             }
             continue;
         }
+        if let Some(ms) = copy.vault_answered_ms {
+            feeds.vault().peer_answered(Duration::from_millis(ms));
+            continue;
+        }
         if let Some(up) = copy.feed_up {
             // Taken from the replica that checks the feed for the cluster
             // only, as this replica counts the members.

@@ -90,6 +90,10 @@ impl Peer for PeerService {
         let feeds = self.feeds.clone();
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // Every third of the health-check interval the follower hears how
+        // long ago Vault answered this replica's own requests.
+        let mut vouch = tokio::time::interval(feeds.vault().health_check_interval() / 3);
+        vouch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.spawner.spawn(async move {
             let mut copies = feeds.copies();
             loop {
@@ -106,6 +110,18 @@ impl Peer for PeerService {
                 };
                 let next = tokio::select! {
                     () = shutdown.cancelled() => return,
+                    _ = vouch.tick() => {
+                        let interval = feeds.vault().health_check_interval();
+                        let Some(ago) = feeds.vault().answered_ago().filter(|ago| *ago < interval) else {
+                            continue;
+                        };
+                        let ms = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
+                        let word = KvCopy { vault_answered_ms: Some(ms), ..KvCopy::default() };
+                        if tx.send(Ok(word)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     next = changes.recv() => next,
                     canary = canary => {
                         let relayed = match canary {
@@ -158,5 +174,6 @@ fn to_copy(source: &Kv2Source, fed: &Fed) -> KvCopy {
         last_known_good: fed.freshness.last_known_good,
         canary: String::new(),
         feed_up: None,
+        vault_answered_ms: None,
     }
 }

@@ -300,6 +300,8 @@ pub struct Vault {
 #[derive(Default)]
 struct Reachability {
     last_ok: Option<Instant>,
+    /// When Vault last answered a peer's own requests, as the peer said.
+    peer_ok: Option<Instant>,
     last_check: Option<Instant>,
     down: bool,
 }
@@ -310,13 +312,18 @@ const DOWN_CHECK: Duration = Duration::from_secs(2);
 impl Reachability {
     /// Whether to check Vault at `now` (and if so, note the check): every
     /// [`DOWN_CHECK`] while it is down, else only when neither a request
-    /// nor a check succeeded within `idle`.
+    /// nor a check succeeded within `idle`, and no peer said within twice
+    /// that (a peer checks on its own once an interval, and says so a little
+    /// later) that Vault answered its own. A peer's word never brings a
+    /// Vault this replica found down back up: only its own check does.
     fn check_due(&mut self, now: Instant, idle: Duration) -> bool {
         let since = |at: Option<Instant>| at.map_or(Duration::MAX, |at| now - at);
         let due = if self.down {
             since(self.last_check) >= DOWN_CHECK
         } else {
-            since(self.last_ok) >= idle && since(self.last_check) >= idle
+            since(self.last_ok) >= idle
+                && since(self.peer_ok) >= idle * 2
+                && since(self.last_check) >= idle
         };
         if due {
             self.last_check = Some(now);
@@ -473,6 +480,29 @@ impl Vault {
 
     fn reach(&self) -> std::sync::MutexGuard<'_, Reachability> {
         self.reach.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long ago Vault last answered this replica's own requests.
+    pub fn answered_ago(&self) -> Option<Duration> {
+        self.reach().last_ok.map(|at| at.elapsed())
+    }
+
+    /// A peer's word that Vault answered its own requests `ago`: among
+    /// peers an idle replica needs no health check of its own while
+    /// another's requests show Vault answers (more replicas, no more
+    /// requests). A failed request of its own still marks Vault down.
+    pub fn peer_answered(&self, ago: Duration) {
+        let at = Instant::now().checked_sub(ago);
+        let mut reach = self.reach();
+        if at > reach.peer_ok {
+            reach.peer_ok = at;
+        }
+    }
+
+    /// How long an idle replica goes without a health check
+    /// (`vault.healthCheckInterval`).
+    pub fn health_check_interval(&self) -> Duration {
+        self.settings.health_check_interval
     }
 
     /// Records that Vault answered a request.

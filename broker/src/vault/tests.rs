@@ -32,6 +32,34 @@ fn an_idle_broker_checks_once_per_interval() {
 }
 
 #[test]
+fn an_idle_replica_whose_peer_hears_from_vault_does_not_check_until_it_finds_vault_down() {
+    let start = Instant::now();
+    let mut reach = Reachability {
+        last_ok: Some(start),
+        ..Reachability::default()
+    };
+    let at = |s: u64| start + Duration::from_secs(s);
+    for second in (10..120).step_by(10) {
+        // A peer's requests succeed; it says so every ten seconds.
+        reach.peer_ok = Some(at(second));
+        assert!(!reach.check_due(at(second + 5), IDLE), "at {second}s");
+    }
+    // A request of its own failed: its own checks, every two seconds,
+    // whatever the peers say.
+    reach.down = true;
+    reach.peer_ok = Some(at(130));
+    assert!(reach.check_due(at(130), IDLE));
+    assert!(reach.check_due(at(132), IDLE));
+    // The peers fell silent: after two intervals without their word, its
+    // own check once an interval again.
+    reach.down = false;
+    assert!(!reach.check_due(at(189), IDLE));
+    assert!(reach.check_due(at(191), IDLE));
+    assert!(!reach.check_due(at(220), IDLE));
+    assert!(reach.check_due(at(221), IDLE));
+}
+
+#[test]
 fn a_vault_that_is_down_is_checked_every_two_seconds() {
     let start = Instant::now();
     let mut reach = Reachability {

@@ -206,6 +206,58 @@ async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_ow
     .await;
 }
 
+/// #25: among peers, a replica with nothing of its own to ask Vault (it
+/// owns no secret and no sweep) sent a health check every interval, so
+/// Vault's load grew with replicas again once the work was shared. It now
+/// takes a peer's word that Vault answers the peer's requests, and still
+/// reports Vault up.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_peer_needs_no_health_check_of_its_own_while_its_peers_hear_from_vault() {
+    let (env, pki) = with_secret(options()).await;
+    let addresses = peer_addresses(3);
+    let mut replicas = Vec::new();
+    for (name, address) in ["a", "b", "c"].iter().zip(&addresses) {
+        replicas.push(env.start_peer(name, address, &addresses, &pki).await);
+    }
+    for replica in &replicas {
+        until_members(&env, replica, 3).await;
+    }
+    let busy = [
+        owner(&addresses, &source_key(&orders())).unwrap(),
+        owner(&addresses, FULL_PASS).unwrap(),
+    ];
+    let checks = |replica| {
+        counter(
+            replica,
+            "tessera_vault_request_duration_seconds_count",
+            "LookupTokenSelfRequest",
+        )
+    };
+    let mut before = Vec::new();
+    for replica in &replicas {
+        before.push(checks(replica).await);
+    }
+    // Five health-check intervals (1 s here).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut idle = 0;
+    for ((replica, address), before) in replicas.iter().zip(&addresses).zip(before) {
+        let up = metric_value(&replica.admin_url(), "tessera_vault_up", "").await;
+        assert_eq!(up, Some(1.0), "{address} reports Vault up");
+        if !busy.contains(&address) {
+            idle += 1;
+            assert_eq!(
+                checks(replica).await,
+                before,
+                "{address} owns nothing and sent no health check"
+            );
+        }
+    }
+    assert!(
+        idle > 0,
+        "three replicas, two owned keys: one idle at least"
+    );
+}
+
 /// Calls `Follow` on the peer channel at `address` with `identity` (none:
 /// no client certificate), trusting the peer CA; the first copy's version.
 async fn follow(address: &str, pki: &PeerPki, identity: Option<&CertFiles>) -> Result<u64, String> {
