@@ -473,6 +473,10 @@ impl Vault {
         match error {
             VaultError::Denied(_) => self.invalidate().await,
             VaultError::Unavailable(_) => self.reach().down = true,
+            // Vault answered, with the broker's credentials: nothing there,
+            // or not that way. (The change feed's canary reads a path where
+            // nothing is, by design.)
+            VaultError::NotFound(_) | VaultError::Invalid(_) => self.answered(),
             _ => {}
         }
         error

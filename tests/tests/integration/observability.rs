@@ -330,3 +330,49 @@ async fn a_real_prometheus_scrapes_the_broker() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// #25: a 404 from Vault did not count as an answer, so a broker whose
+/// regular requests find nothing (the change feed's canary does, by design;
+/// a policy's KV secret not written yet) sent a health check every
+/// interval besides. Vault answering "nothing here" answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_whose_requests_find_nothing_needs_no_health_check() {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/not-written"),
+        EnvOptions {
+            poll: "500ms",
+            ..EnvOptions::default()
+        },
+    )
+    .await;
+    let checks = async || {
+        tessera_tests::metric_value(
+            &env.admin_url,
+            "tessera_vault_request_duration_seconds_count",
+            "LookupTokenSelfRequest",
+        )
+        .await
+        .unwrap_or_default()
+    };
+    let not_found = async || {
+        tessera_tests::metric_value(
+            &env.admin_url,
+            "tessera_vault_request_duration_seconds_count",
+            "ReadSecretMetadataRequest",
+        )
+        .await
+        .unwrap_or_default()
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (before, polls) = (checks().await, not_found().await);
+    // Four health-check intervals (1 s here); the secret is polled (and
+    // not found) twice a second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(not_found().await > polls + 3.0, "the secret is polled");
+    assert_eq!(checks().await, before, "no health check besides");
+    let (_, metrics) = http_get(&format!("{}/metrics", env.admin_url)).await;
+    assert!(
+        metrics.lines().any(|l| l == "tessera_vault_up 1"),
+        "Vault up"
+    );
+}
