@@ -63,9 +63,9 @@ impl Sizes {
                 // bao agent re-renders static secrets every 5 minutes by
                 // default: the window must see one.
                 idle_window: Duration::from_secs(310),
-                // The same: every agent re-reads once, every broker checks
-                // once at its 5-minute backstop.
-                scale_window: Duration::from_secs(310),
+                // One period of both sides: each agent re-reads once, each
+                // broker checks each secret once at its 5-minute backstop.
+                scale_window: Duration::from_secs(300),
                 quick: false,
                 watchers: 10_000,
             }

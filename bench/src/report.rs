@@ -179,10 +179,11 @@ Each shape runs three fleets of real processes at once against one OpenBao: side
 of three peer replicas (pod i connects to replica i mod 3, as a Service spreads connections), and one `bao agent` \
 per pod (AppRole, one template). Pod i reads KV secret i mod secrets. Vault's change feed is on for both \
 brokers (two `http` audit devices), polling at the 5-minute backstop; the agents re-render every 5 minutes (their \
-default). Once the fleets run, every secret is written once; the {}-second window opens when every sidecar has the \
-change, whose requests count with the start (as if every secret changed once an hour). Requests per pod-hour = \
-(requests at start + the window's scaled to an hour) / pods; KV write → file is timed from each secret's write to each \
-pod's file. Broker CPU is over the window (the three replicas together), RSS at its end (the largest replica). \
+default). The brokers start first (their own start, once a rollout, is in the notes, not in the table). Once the fleets \
+run, every secret is written once; its requests count with the start (as if every secret changed once an hour). The \
+{}-second window opens half a window later, so that each broker's next check of each secret (the backstop, 5 minutes \
+± 10 % after the change) and each agent's re-read fall in it once. Requests per pod-hour = (requests at start + the \
+window's scaled to an hour) / pods; KV write → file is timed from each secret's write to each pod's file. Broker CPU is over the window (the three replicas together), RSS at its end (the largest replica). \
 The curves: [{plot}]({plot}).\n",
             window.as_secs()
         );
@@ -216,6 +217,20 @@ The curves: [{plot}]({plot}).\n",
                 );
             }
         }
+        let started: Vec<String> = results
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} pods over {} secrets: {} and {}",
+                    r.shape.pods, r.shape.secrets, r.brokers_started[0], r.brokers_started[1]
+                )
+            })
+            .collect();
+        self.note(format!(
+            "Scale: Vault requests of the brokers' own start (the one replica, and the three peers together, until the change \
+feed is up on each): {}. Each replica reads every secret of the policy once as it starts, before it knows its peers.",
+            started.join("; ")
+        ));
         let largest = results
             .iter()
             .map(|r| r.shape.pods)

@@ -68,8 +68,12 @@ pub const WAYS: [&str; 3] = [
 pub struct ShapeResult {
     /// The fleet.
     pub shape: Shape,
-    /// Vault requests at start (brokers and pods starting) and in the window.
+    /// Vault requests at start (pods starting, every secret changing
+    /// once) and in the window.
     pub requests: [(usize, usize); 3],
+    /// Vault requests of the brokers' own start: the one replica; the
+    /// three.
+    pub brokers_started: [usize; 2],
     /// Vault requests per pod-hour: (start + window scaled to an hour) / pods.
     pub per_pod_hour: [f64; 3],
     /// KV write → the pod's file has it, p50 and p99 over the pods (ms).
@@ -260,11 +264,17 @@ pub async fn run_shape(
             .await;
     }
     let audit = scale.env.bao.audit_log.clone();
-    let (_, audit_start) = requests(&audit, 0);
+    let (_, brokers_start) = requests(&audit, 0);
     scale.env.set_policy(&policy(shape));
     scale.env.restart_broker().await;
     let replicas = start_peers(scale, &tag).await;
     let env = &scale.env;
+    let mut admins = vec![env.admin_url.clone()];
+    admins.extend(replicas.iter().map(Replica::admin_url));
+    // The brokers' own start (once a rollout, not once a pod) is counted
+    // apart: the pods start on brokers that run.
+    until_feed_up(&admins).await?;
+    let (brokers_started, audit_start) = requests(&audit, brokers_start);
 
     let secret_of = |i: usize| i % shape.secrets;
     let mut fleets: [Vec<Pod>; 3] = [Vec::new(), Vec::new(), Vec::new()];
@@ -302,8 +312,6 @@ pub async fn run_shape(
     for fleet in &mut fleets {
         wait_ready(fleet).await?;
     }
-    let mut admins = vec![env.admin_url.clone()];
-    admins.extend(replicas.iter().map(Replica::admin_url));
     until_feed_up(&admins).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -311,9 +319,11 @@ pub async fn run_shape(
         .chain(replicas.iter().map(|r| r.proc.pid()))
         .collect();
     // Every secret changes once; each pod's file is watched until it has
-    // the change (the agents re-read every 5 minutes). The window opens
-    // once the sidecars have it: the change is counted with the start (as
-    // if every secret changed once an hour), the window is the steady cost.
+    // the change (the agents re-read every 5 minutes). The change is
+    // counted with the start (as if every secret changed once an hour);
+    // the window, the steady cost, opens half a window after it: the
+    // brokers' next check of each secret (a 5-minute backstop ± 10 %
+    // from the change) falls inside it once, as each agent's re-read does.
     let mut written = Vec::new();
     for j in 0..shape.secrets {
         scale
@@ -348,8 +358,7 @@ pub async fn run_shape(
             }
         }
         match &window_open {
-            None if !pending_tessera || since_write.elapsed() > Duration::from_secs(60) => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            None if since_write.elapsed() >= window / 2 => {
                 let (counts, line) = requests(&audit, audit_start);
                 at_start = counts;
                 let samples = brokers.iter().map(|pid| proc_sample(*pid)).collect();
@@ -381,6 +390,7 @@ pub async fn run_shape(
     let result = ShapeResult {
         shape,
         requests: std::array::from_fn(|way| (at_start[way], in_window[way])),
+        brokers_started: [brokers_started[0], brokers_started[1]],
         per_pod_hour: std::array::from_fn(|way| {
             (at_start[way] as f64 + in_window[way] as f64 * hour) / shape.pods as f64
         }),
