@@ -531,6 +531,11 @@ async fn poll(
             known = sender.borrow().as_ref().map(|fed| fed.secret.version);
             tracing::info!(mount = %source.mount, path = %source.path, "this replica now reads the KV secret for the cluster");
         }
+        // A version a peer read and passed on is known here too: the replica
+        // that Vault's change feed reached reads a change for the cluster,
+        // and the owner must not read it again at its next check.
+        let held = sender.borrow().as_ref().map(|fed| fed.secret.version);
+        known = known.max(held);
         // A failed check is retried at the default interval at the latest:
         // a long refreshInterval must not leave an outage unnoticed for hours.
         let mut failed = false;

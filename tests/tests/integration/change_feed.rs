@@ -210,3 +210,114 @@ async fn among_peers_one_replica_sends_the_canaries_and_every_replica_knows_the_
         );
     }
 }
+
+/// #25: behind one Service the feed reaches one replica, which reads the
+/// written secret and passes it to its peers. The secret's owner took the
+/// copy but, at its next check, still compared Vault's version with the one
+/// it had read itself, and read the secret's data again: one more Vault
+/// read per change and replica that owns a secret (the bench's backstop
+/// window counted them). A version a peer passed on is known now.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owner_does_not_read_again_a_change_a_peer_read_for_it() {
+    use tessera_broker::{
+        feed::FEED_CHECK, membership::owner, peers::source_key, policy::Kv2Source,
+    };
+    use tessera_tests::{PeerPki, peer_addresses};
+    let mut env = with_feed().await;
+    let pki = PeerPki::new(env.dir.path());
+    let addresses = peer_addresses(2);
+    let orders = Kv2Source {
+        mount: "secret".to_owned(),
+        path: "shop/orders".to_owned(),
+        keys: None,
+        namespace: None,
+    };
+    // The feed reaches the environment's broker; the other replica owns
+    // the secret.
+    let owner_at = addresses
+        .iter()
+        .position(|a| a == owner(&addresses, &source_key(&orders)).unwrap())
+        .unwrap();
+    let (receiver, owning) = (&addresses[1 - owner_at], &addresses[owner_at]);
+    env.join_peers(receiver, &addresses, &pki).await;
+    let b = env.start_peer("b", owning, &addresses, &pki).await;
+    let data_reads = async || {
+        metric_value(
+            &b.admin_url(),
+            "tessera_vault_request_duration_seconds_count",
+            "\"ReadSecretRequest\"",
+        )
+        .await
+        .unwrap_or_default()
+    };
+    let version_at_b = async || {
+        let mut client =
+            tessera_proto::v1::broker_client::BrokerClient::new(env.channel_to(&b.uri).await);
+        let request = tessera_tests::with_token(
+            &env.token("shop", "orders"),
+            tessera_proto::v1::FetchRequest {
+                bindings: vec!["app".to_owned()],
+                ..Default::default()
+            },
+        );
+        client
+            .fetch(request)
+            .await
+            .map(|a| a.into_inner().credentials[0].version.clone())
+            .unwrap_or_default()
+    };
+    let until_b_has = async |version: &str| {
+        for _ in 0..80 {
+            if version_at_b().await == version {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("replica b never served version {version}");
+    };
+    until_b_has("1").await;
+    // Until b polls at the backstop (the feed is up for it too).
+    let mut up = None;
+    for _ in 0..120 {
+        up = metric_value(&b.admin_url(), "tessera_change_feed_up", "").await;
+        if up == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(up, Some(1.0), "b hears the feed is up");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = data_reads().await;
+    env.bao
+        .put("shop/orders", &json!({ "password": "v2" }))
+        .await;
+    until_b_has("2").await;
+    // The feed falls silent: b checks the version every second again.
+    env.silence_change_feed();
+    let checker = owner(&addresses, FEED_CHECK).unwrap().clone();
+    let versions = async || {
+        metric_value(
+            &b.admin_url(),
+            "tessera_vault_request_duration_seconds_count",
+            "ReadSecretMetadataRequest",
+        )
+        .await
+        .unwrap_or_default()
+    };
+    let checked = versions().await;
+    for _ in 0..120 {
+        if versions().await > checked + 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        versions().await > checked + 1.0,
+        "b checks the version again"
+    );
+    assert_eq!(
+        data_reads().await,
+        before,
+        "b (the owner; the feed checker is {checker}) read v2 from Vault although its peer passed it on"
+    );
+}
