@@ -346,8 +346,9 @@ fn vault_requests(audit: &Path, from: usize) -> (usize, usize, usize) {
     (tessera, agents, lines.len())
 }
 
-/// One section alone, printed and not written (`TESSERA_BENCH_ONLY=start`
-/// or `watch`): the quick loop while working on what it measures.
+/// One section alone, printed and not written (`TESSERA_BENCH_ONLY=start`,
+/// `watch`, `hold` or `scale`): the quick loop while working on what it
+/// measures.
 async fn only_section(
     env: &mut Env,
     login: &(PathBuf, PathBuf),
@@ -406,7 +407,28 @@ async fn only_section(
             let watch = measure::watch_scale(env, watchers).await?;
             println!("{watch:?}");
         }
-        other => anyhow::bail!("TESSERA_BENCH_ONLY={other}: use start or watch"),
+        "scale" => {
+            // TESSERA_BENCH_SHAPES=500x20,500x1 (pods x secrets); all when unset.
+            let shapes: Vec<scale::Shape> = match std::env::var("TESSERA_BENCH_SHAPES") {
+                Ok(list) => list
+                    .split(',')
+                    .filter_map(|shape| {
+                        let (pods, secrets) = shape.split_once('x')?;
+                        Some(scale::Shape {
+                            pods: pods.trim().parse().ok()?,
+                            secrets: secrets.trim().parse().ok()?,
+                        })
+                    })
+                    .collect(),
+                Err(_) => scale::shapes(false),
+            };
+            let mut scale = scale::start().await;
+            for shape in shapes {
+                let result = scale::run_shape(&mut scale, shape, Duration::from_secs(300)).await?;
+                println!("{result:?}");
+            }
+        }
+        other => anyhow::bail!("TESSERA_BENCH_ONLY={other}: use start, watch, hold or scale"),
     }
     Ok(())
 }
