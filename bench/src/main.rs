@@ -323,27 +323,11 @@ fn gate_setup(env: &Env) -> anyhow::Result<()> {
 }
 
 /// Vault requests in OpenBao's audit log, after line `from`, made by the
-/// Tessera broker and by the agents.
+/// Tessera broker and by the agents; and the log's line count (the scale
+/// section's count, without its second broker).
 fn vault_requests(audit: &Path, from: usize) -> (usize, usize, usize) {
-    let text = std::fs::read_to_string(audit).unwrap_or_default();
-    let (mut tessera, mut agents) = (0, 0);
-    let lines: Vec<&str> = text.lines().collect();
-    for line in lines.iter().skip(from) {
-        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if entry["type"] != "request" {
-            continue;
-        }
-        let policies = entry["auth"]["policies"].to_string();
-        let path = entry["request"]["path"].as_str().unwrap_or_default();
-        if policies.contains("tessera-broker") {
-            tessera += 1;
-        } else if policies.contains("bench-agent") || path == "auth/approle/login" {
-            agents += 1;
-        }
-    }
-    (tessera, agents, lines.len())
+    let ([tessera, _, agents], lines) = scale::requests(audit, from);
+    (tessera, agents, lines)
 }
 
 /// One section alone, printed and not written (`TESSERA_BENCH_ONLY=start`,

@@ -173,7 +173,7 @@ fn policy(shape: Shape) -> String {
 
 /// Vault requests in OpenBao's audit log after line `from`: the one
 /// replica's, the three peers', the agents'; and the log's line count.
-fn requests(audit: &Path, from: usize) -> ([usize; 3], usize) {
+pub fn requests(audit: &Path, from: usize) -> ([usize; 3], usize) {
     let text = std::fs::read_to_string(audit).unwrap_or_default();
     let mut counts = [0; 3];
     let lines: Vec<&str> = text.lines().collect();
