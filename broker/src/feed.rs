@@ -324,6 +324,27 @@ impl Feeds {
         });
     }
 
+    /// A read of `source` made for a pod, with the broker's own token,
+    /// while this replica held no copy of it yet (the secret was written
+    /// after the poller's last check, or its first read is on its way):
+    /// kept when a poller follows the source, so the pods after it are
+    /// served from memory, not each with a Vault read of its own, until
+    /// the next check. Never replaces a newer version.
+    pub fn keep(&self, source: &Kv2Source, fed: Fed) {
+        let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = senders.get(source) {
+            sender.send_if_modified(|latest| {
+                let newer = latest
+                    .as_ref()
+                    .is_none_or(|held| held.secret.version < fed.secret.version);
+                if newer {
+                    *latest = Some(fed);
+                }
+                newer
+            });
+        }
+    }
+
     /// Every source's last good read this replica holds, for a peer that
     /// starts following it.
     pub fn copies(&self) -> Vec<(Kv2Source, Fed)> {

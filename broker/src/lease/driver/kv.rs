@@ -34,15 +34,23 @@ impl Driver for Kv {
             // own token: never from the feed the broker reads with its own.
             let fed = match cx.feeds.latest(kv).filter(|_| cx.gate.is_none()) {
                 Some(fed) => fed,
-                None => Fed {
-                    secret: Arc::new(
-                        cx.vault
-                            .read_kv2(kv, Some(cx.stamp), cx.gate)
-                            .await
-                            .map_err(vault_error(binding))?,
-                    ),
-                    freshness: Freshness::now(),
-                },
+                None => {
+                    let fed = Fed {
+                        secret: Arc::new(
+                            cx.vault
+                                .read_kv2(kv, Some(cx.stamp), cx.gate)
+                                .await
+                                .map_err(vault_error(binding))?,
+                        ),
+                        freshness: Freshness::now(),
+                    };
+                    // Read with the broker's own token: the next pod is
+                    // served from it. A pod's own read stays its own.
+                    if cx.gate.is_none() {
+                        cx.feeds.keep(kv, fed.clone());
+                    }
+                    fed
+                }
             };
             Ok(kv_credential_parts(&fed))
         }
