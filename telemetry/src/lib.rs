@@ -58,7 +58,7 @@ impl Telemetry {
 /// A bad OTLP setting is reported in the logs and leaves export off; it
 /// never stops the process.
 pub fn init(service: &'static str, json: bool, export: bool) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let (provider, problem) = match tracer_provider(service).map(|p| p.filter(|_| export)) {
         Ok(provider) => (provider, None),
@@ -92,6 +92,20 @@ pub fn init(service: &'static str, json: bool, export: bool) -> Telemetry {
         tracing::info!(service, "exporting traces over OTLP/gRPC");
     }
     Telemetry { provider }
+}
+
+/// `RUST_LOG`'s directives (default `info`), with the Vault client's own
+/// records off unless `RUST_LOG` names it: Tessera logs every failed Vault
+/// request itself, saying what it was for, while the client (rustify) logs
+/// each 404 at ERROR, and a 404 is expected (a new pod's first lease finds
+/// no records; the change feed's canary reads an empty path by design).
+fn filter() -> EnvFilter {
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let named = std::env::var("RUST_LOG").is_ok_and(|directives| directives.contains("rustify"));
+    if !named && let Ok(quiet) = "rustify=off".parse() {
+        filter = filter.add_directive(quiet);
+    }
+    filter
 }
 
 /// Log lines on standard error, as text or JSON.

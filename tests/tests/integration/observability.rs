@@ -376,3 +376,44 @@ async fn a_broker_whose_requests_find_nothing_needs_no_health_check() {
         "Vault up"
     );
 }
+
+/// Vault answering "nothing here" is routine (a policy's secret not written
+/// yet; a new pod's first lease finds no records; the change feed's canary
+/// reads an empty path by design): the broker says so in its own words, not
+/// with an ERROR line per request (regression: the Vault client logged each
+/// 404 at ERROR, twice, so a healthy broker with the change feed on logged
+/// errors every check interval).
+#[tokio::test(flavor = "multi_thread")]
+async fn vault_answering_nothing_here_is_not_logged_as_an_error() {
+    let env = Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/not-written"),
+        EnvOptions {
+            poll: "200ms",
+            ..EnvOptions::default()
+        },
+    )
+    .await;
+    let not_found = async || {
+        tessera_tests::metric_value(
+            &env.admin_url,
+            "tessera_vault_request_duration_seconds_count",
+            "ReadSecretMetadataRequest",
+        )
+        .await
+        .unwrap_or_default()
+    };
+    for _ in 0..100 {
+        if not_found().await >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(not_found().await >= 3.0, "the secret is polled");
+    let log = env.broker.output();
+    assert!(
+        log.contains("polling a KV secret's version failed"),
+        "the broker reports it"
+    );
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "no ERROR lines: {errors:#?}");
+}
