@@ -16,6 +16,19 @@ pub async fn metric_value(admin_url: &str, name: &str, label: &str) -> Option<f6
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
+/// How many requests of `operation` (vaultrs' name of the endpoint, e.g.
+/// `ReadSecretRequest`) the broker whose admin endpoints are at
+/// `admin_url` has sent Vault.
+pub async fn vault_requests(admin_url: &str, operation: &str) -> f64 {
+    metric_value(
+        admin_url,
+        "tessera_vault_request_duration_seconds_count",
+        &format!("operation=\"{operation}\""),
+    )
+    .await
+    .unwrap_or_default()
+}
+
 /// A plain HTTP/1.1 GET: (status code, body). Enough for the admin endpoints.
 pub async fn http_get(url: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -37,7 +37,7 @@ pub use config::{
 };
 pub use databases::{MariaDb, RabbitMq, Redis};
 pub use env::{BrokerLogin, Env, EnvOptions, Replica, TEST_CLUSTER, pod_uid};
-pub use http::{http_get, https_post, metric_value};
+pub use http::{http_get, https_post, metric_value, vault_requests};
 pub use kubernetes::Cluster;
 pub use node::{NODE, NodeAgent};
 pub use openbao::OpenBao;

@@ -5,7 +5,8 @@ use std::{fs, time::Duration};
 use serde_json::json;
 use tessera_proto::v1::WhoAmIRequest;
 use tessera_tests::{
-    BrokerLogin, Env, EnvOptions, random_string, simple_policy, wait_for, with_token,
+    BrokerLogin, Env, EnvOptions, random_string, simple_policy, vault_requests, wait_for,
+    with_token,
 };
 use tonic::Code;
 
@@ -78,15 +79,7 @@ async fn a_secret_read_for_one_pod_serves_the_next_pods_from_memory() {
         },
     )
     .await;
-    let count = async |operation: &str| {
-        tessera_tests::metric_value(
-            &env.admin_url,
-            "tessera_vault_request_duration_seconds_count",
-            operation,
-        )
-        .await
-        .unwrap_or_default()
-    };
+    let count = async |operation: &str| vault_requests(&env.admin_url, operation).await;
     // The broker's first check found nothing; the next is an hour away.
     for _ in 0..200 {
         if count("ReadSecretMetadataRequest").await >= 1.0 {

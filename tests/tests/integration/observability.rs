@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tessera_tests::{Env, EnvOptions, http_get, https_post, simple_policy};
+use tessera_tests::{Env, EnvOptions, http_get, https_post, simple_policy, vault_requests};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -345,24 +345,8 @@ async fn a_broker_whose_requests_find_nothing_needs_no_health_check() {
         },
     )
     .await;
-    let checks = async || {
-        tessera_tests::metric_value(
-            &env.admin_url,
-            "tessera_vault_request_duration_seconds_count",
-            "LookupTokenSelfRequest",
-        )
-        .await
-        .unwrap_or_default()
-    };
-    let not_found = async || {
-        tessera_tests::metric_value(
-            &env.admin_url,
-            "tessera_vault_request_duration_seconds_count",
-            "ReadSecretMetadataRequest",
-        )
-        .await
-        .unwrap_or_default()
-    };
+    let checks = async || vault_requests(&env.admin_url, "LookupTokenSelfRequest").await;
+    let not_found = async || vault_requests(&env.admin_url, "ReadSecretMetadataRequest").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (before, polls) = (checks().await, not_found().await);
     // Four health-check intervals (1 s here); the secret is polled (and
@@ -393,15 +377,7 @@ async fn vault_answering_nothing_here_is_not_logged_as_an_error() {
         },
     )
     .await;
-    let not_found = async || {
-        tessera_tests::metric_value(
-            &env.admin_url,
-            "tessera_vault_request_duration_seconds_count",
-            "ReadSecretMetadataRequest",
-        )
-        .await
-        .unwrap_or_default()
-    };
+    let not_found = async || vault_requests(&env.admin_url, "ReadSecretMetadataRequest").await;
     for _ in 0..100 {
         if not_found().await >= 3.0 {
             break;
