@@ -398,14 +398,20 @@ async fn only_section(
             let shapes: Vec<scale::Shape> = match std::env::var("TESSERA_BENCH_SHAPES") {
                 Ok(list) => list
                     .split(',')
-                    .filter_map(|shape| {
-                        let (pods, secrets) = shape.split_once('x')?;
-                        Some(scale::Shape {
-                            pods: pods.trim().parse().ok()?,
-                            secrets: secrets.trim().parse().ok()?,
-                        })
+                    .map(|shape| {
+                        shape
+                            .split_once('x')
+                            .and_then(|(pods, secrets)| {
+                                Some(scale::Shape {
+                                    pods: pods.trim().parse().ok()?,
+                                    secrets: secrets.trim().parse().ok()?,
+                                })
+                            })
+                            .with_context(|| {
+                                format!("TESSERA_BENCH_SHAPES: `{shape}` is not PODSxSECRETS (e.g. 500x20)")
+                            })
                     })
-                    .collect(),
+                    .collect::<anyhow::Result<_>>()?,
                 Err(_) => scale::shapes(false),
             };
             let mut scale = scale::start().await;
@@ -509,7 +515,9 @@ async fn main() -> anyhow::Result<()> {
         // Vault's own time on a new pod's path to a database user: making
         // the user (both pay it) and a KV write like the broker's lease record.
         let began = Instant::now();
-        let _ = vaultrs::database::role::creds(&client, "database", "bench").await;
+        vaultrs::database::role::creds(&client, "database", "bench")
+            .await
+            .context("Vault making a database user for the bench")?;
         vault_user.push(began.elapsed().as_secs_f64() * 1000.0);
         let began = Instant::now();
         env.bao.put("bench/timing", &json!({ "run": run })).await;

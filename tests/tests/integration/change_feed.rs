@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tessera_tests::{Env, EnvOptions, field, metric_value, simple_policy, wait_for};
+use tessera_tests::{
+    Env, EnvOptions, field, metric_value, simple_policy, vault_requests, wait_for,
+};
 
 /// A value of the broker's `/metrics` (its first sample).
 async fn metric(env: &Env, name: &str) -> Option<f64> {
@@ -241,15 +243,7 @@ async fn the_owner_does_not_read_again_a_change_a_peer_read_for_it() {
     let (receiver, owning) = (&addresses[1 - owner_at], &addresses[owner_at]);
     env.join_peers(receiver, &addresses, &pki).await;
     let b = env.start_peer("b", owning, &addresses, &pki).await;
-    let data_reads = async || {
-        metric_value(
-            &b.admin_url(),
-            "tessera_vault_request_duration_seconds_count",
-            "\"ReadSecretRequest\"",
-        )
-        .await
-        .unwrap_or_default()
-    };
+    let data_reads = async || vault_requests(&b.admin_url(), "ReadSecretRequest").await;
     let version_at_b = async || {
         let mut client =
             tessera_proto::v1::broker_client::BrokerClient::new(env.channel_to(&b.uri).await);
@@ -295,15 +289,7 @@ async fn the_owner_does_not_read_again_a_change_a_peer_read_for_it() {
     // The feed falls silent: b checks the version every second again.
     env.silence_change_feed();
     let checker = owner(&addresses, FEED_CHECK).unwrap().clone();
-    let versions = async || {
-        metric_value(
-            &b.admin_url(),
-            "tessera_vault_request_duration_seconds_count",
-            "ReadSecretMetadataRequest",
-        )
-        .await
-        .unwrap_or_default()
-    };
+    let versions = async || vault_requests(&b.admin_url(), "ReadSecretMetadataRequest").await;
     let checked = versions().await;
     for _ in 0..120 {
         if versions().await > checked + 1.0 {

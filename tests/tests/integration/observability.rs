@@ -337,14 +337,7 @@ async fn a_real_prometheus_scrapes_the_broker() {
 /// interval besides. Vault answering "nothing here" answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_whose_requests_find_nothing_needs_no_health_check() {
-    let env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/not-written"),
-        EnvOptions {
-            poll: "500ms",
-            ..EnvOptions::default()
-        },
-    )
-    .await;
+    let env = polling_a_secret_not_written("500ms").await;
     let checks = async || vault_requests(&env.admin_url, "LookupTokenSelfRequest").await;
     let not_found = async || vault_requests(&env.admin_url, "ReadSecretMetadataRequest").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -369,14 +362,7 @@ async fn a_broker_whose_requests_find_nothing_needs_no_health_check() {
 /// errors every check interval).
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_answering_nothing_here_is_not_logged_as_an_error() {
-    let env = Env::start_with(
-        &simple_policy("app", "shop", "orders", "shop/not-written"),
-        EnvOptions {
-            poll: "200ms",
-            ..EnvOptions::default()
-        },
-    )
-    .await;
+    let env = polling_a_secret_not_written("200ms").await;
     let not_found = async || vault_requests(&env.admin_url, "ReadSecretMetadataRequest").await;
     for _ in 0..100 {
         if not_found().await >= 3.0 {
@@ -392,4 +378,17 @@ async fn vault_answering_nothing_here_is_not_logged_as_an_error() {
     );
     let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert!(errors.is_empty(), "no ERROR lines: {errors:#?}");
+}
+
+/// A broker whose policy's one KV secret is not written, polled every
+/// `poll`: each check finds nothing.
+async fn polling_a_secret_not_written(poll: &'static str) -> Env {
+    Env::start_with(
+        &simple_policy("app", "shop", "orders", "shop/not-written"),
+        EnvOptions {
+            poll,
+            ..EnvOptions::default()
+        },
+    )
+    .await
 }
