@@ -178,11 +178,13 @@ Each shape runs three fleets of real processes at once against one OpenBao: side
 of three peer replicas (pod i connects to replica i mod 3, as a Service spreads connections), and one `bao agent` \
 per pod (AppRole, one template). Pod i reads KV secret i mod secrets. Vault's change feed is on for both \
 brokers (two `http` audit devices), polling at the 5-minute backstop; the agents re-render every 5 minutes (their \
-default). The brokers start first (their own start, once a rollout, is in the notes, not in the table). Once the fleets \
-run, every secret is written once; its requests count with the start (as if every secret changed once an hour). The \
+default). The brokers start first (their own start, once a rollout, is in the notes, not in the table); then the \
+agents' fleet, alone (hundreds of agents logging in at once keep OpenBao from answering long enough for a broker's \
+feed to be declared silent); then both sidecar fleets, whose start is counted from once the agents run and the feed is \
+up on every broker. Once the fleets run, every secret is written once; its requests count with the start (as if every secret changed once an hour). The \
 {}-second window opens half a window later, so that each broker's next check of each secret (the backstop, 5 minutes \
 ± 10 % after the change) and each agent's re-read fall in it once. Requests per pod-hour = (requests at start + the \
-window's scaled to an hour) / pods; KV write → file is timed from each secret's write to each pod's file. Broker CPU is over the window (the three replicas together), RSS at its end (the largest replica). \
+window's scaled to an hour) / pods; KV write → file is timed from the moment each secret's write is sent to the modification time of each pod's file. Broker CPU is over the window (the three replicas together), RSS at its end (the largest replica). \
 The curves: [{plot}]({plot}).\n",
             window.as_secs()
         );

@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
@@ -197,6 +197,9 @@ pub fn requests(audit: &Path, from: usize) -> ([usize; 3], usize) {
     (counts, lines.len())
 }
 
+/// How long the fleets run before the secrets change.
+const SETTLE: Duration = Duration::from_secs(30);
+
 /// Waits until every broker at `admins` says Vault's change feed arrives.
 async fn until_feed_up(admins: &[String]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -277,7 +280,35 @@ pub async fn run_shape(
     let (brokers_started, audit_start) = requests(&audit, brokers_start);
 
     let secret_of = |i: usize| i % shape.secrets;
-    let mut fleets: [Vec<Pod>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    // The agents' fleet starts first and alone: 500 `bao agent`s logging in
+    // at once keep OpenBao from answering for a while, long enough for a
+    // broker's canary to miss and its feed to be declared silent (it then
+    // polls at the short interval until the feed is back). Which side that
+    // hit was chance, and it moved the start count of one way or the other.
+    // The sidecars' start is counted from once the agents run and every
+    // feed is up again.
+    let mut agents = Vec::new();
+    for i in 0..shape.pods {
+        let out = tmpfs();
+        let destination = out.path().join("password");
+        let contents = format!(
+            "{{{{ with secret \"secret/data/scale/{tag}/{}\" }}}}{{{{ .Data.data.password }}}}{{{{ end }}}}",
+            secret_of(i)
+        );
+        agents.push(spawn_agent_with(
+            env,
+            &scale.login,
+            &format!("{tag}-{i}"),
+            &[(&contents, destination)],
+            out,
+        ));
+    }
+    wait_ready(&mut agents).await?;
+    until_feed_up(&admins).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, sidecars_start) = requests(&audit, 0);
+
+    let mut fleets: [Vec<Pod>; 3] = [Vec::new(), Vec::new(), agents];
     for i in 0..shape.pods {
         let j = secret_of(i);
         let (account, binding) = (format!("scale-{j}"), format!("s{j}"));
@@ -296,24 +327,14 @@ pub async fn run_shape(
             &account,
             &[&binding],
         ));
-        let out = tmpfs();
-        let destination = out.path().join("password");
-        let contents = format!(
-            "{{{{ with secret \"secret/data/scale/{tag}/{j}\" }}}}{{{{ .Data.data.password }}}}{{{{ end }}}}"
-        );
-        fleets[2].push(spawn_agent_with(
-            env,
-            &scale.login,
-            &format!("{tag}-{i}"),
-            &[(&contents, destination)],
-            out,
-        ));
     }
-    for fleet in &mut fleets {
+    for fleet in &mut fleets[..2] {
         wait_ready(fleet).await?;
     }
     until_feed_up(&admins).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The secrets change once the fleets have run a while, not the moment
+    // a thousand sidecars have started.
+    tokio::time::sleep(SETTLE).await;
 
     let brokers: Vec<u32> = std::iter::once(env.broker.pid())
         .chain(replicas.iter().map(|r| r.proc.pid()))
@@ -324,8 +345,12 @@ pub async fn run_shape(
     // the window, the steady cost, opens half a window after it: the
     // brokers' next check of each secret (a 5-minute backstop ± 10 %
     // from the change) falls inside it once, as each agent's re-read does.
+    // Each pod's time is its file's modification time less the time its
+    // secret's write was sent: the files are looked at between the writes
+    // and after them, and how often must not change the figure.
     let mut written = Vec::new();
     for j in 0..shape.secrets {
+        written.push(SystemTime::now());
         scale
             .env
             .bao
@@ -334,7 +359,6 @@ pub async fn run_shape(
                 &json!({ "password": value(j, 2) }),
             )
             .await;
-        written.push(Instant::now());
     }
     let mut arrivals: [Vec<Option<f64>>; 3] =
         std::array::from_fn(|way| vec![None; fleets[way].len()]);
@@ -350,8 +374,10 @@ pub async fn run_shape(
                 }
                 let j = secret_of(i);
                 let has = std::fs::read_to_string(&pod.files[0]).is_ok_and(|v| v == value(j, 2));
-                if has {
-                    arrivals[way][i] = Some(written[j].elapsed().as_secs_f64() * 1000.0);
+                let modified = std::fs::metadata(&pod.files[0]).and_then(|m| m.modified());
+                if let (true, Ok(modified)) = (has, modified) {
+                    let took = modified.duration_since(written[j]).unwrap_or_default();
+                    arrivals[way][i] = Some(took.as_secs_f64() * 1000.0);
                 } else if way < 2 {
                     pending_tessera = true;
                 }
@@ -359,8 +385,9 @@ pub async fn run_shape(
         }
         match &window_open {
             None if since_write.elapsed() >= window / 2 => {
-                let (counts, line) = requests(&audit, audit_start);
-                at_start = counts;
+                let (agents, line) = requests(&audit, audit_start);
+                let (sidecars, _) = requests(&audit, sidecars_start);
+                at_start = [sidecars[0], sidecars[1], agents[2]];
                 let samples = brokers.iter().map(|pid| proc_sample(*pid)).collect();
                 window_open = Some((Instant::now(), line, samples));
             }

@@ -551,6 +551,18 @@ async fn poll(
             owned = true;
             known = sender.borrow().as_ref().map(|fed| fed.secret.version);
             tracing::info!(mount = %source.mount, path = %source.path, "this replica now reads the KV secret for the cluster");
+            // The copy the last owner confirmed is checked when that check
+            // falls due, not at once: a source that moves (its owner gone,
+            // or back after a missed heartbeat) costs Vault no extra read.
+            let every = next_interval(&interval, &source, change_feed.as_deref(), false);
+            let due = sender
+                .borrow()
+                .as_ref()
+                .and_then(|fed| until_due(fed, every));
+            if let Some(wait) = due {
+                nudged = pause(wait, &shutdown, &nudge, change_feed.as_deref()).await;
+                continue;
+            }
         }
         // A version a peer read and passed on is known here too: the replica
         // that Vault's change feed reached reads a change for the cluster,
@@ -596,26 +608,60 @@ async fn poll(
                 failed = true;
             }
         }
-        // While Vault's change feed is up, polling is only its backstop.
-        let feed_up = change_feed.as_ref().filter(|feed| feed.is_up());
-        let interval = match (failed, feed_up) {
-            (true, _) => interval.of(&source).min(interval.default),
-            (false, Some(feed)) => feed.backstop,
-            (false, None) => interval.of(&source),
-        };
-        let jitter = interval.mul_f64(fastrand::f64() * 0.1);
-        let feed_changed = async {
-            match &change_feed {
-                Some(feed) => feed.changed.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        nudged = tokio::select! {
-            () = shutdown.cancelled() => false,
-            () = tokio::time::sleep(interval + jitter) => false,
-            () = nudge.notified() => true,
-            () = feed_changed => false,
-        };
+        let every = next_interval(&interval, &source, change_feed.as_deref(), failed);
+        let jitter = every.mul_f64(fastrand::f64() * 0.1);
+        nudged = pause(every + jitter, &shutdown, &nudge, change_feed.as_deref()).await;
+    }
+}
+
+/// How long a poller waits for its next check. While Vault's change feed
+/// is up, polling is only its backstop; a failed check is retried at the
+/// default interval at the latest.
+fn next_interval(
+    interval: &Interval,
+    source: &Kv2Source,
+    change_feed: Option<&ChangeFeedState>,
+    failed: bool,
+) -> Duration {
+    match (failed, change_feed.filter(|feed| feed.is_up())) {
+        (true, _) => interval.of(source).min(interval.default),
+        (false, Some(feed)) => feed.backstop,
+        (false, None) => interval.of(source),
+    }
+}
+
+/// How long until a copy Vault confirmed is due its next check, `every`
+/// after the confirmation (with the polls' 0–10 % jitter); `None` when it
+/// is due now or was not confirmed at its last check.
+fn until_due(fed: &Fed, every: Duration) -> Option<Duration> {
+    if fed.freshness.last_known_good {
+        return None;
+    }
+    let jitter = every.mul_f64(fastrand::f64() * 0.1);
+    (fed.freshness.confirmed_at + every + jitter)
+        .duration_since(SystemTime::now())
+        .ok()
+}
+
+/// Waits `wait`, or less: until shutdown, a nudge from Vault's change feed
+/// (then `true`: read at once), or the feed going up or silent.
+async fn pause(
+    wait: Duration,
+    shutdown: &CancellationToken,
+    nudge: &Notify,
+    change_feed: Option<&ChangeFeedState>,
+) -> bool {
+    let feed_changed = async {
+        match change_feed {
+            Some(feed) => feed.changed.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(wait) => false,
+        () = nudge.notified() => true,
+        () = feed_changed => false,
     }
 }
 

@@ -206,6 +206,65 @@ async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_ow
     .await;
 }
 
+/// #25: a survivor that took a secret over checked its version at once,
+/// though the copy it held had been confirmed moments before; under load,
+/// a peer that missed a heartbeat lost its secrets and took them back, and
+/// each move cost Vault a read (the bench's three replicas asked more than
+/// one). The new owner now checks when the last owner's check falls due.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_that_moves_to_a_survivor_is_checked_when_its_check_falls_due() {
+    let (env, pki) = with_secret(EnvOptions {
+        poll: "12s",
+        ..EnvOptions::default()
+    })
+    .await;
+    let addresses = peer_addresses(2);
+    let mut replicas = Vec::new();
+    for (name, address) in ["a", "b"].iter().zip(&addresses) {
+        replicas.push(env.start_peer(name, address, &addresses, &pki).await);
+    }
+    for replica in &replicas {
+        until_members(&env, replica, 2).await;
+    }
+    let first = owner(&addresses, &source_key(&orders())).unwrap();
+    let owner_at = addresses.iter().position(|a| a == first).unwrap();
+    let survivor_at = 1 - owner_at;
+    // Both read the secret as they start, before they know each other; at
+    // the next poll the owner checks it and passes the confirmation on,
+    // and the other finds it is not the owner.
+    let started = version_checks(&replicas[owner_at]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while version_checks(&replicas[owner_at]).await == started {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner never checked the secret again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = version_checks(&replicas[survivor_at]).await;
+    replicas[owner_at].proc.kill();
+    let survivor = &replicas[survivor_at];
+    until_members(&env, survivor, 1).await;
+    // The survivor owns the secret within a second (its ownership check);
+    // the copy it holds was confirmed by the owner's check seconds ago.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        version_checks(survivor).await,
+        before,
+        "the survivor checks the secret it took over when the check is due (12 s after the owner's last), not at once"
+    );
+    // And it does check then: the secret is not left unread.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while version_checks(survivor).await == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the survivor never checked the secret it took over"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// #25: among peers, a replica with nothing of its own to ask Vault (it
 /// owns no secret and no sweep) sent a health check every interval, so
 /// Vault's load grew with replicas again once the work was shared. It now
