@@ -631,8 +631,9 @@ fn next_interval(
 }
 
 /// How long until a copy Vault confirmed is due its next check, `every`
-/// after the confirmation (with the polls' 0–10 % jitter); `None` when it
-/// is due now or was not confirmed at its last check.
+/// after the confirmation (with the polls' 0–10 % jitter), never longer
+/// than one interval from now (the confirmation time is the last owner's
+/// clock); `None` when it is due now or was not confirmed at its last check.
 fn until_due(fed: &Fed, every: Duration) -> Option<Duration> {
     if fed.freshness.last_known_good {
         return None;
@@ -641,6 +642,7 @@ fn until_due(fed: &Fed, every: Duration) -> Option<Duration> {
     (fed.freshness.confirmed_at + every + jitter)
         .duration_since(SystemTime::now())
         .ok()
+        .map(|wait| wait.min(every + jitter))
 }
 
 /// Waits `wait`, or less: until shutdown, a nudge from Vault's change feed
@@ -789,6 +791,39 @@ mod tests {
             "a binding without one polls at the default"
         );
         assert_eq!(intervals[&source("c")], hour);
+    }
+
+    #[test]
+    fn a_moved_secret_is_due_one_interval_after_its_last_confirmation_at_most() {
+        let every = Duration::from_secs(60);
+        let confirmed = |at: SystemTime, last_known_good: bool| {
+            let mut latest = fed(last_known_good);
+            if let Some(fed) = latest.as_mut() {
+                fed.freshness.confirmed_at = at;
+            }
+            latest.and_then(|fed| until_due(&fed, every))
+        };
+        let now = SystemTime::now();
+        let wait = confirmed(now - Duration::from_secs(20), false).unwrap();
+        assert!(
+            wait > Duration::from_secs(35) && wait <= Duration::from_secs(46),
+            "due 60–66 s after the confirmation: {wait:?}"
+        );
+        assert_eq!(
+            confirmed(now - Duration::from_secs(600), false),
+            None,
+            "overdue: checked at once"
+        );
+        assert_eq!(
+            confirmed(now, true),
+            None,
+            "a copy Vault did not confirm is checked at once"
+        );
+        let ahead = confirmed(now + Duration::from_secs(3600), false).unwrap();
+        assert!(
+            ahead <= every.mul_f64(1.1),
+            "a last owner's clock an hour ahead delays the check by one interval at most: {ahead:?}"
+        );
     }
 
     #[test]
