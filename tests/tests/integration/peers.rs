@@ -207,10 +207,10 @@ async fn a_secret_is_read_by_its_owner_alone_and_moves_to_a_survivor_when_the_ow
 }
 
 /// #25: a survivor that took a secret over checked its version at once,
-/// though the copy it held had been confirmed moments before; under load,
-/// a peer that missed a heartbeat lost its secrets and took them back, and
-/// each move cost Vault a read (the bench's three replicas asked more than
-/// one). The new owner now checks when the last owner's check falls due.
+/// though the copy it held had been confirmed moments before, so every
+/// move (a peer gone, or back after a missed keepalive under load) cost
+/// Vault a read. The new owner now checks when the last owner's check
+/// falls due.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_secret_that_moves_to_a_survivor_is_checked_when_its_check_falls_due() {
     let (env, pki) = with_secret(EnvOptions {
