@@ -233,14 +233,7 @@ async fn a_secret_that_moves_to_a_survivor_is_checked_when_its_check_falls_due()
     // the next poll the owner checks it and passes the confirmation on,
     // and the other finds it is not the owner.
     let started = version_checks(&replicas[owner_at]).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while version_checks(&replicas[owner_at]).await == started {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the owner never checked the secret again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_checked_after(&replicas[owner_at], started, "the owner's next check").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = version_checks(&replicas[survivor_at]).await;
     replicas[owner_at].proc.kill();
@@ -255,13 +248,24 @@ async fn a_secret_that_moves_to_a_survivor_is_checked_when_its_check_falls_due()
         "the survivor checks the secret it took over when the check is due (12 s after the owner's last), not at once"
     );
     // And it does check then: the secret is not left unread.
+    until_checked_after(
+        survivor,
+        before,
+        "the survivor's check of the secret it took over",
+    )
+    .await;
+}
+
+/// Waits (30 s at most) until `replica` has checked a KV secret's version
+/// more than `checks` times.
+async fn until_checked_after(replica: &Replica, checks: u64, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while version_checks(survivor).await == before {
+    while version_checks(replica).await == checks {
         assert!(
             std::time::Instant::now() < deadline,
-            "the survivor never checked the secret it took over"
+            "timed out waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
